@@ -1,0 +1,1 @@
+"""qvm: launch, supervise and hotplug QEMU/KVM test VMs defined in TOML files."""

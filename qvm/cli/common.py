@@ -1,0 +1,64 @@
+"""Resolving the names on the command line into definitions and run dirs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from qvm.errors import QvmError
+from qvm.rundir import RunDir
+
+
+@dataclass
+class Settings:
+    machines_dir: Path | None = None
+    state_root: Path | None = None
+
+
+settings = Settings()
+
+
+def configure(machines_dir: Path | None, state_root: Path | None) -> None:
+    settings.machines_dir = machines_dir
+    settings.state_root = state_root
+
+
+def state_root() -> Path:
+    if settings.state_root is not None:
+        return settings.state_root
+    from qvm.host import default_state_dir
+
+    return default_state_dir()
+
+
+def search_dirs() -> list[Path]:
+    from qvm.definition import machine_search_dirs
+
+    return machine_search_dirs(settings.machines_dir, os.environ, Path.cwd())
+
+
+def load(name_or_path: str):  # noqa: ANN201 - returns qvm.definition.Machine, imported lazily
+    from qvm.definition import find_machine, load_machine
+
+    return load_machine(find_machine(name_or_path, search_dirs()))
+
+
+def run_dir(name: str) -> RunDir:
+    return RunDir(state_root() / name)
+
+
+def run_dir_of(name_or_path: str) -> RunDir:
+    """The run dir of a VM named on the command line, by name or by its TOML file.
+
+    A VM whose definition was deleted while it ran is still found by name.
+    """
+    if name_or_path.endswith(".toml") or "/" in name_or_path:
+        return run_dir(load(name_or_path).name)
+    candidate = run_dir(name_or_path)
+    if candidate.path.exists():
+        return candidate
+    try:
+        return run_dir(load(name_or_path).name)
+    except QvmError:
+        return candidate

@@ -1,0 +1,84 @@
+"""Every error qvm raises on purpose.
+
+    QvmError                 one line for the user; the CLI prints it and exits non-zero
+     ├── DefinitionError     a machine file is unusable; carries every problem found
+     ├── HostError           this host or this QEMU cannot do what was asked
+     ├── VmStateError        the VM is not in a state that allows the operation
+     │    └── NotRunningError
+     ├── LaunchError         QEMU or the supervisor died while starting
+     ├── ControlError        a QMP operation failed or QEMU refused it
+     │    └── QmpTimeoutError
+     └── HotplugError        a device could not be added or removed
+
+Anything else escaping the core is a bug, and the CLI shows it as one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class QvmError(Exception):
+    """An error the user can act on. ``str(error)`` is the complete message."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a machine definition, in Lima's shape."""
+
+    file: str
+    key: str
+    problem: str
+    got: str | None = None
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.key}: " if self.key else f"{self.file}: "
+        text = where + self.problem
+        if self.got is not None:
+            text += f", got {self.got}"
+        if self.hint:
+            text += f" (hint: {self.hint})"
+        return text
+
+
+class DefinitionError(QvmError):
+    exit_code = 2
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class HostError(QvmError):
+    pass
+
+
+class VmStateError(QvmError):
+    pass
+
+
+class NotRunningError(VmStateError):
+    def __init__(self, name: str, hint: str | None = None) -> None:
+        self.name = name
+        message = f"{name}: not running"
+        message += f" (hint: {hint})" if hint else f" (hint: start it with 'qvm up {name}')"
+        super().__init__(message)
+
+
+class LaunchError(QvmError):
+    pass
+
+
+class ControlError(QvmError):
+    pass
+
+
+class QmpTimeoutError(ControlError):
+    pass
+
+
+class HotplugError(QvmError):
+    pass

@@ -1,0 +1,201 @@
+"""What this machine and this QEMU can do.
+
+KVM is only worth choosing where it can run a standard guest. Some hosts expose a
+``/dev/kvm`` that cannot: kvm_pvm (a paravirtual KVM for nested sandboxes) starts QEMU
+and answers QMP, but a normal Linux guest dies with "KVM internal error ... emulation
+failure" and ``-cpu host`` aborts. So "auto" looks past the device node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from qvm.errors import HostError
+
+
+@dataclass(frozen=True)
+class KvmFacts:
+    device_exists: bool
+    device_accessible: bool
+    kvm_pvm_loaded: bool
+    cpu_has_virt_flags: bool  # vmx (Intel) or svm (AMD) in /proc/cpuinfo
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: str  # "kvm" or "tcg"
+    reason: str
+
+
+def probe_kvm(root: Path = Path("/")) -> KvmFacts:
+    device = root / "dev/kvm"
+    return KvmFacts(
+        device_exists=device.exists(),
+        device_accessible=os.access(device, os.R_OK | os.W_OK),
+        kvm_pvm_loaded=(root / "sys/module/kvm_pvm").exists(),
+        cpu_has_virt_flags=_cpu_has_virt_flags(root / "proc/cpuinfo"),
+    )
+
+
+def _cpu_has_virt_flags(cpuinfo: Path) -> bool:
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return bool(flags & {"vmx", "svm"})
+    return False
+
+
+def kvm_unusable_reason(facts: KvmFacts) -> str | None:
+    """Why KVM cannot run a standard guest here, or None when it can."""
+    if not facts.device_exists:
+        return "/dev/kvm does not exist"
+    if not facts.device_accessible:
+        return "/dev/kvm is not readable and writable by this user"
+    if facts.kvm_pvm_loaded:
+        return "/dev/kvm is kvm_pvm, which cannot run a standard guest"
+    if not facts.cpu_has_virt_flags:
+        return "the CPU has no vmx/svm flag"
+    return None
+
+
+def choose_accel(requested: str, facts: KvmFacts) -> AccelChoice:
+    """Pick the accelerator for ``[machine] accel``; raise HostError if "kvm" cannot work."""
+    unusable = kvm_unusable_reason(facts)
+    if requested == "tcg":
+        return AccelChoice("tcg", 'accel = "tcg" in the definition')
+    if requested == "kvm":
+        if unusable:
+            raise HostError(
+                f'KVM was asked for (accel = "kvm") but is unusable: {unusable} '
+                '(hint: set accel = "auto" or "tcg")'
+            )
+        return AccelChoice("kvm", 'accel = "kvm" in the definition')
+    if unusable:
+        return AccelChoice("tcg", f"auto: {unusable}")
+    return AccelChoice("kvm", "auto: /dev/kvm is usable")
+
+
+@dataclass(frozen=True)
+class QemuCapabilities:
+    binary: str  # resolved path
+    version: str
+    cpu_models: tuple[str, ...]
+    machine_types: tuple[str, ...]
+
+
+def resolve_binary(binary: str) -> str:
+    found = shutil.which(binary)
+    if not found:
+        raise HostError(
+            f"QEMU binary {binary!r} not found (hint: apt-get install qemu-system-x86, "
+            "or set qemu.binary)"
+        )
+    return found
+
+
+def qemu_capabilities(binary: str, cache_dir: Path | None = None) -> QemuCapabilities:
+    """Ask the binary what it supports; cached by the binary's identity (path, size, mtime)."""
+    path = resolve_binary(binary)
+    stat = os.stat(path)
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache_dir = cache_dir or default_cache_dir()
+    cache_file = cache_dir / f"qemu-caps-{key}.json"
+    try:
+        data = json.loads(cache_file.read_text())
+        return QemuCapabilities(
+            binary=data["binary"],
+            version=data["version"],
+            cpu_models=tuple(data["cpu_models"]),
+            machine_types=tuple(data["machine_types"]),
+        )
+    except (OSError, ValueError, KeyError):
+        pass
+    caps = QemuCapabilities(
+        binary=path,
+        version=_first_line(_run_help(path, "-version")),
+        cpu_models=parse_cpu_help(_run_help(path, "-cpu", "help")),
+        machine_types=parse_machine_help(_run_help(path, "-machine", "help")),
+    )
+    _write_cache(cache_file, caps)
+    return caps
+
+
+def _run_help(path: str, *args: str) -> str:
+    try:
+        done = subprocess.run(
+            [path, *args], capture_output=True, text=True, timeout=20, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HostError(f"{path} {' '.join(args)}: could not run it: {exc}") from exc
+    if done.returncode != 0:
+        raise HostError(f"{path} {' '.join(args)}: exit code {done.returncode}: {done.stderr}")
+    return done.stdout
+
+
+def _write_cache(cache_file: Path, caps: QemuCapabilities) -> None:
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "binary": caps.binary,
+                    "version": caps.version,
+                    "cpu_models": list(caps.cpu_models),
+                    "machine_types": list(caps.machine_types),
+                }
+            )
+        )
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a cache we cannot write only costs time
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def parse_cpu_help(text: str) -> tuple[str, ...]:
+    """CPU model names from ``-cpu help`` (lines ``x86 NAME  description``)."""
+    models: list[str] = []
+    for line in text.splitlines():
+        if not line.strip():
+            if models:
+                break  # the CPUID flag list follows a blank line
+            continue
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "x86":
+            models.append(parts[1])
+    return tuple(models)
+
+
+def parse_machine_help(text: str) -> tuple[str, ...]:
+    """Machine type names from ``-machine help``, aliases included."""
+    types: list[str] = []
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if parts:
+            types.append(parts[0])
+    return tuple(types)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "qvm"
+
+
+def default_state_dir() -> Path:
+    if os.environ.get("QVM_STATE_DIR"):
+        return Path(os.environ["QVM_STATE_DIR"])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local/state")
+    return Path(base) / "qvm"

@@ -1,0 +1,130 @@
+"""From a validated definition to a launch: host checks, resolved inputs, the argv.
+
+``plan_launch`` does every check that needs this host (QEMU's CPU models and machine
+types, files, ports, KVM) and resolves what the pure command-line builder cannot know.
+It changes nothing on disk: ``prepare_run_dir`` does that, only for a real start.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qvm.cmdline import LaunchInputs, build_argv, cpu_model, overlay_name
+from qvm.definition import Machine, check_host
+from qvm.errors import DefinitionError, HostError, Problem
+from qvm.host import AccelChoice, choose_accel, probe_kvm, qemu_capabilities
+from qvm.lifecycle import (
+    detect_format,
+    ensure_overlay,
+    pick_free_port,
+    port_holder,
+    port_in_use,
+)
+from qvm.rundir import RunDir
+from qvm.topology import topology_of
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    machine: Machine
+    run_dir: RunDir
+    accel: AccelChoice
+    argv: list[str]
+    inputs: LaunchInputs
+
+    def launch_record(self) -> dict[str, Any]:
+        """What the supervisor and later commands need to know about this run."""
+        machine = self.machine
+        topo = topology_of(machine.cpu)
+        return {
+            "name": machine.name,
+            "machine_file": str(machine.path),
+            "argv": self.argv,
+            "accel": self.accel.accel,
+            "accel_reason": self.accel.reason,
+            "machine_type": machine.type,
+            "cpu_model": cpu_model(machine, self.accel.accel),
+            "vcpus_boot": machine.cpu.count,
+            "vcpus_max": machine.cpu.max,
+            "topology": {
+                "sockets": topo.sockets,
+                "dies": topo.dies,
+                "cores": topo.cores,
+                "threads": topo.threads,
+            },
+            "memory_size": machine.memory.size,
+            "memory_max": machine.memory.max,
+            "memory_slots": machine.memory.slots,
+            "host_ports": [
+                {"nic": nic, "forward": fwd, "port": port}
+                for (nic, fwd), port in sorted(self.inputs.host_ports.items())
+            ],
+            "restart": machine.supervisor.restart,
+            "max_restarts": machine.supervisor.max_restarts,
+            "restart_delay": machine.supervisor.restart_delay,
+            "created": time.time(),
+        }
+
+
+def plan_launch(machine: Machine, run_dir: RunDir) -> LaunchPlan:
+    caps = qemu_capabilities(machine.qemu.binary)
+    problems = check_host(machine, caps.cpu_models, caps.machine_types)
+    if problems:
+        raise DefinitionError(problems)
+    accel = choose_accel(machine.accel, probe_kvm())
+    _check_model_under_accel(machine, accel)
+    inputs = LaunchInputs(
+        accel=accel.accel,
+        run_dir=run_dir,
+        disk_formats=tuple(
+            disk.format or detect_format(disk.file) if disk.file is not None else "qcow2"
+            for disk in machine.disks
+        ),
+        host_ports=_resolve_ports(machine),
+    )
+    return LaunchPlan(machine, run_dir, accel, build_argv(machine, inputs), inputs)
+
+
+def _check_model_under_accel(machine: Machine, accel: AccelChoice) -> None:
+    if machine.cpu.model == "host" and accel.accel != "kvm":
+        raise DefinitionError(
+            [
+                Problem(
+                    str(machine.path),
+                    "cpu.model",
+                    f'"host" needs KVM, but this VM runs under TCG ({accel.reason})',
+                    hint='use "max", a named model, or leave cpu.model unset',
+                )
+            ]
+        )
+
+
+def _resolve_ports(machine: Machine) -> dict[tuple[int, int], int]:
+    """Pick host ports for ``host = 0`` forwards; refuse ports that are taken, naming who."""
+    chosen: dict[tuple[int, int], int] = {}
+    for nic_index, nic in enumerate(machine.nics):
+        for fwd_index, fwd in enumerate(nic.forwards):
+            if fwd.host_port == 0:
+                chosen[(nic_index, fwd_index)] = pick_free_port(fwd.host_addr, fwd.protocol)
+            elif port_in_use(fwd.host_addr, fwd.host_port, fwd.protocol):
+                holder = port_holder(fwd.host_port)
+                held = f" by {holder}" if holder else ""
+                raise HostError(
+                    f"{machine.path}: nic[{nic_index}].forwards[{fwd_index}]: "
+                    f"{fwd.protocol} port {fwd.host_addr}:{fwd.host_port} is already in use{held} "
+                    "(hint: pick another host port, or 0 for any free one)"
+                )
+    return chosen
+
+
+def prepare_run_dir(plan: LaunchPlan) -> None:
+    """Create the run dir and the disks' overlays (never touching a base image)."""
+    plan.run_dir.create()
+    for index, disk in enumerate(plan.machine.disks):
+        if disk.base is not None:
+            base_format = disk.format or detect_format(disk.base)
+            overlay = plan.run_dir.path / overlay_name(index)
+            ensure_overlay(Path(disk.base), base_format, overlay, disk.size)

@@ -1,0 +1,513 @@
+"""Starting, stopping and describing VMs: the client side of the supervisor.
+
+``up`` validates against this host, prepares the run dir (overlays, ports), takes the
+VM's ``supervisor.lock`` and hands it to a new supervisor process, so two concurrent
+``up``s of one VM start exactly one QEMU. Everything else asks the live supervisor over
+its socket, or reads the facts it left behind when there is none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qvm.errors import HostError, LaunchError, NotRunningError, QvmError, VmStateError
+from qvm.rundir import RunDir, is_locked, read_json, try_lock, write_json_atomic
+
+LIVE_STATES = ("starting", "running", "paused", "stopping", "restarting")
+SUPERVISOR_ANSWER_TIMEOUT = 3.0
+DEFAULT_READY_TIMEOUT = 60.0
+
+
+# --- talking to a supervisor ---------------------------------------------------------
+
+
+def supervisor_alive(run: RunDir) -> bool:
+    return is_locked(run.lock_file)
+
+
+def ask_supervisor(run: RunDir, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One JSON request, one JSON reply; raises QvmError naming the VM on any failure."""
+    name = run.name
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(run.supervisor_socket))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except TimeoutError as exc:
+        raise VmStateError(
+            f"{name}: the supervisor did not answer within {timeout:g} s "
+            f"(hint: see {run.supervisor_log})"
+        ) from exc
+    except OSError as exc:
+        raise VmStateError(f"{name}: cannot reach the supervisor: {exc.strerror or exc}") from exc
+    try:
+        reply = json.loads(data)
+    except ValueError as exc:
+        raise VmStateError(f"{name}: the supervisor gave no answer") from exc
+    if "error" in reply:
+        raise VmStateError(f"{name}: supervisor: {reply['error']}")
+    return reply
+
+
+# --- identity of processes -----------------------------------------------------------
+
+
+def process_start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
+def same_process_alive(pid: int | None, start_time: int | None) -> bool:
+    """True if ``pid`` still names the process that was started at ``start_time``."""
+    if not pid:
+        return False
+    current = process_start_time(pid)
+    if current is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+    except OSError:
+        return False
+    return start_time is None or current == start_time
+
+
+# --- stale state ---------------------------------------------------------------------
+
+
+def clean_stale(run: RunDir) -> dict[str, Any] | None:
+    """Recognise a run whose supervisor died, record it, and tidy the run dir.
+
+    Returns the (possibly updated) state. Must be called without the lock held by us.
+    """
+    state = read_json(run.state_file)
+    if state is None or state.get("state") not in LIVE_STATES:
+        return state
+    lock_fd = try_lock(run.lock_file)
+    if lock_fd is None:
+        return state  # a supervisor is alive: nothing is stale
+    try:
+        return _mark_supervisor_died(run, state)
+    finally:
+        os.close(lock_fd)
+
+
+def _mark_supervisor_died(run: RunDir, state: dict[str, Any]) -> dict[str, Any]:
+    qemu_alive = same_process_alive(state.get("qemu_pid"), state.get("qemu_start_time"))
+    reason = f"supervisor (pid {state.get('supervisor_pid')}) died unexpectedly"
+    if qemu_alive:
+        # leave the record alone: the orphaned QEMU is still there to be killed
+        state["orphaned"] = True
+        state["crash_reason"] = reason + f"; QEMU (pid {state.get('qemu_pid')}) still runs"
+        return state
+    state.update(
+        state="crashed",
+        qemu_pid=None,
+        crash_reason=reason,
+        exit={
+            "code": None,
+            "signal": None,
+            "failed": True,
+            "reason": reason,
+            "at": time.time(),
+        },
+    )
+    write_json_atomic(run.state_file, state)
+    run.remove_qemu_sockets()
+    run.supervisor_socket.unlink(missing_ok=True)
+    return state
+
+
+# --- up ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpResult:
+    name: str
+    already_running: bool
+    qemu_pid: int | None
+    accel: str | None
+    accel_reason: str | None
+    serial_log: Path
+    qmp_socket: Path
+    ready: bool
+
+
+def rotate_log(path: Path) -> None:
+    """Keep the previous run's log as NAME.1 so that each run's log starts empty."""
+    if path.exists():
+        os.replace(path, path.with_name(path.name + ".1"))
+
+
+def start_supervisor(
+    run: RunDir, launch: dict[str, Any], wait: bool, timeout: float = DEFAULT_READY_TIMEOUT
+) -> UpResult:
+    """Start a supervisor for a prepared launch, unless one is alive already."""
+    name = launch["name"]
+    run.create()
+    state = clean_stale(run)
+    if state and state.get("orphaned"):
+        raise VmStateError(
+            f"{name}: {state['crash_reason']} (hint: qvm kill {name}, then qvm up {name})"
+        )
+    lock_fd = try_lock(run.lock_file)
+    if lock_fd is None:
+        return _already_running(run, name)
+    try:
+        run.remove_qemu_sockets()
+        run.supervisor_socket.unlink(missing_ok=True)
+        rotate_log(run.serial_log)
+        rotate_log(run.qemu_log)
+        run.pending_file.unlink(missing_ok=True)
+        write_json_atomic(run.launch_file, launch)
+        ready_read, ready_write = os.pipe()
+        env = dict(os.environ, QVM_READY_FD=str(ready_write), QVM_LOCK_FD=str(lock_fd))
+        with open(run.supervisor_log, "ab") as log:
+            supervisor = subprocess.Popen(
+                [sys.executable, "-m", "qvm.supervisor", str(run.path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(ready_write, lock_fd),
+                start_new_session=True,
+                env=env,
+                cwd=run.path,
+            )
+        os.close(ready_write)
+    finally:
+        os.close(lock_fd)  # the supervisor holds its own copy now
+    try:
+        lines = _read_readiness(ready_read, want="ready" if wait else "spawned", timeout=timeout)
+    finally:
+        os.close(ready_read)
+    if not lines or lines[-1].split()[0] == "failed" or (wait and lines[-1].split()[0] != "ready"):
+        supervisor.wait(timeout=10)
+        raise _launch_failure(
+            run, name, supervisor, timed_out=bool(lines) and "ready" not in lines[-1]
+        )
+    qemu_pid = int(lines[-1].split()[1]) if len(lines[-1].split()) > 1 else None
+    return UpResult(
+        name=name,
+        already_running=False,
+        qemu_pid=qemu_pid,
+        accel=launch.get("accel"),
+        accel_reason=launch.get("accel_reason"),
+        serial_log=run.serial_log,
+        qmp_socket=run.qmp_socket,
+        ready=wait,
+    )
+
+
+def _read_readiness(fd: int, want: str, timeout: float) -> list[str]:
+    """Lines the supervisor wrote, up to the one starting with ``want``, "failed" or EOF."""
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    lines: list[str] = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return lines
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if not readable:
+            return lines
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return lines
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            lines.append(line.decode())
+            word = lines[-1].split()[0] if lines[-1].split() else ""
+            if word in (want, "failed"):
+                return lines
+
+
+def _launch_failure(
+    run: RunDir, name: str, supervisor: subprocess.Popen[bytes], timed_out: bool
+) -> LaunchError:
+    if timed_out:
+        ask_kill = _try_kill(run)
+        return LaunchError(f"{name}: QMP did not answer in time; {ask_kill}")
+    state = read_json(run.state_file) or {}
+    ended = state.get("exit") or {}
+    tail = ended.get("stderr_tail") or []
+    reason = ended.get("reason") or f"the supervisor exited with code {supervisor.returncode}"
+    message = f"{name}: QEMU failed to start: {reason}"
+    if tail:
+        message += "\n" + "\n".join(f"  {line}" for line in tail)
+    else:
+        message += f" (hint: see {run.supervisor_log})"
+    return LaunchError(message)
+
+
+def _try_kill(run: RunDir) -> str:
+    try:
+        ask_supervisor(run, {"op": "kill"}, timeout=10)
+    except QvmError as exc:
+        return f"could not stop it: {exc}"
+    return "stopped it"
+
+
+def _already_running(run: RunDir, name: str) -> UpResult:
+    state = read_json(run.state_file) or {}
+    return UpResult(
+        name=name,
+        already_running=True,
+        qemu_pid=state.get("qemu_pid"),
+        accel=state.get("accel"),
+        accel_reason=state.get("accel_reason"),
+        serial_log=run.serial_log,
+        qmp_socket=run.qmp_socket,
+        ready=True,
+    )
+
+
+# --- down / kill ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StopResult:
+    name: str
+    ended_by: str | None  # "acpi", "quit", "kill", or None when it was not running
+    message: str
+
+
+ENDED_BY_TEXT = {
+    "acpi": "the guest powered off after the ACPI power button",
+    "quit": "QEMU quit over QMP",
+    "kill": "QEMU was killed (SIGKILL)",
+}
+
+
+def stop(run: RunDir, timeout: float, force: bool) -> StopResult:
+    name = run.name
+    if not supervisor_alive(run):
+        return _stop_without_supervisor(run, kill=False)
+    reply = ask_supervisor(
+        run, {"op": "stop", "timeout": timeout, "force": force}, timeout=timeout + 20
+    )
+    _wait_supervisor_gone(run, timeout=15)
+    ended_by = reply.get("ended_by")
+    return StopResult(name, ended_by, ENDED_BY_TEXT.get(ended_by or "", "it was not running"))
+
+
+def kill(run: RunDir) -> StopResult:
+    name = run.name
+    if not supervisor_alive(run):
+        return _stop_without_supervisor(run, kill=True)
+    reply = ask_supervisor(run, {"op": "kill"}, timeout=15)
+    _wait_supervisor_gone(run, timeout=15)
+    ended_by = reply.get("ended_by")
+    return StopResult(name, ended_by, ENDED_BY_TEXT.get(ended_by or "", "it was not running"))
+
+
+def _stop_without_supervisor(run: RunDir, kill: bool) -> StopResult:
+    """No supervisor: an orphaned QEMU (its supervisor was killed) is ended by pid."""
+    name = run.name
+    state = read_json(run.state_file) or {}
+    pid = state.get("qemu_pid")
+    if state.get("state") in LIVE_STATES and same_process_alive(pid, state.get("qemu_start_time")):
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while same_process_alive(pid, state.get("qemu_start_time")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        clean_stale(run)
+        return StopResult(name, "kill", f"killed QEMU (pid {pid}), whose supervisor had died")
+    clean_stale(run)
+    raise NotRunningError(name)
+
+
+def _wait_supervisor_gone(run: RunDir, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while supervisor_alive(run):
+        if time.monotonic() > deadline:
+            raise VmStateError(
+                f"{run.name}: the supervisor did not exit within {timeout:g} s "
+                f"(hint: see {run.supervisor_log})"
+            )
+        time.sleep(0.01)
+
+
+def wait_not_running(run: RunDir, timeout: float) -> bool:
+    """Wait until no supervisor is alive (e.g. the guest powered itself off)."""
+    deadline = time.monotonic() + timeout
+    while supervisor_alive(run):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+# --- status --------------------------------------------------------------------------
+
+
+def vm_status(run: RunDir) -> dict[str, Any]:
+    """Facts about one VM's current or last run, as a JSON-ready dict (never raises for
+    a VM in a bad state: the problem is in the dict)."""
+    record: dict[str, Any] = {
+        "name": run.name,
+        "state": "stopped",
+        "reason": None,
+        "pid": None,
+        "supervisor_pid": None,
+        "uptime": None,
+        "accel": None,
+        "accel_reason": None,
+        "vcpus": None,
+        "memory": None,
+        "rss_bytes": None,
+        "cpu_percent": None,
+        "restarts": 0,
+        "last_exit": None,
+        "qmp_socket": str(run.qmp_socket),
+        "serial_log": str(run.serial_log),
+        "qemu_log": str(run.qemu_log),
+        "console_socket": str(run.console_socket),
+        "run_dir": str(run.path),
+        "machine_file": None,
+        "error": None,
+    }
+    launch = read_json(run.launch_file) or {}
+    state = read_json(run.state_file)
+    if state is None:
+        return record
+    alive = supervisor_alive(run)
+    if not alive:
+        state = clean_stale(run) or state
+    record.update(
+        accel=state.get("accel"),
+        accel_reason=state.get("accel_reason"),
+        restarts=state.get("restarts", 0),
+        last_exit=state.get("exit"),
+        machine_file=state.get("machine_file"),
+        supervisor_pid=state.get("supervisor_pid") if alive else None,
+    )
+    vcpus_max = launch.get("vcpus_max")
+    if not alive:
+        record["state"] = state.get("state", "stopped")
+        if record["state"] in LIVE_STATES:  # orphaned QEMU
+            record["state"] = "crashed"
+            record["pid"] = state.get("qemu_pid")
+        record["reason"] = (state.get("exit") or {}).get("reason") or state.get("crash_reason")
+        if state.get("orphaned"):
+            record["reason"] = state.get("crash_reason")
+        return record
+    try:
+        live = ask_supervisor(run, {"op": "status"}, timeout=SUPERVISOR_ANSWER_TIMEOUT)
+    except QvmError as exc:
+        record["state"] = state.get("state", "running")
+        record["pid"] = state.get("qemu_pid")
+        record["error"] = str(exc)
+        return record
+    record["state"] = live.get("state", "running")
+    record["pid"] = live.get("qemu_pid")
+    if record["state"] in ("stopped", "crashed") or record["pid"] is None:
+        record["reason"] = (live.get("exit") or {}).get("reason")
+    if live.get("started_at") and record["pid"]:
+        record["uptime"] = round(time.time() - live["started_at"], 1)
+    if "vcpus_present" in live:
+        record["vcpus"] = {"present": live["vcpus_present"], "max": vcpus_max}
+    if "memory_bytes" in live:
+        record["memory"] = {"bytes": live["memory_bytes"], "max": launch.get("memory_max")}
+    record["rss_bytes"] = live.get("rss_bytes")
+    record["cpu_percent"] = live.get("cpu_percent")
+    record["error"] = live.get("qmp_error")
+    return record
+
+
+def machine_summary_for_stopped(
+    record: dict[str, Any], vcpus_boot: int, vcpus_max: int, memory: int
+) -> None:
+    """Fill what a stopped VM would have from its definition."""
+    if record.get("vcpus") is None:
+        record["vcpus"] = {"present": 0, "max": vcpus_max, "boot": vcpus_boot}
+    if record.get("memory") is None:
+        record["memory"] = {"bytes": memory, "max": None}
+
+
+# --- preparing a launch ----------------------------------------------------------------
+
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def detect_format(path: Path) -> str:
+    try:
+        with open(path, "rb") as handle:
+            return "qcow2" if handle.read(4) == QCOW2_MAGIC else "raw"
+    except OSError:
+        return "raw"
+
+
+def pick_free_port(host_addr: str, protocol: str) -> int:
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((host_addr, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(host_addr: str, port: int, protocol: str) -> bool:
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host_addr, port))
+        except OSError:
+            return True
+    return False
+
+
+def port_holder(port: int) -> str | None:
+    """Which process listens on a port, when this user may know (only asked on error)."""
+    import psutil
+
+    try:
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.laddr and conn.laddr.port == port and conn.pid:
+                try:
+                    return f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
+                except psutil.Error:
+                    return f"pid {conn.pid}"
+    except (psutil.Error, OSError):
+        return None
+    return None
+
+
+def ensure_overlay(base: Path, base_format: str, overlay: Path, size: int | None) -> None:
+    """Create the per-VM copy-on-write overlay once; the base image is only ever read."""
+    if overlay.exists():
+        return
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base)]
+    argv.append(str(overlay))
+    if size is not None:
+        argv.append(str(size))
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    except OSError as exc:
+        raise HostError(
+            f"qemu-img: cannot run it: {exc} (hint: apt-get install qemu-utils)"
+        ) from exc
+    if done.returncode != 0:
+        overlay.unlink(missing_ok=True)
+        raise HostError(f"qemu-img create {overlay}: {done.stderr.strip()}")

@@ -1,0 +1,166 @@
+"""One folder per VM, and every file in it named here.
+
+The folder outlives the VM: its logs and ``state.json`` say how the last run ended.
+Sockets exist only while QEMU runs. ``supervisor.lock`` is held (flock) for exactly as
+long as a supervisor lives, so "is a supervisor alive?" never depends on a pid that the
+kernel may have handed to another process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qvm.errors import HostError
+
+# sun_path is 108 bytes including the terminating NUL
+MAX_SOCKET_PATH = 107
+
+QEMU_SOCKET_NAMES = ("qmp.sock", "control.sock", "events.sock", "console.sock")
+SOCKET_NAMES = (*QEMU_SOCKET_NAMES, "supervisor.sock")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # QMP monitor for the user's own clients (qmp-shell, scripts); qvm never holds it.
+    @property
+    def qmp_socket(self) -> Path:
+        return self.path / "qmp.sock"
+
+    # QMP monitor for qvm's commands (cpu add, qmp pass-through), one at a time.
+    @property
+    def control_socket(self) -> Path:
+        return self.path / "control.sock"
+
+    # QMP monitor the supervisor keeps open for events.
+    @property
+    def events_socket(self) -> Path:
+        return self.path / "events.sock"
+
+    # The supervisor's own request socket (status, stop, kill).
+    @property
+    def supervisor_socket(self) -> Path:
+        return self.path / "supervisor.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.path / "console.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.path / "serial.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.path / "qemu.log"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.path / "supervisor.log"
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def launch_file(self) -> Path:
+        return self.path / "launch.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / "supervisor.lock"
+
+    @property
+    def control_lock_file(self) -> Path:
+        return self.path / "control.lock"
+
+    @property
+    def pending_file(self) -> Path:
+        return self.path / "pending.json"
+
+    def sockets(self) -> list[Path]:
+        return [self.path / name for name in SOCKET_NAMES]
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path, 0o700)
+        longest = max(len(os.fsencode(str(s))) for s in self.sockets())
+        if longest > MAX_SOCKET_PATH:
+            raise HostError(
+                f"{self.name}: run dir {self.path} is too long for unix sockets "
+                f"({longest} > {MAX_SOCKET_PATH} bytes) (hint: set QVM_STATE_DIR to a shorter path)"
+            )
+
+    def remove_qemu_sockets(self) -> None:
+        """QEMU leaves its listening sockets behind when it is killed."""
+        for sock in (self.path / name for name in QEMU_SOCKET_NAMES):
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+
+
+def run_dir_for(state_root: Path, name: str) -> RunDir:
+    return RunDir(state_root / name)
+
+
+def list_run_dirs(state_root: Path) -> list[RunDir]:
+    try:
+        entries = sorted(state_root.iterdir())
+    except OSError:
+        return []
+    return [
+        RunDir(p) for p in entries if p.is_dir() and re.fullmatch(r"[a-z0-9][a-z0-9_-]*", p.name)
+    ]
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def try_lock(path: Path) -> int | None:
+    """Take an exclusive flock without waiting; return the fd, or None if someone holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def is_locked(path: Path) -> bool:
+    """True while a live process holds the lock (the supervisor, for ``supervisor.lock``)."""
+    if not path.exists():
+        return False
+    fd = try_lock(path)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False

@@ -1,0 +1,592 @@
+"""The per-VM supervisor: a small process that outlives the CLI and owns one QEMU.
+
+It is started by ``qvm up`` as ``python -m qvm.supervisor RUNDIR`` in a session of its
+own, inherits the already-taken ``supervisor.lock`` (so exactly one supervisor per VM
+can exist), spawns QEMU as its child, keeps a QMP connection on the events monitor,
+records how QEMU ended in ``state.json``, applies the restart policy and cleans up.
+Clients talk to it over ``supervisor.sock``: one JSON request line, one JSON reply line.
+
+QEMU is spawned before asyncio and qemu.qmp are imported, so QEMU's own start-up and the
+supervisor's imports overlap on a multi-core host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qvm.rundir import RunDir, read_json, write_json_atomic
+
+# QEMU must not outlive a supervisor that is killed outright: SIGTERM makes it quit
+# cleanly ("host-signal"), and the next `qvm up` or `qvm status` sees the stale state.
+PR_SET_PDEATHSIG = 1
+
+QMP_CONNECT_TIMEOUT = 60.0
+QMP_CALL_TIMEOUT = 2.0
+QUIT_WAIT = 5.0
+KILL_WAIT = 5.0
+MAX_RESTART_DELAY = 60.0
+# a run that lasted this long resets the consecutive-restart counter
+HEALTHY_RUN_SECONDS = 60.0
+RECENT_EVENTS = 100
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time in clock ticks since boot: with the pid, a process's identity."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    # the command name may contain spaces and parentheses; fields resume after the last ')'
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])
+
+
+class Supervisor:
+    def __init__(self, run: RunDir, launch: dict[str, Any], ready_fd: int | None) -> None:
+        self.run = run
+        self.launch = launch
+        self.ready_fd = ready_fd
+        self.argv: list[str] = launch["argv"]
+        self.restart_policy: str = launch.get("restart", "no")
+        self.max_restarts: int = launch.get("max_restarts", 5)
+        self.restart_delay: float = launch.get("restart_delay", 1.0)
+        self.state: dict[str, Any] = {
+            "name": launch["name"],
+            "machine_file": launch.get("machine_file"),
+            "accel": launch.get("accel"),
+            "accel_reason": launch.get("accel_reason"),
+            "supervisor_pid": os.getpid(),
+            "supervisor_start_time": process_start_time(os.getpid()),
+            "state": "starting",
+            "restarts": 0,
+            "exit": None,
+            "crash_reason": None,
+        }
+        self.qemu: subprocess.Popen[bytes] | None = None
+        self.run_started = 0.0
+        # set by `stop`/`kill` requests: an exit we asked for is never a failure
+        self.intent: str | None = None
+        self.shutdown_event: dict[str, Any] | None = None
+        self.crash_reason: str | None = None
+        self.runstate = "unknown"
+        self.events: list[dict[str, Any]] = []
+        self.qmp: Any = None
+        self.consecutive_restarts = 0
+
+    # --- files -------------------------------------------------------------------------
+
+    def save_state(self, **changes: Any) -> None:
+        self.state.update(changes)
+        write_json_atomic(self.run.state_file, self.state)
+
+    def notify(self, line: str) -> None:
+        """Tell the `qvm up` that started us how far we got; it may have gone away."""
+        if self.ready_fd is None:
+            return
+        try:
+            os.write(self.ready_fd, (line + "\n").encode())
+        except OSError:
+            self.ready_fd = None
+
+    def close_notify(self) -> None:
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+
+    # --- QEMU process ------------------------------------------------------------------
+
+    def spawn_qemu(self) -> None:
+        with open(self.run.qemu_log, "ab") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"=== qvm: QEMU start at {stamp} ===\n".encode())
+            log.flush()
+            self.qemu = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.run.path,
+                preexec_fn=_die_with_parent,
+            )
+        self.run_started = time.time()
+        self.intent = None
+        self.shutdown_event = None
+        self.crash_reason = None
+        self.runstate = "unknown"
+        self.save_state(
+            state="starting" if self.state["restarts"] == 0 else "restarting",
+            qemu_pid=self.qemu.pid,
+            qemu_start_time=process_start_time(self.qemu.pid),
+            started_at=self.run_started,
+        )
+
+    def qemu_alive(self) -> bool:
+        return self.qemu is not None and self.qemu.poll() is None
+
+    # --- main loop ---------------------------------------------------------------------
+
+    async def main(self) -> int:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_stop_signal)
+        server = await asyncio.start_unix_server(
+            self._serve_client, path=str(self.run.supervisor_socket)
+        )
+        first = True
+        try:
+            while True:
+                started_ok = await self._run_qemu_once(first)
+                if first and not started_ok:
+                    return 1
+                first = False
+                if not await self._restart_after_backoff():
+                    return 0
+        finally:
+            server.close()
+            self.run.remove_qemu_sockets()
+            self.run.supervisor_socket.unlink(missing_ok=True)
+            self.close_notify()
+
+    async def _run_qemu_once(self, first: bool) -> bool:
+        """Run one QEMU to its end; False if it died before QMP answered."""
+        import asyncio
+
+        assert self.qemu is not None
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        pidfd = os.pidfd_open(self.qemu.pid)
+        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        self.exited = exited
+        watcher = asyncio.create_task(self._watch_qmp(exited))
+        try:
+            await exited
+            returncode = self.qemu.wait()
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        ready = watcher.done() and not watcher.cancelled() and watcher.result()
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        await self._disconnect_qmp()
+        self._record_exit(returncode, reached_qmp=bool(ready))
+        if first and not ready:
+            self.notify("failed")
+            return False
+        return True
+
+    async def _watch_qmp(self, exited: Any) -> bool:
+        """Connect to the events monitor, announce readiness, then follow events."""
+        import asyncio
+
+        from qemu.qmp import QMPClient
+
+        deadline = time.monotonic() + QMP_CONNECT_TIMEOUT
+        client = QMPClient(self.state["name"])
+        while True:
+            if exited.done():
+                return False
+            try:
+                await client.connect(str(self.run.events_socket))
+                break
+            except Exception:  # noqa: BLE001 - QEMU has not created the socket yet
+                if time.monotonic() > deadline:
+                    self.crash_reason = "QMP did not answer within 60 s"
+                    self._signal_qemu(signal.SIGKILL)
+                    return False
+                await asyncio.sleep(0.005)
+        self.qmp = client
+        try:
+            status = await asyncio.wait_for(client.execute("query-status"), QMP_CALL_TIMEOUT)
+            self.runstate = status.get("status", "unknown")
+        except Exception:  # noqa: BLE001 - readiness is the connection, the status is extra
+            pass
+        self.save_state(state=self._live_state())
+        self.notify(f"ready {self.qemu.pid if self.qemu else 0}")
+        self.close_notify()
+        try:
+            async for event in client.events:
+                await self._on_event(dict(event))
+        except Exception:  # noqa: BLE001 - the connection ends when QEMU does
+            pass
+        return True
+
+    async def _disconnect_qmp(self) -> None:
+        if self.qmp is not None:
+            # QEMU is gone, and so is the connection: nothing to report
+            with contextlib.suppress(Exception):
+                await self.qmp.disconnect()
+            self.qmp = None
+
+    def _live_state(self) -> str:
+        if self.intent in ("stop", "kill"):
+            return "stopping"
+        if self.runstate in ("paused", "suspended", "prelaunch", "inmigrate", "postmigrate"):
+            return "paused"
+        return "running"
+
+    async def _on_event(self, event: dict[str, Any]) -> None:
+        import asyncio
+
+        name = event.get("event")
+        data = event.get("data") or {}
+        self.events.append(event)
+        del self.events[:-RECENT_EVENTS]
+        if name == "SHUTDOWN":
+            self.shutdown_event = data
+        elif name == "GUEST_PANICKED":
+            self.crash_reason = "guest panic"
+        elif name in ("STOP", "RESUME"):
+            self.runstate = "running" if name == "RESUME" else "paused"
+            if name == "STOP":
+                try:
+                    status = await asyncio.wait_for(
+                        self.qmp.execute("query-status"), QMP_CALL_TIMEOUT
+                    )
+                    self.runstate = status.get("status", "paused")
+                except Exception:  # noqa: BLE001 - keep the event's word for it
+                    pass
+                if self.runstate == "internal-error":
+                    self.crash_reason = "KVM internal error (see qvm logs --qemu)"
+                    # a VM stuck in internal-error never recovers: end it so that the
+                    # restart policy can act
+                    self._signal_qemu(signal.SIGKILL)
+            self.save_state(state=self._live_state())
+        elif name == "DEVICE_DELETED":
+            self._forget_pending_unplug(data)
+
+    def _forget_pending_unplug(self, data: dict[str, Any]) -> None:
+        """An unplug that the CLI gave up waiting for has completed: drop its mark."""
+        pending = read_json(self.run.pending_file)
+        if not pending:
+            return
+        path = data.get("path", "")
+        device = data.get("device")
+        remaining = {
+            dev_id: info
+            for dev_id, info in pending.items()
+            if not (
+                dev_id == device
+                or path == f"/machine/peripheral/{dev_id}"
+                or path.startswith(f"/machine/peripheral/{dev_id}/")
+            )
+        }
+        if remaining != pending:
+            write_json_atomic(self.run.pending_file, remaining)
+
+    def _record_exit(self, returncode: int, reached_qmp: bool) -> None:
+        failed, reason = self._classify_exit(returncode, reached_qmp)
+        code = returncode if returncode >= 0 else None
+        sig = -returncode if returncode < 0 else None
+        self.last_failed = failed
+        ended = {
+            "code": code,
+            "signal": signal.Signals(sig).name if sig else None,
+            "reason": reason,
+            "failed": failed,
+            "at": time.time(),
+            "ran_seconds": round(time.time() - self.run_started, 3),
+            "ended_by": self.intent,
+        }
+        if failed and not reached_qmp:
+            ended["stderr_tail"] = qemu_log_tail(self.run.qemu_log)
+        self.save_state(
+            state="crashed" if failed else "stopped",
+            exit=ended,
+            qemu_pid=None,
+            crash_reason=reason if failed else None,
+        )
+        self.run.remove_qemu_sockets()
+
+    def _classify_exit(self, returncode: int, reached_qmp: bool) -> tuple[bool, str]:
+        deliberate = self.intent in ("stop", "kill")
+        if self.crash_reason:
+            return True, self.crash_reason
+        if returncode < 0:
+            name = signal.Signals(-returncode).name
+            if deliberate:
+                return False, f"killed by {name} (qvm {self.intent})"
+            return True, f"killed by {name}"
+        if returncode > 0:
+            if not reached_qmp:
+                return True, f"QEMU exited with code {returncode} while starting"
+            return (not deliberate), f"QEMU exited with code {returncode}"
+        reason = (self.shutdown_event or {}).get("reason")
+        if reason == "guest-shutdown":
+            return False, "the guest powered off"
+        if reason == "host-qmp-quit":
+            return False, "quit over QMP"
+        if reason == "host-signal":
+            return False, "QEMU stopped by a signal"
+        if reason == "guest-panic":
+            return True, "guest panic"
+        return False, f"QEMU exited ({reason})" if reason else "QEMU exited"
+
+    async def _restart_after_backoff(self) -> bool:
+        import asyncio
+
+        if self.intent in ("stop", "kill"):
+            return False
+        policy = self.restart_policy
+        if policy == "no" or (policy == "on-failure" and not self.last_failed):
+            return False
+        ran = self.state["exit"]["ran_seconds"]
+        if ran >= HEALTHY_RUN_SECONDS:
+            self.consecutive_restarts = 0
+        if self.consecutive_restarts >= self.max_restarts:
+            exit_record = dict(self.state["exit"])
+            exit_record["reason"] += f"; not restarted: {self.max_restarts} restarts in a row"
+            self.save_state(exit=exit_record)
+            return False
+        delay = min(self.restart_delay * 2**self.consecutive_restarts, MAX_RESTART_DELAY)
+        self.consecutive_restarts += 1
+        self.save_state(state="restarting", next_restart_at=time.time() + delay)
+        self.restart_wait = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.restart_wait), delay)
+        if self.intent in ("stop", "kill"):
+            self.save_state(state="stopped")
+            return False
+        self.state["restarts"] += 1
+        self.state.pop("next_restart_at", None)
+        self.spawn_qemu()
+        return True
+
+    # --- stopping ----------------------------------------------------------------------
+
+    def _on_stop_signal(self) -> None:
+        import asyncio
+
+        asyncio.get_running_loop().create_task(self.stop(timeout=30.0, force=False))
+
+    def _signal_qemu(self, signum: int) -> None:
+        if self.qemu_alive():
+            assert self.qemu is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.qemu.send_signal(signum)
+
+    async def _wait_exit(self, timeout: float) -> bool:
+        import asyncio
+
+        if not self.qemu_alive():
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _qmp_call(self, command: str, args: dict[str, Any] | None = None) -> Any:
+        import asyncio
+
+        if self.qmp is None:
+            raise RuntimeError("no QMP connection")
+        return await asyncio.wait_for(self.qmp.execute(command, args), QMP_CALL_TIMEOUT)
+
+    async def stop(self, timeout: float, force: bool) -> dict[str, Any]:
+        """ACPI power button, then QMP quit, then SIGKILL; say which one ended QEMU."""
+        self._cancel_restart()
+        if not self.qemu_alive():
+            self.intent = "stop"
+            return {"ended_by": None, "message": "QEMU was not running"}
+        self.intent = "stop"
+        self.save_state(state="stopping")
+        if not force:
+            try:
+                await self._qmp_call("system_powerdown")
+                if await self._wait_exit(timeout):
+                    return {"ended_by": "acpi"}
+            except Exception:  # noqa: BLE001 - escalate to quit
+                pass
+        try:
+            await self._qmp_call("quit")
+            if await self._wait_exit(QUIT_WAIT):
+                return {"ended_by": "quit"}
+        except Exception:  # noqa: BLE001 - a closed connection during quit is success
+            if await self._wait_exit(QUIT_WAIT):
+                return {"ended_by": "quit"}
+        self._signal_qemu(signal.SIGKILL)
+        await self._wait_exit(KILL_WAIT)
+        return {"ended_by": "kill"}
+
+    async def kill(self) -> dict[str, Any]:
+        self._cancel_restart()
+        self.intent = "kill"
+        if not self.qemu_alive():
+            return {"ended_by": None, "message": "QEMU was not running"}
+        self._signal_qemu(signal.SIGKILL)
+        await self._wait_exit(KILL_WAIT)
+        return {"ended_by": "kill"}
+
+    def _cancel_restart(self) -> None:
+        waiter = getattr(self, "restart_wait", None)
+        self.intent = self.intent or "stop"
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- requests ----------------------------------------------------------------------
+
+    async def _serve_client(self, reader: Any, writer: Any) -> None:
+        try:
+            line = await reader.readline()
+            request = json.loads(line or b"{}")
+            reply = await self._handle(request)
+        except Exception as exc:  # noqa: BLE001 - a bad request must not end the supervisor
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        try:
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+            writer.close()
+        except Exception:  # noqa: BLE001 - the client went away
+            pass
+
+    async def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "status":
+            return await self.live_status()
+        if op == "stop":
+            return await self.stop(float(request.get("timeout", 30)), bool(request.get("force")))
+        if op == "kill":
+            return await self.kill()
+        if op == "events":
+            return {"events": self.events}
+        return {"error": f"unknown op {op!r}"}
+
+    async def live_status(self) -> dict[str, Any]:
+        import asyncio
+
+        reply: dict[str, Any] = {k: self.state.get(k) for k in self.state}
+        reply["state"] = self._live_state() if self.qemu_alive() else self.state["state"]
+        if not self.qemu_alive() or self.qmp is None:
+            return reply
+        try:
+            status, cpus, memory = await asyncio.wait_for(
+                asyncio.gather(
+                    self.qmp.execute("query-status"),
+                    self.qmp.execute("query-cpus-fast"),
+                    self.qmp.execute("query-memory-size-summary"),
+                ),
+                QMP_CALL_TIMEOUT,
+            )
+            self.runstate = status.get("status", self.runstate)
+            reply["runstate"] = self.runstate
+            reply["state"] = self._live_state()
+            reply["vcpus_present"] = len(cpus)
+            reply["memory_bytes"] = memory.get("base-memory", 0) + memory.get("plugged-memory", 0)
+        except Exception as exc:  # noqa: BLE001 - report what happened instead of hanging
+            reply["qmp_error"] = describe_qmp_failure(exc, self.qemu.pid if self.qemu else None)
+        reply.update(process_facts(self.qemu.pid if self.qemu else None))
+        return reply
+
+
+def describe_qmp_failure(exc: BaseException, pid: int | None) -> str:
+    stopped = pid is not None and _process_state(pid) == "T"
+    if isinstance(exc, TimeoutError):
+        text = f"QEMU did not answer QMP within {QMP_CALL_TIMEOUT:g} s"
+    else:
+        text = f"QMP query failed: {exc}"
+    if stopped:
+        text += f" (its process {pid} is stopped, e.g. by SIGSTOP: 'kill -CONT {pid}' resumes it)"
+    return text
+
+
+def _process_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()[0]
+
+
+_cpu_samples: dict[int, tuple[float, float]] = {}
+
+
+def process_facts(pid: int | None) -> dict[str, Any]:
+    """Host RSS and CPU% since the previous sample (or since start) of QEMU."""
+    if pid is None:
+        return {}
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            rss = proc.memory_info().rss
+            times = proc.cpu_times()
+            cpu_seconds = times.user + times.system
+            created = proc.create_time()
+    except psutil.Error:
+        return {}
+    now = time.time()
+    last_time, last_cpu = _cpu_samples.get(pid, (created, 0.0))
+    elapsed = max(now - last_time, 1e-6)
+    _cpu_samples[pid] = (now, cpu_seconds)
+    return {"rss_bytes": rss, "cpu_percent": round(100.0 * (cpu_seconds - last_cpu) / elapsed, 1)}
+
+
+def qemu_log_tail(path: Path, lines: int = 10) -> list[str]:
+    """The last lines QEMU wrote in its latest run (after qvm's start marker)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    latest = text.rsplit("=== qvm: QEMU start at", 1)[-1].split("\n", 1)[-1]
+    return [line for line in latest.splitlines() if line.strip()][-lines:]
+
+
+def main(argv: list[str]) -> int:
+    run = RunDir(Path(argv[0]))
+    ready_fd = int(os.environ["QVM_READY_FD"]) if "QVM_READY_FD" in os.environ else None
+    # keep the inherited lock fd open for our whole life: it is what says we are alive
+    lock_fd = int(os.environ["QVM_LOCK_FD"]) if "QVM_LOCK_FD" in os.environ else None
+    if lock_fd is None:
+        from qvm.rundir import try_lock
+
+        lock_fd = try_lock(run.lock_file)
+        if lock_fd is None:
+            return 3
+    launch = read_json(run.launch_file)
+    if launch is None:
+        return 2
+    supervisor = Supervisor(run, launch, ready_fd)
+    try:
+        supervisor.spawn_qemu()
+    except OSError as exc:
+        supervisor.save_state(
+            state="crashed",
+            exit={
+                "code": None,
+                "signal": None,
+                "failed": True,
+                "at": time.time(),
+                "reason": f"could not start {supervisor.argv[0]}: {exc}",
+            },
+        )
+        supervisor.notify("failed")
+        return 1
+    supervisor.notify(f"spawned {supervisor.qemu.pid if supervisor.qemu else 0}")
+
+    import asyncio
+
+    return asyncio.run(supervisor.main())
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,159 @@
+"""Golden tests of the pure command-line builder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qvm.cmdline import LaunchInputs, build_argv, escape_opt, stable_mac
+from qvm.definition import (
+    BootSpec,
+    CpuSpec,
+    DiskSpec,
+    Machine,
+    MemorySpec,
+    NicSpec,
+    PortForward,
+    QemuSpec,
+)
+from qvm.rundir import RunDir
+
+RUN = RunDir(Path("/run/q/vm1"))
+
+
+def monitors(run: str = "/run/q/vm1") -> list[str]:
+    return [
+        "-qmp", f"unix:{run}/qmp.sock,server=on,wait=off",
+        "-chardev", f"socket,id=qvm-control,path={run}/control.sock,server=on,wait=off",
+        "-mon", "chardev=qvm-control,mode=control",
+        "-chardev", f"socket,id=qvm-events,path={run}/events.sock,server=on,wait=off",
+        "-mon", "chardev=qvm-events,mode=control",
+        "-chardev",
+        f"socket,id=serial0,path={run}/console.sock,server=on,wait=off,"
+        f"logfile={run}/serial.log,logappend=on",
+        "-serial", "chardev:serial0",
+    ]  # fmt: skip
+
+
+def test_demo_like_machine_under_tcg() -> None:
+    machine = Machine(
+        name="vm1",
+        path=Path("/m/vm1.toml"),
+        cpu=CpuSpec(count=1, max=4),
+        memory=MemorySpec(size=256 * 1024**2),
+        boot=BootSpec(Path("/g/vmlinuz"), Path("/g/initrd.img"), "console=ttyS0 quiet"),
+    )
+    assert build_argv(machine, LaunchInputs(accel="tcg", run_dir=RUN)) == [
+        "qemu-system-x86_64",
+        "-name", "guest=vm1,debug-threads=on",
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-machine", "q35,accel=tcg",
+        "-device", "pvpanic", "-action", "panic=exit-failure",
+        "-cpu", "max",
+        "-smp", "1,sockets=1,cores=4,threads=1,maxcpus=4",
+        "-m", "256M",
+        "-kernel", "/g/vmlinuz", "-initrd", "/g/initrd.img", "-append", "console=ttyS0 quiet",
+        *monitors(),
+    ]  # fmt: skip
+
+
+def test_boot_vcpus_beyond_the_first_are_unpluggable_devices() -> None:
+    machine = Machine(
+        name="vm1",
+        path=Path("/m/vm1.toml"),
+        type="pc",
+        cpu=CpuSpec(model="IvyBridge-IBRS", count=3, max=8, sockets=2, cores=2, threads=2),
+        memory=MemorySpec(size=2 * 1024**3),
+    )
+    argv = build_argv(machine, LaunchInputs(accel="kvm", run_dir=RUN))
+    assert argv[argv.index("-smp") + 1] == "1,sockets=2,cores=2,threads=2,maxcpus=8"
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device" and "cpu" in argv[i + 1]]
+    assert devices == [
+        "IvyBridge-IBRS-x86_64-cpu,id=cpu1,socket-id=0,core-id=0,thread-id=1",
+        "IvyBridge-IBRS-x86_64-cpu,id=cpu2,socket-id=0,core-id=1,thread-id=0",
+    ]
+
+
+def test_kvm_defaults_to_host_cpu_and_dies_appear_only_when_several() -> None:
+    machine = Machine(
+        name="vm1",
+        path=Path("/m/vm1.toml"),
+        cpu=CpuSpec(count=2, max=4, sockets=1, dies=2, cores=2, threads=1),
+    )
+    argv = build_argv(machine, LaunchInputs(accel="kvm", run_dir=RUN))
+    assert argv[argv.index("-cpu") + 1] == "host"
+    assert argv[argv.index("-smp") + 1] == "1,sockets=1,dies=2,cores=2,threads=1,maxcpus=4"
+    assert "host-x86_64-cpu,id=cpu1,socket-id=0,die-id=0,core-id=1,thread-id=0" in argv
+
+
+def test_memory_hotplug_disks_nics_and_extra_args() -> None:
+    machine = Machine(
+        name="vm1",
+        path=Path("/m/vm1.toml"),
+        memory=MemorySpec(size=512 * 1024**2, max=4 * 1024**3, slots=4),
+        disks=(
+            DiskSpec(file=Path("/img/a,b.raw"), readonly=True),
+            DiskSpec(base=Path("/img/debian.qcow2")),
+            DiskSpec(file=Path("/img/c.qcow2"), interface="scsi", id="data"),
+        ),
+        nics=(
+            NicSpec(
+                forwards=(
+                    PortForward("tcp", "127.0.0.1", 2222, 22),
+                    PortForward("tcp", "0.0.0.0", 0, 80),
+                )
+            ),
+        ),
+        qemu=QemuSpec(binary="/opt/qemu/bin/qemu-system-x86_64", extra_args=("-s",)),
+    )
+    inputs = LaunchInputs(
+        accel="tcg",
+        run_dir=RUN,
+        disk_formats=("raw", "qcow2", "qcow2"),
+        host_ports={(0, 1): 40123},
+    )
+    argv = build_argv(machine, inputs)
+    assert argv[0] == "/opt/qemu/bin/qemu-system-x86_64"
+    assert argv[argv.index("-m") + 1] == "512M,slots=4,maxmem=4G"
+    tail = argv[argv.index("chardev:serial0") + 1 :]
+    assert tail == [
+        "-device", "virtio-scsi-pci,id=scsi0",
+        "-blockdev", "driver=file,node-name=disk0-file,filename=/img/a,,b.raw,read-only=on",
+        "-blockdev", "driver=raw,node-name=disk0,file=disk0-file,read-only=on",
+        "-device", "virtio-blk-pci,drive=disk0,id=disk0",
+        "-blockdev", "driver=file,node-name=disk1-file,filename=/run/q/vm1/disk1.qcow2",
+        "-blockdev", "driver=qcow2,node-name=disk1,file=disk1-file",
+        "-device", "virtio-blk-pci,drive=disk1,id=disk1",
+        "-blockdev", "driver=file,node-name=data-file,filename=/img/c.qcow2",
+        "-blockdev", "driver=qcow2,node-name=data,file=data-file",
+        "-device", "scsi-hd,drive=data,id=data,bus=scsi0.0",
+        "-netdev",
+        "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:40123-:80",
+        "-device", f"virtio-net-pci,netdev=net0,mac={stable_mac('vm1', 0)},id=net0",
+        "-s",
+    ]  # fmt: skip
+
+
+def test_microvm_has_no_hotplug_topology() -> None:
+    machine = Machine(name="m", path=Path("/m/m.toml"), type="microvm", cpu=CpuSpec(count=2, max=2))
+    argv = build_argv(machine, LaunchInputs(accel="tcg", run_dir=RUN))
+    assert argv[argv.index("-smp") + 1] == "2"
+    assert "pvpanic" not in argv
+    assert not any("x86_64-cpu" in a for a in argv)
+
+
+def test_serial_can_be_disabled() -> None:
+    from qvm.definition import SerialSpec
+
+    machine = Machine(name="vm1", path=Path("/m/vm1.toml"), serial=SerialSpec(enabled=False))
+    argv = build_argv(machine, LaunchInputs(accel="tcg", run_dir=RUN))
+    assert "-serial" not in argv
+
+
+def test_stable_mac_is_stable_and_local() -> None:
+    assert stable_mac("vm1", 0) == stable_mac("vm1", 0)
+    assert stable_mac("vm1", 0) != stable_mac("vm1", 1)
+    assert stable_mac("vm1", 0).startswith("52:54:00:")
+
+
+def test_escape_opt_doubles_commas() -> None:
+    assert escape_opt("/a,b,,c") == "/a,,b,,,,c"
