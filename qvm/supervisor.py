@@ -13,7 +13,6 @@ supervisor's imports overlap on a multi-core host.
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import json
 import os
 import signal
