@@ -201,11 +201,12 @@ def start_supervisor(
         lines = _read_readiness(ready_read, want="ready" if wait else "spawned", timeout=timeout)
     finally:
         os.close(ready_read)
-    if not lines or lines[-1].split()[0] == "failed" or (wait and lines[-1].split()[0] != "ready"):
-        supervisor.wait(timeout=10)
-        raise _launch_failure(
-            run, name, supervisor, timed_out=bool(lines) and "ready" not in lines[-1]
-        )
+    last = lines[-1].split()[0] if lines and lines[-1].split() else None
+    if last != ("ready" if wait else "spawned"):
+        timed_out = last != "failed" and supervisor.poll() is None
+        if not timed_out:
+            supervisor.wait(timeout=10)
+        raise _launch_failure(run, name, supervisor, timed_out=timed_out)
     qemu_pid = int(lines[-1].split()[1]) if len(lines[-1].split()) > 1 else None
     return UpResult(
         name=name,

@@ -86,6 +86,7 @@ class Supervisor:
         self.runstate = "unknown"
         self.events: list[dict[str, Any]] = []
         self.qmp: Any = None
+        self.qmp_ready = False
         self.consecutive_restarts = 0
 
     # --- files -------------------------------------------------------------------------
@@ -128,6 +129,7 @@ class Supervisor:
         self.shutdown_event = None
         self.crash_reason = None
         self.runstate = "unknown"
+        self.qmp_ready = False
         self.save_state(
             state="starting" if self.state["restarts"] == 0 else "restarting",
             qemu_pid=self.qemu.pid,
@@ -181,7 +183,7 @@ class Supervisor:
         finally:
             loop.remove_reader(pidfd)
             os.close(pidfd)
-        ready = watcher.done() and not watcher.cancelled() and watcher.result()
+        ready = self.qmp_ready
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         await self._disconnect_qmp()
@@ -212,6 +214,7 @@ class Supervisor:
                     return False
                 await asyncio.sleep(0.005)
         self.qmp = client
+        self.qmp_ready = True
         try:
             status = await asyncio.wait_for(client.execute("query-status"), QMP_CALL_TIMEOUT)
             self.runstate = status.get("status", "unknown")

@@ -129,12 +129,14 @@ def restart(
     say(f"{started.name}: running, pid {started.qemu_pid}")
 
 
-def _status_record(name: str) -> dict[str, Any]:
+def _status_record(name: str, definition: str | None = None) -> dict[str, Any]:
+    """Live or last-run facts, completed from the definition (``definition``: its path)."""
     from qvm.lifecycle import vm_status
 
-    record = vm_status(common.run_dir_of(name))
+    run = common.run_dir(name) if definition else common.run_dir_of(name)
+    record = vm_status(run)
     if record.get("vcpus") is None or record.get("machine_file") is None:
-        _fill_from_definition(record, name)
+        _fill_from_definition(record, definition or name)
     return record
 
 
@@ -214,15 +216,15 @@ def list_vms(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> N
     from qvm.definition import list_machine_files
     from qvm.rundir import list_run_dirs
 
-    names: dict[str, str] = {}
+    definitions: dict[str, str | None] = {}
     for path in list_machine_files(common.search_dirs()):
-        names.setdefault(path.stem, str(path))
+        definitions.setdefault(path.stem, str(path))
     for run in list_run_dirs(common.state_root()):
-        names.setdefault(run.name, run.name)
+        definitions.setdefault(run.name, None)
     records = []
-    for name, ref in sorted(names.items()):
+    for name, definition in sorted(definitions.items()):
         try:
-            records.append(_status_record(ref))
+            records.append(_status_record(name, definition))
         except Exception as error:  # noqa: BLE001 - one broken VM never breaks the list
             records.append({"name": name, "state": "unknown", "error": str(error)})
     if as_json:

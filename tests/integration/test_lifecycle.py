@@ -1,0 +1,262 @@
+"""Lifecycle with the real QEMU and the real test guest: what the guest itself reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import QVM_BIN, Qvm, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def qmp_call(socket_path: str, command: str) -> dict:
+    """One command over a QMP socket with qemu.qmp, as a user's own script would."""
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
+    async def run() -> dict:
+        client = QMPClient("test")
+        await client.connect(socket_path)
+        try:
+            return await asyncio.wait_for(client.execute(command), 5)
+        finally:
+            await client.disconnect()
+
+    return asyncio.run(run())
+
+
+def test_up_status_down_by_acpi(qvm: Qvm) -> None:
+    qvm.guest_machine("vm1")
+    up = qvm("up", "vm1")
+    assert "vm1: running, pid" in up.stdout
+    assert "accel       tcg" in up.stdout or "accel       kvm" in up.stdout
+
+    status = qvm.status("vm1")
+    for key in ("name", "state", "pid", "qmp_socket", "serial_log", "accel", "vcpus"):
+        assert key in status
+    assert status["state"] == "running"
+    assert status["vcpus"] == {"present": 1, "max": 4}
+    # QMP is ready when `up` returns, on the user's own socket, while qvm manages the VM
+    assert qmp_call(status["qmp_socket"], "query-status")["status"] == "running"
+
+    guest = qvm.serial("vm1").wait_ready()
+    assert guest["ncpus"] == "1"
+    assert 200_000 < int(guest["mem_kb"]) < 262_144
+
+    down = qvm("down", "vm1", "--timeout", "20")
+    assert down.stdout.strip() == (
+        "vm1: stopped: the guest powered off after the ACPI power button"
+    )
+    # the guest itself saw the power button and shut down
+    assert "QVM-GUEST-POWEROFF" in qvm.serial("vm1").text()
+    after = qvm.status("vm1")
+    assert after["state"] == "stopped"
+    assert after["reason"] == "the guest powered off"
+    assert after["pid"] is None
+    assert not qvm.processes()
+
+
+def test_up_on_a_running_vm_says_so(qvm: Qvm) -> None:
+    qvm.guest_machine("vm1")
+    first = qvm("up", "vm1", "--json")
+    pid = json.loads(first.stdout)[0]["pid"]
+    again = qvm("up", "vm1")
+    assert again.stdout.strip() == f"vm1: already running (pid {pid})"
+    assert again.returncode == 0
+
+
+def test_concurrent_up_starts_exactly_one_qemu(qvm: Qvm) -> None:
+    qvm.guest_machine("vm1")
+    qvm.started.add("vm1")
+    procs = [
+        subprocess.Popen(
+            [str(QVM_BIN), "up", "vm1", "--json"],
+            env=qvm.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    results = [json.loads(out)[0] for out, _ in outputs]
+    assert sorted(r["already_running"] for r in results) == [False, True, True]
+    qemus = [cmd for _, cmd in qvm.processes() if "qemu-system" in cmd]
+    assert len(qemus) == 1, qemus
+
+
+def test_qemu_killed_with_sigkill_is_reported_as_crashed(qvm: Qvm) -> None:
+    qvm.guest_machine("vm1")
+    qvm("up", "vm1")
+    pid = qvm.status("vm1")["pid"]
+    os.kill(pid, signal.SIGKILL)
+    status = wait_until(
+        lambda: (s := qvm.status("vm1"))["state"] == "crashed" and s, 10, "state crashed"
+    )
+    assert status["reason"] == "killed by SIGKILL"
+    assert status["last_exit"]["signal"] == "SIGKILL"
+    assert status["pid"] is None
+    assert "crashed (killed by SIGKILL)" in qvm("status", "vm1").stdout
+
+
+def test_on_failure_restarts_a_killed_qemu_with_a_new_one(qvm: Qvm) -> None:
+    qvm.guest_machine("vm1", extra='[supervisor]\nrestart = "on-failure"\nrestart_delay = 0.2\n')
+    qvm("up", "vm1")
+    qvm.serial("vm1").wait_ready()
+    first_pid = qvm.status("vm1")["pid"]
+    os.kill(first_pid, signal.SIGKILL)
+
+    def restarted() -> dict | None:
+        s = qvm.status("vm1")
+        return s if s["state"] == "running" and s["pid"] not in (None, first_pid) else None
+
+    status = wait_until(restarted, 20, "a new QEMU")
+    assert status["restarts"] == 1
+    assert status["last_exit"]["reason"] == "killed by SIGKILL"
+    # the new QEMU booted the guest again: its serial log starts fresh... in the same file
+    qvm.serial("vm1").wait_for(r"QVM-GUEST-READY[\s\S]*QVM-GUEST-READY", 60)
+
+
+def test_guest_power_off_is_not_a_failure_for_on_failure(qvm: Qvm) -> None:
+    qvm.guest_machine("vm1", extra='[supervisor]\nrestart = "on-failure"\nrestart_delay = 0.2\n')
+    qvm("up", "vm1")
+    qvm.serial("vm1").wait_ready()
+    # the guest is told to power off from outside qvm, through the user's QMP socket
+    qmp_call(str(qvm.run_dir("vm1") / "qmp.sock"), "system_powerdown")
+    status = wait_until(
+        lambda: (s := qvm.status("vm1"))["state"] == "stopped" and s, 20, "state stopped"
+    )
+    assert status["reason"] == "the guest powered off"
+    time.sleep(1)  # longer than the restart delay: no new QEMU came
+    assert qvm.status("vm1")["state"] == "stopped"
+    assert not qvm.processes()
+
+
+def test_killed_supervisor_leaves_state_that_the_next_up_cleans(qvm: Qvm) -> None:
+    qvm.guest_machine("vm1")
+    qvm("up", "vm1")
+    before = qvm.status("vm1")
+    os.kill(before["supervisor_pid"], signal.SIGKILL)
+    # QEMU follows its supervisor (parent-death signal), and status says what happened
+    status = wait_until(
+        lambda: (s := qvm.status("vm1"))["state"] == "crashed" and s, 15, "state crashed"
+    )
+    assert status["reason"] == f"supervisor (pid {before['supervisor_pid']}) died unexpectedly"
+    wait_until(lambda: not qvm.processes(), 10, "QEMU to follow its supervisor")
+    assert not (qvm.run_dir("vm1") / "qmp.sock").exists()  # stale sockets were cleaned
+    qvm("up", "vm1")
+    assert qvm.status("vm1")["state"] == "running"
+
+
+def test_unknown_cpu_model_is_refused_before_anything_starts(qvm: Qvm) -> None:
+    path = qvm.guest_machine("vm1")
+    path.write_text(path.read_text().replace("[cpu]", '[cpu]\nmodel = "IvyBrige"'))
+    result = qvm("up", "vm1", check=False)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f'qvm: {path}: cpu.model: unknown to qemu-system-x86_64, got "IvyBrige" '
+        "(hint: did you mean 'IvyBridge', 'IvyBridge-v2', 'IvyBridge-v1'? "
+        "'qemu-system-x86_64 -cpu help' lists them)\n"
+    )
+    assert "Traceback" not in result.stderr
+    assert not qvm.processes()
+    assert not (qvm.run_dir("vm1") / "state.json").exists()
+
+
+def test_qemu_dying_at_start_reports_exit_code_and_stderr(qvm: Qvm) -> None:
+    qvm.guest_machine("vm1", extra='[qemu]\nextra_args = ["-device", "no-such-device"]\n')
+    result = qvm("up", "vm1", check=False)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[0] == "qvm: vm1: QEMU failed to start: QEMU exited with code 1 while starting"
+    assert any("'no-such-device' is not a valid device model name" in line for line in lines)
+    assert "Traceback" not in result.stderr
+    assert not qvm.processes()
+    status = qvm.status("vm1")
+    assert status["state"] == "crashed"
+
+
+def test_status_of_a_sigstopped_qemu_answers_quickly(qvm: Qvm) -> None:
+    qvm.guest_machine("vm1")
+    qvm("up", "vm1")
+    pid = qvm.status("vm1")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        status = qvm.status("vm1")
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert elapsed < 5
+    assert status["state"] == "running"
+    assert status["error"] == (
+        f"QEMU did not answer QMP within 2 s (its process {pid} is stopped, "
+        f"e.g. by SIGSTOP: 'kill -CONT {pid}' resumes it)"
+    )
+
+
+def test_list_shows_every_machine_and_survives_a_broken_one(qvm: Qvm) -> None:
+    qvm.guest_machine("good")
+    qvm.machine("broken", "[cpu]\ncount = 'two'\n")
+    qvm.machine("idle", "[cpu]\ncount = 1\n")
+    qvm("up", "good")
+    records = {r["name"]: r for r in qvm.json("list")}
+    assert records["good"]["state"] == "running"
+    assert records["idle"]["state"] == "stopped"
+    assert records["broken"]["state"] == "invalid"
+    assert 'cpu.count: must be an integer, got "two"' in records["broken"]["error"]
+    table = qvm("list").stdout
+    assert table.splitlines()[0].split() == [
+        "NAME", "STATE", "PID", "ACCEL", "VCPUS", "MEMORY", "UPTIME", "NOTE",
+    ]  # fmt: skip
+
+
+def test_console_and_logs(qvm: Qvm) -> None:
+    qvm.guest_machine("vm1")
+    qvm("up", "vm1")
+    qvm.serial("vm1").wait_ready()
+    # piped input: the command reaches the guest's shell, its answer comes back
+    console = subprocess.Popen(
+        [str(QVM_BIN), "console", "vm1"],
+        env=qvm.env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert console.stdin is not None
+    console.stdin.write(b"echo qvm-$((6*7))-console\n")
+    console.stdin.flush()
+    qvm.serial("vm1").wait_for(r"qvm-42-console", 20)
+    console.stdin.write(b"\x1d")  # Ctrl-]: detach
+    console.stdin.close()
+    console.wait(timeout=10)
+    assert console.returncode == 0
+    assert "qvm-42-console" in qvm("logs", "vm1").stdout
+    assert "=== qvm: QEMU start at" in qvm("logs", "vm1", "--qemu").stdout
+    assert qvm.status("vm1")["state"] == "running"
+
+
+def test_kill_and_restart(qvm: Qvm) -> None:
+    qvm.guest_machine("vm1", extra='[supervisor]\nrestart = "always"\n')
+    qvm("up", "vm1")
+    first = qvm.status("vm1")["pid"]
+    qvm("restart", "vm1", "--timeout", "20")
+    second = qvm.status("vm1")
+    assert second["state"] == "running" and second["pid"] != first
+    killed = qvm("kill", "vm1")
+    assert killed.stdout.strip() == "vm1: killed: QEMU was killed (SIGKILL)"
+    status = qvm.status("vm1")
+    # a kill asked for is not a failure, so "always" does not bring it back
+    assert status["state"] == "stopped"
+    assert status["reason"] == "killed by SIGKILL (qvm kill)"
+    assert not qvm.processes()
+    result = qvm("down", "vm1", check=False)
+    assert result.returncode == 1
+    assert result.stderr == "qvm: vm1: not running (hint: start it with 'qvm up vm1')\n"
