@@ -192,10 +192,3 @@ def parse_machine_help(text: str) -> tuple[str, ...]:
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "qvm"
-
-
-def default_state_dir() -> Path:
-    if os.environ.get("QVM_STATE_DIR"):
-        return Path(os.environ["QVM_STATE_DIR"])
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local/state")
-    return Path(base) / "qvm"

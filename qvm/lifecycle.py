@@ -38,10 +38,11 @@ def supervisor_alive(run: RunDir) -> bool:
 def ask_supervisor(run: RunDir, request: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One JSON request, one JSON reply; raises QvmError naming the VM on any failure."""
     name = run.name
+    deadline = time.monotonic() + timeout
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(run.supervisor_socket))
+        sock = _connect_supervisor(run, deadline)
+        with sock:
+            sock.settimeout(max(deadline - time.monotonic(), 0.1))
             sock.sendall(json.dumps(request).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):
@@ -63,6 +64,23 @@ def ask_supervisor(run: RunDir, request: dict[str, Any], timeout: float) -> dict
     if "error" in reply:
         raise VmStateError(f"{name}: supervisor: {reply['error']}")
     return reply
+
+
+def _connect_supervisor(run: RunDir, deadline: float) -> socket.socket:
+    """Connect, waiting while a live supervisor is still starting its request socket."""
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(run.supervisor_socket))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline or not supervisor_alive(run):
+                raise
+            time.sleep(0.005)
+        except OSError:
+            sock.close()
+            raise
 
 
 # --- identity of processes -----------------------------------------------------------

@@ -90,6 +90,12 @@ class RunDir:
     def pending_file(self) -> Path:
         return self.path / "pending.json"
 
+    # A vCPU unplug was requested in this QEMU run under TCG, where QEMU 7.2 crashes on
+    # the next vCPU device_add; the file names the QEMU run (pid, start time) it is about.
+    @property
+    def cpu_unplugged_file(self) -> Path:
+        return self.path / "cpu-unplugged.json"
+
     def sockets(self) -> list[Path]:
         return [self.path / name for name in SOCKET_NAMES]
 
@@ -108,6 +114,14 @@ class RunDir:
         for sock in (self.path / name for name in QEMU_SOCKET_NAMES):
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
+
+
+def default_state_dir() -> Path:
+    """``$QVM_STATE_DIR``, else ``$XDG_STATE_HOME/qvm`` (run dirs are state, not cache)."""
+    if os.environ.get("QVM_STATE_DIR"):
+        return Path(os.environ["QVM_STATE_DIR"])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local/state")
+    return Path(base) / "qvm"
 
 
 def run_dir_for(state_root: Path, name: str) -> RunDir:

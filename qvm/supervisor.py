@@ -16,9 +16,11 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +40,49 @@ HEALTHY_RUN_SECONDS = 60.0
 RECENT_EVENTS = 100
 
 
-def _die_with_parent() -> None:
+def _parent_death_signal() -> Callable[[], None]:
+    """A preexec function that makes the child get SIGTERM when the supervisor dies.
+
+    libc is resolved here, in the parent, so the forked child only makes one call.
+    """
     import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def set_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return set_signal
+
+
+def wait_qmp_greeting(path: Path, qemu: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Block until QEMU's monitor on ``path`` greets a client (QMP is ready), or QEMU dies.
+
+    Plain sockets, before asyncio is even imported: the `qvm up` waiting on us hears
+    "ready" as soon as a raw client could, not after our own imports.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if qemu.poll() is not None:
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(max(deadline - time.monotonic(), 0.01))
+                probe.connect(str(path))
+                greeting = b""
+                while b"\n" not in greeting:
+                    chunk = probe.recv(4096)
+                    if not chunk:
+                        break
+                    greeting += chunk
+                if b'"QMP"' in greeting:
+                    return True
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass
+        except OSError:
+            pass
+        time.sleep(0.002)
+    return False
 
 
 def process_start_time(pid: int) -> int | None:
@@ -88,6 +129,7 @@ class Supervisor:
         self.qmp: Any = None
         self.qmp_ready = False
         self.consecutive_restarts = 0
+        self.preexec = _parent_death_signal()
 
     # --- files -------------------------------------------------------------------------
 
@@ -103,6 +145,10 @@ class Supervisor:
             os.write(self.ready_fd, (line + "\n").encode())
         except OSError:
             self.ready_fd = None
+
+    def notify_ready(self) -> None:
+        self.notify(f"ready {self.qemu.pid if self.qemu else 0}")
+        self.close_notify()
 
     def close_notify(self) -> None:
         if self.ready_fd is not None:
@@ -122,7 +168,7 @@ class Supervisor:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.run.path,
-                preexec_fn=_die_with_parent,
+                preexec_fn=self.preexec,
             )
         self.run_started = time.time()
         self.intent = None
@@ -221,8 +267,7 @@ class Supervisor:
         except Exception:  # noqa: BLE001 - readiness is the connection, the status is extra
             pass
         self.save_state(state=self._live_state())
-        self.notify(f"ready {self.qemu.pid if self.qemu else 0}")
-        self.close_notify()
+        self.notify_ready()
         try:
             async for event in client.events:
                 await self._on_event(dict(event))
@@ -584,6 +629,10 @@ def main(argv: list[str]) -> int:
         supervisor.notify("failed")
         return 1
     supervisor.notify(f"spawned {supervisor.qemu.pid if supervisor.qemu else 0}")
+    if supervisor.qemu is not None and wait_qmp_greeting(
+        run.events_socket, supervisor.qemu, QMP_CONNECT_TIMEOUT
+    ):
+        supervisor.notify_ready()
 
     import asyncio
 

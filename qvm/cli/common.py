@@ -27,7 +27,7 @@ def configure(machines_dir: Path | None, state_root: Path | None) -> None:
 def state_root() -> Path:
     if settings.state_root is not None:
         return settings.state_root
-    from qvm.host import default_state_dir
+    from qvm.rundir import default_state_dir
 
     return default_state_dir()
 

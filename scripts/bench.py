@@ -1,0 +1,166 @@
+"""qvm's speed against raw QEMU, measured in one run (medians of several).
+
+(a) `qvm up --no-wait` and `qvm up` (to QMP ready) vs the same argv started by hand and
+    polled until QMP greets; (b) wall time of `qvm status`, `qvm list`, `qvm --help`,
+    against a bare `python -c pass`; (c) the supervisor's RSS.
+Run it with scripts/bench (which sets up first).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+QVM = str(VENV_BIN / "qvm")
+RUNS = int(os.environ.get("QVM_BENCH_RUNS", "5"))
+MACHINE = REPO / "machines" / "demo.toml"
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def wait_qmp_greeting(path: Path, deadline: float) -> None:
+    """Connect and read QMP's greeting: the moment a client could send a command."""
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(str(path))
+                sock.settimeout(5)
+                if b"QMP" in sock.recv(4096):
+                    return
+        except OSError:
+            time.sleep(0.001)
+    raise TimeoutError(f"no QMP greeting on {path}")
+
+
+def raw_argv(run_dir: Path) -> list[str]:
+    sys.path.insert(0, str(REPO))
+    from qvm.definition import load_machine
+    from qvm.launch import plan_launch
+    from qvm.rundir import RunDir
+
+    plan = plan_launch(load_machine(MACHINE), RunDir(run_dir))
+    return plan.argv
+
+
+def bench_raw_start(root: Path) -> list[float]:
+    samples = []
+    run_dir = root / "raw"
+    run_dir.mkdir(mode=0o700)
+    argv = raw_argv(run_dir)
+    for _ in range(RUNS):
+        for leftover in run_dir.glob("*.sock"):
+            leftover.unlink()
+        started = time.monotonic()
+        qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_qmp_greeting(run_dir / "qmp.sock", started + 30)
+            samples.append(time.monotonic() - started)
+        finally:
+            qemu.send_signal(signal.SIGKILL)
+            qemu.wait()
+    return samples
+
+
+def qvm(env: dict[str, str], *args: str) -> float:
+    started = time.monotonic()
+    subprocess.run([QVM, *args], env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - started
+
+
+def bench_qvm_start(env: dict[str, str], wait: bool) -> list[float]:
+    samples = []
+    for _ in range(RUNS):
+        args = ["up", "demo"] if wait else ["up", "demo", "--no-wait"]
+        samples.append(qvm(env, *args))
+        qvm(env, "kill", "demo")
+    return samples
+
+
+def supervisor_rss(env: dict[str, str], state: Path) -> int:
+    import json
+
+    import psutil
+
+    qvm(env, "up", "demo")
+    try:
+        time.sleep(1.0)  # let it settle into its event loop
+        status = json.loads(
+            subprocess.run(
+                [QVM, "status", "demo", "--json"], env=env, check=True, capture_output=True
+            ).stdout
+        )
+        return psutil.Process(status["supervisor_pid"]).memory_info().rss
+    finally:
+        qvm(env, "kill", "demo")
+
+
+def bench_command(env: dict[str, str], *args: str, runs: int = 10) -> list[float]:
+    return [qvm(env, *args) for _ in range(runs)]
+
+
+def bench_python(python: str, runs: int = 10) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        started = time.monotonic()
+        subprocess.run([python, "-c", "pass"], check=True)
+        samples.append(time.monotonic() - started)
+    return samples
+
+
+def main() -> int:
+    root = Path(tempfile.mkdtemp(prefix="qvm-bench-", dir="/tmp"))
+    env = dict(os.environ, QVM_STATE_DIR=str(root / "state"), QVM_MACHINES=str(REPO / "machines"))
+    try:
+        qvm(env, "cmdline", "demo")  # warm the QEMU capability cache, as any second use would
+        raw = median_ms(bench_raw_start(root))
+        up_nowait = median_ms(bench_qvm_start(env, wait=False))
+        up_ready = median_ms(bench_qvm_start(env, wait=True))
+        rss = supervisor_rss(env, root / "state")
+        qvm(env, "up", "demo")
+        try:
+            status = median_ms(bench_command(env, "status", "demo"))
+            listing = median_ms(bench_command(env, "list"))
+        finally:
+            qvm(env, "kill", "demo")
+        helptext = median_ms(bench_command(env, "--help"))
+        venv_python = median_ms(bench_python(sys.executable))
+        system_python = shutil.which("python3") or sys.executable
+        path_python = median_ms(bench_python(system_python))
+    finally:
+        subprocess.run([QVM, "kill", "demo"], env=env, capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(f"qvm benchmark (medians; {RUNS} starts, 10 runs per command)")
+    print(f"{'what':<44} {'ms':>8}  vs raw / target")
+    print(f"{'raw QEMU: spawn to QMP greeting':<44} {raw:8.1f}")
+    print(
+        f"{'qvm up --no-wait (returns once spawned)':<44} {up_nowait:8.1f}  "
+        f"x{up_nowait / raw:.2f}, +{up_nowait - raw:.0f} ms"
+    )
+    print(
+        f"{'qvm up (returns at QMP ready)':<44} {up_ready:8.1f}  "
+        f"x{up_ready / raw:.2f}, +{up_ready - raw:.0f} ms (target: +100 ms)"
+    )
+    print(f"{'qvm status (running VM)':<44} {status:8.1f}  (target: < 100 ms)")
+    print(f"{'qvm list':<44} {listing:8.1f}  (target: < 100 ms)")
+    print(f"{'qvm --help':<44} {helptext:8.1f}")
+    print(f"{'python -c pass (venv: ' + Path(sys.executable).name + ')':<44} {venv_python:8.1f}")
+    print(f"{'python -c pass (' + system_python + ')':<44} {path_python:8.1f}")
+    print(f"{'supervisor RSS':<44} {rss / 2**20:8.1f}  MiB (target: < 20 MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
