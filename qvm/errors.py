@@ -73,7 +73,20 @@ class LaunchError(QvmError):
 
 
 class ControlError(QvmError):
-    pass
+    """``qemu_class``/``qemu_desc``: QEMU's own error reply, when it sent one;
+    ``qemu_exited``: the connection ended because QEMU did."""
+
+    def __init__(
+        self,
+        message: str,
+        qemu_class: str | None = None,
+        qemu_desc: str | None = None,
+        qemu_exited: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.qemu_class = qemu_class
+        self.qemu_desc = qemu_desc
+        self.qemu_exited = qemu_exited
 
 
 class QmpTimeoutError(ControlError):
