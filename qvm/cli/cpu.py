@@ -1,7 +1,324 @@
-"""vCPU hotplug commands (filled in by the vCPU hotplug work)."""
+"""vCPU hotplug commands: cpu list, add, del, set."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 import typer
 
+from qvm.cli import common
+from qvm.cli.output import abort, emit_json, say, table, warn
+
 app = typer.Typer(help="List, add and remove vCPUs of a running VM.", no_args_is_help=True)
+
+JSON_HELP = "Print JSON (schema in the README)."
+PERSIST_HELP = (
+    "After the live change succeeded, write the new vCPU count into the machine's TOML "
+    "([cpu] count), keeping its comments and formatting."
+)
+# `cpu del`: the unplug was requested but the guest has not released the vCPU (yet)
+EXIT_PENDING = 3
+
+
+@app.command("list")
+def list_cmd(
+    name: str = typer.Argument(..., help="Machine name."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Every vCPU slot: present, free or unplug-pending, with QEMU's topology props."""
+    from qvm.cpus import list_cpus
+
+    cpus = list_cpus(common.run_dir_of(name))
+    if as_json:
+        emit_json([s.as_json() for s in cpus.slots])
+        return
+    rows = [
+        [
+            s.index,
+            s.id or ("(boot)" if s.boot else None),
+            s.state,
+            s.props_text(),
+            s.cpu_index,
+            s.thread_id,
+            s.qom_path,
+        ]
+        for s in cpus.slots
+    ]
+    say(table(["SLOT", "ID", "STATE", "PROPS", "CPU", "THREAD", "QOM PATH"], rows))
+    say(cpus.summary())
+
+
+@app.command("add")
+def add(
+    name: str = typer.Argument(..., help="Machine name."),
+    count: int = typer.Option(1, "--count", "-n", help="How many vCPUs to add."),
+    slot: str | None = typer.Option(
+        None,
+        "--slot",
+        help="Plug into this slot, e.g. socket-id=0,core-id=1,thread-id=0 "
+        "(default: the lowest free slots).",
+    ),
+    wait_guest: bool = typer.Option(
+        False,
+        "--wait-guest",
+        help="Wait until the guest acknowledges each new vCPU (its ACPI _OST reply, about "
+        "25 ms). That is the guest's ACPI code taking the device, not the vCPU being online: "
+        "a guest onlines it itself (udev rule), which QMP cannot see; use --wait-serial for that.",
+    ),
+    wait_serial: str | None = typer.Option(
+        None,
+        "--wait-serial",
+        metavar="REGEX",
+        help="Wait until the guest prints a line matching REGEX on its serial console.",
+    ),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the guest."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Add even after a vCPU unplug in this QEMU run under TCG (QEMU 7.2 crashes).",
+    ),
+    persist: bool = typer.Option(False, "--persist", help=PERSIST_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Hotplug vCPUs into free slots (the lowest first), with stable ids cpu<slot>."""
+    from qvm.cpus import add_cpus, parse_slot_spec
+
+    run = common.run_dir_of(name)
+    props = None
+    if slot is not None:
+        try:
+            props = parse_slot_spec(slot)
+        except ValueError as error:
+            abort(f"{name}: --slot: {error}")
+    pattern = _compile(name, wait_serial)
+    result = add_cpus(
+        run,
+        count=count,
+        slot=props,
+        wait_guest=wait_guest,
+        serial_pattern=pattern,
+        guest_timeout=timeout,
+        force=force,
+    )
+    problems = _add_problems(result)
+    persisted = _persist(run, result.present) if persist and not problems else None
+    if as_json:
+        emit_json({**result.as_json(), "persisted": persisted})
+    else:
+        _say_added(result)
+        say(f"{result.name}: {result.present} of {result.max} vCPUs present")
+        _say_persisted(result.name, persist, persisted)
+    if problems:
+        _fail(problems, 1)
+
+
+@app.command("del")
+def delete(
+    name: str = typer.Argument(..., help="Machine name."),
+    ids: list[str] | None = typer.Argument(
+        None, help="vCPU ids to unplug (see qvm cpu list); default: the newest."
+    ),
+    count: int | None = typer.Option(
+        None, "--count", "-n", help="How many vCPUs to unplug, newest (highest slot) first."
+    ),
+    timeout: float = typer.Option(
+        5.0, "--timeout", help="Seconds to wait for the guest to release each vCPU."
+    ),
+    persist: bool = typer.Option(False, "--persist", help=PERSIST_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Unplug vCPUs and wait until the guest released them.
+
+    Each vCPU ends removed, refused by the guest, or pending: the guest has not released
+    it within --timeout. Pending exits with status 3; the request stands, and the slot
+    becomes free by itself if the guest releases it later.
+    """
+    from qvm.cpus import remove_cpus
+
+    if ids and count is not None:
+        abort(f"{name}: give vCPU ids or --count, not both")
+    run = common.run_dir_of(name)
+    result = remove_cpus(run, ids=ids or None, count=count, timeout=timeout)
+    persisted = _persist(run, result.present) if persist and result.complete else None
+    problems, code = _remove_problems(result)
+    if as_json:
+        emit_json({**result.as_json(), "persisted": persisted})
+    else:
+        _say_removed(result)
+        say(_present_line(result.name, result.present, result.max, result))
+        _say_persisted(result.name, persist, persisted)
+    if problems:
+        _fail(problems, code)
+
+
+@app.command("set")
+def set_cmd(
+    name: str = typer.Argument(..., help="Machine name."),
+    target: int = typer.Argument(..., metavar="N", help="How many vCPUs should be present."),
+    timeout: float = typer.Option(
+        5.0, "--timeout", help="Seconds to wait for the guest (unplug; with --wait-guest, plug)."
+    ),
+    wait_guest: bool = typer.Option(
+        False, "--wait-guest", help="When adding, wait for the guest's ACPI acknowledgement."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Add even after a vCPU unplug in this QEMU run under TCG."
+    ),
+    persist: bool = typer.Option(False, "--persist", help=PERSIST_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Add or remove vCPUs until N are present, reporting each step."""
+    from qvm.cpus import set_cpus
+
+    run = common.run_dir_of(name)
+    result = set_cpus(
+        run, target, timeout=timeout, wait_guest=wait_guest, guest_timeout=timeout, force=force
+    )
+    problems: list[str] = []
+    code = 1
+    if result.added is not None:
+        problems += _add_problems(result.added)
+    if result.removed is not None:
+        more, code = _remove_problems(result.removed)
+        problems += more
+    persisted = _persist(run, result.present) if persist and result.complete else None
+    if as_json:
+        emit_json({**result.as_json(), "persisted": persisted})
+    else:
+        if result.target == result.before:
+            say(f"{name}: already {result.before} vCPUs present: nothing to do")
+        else:
+            say(f"{result.name}: {result.before} -> {result.target} vCPUs")
+        if result.added is not None:
+            _say_added(result.added)
+        if result.removed is not None:
+            _say_removed(result.removed)
+        say(_present_line(result.name, result.present, result.max, result.removed))
+        _say_persisted(result.name, persist, persisted)
+    if problems:
+        _fail(problems, code)
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+
+def _compile(name: str, pattern: str | None) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        abort(f"{name}: --wait-serial: not a regular expression: {error}")
+
+
+def _say_added(result: Any) -> None:
+    for cpu in result.added:
+        line = f"{result.name}: added {cpu.id} ({_props(cpu.props)})"
+        if cpu.acknowledged:
+            line += f"; the guest acknowledged it (ACPI _OST) after {_ms(cpu.ack_seconds)}"
+        say(line)
+    if result.forced_after_unplug:
+        warn(f"qvm: {result.name}: added after a vCPU unplug under TCG (--force)")
+    if result.serial is not None and result.serial.matched is not None:
+        say(
+            f"{result.name}: the guest printed {result.serial.matched!r} "
+            f"after {_ms(result.serial.seconds)}"
+        )
+
+
+def _add_problems(result: Any) -> list[str]:
+    problems = []
+    for cpu in result.added:
+        if result.waited_guest and not cpu.acknowledged:
+            why = cpu.ack_detail or (
+                f"no acknowledgement within {result.guest_timeout:g} s (no guest OS, or "
+                "its ACPI CPU hotplug is not active)"
+            )
+            problems.append(
+                f"{result.name}: {cpu.id} was added, but the guest did not accept it: {why}"
+            )
+    if result.serial is not None and result.serial.matched is None:
+        problems.append(
+            f"{result.name}: the guest printed nothing matching /{result.serial.pattern}/ "
+            f"within {result.guest_timeout:g} s (the vCPUs were added)"
+        )
+    return problems
+
+
+def _say_removed(result: Any) -> None:
+    for unplug in result.unplugs:
+        if unplug.outcome == "removed":
+            where = _props(unplug.props)
+            say(f"{result.name}: removed {unplug.id} ({where}) in {_ms(unplug.seconds)}")
+
+
+def _remove_problems(result: Any) -> tuple[list[str], int]:
+    problems = []
+    code = 1
+    for unplug in result.unplugs:
+        if unplug.outcome == "refused":
+            detail = unplug.detail or "the guest refused it"
+            prefix = f"{result.name}: "
+            text = detail if detail.startswith(prefix) else f"{prefix}{unplug.id}: {detail}"
+            problems.append(f"{text}; the vCPU stays")
+    pending = [u for u in result.unplugs if u.outcome == "pending"]
+    if pending:
+        ids = ", ".join(u.id for u in pending)
+        detail = pending[0].detail
+        problems.append(
+            f"{result.name}: unplug of {ids} pending: {detail}. The request stands: the VM "
+            f"keeps running with it, 'qvm cpu list {result.name}' shows it as unplug-pending, "
+            "and its slot becomes free by itself if the guest releases it later "
+            f"(hint: check that the guest can offline CPUs; qvm restart {result.name} ends it)"
+        )
+        if not any(u.outcome == "refused" for u in result.unplugs):
+            code = EXIT_PENDING
+    return problems, code
+
+
+def _present_line(name: str, present: int, maximum: int, removed: Any) -> str:
+    line = f"{name}: {present} of {maximum} vCPUs present"
+    pending = len(removed.ids("pending")) if removed is not None else 0
+    if pending:
+        line += f", {pending} unplug pending"
+    return line
+
+
+def _persist(run: Any, count: int) -> dict[str, Any] | None:
+    from qvm.cpus import display_path
+    from qvm.persist import persist_cpu_count
+    from qvm.rundir import read_json
+
+    launch = read_json(run.launch_file) or {}
+    file = launch.get("machine_file")
+    if not file:
+        abort(f"{run.name}: --persist: the run dir does not say which machine file it came from")
+    done = persist_cpu_count(Path(file), count)
+    return {"file": display_path(done.path), "key": done.key, "old": done.old, "new": done.new}
+
+
+def _say_persisted(name: str, asked: bool, persisted: dict[str, Any] | None) -> None:
+    if not asked:
+        return
+    if persisted is None:
+        warn(f"qvm: {name}: --persist: not written, the live change did not complete")
+    elif persisted["old"] == persisted["new"]:
+        say(f"{name}: {persisted['file']} already has cpu.count = {persisted['new']}")
+    else:
+        say(f"{name}: wrote cpu.count = {persisted['new']} to {persisted['file']}")
+
+
+def _fail(problems: list[str], code: int) -> None:
+    for problem in problems[:-1]:
+        warn(f"qvm: {problem}")
+    abort(problems[-1], code)
+
+
+def _props(props: dict[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in props.items())
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"

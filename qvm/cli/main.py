@@ -34,10 +34,11 @@ def global_options(
 
 
 def _register() -> None:
-    from qvm.cli import cpu, vm
+    from qvm.cli import cpu, qmp, vm
 
     vm.register(app)
     app.add_typer(cpu.app, name="cpu")
+    qmp.register(app)
 
 
 _register()
