@@ -104,7 +104,7 @@ class CpuSlot:
         return cpu_device_id(self.index)
 
     def props_text(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in self.props.items())
+        return props_text(self.props)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -149,6 +149,13 @@ class CpuList:
         if self.pending:
             text += f", {self.pending} unplug pending"
         return text
+
+
+def props_text(props: dict[str, int]) -> str:
+    """``socket-id=0,core-id=1,thread-id=0``: outermost level first, as --slot takes it."""
+    order = {k: i for i, k in enumerate((*SLOT_KEYS, "thread-id"))}
+    keys = sorted(props, key=lambda k: order.get(k, len(order)))
+    return ",".join(f"{k}={props[k]}" for k in keys)
 
 
 def peripheral_id(qom_path: str | None) -> str | None:
@@ -416,7 +423,7 @@ def choose_free_slots(
         if count != 1:
             raise HotplugError(f"{name}: --slot names one slot; use it with --count 1")
         matches = [s for s in cpus.slots if all(s.props.get(k) == v for k, v in slot.items())]
-        spec = ",".join(f"{k}={v}" for k, v in slot.items())
+        spec = props_text(slot)
         if len(matches) != 1:
             choices = " ".join(s.props_text() for s in cpus.free()) or "none"
             problem = "no vCPU slot" if not matches else f"{len(matches)} vCPU slots match"

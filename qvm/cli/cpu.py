@@ -317,7 +317,9 @@ def _fail(problems: list[str], code: int) -> None:
 
 
 def _props(props: dict[str, int]) -> str:
-    return ",".join(f"{k}={v}" for k, v in props.items())
+    from qvm.cpus import props_text
+
+    return props_text(props)
 
 
 def _ms(seconds: float | None) -> str:

@@ -1,0 +1,67 @@
+"""--persist: only cpu.count changes; comments, spacing and order survive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qvm.errors import DefinitionError
+from qvm.persist import persist_cpu_count, set_cpu_count_text
+
+COMMENTED = """\
+# My build VM. Keep these comments!
+[machine]
+type = "q35"        # q35: PCIe
+accel = "auto"
+
+[cpu]
+# how many at boot
+count   = 1         # start small
+max = 4             # room for hotplug
+
+[memory]
+size = "256M"
+"""
+
+
+def test_only_the_count_changes(tmp_path: Path) -> None:
+    path = tmp_path / "vm1.toml"
+    path.write_text(COMMENTED)
+    path.chmod(0o640)
+    result = persist_cpu_count(path, 3)
+    assert path.read_text() == COMMENTED.replace("count   = 1 ", "count   = 3 ")
+    assert (result.old, result.new, result.changed) == (1, 3, True)
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["vm1.toml"]
+
+
+def test_same_count_leaves_the_file_alone(tmp_path: Path) -> None:
+    path = tmp_path / "vm1.toml"
+    path.write_text(COMMENTED)
+    before = path.stat().st_mtime_ns
+    result = persist_cpu_count(path, 1)
+    assert not result.changed
+    assert path.stat().st_mtime_ns == before
+
+
+def test_missing_key_and_missing_table_are_created() -> None:
+    text, old = set_cpu_count_text('[cpu]\nmax = 4 # m\n\n[memory]\nsize = "1G"\n', 2)
+    assert old is None
+    assert text == '[cpu]\nmax = 4 # m\ncount = 2\n\n[memory]\nsize = "1G"\n'
+    text, old = set_cpu_count_text('# top\n[machine]\ntype = "pc"\n', 2)
+    assert old is None
+    assert text == '# top\n[machine]\ntype = "pc"\n\n[cpu]\ncount = 2\n'
+
+
+def test_inline_table_keeps_its_shape() -> None:
+    text, _ = set_cpu_count_text("cpu = { count = 1, max = 4 }  # inline\n", 2)
+    assert text == "cpu = { count = 2, max = 4 }  # inline\n"
+
+
+def test_never_writes_a_count_above_the_files_max() -> None:
+    with pytest.raises(DefinitionError) as error:
+        set_cpu_count_text("[cpu]\ncount = 1\nmax = 2\n", 3, "machines/vm1.toml")
+    assert str(error.value).startswith(
+        "machines/vm1.toml: cpu.count: not written: 3 vCPUs would exceed cpu.max (2) in the file"
+    )
