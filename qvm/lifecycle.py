@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qvm.errors import HostError, LaunchError, NotRunningError, QvmError, VmStateError
+from qvm.proc import same_process_alive
 from qvm.rundir import RunDir, is_locked, read_json, try_lock, write_json_atomic
 
 LIVE_STATES = ("starting", "running", "paused", "stopping", "restarting")
@@ -81,34 +82,6 @@ def _connect_supervisor(run: RunDir, deadline: float) -> socket.socket:
         except OSError:
             sock.close()
             raise
-
-
-# --- identity of processes -----------------------------------------------------------
-
-
-def process_start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            stat = handle.read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2 :].split()[19])
-
-
-def same_process_alive(pid: int | None, start_time: int | None) -> bool:
-    """True if ``pid`` still names the process that was started at ``start_time``."""
-    if not pid:
-        return False
-    current = process_start_time(pid)
-    if current is None:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-    except OSError:
-        return False
-    return start_time is None or current == start_time
 
 
 # --- stale state ---------------------------------------------------------------------
@@ -216,12 +189,15 @@ def start_supervisor(
     finally:
         os.close(lock_fd)  # the supervisor holds its own copy now
     try:
-        lines = _read_readiness(ready_read, want="ready" if wait else "spawned", timeout=timeout)
+        lines, eof = _read_readiness(
+            ready_read, want="ready" if wait else "spawned", timeout=timeout
+        )
     finally:
         os.close(ready_read)
     last = lines[-1].split()[0] if lines and lines[-1].split() else None
     if last != ("ready" if wait else "spawned"):
-        timed_out = last != "failed" and supervisor.poll() is None
+        # "failed" or end of file: the supervisor is ending; otherwise time ran out
+        timed_out = last != "failed" and not eof
         if not timed_out:
             supervisor.wait(timeout=10)
         raise _launch_failure(run, name, supervisor, timed_out=timed_out)
@@ -238,28 +214,29 @@ def start_supervisor(
     )
 
 
-def _read_readiness(fd: int, want: str, timeout: float) -> list[str]:
-    """Lines the supervisor wrote, up to the one starting with ``want``, "failed" or EOF."""
+def _read_readiness(fd: int, want: str, timeout: float) -> tuple[list[str], bool]:
+    """Lines the supervisor wrote, up to one starting with ``want`` or "failed"; and
+    whether it closed its end (it only does so after "ready" or when it is ending)."""
     deadline = time.monotonic() + timeout
     buffer = b""
     lines: list[str] = []
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return lines
+            return lines, False
         readable, _, _ = select.select([fd], [], [], remaining)
         if not readable:
-            return lines
+            return lines, False
         chunk = os.read(fd, 4096)
         if not chunk:
-            return lines
+            return lines, True
         buffer += chunk
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
             lines.append(line.decode())
             word = lines[-1].split()[0] if lines[-1].split() else ""
             if word in (want, "failed"):
-                return lines
+                return lines, False
 
 
 def _launch_failure(

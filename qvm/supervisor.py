@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qvm.proc import process_start_time, process_state
 from qvm.rundir import RunDir, read_json, write_json_atomic
 
 # QEMU must not outlive a supervisor that is killed outright: SIGTERM makes it quit
@@ -55,11 +56,13 @@ def _parent_death_signal() -> Callable[[], None]:
     return set_signal
 
 
-def wait_qmp_greeting(path: Path, qemu: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Block until QEMU's monitor on ``path`` greets a client (QMP is ready), or QEMU dies.
+def wait_qmp_answer(path: Path, qemu: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Block until QEMU's monitor on ``path`` answers a command (QMP is ready), or QEMU dies.
 
-    Plain sockets, before asyncio is even imported: the `qvm up` waiting on us hears
-    "ready" as soon as a raw client could, not after our own imports.
+    The greeting alone is not enough: QEMU greets before it has created the devices on
+    its command line, and may still fail on one. Commands are only answered from the main
+    loop, after start-up. Plain sockets, before asyncio is even imported: the `qvm up`
+    waiting on us hears "ready" as soon as a raw client could, not after our own imports.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -69,32 +72,25 @@ def wait_qmp_greeting(path: Path, qemu: subprocess.Popen[bytes], timeout: float)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 probe.settimeout(max(deadline - time.monotonic(), 0.01))
                 probe.connect(str(path))
-                greeting = b""
-                while b"\n" not in greeting:
-                    chunk = probe.recv(4096)
-                    if not chunk:
-                        break
-                    greeting += chunk
-                if b'"QMP"' in greeting:
+                if b'"QMP"' not in _read_line(probe):
+                    continue
+                probe.sendall(b'{"execute": "qmp_capabilities"}\n')
+                if b'"return"' in _read_line(probe):
                     return True
-        except (FileNotFoundError, ConnectionRefusedError):
-            pass
         except OSError:
-            pass
+            pass  # not listening yet, or QEMU went away: poll() above tells which
         time.sleep(0.002)
     return False
 
 
-def process_start_time(pid: int) -> int | None:
-    """Start time in clock ticks since boot: with the pid, a process's identity."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            stat = handle.read()
-    except OSError:
-        return None
-    # the command name may contain spaces and parentheses; fields resume after the last ')'
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
+def _read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 class Supervisor:
@@ -219,16 +215,22 @@ class Supervisor:
         assert self.qemu is not None
         loop = asyncio.get_running_loop()
         exited = loop.create_future()
-        pidfd = os.pidfd_open(self.qemu.pid)
-        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        pidfd: int | None = None
+        if self.qemu.poll() is None:
+            # a pidfd is readable once QEMU exits: no SIGCHLD handling, no polling
+            pidfd = os.pidfd_open(self.qemu.pid)
+            loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        else:
+            exited.set_result(None)  # it died while we probed for QMP
         self.exited = exited
         watcher = asyncio.create_task(self._watch_qmp(exited))
         try:
             await exited
             returncode = self.qemu.wait()
         finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
+            if pidfd is not None:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
         ready = self.qmp_ready
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
@@ -544,7 +546,7 @@ class Supervisor:
 
 
 def describe_qmp_failure(exc: BaseException, pid: int | None) -> str:
-    stopped = pid is not None and _process_state(pid) == "T"
+    stopped = pid is not None and process_state(pid) == "T"
     if isinstance(exc, TimeoutError):
         text = f"QEMU did not answer QMP within {QMP_CALL_TIMEOUT:g} s"
     else:
@@ -552,15 +554,6 @@ def describe_qmp_failure(exc: BaseException, pid: int | None) -> str:
     if stopped:
         text += f" (its process {pid} is stopped, e.g. by SIGSTOP: 'kill -CONT {pid}' resumes it)"
     return text
-
-
-def _process_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            stat = handle.read()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()[0]
 
 
 _cpu_samples: dict[int, tuple[float, float]] = {}
@@ -629,7 +622,7 @@ def main(argv: list[str]) -> int:
         supervisor.notify("failed")
         return 1
     supervisor.notify(f"spawned {supervisor.qemu.pid if supervisor.qemu else 0}")
-    if supervisor.qemu is not None and wait_qmp_greeting(
+    if supervisor.qemu is not None and wait_qmp_answer(
         run.events_socket, supervisor.qemu, QMP_CONNECT_TIMEOUT
     ):
         supervisor.notify_ready()

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from qvm.errors import HostError
-from qvm.lifecycle import clean_stale, process_start_time, same_process_alive
+from qvm.lifecycle import clean_stale
+from qvm.proc import process_start_time, same_process_alive
 from qvm.rundir import RunDir, is_locked, read_json, try_lock, write_json_atomic
 
 

@@ -1,0 +1,35 @@
+"""Process identity from /proc: a pid alone is not an identity, pids are reused."""
+
+from __future__ import annotations
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    # the command name may hold spaces and parentheses: fields resume after the last ')'
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time in clock ticks since boot: with the pid, a process's identity."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def process_state(pid: int) -> str | None:
+    """One letter: R running, S sleeping, T stopped, Z zombie, ..."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def same_process_alive(pid: int | None, start_time: int | None) -> bool:
+    """True if ``pid`` still names the process that was started at ``start_time``."""
+    if not pid:
+        return False
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] == "Z":
+        return False
+    return start_time is None or int(fields[19]) == start_time
