@@ -726,10 +726,9 @@ def match_unplug_event(event: dict[str, Any], ids: Iterable[str]) -> tuple[str, 
 def legacy_refusal_message(name: str, dev_id: str, desc: str) -> str:
     return (
         f"{name}: {dev_id}: QEMU refused the unplug at once ({desc}): no guest OS has "
-        "enabled ACPI CPU hotplug yet (the chipset is still in legacy CPU-hotplug mode: "
-        "no OS runs, or it is still booting), so nothing could release the vCPU; "
-        f"the VM is unchanged (hint: boot a guest whose kernel has ACPI CPU hotplug, "
-        "e.g. Linux with CONFIG_ACPI_HOTPLUG_CPU, and retry once it is up)"
+        "enabled ACPI CPU hotplug (none runs, or it is still booting), so nothing could "
+        "release the vCPU; the VM is unchanged (hint: unplugging needs a guest kernel with "
+        "ACPI CPU hotplug, e.g. Linux with CONFIG_ACPI_HOTPLUG_CPU; retry once it has booted)"
     )
 
 

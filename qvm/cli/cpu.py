@@ -231,14 +231,16 @@ def _say_added(result: Any) -> None:
 def _add_problems(result: Any) -> list[str]:
     problems = []
     for cpu in result.added:
-        if result.waited_guest and not cpu.acknowledged:
-            why = cpu.ack_detail or (
-                f"no acknowledgement within {result.guest_timeout:g} s (no guest OS, or "
-                "its ACPI CPU hotplug is not active)"
+        if not result.waited_guest or cpu.acknowledged:
+            continue
+        if cpu.ack_detail:
+            why = f"the guest rejected it ({cpu.ack_detail})"
+        else:
+            why = (
+                f"the guest did not acknowledge it within {result.guest_timeout:g} s "
+                "(no guest OS, or its ACPI CPU hotplug is not active)"
             )
-            problems.append(
-                f"{result.name}: {cpu.id} was added, but the guest did not accept it: {why}"
-            )
+        problems.append(f"{result.name}: {cpu.id} was added, but {why}")
     if result.serial is not None and result.serial.matched is None:
         problems.append(
             f"{result.name}: the guest printed nothing matching /{result.serial.pattern}/ "
@@ -268,8 +270,8 @@ def _remove_problems(result: Any) -> tuple[list[str], int]:
         ids = ", ".join(u.id for u in pending)
         detail = pending[0].detail
         problems.append(
-            f"{result.name}: unplug of {ids} pending: {detail}. The request stands: the VM "
-            f"keeps running with it, 'qvm cpu list {result.name}' shows it as unplug-pending, "
+            f"{result.name}: unplug of {ids} pending: {detail}. The request stands: the "
+            f"vCPU stays in the VM, 'qvm cpu list {result.name}' shows it as unplug-pending, "
             "and its slot becomes free by itself if the guest releases it later "
             f"(hint: check that the guest can offline CPUs; qvm restart {result.name} ends it)"
         )
