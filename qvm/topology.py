@@ -10,8 +10,10 @@ functions only name slots and build the boot-time ``-device`` lines.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from qvm.definition import CpuSpec
+if TYPE_CHECKING:  # the vCPU commands import this module, and need no TOML parsing
+    from qvm.definition import CpuSpec
 
 
 @dataclass(frozen=True)
