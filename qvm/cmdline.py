@@ -7,7 +7,6 @@ use, image formats read from disk, host ports picked at start) arrives resolved 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -49,6 +48,8 @@ def nic_id(index: int, nic: NicSpec) -> str:
 
 def stable_mac(machine_name: str, index: int) -> str:
     """A locally administered MAC in QEMU's 52:54:00 range, the same at every boot."""
+    import hashlib  # costs start-up time; only machines with NICs need it
+
     digest = hashlib.sha256(f"{machine_name}/{index}".encode()).digest()
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 

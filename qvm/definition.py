@@ -7,8 +7,6 @@ Checks that need this host's QEMU (CPU models, machine types) or the file system
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
 import json
 import math
 import os
@@ -16,7 +14,6 @@ import re
 import tomllib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -226,6 +223,8 @@ def render(value: Any) -> str:
     if isinstance(value, dict):
         pairs = (f"{_render_key(key)} = {render(item)}" for key, item in value.items())
         return "{" + ", ".join(pairs) + "}"
+    from datetime import date, datetime, time  # only TOML dates reach here, rarely
+
     if isinstance(value, datetime | date | time):
         return value.isoformat()
     return str(value)
@@ -244,6 +243,8 @@ def _render_key(key: str) -> str:
 
 
 def _did_you_mean(word: str, choices: Collection[str]) -> str | None:
+    import difflib  # only on error paths
+
     matches = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
     if not matches:
         return None
@@ -845,6 +846,8 @@ def parse_forward(text: str) -> PortForward:
 
 def _parse_host_addr(text: str, addr: str) -> str:
     try:
+        import ipaddress
+
         return str(ipaddress.IPv4Address(addr))
     except ValueError:
         # QEMU's user-mode networking binds IPv4 addresses only.

@@ -8,11 +8,11 @@ failure" and ``-cpu host`` aborts. So "auto" looks past the device node.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +107,7 @@ def qemu_capabilities(binary: str, cache_dir: Path | None = None) -> QemuCapabil
     """Ask the binary what it supports; cached by the binary's identity (path, size, mtime)."""
     path = resolve_binary(binary)
     stat = os.stat(path)
-    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = f"{zlib.crc32(path.encode()):08x}-{stat.st_size}-{stat.st_mtime_ns}"
     cache_dir = cache_dir or default_cache_dir()
     cache_file = cache_dir / f"qemu-caps-{key}.json"
     try:

@@ -176,7 +176,7 @@ def start_supervisor(
         env = dict(os.environ, QVM_READY_FD=str(ready_write), QVM_LOCK_FD=str(lock_fd))
         with open(run.supervisor_log, "ab") as log:
             supervisor = subprocess.Popen(
-                [sys.executable, "-m", "qvm.supervisor", str(run.path)],
+                [sys.executable, "-m", "qvm.supervise", str(run.path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

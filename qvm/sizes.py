@@ -8,7 +8,6 @@ Every unit is a power of 1024, whether it is written K, KiB or KB. QEMU reads
 from __future__ import annotations
 
 import re
-from fractions import Fraction
 
 _MULTIPLIERS = {"": 1, "b": 1} | {
     letter + suffix: 1024**power
@@ -66,7 +65,12 @@ def _parse_size_text(text: str) -> int:
     multiplier = _MULTIPLIERS.get(unit.lower())
     if multiplier is None:
         raise SizeError(text, f'unknown unit "{unit}"')
-    size = Fraction(match["number"]) * multiplier
+    number = match["number"]
+    if number.isdigit():
+        return int(number) * multiplier
+    from fractions import Fraction  # exact decimals ("1.5G") without float rounding
+
+    size = Fraction(number) * multiplier
     if size.denominator != 1:
         raise SizeError(text, "must be a whole number of bytes")
     return int(size)

@@ -1,13 +1,11 @@
 """The per-VM supervisor: a small process that outlives the CLI and owns one QEMU.
 
-It is started by ``qvm up`` as ``python -m qvm.supervisor RUNDIR`` in a session of its
-own, inherits the already-taken ``supervisor.lock`` (so exactly one supervisor per VM
-can exist), spawns QEMU as its child, keeps a QMP connection on the events monitor,
-records how QEMU ended in ``state.json``, applies the restart policy and cleans up.
-Clients talk to it over ``supervisor.sock``: one JSON request line, one JSON reply line.
-
-QEMU is spawned before asyncio and qemu.qmp are imported, so QEMU's own start-up and the
-supervisor's imports overlap on a multi-core host.
+Its process is started by ``qvm up`` as ``python -m qvm.supervise RUNDIR`` in a session
+of its own and inherits the already-taken ``supervisor.lock`` (so exactly one supervisor
+per VM can exist). ``qvm.supervise`` spawns QEMU as its child before anything else; this
+module then keeps a QMP connection on the events monitor, records how QEMU ended in
+``state.json``, applies the restart policy and cleans up. Clients talk to it over
+``supervisor.sock``: one JSON request line, one JSON reply line.
 """
 
 from __future__ import annotations
@@ -16,20 +14,14 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qvm.proc import process_start_time, process_state
+from qvm.proc import process_start_time, process_state, process_usage
 from qvm.rundir import RunDir, read_json, write_json_atomic
-
-# QEMU must not outlive a supervisor that is killed outright: SIGTERM makes it quit
-# cleanly ("host-signal"), and the next `qvm up` or `qvm status` sees the stale state.
-PR_SET_PDEATHSIG = 1
+from qvm.supervise import LOG_MARKER
 
 QMP_CONNECT_TIMEOUT = 60.0
 QMP_CALL_TIMEOUT = 2.0
@@ -39,58 +31,6 @@ MAX_RESTART_DELAY = 60.0
 # a run that lasted this long resets the consecutive-restart counter
 HEALTHY_RUN_SECONDS = 60.0
 RECENT_EVENTS = 100
-
-
-def _parent_death_signal() -> Callable[[], None]:
-    """A preexec function that makes the child get SIGTERM when the supervisor dies.
-
-    libc is resolved here, in the parent, so the forked child only makes one call.
-    """
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def set_signal() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    return set_signal
-
-
-def wait_qmp_answer(path: Path, qemu: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Block until QEMU's monitor on ``path`` answers a command (QMP is ready), or QEMU dies.
-
-    The greeting alone is not enough: QEMU greets before it has created the devices on
-    its command line, and may still fail on one. Commands are only answered from the main
-    loop, after start-up. Plain sockets, before asyncio is even imported: the `qvm up`
-    waiting on us hears "ready" as soon as a raw client could, not after our own imports.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if qemu.poll() is not None:
-            return False
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                probe.settimeout(max(deadline - time.monotonic(), 0.01))
-                probe.connect(str(path))
-                if b'"QMP"' not in _read_line(probe):
-                    continue
-                probe.sendall(b'{"execute": "qmp_capabilities"}\n')
-                if b'"return"' in _read_line(probe):
-                    return True
-        except OSError:
-            pass  # not listening yet, or QEMU went away: poll() above tells which
-        time.sleep(0.002)
-    return False
-
-
-def _read_line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 class Supervisor:
@@ -125,7 +65,6 @@ class Supervisor:
         self.qmp: Any = None
         self.qmp_ready = False
         self.consecutive_restarts = 0
-        self.preexec = _parent_death_signal()
 
     # --- files -------------------------------------------------------------------------
 
@@ -154,18 +93,14 @@ class Supervisor:
     # --- QEMU process ------------------------------------------------------------------
 
     def spawn_qemu(self) -> None:
-        with open(self.run.qemu_log, "ab") as log:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"=== qvm: QEMU start at {stamp} ===\n".encode())
-            log.flush()
-            self.qemu = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.run.path,
-                preexec_fn=self.preexec,
-            )
+        """Start (or restart) QEMU and record it."""
+        from qvm.supervise import spawn_qemu
+
+        self.adopt_qemu(spawn_qemu(self.argv, str(self.run.path)))
+
+    def adopt_qemu(self, qemu: subprocess.Popen[bytes]) -> None:
+        """Take charge of a QEMU just spawned (the first one is spawned before we exist)."""
+        self.qemu = qemu
         self.run_started = time.time()
         self.intent = None
         self.shutdown_event = None
@@ -541,7 +476,9 @@ class Supervisor:
             reply["memory_bytes"] = memory.get("base-memory", 0) + memory.get("plugged-memory", 0)
         except Exception as exc:  # noqa: BLE001 - report what happened instead of hanging
             reply["qmp_error"] = describe_qmp_failure(exc, self.qemu.pid if self.qemu else None)
-        reply.update(process_facts(self.qemu.pid if self.qemu else None))
+        reply.update(
+            process_facts(self.qemu.pid if self.qemu else None, self.state.get("started_at"))
+        )
         return reply
 
 
@@ -559,23 +496,14 @@ def describe_qmp_failure(exc: BaseException, pid: int | None) -> str:
 _cpu_samples: dict[int, tuple[float, float]] = {}
 
 
-def process_facts(pid: int | None) -> dict[str, Any]:
-    """Host RSS and CPU% since the previous sample (or since start) of QEMU."""
-    if pid is None:
+def process_facts(pid: int | None, started_at: float | None) -> dict[str, Any]:
+    """Host RSS of QEMU, and its CPU% since the previous sample (or since it started)."""
+    usage = process_usage(pid) if pid else None
+    if usage is None:
         return {}
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            rss = proc.memory_info().rss
-            times = proc.cpu_times()
-            cpu_seconds = times.user + times.system
-            created = proc.create_time()
-    except psutil.Error:
-        return {}
-    now = time.time()
-    last_time, last_cpu = _cpu_samples.get(pid, (created, 0.0))
+    rss, cpu_seconds = usage
+    now = time.monotonic()
+    last_time, last_cpu = _cpu_samples.get(pid, (now - (time.time() - (started_at or 0)), 0.0))
     elapsed = max(now - last_time, 1e-6)
     _cpu_samples[pid] = (now, cpu_seconds)
     return {"rss_bytes": rss, "cpu_percent": round(100.0 * (cpu_seconds - last_cpu) / elapsed, 1)}
@@ -587,50 +515,36 @@ def qemu_log_tail(path: Path, lines: int = 10) -> list[str]:
         text = path.read_text(errors="replace")
     except OSError:
         return []
-    latest = text.rsplit("=== qvm: QEMU start at", 1)[-1].split("\n", 1)[-1]
+    latest = text.rsplit(LOG_MARKER, 1)[-1].split("\n", 1)[-1]
     return [line for line in latest.splitlines() if line.strip()][-lines:]
 
 
-def main(argv: list[str]) -> int:
-    run = RunDir(Path(argv[0]))
-    ready_fd = int(os.environ["QVM_READY_FD"]) if "QVM_READY_FD" in os.environ else None
-    # keep the inherited lock fd open for our whole life: it is what says we are alive
-    lock_fd = int(os.environ["QVM_LOCK_FD"]) if "QVM_LOCK_FD" in os.environ else None
-    if lock_fd is None:
-        from qvm.rundir import try_lock
-
-        lock_fd = try_lock(run.lock_file)
-        if lock_fd is None:
-            return 3
-    launch = read_json(run.launch_file)
-    if launch is None:
-        return 2
-    supervisor = Supervisor(run, launch, ready_fd)
-    try:
-        supervisor.spawn_qemu()
-    except OSError as exc:
-        supervisor.save_state(
-            state="crashed",
-            exit={
-                "code": None,
-                "signal": None,
-                "failed": True,
-                "at": time.time(),
-                "reason": f"could not start {supervisor.argv[0]}: {exc}",
-            },
-        )
-        supervisor.notify("failed")
-        return 1
-    supervisor.notify(f"spawned {supervisor.qemu.pid if supervisor.qemu else 0}")
-    if supervisor.qemu is not None and wait_qmp_answer(
-        run.events_socket, supervisor.qemu, QMP_CONNECT_TIMEOUT
-    ):
-        supervisor.notify_ready()
-
+def run_supervisor(
+    run_path: str,
+    launch: dict[str, Any],
+    ready_fd: int | None,
+    qemu: subprocess.Popen[bytes],
+    qmp_answered: bool,
+) -> int:
+    """Supervise a QEMU that ``qvm.supervise`` has just spawned, to the end."""
     import asyncio
 
+    supervisor = Supervisor(RunDir(Path(run_path)), launch, ready_fd)
+    supervisor.adopt_qemu(qemu)
+    if qmp_answered:
+        supervisor.notify_ready()
     return asyncio.run(supervisor.main())
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def record_spawn_failure(run_path: str, launch: dict[str, Any], error: OSError) -> None:
+    supervisor = Supervisor(RunDir(Path(run_path)), launch, ready_fd=None)
+    supervisor.save_state(
+        state="crashed",
+        exit={
+            "code": None,
+            "signal": None,
+            "failed": True,
+            "at": time.time(),
+            "reason": f"could not start {launch['argv'][0]}: {error.strerror or error}",
+        },
+    )

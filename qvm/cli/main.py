@@ -33,18 +33,48 @@ def global_options(
     common.configure(machines, state_dir)
 
 
-def _register() -> None:
-    from qvm.cli import cpu, qmp, vm
+VM_COMMANDS = ("up", "down", "kill", "restart", "status", "list", "logs", "console", "cmdline")
+GLOBAL_OPTIONS_WITH_VALUE = ("--machines", "--state-dir")
+
+
+def command_word(argv: list[str]) -> str | None:
+    """The subcommand named on the command line, skipping global options."""
+    args = iter(argv)
+    for arg in args:
+        if arg in GLOBAL_OPTIONS_WITH_VALUE:
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def register(word: str | None) -> None:
+    """Build only the command that will run: Typer inspects every registered function at
+    start-up, and `qvm status` should not pay for `qvm cpu set`'s signature."""
+    from qvm.cli import vm
+
+    if word in VM_COMMANDS:
+        vm.register(app, only=word)
+        return
+    if word == "cpu":
+        from qvm.cli import cpu
+
+        app.add_typer(cpu.app, name="cpu")
+        return
+    if word == "qmp":
+        from qvm.cli import qmp
+
+        qmp.register(app)
+        return
+    from qvm.cli import cpu, qmp  # help, or an unknown command: show them all
 
     vm.register(app)
     app.add_typer(cpu.app, name="cpu")
     qmp.register(app)
 
 
-_register()
-
-
 def main() -> None:
+    register(command_word(sys.argv[1:]))
     try:
         app()
     except QvmError as error:

@@ -15,10 +15,11 @@ from qvm.errors import DefinitionError, QvmError
 JSON_HELP = "Print JSON (schema in the README)."
 
 
-def register(app: typer.Typer) -> None:
+def register(app: typer.Typer, only: str | None = None) -> None:
     for command in (up, down, kill, restart, status, list_vms, logs, console, cmdline):
         name = "list" if command is list_vms else command.__name__
-        app.command(name)(command)
+        if only in (None, name):
+            app.command(name)(command)
 
 
 def up(
