@@ -79,6 +79,8 @@ def test_seed_scenario_on_the_test_guest(qvm: Qvm) -> None:
     assert len(cpus_fast) == 4
     error = qvm("qmp", "vm1", "device_del", "id=nope", check=False)
     one_line_error(error, "qvm: vm1: device_del: Device 'nope' not found")
+    shell = qvm("qmp", "vm1", "--shell", input="query-status\n", timeout=20)
+    assert '"status": "running"' in shell.stdout
 
     removed = qvm("cpu", "del", "vm1")
     assert re.match(
@@ -107,17 +109,24 @@ def test_seed_scenario_on_the_test_guest(qvm: Qvm) -> None:
     assert toml.read_text() == original
 
 
-def topology_machine(qvm: Qvm, name: str, machine_type: str, topology: str) -> Path:
+def guest_with_boot_vcpus(
+    qvm: Qvm, name: str, count: int, max: int, machine_type: str = "q35", topology: str = ""
+) -> Path:
+    """The test guest booting with ``count`` vCPUs: cpu0 from -smp, the others -device.
+
+    irqaffinity=0 keeps the serial console's interrupt on cpu0: with it on a vCPU that
+    is then unplugged, the guest's console output stalled (measured: 3 of 4 boots under
+    TCG) until the next input, although the guest had the right CPUs online.
+    """
     return qvm.machine(
         name,
         f"""
-# boot with three vCPUs: cpu0 from -smp, cpu1 and cpu2 as -device lines
 [machine]
 type = "{machine_type}"
 
 [cpu]
-count = 3
-max = 4
+count = {count}
+max = {max}
 {topology}
 
 [memory]
@@ -126,7 +135,7 @@ size = "256M"
 [boot]
 kernel = "{{guest}}/vmlinuz"
 initrd = "{{guest}}/initrd.img"
-append = "console=ttyS0 quiet"
+append = "console=ttyS0 quiet irqaffinity=0"
 """,
     )
 
@@ -143,7 +152,7 @@ append = "console=ttyS0 quiet"
 def test_boot_vcpus_sit_in_qemus_slots_and_unplug(
     qvm: Qvm, machine_type: str, topology: str, topo: Topology
 ) -> None:
-    topology_machine(qvm, "vm1", machine_type, topology)
+    guest_with_boot_vcpus(qvm, "vm1", 3, 4, machine_type, topology)
     qvm("up", "vm1")
     # qvm's own topology arithmetic (qvm.topology, used for -smp and -device) against
     # what this QEMU says the slots are
@@ -259,7 +268,7 @@ def test_unplug_pending_while_paused_then_completes_by_itself(qvm: Qvm) -> None:
 
 
 def test_add_after_unplug_is_refused_and_forcing_it_crashes_truthfully(qvm: Qvm) -> None:
-    qvm.guest_machine("vm1", count=2, max=2)
+    guest_with_boot_vcpus(qvm, "vm1", 2, 2)
     qvm("up", "vm1")
     if qvm.status("vm1")["accel"] != "tcg":
         pytest.skip("the crash is TCG's")
