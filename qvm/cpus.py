@@ -705,7 +705,7 @@ def match_unplug_event(event: dict[str, Any], ids: Iterable[str]) -> tuple[str, 
     data = event.get("data") or {}
     for dev_id in ids:
         path = data.get("path") or ""
-        own = f"{PERIPHERAL}{dev_id}"
+        own = dev_id if dev_id.startswith("/") else f"{PERIPHERAL}{dev_id}"  # id or QOM path
         about = data.get("device") == dev_id or path == own or path.startswith(own + "/")
         if name == "DEVICE_DELETED" and about:
             return dev_id, "deleted", None

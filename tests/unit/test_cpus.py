@@ -295,6 +295,15 @@ def test_unplug_events(event: dict, expected: tuple[str, str]) -> None:
         )
 
 
+def test_unplug_event_of_a_device_added_without_id() -> None:
+    event = {
+        "event": "DEVICE_DELETED",
+        "data": {"path": "/machine/peripheral-anon/device[2]/lapic"},
+    }
+    path = "/machine/peripheral-anon/device[2]"
+    assert match_unplug_event(event, [path])[:2] == (path, "deleted")
+
+
 def test_parse_slot_spec() -> None:
     assert parse_slot_spec("socket-id=0,core-id=1,thread-id=0") == {
         "socket-id": 0,
