@@ -179,7 +179,7 @@ size = "{memory}"
 [boot]
 kernel = "{{guest}}/vmlinuz"
 initrd = "{{guest}}/initrd.img"
-append = "console=ttyS0 quiet"
+append = "console=ttyS0 quiet irqaffinity=0"
 {extra}
 """,
         )
