@@ -26,6 +26,8 @@ RESTART_POLICIES = ("no", "on-failure", "always")
 DISK_INTERFACES = ("virtio", "ide", "scsi", "nvme")
 DISK_FORMATS = ("qcow2", "raw")
 NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
+USER_PATTERN = r"[a-z_][a-z0-9_-]{0,31}"
+SEED_DEVICE_ID = "cidata"  # the cloud-init seed's device id
 NIC_MODES = ("user",)
 NIC_MODELS = ("virtio-net-pci", "e1000", "e1000e", "rtl8139")
 FORWARD_PROTOCOLS = ("tcp", "udp")
@@ -70,6 +72,24 @@ class DiskSpec:
     interface: str = "virtio"
     readonly: bool = False
     id: str | None = None
+    # ``base`` given as an http(s) URL: downloaded once into qvm's image cache (``base`` is
+    # then the cached file) and verified against exactly one of the checksums
+    url: str | None = None
+    sha256: str | None = None
+    sha512: str | None = None
+
+
+@dataclass(frozen=True)
+class CloudInitSpec:
+    """A cloud-init NoCloud seed (``cidata``) built by qvm and attached read-only."""
+
+    user: str = "qvm"
+    # key lines (str) and public key files (Path); None: the user's ~/.ssh/id_*.pub, or a
+    # key pair qvm makes for this VM when there is none
+    ssh_authorized_keys: tuple[str | Path, ...] | None = None
+    packages: tuple[str, ...] = ()
+    runcmd: tuple[str | tuple[str, ...], ...] = ()
+    user_data: Path | None = None  # a user-data file used as is instead of the generated one
 
 
 @dataclass(frozen=True)
@@ -121,6 +141,7 @@ class Machine:
     serial: SerialSpec = field(default_factory=SerialSpec)
     supervisor: SupervisorSpec = field(default_factory=SupervisorSpec)
     qemu: QemuSpec = field(default_factory=QemuSpec)
+    cloud_init: CloudInitSpec | None = None
 
 
 # Every key a machine file may hold, by table ("" is the top level; "disk" and "nic"
@@ -160,7 +181,11 @@ KEYS: dict[str, dict[str, str]] = {
     },
     "disk": {
         "file": "path of an image used as is; exactly one of file and base",
-        "base": "path of an image that a copy-on-write overlay in the VM's folder sits on",
+        "base": "path of an image that a copy-on-write overlay in the VM's folder sits on,"
+        " or an http(s) URL of one, downloaded once into the image cache (needs sha256 or"
+        " sha512)",
+        "sha256": "hex SHA-256 of the image at a base URL; the download is checked against it",
+        "sha512": "hex SHA-512 of the image at a base URL (instead of sha256)",
         "size": "grow the overlay to this size; only with base",
         "format": '"qcow2" or "raw"; default: qcow2 for a .qcow2 file, else raw',
         "interface": '"virtio", "ide", "scsi" or "nvme"; default "virtio"',
@@ -188,6 +213,17 @@ KEYS: dict[str, dict[str, str]] = {
     "qemu": {
         "binary": 'QEMU to run, a name or a path; default "qemu-system-x86_64"',
         "extra_args": "list of strings appended to QEMU's command line as is; default []",
+    },
+    "cloud_init": {
+        "user": "the account cloud-init creates (sudo without password) and qvm ssh logs in"
+        ' as, matching USER_PATTERN; default "qvm"',
+        "ssh_authorized_keys": "list of public key lines or .pub files for user; default: the"
+        " files ~/.ssh/id_*.pub, or a key pair qvm makes in the VM's folder if there are none",
+        "packages": "list of Debian/Ubuntu/... package names cloud-init installs at first boot",
+        "runcmd": "list of commands cloud-init runs once at first boot: strings (run by sh)"
+        " or lists of strings (argv)",
+        "user_data": "path of a cloud-config file used as the seed's user-data as is; excludes"
+        " ssh_authorized_keys, packages and runcmd (user still names whom qvm ssh logs in as)",
     },
 }
 
@@ -635,7 +671,7 @@ def _read_boot(boot: _Table, base_dir: Path) -> BootSpec:
 
 def _read_disk(disk: _Table, base_dir: Path) -> DiskSpec:
     file = disk.path("file", base_dir)
-    base = disk.path("base", base_dir)
+    url, base, checksums = _read_base(disk, base_dir)
     size = disk.size("size", None)
     if size == 0:
         disk.fail("size", "must be > 0")
@@ -650,6 +686,10 @@ def _read_disk(disk: _Table, base_dir: Path) -> DiskSpec:
             "only allowed with base",
             "qvm uses a file disk as is; resize it with qemu-img resize",
         )
+    if isinstance(disk.data.get("file"), str) and disk.data["file"].startswith(
+        ("http://", "https://")
+    ):
+        disk.fail("file", "must be a local path", "a downloaded image goes in base = URL")
     return DiskSpec(
         file=file,
         base=base,
@@ -658,7 +698,49 @@ def _read_disk(disk: _Table, base_dir: Path) -> DiskSpec:
         interface=disk.choice("interface", DISK_INTERFACES, "virtio"),
         readonly=disk.boolean("readonly", False),
         id=disk.identifier("id"),
+        url=url,
+        sha256=checksums.get("sha256"),
+        sha512=checksums.get("sha512"),
     )
+
+
+def _read_base(disk: _Table, base_dir: Path) -> tuple[str | None, Path | None, dict[str, str]]:
+    """base as (URL or None, the image file, checksums): a URL's file is in the cache."""
+    from qvm.images import DIGESTS, cached_image, is_url
+
+    checksums = {}
+    for algorithm, length in DIGESTS.items():
+        digest = disk.string(algorithm, None)
+        if digest is None:
+            continue
+        if not re.fullmatch(f"[0-9a-fA-F]{{{length}}}", digest):
+            disk.fail(algorithm, f"must be {length} hexadecimal digits")
+        else:
+            checksums[algorithm] = digest.lower()
+    text = disk.data.get("base")
+    if not (isinstance(text, str) and is_url(text)):
+        for algorithm in DIGESTS:
+            if disk.given(algorithm):
+                disk.fail(
+                    algorithm,
+                    "only allowed with a base URL",
+                    "a local image is used as it is; remove the checksum",
+                )
+        return None, disk.path("base", base_dir), {}
+    if "sha256" in disk.data and "sha512" in disk.data:
+        disk.report.add(disk.where, "sha256 and sha512 are mutually exclusive", hint="keep one")
+        return text, None, {}
+    if not checksums:
+        if not any(algorithm in disk.data for algorithm in DIGESTS):
+            disk.report.add(
+                disk.key("base"),
+                "a downloaded image needs a checksum",
+                render(text),
+                'add sha256 = "..." (or sha512) from the image\'s publisher',
+            )
+        return text, None, {}
+    ((algorithm, digest),) = checksums.items()
+    return text, cached_image(text, algorithm, digest), checksums
 
 
 _DISK_HINT = "file uses an image as is; base puts a copy-on-write overlay on an image"
@@ -709,6 +791,64 @@ def _read_forwards(nic: _Table) -> list[tuple[str, str, PortForward]]:
         except ForwardError as error:
             nic.report.add(key, error.reason, render(item), _FORWARD_HINT)
     return forwards
+
+
+_KEY_LINE = re.compile(r"(ssh-|ecdsa-|sk-)[a-z0-9@.-]+\s+\S+")
+
+
+def _read_cloud_init(table: _Table, base_dir: Path) -> CloudInitSpec:
+    user = table.string("user", CloudInitSpec.user)
+    if table.given("user") and not re.fullmatch(USER_PATTERN, user):
+        table.fail(
+            "user",
+            "must be a user name: a lowercase letter or '_', then up to 31 of"
+            " lowercase letters, digits, '_' or '-'",
+        )
+    keys: list[str | Path] | None = None
+    for key, item in table.array("ssh_authorized_keys", "a list of strings") or []:
+        keys = keys or []
+        if not isinstance(item, str) or not item.strip():
+            table.report.add(
+                key, "must be a public key line or the path of a .pub file", render(item)
+            )
+        elif _KEY_LINE.match(item.strip()):
+            keys.append(item.strip())
+        elif item.lstrip().startswith(("ssh-", "ecdsa-", "sk-")):
+            table.report.add(
+                key,
+                "is not a whole public key line (TYPE BASE64 [COMMENT])",
+                render(item),
+                "paste the whole line of the .pub file",
+            )
+        else:
+            keys.append(Path(os.path.normpath(base_dir / Path(item).expanduser())))
+    if "ssh_authorized_keys" in table.data and keys is None:
+        keys = []  # an empty list: no keys at all, on purpose
+    packages = table.strings("packages") or ()
+    runcmd: list[str | tuple[str, ...]] = []
+    for key, item in table.array("runcmd", "a list of commands") or []:
+        if isinstance(item, str):
+            runcmd.append(item)
+        elif isinstance(item, list) and item and all(isinstance(a, str) for a in item):
+            runcmd.append(tuple(item))
+        else:
+            table.report.add(key, "must be a string or a non-empty list of strings", render(item))
+    user_data = table.path("user_data", base_dir)
+    if "user_data" in table.data:
+        for name in ("ssh_authorized_keys", "packages", "runcmd"):
+            if name in table.data:
+                table.fail(
+                    name,
+                    "cannot be combined with user_data (qvm uses that file as is)",
+                    f"put {name} into the user_data file, or drop user_data",
+                )
+    return CloudInitSpec(
+        user=user if table.ok("user") else CloudInitSpec.user,
+        ssh_authorized_keys=None if keys is None else tuple(keys),
+        packages=packages,
+        runcmd=tuple(runcmd),
+        user_data=user_data,
+    )
 
 
 def _read_supervisor(supervisor: _Table) -> SupervisorSpec:
@@ -781,10 +921,16 @@ def _read_machine(root: _Table, path: Path, name: str | None) -> Machine:
     serial = SerialSpec(root.section("serial").boolean("enabled", SerialSpec.enabled))
     supervisor = _read_supervisor(root.section("supervisor"))
     qemu = _read_qemu(root.section("qemu"))
+    cloud_init = None
+    if "cloud_init" in root.data:
+        cloud_init = _read_cloud_init(root.section("cloud_init"), base_dir)
     nics = [nic for nic, _ in nics_and_forwards]
+    # the cloud-init seed's disk has its own id: no other device may take it
+    seed_ids = [("cloud_init (its seed disk)", SEED_DEVICE_ID)] if cloud_init is not None else []
     _check_unique_ids(
         root.report,
-        [(table.key("id"), disk.id) for table, disk in zip(disk_tables, disks, strict=True)]
+        seed_ids
+        + [(table.key("id"), disk.id) for table, disk in zip(disk_tables, disks, strict=True)]
         + [(table.key("id"), nic.id) for table, nic in zip(nic_tables, nics, strict=True)],
     )
     _check_forward_clashes(
@@ -803,6 +949,7 @@ def _read_machine(root: _Table, path: Path, name: str | None) -> Machine:
         serial=serial,
         supervisor=supervisor,
         qemu=qemu,
+        cloud_init=cloud_init,
     )
 
 
@@ -933,7 +1080,15 @@ def check_host(
 def _files_needed(machine: Machine) -> list[tuple[str, Path]]:
     needed = [("boot.kernel", machine.boot.kernel), ("boot.initrd", machine.boot.initrd)]
     for index, disk in enumerate(machine.disks):
-        needed += [(f"disk[{index}].file", disk.file), (f"disk[{index}].base", disk.base)]
+        needed.append((f"disk[{index}].file", disk.file))
+        if disk.url is None:  # a URL's image is downloaded at start
+            needed.append((f"disk[{index}].base", disk.base))
+    cloud_init = machine.cloud_init
+    if cloud_init is not None:
+        needed.append(("cloud_init.user_data", cloud_init.user_data))
+        for index, key in enumerate(cloud_init.ssh_authorized_keys or ()):
+            if isinstance(key, Path):
+                needed.append((f"cloud_init.ssh_authorized_keys[{index}]", key))
     return [(key, path) for key, path in needed if path is not None]
 
 

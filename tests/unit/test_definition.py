@@ -106,7 +106,7 @@ CASES: list[tuple[str, str, str]] = [
         "unknown-table-no-match",
         "[networking]\nx = 1",
         "networking: unknown table (hint: valid keys: name, description, machine, cpu, memory,"
-        " boot, disk, nic, serial, supervisor, qemu)",
+        " boot, disk, nic, serial, supervisor, qemu, cloud_init)",
     ),
     ("unknown-table-close", "[cpus]\ncount = 2", "cpus: unknown table (hint: did you mean 'cpu'?)"),
     (
@@ -1068,5 +1068,6 @@ def test_keys_cover_every_table_and_documented_key() -> None:
         "serial",
         "supervisor",
         "qemu",
+        "cloud_init",
     ]
     assert all(doc for table in KEYS.values() for doc in table.values())
