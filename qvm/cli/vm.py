@@ -151,7 +151,7 @@ def _fill_from_definition(record: dict[str, Any], name: str) -> None:
         return
     record["machine_file"] = record.get("machine_file") or str(machine.path)
     if record.get("vcpus") is None:
-        record["vcpus"] = {"present": 0, "max": machine.cpu.max}
+        record["vcpus"] = {"present": 0, "max": machine.cpu.max, "boot": machine.cpu.count}
     if record.get("memory") is None:
         record["memory"] = {"bytes": machine.memory.size, "max": machine.memory.max}
 
@@ -189,8 +189,10 @@ def _status_text(record: dict[str, Any]) -> str:
     if record.get("accel"):
         row("accel", f"{record['accel']} ({record.get('accel_reason')})")
     vcpus = record.get("vcpus") or {}
-    if vcpus:
+    if vcpus and record.get("pid"):
         row("vcpus", f"{vcpus.get('present')} of {vcpus.get('max')}")
+    elif vcpus:
+        row("vcpus", f"{vcpus.get('boot', '?')} at boot, up to {vcpus.get('max')}")
     memory = record.get("memory") or {}
     if memory:
         text = human_bytes(memory.get("bytes"))
