@@ -96,6 +96,33 @@ class RunDir:
     def cpu_unplugged_file(self) -> Path:
         return self.path / "cpu-unplugged.json"
 
+    # cloud-init NoCloud seed (ISO 9660, label cidata) and the texts it holds, for people
+    @property
+    def seed_image(self) -> Path:
+        return self.path / "seed.iso"
+
+    @property
+    def user_data(self) -> Path:
+        return self.path / "user-data"
+
+    @property
+    def meta_data(self) -> Path:
+        return self.path / "meta-data"
+
+    # `qvm ssh`: this VM's host keys only (the guest makes new ones after a reset)
+    @property
+    def known_hosts(self) -> Path:
+        return self.path / "known_hosts"
+
+    # port forwards added or removed at run time, for the QEMU run (pid, start time) named
+    @property
+    def forwards_file(self) -> Path:
+        return self.path / "forwards.json"
+
+    def overlays(self) -> list[Path]:
+        """The copy-on-write overlays qvm made for ``[[disk]] base`` images."""
+        return sorted(self.path.glob("disk*.qcow2"))
+
     def sockets(self) -> list[Path]:
         return [self.path / name for name in SOCKET_NAMES]
 
