@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from qvm.definition import DiskSpec, Machine, NicSpec
+from qvm.definition import SEED_DEVICE_ID, DiskSpec, Machine, NicSpec
 from qvm.rundir import RunDir
 from qvm.sizes import format_size
 from qvm.topology import cpu_device_id, cpu_driver, slot_props, topology_of
@@ -136,6 +136,10 @@ def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
     for index, disk in enumerate(machine.disks):
         argv += _disk_args(machine, index, disk, inputs)
 
+    # cloud-init NoCloud seed, read-only, after the disks (found by its label, cidata)
+    if machine.cloud_init is not None:
+        argv += _seed_args(machine, run)
+
     # Network
     for index, nic in enumerate(machine.nics):
         argv += _nic_args(machine, index, nic, inputs)
@@ -171,6 +175,20 @@ def _disk_args(machine: Machine, index: int, disk: DiskSpec, inputs: LaunchInput
     else:  # nvme
         device = f"nvme,drive={node},id={node},serial={node}"
     return [*args, "-device", device]
+
+
+def _seed_args(machine: Machine, run: RunDir) -> list[str]:
+    node = SEED_DEVICE_ID
+    filename = escape_opt(str(run.seed_image))
+    bus = "virtio-blk-device" if machine.type == "microvm" else "virtio-blk-pci"
+    return [
+        "-blockdev",
+        f"driver=file,node-name={node}-file,filename={filename},read-only=on",
+        "-blockdev",
+        f"driver=raw,node-name={node},file={node}-file,read-only=on",
+        "-device",
+        f"{bus},drive={node},id={node}",
+    ]
 
 
 def _nic_args(machine: Machine, index: int, nic: NicSpec, inputs: LaunchInputs) -> list[str]:
