@@ -23,6 +23,7 @@ from typing import Any
 from qvm.errors import HostError, LaunchError, NotRunningError, QvmError, VmStateError
 from qvm.proc import same_process_alive
 from qvm.rundir import RunDir, is_locked, read_json, try_lock, write_json_atomic
+from qvm.supervise import read_line
 
 LIVE_STATES = ("starting", "running", "paused", "stopping", "restarting")
 SUPERVISOR_ANSWER_TIMEOUT = 3.0
@@ -45,12 +46,7 @@ def ask_supervisor(run: RunDir, request: dict[str, Any], timeout: float) -> dict
         with sock:
             sock.settimeout(max(deadline - time.monotonic(), 0.1))
             sock.sendall(json.dumps(request).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = read_line(sock)
     except TimeoutError as exc:
         raise VmStateError(
             f"{name}: the supervisor did not answer within {timeout:g} s "

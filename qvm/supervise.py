@@ -63,10 +63,10 @@ def wait_qmp_answer(path: str, qemu: subprocess.Popen[bytes], timeout: float) ->
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 probe.settimeout(max(deadline - time.monotonic(), 0.01))
                 probe.connect(path)
-                if b'"QMP"' not in _read_line(probe):
+                if b'"QMP"' not in read_line(probe):
                     continue
                 probe.sendall(b'{"execute": "qmp_capabilities"}\n')
-                if b'"return"' in _read_line(probe):
+                if b'"return"' in read_line(probe):
                     return True
         except OSError:
             pass  # not listening yet, or QEMU went away: poll() above tells which
@@ -74,7 +74,8 @@ def wait_qmp_answer(path: str, qemu: subprocess.Popen[bytes], timeout: float) ->
     return False
 
 
-def _read_line(sock: socket.socket) -> bytes:
+def read_line(sock: socket.socket) -> bytes:
+    """One newline-terminated message (or what came before the peer closed)."""
     data = b""
     while not data.endswith(b"\n"):
         chunk = sock.recv(4096)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import shlex
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from qvm.cli import common
 from qvm.cli.output import abort, emit_json, human_bytes, human_seconds, say, table, warn
 from qvm.errors import DefinitionError, QvmError
+
+if TYPE_CHECKING:
+    from qvm.lifecycle import StopResult
+    from qvm.rundir import RunDir
 
 JSON_HELP = "Print JSON (schema in the README)."
 
@@ -80,32 +85,27 @@ def down(
     """Power VMs off: ACPI power button, then QMP quit, then SIGKILL."""
     from qvm.lifecycle import stop
 
-    failed = 0
-    for name in names:
-        try:
-            result = stop(common.run_dir_of(name), timeout=timeout, force=force)
-        except QvmError as error:
-            failed += 1
-            warn(f"qvm: {error}")
-            continue
-        say(f"{result.name}: stopped: {result.message}")
-    if failed:
-        raise typer.Exit(1)
+    _stop_each(names, "stopped", lambda run: stop(run, timeout=timeout, force=force))
 
 
 def kill(names: list[str] = typer.Argument(..., help="Machine names.")) -> None:
     """Kill QEMU at once (SIGKILL). Not a failure for the restart policy."""
     from qvm.lifecycle import kill as kill_vm
 
+    _stop_each(names, "killed", kill_vm)
+
+
+def _stop_each(names: list[str], verb: str, action: Callable[[RunDir], StopResult]) -> None:
+    """Stop every VM named, reporting each; one failure does not spare the others."""
     failed = 0
     for name in names:
         try:
-            result = kill_vm(common.run_dir_of(name))
+            result = action(common.run_dir_of(name))
         except QvmError as error:
             failed += 1
             warn(f"qvm: {error}")
             continue
-        say(f"{result.name}: killed: {result.message}")
+        say(f"{result.name}: {verb}: {result.message}")
     if failed:
         raise typer.Exit(1)
 
