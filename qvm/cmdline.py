@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from qvm.definition import SEED_DEVICE_ID, DiskSpec, Machine, NicSpec
+from qvm.definition import SEED_DEVICE_ID, DiskSpec, Machine, NicSpec, hotplug_port_id, pci_ports
 from qvm.rundir import RunDir
 from qvm.sizes import format_size
 from qvm.topology import cpu_device_id, cpu_driver, slot_props, topology_of
@@ -144,6 +144,11 @@ def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
     for index, nic in enumerate(machine.nics):
         argv += _nic_args(machine, index, nic, inputs)
 
+    # Hotplug: spare PCIe root ports on q35 (its pcie.0 takes no hotplugged devices), one
+    # per hotplugged disk, NIC or virtio-mem device; after the boot devices, so that
+    # those keep their addresses. pc's pci.0 takes hotplugged devices as is.
+    argv += _hotplug_port_args(machine)
+
     # Escape hatch, last so that it can override
     argv += list(machine.qemu.extra_args)
     return argv
@@ -200,3 +205,12 @@ def _nic_args(machine: Machine, index: int, nic: NicSpec, inputs: LaunchInputs) 
     model = "virtio-net-device" if machine.type == "microvm" else nic.model
     mac = nic.mac or stable_mac(machine.name, index)
     return ["-netdev", netdev, "-device", f"{model},netdev={ident},mac={mac},id={ident}"]
+
+
+def _hotplug_port_args(machine: Machine) -> list[str]:
+    args = []
+    for index in range(pci_ports(machine.type, machine.hotplug)):
+        # (chassis, slot) must be unique: chassis 1, slots 1.. (slot 0 is the default)
+        port = f"pcie-root-port,id={hotplug_port_id(index)},bus=pcie.0,chassis=1,slot={index + 1}"
+        args += ["-device", port]
+    return args

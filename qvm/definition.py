@@ -35,6 +35,11 @@ ID_PATTERN = r"[a-zA-Z][a-zA-Z0-9_-]{0,31}"
 MAX_CPUS = 1024  # QEMU's limit for q35
 MIN_MEMORY = 16 * 1024**2
 MAX_MEMORY_SLOTS = 256
+DEFAULT_PCI_SLOTS_Q35 = 4
+# each root port takes a slot of pcie.0 (32, host bridge and ICH9 included) and, unless
+# its devices need none, 4 KiB of the 64 KiB x86 I/O space
+MAX_PCI_SLOTS = 16
+HOTPLUG_PORT_PREFIX = "hp"
 DEFAULT_HOST_ADDR = "127.0.0.1"  # forwards are private to this host unless the file says so
 
 
@@ -110,6 +115,13 @@ class NicSpec:
 
 
 @dataclass(frozen=True)
+class HotplugSpec:
+    # spare pcie-root-ports (ids hp0..) for hotplugged PCI devices, q35 only; None: the
+    # file does not say (see ``pci_ports``)
+    pci_slots: int | None = None
+
+
+@dataclass(frozen=True)
 class SerialSpec:
     enabled: bool = True
 
@@ -138,6 +150,7 @@ class Machine:
     boot: BootSpec = field(default_factory=BootSpec)
     disks: tuple[DiskSpec, ...] = ()
     nics: tuple[NicSpec, ...] = ()
+    hotplug: HotplugSpec = field(default_factory=HotplugSpec)
     serial: SerialSpec = field(default_factory=SerialSpec)
     supervisor: SupervisorSpec = field(default_factory=SupervisorSpec)
     qemu: QemuSpec = field(default_factory=QemuSpec)
@@ -201,6 +214,11 @@ KEYS: dict[str, dict[str, str]] = {
         " PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT, HOSTADDR default 127.0.0.1,"
         " HOSTPORT 0 picks a free port at start",
         "id": "device id, unique among disks and NICs, matching ID_PATTERN; default: generated",
+    },
+    "hotplug": {
+        "pci_slots": "spare PCIe root ports for hotplugged disks, NICs and virtio-mem devices"
+        f" (one each; ids hp0, hp1, ...), 0..{MAX_PCI_SLOTS}; q35 only, default"
+        f" {DEFAULT_PCI_SLOTS_Q35} (q35's pcie.0 takes no hotplug; pc's pci.0 does, as is)",
     },
     "serial": {
         "enabled": "true or false; default true (a serial console qvm can attach to)",
@@ -851,6 +869,32 @@ def _read_cloud_init(table: _Table, base_dir: Path) -> CloudInitSpec:
     )
 
 
+def hotplug_port_id(index: int) -> str:
+    """The id of qvm's ``index``-th spare PCIe root port: hp0, hp1, ..."""
+    return f"{HOTPLUG_PORT_PREFIX}{index}"
+
+
+def pci_ports(machine_type: str, hotplug: HotplugSpec) -> int:
+    """How many spare PCIe root ports the machine gets: hotplug.pci_slots, by default
+    DEFAULT_PCI_SLOTS_Q35 on q35 and none elsewhere."""
+    if machine_type != "q35":
+        return 0
+    return DEFAULT_PCI_SLOTS_Q35 if hotplug.pci_slots is None else hotplug.pci_slots
+
+
+def _read_hotplug(hotplug: _Table, machine_type: str) -> HotplugSpec:
+    pci_slots = hotplug.integer("pci_slots", None, minimum=0, maximum=MAX_PCI_SLOTS)
+    if machine_type != "q35" and hotplug.given("pci_slots"):
+        hint = (
+            "pc's PCI bus takes hotplugged devices as is; remove the key"
+            if machine_type == "pc"
+            else "microvm has no PCI hotplug; use q35"
+        )
+        hotplug.fail("pci_slots", "only used on q35", hint)
+        return HotplugSpec()
+    return HotplugSpec(pci_slots)
+
+
 def _read_supervisor(supervisor: _Table) -> SupervisorSpec:
     restart = supervisor.choice("restart", RESTART_POLICIES, SupervisorSpec.restart)
     max_restarts = supervisor.integer("max_restarts", SupervisorSpec.max_restarts, minimum=0)
@@ -918,6 +962,7 @@ def _read_machine(root: _Table, path: Path, name: str | None) -> Machine:
     disks = [_read_disk(table, base_dir) for table in disk_tables]
     nic_tables = root.sections("nic")
     nics_and_forwards = [_read_nic(table) for table in nic_tables]
+    hotplug = _read_hotplug(root.section("hotplug"), machine_type)
     serial = SerialSpec(root.section("serial").boolean("enabled", SerialSpec.enabled))
     supervisor = _read_supervisor(root.section("supervisor"))
     qemu = _read_qemu(root.section("qemu"))
@@ -927,9 +972,14 @@ def _read_machine(root: _Table, path: Path, name: str | None) -> Machine:
     nics = [nic for nic, _ in nics_and_forwards]
     # the cloud-init seed's disk has its own id: no other device may take it
     seed_ids = [("cloud_init (its seed disk)", SEED_DEVICE_ID)] if cloud_init is not None else []
+    port_ids = [
+        ("hotplug.pci_slots (a PCIe root port)", hotplug_port_id(index))
+        for index in range(pci_ports(machine_type, hotplug))
+    ]
     _check_unique_ids(
         root.report,
         seed_ids
+        + port_ids
         + [(table.key("id"), disk.id) for table, disk in zip(disk_tables, disks, strict=True)]
         + [(table.key("id"), nic.id) for table, nic in zip(nic_tables, nics, strict=True)],
     )
@@ -946,6 +996,7 @@ def _read_machine(root: _Table, path: Path, name: str | None) -> Machine:
         boot=boot,
         disks=tuple(disks),
         nics=tuple(nics),
+        hotplug=hotplug,
         serial=serial,
         supervisor=supervisor,
         qemu=qemu,

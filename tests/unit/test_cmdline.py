@@ -9,6 +9,7 @@ from qvm.definition import (
     BootSpec,
     CpuSpec,
     DiskSpec,
+    HotplugSpec,
     Machine,
     MemorySpec,
     NicSpec,
@@ -34,6 +35,13 @@ def monitors(run: str = "/run/q/vm1") -> list[str]:
     ]  # fmt: skip
 
 
+def hotplug_ports(count: int) -> list[str]:
+    ports = []
+    for i in range(count):
+        ports += ["-device", f"pcie-root-port,id=hp{i},bus=pcie.0,chassis=1,slot={i + 1}"]
+    return ports
+
+
 def test_demo_like_machine_under_tcg() -> None:
     machine = Machine(
         name="vm1",
@@ -53,6 +61,7 @@ def test_demo_like_machine_under_tcg() -> None:
         "-m", "256M",
         "-kernel", "/g/vmlinuz", "-initrd", "/g/initrd.img", "-append", "console=ttyS0 quiet",
         *monitors(),
+        *hotplug_ports(4),
     ]  # fmt: skip
 
 
@@ -129,6 +138,7 @@ def test_memory_hotplug_disks_nics_and_extra_args() -> None:
         "-netdev",
         "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:40123-:80",
         "-device", f"virtio-net-pci,netdev=net0,mac={stable_mac('vm1', 0)},id=net0",
+        *hotplug_ports(4),
         "-s",
     ]  # fmt: skip
 
@@ -157,3 +167,21 @@ def test_stable_mac_is_stable_and_local() -> None:
 
 def test_escape_opt_doubles_commas() -> None:
     assert escape_opt("/a,b,,c") == "/a,,b,,,,c"
+
+
+def test_spare_root_ports_on_q35_after_the_boot_devices_and_none_on_pc() -> None:
+    disk = (DiskSpec(file=Path("/img/a.raw")),)
+    machine = Machine(
+        name="vm1", path=Path("/m/vm1.toml"), disks=disk, hotplug=HotplugSpec(pci_slots=2)
+    )
+    argv = build_argv(machine, LaunchInputs(accel="tcg", run_dir=RUN, disk_formats=("raw",)))
+    assert argv[argv.index("virtio-blk-pci,drive=disk0,id=disk0") + 1 :] == [
+        "-device", "pcie-root-port,id=hp0,bus=pcie.0,chassis=1,slot=1",
+        "-device", "pcie-root-port,id=hp1,bus=pcie.0,chassis=1,slot=2",
+    ]  # fmt: skip
+    none = Machine(name="vm1", path=Path("/m/vm1.toml"), hotplug=HotplugSpec(pci_slots=0))
+    assert not any("pcie-root-port" in a for a in build_argv(none, LaunchInputs("tcg", RUN)))
+    for machine_type in ("pc", "microvm"):
+        other = Machine(name="vm1", path=Path("/m/vm1.toml"), type=machine_type)
+        argv = build_argv(other, LaunchInputs(accel="tcg", run_dir=RUN))
+        assert not any("pcie-root-port" in a for a in argv)

@@ -106,7 +106,7 @@ CASES: list[tuple[str, str, str]] = [
         "unknown-table-no-match",
         "[networking]\nx = 1",
         "networking: unknown table (hint: valid keys: name, description, machine, cpu, memory,"
-        " boot, disk, nic, serial, supervisor, qemu, cloud_init)",
+        " boot, disk, nic, hotplug, serial, supervisor, qemu, cloud_init)",
     ),
     ("unknown-table-close", "[cpus]\ncount = 2", "cpus: unknown table (hint: did you mean 'cpu'?)"),
     (
@@ -299,6 +299,23 @@ CASES: list[tuple[str, str, str]] = [
         '[machine]\ntype = "microvm"\n[memory]\nslots = 0',
         "memory.slots: not supported on microvm, got 0"
         " (hint: microvm has no memory hotplug; use q35)",
+    ),
+    # [hotplug]
+    (
+        "hotplug-pci-slots-range",
+        "[hotplug]\npci_slots = 17",
+        "hotplug.pci_slots: must be between 0 and 16, got 17",
+    ),
+    (
+        "hotplug-pci-slots-on-pc",
+        '[machine]\ntype = "pc"\n[hotplug]\npci_slots = 2',
+        "hotplug.pci_slots: only used on q35, got 2"
+        " (hint: pc's PCI bus takes hotplugged devices as is; remove the key)",
+    ),
+    (
+        "hotplug-port-id-taken",
+        '[[disk]]\nfile = "a.raw"\nid = "hp1"',
+        'disk[0].id: already used by hotplug.pci_slots (a PCIe root port), got "hp1"',
     ),
     # [boot]
     (
@@ -1065,6 +1082,7 @@ def test_keys_cover_every_table_and_documented_key() -> None:
         "boot",
         "disk",
         "nic",
+        "hotplug",
         "serial",
         "supervisor",
         "qemu",
