@@ -260,3 +260,74 @@ def test_kill_and_restart(qvm: Qvm) -> None:
     result = qvm("down", "vm1", check=False)
     assert result.returncode == 1
     assert result.stderr == "qvm: vm1: not running (hint: start it with 'qvm up vm1')\n"
+
+
+def test_restart_policy_gives_up_after_max_restarts(qvm: Qvm) -> None:
+    qvm.guest_machine(
+        "vm1",
+        extra='[supervisor]\nrestart = "on-failure"\nmax_restarts = 2\nrestart_delay = 0.1\n',
+    )
+    qvm("up", "vm1")
+    pids = []
+    for expected_restarts in (1, 2):
+        pid = qvm.status("vm1")["pid"]
+        pids.append(pid)
+        os.kill(pid, signal.SIGKILL)
+
+        def restarted(n: int = expected_restarts) -> dict | None:
+            s = qvm.status("vm1")
+            return s if s["state"] == "running" and s["restarts"] == n else None
+
+        wait_until(restarted, 20, f"restart number {expected_restarts}")
+    os.kill(qvm.status("vm1")["pid"], signal.SIGKILL)
+    status = wait_until(
+        lambda: (s := qvm.status("vm1"))["state"] == "crashed" and s, 20, "the policy to give up"
+    )
+    assert status["reason"] == "killed by SIGKILL; not restarted: 2 restarts in a row"
+    assert status["restarts"] == 2
+    assert not qvm.processes()
+
+
+def test_logs_follow_ends_with_the_vm(qvm: Qvm) -> None:
+    qvm.guest_machine("vm1")
+    qvm("up", "vm1")
+    qvm.serial("vm1").wait_ready()
+    follower = subprocess.Popen(
+        [str(QVM_BIN), "logs", "vm1", "--follow"],
+        env=qvm.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    qvm("down", "vm1")
+    out, _ = follower.communicate(timeout=15)
+    assert follower.returncode == 0
+    assert "QVM-GUEST-READY" in out
+    assert "QVM-GUEST-POWEROFF" in out  # printed after `logs -f` started: it followed
+
+
+def test_microvm_boots_the_test_guest(qvm: Qvm) -> None:
+    # microvm's stock-kernel boot under TCG can hang in timer calibration; telling the
+    # kernel the TSC frequency avoids it (see README, machine types)
+    with open("/proc/cpuinfo") as cpuinfo:
+        mhz = next(float(line.split(":")[1]) for line in cpuinfo if line.startswith("cpu MHz"))
+    qvm.machine(
+        "micro",
+        f"""
+[machine]
+type = "microvm"
+
+[memory]
+size = "256M"
+
+[boot]
+kernel = "{{guest}}/vmlinuz"
+initrd = "{{guest}}/initrd.img"
+append = "console=ttyS0 quiet tsc_early_khz={int(mhz * 1000)}"
+""",
+    )
+    qvm("up", "micro")
+    assert qvm.serial("micro").wait_ready()["ncpus"] == "1"
+    assert qvm.status("micro")["vcpus"] == {"present": 1, "max": 1}
+    down = qvm("down", "micro", "--timeout", "20")
+    assert "the guest powered off after the ACPI power button" in down.stdout
