@@ -14,9 +14,9 @@ What QEMU 7.2 does here, measured (see the project's qemu-facts):
   ``DEVICE_UNPLUG_GUEST_ERROR`` is honoured too.
 - Before a guest OS enabled ACPI CPU hotplug, QEMU refuses ``device_del`` at once
   ("acpi: device unplug request for not supported device type"): nothing changed.
-- Under TCG, a vCPU ``device_add`` after any vCPU unplug crashes QEMU 7.2. qvm records
-  an unplug request in ``cpu-unplugged.json`` and refuses later adds in that QEMU run
-  unless forced.
+- Under TCG, a ``device_add`` (of a vCPU or of any other device) after any vCPU unplug
+  crashes QEMU 7.2. qvm records an unplug request in ``cpu-unplugged.json`` and refuses
+  later adds in that QEMU run unless forced (``qvm.hotplug.check_device_add``).
 - A guest acknowledges a new vCPU (``ACPI_DEVICE_OST``, source 1) in about 25 ms; it
   has it online (udev rule or equivalent) 450-600 ms later, which QMP cannot see.
 
@@ -29,34 +29,30 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-from qvm.errors import ControlError, HotplugError, NotRunningError
+from qvm.errors import ControlError, HotplugError
+from qvm.hotplug import (
+    OST_INSERT,
+    PERIPHERAL_ANON,
+    UNPLUG_EVENTS,
+    check_device_add,
+    launch_of,
+    match_unplug_event,
+    ost_status_text,
+    record_cpu_unplug_request,
+    restart_hint,
+    since,
+)
+from qvm.pending import PERIPHERAL, mark_pending, pending_ids, unmark_pending
 from qvm.qmp import ControlSession
-from qvm.rundir import RunDir, read_json, write_json_atomic
+from qvm.rundir import RunDir
 from qvm.topology import Topology, cpu_device_id, slot_index
 
-PERIPHERAL = "/machine/peripheral/"
-PERIPHERAL_ANON = "/machine/peripheral-anon/"
 DEFAULT_UNPLUG_TIMEOUT = 5.0
 DEFAULT_GUEST_TIMEOUT = 10.0
 # QEMU's immediate refusal while the chipset is still in legacy CPU-hotplug mode
 LEGACY_REFUSAL = "device unplug request for not supported device type"
-# ACPI _OST source codes and the statuses of an eject request (ACPI 6.x, 6.3.5)
-OST_INSERT = 1
-OST_EJECT = 3
-OST_EJECT_IN_PROGRESS = 0x84
-OST_STATUS_TEXT = {
-    1: "non-specific failure",
-    2: "unrecognized notify code",
-    3: "notification not supported",
-    0x80: "device ejection not supported by the guest OS",
-    0x81: "device in use by an application",
-    0x82: "device busy",
-    0x83: "ejection dependency is busy or not supported",
-}
-UNPLUG_EVENTS = ("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR", "ACPI_DEVICE_OST")
 SLOT_KEYS = ("node-id", "drawer-id", "book-id", "socket-id", "die-id", "cluster-id", "core-id")
 
 
@@ -237,73 +233,7 @@ def topology_from_launch(launch: dict[str, Any]) -> Topology | None:
         return None
 
 
-# --- run-dir records -------------------------------------------------------------------
-
-
-def _qemu_run(run: RunDir) -> dict[str, Any]:
-    """Which QEMU process this run dir's records are about (pid and start time)."""
-    state = read_json(run.state_file) or {}
-    return {"qemu_pid": state.get("qemu_pid"), "qemu_start_time": state.get("qemu_start_time")}
-
-
-def _same_run(record: dict[str, Any], current: dict[str, Any]) -> bool:
-    return bool(current.get("qemu_pid")) and all(
-        record.get(k) == current.get(k) for k in ("qemu_pid", "qemu_start_time")
-    )
-
-
-def pending_ids(run: RunDir) -> set[str]:
-    """Ids with an unplug request still open in the current QEMU run."""
-    pending = read_json(run.pending_file) or {}
-    current = _qemu_run(run)
-    return {
-        dev_id
-        for dev_id, info in pending.items()
-        if not isinstance(info, dict) or "qemu_pid" not in info or _same_run(info, current)
-    }
-
-
-def _mark_pending(run: RunDir, ids: Iterable[str]) -> None:
-    pending = read_json(run.pending_file) or {}
-    info = {**_qemu_run(run), "since": time.time()}
-    for dev_id in ids:
-        pending[dev_id] = info
-    write_json_atomic(run.pending_file, pending)
-
-
-def _unmark_pending(run: RunDir, ids: Iterable[str]) -> None:
-    pending = read_json(run.pending_file)
-    if not pending:
-        return
-    remaining = {k: v for k, v in pending.items() if k not in set(ids)}
-    if remaining != pending:
-        write_json_atomic(run.pending_file, remaining)
-
-
-def unplug_requested_this_run(run: RunDir) -> bool:
-    """True if a vCPU unplug was requested in the current QEMU run (see the TCG crash)."""
-    record = read_json(run.cpu_unplugged_file)
-    return record is not None and _same_run(record, _qemu_run(run))
-
-
-def _record_unplug_request(run: RunDir, ids: Sequence[str]) -> None:
-    record = read_json(run.cpu_unplugged_file)
-    current = _qemu_run(run)
-    if record is None or not _same_run(record, current):
-        record = {**current, "ids": []}
-    record["ids"] = sorted(set(record.get("ids", [])) | set(ids))
-    record["at"] = time.time()
-    write_json_atomic(run.cpu_unplugged_file, record)
-
-
 # --- reading the live slots --------------------------------------------------------------
-
-
-def _launch(run: RunDir) -> dict[str, Any]:
-    launch = read_json(run.launch_file)
-    if launch is None:
-        raise NotRunningError(run.name)
-    return launch
 
 
 def _query(session: ControlSession, run: RunDir, launch: dict[str, Any]) -> CpuList:
@@ -314,24 +244,13 @@ def _query(session: ControlSession, run: RunDir, launch: dict[str, Any]) -> CpuL
 
 
 def list_cpus(run: RunDir) -> CpuList:
-    launch = _launch(run)
+    launch = launch_of(run)
     with ControlSession(run) as session:
         return _query(session, run, launch)
 
 
-def display_path(path: str | Path) -> str:
-    """A path as the user would type it: relative to the current folder when inside it."""
-    p = Path(path)
-    try:
-        return str(p.resolve().relative_to(Path.cwd().resolve()))
-    except (ValueError, OSError):
-        return str(p)
-
-
 def _raise_max_hint(run: RunDir, launch: dict[str, Any]) -> str:
-    file = launch.get("machine_file")
-    where = f" in {display_path(file)}" if file else ""
-    return f"raise cpu.max{where}, then qvm restart {run.name}"
+    return restart_hint(run, launch, "cpu.max")
 
 
 # --- add -------------------------------------------------------------------------------
@@ -395,17 +314,6 @@ class AddResult:
             "serial": self.serial.as_json() if self.serial else None,
             "complete": self.complete,
         }
-
-
-def tcg_unplug_refusal(run: RunDir, launch: dict[str, Any]) -> str | None:
-    """Why a vCPU add must not be tried now, or None."""
-    if launch.get("accel") != "tcg" or not unplug_requested_this_run(run):
-        return None
-    return (
-        f"{run.name}: cpu add refused: a vCPU was unplugged earlier in this QEMU run, and "
-        "under TCG QEMU 7.2 crashes (double free) on the next vCPU device_add "
-        f"(hint: qvm restart {run.name} first, or pass --force to try anyway)"
-    )
 
 
 def choose_free_slots(
@@ -493,9 +401,7 @@ def _add(
     guest_timeout: float,
     force: bool,
 ) -> AddResult:
-    refusal = tcg_unplug_refusal(run, launch)
-    if refusal and not force:
-        raise HotplugError(refusal)
+    forced = check_device_add(run, launch, "cpu add", force)
     cpus = _query(session, run, launch)
     targets = choose_free_slots(cpus, count, slot, launch, run)
     events = session.listen(["ACPI_DEVICE_OST"]) if wait_guest else None
@@ -547,7 +453,7 @@ def _add(
         waited_guest=wait_guest,
         guest_timeout=guest_timeout if wait_guest or serial_pattern else None,
         serial=serial,
-        forced_after_unplug=bool(refusal),
+        forced_after_unplug=forced,
     )
 
 
@@ -572,11 +478,6 @@ def _wait_acks(
     return acks
 
 
-def ost_status_text(status: int) -> str:
-    text = OST_STATUS_TEXT.get(status, "failure")
-    return f"ACPI _OST status {status:#x}: {text}"
-
-
 def add_cpus(
     run: RunDir,
     count: int = 1,
@@ -591,7 +492,7 @@ def add_cpus(
     ``wait_guest`` waits for the guest's ACPI acknowledgement of each new vCPU;
     ``serial_pattern`` waits for a line the guest prints on its serial console.
     """
-    launch = _launch(run)
+    launch = launch_of(run)
     with ControlSession(run) as session:
         return _add(
             session, run, launch, count, slot, wait_guest, serial_pattern, guest_timeout, force
@@ -695,34 +596,6 @@ def choose_removals(
     return sorted(candidates, key=lambda s: s.index, reverse=True)[:wanted_count]
 
 
-def match_unplug_event(event: dict[str, Any], ids: Iterable[str]) -> tuple[str, str, str | None]:
-    """(id, "deleted" | "refused", detail) for an event about one of ``ids``, else ("", "", None).
-
-    QEMU 7.2 reports a vCPU's removal as ``DEVICE_DELETED`` of its lapic child only
-    (``path = /machine/peripheral/<id>/lapic``): match the path prefix, and the id.
-    """
-    name = event.get("event")
-    data = event.get("data") or {}
-    for dev_id in ids:
-        path = data.get("path") or ""
-        own = dev_id if dev_id.startswith("/") else f"{PERIPHERAL}{dev_id}"  # id or QOM path
-        about = data.get("device") == dev_id or path == own or path.startswith(own + "/")
-        if name == "DEVICE_DELETED" and about:
-            return dev_id, "deleted", None
-        if name == "DEVICE_UNPLUG_GUEST_ERROR" and about:
-            return dev_id, "refused", "the guest reported an error unplugging it"
-        if name == "ACPI_DEVICE_OST":
-            info = data.get("info") or {}
-            status = info.get("status", 0)
-            if (
-                info.get("device") == dev_id
-                and info.get("source") == OST_EJECT
-                and status not in (0, OST_EJECT_IN_PROGRESS)
-            ):
-                return dev_id, "refused", f"the guest refused the eject ({ost_status_text(status)})"
-    return "", "", None
-
-
 def legacy_refusal_message(name: str, dev_id: str, desc: str) -> str:
     return (
         f"{name}: {dev_id}: QEMU refused the unplug at once ({desc}): no guest OS has "
@@ -763,11 +636,11 @@ def _remove(
                 )
                 if not accepted:
                     raise HotplugError(message) from error
-                outcomes[target.label] = ("refused", _since(started), message)
+                outcomes[target.label] = ("refused", since(started), message)
                 continue
             accepted.append(target.label)
             if launch.get("accel") == "tcg":
-                _record_unplug_request(run, [target.label])
+                record_cpu_unplug_request(run, [target.label])
         deadline = started + timeout
         waiting = set(accepted)
         while waiting:
@@ -778,10 +651,10 @@ def _remove(
                 continue
             dev_id, what, detail = match_unplug_event(event, waiting)
             if what == "deleted":
-                deleted[dev_id] = _since(started)
+                deleted[dev_id] = since(started)
                 waiting.discard(dev_id)
             elif what == "refused":
-                outcomes[dev_id] = ("refused", _since(started), detail)
+                outcomes[dev_id] = ("refused", since(started), detail)
                 waiting.discard(dev_id)
     finally:
         events.close()
@@ -790,13 +663,13 @@ def _remove(
     unplugs = [_outcome(t, outcomes, deleted, after, started, timeout) for t in targets]
     pending = [u.id for u in unplugs if u.outcome == "pending"]
     if pending:
-        _mark_pending(run, pending)
+        mark_pending(run, pending)
         # DEVICE_DELETED may have come between the last look and the mark (and the
         # supervisor then had nothing to clear): look once more
         after = _query(session, run, launch)
         late = [i for i in pending if _slot_free(after, by_id[i])]
         if late:
-            _unmark_pending(run, late)
+            unmark_pending(run, late)
             unplugs = [
                 replace(u, outcome="removed", detail=None) if u.id in late else u for u in unplugs
             ]
@@ -816,16 +689,12 @@ def _outcome(
         outcome, seconds, detail = outcomes[label]
         return Unplug(label, dict(target.props), outcome, seconds, detail)
     if _slot_free(after, target):
-        return Unplug(label, dict(target.props), "removed", deleted.get(label, _since(started)))
+        return Unplug(label, dict(target.props), "removed", deleted.get(label, since(started)))
     if label in deleted:
         detail = "QEMU sent DEVICE_DELETED but still lists the vCPU"
     else:
         detail = f"the guest has not released it within {timeout:g} s"
-    return Unplug(label, dict(target.props), "pending", _since(started), detail)
-
-
-def _since(started: float) -> float:
-    return round(time.monotonic() - started, 3)
+    return Unplug(label, dict(target.props), "pending", since(started), detail)
 
 
 def _slot_free(cpus: CpuList, target: CpuSlot) -> bool:
@@ -852,7 +721,7 @@ def remove_cpus(
     timeout: float = DEFAULT_UNPLUG_TIMEOUT,
 ) -> RemoveResult:
     """Unplug the vCPUs named by ``ids`` (or the ``count`` newest) and wait for the guest."""
-    launch = _launch(run)
+    launch = launch_of(run)
     with ControlSession(run) as session:
         return _remove(session, run, launch, ids, count, timeout)
 
@@ -897,7 +766,7 @@ def set_cpus(
     force: bool = False,
 ) -> SetResult:
     """Add or remove vCPUs until ``target`` are present."""
-    launch = _launch(run)
+    launch = launch_of(run)
     name = run.name
     with ControlSession(run) as session:
         cpus = _query(session, run, launch)

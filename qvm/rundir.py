@@ -91,10 +91,16 @@ class RunDir:
         return self.path / "pending.json"
 
     # A vCPU unplug was requested in this QEMU run under TCG, where QEMU 7.2 crashes on
-    # the next vCPU device_add; the file names the QEMU run (pid, start time) it is about.
+    # the next device_add (of any device); the file names the QEMU run (pid, start time)
+    # it is about.
     @property
     def cpu_unplugged_file(self) -> Path:
         return self.path / "cpu-unplugged.json"
+
+    # What qvm hotplugged in this QEMU run (memory, disks, NICs): ids, files, forwards.
+    @property
+    def devices_file(self) -> Path:
+        return self.path / "devices.json"
 
     # cloud-init NoCloud seed (ISO 9660, label cidata) and the texts it holds, for people
     @property
@@ -183,6 +189,19 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def qemu_run(run: RunDir) -> dict[str, Any]:
+    """Which QEMU process a run dir's records are about now (pid and start time)."""
+    state = read_json(run.state_file) or {}
+    return {"qemu_pid": state.get("qemu_pid"), "qemu_start_time": state.get("qemu_start_time")}
+
+
+def same_run(record: dict[str, Any], current: dict[str, Any]) -> bool:
+    """True if ``record`` (pending marks, devices.json, ...) is about the ``current`` QEMU."""
+    return bool(current.get("qemu_pid")) and all(
+        record.get(k) == current.get(k) for k in ("qemu_pid", "qemu_start_time")
+    )
 
 
 def try_lock(path: Path) -> int | None:

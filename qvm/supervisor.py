@@ -15,12 +15,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from qvm.proc import process_start_time, process_state, process_usage
-from qvm.rundir import RunDir, read_json, write_json_atomic
+from qvm.rundir import RunDir, write_json_atomic
 from qvm.supervise import LOG_MARKER
 
 QMP_CONNECT_TIMEOUT = 60.0
@@ -254,26 +255,24 @@ class Supervisor:
                     self._signal_qemu(signal.SIGKILL)
             self.save_state(state=self._live_state())
         elif name == "DEVICE_DELETED":
-            self._forget_pending_unplug(data)
+            await self._finish_pending_unplug(data)
 
-    def _forget_pending_unplug(self, data: dict[str, Any]) -> None:
-        """An unplug that the CLI gave up waiting for has completed: drop its mark."""
-        pending = read_json(self.run.pending_file)
-        if not pending:
-            return
-        path = data.get("path", "")
-        device = data.get("device")
-        remaining = {
-            dev_id: info
-            for dev_id, info in pending.items()
-            if not (
-                dev_id == device
-                or path == f"/machine/peripheral/{dev_id}"
-                or path.startswith(f"/machine/peripheral/{dev_id}/")
-            )
-        }
-        if remaining != pending:
-            write_json_atomic(self.run.pending_file, remaining)
+    async def _finish_pending_unplug(self, data: dict[str, Any]) -> None:
+        """An unplug that the CLI gave up waiting for has completed: drop its mark, and
+        delete what the device used (memory backend, block nodes, netdev)."""
+        import asyncio
+
+        from qvm.pending import complete_pending
+
+        for dev_id, cleanup in complete_pending(self.run, data):
+            for command, arguments in cleanup:
+                try:
+                    await asyncio.wait_for(self.qmp.execute(command, arguments), QMP_CALL_TIMEOUT)
+                except Exception as exc:  # noqa: BLE001 - say it in the log, keep watching
+                    sys.stderr.write(
+                        f"qvm supervisor: after DEVICE_DELETED of {dev_id}: "
+                        f"{command} {arguments} failed: {exc}\n"
+                    )
 
     def _record_exit(self, returncode: int, reached_qmp: bool) -> None:
         failed, reason = self._classify_exit(returncode, reached_qmp)

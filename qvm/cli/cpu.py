@@ -289,7 +289,7 @@ def _present_line(name: str, present: int, maximum: int, removed: Any) -> str:
 
 
 def _persist(run: Any, count: int) -> dict[str, Any] | None:
-    from qvm.cpus import display_path
+    from qvm.hotplug import display_path
     from qvm.persist import persist_cpu_count
     from qvm.rundir import read_json
 

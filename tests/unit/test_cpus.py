@@ -16,10 +16,10 @@ from qvm.cpus import (
     parse_slot_spec,
     pending_ids,
     props_text,
-    tcg_unplug_refusal,
     topology_from_launch,
 )
 from qvm.errors import HotplugError
+from qvm.hotplug import tcg_unplug_refusal
 from qvm.rundir import RunDir, write_json_atomic
 from qvm.topology import Topology
 
