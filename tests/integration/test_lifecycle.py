@@ -331,3 +331,30 @@ append = "console=ttyS0 quiet tsc_early_khz={int(mhz * 1000)}"
     assert qvm.status("micro")["vcpus"] == {"present": 1, "max": 1}
     down = qvm("down", "micro", "--timeout", "20")
     assert "the guest powered off after the ACPI power button" in down.stdout
+
+
+def test_guest_panic_is_a_crash_that_on_failure_restarts(qvm: Qvm) -> None:
+    qvm.guest_machine("vm1", extra='[supervisor]\nrestart = "on-failure"\nrestart_delay = 0.2\n')
+    qvm("up", "vm1")
+    qvm.serial("vm1").wait_ready()
+    first_pid = qvm.status("vm1")["pid"]
+    # the guest panics itself; its pvpanic driver tells QEMU (GUEST_PANICKED). The console
+    # stays attached until then: the guest's UART takes input only as fast as it reads it
+    console = subprocess.Popen(
+        [str(QVM_BIN), "console", "vm1"], env=qvm.env(), stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert console.stdin is not None
+    console.stdin.write(b"echo c > /proc/sysrq-trigger\n")
+    console.stdin.flush()
+    qvm.serial("vm1").wait_for(r"Kernel panic", 30)
+    console.stdin.close()
+    console.wait(timeout=20)
+
+    def restarted() -> dict | None:
+        s = qvm.status("vm1")
+        return s if s["restarts"] == 1 and s["pid"] not in (None, first_pid) else None
+
+    status = wait_until(restarted, 30, "a restart after the panic")
+    assert status["last_exit"]["reason"] == "guest panic"
+    assert status["last_exit"]["failed"] is True
