@@ -86,3 +86,15 @@ def format_size(n: int) -> str:
         if n and n % multiplier == 0:
             return f"{n // multiplier}{letter}"
     return str(n)
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes for people: "512 B", "256 MiB", "1.5 GiB" (one decimal at most)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            if unit == "B":
+                return f"{n} B"
+            return f"{value:.1f} {unit}".replace(".0 ", " ")
+        value /= 1024
+    return f"{n} B"

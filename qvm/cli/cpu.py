@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from qvm.cli import common
-from qvm.cli.output import abort, emit_json, say, table, warn
+from qvm.cli.output import EXIT_PENDING, abort, emit_json, fail_all, ms, say, table, warn
 
 app = typer.Typer(help="List, add and remove vCPUs of a running VM.", no_args_is_help=True)
 
@@ -18,8 +18,6 @@ PERSIST_HELP = (
     "After the live change succeeded, write the new vCPU count into the machine's TOML "
     "([cpu] count), keeping its comments and formatting."
 )
-# `cpu del`: the unplug was requested but the guest has not released the vCPU (yet)
-EXIT_PENDING = 3
 
 
 @app.command("list")
@@ -111,7 +109,7 @@ def add(
         say(f"{result.name}: {result.present} of {result.max} vCPUs present")
         _say_persisted(result.name, persist, persisted)
     if problems:
-        _fail(problems, 1)
+        fail_all(problems, 1)
 
 
 @app.command("del")
@@ -150,7 +148,7 @@ def delete(
         say(_present_line(result.name, result.present, result.max, result))
         _say_persisted(result.name, persist, persisted)
     if problems:
-        _fail(problems, code)
+        fail_all(problems, code)
 
 
 @app.command("set")
@@ -198,7 +196,7 @@ def set_cmd(
         say(_present_line(result.name, result.present, result.max, result.removed))
         _say_persisted(result.name, persist, persisted)
     if problems:
-        _fail(problems, code)
+        fail_all(problems, code)
 
 
 # --- rendering ---------------------------------------------------------------------------
@@ -217,14 +215,14 @@ def _say_added(result: Any) -> None:
     for cpu in result.added:
         line = f"{result.name}: added {cpu.id} ({_props(cpu.props)})"
         if cpu.acknowledged:
-            line += f"; the guest acknowledged it (ACPI _OST) after {_ms(cpu.ack_seconds)}"
+            line += f"; the guest acknowledged it (ACPI _OST) after {ms(cpu.ack_seconds)}"
         say(line)
     if result.forced_after_unplug:
         warn(f"qvm: {result.name}: added after a vCPU unplug under TCG (--force)")
     if result.serial is not None and result.serial.matched is not None:
         say(
             f"{result.name}: the guest printed {result.serial.matched!r} "
-            f"after {_ms(result.serial.seconds)}"
+            f"after {ms(result.serial.seconds)}"
         )
 
 
@@ -253,7 +251,7 @@ def _say_removed(result: Any) -> None:
     for unplug in result.unplugs:
         if unplug.outcome == "removed":
             where = _props(unplug.props)
-            say(f"{result.name}: removed {unplug.id} ({where}) in {_ms(unplug.seconds)}")
+            say(f"{result.name}: removed {unplug.id} ({where}) in {ms(unplug.seconds)}")
 
 
 def _remove_problems(result: Any) -> tuple[list[str], int]:
@@ -312,17 +310,7 @@ def _say_persisted(name: str, asked: bool, persisted: dict[str, Any] | None) -> 
         say(f"{name}: wrote cpu.count = {persisted['new']} to {persisted['file']}")
 
 
-def _fail(problems: list[str], code: int) -> None:
-    for problem in problems[:-1]:
-        warn(f"qvm: {problem}")
-    abort(problems[-1], code)
-
-
 def _props(props: dict[str, int]) -> str:
     from qvm.cpus import props_text
 
     return props_text(props)
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"

@@ -35,6 +35,8 @@ def global_options(
 
 VM_COMMANDS = ("up", "down", "kill", "restart", "status", "list", "logs", "console", "cmdline")
 GLOBAL_OPTIONS_WITH_VALUE = ("--machines", "--state-dir")
+# memory hotplug: qvm/cli/mem.py
+DEVICE_GROUPS = ("mem",)
 
 
 def command_word(argv: list[str]) -> str | None:
@@ -61,6 +63,9 @@ def register(word: str | None) -> None:
 
         app.add_typer(cpu.app, name="cpu")
         return
+    if word in DEVICE_GROUPS:
+        _add_device_group(word)
+        return
     if word == "qmp":
         from qvm.cli import qmp
 
@@ -70,7 +75,16 @@ def register(word: str | None) -> None:
 
     vm.register(app)
     app.add_typer(cpu.app, name="cpu")
+    for group in DEVICE_GROUPS:
+        _add_device_group(group)
     qmp.register(app)
+
+
+def _add_device_group(word: str) -> None:
+    """qvm mem/disk/nic: one Typer app per module, qvm/cli/<word>.py."""
+    import importlib
+
+    app.add_typer(importlib.import_module(f"qvm.cli.{word}").app, name=word)
 
 
 def main() -> None:

@@ -27,6 +27,21 @@ def abort(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+# a hotplug/unplug request stands, but the guest has not completed it (yet)
+EXIT_PENDING = 3
+
+
+def fail_all(problems: list[str], code: int = 1) -> NoReturn:
+    """Every problem on its own line (all but the last as warnings), then exit ``code``."""
+    for problem in problems[:-1]:
+        warn(f"qvm: {problem}")
+    abort(problems[-1], code)
+
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
@@ -37,13 +52,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}".replace(".0 ", " ")
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+    from qvm.sizes import human_size
+
+    return "-" if n is None else human_size(n)
 
 
 def human_seconds(seconds: float | None) -> str:

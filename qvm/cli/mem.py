@@ -1,0 +1,216 @@
+"""Memory hotplug commands: mem list, add, del, resize."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from qvm.cli import common
+from qvm.cli.output import (
+    EXIT_PENDING,
+    abort,
+    emit_json,
+    fail_all,
+    human_bytes,
+    ms,
+    say,
+    table,
+    warn,
+)
+
+app = typer.Typer(
+    help="List, add, remove and resize memory devices (DIMMs, virtio-mem) of a running VM.",
+    no_args_is_help=True,
+)
+
+JSON_HELP = "Print JSON (schema in the README)."
+
+
+def _size(name: str, option: str, text: str) -> int:
+    from qvm.sizes import SizeError, parse_size
+
+    try:
+        return parse_size(text)
+    except SizeError as error:
+        abort(f"{name}: {option}: {error}")
+
+
+@app.command("list")
+def list_cmd(
+    name: str = typer.Argument(..., help="Machine name."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Boot memory, every DIMM and virtio-mem device, room left, and what the guest says."""
+    from qvm.memory import list_memory
+
+    state = list_memory(common.run_dir_of(name))
+    if as_json:
+        emit_json(state.as_json())
+        return
+    _say_state(state)
+
+
+def _say_state(state: Any) -> None:
+    rows: list[list[Any]] = [["(boot)", "boot", human_bytes(state.boot), None, None, None]]
+    for d in state.devices:
+        size = human_bytes(d.size)
+        if d.kind == "virtio-mem":
+            size += f" of {human_bytes(d.max_size)}"
+            if d.requested_size is not None and d.requested_size != d.size:
+                size += f" (asked {human_bytes(d.requested_size)})"
+        where = f"slot {d.slot}" if d.slot is not None else d.bus
+        rows.append([d.id, d.kind, size, where, d.state, d.backend])
+    say(table(["ID", "KIND", "SIZE", "WHERE", "STATE", "BACKEND"], rows))
+    say(f"{state.name}: {state.summary()}")
+    if state.guest_kb is not None:
+        say(
+            f"{state.name}: the guest reports MemTotal {human_bytes(state.guest_kb * 1024)} "
+            "(its own QVM-STATE line on the serial console)"
+        )
+
+
+@app.command("add")
+def add(
+    name: str = typer.Argument(..., help="Machine name."),
+    size: str = typer.Argument(..., help='Size, e.g. "256M" or "1G" (a multiple of 2M).'),
+    virtio_mem: bool = typer.Option(
+        False,
+        "--virtio-mem",
+        help="Add a virtio-mem device (on a PCIe root port on q35) instead of a DIMM: no "
+        "slot, resizable with 'qvm mem resize'; the guest needs a virtio_mem driver. QEMU "
+        "7.2 cannot unplug it.",
+    ),
+    max_size: str | None = typer.Option(
+        None,
+        "--max",
+        help="virtio-mem: the most it may grow to (default: all the room memory.max leaves).",
+    ),
+    dev_id: str | None = typer.Option(None, "--id", help="Device id (default: dimmN/vmemN)."),
+    timeout: float = typer.Option(
+        10.0, "--timeout", help="virtio-mem: seconds to wait for the guest to plug SIZE."
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Add even after a vCPU unplug in this QEMU run under TCG (QEMU 7.2 crashes).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Hotplug a DIMM (object-add memory-backend-ram + device_add pc-dimm), or a virtio-mem
+    device. There is no --persist: a DIMM is not boot memory (edit memory.size yourself)."""
+    from qvm.memory import add_memory
+
+    run = common.run_dir_of(name)
+    maximum = _size(name, "--max", max_size) if max_size is not None else None
+    result = add_memory(
+        run,
+        _size(name, "SIZE", size),
+        virtio_mem=virtio_mem,
+        max_size=maximum,
+        dev_id=dev_id,
+        timeout=timeout,
+        force=force,
+    )
+    if as_json:
+        emit_json(result.as_json())
+    else:
+        device = result.device
+        if device.kind == "dimm":
+            say(
+                f"{name}: added {device.id} (DIMM, {human_bytes(device.size)}, "
+                f"slot {device.slot}, backend {device.backend})"
+            )
+        else:
+            where = f" on {device.bus}" if device.bus else ""
+            say(
+                f"{name}: added {device.id} (virtio-mem{where}, up to "
+                f"{human_bytes(device.max_size)}, backend {device.backend})"
+            )
+            if result.seconds is not None and device.requested_size:
+                say(
+                    f"{name}: the guest plugged {human_bytes(result.plugged)} "
+                    f"after {ms(result.seconds)}"
+                )
+        if result.forced_after_unplug:
+            warn(f"qvm: {name}: added after a vCPU unplug under TCG (--force)")
+        say(f"{name}: {result.state.summary()}")
+    if not result.complete:
+        _not_plugged(name, result.device.id, result.plugged, result.device.requested_size, timeout)
+
+
+def _not_plugged(name: str, dev_id: str, size: Any, wanted: Any, timeout: float) -> None:
+    abort(
+        f"{name}: {dev_id}: the guest has plugged {human_bytes(size)} of the "
+        f"{human_bytes(wanted)} asked within {timeout:g} s; the request stands and the guest "
+        "may still complete it (hint: the guest needs a virtio_mem driver; "
+        f"qvm mem list {name} shows the size)",
+        EXIT_PENDING,
+    )
+
+
+@app.command("del")
+def delete(
+    name: str = typer.Argument(..., help="Machine name."),
+    dev_id: str = typer.Argument(..., metavar="ID", help="The DIMM's id (see qvm mem list)."),
+    timeout: float = typer.Option(
+        10.0, "--timeout", help="Seconds to wait for the guest to release it."
+    ),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Unplug a DIMM (device_del), wait for DEVICE_DELETED, then delete its backend.
+
+    Pending (the guest has not released it within --timeout) exits with status 3; the
+    request stands, and the backend is deleted when the guest releases the DIMM.
+    """
+    from qvm.memory import remove_memory
+
+    result = remove_memory(common.run_dir_of(name), dev_id, timeout=timeout)
+    unplug = result.unplug
+    if as_json:
+        emit_json(result.as_json())
+    elif unplug.outcome == "removed":
+        backend = f"; deleted its backend {result.device.backend}" if unplug.cleaned else ""
+        size = human_bytes(result.device.size)
+        say(f"{name}: removed {dev_id} ({size}) in {ms(unplug.seconds)}{backend}")
+        say(f"{name}: {result.state.summary()}")
+    _unplug_problems(name, unplug, "DIMM")
+
+
+def _unplug_problems(name: str, unplug: Any, what: str) -> None:
+    from qvm.hotplug import pending_text
+
+    if unplug.outcome == "refused":
+        abort(f"{name}: {unplug.id}: {unplug.detail}; the {what} stays")
+    if unplug.outcome == "pending":
+        abort(pending_text(name, unplug.id, unplug.detail, what), EXIT_PENDING)
+    if unplug.cleanup_errors:
+        fail_all([f"{name}: {unplug.id} was removed, but {e}" for e in unplug.cleanup_errors])
+
+
+@app.command("resize")
+def resize(
+    name: str = typer.Argument(..., help="Machine name."),
+    dev_id: str = typer.Argument(..., metavar="ID", help="The virtio-mem device's id."),
+    size: str = typer.Argument(..., help='What the guest should have of it, e.g. "512M" or 0.'),
+    timeout: float = typer.Option(
+        10.0, "--timeout", help="Seconds to wait for the guest to reach SIZE."
+    ),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Grow or shrink a virtio-mem device (qom-set requested-size) and wait until the guest
+    has (MEMORY_DEVICE_SIZE_CHANGE). Not reached in time: exit status 3."""
+    from qvm.memory import resize_memory
+
+    result = resize_memory(
+        common.run_dir_of(name), dev_id, _size(name, "SIZE", size), timeout=timeout
+    )
+    if as_json:
+        emit_json(result.as_json())
+    elif result.complete:
+        say(
+            f"{name}: {dev_id}: {human_bytes(result.before)} -> {human_bytes(result.size)} "
+            f"in {ms(result.seconds)}"
+        )
+    if not result.complete:
+        _not_plugged(name, dev_id, result.size, result.requested, timeout)
