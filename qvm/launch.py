@@ -8,11 +8,12 @@ It changes nothing on disk: ``prepare_run_dir`` does that, only for a real start
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qvm.cmdline import LaunchInputs, build_argv, cpu_model, overlay_name
+from qvm.cmdline import LaunchInputs, build_argv, cpu_model, nic_id, overlay_name
 from qvm.definition import Machine, check_host
 from qvm.errors import DefinitionError, HostError, Problem
 from qvm.host import AccelChoice, choose_accel, probe_kvm, qemu_capabilities
@@ -26,6 +27,12 @@ from qvm.lifecycle import (
 from qvm.rundir import RunDir
 from qvm.topology import topology_of
 
+if TYPE_CHECKING:
+    from qvm.cloudinit import SeedPlan
+
+# (what is being fetched, bytes done, bytes in all or None): how a download reports
+FetchProgress = Callable[[str, int, int | None], None]
+
 
 @dataclass(frozen=True)
 class LaunchPlan:
@@ -34,6 +41,36 @@ class LaunchPlan:
     accel: AccelChoice
     argv: list[str]
     inputs: LaunchInputs
+    seed: SeedPlan | None = None  # the cloud-init seed, with [cloud_init]
+
+    def forwards(self) -> list[dict[str, Any]]:
+        """Every port forward of this launch, with the host ports picked for port 0."""
+        forwards = []
+        for nic_index, nic in enumerate(self.machine.nics):
+            for fwd_index, fwd in enumerate(nic.forwards):
+                forwards.append(
+                    {
+                        "nic": nic_id(nic_index, nic),
+                        "proto": fwd.protocol,
+                        "host_addr": fwd.host_addr,
+                        "host_port": fwd.host_port
+                        or self.inputs.host_ports.get((nic_index, fwd_index), 0),
+                        "guest_port": fwd.guest_port,
+                    }
+                )
+        return forwards
+
+    def images(self) -> list[dict[str, Any]]:
+        """The files QEMU opens, and whether it writes them (for other VMs' pre-flight)."""
+        images = []
+        for index, disk in enumerate(self.machine.disks):
+            if disk.base is not None:
+                images.append({"path": str(disk.base), "writable": False})
+                overlay = self.run_dir.path / overlay_name(index)
+                images.append({"path": str(overlay), "writable": not disk.readonly})
+            elif disk.file is not None:
+                images.append({"path": str(disk.file), "writable": not disk.readonly})
+        return images
 
     def launch_record(self) -> dict[str, Any]:
         """What the supervisor and later commands need to know about this run."""
@@ -62,6 +99,10 @@ class LaunchPlan:
                 {"nic": nic, "forward": fwd, "port": port}
                 for (nic, fwd), port in sorted(self.inputs.host_ports.items())
             ],
+            "forwards": self.forwards(),
+            "nics": [nic_id(index, nic) for index, nic in enumerate(machine.nics)],
+            "images": self.images(),
+            "ssh": self.seed.as_json() if self.seed is not None else None,
             "restart": machine.supervisor.restart,
             "max_restarts": machine.supervisor.max_restarts,
             "restart_delay": machine.supervisor.restart_delay,
@@ -76,6 +117,12 @@ def plan_launch(machine: Machine, run_dir: RunDir) -> LaunchPlan:
         raise DefinitionError(problems)
     accel = choose_accel(machine.accel, probe_kvm())
     _check_model_under_accel(machine, accel)
+    _check_images_free(machine, run_dir)
+    seed = None
+    if machine.cloud_init is not None:
+        from qvm.cloudinit import plan_seed
+
+        seed = plan_seed(machine, run_dir)
     inputs = LaunchInputs(
         accel=accel.accel,
         run_dir=run_dir,
@@ -85,7 +132,26 @@ def plan_launch(machine: Machine, run_dir: RunDir) -> LaunchPlan:
         ),
         host_ports=_resolve_ports(machine),
     )
-    return LaunchPlan(machine, run_dir, accel, build_argv(machine, inputs), inputs)
+    return LaunchPlan(machine, run_dir, accel, build_argv(machine, inputs), inputs, seed)
+
+
+def _check_images_free(machine: Machine, run_dir: RunDir) -> None:
+    """Refuse, before QEMU starts, images another QEMU holds in a conflicting way."""
+    from qvm.preflight import image_conflicts
+
+    images = []
+    for index, disk in enumerate(machine.disks):
+        if disk.file is not None:
+            images.append((f"disk[{index}].file", disk.file, not disk.readonly))
+        elif disk.base is not None and disk.base.exists():
+            images.append((f"disk[{index}].base", disk.base, False))
+    conflicts = image_conflicts(images, run_dir)
+    if conflicts:
+        raise HostError(
+            "\n".join(
+                f"{machine.path}: {key}: {path} is in use by {who}" for key, path, who in conflicts
+            )
+        )
 
 
 def _check_model_under_accel(machine: Machine, accel: AccelChoice) -> None:
@@ -120,11 +186,42 @@ def _resolve_ports(machine: Machine) -> dict[tuple[int, int], int]:
     return chosen
 
 
-def prepare_run_dir(plan: LaunchPlan) -> None:
-    """Create the run dir and the disks' overlays (never touching a base image)."""
+def prepare_run_dir(plan: LaunchPlan, progress: FetchProgress | None = None) -> None:
+    """Create the run dir, download base images given by URL (reporting through
+    ``progress``), create the disks' overlays (never touching a base image) and the
+    cloud-init seed."""
     plan.run_dir.create()
     for index, disk in enumerate(plan.machine.disks):
+        if disk.url is not None and disk.base is not None:
+            _fetch(plan, index, progress)
         if disk.base is not None:
             base_format = disk.format or detect_format(disk.base)
             overlay = plan.run_dir.path / overlay_name(index)
             ensure_overlay(Path(disk.base), base_format, overlay, disk.size)
+    if plan.seed is not None:
+        from qvm.cloudinit import write_seed
+
+        write_seed(plan.machine, plan.seed, plan.run_dir)
+
+
+def _fetch(plan: LaunchPlan, index: int, progress: FetchProgress | None) -> None:
+    from qvm.images import fetch_image
+
+    disk = plan.machine.disks[index]
+    assert disk.url is not None and disk.base is not None
+    algorithm, digest = ("sha512", disk.sha512) if disk.sha512 else ("sha256", disk.sha256)
+    report = None
+    if progress is not None:
+        url = disk.url
+
+        def report(done: int, total: int | None) -> None:
+            progress(url, done, total)
+
+    fetch_image(
+        disk.url,
+        algorithm,
+        digest or "",
+        disk.base,
+        report,
+        where=f"{plan.machine.path}: disk[{index}].base",
+    )

@@ -71,13 +71,25 @@ def register(word: str | None) -> None:
 
         qmp.register(app)
         return
-    from qvm.cli import cpu, qmp  # help, or an unknown command: show them all
+    from qvm.cli import dev
+
+    if word in dev.COMMANDS:
+        dev.register(app, only=word)
+        return
+    if word == "port":
+        from qvm.cli import port
+
+        app.add_typer(port.app, name="port")
+        return
+    from qvm.cli import cpu, port, qmp  # help, or an unknown command: show them all
 
     vm.register(app)
     app.add_typer(cpu.app, name="cpu")
     for group in DEVICE_GROUPS:
         _add_device_group(group)
     qmp.register(app)
+    dev.register(app)
+    app.add_typer(port.app, name="port")
 
 
 def _add_device_group(word: str) -> None:

@@ -1,0 +1,101 @@
+"""Is an image this VM needs already taken by another QEMU? Asked before QEMU starts.
+
+QEMU locks its images with OFD locks on bytes 100.. of the file (one byte per permission
+it holds, and per permission it refuses to share, from byte 200). Two questions:
+
+- which qvm VM uses the file: the other run dirs' ``launch.json`` record their images
+  (older records: the ``filename=`` options of their argv), so the message names the VM;
+- is any process holding QEMU's locks on it (a QEMU qvm does not manage): probed with
+  ``F_OFD_GETLK``, which tests a lock without taking it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from qvm.rundir import RunDir, is_locked, list_run_dirs, read_json
+
+_LOCK_PERM_BASE = 100  # QEMU's RAW_LOCK_PERM_BASE
+_WRITE_BIT = 1  # BLK_PERM_WRITE
+_FLOCK = "hhqqi4x"  # struct flock on x86_64: type, whence, start, len, pid
+
+
+def image_records(argv: list[str], images: Any) -> list[dict[str, Any]]:
+    """A run's images as [{"path", "writable"}], from its record or else its argv."""
+    if isinstance(images, list):
+        return [i for i in images if isinstance(i, dict) and "path" in i]
+    found = []
+    for arg in argv:
+        if not arg.startswith("driver=file,"):
+            continue
+        opts = dict(part.split("=", 1) for part in arg.split(",") if "=" in part)
+        if "filename" in opts:
+            found.append(
+                {"path": opts["filename"], "writable": opts.get("read-only", "off") != "on"}
+            )
+    return found
+
+
+def users_of(path: Path, state_root: Path, exclude: str) -> list[tuple[str, bool]]:
+    """(VM name, writes it) for every running qvm VM but ``exclude`` using ``path``."""
+    real = os.path.realpath(path)
+    users = []
+    for run in list_run_dirs(state_root):
+        if run.name == exclude or not is_locked(run.lock_file):
+            continue
+        launch = read_json(run.launch_file) or {}
+        for image in image_records(launch.get("argv") or [], launch.get("images")):
+            if os.path.realpath(str(image["path"])) == real:
+                users.append((run.name, bool(image.get("writable"))))
+    return users
+
+
+def locked_by_someone(path: Path, write: bool) -> bool:
+    """True if a process holds QEMU locks that forbid opening ``path`` this way.
+
+    ``write``: we want to write it (then any QEMU lock conflicts); else we only read it
+    and only another writer conflicts.
+    """
+    getlk = getattr(fcntl, "F_OFD_GETLK", None)
+    if getlk is None:
+        return False
+    start, length = (_LOCK_PERM_BASE, 200) if write else (_LOCK_PERM_BASE + _WRITE_BIT, 1)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+        reply = fcntl.fcntl(fd, getlk, request)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return struct.unpack(_FLOCK, reply)[0] != fcntl.F_UNLCK
+
+
+def image_conflicts(
+    images: Iterable[tuple[str, Path, bool]], run: RunDir
+) -> list[tuple[str, Path, str]]:
+    """(key, path, who) for each image this VM cannot open because another QEMU has it.
+
+    ``images``: (key path in the definition, file, this VM writes it).
+    """
+    conflicts = []
+    state_root = run.path.parent
+    for key, path, write in images:
+        users = users_of(path, state_root, exclude=run.name)
+        blocking = [name for name, writes in users if write or writes]
+        if blocking:
+            names = ", ".join(f"VM {name}" for name in blocking)
+            conflicts.append((key, path, f"{names} (hint: qvm down {blocking[0]})"))
+        elif locked_by_someone(path, write):
+            conflicts.append(
+                (key, path, "another process (hint: 'lslocks' or 'fuser' shows which)")
+            )
+    return conflicts
