@@ -378,6 +378,7 @@ def vm_status(run: RunDir) -> dict[str, Any]:
         "console_socket": str(run.console_socket),
         "run_dir": str(run.path),
         "machine_file": None,
+        "forwards": [],
         "error": None,
     }
     launch = read_json(run.launch_file) or {}
@@ -422,6 +423,9 @@ def vm_status(run: RunDir) -> dict[str, Any]:
         record["vcpus"] = {"present": live["vcpus_present"], "max": vcpus_max}
     if "memory_bytes" in live:
         record["memory"] = {"bytes": live["memory_bytes"], "max": launch.get("memory_max")}
+    from qvm.forwards import current_forwards
+
+    record["forwards"] = current_forwards(run)
     record["rss_bytes"] = live.get("rss_bytes")
     record["cpu_percent"] = live.get("cpu_percent")
     record["error"] = live.get("qmp_error")

@@ -1,0 +1,157 @@
+"""Port forwards of a running VM: list, add and remove them with QEMU's HMP
+``hostfwd_add``/``hostfwd_remove`` (through QMP ``human-monitor-command``).
+
+The forwards QEMU started with are in ``launch.json``; a change at run time writes the
+whole current list to ``forwards.json``, stamped with the QEMU run (pid, start time) it
+is about, so a restarted QEMU (which has only its argv's forwards) is never described
+by a stale list.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from qvm.definition import ForwardError, PortForward, parse_forward
+from qvm.errors import ControlError, HostError, NotRunningError, QvmError
+from qvm.rundir import RunDir, read_json, write_json_atomic
+
+_SHORT_FORM = re.compile(r"(?:(tcp|udp):)?(?:([0-9]{1,3}(?:\.[0-9]{1,3}){3}):)?([0-9]{1,5})")
+
+
+def _qemu_run(run: RunDir) -> dict[str, Any]:
+    state = read_json(run.state_file) or {}
+    return {"qemu_pid": state.get("qemu_pid"), "qemu_start_time": state.get("qemu_start_time")}
+
+
+def current_forwards(run: RunDir) -> list[dict[str, Any]]:
+    """The forwards of the VM's current (or last) QEMU run."""
+    launch = read_json(run.launch_file) or {}
+    record = read_json(run.forwards_file)
+    current = _qemu_run(run)
+    if (
+        record is not None
+        and current.get("qemu_pid")
+        and all(record.get(k) == current.get(k) for k in current)
+    ):
+        return list(record.get("forwards") or [])
+    return list(launch.get("forwards") or [])
+
+
+def _save(run: RunDir, forwards: list[dict[str, Any]]) -> None:
+    write_json_atomic(run.forwards_file, {**_qemu_run(run), "forwards": forwards})
+
+
+def _nic_for(run: RunDir, nic: str | None) -> str:
+    nics = (read_json(run.launch_file) or {}).get("nics") or []
+    if nic is not None:
+        return nic
+    if not nics:
+        raise HostError(
+            f"{run.name}: has no user-mode NIC to forward ports to "
+            "(hint: add a [[nic]] table to its machine file and restart it)"
+        )
+    return str(nics[0])
+
+
+def _hmp(run: RunDir, command_line: str) -> str:
+    from qvm.qmp import ControlSession
+
+    with ControlSession(run) as session:
+        return str(session.execute("human-monitor-command", {"command-line": command_line}))
+
+
+def _require_running(run: RunDir) -> None:
+    from qvm.lifecycle import supervisor_alive
+
+    if not supervisor_alive(run):
+        raise NotRunningError(run.name)
+
+
+def add_forward(run: RunDir, text: str, nic: str | None = None) -> dict[str, Any]:
+    """Add ``PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT`` (host port 0 or "auto": a free one)."""
+    from qvm.lifecycle import pick_free_port, port_holder, port_in_use
+
+    _require_running(run)
+    fwd = parse_spec(text)
+    netdev = _nic_for(run, nic)
+    if fwd.host_port == 0:
+        port = pick_free_port(fwd.host_addr, fwd.protocol)
+    elif port_in_use(fwd.host_addr, fwd.host_port, fwd.protocol):
+        holder = port_holder(fwd.host_port)
+        held = f" by {holder}" if holder else ""
+        raise HostError(
+            f"{run.name}: {fwd.protocol} port {fwd.host_addr}:{fwd.host_port} is already in "
+            f"use{held} (hint: pick another host port, or 0 for any free one)"
+        )
+    else:
+        port = fwd.host_port
+    rule = f"{fwd.protocol}:{fwd.host_addr}:{port}-:{fwd.guest_port}"
+    reply = _hmp(run, f"hostfwd_add {netdev} {rule}").strip()
+    if reply:  # HMP says nothing on success
+        raise ControlError(f"{run.name}: hostfwd_add {netdev} {rule}: {reply}")
+    entry = {
+        "nic": netdev,
+        "proto": fwd.protocol,
+        "host_addr": fwd.host_addr,
+        "host_port": port,
+        "guest_port": fwd.guest_port,
+    }
+    _save(run, [*current_forwards(run), entry])
+    return entry
+
+
+def parse_spec(text: str) -> PortForward:
+    spec = text.replace(":auto:", ":0:")
+    try:
+        return parse_forward(spec)
+    except ForwardError as exc:
+        raise QvmError(
+            f'{exc} (hint: forwards look like "tcp:2222:22", "tcp:0:22" or "tcp:0.0.0.0:8080:80")'
+        ) from None
+
+
+def remove_forward(run: RunDir, text: str, nic: str | None = None) -> list[dict[str, Any]]:
+    """Remove the forwards matching ``text``: a whole spec ("tcp:2222:22"), or a host
+    port with optional protocol and address ("2222", "tcp:2222", "tcp:127.0.0.1:2222")."""
+    _require_running(run)
+    matches = [f for f in current_forwards(run) if _matches(f, text, nic)]
+    if not matches:
+        raise QvmError(
+            f"{run.name}: no port forward matches {text!r} (hint: qvm port list {run.name})"
+        )
+    removed = []
+    for forward in matches:
+        rule = f"{forward['proto']}:{forward['host_addr']}:{forward['host_port']}"
+        reply = _hmp(run, f"hostfwd_remove {forward['nic']} {rule}").strip()
+        if not reply.endswith("removed"):
+            raise ControlError(f"{run.name}: hostfwd_remove {forward['nic']} {rule}: {reply}")
+        removed.append(forward)
+        _save(run, [f for f in current_forwards(run) if f != forward])
+    return removed
+
+
+def _matches(forward: dict[str, Any], text: str, nic: str | None) -> bool:
+    if nic is not None and forward.get("nic") != nic:
+        return False
+    short = _SHORT_FORM.fullmatch(text)
+    if short is not None:
+        proto, addr, port = short.groups()
+        return (
+            int(port) == forward.get("host_port")
+            and (proto is None or proto == forward.get("proto"))
+            and (addr is None or addr == forward.get("host_addr"))
+        )
+    fwd = parse_spec(text)
+    return (
+        fwd.protocol == forward.get("proto")
+        and fwd.host_addr == forward.get("host_addr")
+        and fwd.host_port == forward.get("host_port")
+        and fwd.guest_port == forward.get("guest_port")
+    )
+
+
+def forward_text(forward: dict[str, Any]) -> str:
+    return (
+        f"{forward['proto']}:{forward['host_addr']}:{forward['host_port']}:{forward['guest_port']}"
+    )
