@@ -33,6 +33,7 @@ def up(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Start VMs under their own supervisors and wait until QMP answers."""
+    from qvm.cli.progress import DownloadBar
     from qvm.launch import plan_launch, prepare_run_dir
     from qvm.lifecycle import start_supervisor
 
@@ -43,7 +44,7 @@ def up(
             machine = common.load(name)
             run = common.run_dir(machine.name)
             plan = plan_launch(machine, run)
-            prepare_run_dir(plan)
+            prepare_run_dir(plan, progress=DownloadBar())
             result = start_supervisor(run, plan.launch_record(), wait=not no_wait)
         except QvmError as error:
             failed += 1
@@ -71,6 +72,11 @@ def up(
         say(f"  accel       {result.accel} ({result.accel_reason})")
         say(f"  serial log  {result.serial_log}")
         say(f"  qmp socket  {result.qmp_socket}")
+        for forward in plan.forwards():
+            say(
+                f"  forward     {forward['proto']}:{forward['host_addr']}:{forward['host_port']}"
+                f" -> guest port {forward['guest_port']} ({forward['nic']})"
+            )
     if as_json:
         emit_json(results)
     if failed:
@@ -205,6 +211,12 @@ def _status_text(record: dict[str, Any]) -> str:
         row("qmp", record.get("qmp_socket"))
         row("console", record.get("console_socket"))
     row("serial log", record.get("serial_log"))
+    for forward in record.get("forwards") or []:
+        row(
+            "forward",
+            f"{forward['proto']}:{forward['host_addr']}:{forward['host_port']}"
+            f" -> guest port {forward['guest_port']} ({forward['nic']})",
+        )
     last = record.get("last_exit")
     if last and record["state"] not in ("stopped", "crashed"):
         row("last exit", last.get("reason"))
