@@ -70,35 +70,75 @@ def _require_running(run: RunDir) -> None:
 
 def add_forward(run: RunDir, text: str, nic: str | None = None) -> dict[str, Any]:
     """Add ``PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT`` (host port 0 or "auto": a free one)."""
-    from qvm.lifecycle import pick_free_port, port_holder, port_in_use
-
     _require_running(run)
     fwd = parse_spec(text)
     netdev = _nic_for(run, nic)
-    if fwd.host_port == 0:
-        port = pick_free_port(fwd.host_addr, fwd.protocol)
-    elif port_in_use(fwd.host_addr, fwd.host_port, fwd.protocol):
-        holder = port_holder(fwd.host_port)
-        held = f" by {holder}" if holder else ""
-        raise HostError(
-            f"{run.name}: {fwd.protocol} port {fwd.host_addr}:{fwd.host_port} is already in "
-            f"use{held} (hint: pick another host port, or 0 for any free one)"
-        )
-    else:
-        port = fwd.host_port
-    rule = f"{fwd.protocol}:{fwd.host_addr}:{port}-:{fwd.guest_port}"
+    entry = resolve_forward(run, fwd, netdev)
+    rule = hostfwd_rule(entry)
     reply = _hmp(run, f"hostfwd_add {netdev} {rule}").strip()
     if reply:  # HMP says nothing on success
         raise ControlError(f"{run.name}: hostfwd_add {netdev} {rule}: {reply}")
-    entry = {
-        "nic": netdev,
+    record_forwards(run, [entry])
+    return entry
+
+
+def resolve_forward(
+    run: RunDir, fwd: PortForward, nic: str, action: str | None = None
+) -> dict[str, Any]:
+    """The forward as recorded, with its host port: 0 gets a free one; a port in use is
+    refused before QEMU is asked, naming who holds it (the qvm VM, when it is one)."""
+    from qvm.lifecycle import pick_free_port, port_in_use
+
+    if fwd.host_port == 0:
+        port = pick_free_port(fwd.host_addr, fwd.protocol)
+    elif port_in_use(fwd.host_addr, fwd.host_port, fwd.protocol):
+        doing = f"{action}: " if action else ""
+        raise HostError(
+            f"{run.name}: {doing}{fwd.protocol} port {fwd.host_addr}:{fwd.host_port} is already "
+            f"in use{_held_by(run, fwd.host_port)} (hint: pick another host port, or 0 for any "
+            "free one)"
+        )
+    else:
+        port = fwd.host_port
+    return {
+        "nic": nic,
         "proto": fwd.protocol,
         "host_addr": fwd.host_addr,
         "host_port": port,
         "guest_port": fwd.guest_port,
     }
-    _save(run, [*current_forwards(run), entry])
-    return entry
+
+
+def _held_by(run: RunDir, port: int) -> str:
+    from qvm.hotplug import vm_of_qemu_pid
+    from qvm.lifecycle import port_holder
+
+    holder = port_holder(port)
+    if holder is None:
+        return ""
+    pid = re.match(r"pid ([0-9]+)", holder)
+    vm = vm_of_qemu_pid(run.path.parent, int(pid[1])) if pid else None
+    return f" by VM {vm} ({holder})" if vm else f" by {holder}"
+
+
+def hostfwd_rule(forward: dict[str, Any]) -> str:
+    """QEMU's rule for a forward: ``tcp:127.0.0.1:2222-:22``."""
+    return (
+        f"{forward['proto']}:{forward['host_addr']}:{forward['host_port']}-:{forward['guest_port']}"
+    )
+
+
+def record_forwards(run: RunDir, entries: list[dict[str, Any]]) -> None:
+    """Forwards QEMU has now besides the current ones (a NIC hotplugged with them)."""
+    _save(run, [*current_forwards(run), *entries])
+
+
+def forget_forwards(run: RunDir, nic: str) -> None:
+    """The NIC ``nic`` is gone, and its netdev with its forwards."""
+    forwards = current_forwards(run)
+    kept = [f for f in forwards if f.get("nic") != nic]
+    if kept != forwards:
+        _save(run, kept)
 
 
 def parse_spec(text: str) -> PortForward:

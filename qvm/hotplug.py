@@ -41,10 +41,12 @@ from qvm.pending import (
 )
 from qvm.rundir import (
     RunDir,
+    hotplugged,
     list_run_dirs,
     qemu_run,
     read_json,
     same_run,
+    save_hotplugged,
     write_json_atomic,
 )
 
@@ -143,27 +145,15 @@ def check_device_add(run: RunDir, launch: dict[str, Any], action: str, force: bo
 # --- what qvm hotplugged in this QEMU run ---------------------------------------------
 
 
-def load_devices(run: RunDir) -> list[dict[str, Any]]:
-    """The records of ``devices.json`` about the current QEMU run (else none)."""
-    record = read_json(run.devices_file)
-    if record is None or not same_run(record, qemu_run(run)):
-        return []
-    return [d for d in record.get("devices", []) if isinstance(d, dict) and d.get("id")]
-
-
-def save_devices(run: RunDir, devices: list[dict[str, Any]]) -> None:
-    write_json_atomic(run.devices_file, {**qemu_run(run), "devices": devices})
-
-
 def add_device_record(run: RunDir, entry: dict[str, Any]) -> None:
-    save_devices(run, [*load_devices(run), entry])
+    save_hotplugged(run, [*hotplugged(run), entry])
 
 
 def drop_device_record(run: RunDir, dev_id: str) -> None:
-    devices = load_devices(run)
+    devices = hotplugged(run)
     kept = [d for d in devices if d.get("id") != dev_id]
     if kept != devices:
-        save_devices(run, kept)
+        save_hotplugged(run, kept)
 
 
 def peripheral_ids(session: Any) -> set[str]:
@@ -178,7 +168,7 @@ def reconcile_devices(
     """The records whose device QEMU still has (of ``kind``, if given). A record whose
     device went away (a pending unplug the guest completed later) is dropped, after
     its cleanup ran: the supervisor has normally done it; deleting twice is harmless."""
-    devices = load_devices(run)
+    devices = hotplugged(run)
     marks = pending_marks(run)
     kept, gone = [], []
     for device in devices:
@@ -186,7 +176,7 @@ def reconcile_devices(
     for device in gone:
         run_cleanup(session, commands_of(device))
     if gone:
-        save_devices(run, kept)
+        save_hotplugged(run, kept)
     return [d for d in kept if kind is None or d.get("kind") == kind]
 
 
@@ -201,6 +191,54 @@ def run_cleanup(session: Any, cleanup: Sequence[Command]) -> list[str]:
                 raise
             errors.append(f"{command} {_args_text(arguments)}: {error.qemu_desc or error}")
     return errors
+
+
+@dataclass(frozen=True)
+class Step:
+    """One QMP command of a hotplug, and the command that undoes it (None: the last)."""
+
+    command: str
+    arguments: dict[str, Any]
+    undo: Command | None = None
+
+    @property
+    def what(self) -> str:
+        args = self.arguments
+        return str(args.get("node-name") or args.get("id") or self.command)
+
+
+# QEMU's error text -> (the problem, a hint or None) in qvm's words; None: QEMU's words
+Translate = Callable[[str], "tuple[str, str | None] | None"]
+
+
+def run_steps(
+    session: Any,
+    run: RunDir,
+    action: str,
+    steps: Sequence[Step],
+    translate: Translate | None = None,
+) -> None:
+    """Run the steps in order. When QEMU refuses one, undo those done (last first) and
+    raise one line: what failed, QEMU's reason, and whether the VM is as it was."""
+    done: list[Command] = []
+    for step in steps:
+        try:
+            session.execute(step.command, step.arguments)
+        except ControlError as error:
+            if error.qemu_exited or error.qemu_desc is None:
+                raise
+            left = run_cleanup(session, list(reversed(done)))
+            after = (
+                f"undoing the earlier steps failed: {'; '.join(left)}"
+                if left
+                else "the VM is unchanged"
+            )
+            said = translate(error.qemu_desc) if translate else None
+            problem, hint = said or (f"{step.command} {step.what}: {error.qemu_desc}", None)
+            hint_text = f" (hint: {hint})" if hint else ""
+            raise HotplugError(f"{run.name}: {action}: {problem}; {after}{hint_text}") from error
+        if step.undo is not None:
+            done.append(step.undo)
 
 
 def _args_text(arguments: dict[str, Any]) -> str:
@@ -356,6 +394,75 @@ def unplug_device(
     errors = run_cleanup(session, cleanup)
     cleaned = tuple(f"{c} {_args_text(a)}" for c, a in cleanup)
     return DeviceUnplug(dev_id, outcome, seconds, None, cleaned, tuple(errors))
+
+
+@dataclass(frozen=True)
+class Removal:
+    """A device qvm unplugged (or asked to): ``key`` names it in JSON ("disk", "nic")."""
+
+    name: str
+    key: str
+    device: Any  # the listed device, with ``as_json``
+    unplug: DeviceUnplug
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, self.key: self.device.as_json(), **self.unplug.as_json()}
+
+
+def check_removable(
+    run: RunDir, launch: dict[str, Any], dev_id: str, found: Any, what: str, known: list[str]
+) -> None:
+    """Refuse to unplug what qvm did not hotplug, or what is already going.
+
+    ``found``: the listed device (``origin`` "boot", "qvm" or "other", ``pending``), or
+    None; ``what``: "disk", "NIC", ...; ``known``: the ids there are.
+    """
+    name = run.name
+    group = what.lower()
+    if found is None:
+        ids = ", ".join(known) or "none"
+        raise HotplugError(
+            f"{name}: no {what} {dev_id!r} ({what}s: {ids}) (hint: qvm {group} list {name})"
+        )
+    if found.origin == "boot":
+        file = launch.get("machine_file")
+        where = f" (from {display_path(file)})" if file else ""
+        raise HotplugError(
+            f"{name}: {dev_id} is a boot {what}{where}: qvm unplugs only what it hotplugged "
+            f"(hint: remove it from the machine file, then qvm restart {name})"
+        )
+    if found.origin == "other":
+        raise HotplugError(
+            f"{name}: {dev_id} was not hotplugged by qvm, which does not know its backend "
+            f"(hint: qvm qmp {name} device_del id={dev_id}, then delete its backend)"
+        )
+    if found.pending:
+        raise already_pending(name, dev_id, group)
+
+
+def already_pending(name: str, dev_id: str, group: str) -> HotplugError:
+    return HotplugError(
+        f"{name}: {dev_id}: its unplug is already pending: the guest has not released it "
+        f"yet (hint: qvm {group} list {name}; qvm restart {name} ends it)"
+    )
+
+
+def unplug_recorded(
+    session: Any,
+    run: RunDir,
+    dev_id: str,
+    timeout: float,
+    cleanup: Sequence[Command] | None = None,
+) -> DeviceUnplug:
+    """``unplug_device`` with the backend's deletion from the device's ``devices.json``
+    record (unless given), and the record dropped once the device is gone."""
+    if cleanup is None:
+        record = next((r for r in hotplugged(run) if r.get("id") == dev_id), {})
+        cleanup = commands_of(record)
+    unplug = unplug_device(session, run, dev_id, cleanup, timeout)
+    if unplug.outcome == "removed":
+        drop_device_record(run, dev_id)
+    return unplug
 
 
 def pending_text(name: str, dev_id: str, detail: str | None, what: str) -> str:

@@ -494,8 +494,12 @@ def ensure_overlay(base: Path, base_format: str, overlay: Path, size: int | None
     """Create the per-VM copy-on-write overlay once; the base image is only ever read."""
     if overlay.exists():
         return
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base)]
-    argv.append(str(overlay))
+    qemu_img_create(overlay, size, ["-F", base_format, "-b", str(base)])
+
+
+def qemu_img_create(path: Path, size: int | None, options: list[str] | None = None) -> None:
+    """``qemu-img create -f qcow2 [OPTIONS] PATH [SIZE]``; a half-made file is removed."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", *(options or []), str(path)]
     if size is not None:
         argv.append(str(size))
     try:
@@ -505,5 +509,5 @@ def ensure_overlay(base: Path, base_format: str, overlay: Path, size: int | None
             f"qemu-img: cannot run it: {exc} (hint: apt-get install qemu-utils)"
         ) from exc
     if done.returncode != 0:
-        overlay.unlink(missing_ok=True)
-        raise HostError(f"qemu-img create {overlay}: {done.stderr.strip()}")
+        path.unlink(missing_ok=True)
+        raise HostError(f"qemu-img create {path}: {done.stderr.strip()}")

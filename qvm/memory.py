@@ -28,14 +28,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from qvm.errors import ControlError, HotplugError
+from qvm.errors import HotplugError
 from qvm.hotplug import (
     DeviceUnplug,
+    Step,
     add_device_record,
+    already_pending,
     check_device_add,
     check_new_id,
     choose_pci_bus,
-    drop_device_record,
     fresh_id,
     guest_report,
     launch_of,
@@ -43,9 +44,9 @@ from qvm.hotplug import (
     peripheral_ids,
     reconcile_devices,
     restart_hint,
-    run_cleanup,
+    run_steps,
     since,
-    unplug_device,
+    unplug_recorded,
 )
 from qvm.pending import pending_ids
 from qvm.qmp import ControlSession
@@ -335,8 +336,7 @@ def add_memory(
         check_slot(state, run, launch)
         dev_id = _new_id(run, dev_id, DIMM_PREFIX, taken)
         backend = BACKEND_PREFIX + dev_id
-        _add_backend(session, run, backend, size)
-        _device_add(session, run, launch, {"driver": "pc-dimm", "id": dev_id, "memdev": backend})
+        _plug(session, run, launch, plug_steps(dev_id, backend, size, {"driver": "pc-dimm"}))
         add_device_record(run, _record(dev_id, "dimm", backend, size=size))
         after = _query(session, run, launch)
         device = after.find(dev_id) or MemoryDevice(dev_id, "dimm", size, backend, by_qvm=True)
@@ -367,19 +367,13 @@ def _add_virtio_mem(
     bus = choose_pci_bus(pci_places(session, launch), run, launch, "mem add --virtio-mem")
     dev_id = _new_id(run, dev_id, VIRTIO_MEM_PREFIX, taken)
     backend = BACKEND_PREFIX + dev_id
-    _add_backend(session, run, backend, maximum)
-    arguments: dict[str, Any] = {
-        "driver": "virtio-mem-pci",
-        "id": dev_id,
-        "memdev": backend,
-        "requested-size": size,
-    }
+    device: dict[str, Any] = {"driver": "virtio-mem-pci", "requested-size": size}
     if bus is not None:
-        arguments["bus"] = bus
+        device["bus"] = bus
     events = session.listen([SIZE_CHANGE])  # before device_add: the guest is quick
     try:
         started = time.monotonic()
-        _device_add(session, run, launch, arguments)
+        _plug(session, run, launch, plug_steps(dev_id, backend, maximum, device))
         add_device_record(
             run, _record(dev_id, "virtio-mem", backend, size=size, max_size=maximum, bus=bus)
         )
@@ -387,8 +381,8 @@ def _add_virtio_mem(
     finally:
         events.close()
     after = _query(session, run, launch)
-    device = after.find(dev_id) or MemoryDevice(dev_id, "virtio-mem", 0, backend, by_qvm=True)
-    return MemoryAdd(name, device, after, plugged, seconds, forced)
+    added = after.find(dev_id) or MemoryDevice(dev_id, "virtio-mem", 0, backend, by_qvm=True)
+    return MemoryAdd(name, added, after, plugged, seconds, forced)
 
 
 def _taken_ids(session: ControlSession, run: RunDir, state: MemoryState) -> set[str]:
@@ -419,43 +413,25 @@ def _record(dev_id: str, kind: str, backend: str, **facts: Any) -> dict[str, Any
     }
 
 
-def _add_backend(session: ControlSession, run: RunDir, backend: str, size: int) -> None:
-    arguments = {"qom-type": "memory-backend-ram", "id": backend, "size": size}
-    try:
-        session.execute("object-add", arguments)
-    except ControlError as error:
-        if error.qemu_exited or error.qemu_desc is None:
-            raise
-        raise HotplugError(
-            f"{run.name}: mem add: object-add {backend}: {error.qemu_desc}; the VM is unchanged"
-        ) from error
+def plug_steps(dev_id: str, backend: str, size: int, device: dict[str, Any]) -> list[Step]:
+    """A memory backend of ``size`` bytes, then the device using it."""
+    return [
+        Step(
+            "object-add",
+            {"qom-type": "memory-backend-ram", "id": backend, "size": size},
+            ("object-del", {"id": backend}),
+        ),
+        Step("device_add", {"id": dev_id, "memdev": backend, **device}),
+    ]
 
 
-def _device_add(
-    session: ControlSession, run: RunDir, launch: dict[str, Any], arguments: dict[str, Any]
-) -> None:
-    """``device_add`` of a memory device whose backend is in place: on failure the
-    backend goes again, and the error says what QEMU said."""
-    dev_id = arguments["id"]
-    backend = arguments["memdev"]
-    try:
-        session.execute("device_add", arguments)
-    except ControlError as error:
-        if error.qemu_exited or error.qemu_desc is None:
-            raise
-        left = run_cleanup(session, [("object-del", {"id": backend})])
-        after = (
-            f"deleting its backend failed too: {left[0]}"
-            if left
-            else "its backend was deleted, the VM is unchanged"
-        )
-        desc = error.qemu_desc
-        hint = ""
-        if "not enough space" in desc:
-            hint = f" (hint: {restart_hint(run, launch, 'memory.max')})"
-        raise HotplugError(
-            f"{run.name}: mem add: device_add {dev_id}: {desc}; {after}{hint}"
-        ) from error
+def _plug(session: ControlSession, run: RunDir, launch: dict[str, Any], steps: list[Step]) -> None:
+    def translate(desc: str) -> tuple[str, str | None] | None:
+        if "not enough space" in desc:  # memory.max, as QEMU counts it
+            return f"device_add: {desc}", restart_hint(run, launch, "memory.max")
+        return None
+
+    run_steps(session, run, "mem add", steps, translate)
 
 
 def _wait_size(
@@ -534,14 +510,10 @@ def remove_memory(run: RunDir, dev_id: str, timeout: float = DEFAULT_GUEST_TIMEO
                 "goes at the next restart)"
             )
         if device.pending:
-            raise HotplugError(
-                f"{name}: {dev_id}: its unplug is already pending: the guest has not released "
-                f"it yet (hint: qvm mem list {name}; qvm restart {name} ends it)"
-            )
+            raise already_pending(name, dev_id, "mem")
+        # a DIMM qvm did not add (qvm qmp) can go too: QEMU names its backend
         cleanup = [("object-del", {"id": device.backend})] if device.backend else []
-        unplug = unplug_device(session, run, dev_id, cleanup, timeout)
-        if unplug.outcome == "removed":
-            drop_device_record(run, dev_id)
+        unplug = unplug_recorded(session, run, dev_id, timeout, cleanup)
         return MemoryRemove(name, device, unplug, _query(session, run, launch))
 
 
@@ -618,11 +590,11 @@ def resize_memory(
 
 
 def _update_record(run: RunDir, dev_id: str, **changes: Any) -> None:
-    from qvm.hotplug import load_devices, save_devices
+    from qvm.rundir import hotplugged, save_hotplugged
 
-    devices = load_devices(run)
+    devices = hotplugged(run)
     for device in devices:
         if device.get("id") == dev_id:
             device.update(changes)
-            save_devices(run, devices)
+            save_hotplugged(run, devices)
             return

@@ -4,7 +4,8 @@ QEMU locks its images with OFD locks on bytes 100.. of the file (one byte per pe
 it holds, and per permission it refuses to share, from byte 200). Two questions:
 
 - which qvm VM uses the file: the other run dirs' ``launch.json`` record their images
-  (older records: the ``filename=`` options of their argv), so the message names the VM;
+  (older records: the ``filename=`` options of their argv) and ``devices.json`` the
+  images attached since (``qvm disk attach``), so the message names the VM;
 - is any process holding QEMU's locks on it (a QEMU qvm does not manage): probed with
   ``F_OFD_GETLK``, which tests a lock without taking it.
 """
@@ -18,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from qvm.rundir import RunDir, is_locked, list_run_dirs, read_json
+from qvm.rundir import RunDir, hotplugged, is_locked, list_run_dirs, read_json
 
 _LOCK_PERM_BASE = 100  # QEMU's RAW_LOCK_PERM_BASE
 _WRITE_BIT = 1  # BLK_PERM_WRITE
@@ -49,7 +50,13 @@ def users_of(path: Path, state_root: Path, exclude: str) -> list[tuple[str, bool
         if run.name == exclude or not is_locked(run.lock_file):
             continue
         launch = read_json(run.launch_file) or {}
-        for image in image_records(launch.get("argv") or [], launch.get("images")):
+        images = image_records(launch.get("argv") or [], launch.get("images"))
+        images += [  # attached since it started (qvm disk attach)
+            {"path": d["file"], "writable": not d.get("readonly")}
+            for d in hotplugged(run)
+            if d.get("kind") == "disk" and d.get("file")
+        ]
+        for image in images:
             if os.path.realpath(str(image["path"])) == real:
                 users.append((run.name, bool(image.get("writable"))))
     return users

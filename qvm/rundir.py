@@ -102,6 +102,11 @@ class RunDir:
     def devices_file(self) -> Path:
         return self.path / "devices.json"
 
+    # An empty image made by `qvm disk attach --new` for the device ``dev_id``. Not
+    # disk*.qcow2: those are [[disk]] base overlays, which `up` reuses and `reset` deletes.
+    def new_disk_image(self, dev_id: str) -> Path:
+        return self.path / f"hotplug-{dev_id}.qcow2"
+
     # cloud-init NoCloud seed (ISO 9660, label cidata) and the texts it holds, for people
     @property
     def seed_image(self) -> Path:
@@ -202,6 +207,19 @@ def same_run(record: dict[str, Any], current: dict[str, Any]) -> bool:
     return bool(current.get("qemu_pid")) and all(
         record.get(k) == current.get(k) for k in ("qemu_pid", "qemu_start_time")
     )
+
+
+def hotplugged(run: RunDir) -> list[dict[str, Any]]:
+    """What qvm hotplugged into the VM's current QEMU (``devices.json``; an earlier
+    run's record means nothing): one dict per device, with ``id`` and ``kind``."""
+    record = read_json(run.devices_file)
+    if record is None or not same_run(record, qemu_run(run)):
+        return []
+    return [d for d in record.get("devices", []) if isinstance(d, dict) and d.get("id")]
+
+
+def save_hotplugged(run: RunDir, devices: list[dict[str, Any]]) -> None:
+    write_json_atomic(run.devices_file, {**qemu_run(run), "devices": devices})
 
 
 def try_lock(path: Path) -> int | None:

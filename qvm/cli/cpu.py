@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -287,15 +286,11 @@ def _present_line(name: str, present: int, maximum: int, removed: Any) -> str:
 
 
 def _persist(run: Any, count: int) -> dict[str, Any] | None:
+    from qvm.cli.hotplug import machine_file
     from qvm.hotplug import display_path
     from qvm.persist import persist_cpu_count
-    from qvm.rundir import read_json
 
-    launch = read_json(run.launch_file) or {}
-    file = launch.get("machine_file")
-    if not file:
-        abort(f"{run.name}: --persist: the run dir does not say which machine file it came from")
-    done = persist_cpu_count(Path(file), count)
+    done = persist_cpu_count(machine_file(run), count)
     return {"file": display_path(done.path), "key": done.key, "old": done.old, "new": done.new}
 
 

@@ -7,11 +7,11 @@ from typing import Any
 import typer
 
 from qvm.cli import common
+from qvm.cli.hotplug import AS_JSON, FORCE, UNPLUG_TIMEOUT, size_argument, unplug_problems
 from qvm.cli.output import (
     EXIT_PENDING,
     abort,
     emit_json,
-    fail_all,
     human_bytes,
     ms,
     say,
@@ -24,22 +24,11 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-JSON_HELP = "Print JSON (schema in the README)."
-
-
-def _size(name: str, option: str, text: str) -> int:
-    from qvm.sizes import SizeError, parse_size
-
-    try:
-        return parse_size(text)
-    except SizeError as error:
-        abort(f"{name}: {option}: {error}")
-
 
 @app.command("list")
 def list_cmd(
     name: str = typer.Argument(..., help="Machine name."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Boot memory, every DIMM and virtio-mem device, room left, and what the guest says."""
     from qvm.memory import list_memory
@@ -90,22 +79,18 @@ def add(
     timeout: float = typer.Option(
         10.0, "--timeout", help="virtio-mem: seconds to wait for the guest to plug SIZE."
     ),
-    force: bool = typer.Option(
-        False,
-        "--force",
-        help="Add even after a vCPU unplug in this QEMU run under TCG (QEMU 7.2 crashes).",
-    ),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    force: bool = FORCE,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Hotplug a DIMM (object-add memory-backend-ram + device_add pc-dimm), or a virtio-mem
     device. There is no --persist: a DIMM is not boot memory (edit memory.size yourself)."""
     from qvm.memory import add_memory
 
     run = common.run_dir_of(name)
-    maximum = _size(name, "--max", max_size) if max_size is not None else None
+    maximum = size_argument(name, "--max", max_size) if max_size is not None else None
     result = add_memory(
         run,
-        _size(name, "SIZE", size),
+        size_argument(name, "SIZE", size),
         virtio_mem=virtio_mem,
         max_size=maximum,
         dev_id=dev_id,
@@ -153,10 +138,8 @@ def _not_plugged(name: str, dev_id: str, size: Any, wanted: Any, timeout: float)
 def delete(
     name: str = typer.Argument(..., help="Machine name."),
     dev_id: str = typer.Argument(..., metavar="ID", help="The DIMM's id (see qvm mem list)."),
-    timeout: float = typer.Option(
-        10.0, "--timeout", help="Seconds to wait for the guest to release it."
-    ),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    timeout: float = UNPLUG_TIMEOUT,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Unplug a DIMM (device_del), wait for DEVICE_DELETED, then delete its backend.
 
@@ -174,18 +157,7 @@ def delete(
         size = human_bytes(result.device.size)
         say(f"{name}: removed {dev_id} ({size}) in {ms(unplug.seconds)}{backend}")
         say(f"{name}: {result.state.summary()}")
-    _unplug_problems(name, unplug, "DIMM")
-
-
-def _unplug_problems(name: str, unplug: Any, what: str) -> None:
-    from qvm.hotplug import pending_text
-
-    if unplug.outcome == "refused":
-        abort(f"{name}: {unplug.id}: {unplug.detail}; the {what} stays")
-    if unplug.outcome == "pending":
-        abort(pending_text(name, unplug.id, unplug.detail, what), EXIT_PENDING)
-    if unplug.cleanup_errors:
-        fail_all([f"{name}: {unplug.id} was removed, but {e}" for e in unplug.cleanup_errors])
+    unplug_problems(name, unplug, "DIMM")
 
 
 @app.command("resize")
@@ -196,14 +168,14 @@ def resize(
     timeout: float = typer.Option(
         10.0, "--timeout", help="Seconds to wait for the guest to reach SIZE."
     ),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Grow or shrink a virtio-mem device (qom-set requested-size) and wait until the guest
     has (MEMORY_DEVICE_SIZE_CHANGE). Not reached in time: exit status 3."""
     from qvm.memory import resize_memory
 
     result = resize_memory(
-        common.run_dir_of(name), dev_id, _size(name, "SIZE", size), timeout=timeout
+        common.run_dir_of(name), dev_id, size_argument(name, "SIZE", size), timeout=timeout
     )
     if as_json:
         emit_json(result.as_json())
