@@ -35,8 +35,8 @@ def global_options(
 
 VM_COMMANDS = ("up", "down", "kill", "restart", "status", "list", "logs", "console", "cmdline")
 GLOBAL_OPTIONS_WITH_VALUE = ("--machines", "--state-dir")
-# memory hotplug: qvm/cli/mem.py
-DEVICE_GROUPS = ("mem",)
+# memory, disk and NIC hotplug: qvm/cli/mem.py, disk.py, nic.py
+DEVICE_GROUPS = ("mem", "disk", "nic")
 
 
 def command_word(argv: list[str]) -> str | None:
