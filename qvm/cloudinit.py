@@ -131,8 +131,10 @@ def user_data_text(plan: SeedPlan, public_keys: tuple[str, ...] | None = None) -
         "lock_passwd": True,
         "ssh_authorized_keys": list(keys),
     }
-    # manage_etc_hosts: the VM's name resolves in the guest (sudo looks it up)
-    document: dict[str, Any] = {"users": [user], "ssh_pwauth": False, "manage_etc_hosts": True}
+    # manage_etc_hosts: the VM's name resolves in the guest (sudo looks it up). No
+    # ssh_pwauth: setting it makes cloud-init restart sshd late in the boot, dropping
+    # logins that just worked (the user has no password anyway: lock_passwd)
+    document: dict[str, Any] = {"users": [user], "manage_etc_hosts": True}
     if plan.packages:
         document["packages"] = list(plan.packages)
     if plan.runcmd:

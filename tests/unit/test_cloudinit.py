@@ -95,7 +95,6 @@ def test_user_data_text_is_exact(tmp_path: Path) -> None:
         "    lock_passwd: true\n"
         "    ssh_authorized_keys:\n"
         f'      - "{KEY}"\n'
-        "ssh_pwauth: false\n"
         "manage_etc_hosts: true\n"
         "packages:\n"
         '  - "curl"\n'

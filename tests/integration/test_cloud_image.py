@@ -1,0 +1,154 @@
+"""The test-VM workflow on a real Debian 12 userspace (scripts/build-test-image):
+qvm new -> up -> wait --for ssh -> ssh, port forwards at run time, overlay safety,
+reset, rm --purge. Boots under TCG take about a minute each; one VM at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Qvm
+
+pytestmark = pytest.mark.integration
+
+IMAGE_DIR = REPO / "build" / "test-image"
+BOOT_TIMEOUT = "420"  # seconds for `qvm wait --for ssh`: a TCG boot on a busy 2-core host
+
+
+@pytest.fixture(scope="session")
+def test_image() -> dict[str, object]:
+    """Build (or take from the cache) the Debian image, as scripts/setup does."""
+    done = subprocess.run(
+        [str(REPO / "scripts" / "build-test-image")],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.fail(f"scripts/build-test-image failed:\n{done.stderr[-3000:]}")
+    return json.loads((IMAGE_DIR / "image.json").read_text())
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def new_vm(qvm: Qvm, name: str, *extra: str) -> None:
+    qvm(
+        "--machines",
+        str(qvm.machines_dir),
+        "new",
+        name,
+        "--image",
+        str(IMAGE_DIR / "disk.qcow2"),
+        "--kernel",
+        str(IMAGE_DIR / "vmlinuz"),
+        "--initrd",
+        str(IMAGE_DIR / "initrd.img"),
+        "--append",
+        "root=/dev/vda rw console=ttyS0",
+        *extra,
+    )
+
+
+@pytest.mark.timeout(1500)
+def test_new_up_ssh_forwards_overlay_reset_rm(
+    qvm: Qvm, test_image: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # no ~/.ssh/id_*.pub: qvm makes the VM's own key pair
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    base = IMAGE_DIR / "disk.qcow2"
+    base_sum = sha256(base)
+
+    new_vm(qvm, "deb", "--forward", "tcp:0:8080", "--disk-size", "3G")
+    toml = qvm.machines_dir / "deb.toml"
+    assert "[cloud_init]" in toml.read_text()
+
+    up = qvm("up", "deb")
+    assert "forward     tcp:127.0.0.1:" in up.stdout
+    forwards = qvm.status("deb")["forwards"]
+    assert [(f["nic"], f["proto"], f["guest_port"]) for f in forwards] == [
+        ("net0", "tcp", 22),
+        ("net0", "tcp", 8080),
+    ]
+    assert all(f["host_port"] > 0 and f["host_addr"] == "127.0.0.1" for f in forwards)
+    run = qvm.run_dir("deb")
+    assert (run / "id_ed25519").exists() and (run / "seed.iso").exists()
+
+    # an image another running VM reads cannot be taken for writing: said before QEMU starts
+    qvm.machine("writer", f'[[disk]]\nfile = "{base}"\n')
+    refused = qvm("up", "writer", check=False)
+    assert refused.returncode == 1
+    assert f"writer.toml: disk[0].file: {base} is in use by VM deb (hint: qvm down deb)" in (
+        refused.stderr
+    )
+
+    waited = qvm("wait", "deb", "--for", "ssh", "--timeout", BOOT_TIMEOUT, timeout=600)
+    assert waited.stdout.startswith("deb: ready (ssh) after ")
+    uname = qvm("ssh", "deb", "--", "uname", "-r")
+    assert uname.stdout.strip() == test_image["kernel_version"]
+    # cloud-init made the user from the seed, with sudo
+    assert qvm("ssh", "deb", "--", "sudo", "-n", "id", "-un").stdout.strip() == "root"
+    assert qvm("ssh", "deb", "--", "exit 7", check=False).returncode == 7
+
+    # a forward added at run time works, shows in status, and goes away again
+    added = json.loads(qvm("port", "add", "deb", "tcp:0:22", "--json").stdout)
+    assert added["host_port"] not in (0, forwards[0]["host_port"])
+    assert added in qvm.status("deb")["forwards"]
+    argv = shlex.split(qvm("ssh", "deb", "--print", "--", "true").stdout)
+    argv[argv.index("-p") + 1] = str(added["host_port"])
+    assert subprocess.run(argv, capture_output=True, timeout=60).returncode == 0
+    qvm("port", "del", "deb", str(added["host_port"]))
+    assert added not in qvm.status("deb")["forwards"]
+    assert subprocess.run(argv, capture_output=True, timeout=60).returncode == 255
+
+    # write inside the guest; the base image is never written
+    qvm("ssh", "deb", "--", "echo hello | sudo tee /var/tmp/qvm-marker && sync")
+    down = qvm("down", "deb")
+    assert "deb: stopped: the guest powered off after the ACPI power button" in down.stdout
+    assert sha256(base) == base_sum
+
+    # reset throws the overlay away: the file is gone after the next boot
+    reset = qvm("reset", "deb")
+    assert f"removed {run}/disk0.qcow2" in reset.stdout
+    qvm("up", "deb")
+    qvm("wait", "deb", "--for", "ssh", "--timeout", BOOT_TIMEOUT, timeout=600)
+    gone = qvm("ssh", "deb", "--", "test", "-e", "/var/tmp/qvm-marker", check=False)
+    assert gone.returncode == 1
+    # the overlay was grown to --disk-size
+    size = qvm("ssh", "deb", "--", "cat", "/sys/block/vda/size").stdout.strip()
+    assert int(size) * 512 == 3 * 1024**3
+    qvm("down", "deb", "--force")
+    assert sha256(base) == base_sum
+
+    removed = qvm("rm", "deb", "--purge")
+    assert f"deb: removed {toml}" in removed.stdout
+    assert not toml.exists() and not run.exists()
+    assert base.exists() and sha256(base) == base_sum
+
+
+def test_wait_timeout_names_what_it_waited_for(qvm: Qvm) -> None:
+    qvm.guest_machine("vm1")
+    qvm("up", "vm1")
+    done = qvm("wait", "vm1", "--for", "serial:NEVER-PRINTED", "--timeout", "1", check=False)
+    assert done.returncode == 4
+    assert done.stderr.startswith(
+        f"qvm: vm1: timed out after 1 s waiting for /NEVER-PRINTED/ in {qvm.run_dir('vm1')}"
+        "/serial.log"
+    )
+    assert qvm("wait", "vm1", "--for", "serial:^QVM-GUEST-READY").returncode == 0
+    assert qvm("wait", "vm1", "--for", "qmp").stdout.startswith("vm1: ready (qmp) after")
+    no_ssh = qvm("wait", "vm1", "--for", "ssh", "--timeout", "1", check=False)
+    assert no_ssh.returncode == 4
+    assert "waiting for an SSH login" in no_ssh.stderr
+    assert "no port forward to guest port 22" in no_ssh.stderr
