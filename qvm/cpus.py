@@ -14,9 +14,10 @@ What QEMU 7.2 does here, measured (see the project's qemu-facts):
   ``DEVICE_UNPLUG_GUEST_ERROR`` is honoured too.
 - Before a guest OS enabled ACPI CPU hotplug, QEMU refuses ``device_del`` at once
   ("acpi: device unplug request for not supported device type"): nothing changed.
-- Under TCG, a ``device_add`` (of a vCPU or of any other device) after any vCPU unplug
-  crashes QEMU 7.2. qvm records an unplug request in ``cpu-unplugged.json`` and refuses
-  later adds in that QEMU run unless forced (``qvm.hotplug.check_device_add``).
+- Under TCG, a vCPU ``device_add`` after any vCPU unplug crashes QEMU 7.2 (and so,
+  usually a moment later, does one of any other device). qvm records an unplug request
+  in ``cpu-unplugged.json`` and refuses later adds in that QEMU run unless forced
+  (``qvm.hotplug.check_device_add``).
 - A guest acknowledges a new vCPU (``ACPI_DEVICE_OST``, source 1) in about 25 ms; it
   has it online (udev rule or equivalent) 450-600 ms later, which QMP cannot see.
 

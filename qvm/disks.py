@@ -274,18 +274,19 @@ def attach_disk(
         }
         taken = peripheral_ids(session) | pending_ids(run) | {d.id for d in disks.disks}
         taken |= {n for n in nodes if n}
-        bus = choose_pci_bus(disks.places, run, launch, "disk attach")
         created = None
         if new_size is not None:
             dev_id = _new_disk_id(run, dev_id, taken, nodes, new=True)
+            bus = choose_pci_bus(disks.places, run, launch, "disk attach")
             created = run.new_disk_image(dev_id)
             create_image(run, created, new_size)
             path, fmt = created, "qcow2"
         else:
             assert file is not None
             path = Path(os.path.abspath(file.expanduser()))
-            check_image(run, path, readonly, disks)
+            check_image(run, path, readonly, disks)  # first: it is what the user named
             dev_id = _new_disk_id(run, dev_id, taken, nodes, new=False)
+            bus = choose_pci_bus(disks.places, run, launch, "disk attach")
             if fmt is None:
                 from qvm.lifecycle import detect_format
 

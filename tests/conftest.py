@@ -44,6 +44,17 @@ def wait_until(
         time.sleep(interval)
 
 
+def one_line_error(done: subprocess.CompletedProcess[str], expected: str | None = None) -> str:
+    """A failed command printed exactly one line on stderr, and no traceback."""
+    assert done.returncode != 0, done.stdout
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    if expected is not None:
+        assert lines[0] == expected
+    return lines[0]
+
+
 STATE_LINE = re.compile(
     r"^QVM-STATE cpus=(?P<cpus>\S+) ncpus=(?P<ncpus>\d+) mem_kb=(?P<mem_kb>\d+) "
     r"blk=(?P<blk>\S+) net=(?P<net>\S+)",

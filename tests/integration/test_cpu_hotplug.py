@@ -12,22 +12,11 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Qvm, wait_until
+from conftest import REPO, Qvm, one_line_error, wait_until
 
 from qvm.topology import Topology, slot_props
 
 pytestmark = pytest.mark.integration
-
-
-def one_line_error(done, expected: str | None = None) -> str:  # noqa: ANN001
-    """A failed command printed exactly one line on stderr, and no traceback."""
-    assert done.returncode != 0, done.stdout
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    if expected is not None:
-        assert lines[0] == expected
-    return lines[0]
 
 
 def by_state(slots: list[dict]) -> dict[str, list[dict]]:
