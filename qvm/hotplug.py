@@ -53,7 +53,6 @@ from qvm.rundir import (
 )
 
 PERIPHERAL_ANON = "/machine/peripheral-anon/"
-DEFAULT_DEVICE_UNPLUG_TIMEOUT = 10.0
 # ACPI _OST source codes and the statuses of an eject request (ACPI 6.x, 6.3.5)
 OST_INSERT = 1
 OST_EJECT = 3

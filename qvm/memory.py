@@ -58,7 +58,6 @@ VIRTIO_MEM_PREFIX = "vmem"
 BACKEND_PREFIX = "mem-"
 # sizes of memory devices are whole multiples of this (virtio-mem's block size on x86)
 SIZE_STEP = 2 * 1024**2
-LINUX_BLOCK = 128 * 1024**2
 DEFAULT_GUEST_TIMEOUT = 10.0
 SIZE_CHANGE = "MEMORY_DEVICE_SIZE_CHANGE"
 
