@@ -107,6 +107,10 @@ class RunDir:
     def new_disk_image(self, dev_id: str) -> Path:
         return self.path / f"hotplug-{dev_id}.qcow2"
 
+    def new_disk_images(self) -> list[Path]:
+        """Every image `disk attach --new` made here: disks with the user's data."""
+        return sorted(self.path.glob("hotplug-*.qcow2"))
+
     # cloud-init NoCloud seed (ISO 9660, label cidata) and the texts it holds, for people
     @property
     def seed_image(self) -> Path:

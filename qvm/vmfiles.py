@@ -6,7 +6,10 @@ What each removes, exactly (the README repeats it):
   ``user-data``, ``meta-data``), ``known_hosts`` (the guest makes new host keys) and the
   run-time forwards record. The next ``up`` starts from the base images and cloud-init
   runs again. Logs, ``state.json`` and a key pair qvm made stay.
-- ``rm``: the whole run dir (all of the above, logs, state, the key pair qvm made).
+- ``rm``: the whole run dir (all of the above, logs, state, the key pair qvm made),
+  except the images ``qvm disk attach --new`` made there (``hotplug-*.qcow2``): they
+  hold what the guest wrote, maybe a ``[[disk]]`` of the machine file; they are kept,
+  and said so.
 - ``rm --purge``: also the machine file, only if ``qvm new`` wrote it and it is unchanged
   since (its checksum was noted in the run dir), and the images qvm downloaded for it,
   only if no other VM's run dir refers to them.
@@ -69,9 +72,23 @@ def remove(run: RunDir, purge: bool) -> Removed:
     if purge:
         _purge_machine_file(run, removed)
         _purge_downloads(run, removed)
-    if run.path.exists():
+    if not run.path.exists():
+        return removed
+    disks = run.new_disk_images()
+    if not disks:
         shutil.rmtree(run.path)
         removed.files.append(run.path)
+        return removed
+    for child in sorted(run.path.iterdir()):
+        if child in disks:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+        removed.files.append(child)
+    why = "made by qvm disk attach --new: the guest's data; delete it yourself when done"
+    removed.kept += [(disk, why) for disk in disks]
     return removed
 
 

@@ -255,3 +255,19 @@ def test_a_nic_entry_matches_by_id_else_by_mac() -> None:
     assert nic_entry(nic, (), with_id=False) == {"model": "e1000", "mac": "52:54:00:11:22:33"}
     assert nic_entry_matches({"mac": "52:54:00:11:22:33"}, nic)
     assert not nic_entry_matches({"id": "other", "mac": "52:54:00:11:22:33"}, nic)
+
+
+def test_rm_keeps_the_images_disk_attach_new_made(tmp_path: Path) -> None:
+    from qvm.vmfiles import remove
+
+    run = RunDir(tmp_path / "vm1")
+    run.path.mkdir()
+    for name in ("state.json", "serial.log", "disk0.qcow2", "hotplug-disk1.qcow2"):
+        (run.path / name).write_text("x")
+    removed = remove(run, purge=False)
+    image = run.new_disk_image("disk1")
+    assert removed.kept == [
+        (image, "made by qvm disk attach --new: the guest's data; delete it yourself when done")
+    ]
+    assert sorted(p.name for p in removed.files) == ["disk0.qcow2", "serial.log", "state.json"]
+    assert list(run.path.iterdir()) == [image]
