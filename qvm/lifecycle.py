@@ -409,7 +409,14 @@ def vm_status(run: RunDir) -> dict[str, Any]:
     try:
         live = ask_supervisor(run, {"op": "status"}, timeout=SUPERVISOR_ANSWER_TIMEOUT)
     except QvmError as exc:
+        state = read_json(run.state_file) or state
         record["state"] = state.get("state", "running")
+        if record["state"] in ("stopped", "crashed"):
+            # a supervisor on its way out after QEMU ended: its record is complete
+            record["reason"] = (state.get("exit") or {}).get("reason")
+            record["last_exit"] = state.get("exit")
+            record["supervisor_pid"] = None
+            return record
         record["pid"] = state.get("qemu_pid")
         record["error"] = str(exc)
         return record

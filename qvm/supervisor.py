@@ -66,6 +66,7 @@ class Supervisor:
         self.qmp: Any = None
         self.qmp_ready = False
         self.consecutive_restarts = 0
+        self.restart_next = False
 
     # --- files -------------------------------------------------------------------------
 
@@ -171,7 +172,7 @@ class Supervisor:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         await self._disconnect_qmp()
-        self._record_exit(returncode, reached_qmp=bool(ready))
+        self._record_exit(returncode, reached_qmp=bool(ready), first=first)
         if first and not ready:
             self.notify("failed")
             return False
@@ -274,29 +275,51 @@ class Supervisor:
                         f"{command} {arguments} failed: {exc}\n"
                     )
 
-    def _record_exit(self, returncode: int, reached_qmp: bool) -> None:
+    def _record_exit(self, returncode: int, reached_qmp: bool, first: bool) -> None:
+        """Record how QEMU ended and what happens next, in one write: a reader never sees
+        a "crashed" that is about to become "restarting", or a reason about to grow."""
         failed, reason = self._classify_exit(returncode, reached_qmp)
         code = returncode if returncode >= 0 else None
         sig = -returncode if returncode < 0 else None
-        self.last_failed = failed
+        ran_seconds = round(time.time() - self.run_started, 3)
+        self.restart_next, note = self._restart_verdict(
+            failed, ran_seconds, start_failed=first and not reached_qmp
+        )
         ended = {
             "code": code,
             "signal": signal.Signals(sig).name if sig else None,
-            "reason": reason,
+            "reason": reason + note,
             "failed": failed,
             "at": time.time(),
-            "ran_seconds": round(time.time() - self.run_started, 3),
+            "ran_seconds": ran_seconds,
             "ended_by": self.intent,
         }
         if failed and not reached_qmp:
             ended["stderr_tail"] = qemu_log_tail(self.run.qemu_log)
+        final = "crashed" if failed else "stopped"
         self.save_state(
-            state="crashed" if failed else "stopped",
+            state="restarting" if self.restart_next else final,
             exit=ended,
             qemu_pid=None,
-            crash_reason=reason if failed else None,
+            crash_reason=ended["reason"] if failed else None,
         )
         self.run.remove_qemu_sockets()
+
+    def _restart_verdict(
+        self, failed: bool, ran_seconds: float, start_failed: bool
+    ) -> tuple[bool, str]:
+        """Whether the restart policy brings QEMU back, and a note for the reason if the
+        cap stops it. A QEMU that never started, or one we were asked to end, stays down."""
+        if start_failed or self.intent in ("stop", "kill"):
+            return False, ""
+        policy = self.restart_policy
+        if policy == "no" or (policy == "on-failure" and not failed):
+            return False, ""
+        if ran_seconds >= HEALTHY_RUN_SECONDS:
+            self.consecutive_restarts = 0
+        if self.consecutive_restarts >= self.max_restarts:
+            return False, f"; not restarted: {self.max_restarts} restarts in a row"
+        return True, ""
 
     def _classify_exit(self, returncode: int, reached_qmp: bool) -> tuple[bool, str]:
         deliberate = self.intent in ("stop", "kill")
@@ -325,22 +348,11 @@ class Supervisor:
     async def _restart_after_backoff(self) -> bool:
         import asyncio
 
-        if self.intent in ("stop", "kill"):
-            return False
-        policy = self.restart_policy
-        if policy == "no" or (policy == "on-failure" and not self.last_failed):
-            return False
-        ran = self.state["exit"]["ran_seconds"]
-        if ran >= HEALTHY_RUN_SECONDS:
-            self.consecutive_restarts = 0
-        if self.consecutive_restarts >= self.max_restarts:
-            exit_record = dict(self.state["exit"])
-            exit_record["reason"] += f"; not restarted: {self.max_restarts} restarts in a row"
-            self.save_state(exit=exit_record)
+        if not self.restart_next:
             return False
         delay = min(self.restart_delay * 2**self.consecutive_restarts, MAX_RESTART_DELAY)
         self.consecutive_restarts += 1
-        self.save_state(state="restarting", next_restart_at=time.time() + delay)
+        self.save_state(next_restart_at=time.time() + delay)
         self.restart_wait = asyncio.get_running_loop().create_future()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.restart_wait), delay)
