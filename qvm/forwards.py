@@ -10,36 +10,29 @@ by a stale list.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qvm.definition import ForwardError, PortForward, parse_forward
 from qvm.errors import ControlError, HostError, NotRunningError, QvmError
-from qvm.rundir import RunDir, read_json, write_json_atomic
+from qvm.rundir import RunDir, qemu_run, read_json, same_run, write_json_atomic
+
+if TYPE_CHECKING:
+    from qvm.qmp import ControlSession
 
 _SHORT_FORM = re.compile(r"(?:(tcp|udp):)?(?:([0-9]{1,3}(?:\.[0-9]{1,3}){3}):)?([0-9]{1,5})")
-
-
-def _qemu_run(run: RunDir) -> dict[str, Any]:
-    state = read_json(run.state_file) or {}
-    return {"qemu_pid": state.get("qemu_pid"), "qemu_start_time": state.get("qemu_start_time")}
 
 
 def current_forwards(run: RunDir) -> list[dict[str, Any]]:
     """The forwards of the VM's current (or last) QEMU run."""
     launch = read_json(run.launch_file) or {}
     record = read_json(run.forwards_file)
-    current = _qemu_run(run)
-    if (
-        record is not None
-        and current.get("qemu_pid")
-        and all(record.get(k) == current.get(k) for k in current)
-    ):
+    if record is not None and same_run(record, qemu_run(run)):
         return list(record.get("forwards") or [])
     return list(launch.get("forwards") or [])
 
 
 def _save(run: RunDir, forwards: list[dict[str, Any]]) -> None:
-    write_json_atomic(run.forwards_file, {**_qemu_run(run), "forwards": forwards})
+    write_json_atomic(run.forwards_file, {**qemu_run(run), "forwards": forwards})
 
 
 def _nic_for(run: RunDir, nic: str | None) -> str:
@@ -54,11 +47,16 @@ def _nic_for(run: RunDir, nic: str | None) -> str:
     return str(nics[0])
 
 
-def _hmp(run: RunDir, command_line: str) -> str:
+def _hmp(session: ControlSession, command_line: str) -> str:
+    return str(session.execute("human-monitor-command", {"command-line": command_line}))
+
+
+def _session(run: RunDir) -> ControlSession:
+    """The control session, held across the HMP command and the forwards.json update so
+    that two `qvm port` commands at once cannot lose each other's record."""
     from qvm.qmp import ControlSession
 
-    with ControlSession(run) as session:
-        return str(session.execute("human-monitor-command", {"command-line": command_line}))
+    return ControlSession(run)
 
 
 def _require_running(run: RunDir) -> None:
@@ -73,12 +71,13 @@ def add_forward(run: RunDir, text: str, nic: str | None = None) -> dict[str, Any
     _require_running(run)
     fwd = parse_spec(text)
     netdev = _nic_for(run, nic)
-    entry = resolve_forward(run, fwd, netdev)
-    rule = hostfwd_rule(entry)
-    reply = _hmp(run, f"hostfwd_add {netdev} {rule}").strip()
-    if reply:  # HMP says nothing on success
-        raise ControlError(f"{run.name}: hostfwd_add {netdev} {rule}: {reply}")
-    record_forwards(run, [entry])
+    with _session(run) as session:
+        entry = resolve_forward(run, fwd, netdev)
+        rule = hostfwd_rule(entry)
+        reply = _hmp(session, f"hostfwd_add {netdev} {rule}").strip()
+        if reply:  # HMP says nothing on success
+            raise ControlError(f"{run.name}: hostfwd_add {netdev} {rule}: {reply}")
+        record_forwards(run, [entry])
     return entry
 
 
@@ -155,19 +154,20 @@ def remove_forward(run: RunDir, text: str, nic: str | None = None) -> list[dict[
     """Remove the forwards matching ``text``: a whole spec ("tcp:2222:22"), or a host
     port with optional protocol and address ("2222", "tcp:2222", "tcp:127.0.0.1:2222")."""
     _require_running(run)
-    matches = [f for f in current_forwards(run) if _matches(f, text, nic)]
-    if not matches:
-        raise QvmError(
-            f"{run.name}: no port forward matches {text!r} (hint: qvm port list {run.name})"
-        )
-    removed = []
-    for forward in matches:
-        rule = f"{forward['proto']}:{forward['host_addr']}:{forward['host_port']}"
-        reply = _hmp(run, f"hostfwd_remove {forward['nic']} {rule}").strip()
-        if not reply.endswith("removed"):
-            raise ControlError(f"{run.name}: hostfwd_remove {forward['nic']} {rule}: {reply}")
-        removed.append(forward)
-        _save(run, [f for f in current_forwards(run) if f != forward])
+    with _session(run) as session:
+        matches = [f for f in current_forwards(run) if _matches(f, text, nic)]
+        if not matches:
+            raise QvmError(
+                f"{run.name}: no port forward matches {text!r} (hint: qvm port list {run.name})"
+            )
+        removed = []
+        for forward in matches:
+            rule = f"{forward['proto']}:{forward['host_addr']}:{forward['host_port']}"
+            reply = _hmp(session, f"hostfwd_remove {forward['nic']} {rule}").strip()
+            if not reply.endswith("removed"):
+                raise ControlError(f"{run.name}: hostfwd_remove {forward['nic']} {rule}: {reply}")
+            removed.append(forward)
+            _save(run, [f for f in current_forwards(run) if f != forward])
     return removed
 
 

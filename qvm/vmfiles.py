@@ -41,10 +41,18 @@ class Removed:
 
 def _require_stopped(run: RunDir, verb: str) -> None:
     from qvm.lifecycle import supervisor_alive
+    from qvm.proc import same_process_alive
 
     if supervisor_alive(run):
         raise VmStateError(
             f"{run.name}: is running; {verb} needs it stopped (hint: qvm down {run.name})"
+        )
+    # a QEMU whose supervisor was killed may still be using the files
+    state = read_json(run.state_file) or {}
+    if same_process_alive(state.get("qemu_pid"), state.get("qemu_start_time")):
+        raise VmStateError(
+            f"{run.name}: its QEMU (pid {state['qemu_pid']}) still runs without a supervisor; "
+            f"{verb} needs it stopped (hint: qvm kill {run.name})"
         )
 
 
