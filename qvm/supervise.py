@@ -139,6 +139,11 @@ def main(argv: list[str]) -> int:
         return 1
     notify(ready_fd, f"spawned {qemu.pid}")
     answered = wait_qmp_answer(os.path.join(run_path, "events.sock"), qemu, QMP_ANSWER_TIMEOUT)
+    if answered and ready_fd is not None:
+        # `qvm up` is done waiting: it must not also wait for our imports below
+        notify(ready_fd, f"ready {qemu.pid}")
+        os.close(ready_fd)
+        ready_fd = None
 
     from qvm.supervisor import run_supervisor
 
