@@ -87,23 +87,30 @@ def down(
     names: list[str] = typer.Argument(..., help="Machine names."),
     timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for the guest."),
     force: bool = typer.Option(False, "--force", help="Skip the ACPI power button."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Power VMs off: ACPI power button, then QMP quit, then SIGKILL."""
     from qvm.lifecycle import stop
 
-    _stop_each(names, "stopped", lambda run: stop(run, timeout=timeout, force=force))
+    _stop_each(names, "stopped", lambda run: stop(run, timeout=timeout, force=force), as_json)
 
 
-def kill(names: list[str] = typer.Argument(..., help="Machine names.")) -> None:
+def kill(
+    names: list[str] = typer.Argument(..., help="Machine names."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
     """Kill QEMU at once (SIGKILL). Not a failure for the restart policy."""
     from qvm.lifecycle import kill as kill_vm
 
-    _stop_each(names, "killed", kill_vm)
+    _stop_each(names, "killed", kill_vm, as_json)
 
 
-def _stop_each(names: list[str], verb: str, action: Callable[[RunDir], StopResult]) -> None:
+def _stop_each(
+    names: list[str], verb: str, action: Callable[[RunDir], StopResult], as_json: bool
+) -> None:
     """Stop every VM named, reporting each; one failure does not spare the others."""
     failed = 0
+    results = []
     for name in names:
         try:
             result = action(common.run_dir_of(name))
@@ -111,7 +118,13 @@ def _stop_each(names: list[str], verb: str, action: Callable[[RunDir], StopResul
             failed += 1
             warn(f"qvm: {error}")
             continue
-        say(f"{result.name}: {verb}: {result.message}")
+        results.append(
+            {"name": result.name, "ended_by": result.ended_by, "message": result.message}
+        )
+        if not as_json:
+            say(f"{result.name}: {verb}: {result.message}")
+    if as_json:
+        emit_json(results)
     if failed:
         raise typer.Exit(1)
 
