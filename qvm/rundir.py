@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from qvm.errors import HostError
+from qvm.jsonfile import read_json, write_json_atomic
+
+__all__ = ["read_json", "write_json_atomic"]  # re-exported: most modules reach them here
 
 # sun_path is 108 bytes including the terminating NUL
 MAX_SOCKET_PATH = 107
@@ -178,26 +180,6 @@ def list_run_dirs(state_root: Path) -> list[RunDir]:
     return [
         RunDir(p) for p in entries if p.is_dir() and re.fullmatch(r"[a-z0-9][a-z0-9_-]*", p.name)
     ]
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        with open(path) as handle:
-            data = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def qemu_run(run: RunDir) -> dict[str, Any]:

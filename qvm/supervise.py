@@ -15,7 +15,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 QMP_ANSWER_TIMEOUT = 60.0
 # QEMU must not outlive a supervisor that is killed outright: SIGTERM makes it quit
@@ -101,6 +105,37 @@ def spawn_qemu(argv: list[str], run_path: str) -> subprocess.Popen[bytes]:
         )
 
 
+def initial_state(launch: dict[str, Any]) -> dict[str, Any]:
+    """The first state record of a supervisor, before it has a QEMU."""
+    from qvm.proc import process_start_time
+
+    return {
+        "name": launch["name"],
+        "machine_file": launch.get("machine_file"),
+        "accel": launch.get("accel"),
+        "accel_reason": launch.get("accel_reason"),
+        "supervisor_pid": os.getpid(),
+        "supervisor_start_time": process_start_time(os.getpid()),
+        "state": "starting",
+        "restarts": 0,
+        "exit": None,
+        "crash_reason": None,
+    }
+
+
+def record_spawned(run_path: str, launch: dict[str, Any], qemu: subprocess.Popen[bytes]) -> None:
+    """state.json names this QEMU before `qvm up` returns: the commands a script runs next
+    (status, cpu add) must not read the previous run's record, or none."""
+    from qvm.jsonfile import write_json_atomic
+    from qvm.proc import process_start_time
+
+    state = initial_state(launch)
+    state.update(
+        qemu_pid=qemu.pid, qemu_start_time=process_start_time(qemu.pid), started_at=time.time()
+    )
+    write_json_atomic(os.path.join(run_path, "state.json"), state)
+
+
 def notify(fd: int | None, line: str) -> None:
     """Tell the `qvm up` that started us how far we got; it may have gone away."""
     if fd is None:
@@ -137,6 +172,7 @@ def main(argv: list[str]) -> int:
         record_spawn_failure(run_path, launch, error)
         notify(ready_fd, "failed")
         return 1
+    record_spawned(run_path, launch, qemu)
     notify(ready_fd, f"spawned {qemu.pid}")
     answered = wait_qmp_answer(os.path.join(run_path, "events.sock"), qemu, QMP_ANSWER_TIMEOUT)
     if answered and ready_fd is not None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from qvm.proc import process_start_time, process_state, process_usage
 from qvm.rundir import RunDir, write_json_atomic
-from qvm.supervise import LOG_MARKER
+from qvm.supervise import LOG_MARKER, initial_state
 
 QMP_CONNECT_TIMEOUT = 60.0
 QMP_CALL_TIMEOUT = 2.0
@@ -43,18 +43,7 @@ class Supervisor:
         self.restart_policy: str = launch.get("restart", "no")
         self.max_restarts: int = launch.get("max_restarts", 5)
         self.restart_delay: float = launch.get("restart_delay", 1.0)
-        self.state: dict[str, Any] = {
-            "name": launch["name"],
-            "machine_file": launch.get("machine_file"),
-            "accel": launch.get("accel"),
-            "accel_reason": launch.get("accel_reason"),
-            "supervisor_pid": os.getpid(),
-            "supervisor_start_time": process_start_time(os.getpid()),
-            "state": "starting",
-            "restarts": 0,
-            "exit": None,
-            "crash_reason": None,
-        }
+        self.state: dict[str, Any] = initial_state(launch)
         self.qemu: subprocess.Popen[bytes] | None = None
         self.run_started = 0.0
         # set by `stop`/`kill` requests: an exit we asked for is never a failure
