@@ -289,7 +289,7 @@ def test_pc_hotplug_then_the_tcg_guard_after_a_vcpu_unplug(qvm: Qvm, tmp_path: P
     if qvm.status("vm1")["accel"] != "tcg":
         return
     # after a vCPU unplug, any device_add crashes QEMU 7.2 under TCG: refused, VM untouched
-    qvm("cpu", "del", "vm1", "cpu1")
+    qvm("cpu", "del", "vm1", "cpu1", "--timeout", "30")
     serial.wait_state(ncpus=1)
     guard = (
         "under TCG QEMU 7.2 usually crashes soon after the next device_add of any device, not "
