@@ -12,11 +12,11 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from qvm.definition import ForwardError, PortForward, parse_forward
 from qvm.errors import ControlError, HostError, NotRunningError, QvmError
 from qvm.rundir import RunDir, qemu_run, read_json, same_run, write_json_atomic
 
 if TYPE_CHECKING:
+    from qvm.definition import PortForward
     from qvm.qmp import ControlSession
 
 _SHORT_FORM = re.compile(r"(?:(tcp|udp):)?(?:([0-9]{1,3}(?:\.[0-9]{1,3}){3}):)?([0-9]{1,5})")
@@ -141,6 +141,10 @@ def forget_forwards(run: RunDir, nic: str) -> None:
 
 
 def parse_spec(text: str) -> PortForward:
+    # qvm.definition is imported here, not at the top: `qvm status` reads forwards through
+    # this module and should not pay for loading the TOML schema
+    from qvm.definition import ForwardError, parse_forward
+
     spec = text.replace(":auto:", ":0:")
     try:
         return parse_forward(spec)
