@@ -116,6 +116,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal)
+        self.qmp_connected = asyncio.Event()
         server = await asyncio.start_unix_server(
             self._serve_client, path=str(self.run.supervisor_socket)
         )
@@ -189,6 +190,7 @@ class Supervisor:
                 await asyncio.sleep(0.005)
         self.qmp = client
         self.qmp_ready = True
+        self.qmp_connected.set()
         try:
             status = await asyncio.wait_for(client.execute("query-status"), QMP_CALL_TIMEOUT)
             self.runstate = status.get("status", "unknown")
@@ -209,6 +211,7 @@ class Supervisor:
             with contextlib.suppress(Exception):
                 await self.qmp.disconnect()
             self.qmp = None
+            self.qmp_connected.clear()
 
     def _live_state(self) -> str:
         if self.intent in ("stop", "kill"):
@@ -458,6 +461,11 @@ class Supervisor:
 
         reply: dict[str, Any] = {k: self.state.get(k) for k in self.state}
         reply["state"] = self._live_state() if self.qemu_alive() else self.state["state"]
+        if self.qemu_alive() and self.qmp is None:
+            # `qvm up` returns when QMP first answers, before our own connection is up: a
+            # status asked right then waits for it rather than answering without vCPUs
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.qmp_connected.wait(), QMP_CALL_TIMEOUT)
         if not self.qemu_alive() or self.qmp is None:
             return reply
         try:
