@@ -45,7 +45,7 @@ from qvm.hotplug import (
     restart_hint,
     since,
 )
-from qvm.pending import PERIPHERAL, mark_pending, pending_ids, unmark_pending
+from qvm.pending import PERIPHERAL, device_state, mark_pending, pending_ids, unmark_pending
 from qvm.qmp import ControlSession
 from qvm.rundir import RunDir
 from qvm.topology import Topology, cpu_device_id, slot_index
@@ -83,7 +83,7 @@ class CpuSlot:
     def state(self) -> str:
         if not self.present:
             return "free"
-        return "unplug-pending" if self.pending else "present"
+        return device_state(self.pending)
 
     @property
     def boot(self) -> bool:

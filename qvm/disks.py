@@ -42,7 +42,7 @@ from qvm.hotplug import (
     run_steps,
     unplug_recorded,
 )
-from qvm.pending import PERIPHERAL, pending_ids
+from qvm.pending import PERIPHERAL, device_state, pending_ids
 from qvm.qmp import ControlSession
 from qvm.rundir import RunDir, read_json
 
@@ -67,7 +67,7 @@ class DiskInfo:
 
     @property
     def state(self) -> str:
-        return "unplug-pending" if self.pending else "present"
+        return device_state(self.pending)
 
     def as_json(self) -> dict[str, Any]:
         return {

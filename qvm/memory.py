@@ -48,7 +48,7 @@ from qvm.hotplug import (
     since,
     unplug_recorded,
 )
-from qvm.pending import pending_ids
+from qvm.pending import device_state, pending_ids
 from qvm.qmp import ControlSession
 from qvm.rundir import RunDir
 from qvm.sizes import human_size
@@ -84,7 +84,7 @@ class MemoryDevice:
 
     @property
     def state(self) -> str:
-        return "unplug-pending" if self.pending else "present"
+        return device_state(self.pending)
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -45,7 +45,7 @@ from qvm.hotplug import (
     run_steps,
     unplug_recorded,
 )
-from qvm.pending import PERIPHERAL, pending_ids
+from qvm.pending import PERIPHERAL, device_state, pending_ids
 from qvm.qmp import ControlSession
 from qvm.rundir import RunDir, hotplugged
 
@@ -68,7 +68,7 @@ class NicInfo:
 
     @property
     def state(self) -> str:
-        return "unplug-pending" if self.pending else "present"
+        return device_state(self.pending)
 
     def forwards_text(self) -> list[str]:
         return [forward_text(f) for f in self.forwards]

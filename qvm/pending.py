@@ -25,6 +25,11 @@ PERIPHERAL = "/machine/peripheral/"
 Command = tuple[str, dict[str, Any]]
 
 
+def device_state(pending: bool) -> str:
+    """The state word every `list` uses for a present device: one vocabulary for all kinds."""
+    return "unplug-pending" if pending else "present"
+
+
 def own_path(dev_id: str) -> str:
     """A device's QOM path: ``/machine/peripheral/<id>``, or the path itself for a
     device added without an id (``/machine/peripheral-anon/device[2]``)."""
