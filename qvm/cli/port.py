@@ -61,9 +61,14 @@ def delete(
         "(2222, tcp:2222).",
     ),
     nic: str | None = typer.Option(None, "--nic", help="Only this NIC's forwards."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Remove port forwards from the running guest (HMP hostfwd_remove)."""
     from qvm.forwards import forward_text, remove_forward
 
-    for entry in remove_forward(common.run_dir_of(name), spec, nic):
+    removed = remove_forward(common.run_dir_of(name), spec, nic)
+    if as_json:
+        emit_json(removed)
+        return
+    for entry in removed:
         say(f"{name}: removed {forward_text(entry)} ({entry['nic']})")
