@@ -42,7 +42,7 @@ def ask_supervisor(run: RunDir, request: dict[str, Any], timeout: float) -> dict
     name = run.name
     deadline = time.monotonic() + timeout
     try:
-        sock = _connect_supervisor(run, deadline)
+        sock = connect_supervisor(run, deadline)
         with sock:
             sock.settimeout(max(deadline - time.monotonic(), 0.1))
             sock.sendall(json.dumps(request).encode() + b"\n")
@@ -63,7 +63,7 @@ def ask_supervisor(run: RunDir, request: dict[str, Any], timeout: float) -> dict
     return reply
 
 
-def _connect_supervisor(run: RunDir, deadline: float) -> socket.socket:
+def connect_supervisor(run: RunDir, deadline: float) -> socket.socket:
     """Connect, waiting while a live supervisor is still starting its request socket."""
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -1,27 +1,28 @@
-"""A small synchronous facade over ``qemu.qmp.QMPClient`` for qvm's own commands.
+"""A synchronous QMP session for qvm's own commands, run by the VM's supervisor.
 
-The CLI is synchronous; QMPClient is asyncio. A ``ControlSession`` owns a private event
-loop and runs each call to completion on it with a timeout, so callers never see a
-coroutine. It talks to the run dir's ``control.sock`` (a monitor reserved for qvm) and
-holds an flock on ``control.lock`` while connected: a QMP socket serves one client at a
-time, so concurrent qvm commands on one VM queue instead of colliding.
+The supervisor already holds a ``qemu.qmp`` connection that sees every event; a
+``ControlSession`` sends it commands and listens to events through ``supervisor.sock``
+(``qvm.relay`` is the other end), in plain JSON lines with timeouts, so a command like
+``qvm cpu del`` never imports asyncio or qemu.qmp itself (~55 ms). The session holds an
+flock on ``control.lock`` while open, so that qvm commands on one VM take turns: two
+``cpu add`` must not both pick the same free slot.
 
 Errors, all naming the VM::
 
-    NotRunningError     no supervisor (or no control socket): nothing to talk to
+    NotRunningError     no supervisor, or no QEMU under it: nothing to talk to
     QmpTimeoutError     QEMU did not answer a command (or the lock was not free) in time
     ControlError        QEMU refused a command: ``str()`` carries QEMU's own message, and
                         ``qemu_class``/``qemu_desc`` its error class and text; or QEMU
                         went away during a command (``qemu_exited`` is True)
-
-asyncio and qemu.qmp are imported only when a session opens: ``qvm status`` and the
-other lifecycle commands never pay for them.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -58,22 +59,14 @@ def parse_kv_args(pairs: Iterable[str]) -> dict[str, Any]:
 class EventStream:
     """Events of some names, collected from the moment ``ControlSession.listen`` opened it."""
 
-    def __init__(self, session: ControlSession, listener: Any) -> None:
+    def __init__(self, session: ControlSession, listener_id: int) -> None:
         self._session = session
-        self._listener = listener
+        self._listener_id = listener_id
         self.closed = False
 
     def get(self, timeout: float) -> dict[str, Any] | None:
         """The next event, or None if none arrived within ``timeout`` seconds."""
-        import asyncio
-
-        if timeout <= 0 and self._listener.empty():
-            timeout = 0.001  # still give the reader a chance to run
-        try:
-            event = self._session._run(asyncio.wait_for(self._listener.get(), timeout))
-        except TimeoutError:
-            return None
-        return dict(event)
+        return self._session._next_event(self._listener_id, timeout)
 
     def wait(
         self, accept: Callable[[dict[str, Any]], bool], timeout: float
@@ -92,11 +85,11 @@ class EventStream:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._session._remove_listener(self._listener)
+            self._session._unlisten(self._listener_id)
 
 
 class ControlSession:
-    """One connection to a VM's control monitor, used as a context manager."""
+    """One control session with a VM, through its supervisor, used as a context manager."""
 
     def __init__(
         self,
@@ -109,8 +102,10 @@ class ControlSession:
         self.timeout = timeout
         self.lock_timeout = lock_timeout
         self._lock_fd: int | None = None
-        self._loop: Any = None
-        self._client: Any = None
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+        self._next_id = 0
+        self._events: dict[int, collections.deque[dict[str, Any]]] = {}
 
     # --- opening and closing -----------------------------------------------------------
 
@@ -148,92 +143,113 @@ class ControlSession:
             time.sleep(0.01)
 
     def _connect(self) -> None:
-        import asyncio
-        import logging
+        from qvm.lifecycle import connect_supervisor
 
-        from qemu.qmp import QMPClient
-
-        if not os.environ.get("QVM_DEBUG"):
-            # a QEMU that dies mid-command makes qemu.qmp log tracebacks: we report it
-            # ourselves, in one line
-            logger = logging.getLogger("qemu.qmp")
-            logger.propagate = False
-            if not logger.handlers:
-                logger.addHandler(logging.NullHandler())
-        self._loop = asyncio.new_event_loop()
-        self._loop.set_exception_handler(lambda loop, context: None)
-        self._client = QMPClient(self.name)
         deadline = time.monotonic() + CONNECT_TIMEOUT
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                connecting = self._client.connect(str(self.run.control_socket))
-                self._run(asyncio.wait_for(connecting, remaining))
-                return
-            except TimeoutError as exc:
-                raise QmpTimeoutError(
-                    f"{self.name}: QEMU's control monitor did not answer within "
-                    f"{CONNECT_TIMEOUT:g} s (hint: qvm status {self.name})"
-                ) from exc
-            except Exception as exc:  # noqa: BLE001 - QEMU may still be creating the socket
-                from qvm.lifecycle import supervisor_alive
-
-                if not supervisor_alive(self.run):
-                    raise NotRunningError(self.name) from exc
-                if time.monotonic() >= deadline:
-                    raise ControlError(
-                        f"{self.name}: cannot connect to {self.run.control_socket}: {exc}"
-                    ) from exc
-                self._client = QMPClient(self.name)
-                time.sleep(0.02)
+        try:
+            self._sock = connect_supervisor(self.run, deadline)
+        except OSError as exc:
+            raise NotRunningError(self.name) from exc
+        self._send({"op": "control"})
+        reply = self._read_message(deadline)
+        if reply is None:
+            raise QmpTimeoutError(
+                f"{self.name}: the supervisor did not open a control session within "
+                f"{CONNECT_TIMEOUT:g} s (hint: qvm status {self.name})"
+            )
+        if not reply.get("ready"):
+            raise NotRunningError(self.name)
 
     def close(self) -> None:
-        import contextlib
-
-        if self._client is not None and self._loop is not None:
-            # the connection may already be gone with QEMU: nothing to report then
-            with contextlib.suppress(Exception):
-                self._run(self._client.disconnect())
-        self._client = None
-        if self._loop is not None:
-            self._loop.close()
-            self._loop = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    # --- commands and events -----------------------------------------------------------
+    # --- the line protocol (qvm.relay is the other end) ----------------------------------
 
-    def _run(self, coro: Any) -> Any:
-        return self._loop.run_until_complete(coro)
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self._sock is not None, "session is not open"
+        # if the supervisor went away, reading the reply says so
+        with contextlib.suppress(OSError):
+            self._sock.sendall(json.dumps(message).encode() + b"\n")
+
+    def _read_message(self, deadline: float) -> dict[str, Any] | None:
+        """The next message, None when the deadline passed; EOFError when the supervisor
+        closed the session (QEMU and its supervisor ended)."""
+        assert self._sock is not None, "session is not open"
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self._sock.settimeout(remaining)
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError:
+                return None
+            except OSError as exc:
+                raise EOFError from exc
+            if not chunk:
+                raise EOFError
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def _request(self, message: dict[str, Any], wait: float) -> dict[str, Any] | None:
+        """Send one request; its reply, or None if none came within ``wait`` seconds.
+        Events that arrive meanwhile are kept for their listeners."""
+        self._next_id += 1
+        request_id = self._next_id
+        self._send({"id": request_id, **message})
+        deadline = time.monotonic() + wait
+        while True:
+            reply = self._read_message(deadline)
+            if reply is None:
+                return None
+            if "listener" in reply:
+                self._keep_event(reply)
+            elif reply.get("id") == request_id:
+                return reply
+            # else: the late reply to a command we stopped waiting for
+
+    def _keep_event(self, message: dict[str, Any]) -> None:
+        queue = self._events.get(message["listener"])
+        if queue is not None:
+            queue.append(message["event"])
+
+    # --- commands and events -----------------------------------------------------------
 
     def execute(
         self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = None
     ) -> Any:
         """Run one QMP command and return its ``return`` value."""
-        import asyncio
-
-        from qemu.qmp import ExecuteError
-
         limit = self.timeout if timeout is None else timeout
+        message: dict[str, Any] = {"execute": command, "timeout": limit}
+        if arguments is not None:
+            message["arguments"] = arguments
         try:
-            return self._run(asyncio.wait_for(self._client.execute(command, arguments), limit))
-        except TimeoutError as exc:
+            # a little longer than the supervisor's own limit, whose answer is clearer
+            reply = self._request(message, limit + 1.0)
+        except EOFError as exc:
+            raise self._gone(command) from exc
+        if reply is None or reply.get("timeout"):
             raise QmpTimeoutError(
                 f"{self.name}: QEMU did not answer {command} within {limit:g} s "
                 f"(hint: qvm status {self.name})"
-            ) from exc
-        except ExecuteError as exc:
-            desc = exc.error.error.desc
+            )
+        if "error" in reply:
+            error = reply["error"]
+            desc = error.get("desc", "")
             raise ControlError(
-                f"{self.name}: {command}: {desc}",
-                qemu_class=exc.error.error.class_,
-                qemu_desc=desc,
-            ) from exc
-        except Exception as exc:  # noqa: BLE001 - the connection ended: QEMU exited or crashed
-            raise self._gone(command, exc) from exc
+                f"{self.name}: {command}: {desc}", qemu_class=error.get("class"), qemu_desc=desc
+            )
+        if reply.get("gone"):
+            raise self._gone(command)
+        return reply.get("return")
 
-    def _gone(self, command: str, exc: BaseException) -> ControlError:
+    def _gone(self, command: str) -> ControlError:
         how = describe_exit(self.run)
         return ControlError(
             f"{self.name}: QEMU went away during {command}: {how} "
@@ -243,18 +259,37 @@ class ControlSession:
 
     def listen(self, names: Iterable[str] | None = None) -> EventStream:
         """Start collecting events now (before sending the command they answer)."""
-        from qemu.qmp import EventListener
+        try:
+            reply = self._request(
+                {"listen": list(names) if names is not None else None}, self.timeout
+            )
+        except EOFError as exc:
+            raise self._gone("listen") from exc
+        if reply is None or "return" not in reply:
+            raise QmpTimeoutError(f"{self.name}: the supervisor did not start listening")
+        listener_id = reply["id"]
+        self._events[listener_id] = collections.deque()
+        return EventStream(self, listener_id)
 
-        listener = EventListener(list(names) if names is not None else None)
-        self._client.register_listener(listener)
-        return EventStream(self, listener)
+    def _next_event(self, listener_id: int, timeout: float) -> dict[str, Any] | None:
+        queue = self._events[listener_id]
+        deadline = time.monotonic() + timeout
+        while not queue:
+            try:
+                message = self._read_message(deadline)
+            except EOFError:
+                return None  # QEMU ended: no more events; the caller's next command says so
+            if message is None:
+                return None
+            if "listener" in message:
+                self._keep_event(message)
+        return queue.popleft()
 
-    def _remove_listener(self, listener: Any) -> None:
-        if self._client is not None:
-            import contextlib
-
-            with contextlib.suppress(Exception):
-                self._client.remove_listener(listener)
+    def _unlisten(self, listener_id: int) -> None:
+        self._events.pop(listener_id, None)
+        if self._sock is not None:
+            self._next_id += 1
+            self._send({"id": self._next_id, "unlisten": listener_id})
 
 
 def describe_exit(run: RunDir, wait: float = EXIT_RECORD_WAIT) -> str:

@@ -5,7 +5,8 @@ of its own and inherits the already-taken ``supervisor.lock`` (so exactly one su
 per VM can exist). ``qvm.supervise`` spawns QEMU as its child before anything else; this
 module then keeps a QMP connection on the events monitor, records how QEMU ended in
 ``state.json``, applies the restart policy and cleans up. Clients talk to it over
-``supervisor.sock``: one JSON request line, one JSON reply line.
+``supervisor.sock``: one JSON request line, one JSON reply line; or, after an
+``{"op": "control"}`` line, qvm's own QMP commands and events (``qvm.relay``).
 """
 
 from __future__ import annotations
@@ -434,6 +435,11 @@ class Supervisor:
         try:
             line = await reader.readline()
             request = json.loads(line or b"{}")
+            if request.get("op") == "control":
+                from qvm.relay import serve_control
+
+                await serve_control(self, reader, writer)
+                return
             reply = await self._handle(request)
         except Exception as exc:  # noqa: BLE001 - a bad request must not end the supervisor
             reply = {"error": f"{type(exc).__name__}: {exc}"}
