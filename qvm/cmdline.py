@@ -8,7 +8,8 @@ use, image formats read from disk, host ports picked at start) arrives resolved 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 from qvm.definition import SEED_DEVICE_ID, DiskSpec, Machine, NicSpec, hotplug_port_id, pci_ports
 from qvm.rundir import RunDir
@@ -16,14 +17,13 @@ from qvm.sizes import format_size
 from qvm.topology import cpu_device_id, cpu_driver, slot_props, topology_of
 
 
-@dataclass(frozen=True)
-class LaunchInputs:
+class LaunchInputs(NamedTuple):
     accel: str  # "kvm" or "tcg"
     run_dir: RunDir
     # per [[disk]]: the format QEMU should open; an overlay is always qcow2
     disk_formats: tuple[str, ...] = ()
     # (nic index, forward index) -> host port, for forwards whose host port was 0
-    host_ports: Mapping[tuple[int, int], int] = field(default_factory=dict)
+    host_ports: Mapping[tuple[int, int], int] = MappingProxyType({})
 
 
 def default_cpu_model(accel: str) -> str:

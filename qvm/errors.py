@@ -15,7 +15,7 @@ Anything else escaping the core is a bug, and the CLI shows it as one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class QvmError(Exception):
@@ -24,8 +24,7 @@ class QvmError(Exception):
     exit_code = 1
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
     """One thing wrong with a machine definition, in Lima's shape."""
 
     file: str

@@ -13,22 +13,20 @@ import os
 import shutil
 import subprocess
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from qvm.errors import HostError
 
 
-@dataclass(frozen=True)
-class KvmFacts:
+class KvmFacts(NamedTuple):
     device_exists: bool
     device_accessible: bool
     kvm_pvm_loaded: bool
     cpu_has_virt_flags: bool  # vmx (Intel) or svm (AMD) in /proc/cpuinfo
 
 
-@dataclass(frozen=True)
-class AccelChoice:
+class AccelChoice(NamedTuple):
     accel: str  # "kvm" or "tcg"
     reason: str
 
@@ -85,8 +83,7 @@ def choose_accel(requested: str, facts: KvmFacts) -> AccelChoice:
     return AccelChoice("kvm", "auto: /dev/kvm is usable")
 
 
-@dataclass(frozen=True)
-class QemuCapabilities:
+class QemuCapabilities(NamedTuple):
     binary: str  # resolved path
     version: str
     cpu_models: tuple[str, ...]

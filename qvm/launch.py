@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qvm.cmdline import LaunchInputs, build_argv, cpu_model, nic_id, overlay_name
 from qvm.definition import Machine, check_host
@@ -34,8 +33,7 @@ if TYPE_CHECKING:
 FetchProgress = Callable[[str, int, int | None], None]
 
 
-@dataclass(frozen=True)
-class LaunchPlan:
+class LaunchPlan(NamedTuple):
     machine: Machine
     run_dir: RunDir
     accel: AccelChoice

@@ -9,15 +9,13 @@ functions only name slots and build the boot-time ``-device`` lines.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # the vCPU commands import this module, and need no TOML parsing
     from qvm.definition import CpuSpec
 
 
-@dataclass(frozen=True)
-class Topology:
+class Topology(NamedTuple):
     sockets: int
     dies: int
     cores: int
