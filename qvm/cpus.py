@@ -18,8 +18,12 @@ What QEMU 7.2 does here, measured (see the project's qemu-facts):
   usually a moment later, does one of any other device). qvm records an unplug request
   in ``cpu-unplugged.json`` and refuses later adds in that QEMU run unless forced
   (``qvm.hotplug.check_device_add``).
-- A guest acknowledges a new vCPU (``ACPI_DEVICE_OST``, source 1) in about 25 ms; it
-  has it online (udev rule or equivalent) 450-600 ms later, which QMP cannot see.
+- A guest acknowledges a new vCPU (``ACPI_DEVICE_OST``, source 1) in about 25 ms; that
+  is its ACPI code taking the device, not the vCPU running. The vCPU stays at its reset
+  state (HMP ``info registers N``: ``CR0=60000010``, paging off) until the guest starts it
+  (INIT/SIPI), which Linux does only when it onlines the CPU (udev rule or equivalent),
+  450-600 ms later under TCG; then CR0 has paging on (e.g. ``80050033``). HMP syncs the
+  vCPU state first, so this reads the same under TCG and KVM, with no guest agent.
 
 Nothing here prints: every operation returns a dataclass for the CLI to render.
 """
@@ -52,6 +56,12 @@ from qvm.topology import Topology, cpu_device_id, slot_index
 
 DEFAULT_UNPLUG_TIMEOUT = 5.0
 DEFAULT_GUEST_TIMEOUT = 10.0
+# how often --wait-guest reads the registers of a new vCPU
+ONLINE_POLL = 0.015
+CR0_PG = 1 << 31  # paging: set by any guest kernel that started the vCPU
+# HMP `info registers`: a vCPU's block starts with `CPU#N`; CR0 is one of its fields
+CPU_HEADER = re.compile(r"^CPU#(\d+)[ \t\r]*$", re.M)
+CR0_FIELD = re.compile(r"\bCR0=([0-9a-fA-F]+)\b")
 # QEMU's immediate refusal while the chipset is still in legacy CPU-hotplug mode
 LEGACY_REFUSAL = "device unplug request for not supported device type"
 SLOT_KEYS = ("node-id", "drawer-id", "book-id", "socket-id", "die-id", "cluster-id", "core-id")
@@ -266,6 +276,11 @@ class AddedCpu:
     acknowledged: bool | None = None
     ack_seconds: float | None = None
     ack_detail: str | None = None
+    # the guest started running on it (CR0.PG set): None when not waited for, or when
+    # qvm could not read its registers (then online_detail says why)
+    online: bool | None = None
+    online_seconds: float | None = None
+    online_detail: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -275,6 +290,9 @@ class AddedCpu:
             "acknowledged": self.acknowledged,
             "ack_seconds": self.ack_seconds,
             "ack_detail": self.ack_detail,
+            "online": self.online,
+            "online_seconds": self.online_seconds,
+            "online_detail": self.online_detail,
         }
 
 
@@ -302,8 +320,8 @@ class AddResult:
     @property
     def complete(self) -> bool:
         """The CPUs were added and every wait that was asked for was satisfied."""
-        acked = all(a.acknowledged for a in self.added) if self.waited_guest else True
-        return acked and (self.serial is None or self.serial.matched is not None)
+        online = all(a.online for a in self.added) if self.waited_guest else True
+        return online and (self.serial is None or self.serial.matched is not None)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -312,6 +330,7 @@ class AddResult:
             "present": self.present,
             "max": self.max,
             "waited_guest": self.waited_guest,
+            "guest_timeout": self.guest_timeout,
             "serial": self.serial.as_json() if self.serial else None,
             "complete": self.complete,
         }
@@ -428,6 +447,12 @@ def _add(
     finally:
         if events is not None:
             events.close()
+    online: dict[str, tuple[bool | None, float | None, str | None]] = {}
+    if wait_guest:
+        ids = [d for _, d in plugged]
+        # a vCPU the guest rejected will not come up: looked at once, not waited for
+        rejected = {d for d in ids if d in acks and not acks[d][0]}
+        online = _wait_online(session, ids, rejected, guest_timeout, started)
     serial = None
     if serial_pattern is not None:
         remaining = max(guest_timeout - (time.monotonic() - started), 0.0)
@@ -444,6 +469,9 @@ def _add(
                 acknowledged=None if not wait_guest else bool(ack and ack[0]),
                 ack_seconds=ack[1] if ack else None,
                 ack_detail=ack[2] if ack else None,
+                online=online[dev_id][0] if wait_guest else None,
+                online_seconds=online[dev_id][1] if wait_guest else None,
+                online_detail=online[dev_id][2] if wait_guest else None,
             )
         )
     return AddResult(
@@ -479,6 +507,82 @@ def _wait_acks(
     return acks
 
 
+def cr0_by_cpu(text: str) -> dict[int, int]:
+    """CR0 of each vCPU in HMP ``info registers`` output (one vCPU, or all with ``-a``).
+
+    Each vCPU's block starts with a line ``CPU#N``; its CR0 is on the line
+    ``CR0=80050033 CR2=... CR3=... CR4=...``. Text without such a block (``CPU#7 not
+    available``) gives nothing.
+    """
+    headers = list(CPU_HEADER.finditer(text))
+    found: dict[int, int] = {}
+    for position, header in enumerate(headers):
+        end = headers[position + 1].start() if position + 1 < len(headers) else len(text)
+        cr0 = CR0_FIELD.search(text, header.end(), end)
+        if cr0 is not None:
+            found[int(header.group(1))] = int(cr0.group(1), 16)
+    return found
+
+
+def started_by_guest(cr0: int) -> bool:
+    """A vCPU with paging on runs guest kernel code; a new one sits at its reset state
+    (``CR0=60000010``) until the guest starts it."""
+    return bool(cr0 & CR0_PG)
+
+
+def _cpu_indexes(session: ControlSession, ids: list[str]) -> dict[str, int]:
+    """device id -> QEMU's cpu-index, matched by QOM path in ``query-cpus-fast``."""
+    by_path = {c.get("qom-path"): c.get("cpu-index") for c in session.execute("query-cpus-fast")}
+    found = {dev_id: by_path.get(f"{PERIPHERAL}{dev_id}") for dev_id in ids}
+    return {dev_id: index for dev_id, index in found.items() if isinstance(index, int)}
+
+
+def _read_cr0(session: ControlSession, cpu_index: int) -> tuple[int | None, str | None]:
+    """(CR0, None), or (None, why it could not be read)."""
+    command = f"info registers {cpu_index}"
+    try:
+        text = session.execute("human-monitor-command", {"command-line": command})
+    except ControlError as error:
+        if error.qemu_exited:
+            raise
+        return None, f"HMP {command}: {error.qemu_desc or error}"
+    cr0 = cr0_by_cpu(text if isinstance(text, str) else "").get(cpu_index)
+    if cr0 is None:
+        shown = " ".join(str(text).split())[:80] or "nothing"
+        return None, f"HMP {command} printed no CR0 ({shown})"
+    return cr0, None
+
+
+def _wait_online(
+    session: ControlSession, ids: list[str], rejected: set[str], timeout: float, started: float
+) -> dict[str, tuple[bool | None, float | None, str | None]]:
+    """id -> (started by the guest, seconds after the first device_add, why unknown).
+
+    Reads each new vCPU's registers every ``ONLINE_POLL`` s until its CR0 has paging on,
+    or ``timeout`` s after the first device_add. Every vCPU is looked at at least once.
+    """
+    indexes = _cpu_indexes(session, ids)
+    results: dict[str, tuple[bool | None, float | None, str | None]] = {}
+    for dev_id in ids:
+        if dev_id not in indexes:
+            results[dev_id] = (None, None, f"QEMU lists no {PERIPHERAL}{dev_id} in query-cpus-fast")
+    deadline = started + timeout
+    while True:
+        for dev_id in ids:
+            if dev_id in results:
+                continue
+            cr0, why = _read_cr0(session, indexes[dev_id])
+            if cr0 is None:
+                results[dev_id] = (None, None, why)
+            elif started_by_guest(cr0):
+                results[dev_id] = (True, since(started), None)
+        waiting = [d for d in ids if d not in results and d not in rejected]
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(ONLINE_POLL)
+    return {d: results.get(d, (False, None, None)) for d in ids}
+
+
 def add_cpus(
     run: RunDir,
     count: int = 1,
@@ -490,7 +594,8 @@ def add_cpus(
 ) -> AddResult:
     """Plug ``count`` vCPUs into the lowest free slots (or into ``slot``).
 
-    ``wait_guest`` waits for the guest's ACPI acknowledgement of each new vCPU;
+    ``wait_guest`` waits for the guest's ACPI acknowledgement of each new vCPU (which
+    tells a refusal), then until the guest has started running on it (online);
     ``serial_pattern`` waits for a line the guest prints on its serial console.
     """
     launch = launch_of(run)

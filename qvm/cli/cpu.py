@@ -60,9 +60,9 @@ def add(
     wait_guest: bool = typer.Option(
         False,
         "--wait-guest",
-        help="Wait until the guest acknowledges each new vCPU (its ACPI _OST reply, about "
-        "25 ms). That is the guest's ACPI code taking the device, not the vCPU being online: "
-        "a guest onlines it itself (udev rule), which QMP cannot see; use --wait-serial for that.",
+        help="Wait until the guest has each new vCPU online: its ACPI _OST reply (a refusal "
+        "fails at once), then the guest starting to run on the vCPU (read from its registers). "
+        "The guest must online hotplugged CPUs itself, e.g. with a udev rule (see the README).",
     ),
     wait_serial: str | None = typer.Option(
         None,
@@ -158,7 +158,9 @@ def set_cmd(
         5.0, "--timeout", help="Seconds to wait for the guest (unplug; with --wait-guest, plug)."
     ),
     wait_guest: bool = typer.Option(
-        False, "--wait-guest", help="When adding, wait for the guest's ACPI acknowledgement."
+        False,
+        "--wait-guest",
+        help="When adding, wait until the guest has each new vCPU online (as cpu add).",
     ),
     force: bool = typer.Option(
         False, "--force", help="Add even after a vCPU unplug in this QEMU run under TCG."
@@ -213,8 +215,13 @@ def _compile(name: str, pattern: str | None) -> re.Pattern[str] | None:
 def _say_added(result: Any) -> None:
     for cpu in result.added:
         line = f"{result.name}: added {cpu.id} ({_props(cpu.props)})"
+        seen = []
         if cpu.acknowledged:
-            line += f"; the guest acknowledged it (ACPI _OST) after {ms(cpu.ack_seconds)}"
+            seen.append(f"the guest acknowledged it (ACPI _OST) after {ms(cpu.ack_seconds)}")
+        if cpu.online:
+            seen.append(f"online after {ms(cpu.online_seconds)}")
+        if seen:
+            line += "; " + ", ".join(seen)
         say(line)
     if result.forced_after_unplug:
         warn(f"qvm: {result.name}: added after a vCPU unplug under TCG (--force)")
@@ -228,16 +235,28 @@ def _say_added(result: Any) -> None:
 def _add_problems(result: Any) -> list[str]:
     problems = []
     for cpu in result.added:
-        if not result.waited_guest or cpu.acknowledged:
+        if not result.waited_guest or cpu.online:
             continue
+        not_started = f"was added but not started by the guest within {result.guest_timeout:g} s"
         if cpu.ack_detail:
-            why = f"the guest rejected it ({cpu.ack_detail})"
+            why = f"was added, but the guest rejected it ({cpu.ack_detail})"
+        elif cpu.online is None:
+            why = (
+                "was added, but qvm could not tell whether the guest started it: "
+                f"{cpu.online_detail}"
+            )
+        elif not cpu.acknowledged:
+            why = (
+                f"{not_started}; the guest did not acknowledge it either (no guest OS, or its "
+                "ACPI CPU hotplug is not active)"
+            )
         else:
             why = (
-                f"the guest did not acknowledge it within {result.guest_timeout:g} s "
-                "(no guest OS, or its ACPI CPU hotplug is not active)"
+                f"{not_started}; the guest acknowledged it (ACPI _OST) after "
+                f"{ms(cpu.ack_seconds)} but has not onlined it (hint: the guest must online "
+                "hotplugged CPUs itself, e.g. with a udev rule; see the README)"
             )
-        problems.append(f"{result.name}: {cpu.id} was added, but {why}")
+        problems.append(f"{result.name}: {cpu.id} {why}")
     if result.serial is not None and result.serial.matched is None:
         problems.append(
             f"{result.name}: the guest printed nothing matching /{result.serial.pattern}/ "

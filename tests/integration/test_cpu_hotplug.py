@@ -41,11 +41,17 @@ def test_seed_scenario_on_the_test_guest(qvm: Qvm) -> None:
     human = qvm("cpu", "list", "vm1").stdout
     assert human.splitlines()[-1] == "1 of 4 vCPUs present"
 
+    # --wait-guest: the guest's ACPI _OST, then the guest running on the new vCPU
     added = qvm("cpu", "add", "vm1", "--wait-guest")
-    assert added.stdout.startswith(
-        "vm1: added cpu1 (socket-id=0,core-id=1,thread-id=0); "
-        "the guest acknowledged it (ACPI _OST) after"
+    first = added.stdout.splitlines()[0]
+    reported = re.fullmatch(
+        r"vm1: added cpu1 \(socket-id=0,core-id=1,thread-id=0\); the guest acknowledged it "
+        r"\(ACPI _OST\) after (\d+) ms, online after (\d+) ms",
+        first,
     )
+    assert reported, first
+    assert int(reported[1]) <= int(reported[2])
+    # the guest's own word: it has the CPU online
     serial.wait_state(ncpus=2, cpus="0-1")
 
     more = qvm("cpu", "add", "vm1", "--count", "2", "--persist")
@@ -220,12 +226,40 @@ def test_seed_machine_without_an_os(qvm: Qvm) -> None:
     assert not (qvm.run_dir("seed") / "cpu-unplugged.json").exists()
 
 
+def test_wait_guest_on_a_machine_without_an_os_says_the_vcpu_was_not_started(qvm: Qvm) -> None:
+    seed = (REPO / "machines" / "seed-hotplug.toml").read_text()
+    qvm.machine("seed", seed.replace('size = "2G"', 'size = "256M"'))
+    qvm("up", "seed")
+
+    added = qvm("cpu", "add", "seed", "--wait-guest", "--timeout", "2", check=False)
+    one_line_error(
+        added,
+        "qvm: seed: cpu1 was added but not started by the guest within 2 s; the guest did "
+        "not acknowledge it either (no guest OS, or its ACPI CPU hotplug is not active)",
+    )
+    assert added.returncode == 1
+    assert added.stdout.splitlines() == [
+        "seed: added cpu1 (socket-id=0,core-id=1,thread-id=0)",
+        "seed: 2 of 2 vCPUs present",
+    ]
+    # the new vCPU is still at its reset state: paging off, nothing started it
+    registers = json.loads(
+        qvm("qmp", "seed", "human-monitor-command", "command-line=info registers 1").stdout
+    )
+    assert "CR0=60000010 " in registers
+    assert qvm.status("seed")["state"] == "running"
+    assert [s["state"] for s in qvm.json("cpu", "list", "seed")] == ["present", "present"]
+
+
 def test_unplug_pending_while_paused_then_completes_by_itself(qvm: Qvm) -> None:
     qvm.guest_machine("vm1", count=1, max=2)
     qvm("up", "vm1")
     serial = qvm.serial("vm1")
     serial.wait_ready()
-    qvm("cpu", "add", "vm1", "--wait-guest")
+    # set --wait-guest waits for the added vCPU as cpu add does
+    steps = qvm("cpu", "set", "vm1", "2", "--wait-guest", "--timeout", "10").stdout.splitlines()
+    assert steps[0] == "vm1: 1 -> 2 vCPUs"
+    assert re.fullmatch(r"vm1: added cpu1 \(.*\); .*, online after \d+ ms", steps[1]), steps
     serial.wait_state(ncpus=2)
 
     # a paused guest cannot answer the eject request

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from qvm.cli.cpu import _add_problems, _say_added
 from qvm.cpus import (
+    AddedCpu,
+    AddResult,
     CpuList,
+    _wait_online,
     choose_free_slots,
     choose_removals,
+    cr0_by_cpu,
     match_unplug_event,
     merge_slots,
     parse_slot_spec,
     pending_ids,
     props_text,
+    started_by_guest,
     topology_from_launch,
 )
 from qvm.errors import HotplugError
@@ -353,3 +361,145 @@ def test_tcg_guard_applies_to_the_qemu_run_that_saw_an_unplug(tmp_path: Path) ->
     assert tcg_unplug_refusal(run, dict(LAUNCH, accel="kvm")) is None
     _state(run, 101, 6)  # QEMU restarted: the record is about a run that is over
     assert tcg_unplug_refusal(run, LAUNCH) is None
+
+
+# HMP `info registers N` replies (QMP human-monitor-command), captured from QEMU 7.2 (TCG)
+# on the test guest: cpu0 running the kernel, and cpu1 just after its device_add, still at
+# its reset state (real mode, paging off) because the guest had not onlined it yet
+REGISTERS_ONLINE = (
+    "\r\nCPU#0\r\n"
+    "RAX=000000000001ad40 RBX=0000000000000000 RCX=0000000000000000 RDX=4000000000000000\r\n"
+    "RIP=ffffffff87c17a0b RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\r\n"
+    "CS =0010 0000000000000000 ffffffff 00af9b00 DPL=0 CS64 [-RA]\r\n"
+    "GDT=     fffffe0000001000 0000007f\r\n"
+    "IDT=     fffffe0000000000 00000fff\r\n"
+    "CR0=80050033 CR2=00000000005794a9 CR3=000000000291c000 CR4=00751eb0\r\n"
+    "DR0=0000000000000000 DR1=0000000000000000 DR2=0000000000000000 DR3=0000000000000000 \r\n"
+    "DR6=00000000ffff0ff0 DR7=0000000000000400\r\n"
+    "EFER=0000000000000d01\r\n"
+)
+REGISTERS_NEW = (
+    "\r\nCPU#1\r\n"
+    "EAX=00000000 EBX=00000000 ECX=00000000 EDX=00060fb1\r\n"
+    "EIP=0000fff0 EFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=1\r\n"
+    "CS =f000 ffff0000 0000ffff 00009b00\r\n"
+    "GDT=     00000000 0000ffff\r\n"
+    "IDT=     00000000 0000ffff\r\n"
+    "CR0=60000010 CR2=00000000 CR3=00000000 CR4=00000000\r\n"
+    "DR0=0000000000000000 DR1=0000000000000000 DR2=0000000000000000 DR3=0000000000000000 \r\n"
+    "EFER=0000000000000000\r\n"
+)
+
+
+def test_cr0_of_one_vcpu_and_of_all() -> None:
+    assert cr0_by_cpu(REGISTERS_ONLINE) == {0: 0x80050033}
+    assert cr0_by_cpu(REGISTERS_NEW) == {1: 0x60000010}
+    # `info registers -a`: one block per vCPU
+    assert cr0_by_cpu(REGISTERS_ONLINE + REGISTERS_NEW) == {0: 0x80050033, 1: 0x60000010}
+    assert started_by_guest(0x80050033) is True
+    assert started_by_guest(0x60000010) is False
+
+
+def test_cr0_of_a_vcpu_qemu_does_not_have() -> None:
+    assert cr0_by_cpu("CPU#7 not available\r\n") == {}
+    assert cr0_by_cpu("") == {}
+    # other registers that end in CR0 are not CR0
+    assert cr0_by_cpu("\r\nCPU#2\r\nXCR0=0000000000000007\r\n") == {}
+
+
+class FakeSession:
+    """query-cpus-fast, then `info registers N` replies: cpu1 comes up at the third look."""
+
+    def __init__(self, registers: dict[int, list[str]]) -> None:
+        self.registers = registers
+        self.commands: list[tuple[str, Any]] = []
+
+    def execute(self, command: str, arguments: dict | None = None) -> Any:
+        self.commands.append((command, arguments))
+        if command == "query-cpus-fast":
+            return CPUS_FAST + [
+                {"qom-path": "/machine/peripheral/cpu2", "cpu-index": 2, "thread-id": 1}
+            ]
+        assert command == "human-monitor-command"
+        index = int(arguments["command-line"].split()[-1])
+        replies = self.registers[index]
+        return replies.pop(0) if len(replies) > 1 else replies[0]
+
+
+def test_wait_online_reads_each_new_vcpu_until_the_guest_starts_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("qvm.cpus.ONLINE_POLL", 0.001)
+    up = REGISTERS_ONLINE.replace("CPU#0", "CPU#1")
+    never = REGISTERS_NEW.replace("CPU#1", "CPU#2")
+    session = FakeSession({1: [REGISTERS_NEW, REGISTERS_NEW, up], 2: [never]})
+    started = time.monotonic()
+    result = _wait_online(session, ["cpu1", "cpu2"], set(), 0.2, started)
+    assert result["cpu1"][0] is True and result["cpu1"][1] is not None
+    assert result["cpu2"] == (False, None, None)
+    assert time.monotonic() - started >= 0.2
+    lines = {a["command-line"] for c, a in session.commands if c == "human-monitor-command"}
+    assert lines == {"info registers 1", "info registers 2"}
+
+
+def test_wait_online_looks_once_at_a_rejected_vcpu_and_says_when_it_cannot_tell() -> None:
+    session = FakeSession({2: [REGISTERS_NEW.replace("CPU#1", "CPU#2")]})
+    started = time.monotonic()
+    result = _wait_online(session, ["cpu2", "cpu5"], {"cpu2"}, 30, started)
+    assert time.monotonic() - started < 5
+    assert result["cpu2"] == (False, None, None)
+    assert result["cpu5"] == (
+        None,
+        None,
+        "QEMU lists no /machine/peripheral/cpu5 in query-cpus-fast",
+    )
+    session = FakeSession({2: ["CPU#2 not available\r\n"]})
+    assert _wait_online(session, ["cpu2"], set(), 30, started)["cpu2"] == (
+        None,
+        None,
+        "HMP info registers 2 printed no CR0 (CPU#2 not available)",
+    )
+
+
+PROPS = {"socket-id": 0, "core-id": 1, "thread-id": 0}
+
+
+def added(**kwargs: Any) -> AddResult:
+    cpu = AddedCpu("cpu1", TYPE, PROPS, **kwargs)
+    return AddResult("vm1", [cpu], 2, 4, waited_guest=True, guest_timeout=2.0)
+
+
+def test_add_report_online(capsys: pytest.CaptureFixture[str]) -> None:
+    result = added(acknowledged=True, ack_seconds=0.028, online=True, online_seconds=0.51)
+    assert result.complete and _add_problems(result) == []
+    _say_added(result)
+    assert capsys.readouterr().out == (
+        "vm1: added cpu1 (socket-id=0,core-id=1,thread-id=0); the guest acknowledged it "
+        "(ACPI _OST) after 28 ms, online after 510 ms\n"
+    )
+    assert result.as_json()["added"][0]["online"] is True
+    assert result.as_json()["added"][0]["online_seconds"] == 0.51
+
+
+def test_add_report_not_online() -> None:
+    no_os = added(acknowledged=False, online=False)
+    assert not no_os.complete
+    assert _add_problems(no_os) == [
+        "vm1: cpu1 was added but not started by the guest within 2 s; the guest did not "
+        "acknowledge it either (no guest OS, or its ACPI CPU hotplug is not active)"
+    ]
+    offline = added(acknowledged=True, ack_seconds=0.025, online=False)
+    assert _add_problems(offline) == [
+        "vm1: cpu1 was added but not started by the guest within 2 s; the guest acknowledged "
+        "it (ACPI _OST) after 25 ms but has not onlined it (hint: the guest must online "
+        "hotplugged CPUs itself, e.g. with a udev rule; see the README)"
+    ]
+    rejected = added(acknowledged=False, ack_detail="OST status 0x1", online=False)
+    assert _add_problems(rejected) == [
+        "vm1: cpu1 was added, but the guest rejected it (OST status 0x1)"
+    ]
+    unknown = added(acknowledged=True, online=None, online_detail="why")
+    assert not unknown.complete
+    assert _add_problems(unknown) == [
+        "vm1: cpu1 was added, but qvm could not tell whether the guest started it: why"
+    ]
