@@ -1,7 +1,8 @@
 """Starting, stopping and describing VMs: the client side of the supervisor.
 
 ``up`` validates against this host, prepares the run dir (overlays, ports), takes the
-VM's ``supervisor.lock`` and hands it to a new supervisor process, so two concurrent
+VM's ``supervisor.lock`` and hands it to a new supervisor process (forked, see
+``qvm.supervise``), so two concurrent
 ``up``s of one VM start exactly one QEMU. Everything else asks the live supervisor over
 its socket, or reads the facts it left behind when there is none.
 """
@@ -14,11 +15,10 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from qvm.errors import HostError, LaunchError, NotRunningError, QvmError, VmStateError
 from qvm.proc import same_process_alive
@@ -169,18 +169,9 @@ def start_supervisor(
         run.pending_file.unlink(missing_ok=True)
         write_json_atomic(run.launch_file, launch)
         ready_read, ready_write = os.pipe()
-        env = dict(os.environ, QVM_READY_FD=str(ready_write), QVM_LOCK_FD=str(lock_fd))
-        with open(run.supervisor_log, "ab") as log:
-            supervisor = subprocess.Popen(
-                [sys.executable, "-m", "qvm.supervise", str(run.path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                pass_fds=(ready_write, lock_fd),
-                start_new_session=True,
-                env=env,
-                cwd=run.path,
-            )
+        supervisor_pid = os.fork()
+        if supervisor_pid == 0:
+            _become_supervisor(run, launch, ready_read, ready_write, lock_fd)
         os.close(ready_write)
     finally:
         os.close(lock_fd)  # the supervisor holds its own copy now
@@ -194,9 +185,8 @@ def start_supervisor(
     if last != ("ready" if wait else "spawned"):
         # "failed" or end of file: the supervisor is ending; otherwise time ran out
         timed_out = last != "failed" and not eof
-        if not timed_out:
-            supervisor.wait(timeout=10)
-        raise _launch_failure(run, name, supervisor, timed_out=timed_out)
+        exit_code = None if timed_out else _reap(supervisor_pid, timeout=10)
+        raise _launch_failure(run, name, exit_code, timed_out=timed_out)
     qemu_pid = int(lines[-1].split()[1]) if len(lines[-1].split()) > 1 else None
     return UpResult(
         name=name,
@@ -208,6 +198,44 @@ def start_supervisor(
         qmp_socket=run.qmp_socket,
         ready=wait,
     )
+
+
+def _become_supervisor(
+    run: RunDir, launch: dict[str, Any], ready_read: int, ready_write: int, lock_fd: int
+) -> NoReturn:
+    """In the child of ``os.fork``: leave the CLI's session and output, start QEMU, and
+    exec into the supervisor (``qvm.supervise.start``). Never returns to the CLI's code."""
+    try:
+        os.setsid()  # a Ctrl-C at the terminal that ran `qvm up` must not reach us
+        os.close(ready_read)
+        os.chdir(run.path)
+        null = os.open(os.devnull, os.O_RDONLY)
+        log = os.open(run.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(null)
+        os.close(log)
+        from qvm.supervise import start
+
+        start(str(run.path), launch, ready_write, lock_fd)
+    except BaseException:  # noqa: BLE001 - whatever happens, never run the CLI twice
+        import traceback
+
+        traceback.print_exc()  # into supervisor.log; `qvm up` sees the pipe close
+    os._exit(1)
+
+
+def _reap(pid: int, timeout: float) -> int | None:
+    """The exit code of our child ``pid`` once it ends, or None if it is still running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ended, status = os.waitpid(pid, os.WNOHANG)
+        if ended:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
 
 
 def _read_readiness(fd: int, want: str, timeout: float) -> tuple[list[str], bool]:
@@ -236,7 +264,7 @@ def _read_readiness(fd: int, want: str, timeout: float) -> tuple[list[str], bool
 
 
 def _launch_failure(
-    run: RunDir, name: str, supervisor: subprocess.Popen[bytes], timed_out: bool
+    run: RunDir, name: str, supervisor_exit: int | None, timed_out: bool
 ) -> LaunchError:
     if timed_out:
         ask_kill = _try_kill(run)
@@ -244,7 +272,7 @@ def _launch_failure(
     state = read_json(run.state_file) or {}
     ended = state.get("exit") or {}
     tail = ended.get("stderr_tail") or []
-    reason = ended.get("reason") or f"the supervisor exited with code {supervisor.returncode}"
+    reason = ended.get("reason") or f"the supervisor exited with code {supervisor_exit}"
     message = f"{name}: QEMU failed to start: {reason}"
     if tail:
         message += "\n" + "\n".join(f"  {line}" for line in tail)

@@ -1,12 +1,12 @@
 """The per-VM supervisor: a small process that outlives the CLI and owns one QEMU.
 
-Its process is started by ``qvm up`` as ``python -m qvm.supervise RUNDIR`` in a session
-of its own and inherits the already-taken ``supervisor.lock`` (so exactly one supervisor
-per VM can exist). ``qvm.supervise`` spawns QEMU as its child before anything else; this
-module then keeps a QMP connection on the events monitor, records how QEMU ended in
-``state.json``, applies the restart policy and cleans up. Clients talk to it over
-``supervisor.sock``: one JSON request line, one JSON reply line; or, after an
-``{"op": "control"}`` line, qvm's own QMP commands and events (``qvm.relay``).
+Its process is forked by ``qvm up`` into a session of its own and inherits the
+already-taken ``supervisor.lock`` (so exactly one supervisor per VM can exist).
+``qvm.supervise`` spawns QEMU as its child before anything else; this module then keeps a
+QMP connection on the events monitor, records how QEMU ended in ``state.json``, applies
+the restart policy and cleans up. Clients talk to it over ``supervisor.sock``: one JSON
+request line, one JSON reply line; or, after an ``{"op": "control"}`` line, qvm's own QMP
+commands and events (``qvm.relay``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from qvm.proc import process_start_time, process_state, process_usage
 from qvm.rundir import RunDir, write_json_atomic
-from qvm.supervise import LOG_MARKER, initial_state
+from qvm.supervise import LOG_MARKER, AdoptedQemu, initial_state
 
 QMP_CONNECT_TIMEOUT = 60.0
 QMP_CALL_TIMEOUT = 2.0
@@ -45,7 +45,7 @@ class Supervisor:
         self.max_restarts: int = launch.get("max_restarts", 5)
         self.restart_delay: float = launch.get("restart_delay", 1.0)
         self.state: dict[str, Any] = initial_state(launch)
-        self.qemu: subprocess.Popen[bytes] | None = None
+        self.qemu: subprocess.Popen[bytes] | AdoptedQemu | None = None
         self.run_started = 0.0
         # set by `stop`/`kill` requests: an exit we asked for is never a failure
         self.intent: str | None = None
@@ -90,7 +90,7 @@ class Supervisor:
 
         self.adopt_qemu(spawn_qemu(self.argv, str(self.run.path)))
 
-    def adopt_qemu(self, qemu: subprocess.Popen[bytes]) -> None:
+    def adopt_qemu(self, qemu: subprocess.Popen[bytes] | AdoptedQemu) -> None:
         """Take charge of a QEMU just spawned (the first one is spawned before we exist)."""
         self.qemu = qemu
         self.run_started = time.time()
@@ -537,7 +537,7 @@ def run_supervisor(
     run_path: str,
     launch: dict[str, Any],
     ready_fd: int | None,
-    qemu: subprocess.Popen[bytes],
+    qemu: AdoptedQemu,
     qmp_answered: bool,
 ) -> int:
     """Supervise a QEMU that ``qvm.supervise`` has just spawned, to the end."""
