@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def _add_device_group(word: str) -> None:
 
 def main() -> None:
     register(command_word(sys.argv[1:]))
+    gc.enable()  # qvm.cli.run turned it off for the imports; a `qvm console` runs for long
     try:
         app()
     except QvmError as error:
