@@ -137,7 +137,7 @@ class ControlSession:
                 return
             if time.monotonic() > deadline:
                 raise QmpTimeoutError(
-                    f"{self.name}: another qvm command has held the control monitor for "
+                    f"{self.name}: another qvm command has held the control session for "
                     f"{self.lock_timeout:g} s (hint: wait for it, or see 'qvm status {self.name}')"
                 )
             time.sleep(0.01)

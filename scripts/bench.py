@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 QVM = str(VENV_BIN / "qvm")
-RUNS = int(os.environ.get("QVM_BENCH_RUNS", "5"))
+RUNS = int(os.environ.get("QVM_BENCH_RUNS", "9"))
 MACHINE = REPO / "machines" / "demo.toml"
 
 
@@ -58,23 +58,17 @@ def raw_argv(run_dir: Path) -> list[str]:
     return plan.argv
 
 
-def bench_raw_start(root: Path) -> list[float]:
-    samples = []
-    run_dir = root / "raw"
-    run_dir.mkdir(mode=0o700)
-    argv = raw_argv(run_dir)
-    for _ in range(RUNS):
-        for leftover in run_dir.glob("*.sock"):
-            leftover.unlink()
-        started = time.monotonic()
-        qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_qmp_answer(run_dir / "qmp.sock", started + 30)
-            samples.append(time.monotonic() - started)
-        finally:
-            qemu.send_signal(signal.SIGKILL)
-            qemu.wait()
-    return samples
+def raw_start(argv: list[str], run_dir: Path) -> float:
+    for leftover in run_dir.glob("*.sock"):
+        leftover.unlink()
+    started = time.monotonic()
+    qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_qmp_answer(run_dir / "qmp.sock", started + 30)
+        return time.monotonic() - started
+    finally:
+        qemu.send_signal(signal.SIGKILL)
+        qemu.wait()
 
 
 def qvm(env: dict[str, str], *args: str) -> float:
@@ -83,13 +77,26 @@ def qvm(env: dict[str, str], *args: str) -> float:
     return time.monotonic() - started
 
 
-def bench_qvm_start(env: dict[str, str], wait: bool) -> list[float]:
-    samples = []
+def qvm_start(env: dict[str, str], *args: str) -> float:
+    took = qvm(env, "up", "demo", *args)
+    qvm(env, "kill", "demo")
+    return took
+
+
+def bench_starts(root: Path, env: dict[str, str]) -> tuple[list[float], ...]:
+    """Raw QEMU, `qvm up --no-wait` and `qvm up`, in turn in each round: this host's speed
+    drifts by tens of percent over a minute, and each ratio must compare like with like."""
+    run_dir = root / "raw"
+    run_dir.mkdir(mode=0o700)
+    argv = raw_argv(run_dir)
+    raw: list[float] = []
+    no_wait: list[float] = []
+    ready: list[float] = []
     for _ in range(RUNS):
-        args = ["up", "demo"] if wait else ["up", "demo", "--no-wait"]
-        samples.append(qvm(env, *args))
-        qvm(env, "kill", "demo")
-    return samples
+        raw.append(raw_start(argv, run_dir))
+        no_wait.append(qvm_start(env, "--no-wait"))
+        ready.append(qvm_start(env))
+    return raw, no_wait, ready
 
 
 def supervisor_rss(env: dict[str, str], state: Path) -> int:
@@ -138,9 +145,7 @@ def main() -> int:
     env = dict(os.environ, QVM_STATE_DIR=str(root / "state"), QVM_MACHINES=str(REPO / "machines"))
     try:
         qvm(env, "cmdline", "demo")  # warm the QEMU capability cache, as any second use would
-        raw = median_ms(bench_raw_start(root))
-        up_nowait = median_ms(bench_qvm_start(env, wait=False))
-        up_ready = median_ms(bench_qvm_start(env, wait=True))
+        raw, up_nowait, up_ready = (median_ms(s) for s in bench_starts(root, env))
         rss = supervisor_rss(env, root / "state")
         qvm(env, "up", "demo")
         try:
@@ -158,7 +163,7 @@ def main() -> int:
         subprocess.run([QVM, "kill", "demo"], env=env, capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 
-    print(f"qvm benchmark (medians; {RUNS} starts, 10 runs per command)")
+    print(f"qvm benchmark (medians; {RUNS} rounds of starts, 10 runs per command)")
     print(f"{'what':<44} {'ms':>8}  vs raw / target")
     print(f"{'raw QEMU: spawn to QMP answering':<44} {raw:8.1f}")
     print(

@@ -31,7 +31,7 @@ def qmp(
     ),
     timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for QEMU's reply."),
 ) -> None:
-    """Send one QMP command on qvm's control monitor and print QEMU's JSON reply.
+    """Send one QMP command (the supervisor runs it) and print QEMU's JSON reply.
 
     Errors from QEMU are printed as QEMU's own message, with exit status 1.
     """
