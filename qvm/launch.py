@@ -12,7 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from qvm.cmdline import LaunchInputs, build_argv, cpu_model, nic_id, overlay_name
+from qvm.cmdline import (
+    LaunchInputs,
+    build_argv,
+    cpu_model,
+    default_cpu_model,
+    nic_id,
+    overlay_name,
+)
 from qvm.definition import Machine, check_host
 from qvm.errors import DefinitionError, HostError, Problem
 from qvm.host import AccelChoice, choose_accel, probe_kvm, qemu_capabilities
@@ -153,6 +160,19 @@ def _check_images_free(machine: Machine, run_dir: RunDir) -> None:
 
 
 def _check_model_under_accel(machine: Machine, accel: AccelChoice) -> None:
+    model = machine.cpu.model or default_cpu_model(accel.accel)
+    if accel.kvm_pvm and model in ("host", "max"):
+        where = "cpu.model" if machine.cpu.model else 'cpu.model (unset: defaults to "host")'
+        raise DefinitionError(
+            [
+                Problem(
+                    str(machine.path),
+                    where,
+                    f'"{model}" makes QEMU abort under kvm_pvm (failed to set MSR 0x10a)',
+                    hint='set a named model such as "qemu64"',
+                )
+            ]
+        )
     if machine.cpu.model == "host" and accel.accel != "kvm":
         raise DefinitionError(
             [

@@ -197,6 +197,8 @@ class Supervisor:
             self.runstate = status.get("status", "unknown")
         except Exception:  # noqa: BLE001 - readiness is the connection, the status is extra
             pass
+        # the STOP of an internal error can come before this connection exists
+        self._end_after_internal_error()
         self.save_state(state=self._live_state())
         self.notify_ready()
         try:
@@ -242,14 +244,17 @@ class Supervisor:
                     self.runstate = status.get("status", "paused")
                 except Exception:  # noqa: BLE001 - keep the event's word for it
                     pass
-                if self.runstate == "internal-error":
-                    self.crash_reason = "KVM internal error (see qvm logs --qemu)"
-                    # a VM stuck in internal-error never recovers: end it so that the
-                    # restart policy can act
-                    self._signal_qemu(signal.SIGKILL)
+                self._end_after_internal_error()
             self.save_state(state=self._live_state())
         elif name == "DEVICE_DELETED":
             await self._finish_pending_unplug(data)
+
+    def _end_after_internal_error(self) -> None:
+        """A VM stuck in internal-error never recovers: record it and end QEMU, so that
+        the restart policy can act."""
+        if self.runstate == "internal-error":
+            self.crash_reason = "KVM internal error (see qvm logs --qemu)"
+            self._signal_qemu(signal.SIGKILL)
 
     async def _finish_pending_unplug(self, data: dict[str, Any]) -> None:
         """An unplug that the CLI gave up waiting for has completed: drop its mark, and

@@ -358,3 +358,73 @@ def test_guest_panic_is_a_crash_that_on_failure_restarts(qvm: Qvm) -> None:
     status = wait_until(restarted, 30, "a restart after the panic")
     assert status["last_exit"]["reason"] == "guest panic"
     assert status["last_exit"]["failed"] is True
+
+
+KVM_USABLE = os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def emulation_failure_bios(path: os.PathLike[str]) -> None:
+    """A 64 KiB BIOS whose first instructions make KVM give up: ``fld1``, which kvm_pvm's
+    instruction emulator (it emulates real mode) cannot decode, then a far jump to
+    A000:0000, where nothing is mapped (``-nodefaults``): an instruction fetch from
+    unassigned memory is an emulation failure for hardware KVM too (untested here)."""
+    image = bytearray(b"\xf4" * 0x10000)  # hlt everywhere else
+    image[0xFFF0:0xFFF7] = bytes([0xD9, 0xE8, 0xEA, 0x00, 0x00, 0x00, 0xA0])
+    with open(path, "wb") as handle:
+        handle.write(image)
+
+
+@pytest.mark.skipif(not KVM_USABLE, reason="needs a /dev/kvm this user can open")
+def test_kvm_internal_error_is_a_crash_that_on_failure_restarts(qvm: Qvm, tmp_path) -> None:
+    bios = tmp_path / "emulation-failure.bin"
+    emulation_failure_bios(bios)
+    qvm.machine(
+        "kvmerr",
+        f"""
+[machine]
+type = "pc"
+accel = "kvm"
+[cpu]
+model = "qemu64"
+[memory]
+size = "16M"
+[supervisor]
+restart = "on-failure"
+max_restarts = 1
+restart_delay = 0.2
+[qemu]
+extra_args = ["-bios", "{bios}"]
+""",
+    )
+    up = qvm("up", "kvmerr", check=False)
+    # QEMU may reach internal-error before or after QMP answers: both are this crash
+    assert "Traceback" not in up.stderr
+
+    def given_up() -> dict | None:
+        s = qvm.status("kvmerr")
+        return s if s["state"] == "crashed" and s["restarts"] == 1 else None
+
+    status = wait_until(given_up, 30, "the internal error, one restart, and the cap")
+    assert status["accel"] == "kvm"
+    assert status["last_exit"]["failed"] is True
+    assert status["last_exit"]["reason"] == (
+        "KVM internal error (see qvm logs --qemu); not restarted: 1 restarts in a row"
+    )
+    assert "KVM internal error" in qvm("logs", "kvmerr", "--qemu").stdout
+
+
+@pytest.mark.skipif(
+    not (KVM_USABLE and os.path.exists("/sys/module/kvm_pvm")), reason="needs kvm_pvm"
+)
+def test_cpu_models_that_abort_under_kvm_pvm_are_refused_before_anything_starts(
+    qvm: Qvm,
+) -> None:
+    path = qvm.guest_machine("vm1")
+    path.write_text(path.read_text().replace('accel = "auto"', 'accel = "kvm"'))
+    result = qvm("up", "vm1", check=False)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f'qvm: {path}: cpu.model (unset: defaults to "host"): "host" makes QEMU abort under '
+        'kvm_pvm (failed to set MSR 0x10a) (hint: set a named model such as "qemu64")\n'
+    )
+    assert not qvm.processes()

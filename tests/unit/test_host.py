@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 
 from qvm.errors import HostError
-from qvm.host import KvmFacts, choose_accel, parse_cpu_help, parse_machine_help, probe_kvm
+from qvm.host import (
+    AccelChoice,
+    KvmFacts,
+    choose_accel,
+    parse_cpu_help,
+    parse_machine_help,
+    probe_kvm,
+)
 
 USABLE = KvmFacts(True, True, False, True)
 PVM = KvmFacts(True, True, True, False)
@@ -26,9 +33,19 @@ def test_auto_picks_kvm_only_where_it_can_run_a_guest() -> None:
 
 
 def test_explicit_kvm_on_an_unusable_host_is_an_error() -> None:
-    with pytest.raises(HostError, match=r"KVM was asked for .* kvm_pvm, .*hint: set accel"):
-        choose_accel("kvm", PVM)
+    with pytest.raises(HostError, match=r"KVM was asked for .* does not exist.*hint: set accel"):
+        choose_accel("kvm", KvmFacts(False, False, False, True))
+    with pytest.raises(HostError, match=r"KVM was asked for .* not readable and writable"):
+        choose_accel("kvm", KvmFacts(True, False, True, True))
     assert choose_accel("tcg", USABLE).accel == "tcg"
+
+
+def test_explicit_kvm_on_kvm_pvm_is_the_users_call() -> None:
+    """kvm_pvm runs PVM-aware guests: asked for by name, KVM is used, and the reason says so."""
+    assert choose_accel("kvm", PVM) == AccelChoice(
+        "kvm", 'accel = "kvm" in the definition (kvm_pvm: runs only PVM-aware guests)', True
+    )
+    assert choose_accel("auto", PVM).accel == "tcg"
 
 
 def test_probe_reads_the_files(tmp_path: Path) -> None:
