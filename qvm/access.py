@@ -17,8 +17,8 @@ import re
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from qvm.errors import HostError, NotRunningError, QvmError
 from qvm.rundir import RunDir, read_json
@@ -31,8 +31,7 @@ class WaitTimeout(QvmError):
     exit_code = 4
 
 
-@dataclass(frozen=True)
-class SshTarget:
+class SshTarget(NamedTuple):
     name: str
     user: str | None
     host: str

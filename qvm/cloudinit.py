@@ -15,9 +15,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qvm.definition import CloudInitSpec, Machine
 from qvm.errors import DefinitionError, HostError, Problem
@@ -27,8 +26,7 @@ SEED_LABEL = "cidata"
 GENERATED_KEY = "id_ed25519"  # in the run dir, when qvm makes the VM's key pair
 
 
-@dataclass(frozen=True)
-class SeedPlan:
+class SeedPlan(NamedTuple):
     user: str
     keys: tuple[str, ...]  # public key lines; empty when qvm will make the key pair
     identities: tuple[Path, ...]  # private keys `qvm ssh` offers (-i); may be empty

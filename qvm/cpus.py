@@ -25,7 +25,8 @@ What QEMU 7.2 does here, measured (see the project's qemu-facts):
   450-600 ms later under TCG; then CR0 has paging on (e.g. ``80050033``). HMP syncs the
   vCPU state first, so this reads the same under TCG and KVM, with no guest agent.
 
-Nothing here prints: every operation returns a dataclass for the CLI to render.
+Nothing here prints: every operation returns a record (a ``typing.NamedTuple``) for
+the CLI to render.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from qvm.errors import ControlError, HotplugError
 from qvm.hotplug import (
@@ -70,8 +70,7 @@ SLOT_KEYS = ("node-id", "drawer-id", "book-id", "socket-id", "die-id", "cluster-
 # --- the slots -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CpuSlot:
+class CpuSlot(NamedTuple):
     """One vCPU slot of the VM, present or free."""
 
     index: int  # position in topology order: slot 0 is the boot vCPU
@@ -130,8 +129,7 @@ class CpuSlot:
         }
 
 
-@dataclass(frozen=True)
-class CpuList:
+class CpuList(NamedTuple):
     name: str
     slots: list[CpuSlot]
 
@@ -267,8 +265,7 @@ def _raise_max_hint(run: RunDir, launch: dict[str, Any]) -> str:
 # --- add -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AddedCpu:
+class AddedCpu(NamedTuple):
     id: str
     driver: str
     props: dict[str, int]
@@ -296,8 +293,7 @@ class AddedCpu:
         }
 
 
-@dataclass(frozen=True)
-class SerialWait:
+class SerialWait(NamedTuple):
     pattern: str
     matched: str | None  # the matching line; None: not seen before the timeout
     seconds: float
@@ -306,8 +302,7 @@ class SerialWait:
         return {"pattern": self.pattern, "matched": self.matched, "seconds": self.seconds}
 
 
-@dataclass(frozen=True)
-class AddResult:
+class AddResult(NamedTuple):
     name: str
     added: list[AddedCpu]
     present: int
@@ -608,8 +603,7 @@ def add_cpus(
 # --- remove ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Unplug:
+class Unplug(NamedTuple):
     id: str
     props: dict[str, int]
     outcome: str  # "removed", "refused" or "pending"
@@ -626,8 +620,7 @@ class Unplug:
         }
 
 
-@dataclass(frozen=True)
-class RemoveResult:
+class RemoveResult(NamedTuple):
     name: str
     unplugs: list[Unplug]
     present: int
@@ -777,7 +770,7 @@ def _remove(
         if late:
             unmark_pending(run, late)
             unplugs = [
-                replace(u, outcome="removed", detail=None) if u.id in late else u for u in unplugs
+                u._replace(outcome="removed", detail=None) if u.id in late else u for u in unplugs
             ]
     return RemoveResult(run.name, unplugs, after.present, after.max, timeout)
 
@@ -835,8 +828,7 @@ def remove_cpus(
 # --- set -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SetResult:
+class SetResult(NamedTuple):
     name: str
     target: int
     before: int

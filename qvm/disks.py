@@ -18,9 +18,8 @@ Nothing here prints.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qvm.errors import HotplugError
 from qvm.hotplug import (
@@ -52,8 +51,7 @@ LOCK_ERROR = 'Failed to get "write" lock'
 SHARED_LOCK_ERROR = 'Failed to get shared "write" lock'
 
 
-@dataclass(frozen=True)
-class DiskInfo:
+class DiskInfo(NamedTuple):
     id: str
     origin: str  # "boot" (the machine file), "qvm" (attached by qvm), "other" (qvm qmp)
     file: str | None
@@ -84,8 +82,7 @@ class DiskInfo:
         }
 
 
-@dataclass(frozen=True)
-class DiskList:
+class DiskList(NamedTuple):
     name: str
     disks: list[DiskInfo]
     places: PciPlaces
@@ -227,8 +224,7 @@ def _qemu_pid(run: RunDir) -> int | None:
 # --- attach ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DiskAttach:
+class DiskAttach(NamedTuple):
     name: str
     disk: DiskInfo
     places: PciPlaces  # after the attach

@@ -27,9 +27,8 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qvm.errors import ControlError, HotplugError, NotRunningError
 from qvm.pending import (
@@ -196,8 +195,7 @@ def run_cleanup(session: Any, cleanup: Sequence[Command]) -> list[str]:
     return errors
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """One QMP command of a hotplug, and the command that undoes it (None: the last)."""
 
     command: str
@@ -320,8 +318,7 @@ def match_unplug_event(
 # --- unplugging one device -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DeviceUnplug:
+class DeviceUnplug(NamedTuple):
     id: str
     outcome: str  # "removed", "refused" or "pending"
     seconds: float
@@ -399,8 +396,7 @@ def unplug_device(
     return DeviceUnplug(dev_id, outcome, seconds, None, cleaned, tuple(errors))
 
 
-@dataclass(frozen=True)
-class Removal:
+class Removal(NamedTuple):
     """A device qvm unplugged (or asked to): ``key`` names it in JSON ("disk", "nic")."""
 
     name: str
@@ -480,8 +476,7 @@ def pending_text(name: str, dev_id: str, detail: str | None, what: str) -> str:
 # --- PCI places ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PciPlaces:
+class PciPlaces(NamedTuple):
     """Where a hotplugged PCI device can go in this VM."""
 
     machine_type: str

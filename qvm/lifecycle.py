@@ -16,9 +16,8 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from qvm.errors import HostError, LaunchError, NotRunningError, QvmError, VmStateError
 from qvm.proc import same_process_alive
@@ -129,8 +128,7 @@ def _mark_supervisor_died(run: RunDir, state: dict[str, Any]) -> dict[str, Any]:
 # --- up ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class UpResult:
+class UpResult(NamedTuple):
     name: str
     already_running: bool
     qemu_pid: int | None
@@ -306,8 +304,7 @@ def _already_running(run: RunDir, name: str) -> UpResult:
 # --- down / kill ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StopResult:
+class StopResult(NamedTuple):
     name: str
     ended_by: str | None  # "acpi", "quit", "kill", or None when it was not running
     message: str

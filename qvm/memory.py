@@ -25,8 +25,8 @@ Nothing here prints.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from qvm.errors import HotplugError
 from qvm.hotplug import (
@@ -62,8 +62,7 @@ DEFAULT_GUEST_TIMEOUT = 10.0
 SIZE_CHANGE = "MEMORY_DEVICE_SIZE_CHANGE"
 
 
-@dataclass(frozen=True)
-class MemoryDevice:
+class MemoryDevice(NamedTuple):
     id: str
     kind: str  # "dimm" or "virtio-mem"
     size: int  # bytes plugged now
@@ -103,13 +102,12 @@ class MemoryDevice:
         }
 
 
-@dataclass(frozen=True)
-class MemoryState:
+class MemoryState(NamedTuple):
     name: str
     boot: int  # boot memory (memory.size)
     max: int | None  # memory.max; None: no memory hotplug
     slots: int  # memory.slots
-    devices: list[MemoryDevice] = field(default_factory=list)
+    devices: Sequence[MemoryDevice] = ()
     plugged: int = 0  # QEMU's plugged-memory
     guest_kb: int | None = None  # the guest's own MemTotal, from its serial console
 
@@ -280,8 +278,7 @@ def _file(launch: dict[str, Any]) -> str:
 # --- add -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MemoryAdd:
+class MemoryAdd(NamedTuple):
     name: str
     device: MemoryDevice
     state: MemoryState  # after the add
@@ -468,8 +465,7 @@ def _current_size(session: ControlSession, dev_id: str) -> int:
 # --- remove ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MemoryRemove:
+class MemoryRemove(NamedTuple):
     name: str
     device: MemoryDevice
     unplug: DeviceUnplug
@@ -519,8 +515,7 @@ def remove_memory(run: RunDir, dev_id: str, timeout: float = DEFAULT_GUEST_TIMEO
 # --- resize (virtio-mem) -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MemoryResize:
+class MemoryResize(NamedTuple):
     name: str
     id: str
     before: int

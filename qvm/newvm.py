@@ -12,9 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qvm.definition import (
     NAME_PATTERN,
@@ -34,8 +33,7 @@ DEFAULT_MEMORY = "1G"  # cloud-init runs Python at first boot: 512M is tight
 SSH_FORWARD = "tcp:0:22"  # any free host port to the guest's sshd
 
 
-@dataclass(frozen=True)
-class NewOptions:
+class NewOptions(NamedTuple):
     name: str
     image: str | None = None  # path or http(s) URL
     sha256: str | None = None

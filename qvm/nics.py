@@ -13,8 +13,7 @@ Nothing here prints.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from qvm.definition import NIC_MODELS, ForwardError, PortForward, parse_forward
 from qvm.disks import boot_device_ids
@@ -55,8 +54,7 @@ NIC_TYPES = (*NIC_MODELS, "virtio-net-device")
 _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 
 
-@dataclass(frozen=True)
-class NicInfo:
+class NicInfo(NamedTuple):
     id: str
     origin: str  # "boot" (the machine file), "qvm" (added by qvm), "other" (qvm qmp)
     model: str
@@ -85,8 +83,7 @@ class NicInfo:
         }
 
 
-@dataclass(frozen=True)
-class NicList:
+class NicList(NamedTuple):
     name: str
     nics: list[NicInfo]
     places: PciPlaces
@@ -220,8 +217,7 @@ def check_mac(name: str, mac: str) -> str:
 # --- add -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NicAdd:
+class NicAdd(NamedTuple):
     name: str
     nic: NicInfo
     places: PciPlaces  # after the add

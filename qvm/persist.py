@@ -9,15 +9,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qvm.errors import DefinitionError, Problem
 
 
-@dataclass(frozen=True)
-class PersistResult:
+class PersistResult(NamedTuple):
     path: Path
     key: str
     old: int | None  # None: the key was not in the file
@@ -95,8 +93,7 @@ def _write_keeping_mode(path: Path, text: str) -> None:
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]\]?\s*(#.*)?$")
 
 
-@dataclass(frozen=True)
-class EntryPersistResult:
+class EntryPersistResult(NamedTuple):
     path: Path
     table: str  # "disk" or "nic"
     action: str  # "added", "removed" or "absent" (nothing matched: nothing written)

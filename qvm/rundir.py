@@ -12,9 +12,8 @@ import contextlib
 import fcntl
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qvm.errors import HostError
 from qvm.jsonfile import read_json, write_json_atomic
@@ -28,8 +27,7 @@ QEMU_SOCKET_NAMES = ("qmp.sock", "control.sock", "events.sock", "console.sock")
 SOCKET_NAMES = (*QEMU_SOCKET_NAMES, "supervisor.sock")
 
 
-@dataclass(frozen=True)
-class RunDir:
+class RunDir(NamedTuple):
     path: Path
 
     @property

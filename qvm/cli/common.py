@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from qvm.errors import QvmError
 from qvm.rundir import RunDir
 
 
-@dataclass
 class Settings:
-    machines_dir: Path | None = None
-    state_root: Path | None = None
+    """What the global options say; ``configure`` sets it. A plain class, not a dataclass:
+    every command imports this module, and importing ``dataclasses`` costs start-up time."""
+
+    __slots__ = ("machines_dir", "state_root")
+
+    def __init__(self, machines_dir: Path | None = None, state_root: Path | None = None) -> None:
+        self.machines_dir = machines_dir
+        self.state_root = state_root
 
 
 settings = Settings()
