@@ -10,7 +10,9 @@ that any drift (more vCPUs, a warmer guest) hits both alike.
   guest's serial log showing the new ncpus.
 - del, raw: the client opens an event listener, sends device_del, and waits for
   DEVICE_DELETED (QEMU 7.2: path /machine/peripheral/<id>/lapic).
-- del, qvm: `qvm cpu del NAME` as a subprocess until it exits having printed "removed".
+- del, qvm: `qvm cpu del NAME` as a subprocess, from its start to QEMU's DEVICE_DELETED
+  (the event's own timestamp, as the raw client sees it on the user's socket), and to its
+  exit having printed "removed" (after it has also checked QEMU's slot list and printed).
 
 The guest polls its CPUs every 0.2 s, so "guest sees it" carries up to 0.2 s of that
 polling for both. Run with .venv/bin/python (scripts/bench calls it).
@@ -126,6 +128,31 @@ class RawClient:
 
         return self.loop.run_until_complete(asyncio.wait_for(run(), 30))
 
+    def listen_deleted(self) -> Any:
+        """An event listener for DEVICE_DELETED, registered now; read it with ``deleted_at``."""
+        from qemu.qmp import EventListener
+
+        listener = EventListener("DEVICE_DELETED")
+        self.client.register_listener(listener)
+        return listener
+
+    def deleted_at(self, listener: Any) -> float:
+        """QEMU's wall-clock timestamp of the first DEVICE_DELETED of a vCPU (only one is
+        unplugged while the listener is open)."""
+
+        async def run() -> float:
+            async for event in listener:
+                path = event.get("data", {}).get("path", "")
+                if path.startswith("/machine/peripheral/"):
+                    stamp = event["timestamp"]
+                    return stamp["seconds"] + stamp["microseconds"] / 1e6
+            raise RuntimeError("no DEVICE_DELETED")
+
+        try:
+            return self.loop.run_until_complete(asyncio.wait_for(run(), 30))
+        finally:
+            self.client.remove_listener(listener)
+
     def close(self) -> None:
         self.loop.run_until_complete(self.client.disconnect())
         self.loop.close()
@@ -153,6 +180,7 @@ def main() -> int:
             "raw_del_reply",
             "raw_del_deleted",
             "qvm_del_exit",
+            "qvm_del_deleted",
         )
     }
     raw = None
@@ -190,9 +218,12 @@ def main() -> int:
             serial.wait_ncpus(ncpus, offset)
 
             offset = serial.size()
+            listener = raw.listen_deleted()
+            started_wall = time.time()
             started = time.monotonic()
             out = qvm(env, "cpu", "del", NAME)
             samples["qvm_del_exit"].append(time.monotonic() - started)
+            samples["qvm_del_deleted"].append(raw.deleted_at(listener) - started_wall)
             assert "removed" in out.stdout, out.stdout
             ncpus -= 1
             serial.wait_ncpus(ncpus, offset)
@@ -212,7 +243,8 @@ def main() -> int:
         print(f"{label:<46} {raw_ms:8.1f} {qvm_ms:8.1f} {ratio:8.2f} {qvm_ms - raw_ms:+8.1f}")
 
     row("add: command to guest serial shows the vCPU", ms["raw_add_guest"], ms["qvm_add_guest"])
-    row("del: command to DEVICE_DELETED / 'removed'", ms["raw_del_deleted"], ms["qvm_del_exit"])
+    row("del: command to DEVICE_DELETED", ms["raw_del_deleted"], ms["qvm_del_deleted"])
+    row("del: command to DEVICE_DELETED / qvm's exit", ms["raw_del_deleted"], ms["qvm_del_exit"])
     print(f"{'raw device_add reply':<46} {ms['raw_add_reply']:8.1f}")
     print(f"{'raw device_del reply':<46} {ms['raw_del_reply']:8.1f}")
     print(f"{'qvm cpu add exit (process start to exit)':<46} {'':8} {ms['qvm_add_exit']:8.1f}")
