@@ -105,18 +105,14 @@ def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
     if machine.boot.append is not None:
         argv += ["-append", machine.boot.append]
 
-    # Monitors: one for the user, one for qvm's commands, one for the supervisor's events
+    # Monitors: one for the user, one for the supervisor (its events, and qvm's commands)
     argv += ["-qmp", f"unix:{escape_opt(str(run.qmp_socket))},server=on,wait=off"]
-    for chardev_id, sock in (
-        ("qvm-control", run.control_socket),
-        ("qvm-events", run.events_socket),
-    ):
-        argv += [
-            "-chardev",
-            f"socket,id={chardev_id},path={escape_opt(str(sock))},server=on,wait=off",
-            "-mon",
-            f"chardev={chardev_id},mode=control",
-        ]
+    argv += [
+        "-chardev",
+        f"socket,id=qvm-events,path={escape_opt(str(run.events_socket))},server=on,wait=off",
+        "-mon",
+        "chardev=qvm-events,mode=control",
+    ]
 
     # Serial console: a socket for `qvm console`, logged to a file whether or not
     # anyone is attached

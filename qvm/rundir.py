@@ -23,7 +23,7 @@ __all__ = ["read_json", "write_json_atomic"]  # re-exported: most modules reach 
 # sun_path is 108 bytes including the terminating NUL
 MAX_SOCKET_PATH = 107
 
-QEMU_SOCKET_NAMES = ("qmp.sock", "control.sock", "events.sock", "console.sock")
+QEMU_SOCKET_NAMES = ("qmp.sock", "events.sock", "console.sock")
 SOCKET_NAMES = (*QEMU_SOCKET_NAMES, "supervisor.sock")
 
 
@@ -39,17 +39,12 @@ class RunDir(NamedTuple):
     def qmp_socket(self) -> Path:
         return self.path / "qmp.sock"
 
-    # QMP monitor for qvm's commands (cpu add, qmp pass-through), one at a time.
-    @property
-    def control_socket(self) -> Path:
-        return self.path / "control.sock"
-
-    # QMP monitor the supervisor keeps open for events.
+    # QMP monitor the supervisor keeps open: events, and qvm's commands (qvm.relay).
     @property
     def events_socket(self) -> Path:
         return self.path / "events.sock"
 
-    # The supervisor's own request socket (status, stop, kill).
+    # The supervisor's own request socket (status, stop, kill, control sessions).
     @property
     def supervisor_socket(self) -> Path:
         return self.path / "supervisor.sock"

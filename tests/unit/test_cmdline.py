@@ -24,8 +24,6 @@ RUN = RunDir(Path("/run/q/vm1"))
 def monitors(run: str = "/run/q/vm1") -> list[str]:
     return [
         "-qmp", f"unix:{run}/qmp.sock,server=on,wait=off",
-        "-chardev", f"socket,id=qvm-control,path={run}/control.sock,server=on,wait=off",
-        "-mon", "chardev=qvm-control,mode=control",
         "-chardev", f"socket,id=qvm-events,path={run}/events.sock,server=on,wait=off",
         "-mon", "chardev=qvm-events,mode=control",
         "-chardev",
