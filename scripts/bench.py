@@ -131,11 +131,11 @@ def bench_command(env: dict[str, str], *args: str, runs: int = 10) -> list[float
     return [qvm(env, *args) for _ in range(runs)]
 
 
-def bench_python(python: str, runs: int = 10) -> list[float]:
+def bench_python(python: str, code: str = "pass", runs: int = 10) -> list[float]:
     samples = []
     for _ in range(runs):
         started = time.monotonic()
-        subprocess.run([python, "-c", "pass"], check=True)
+        subprocess.run([python, "-c", code], check=True)
         samples.append(time.monotonic() - started)
     return samples
 
@@ -157,6 +157,10 @@ def main() -> int:
             qvm(env, "kill", "demo")
         helptext = median_ms(bench_command(env, "--help"))
         venv_python = median_ms(bench_python(sys.executable))
+        # every command's floor: the CLI framework, imported as `qvm` does (GC off)
+        typer_floor = median_ms(
+            bench_python(sys.executable, "import gc; gc.disable(); import typer")
+        )
         system_python = shutil.which("python3") or sys.executable
         path_python = median_ms(bench_python(system_python))
     finally:
@@ -179,6 +183,7 @@ def main() -> int:
     print(f"{'qvm --help':<44} {helptext:8.1f}")
     print(f"{'python -c pass (venv: ' + Path(sys.executable).name + ')':<44} {venv_python:8.1f}")
     print(f"{'python -c pass (' + system_python + ')':<44} {path_python:8.1f}")
+    print(f"{'python -c import typer (GC off, as qvm)':<44} {typer_floor:8.1f}")
     print(f"{'supervisor RSS':<44} {rss / 2**20:8.1f}  MiB (target: < 20 MiB)")
     return 0
 
