@@ -118,6 +118,8 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal)
         self.qmp_connected = asyncio.Event()
+        # before any request can come in: `stop` and `kill` wait on it
+        self._watch_exit()
         server = await asyncio.start_unix_server(
             self._serve_client, path=str(self.run.supervisor_socket)
         )
@@ -130,38 +132,52 @@ class Supervisor:
                 first = False
                 if not await self._restart_after_backoff():
                     return 0
+                self._watch_exit()
         finally:
             server.close()
             self.run.remove_qemu_sockets()
             self.run.supervisor_socket.unlink(missing_ok=True)
             self.close_notify()
 
-    async def _run_qemu_once(self, first: bool) -> bool:
-        """Run one QEMU to its end; False if it died before QMP answered."""
+    def _watch_exit(self) -> None:
+        """``self.exited`` resolves once the current QEMU has exited: a pidfd is readable
+        then, so there is no SIGCHLD handling and no polling."""
         import asyncio
 
         assert self.qemu is not None
         loop = asyncio.get_running_loop()
         exited = loop.create_future()
-        pidfd: int | None = None
+        self.exited = exited
+        self.pidfd: int | None = None
         if self.qemu.poll() is None:
-            # a pidfd is readable once QEMU exits: no SIGCHLD handling, no polling
-            pidfd = os.pidfd_open(self.qemu.pid)
-            loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+            self.pidfd = os.pidfd_open(self.qemu.pid)
+            loop.add_reader(self.pidfd, lambda: exited.done() or exited.set_result(None))
         else:
             exited.set_result(None)  # it died while we probed for QMP
-        self.exited = exited
-        watcher = asyncio.create_task(self._watch_qmp(exited))
+
+    async def _run_qemu_once(self, first: bool) -> bool:
+        """Run one QEMU to its end; False if it died before QMP answered."""
+        import asyncio
+
+        assert self.qemu is not None
+        watcher = asyncio.create_task(self._watch_qmp(self.exited))
         try:
-            await exited
+            await self.exited
             returncode = self.qemu.wait()
         finally:
-            if pidfd is not None:
-                loop.remove_reader(pidfd)
-                os.close(pidfd)
+            if self.pidfd is not None:
+                asyncio.get_running_loop().remove_reader(self.pidfd)
+                os.close(self.pidfd)
+                self.pidfd = None
         ready = self.qmp_ready
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
+        if self.qmp is not None:
+            watcher.cancel()  # it follows events, which never end by themselves
+        # else it is still connecting and returns once it sees QEMU has exited: cancelling
+        # qemu.qmp's connect midway was seen to leave the task stuck, and the process
+        # alive, for good. Either way QEMU is gone: the exit record must not wait long.
+        _, pending = await asyncio.wait({watcher}, timeout=QMP_CALL_TIMEOUT)
+        for task in pending:
+            task.cancel()
         await self._disconnect_qmp()
         self._record_exit(returncode, reached_qmp=bool(ready), first=first)
         if first and not ready:
@@ -209,10 +225,12 @@ class Supervisor:
         return True
 
     async def _disconnect_qmp(self) -> None:
+        import asyncio
+
         if self.qmp is not None:
             # QEMU is gone, and so is the connection: nothing to report
             with contextlib.suppress(Exception):
-                await self.qmp.disconnect()
+                await asyncio.wait_for(self.qmp.disconnect(), QMP_CALL_TIMEOUT)
             self.qmp = None
             self.qmp_connected.clear()
 
@@ -552,7 +570,18 @@ def run_supervisor(
     supervisor.adopt_qemu(qemu)
     if qmp_answered:
         supervisor.notify_ready()
-    return asyncio.run(supervisor.main())
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(supervisor.main())
+    finally:
+        # Unlike asyncio.run, give what is left (a client's request, a QMP connection's
+        # teardown) a bounded time: with QEMU gone, nothing may keep the supervisor alive.
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.wait(leftovers, timeout=QMP_CALL_TIMEOUT))
+        loop.close()
 
 
 def record_spawn_failure(run_path: str, launch: dict[str, Any], error: OSError) -> None:
