@@ -27,6 +27,7 @@ from qvm.supervise import LOG_MARKER, AdoptedQemu, initial_state
 
 QMP_CONNECT_TIMEOUT = 60.0
 QMP_CALL_TIMEOUT = 2.0
+POWER_BUTTON_REPEAT = 5.0  # seconds between presses during `qvm down`
 QUIT_WAIT = 5.0
 KILL_WAIT = 5.0
 MAX_RESTART_DELAY = 60.0
@@ -407,6 +408,11 @@ class Supervisor:
     async def _qmp_call(self, command: str, args: dict[str, Any] | None = None) -> Any:
         import asyncio
 
+        if self.qmp is None and self.qemu_alive():
+            # `qvm up` returns when QMP first answers, before our own connection is up: a
+            # `qvm down` right then must still press the power button, not skip to quit
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.qmp_connected.wait(), QMP_CALL_TIMEOUT)
         if self.qmp is None:
             raise RuntimeError("no QMP connection")
         return await asyncio.wait_for(self.qmp.execute(command, args), QMP_CALL_TIMEOUT)
@@ -421,8 +427,7 @@ class Supervisor:
         self.save_state(state="stopping")
         if not force:
             try:
-                await self._qmp_call("system_powerdown")
-                if await self._wait_exit(timeout):
+                if await self._power_down(timeout):
                     return {"ended_by": "acpi"}
             except Exception:  # noqa: BLE001 - escalate to quit
                 pass
@@ -436,6 +441,20 @@ class Supervisor:
         self._signal_qemu(signal.SIGKILL)
         await self._wait_exit(KILL_WAIT)
         return {"ended_by": "kill"}
+
+    async def _power_down(self, timeout: float) -> bool:
+        """Press the ACPI power button, and again every few seconds while QEMU runs, up to
+        ``timeout``: a guest still booting (no ACPI handler yet) or busy (onlining a vCPU
+        under TCG) loses a press, as a person at the machine would find; a guest already
+        shutting down ignores the later ones. True once QEMU has exited."""
+        deadline = time.monotonic() + timeout
+        while True:
+            await self._qmp_call("system_powerdown")
+            remaining = max(deadline - time.monotonic(), 0.0)
+            if await self._wait_exit(min(POWER_BUTTON_REPEAT, remaining)):
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     async def kill(self) -> dict[str, Any]:
         self._cancel_restart()

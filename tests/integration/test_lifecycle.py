@@ -164,6 +164,20 @@ def assert_refused_before_start(qvm: Qvm, name: str, stderr: str) -> None:
     assert not (qvm.run_dir(name) / "state.json").exists()
 
 
+def test_down_while_the_guest_boots_presses_the_power_button_again(qvm: Qvm) -> None:
+    """The test guest only handles the power button once its acpid runs (about 3 s into
+    its boot under TCG): a single press at once would be lost, and `down` would end QEMU
+    by `quit` after its timeout."""
+    qvm.guest_machine("vm1")
+    qvm("up", "vm1")
+    assert "QVM-GUEST-READY" not in qvm.serial("vm1").text()
+    down = qvm("down", "vm1", "--timeout", "40")
+    assert down.stdout.strip() == (
+        "vm1: stopped: the guest powered off after the ACPI power button"
+    )
+    assert "QVM-GUEST-POWEROFF" in qvm.serial("vm1").text()
+
+
 def test_unknown_cpu_model_is_refused_before_anything_starts(qvm: Qvm) -> None:
     path = qvm.guest_machine("vm1")
     path.write_text(path.read_text().replace("[cpu]", '[cpu]\nmodel = "IvyBrige"'))
