@@ -191,8 +191,8 @@ def start(run_path: str, launch: dict[str, Any], ready_fd: int, lock_fd: int) ->
     record_spawned(run_path, launch, qemu)
     notify(ready_fd, f"spawned {qemu.pid}")
     answered = wait_qmp_answer(os.path.join(run_path, "events.sock"), qemu, QMP_ANSWER_TIMEOUT)
-    env = dict(os.environ, QVM_LOCK_FD=str(lock_fd))
-    os.set_inheritable(lock_fd, True)
+    env = dict(os.environ)
+    os.set_inheritable(lock_fd, True)  # held open for the supervisor's life: "alive"
     if answered:
         # `qvm up` is done waiting: it must not also wait for the supervisor's imports
         notify(ready_fd, f"ready {qemu.pid}")
