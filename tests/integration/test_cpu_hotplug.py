@@ -171,15 +171,18 @@ def test_boot_vcpus_sit_in_qemus_slots_and_unplug(
     serial.wait_ready()
     serial.wait_state(ncpus=3, cpus="0-2")
     # a generous timeout: on a loaded 2-core host a TCG guest can take seconds to offline
-    # a vCPU (seen once in CI as a 5 s "pending"); an unplug that never completes still fails
-    qvm("cpu", "del", "vm1", "cpu1", "cpu2", "--timeout", "30")
-    serial.wait_state(ncpus=1, cpus="0")
-    assert [s["state"] for s in qvm.json("cpu", "list", "vm1")] == [
-        "present",
-        "free",
-        "free",
-        "free",
-    ]
+    # a vCPU (seen once in CI as a 5 s "pending", and once as a 26 s soft lockup of the
+    # guest's CPU 2). Past it qvm says "pending" (exit 3), the request stands, and the
+    # supervisor completes it when the guest lets go: that is what must then happen.
+    done = qvm("cpu", "del", "vm1", "cpu1", "cpu2", "--timeout", "30", check=False)
+    assert done.returncode in (0, 3), done.stderr
+    serial.wait_state(timeout=90, ncpus=1, cpus="0")
+
+    def all_free() -> list[str] | None:
+        states = [s["state"] for s in qvm.json("cpu", "list", "vm1")]
+        return states if states == ["present", "free", "free", "free"] else None
+
+    wait_until(all_free, 30, "both unplugs to complete, in QEMU's slot list too")
 
 
 def test_count_equal_to_max_says_to_raise_max(qvm: Qvm) -> None:
