@@ -447,6 +447,9 @@ def vm_status(run: RunDir) -> dict[str, Any]:
         return record
     record["state"] = live.get("state", "running")
     record["pid"] = live.get("qemu_pid")
+    # the live answer, not state.json read a moment earlier: a restart may lie between them
+    record["restarts"] = live.get("restarts", record["restarts"])
+    record["last_exit"] = live.get("exit", record["last_exit"])
     if record["state"] in ("stopped", "crashed") or record["pid"] is None:
         record["reason"] = (live.get("exit") or {}).get("reason")
     if live.get("started_at") and record["pid"]:
