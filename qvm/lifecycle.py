@@ -2,9 +2,9 @@
 
 ``up`` validates against this host, prepares the run dir (overlays, ports), takes the
 VM's ``supervisor.lock`` and hands it to a new supervisor process (forked, see
-``qvm.supervise``), so two concurrent
-``up``s of one VM start exactly one QEMU. Everything else asks the live supervisor over
-its socket, or reads the facts it left behind when there is none.
+``qvm.supervise``), so two concurrent ``up``s of one VM start exactly one QEMU.
+Everything else asks the live supervisor over its socket, or reads the facts it left
+behind when there is none.
 """
 
 from __future__ import annotations

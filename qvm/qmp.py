@@ -151,7 +151,10 @@ class ControlSession:
         except OSError as exc:
             raise NotRunningError(self.name) from exc
         self._send({"op": "control"})
-        reply = self._read_message(deadline)
+        try:
+            reply = self._read_message(deadline)
+        except EOFError as exc:  # the supervisor went away as we came
+            raise NotRunningError(self.name) from exc
         if reply is None:
             raise QmpTimeoutError(
                 f"{self.name}: the supervisor did not open a control session within "

@@ -72,11 +72,7 @@ class _Relay:
         self.commands: set[asyncio.Task[None]] = set()
 
     async def wait_connection(self) -> bool:
-        supervisor = self.supervisor
-        if supervisor.qmp is None and supervisor.qemu_alive():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(supervisor.qmp_connected.wait(), CONNECTION_WAIT)
-        self.client = supervisor.qmp
+        self.client = await self.supervisor.qmp_connection(CONNECTION_WAIT)
         return self.client is not None
 
     def send(self, message: dict[str, Any]) -> None:

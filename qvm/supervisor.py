@@ -408,14 +408,23 @@ class Supervisor:
     async def _qmp_call(self, command: str, args: dict[str, Any] | None = None) -> Any:
         import asyncio
 
-        if self.qmp is None and self.qemu_alive():
-            # `qvm up` returns when QMP first answers, before our own connection is up: a
-            # `qvm down` right then must still press the power button, not skip to quit
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.qmp_connected.wait(), QMP_CALL_TIMEOUT)
-        if self.qmp is None:
+        # a `qvm down` right after `qvm up` must still press the power button, not skip to quit
+        qmp = await self.qmp_connection(QMP_CALL_TIMEOUT)
+        if qmp is None:
             raise RuntimeError("no QMP connection")
-        return await asyncio.wait_for(self.qmp.execute(command, args), QMP_CALL_TIMEOUT)
+        return await asyncio.wait_for(qmp.execute(command, args), QMP_CALL_TIMEOUT)
+
+    async def qmp_connection(self, timeout: float) -> Any:
+        """Our QMP client, waiting up to ``timeout`` for it while QEMU runs; None without.
+
+        `qvm up` returns when QMP first answers, before this connection is up: whatever a
+        command asks right then waits for it rather than failing or answering half."""
+        import asyncio
+
+        if self.qmp is None and self.qemu_alive():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.qmp_connected.wait(), timeout)
+        return self.qmp
 
     async def stop(self, timeout: float, force: bool) -> dict[str, Any]:
         """ACPI power button, then QMP quit, then SIGKILL; say which one ended QEMU."""
@@ -509,12 +518,8 @@ class Supervisor:
 
         reply: dict[str, Any] = {k: self.state.get(k) for k in self.state}
         reply["state"] = self._live_state() if self.qemu_alive() else self.state["state"]
-        if self.qemu_alive() and self.qmp is None:
-            # `qvm up` returns when QMP first answers, before our own connection is up: a
-            # status asked right then waits for it rather than answering without vCPUs
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.qmp_connected.wait(), QMP_CALL_TIMEOUT)
-        if not self.qemu_alive() or self.qmp is None:
+        # a status asked right after `qvm up` waits rather than answering without vCPUs
+        if not self.qemu_alive() or await self.qmp_connection(QMP_CALL_TIMEOUT) is None:
             return reply
         try:
             status, cpus, memory = await asyncio.wait_for(
