@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from qvm.cli.declare import Option
 from qvm.errors import QvmError
 from qvm.rundir import RunDir
 
@@ -26,6 +27,18 @@ settings = Settings()
 def configure(machines_dir: Path | None, state_root: Path | None) -> None:
     settings.machines_dir = machines_dir
     settings.state_root = state_root
+
+
+def global_options(
+    machines: Path | None = Option(
+        None, "--machines", help="Folder of machine TOML files (also $QVM_MACHINES)."
+    ),
+    state_dir: Path | None = Option(
+        None, "--state-dir", help="Where run dirs live (also $QVM_STATE_DIR)."
+    ),
+) -> None:
+    """The options `qvm` itself takes, before the command word."""
+    configure(machines, state_dir)
 
 
 def state_root() -> Path:

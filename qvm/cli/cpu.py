@@ -5,12 +5,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import typer
-
 from qvm.cli import common
+from qvm.cli.declare import Argument, Commands, Option
 from qvm.cli.output import EXIT_PENDING, abort, emit_json, fail_all, ms, say, table, warn
 
-app = typer.Typer(help="List, add and remove vCPUs of a running VM.", no_args_is_help=True)
+commands = Commands(help="List, add and remove vCPUs of a running VM.")
 
 JSON_HELP = "Print JSON (schema in the README)."
 PERSIST_HELP = (
@@ -19,10 +18,10 @@ PERSIST_HELP = (
 )
 
 
-@app.command("list")
+@commands.command("list")
 def list_cmd(
-    name: str = typer.Argument(..., help="Machine name."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    name: str = Argument(..., help="Machine name."),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Every vCPU slot: present, free or unplug-pending, with QEMU's topology props."""
     from qvm.cpus import list_cpus
@@ -47,37 +46,37 @@ def list_cmd(
     say(cpus.summary())
 
 
-@app.command("add")
+@commands.command("add")
 def add(
-    name: str = typer.Argument(..., help="Machine name."),
-    count: int = typer.Option(1, "--count", "-n", help="How many vCPUs to add."),
-    slot: str | None = typer.Option(
+    name: str = Argument(..., help="Machine name."),
+    count: int = Option(1, "--count", "-n", help="How many vCPUs to add."),
+    slot: str | None = Option(
         None,
         "--slot",
         help="Plug into this slot, e.g. socket-id=0,core-id=1,thread-id=0 "
         "(default: the lowest free slots).",
     ),
-    wait_guest: bool = typer.Option(
+    wait_guest: bool = Option(
         False,
         "--wait-guest",
         help="Wait until the guest has each new vCPU online: its ACPI _OST reply (a refusal "
         "fails at once), then the guest starting to run on the vCPU (read from its registers). "
         "The guest must online hotplugged CPUs itself, e.g. with a udev rule (see the README).",
     ),
-    wait_serial: str | None = typer.Option(
+    wait_serial: str | None = Option(
         None,
         "--wait-serial",
         metavar="REGEX",
         help="Wait until the guest prints a line matching REGEX on its serial console.",
     ),
-    timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the guest."),
-    force: bool = typer.Option(
+    timeout: float = Option(10.0, "--timeout", help="Seconds to wait for the guest."),
+    force: bool = Option(
         False,
         "--force",
         help="Add even after a vCPU unplug in this QEMU run under TCG (QEMU 7.2 crashes).",
     ),
-    persist: bool = typer.Option(False, "--persist", help=PERSIST_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    persist: bool = Option(False, "--persist", help=PERSIST_HELP),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Hotplug vCPUs into free slots (the lowest first), with stable ids cpu<slot>."""
     from qvm.cpus import add_cpus, parse_slot_spec
@@ -111,20 +110,20 @@ def add(
         fail_all(problems, 1)
 
 
-@app.command("del")
+@commands.command("del")
 def delete(
-    name: str = typer.Argument(..., help="Machine name."),
-    ids: list[str] | None = typer.Argument(
+    name: str = Argument(..., help="Machine name."),
+    ids: list[str] | None = Argument(
         None, help="vCPU ids to unplug (see qvm cpu list); default: the newest."
     ),
-    count: int | None = typer.Option(
+    count: int | None = Option(
         None, "--count", "-n", help="How many vCPUs to unplug, newest (highest slot) first."
     ),
-    timeout: float = typer.Option(
+    timeout: float = Option(
         5.0, "--timeout", help="Seconds to wait for the guest to release each vCPU."
     ),
-    persist: bool = typer.Option(False, "--persist", help=PERSIST_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    persist: bool = Option(False, "--persist", help=PERSIST_HELP),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Unplug vCPUs and wait until the guest released them.
 
@@ -150,23 +149,23 @@ def delete(
         fail_all(problems, code)
 
 
-@app.command("set")
+@commands.command("set")
 def set_cmd(
-    name: str = typer.Argument(..., help="Machine name."),
-    target: int = typer.Argument(..., metavar="N", help="How many vCPUs should be present."),
-    timeout: float = typer.Option(
+    name: str = Argument(..., help="Machine name."),
+    target: int = Argument(..., metavar="N", help="How many vCPUs should be present."),
+    timeout: float = Option(
         5.0, "--timeout", help="Seconds to wait for the guest (unplug; with --wait-guest, plug)."
     ),
-    wait_guest: bool = typer.Option(
+    wait_guest: bool = Option(
         False,
         "--wait-guest",
         help="When adding, wait until the guest has each new vCPU online (as cpu add).",
     ),
-    force: bool = typer.Option(
+    force: bool = Option(
         False, "--force", help="Add even after a vCPU unplug in this QEMU run under TCG."
     ),
-    persist: bool = typer.Option(False, "--persist", help=PERSIST_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    persist: bool = Option(False, "--persist", help=PERSIST_HELP),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Add or remove vCPUs until N are present, reporting each step."""
     from qvm.cpus import set_cpus

@@ -4,70 +4,56 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
-
 from qvm.cli import common
+from qvm.cli.declare import Argument, Commands, Option
 from qvm.cli.output import emit_json, say
 
-COMMANDS = ("new", "reset", "rm", "ssh", "wait")
+commands = Commands()
 
 
-def register(app: typer.Typer, only: str | None = None) -> None:
-    for name, command in (
-        ("new", new),
-        ("reset", reset),
-        ("rm", rm),
-        ("ssh", ssh),
-        ("wait", wait),
-    ):
-        if only in (None, name):
-            app.command(name)(command)
-
-
+@commands.command("new")
 def new(
-    name: str = typer.Argument(..., help="Name of the new machine (its file is NAME.toml)."),
-    image: str | None = typer.Option(
+    name: str = Argument(..., help="Name of the new machine (its file is NAME.toml)."),
+    image: str | None = Option(
         None, "--image", help="Base image: a local qcow2/raw file or an http(s) URL."
     ),
-    sha256: str | None = typer.Option(None, "--sha256", help="SHA-256 of an --image URL."),
-    sha512: str | None = typer.Option(None, "--sha512", help="SHA-512 of an --image URL."),
-    cpus: int | None = typer.Option(None, "--cpus", help="vCPUs at boot (default 1)."),
-    max_cpus: int | None = typer.Option(None, "--max-cpus", help="vCPUs hotplug may reach."),
-    memory: str | None = typer.Option(None, "--memory", help='RAM, e.g. "2G" (default 1G).'),
-    disk_size: str | None = typer.Option(
+    sha256: str | None = Option(None, "--sha256", help="SHA-256 of an --image URL."),
+    sha512: str | None = Option(None, "--sha512", help="SHA-512 of an --image URL."),
+    cpus: int | None = Option(None, "--cpus", help="vCPUs at boot (default 1)."),
+    max_cpus: int | None = Option(None, "--max-cpus", help="vCPUs hotplug may reach."),
+    memory: str | None = Option(None, "--memory", help='RAM, e.g. "2G" (default 1G).'),
+    disk_size: str | None = Option(
         None, "--disk-size", help='Grow the VM\'s overlay to this size, e.g. "20G".'
     ),
-    forward: list[str] | None = typer.Option(
+    forward: list[str] | None = Option(
         None,
         "--forward",
         help="PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT, repeatable; host port 0 picks a free one. "
         "tcp:0:22 is added for ssh unless a forward to guest port 22 is given.",
     ),
-    kernel: str | None = typer.Option(None, "--kernel", help="Direct kernel boot: kernel."),
-    initrd: str | None = typer.Option(None, "--initrd", help="Direct kernel boot: initrd."),
-    append: str | None = typer.Option(None, "--append", help="Kernel command line."),
-    user: str | None = typer.Option(None, "--user", help='cloud-init user (default "qvm").'),
-    ssh_key: list[str] | None = typer.Option(
+    kernel: str | None = Option(None, "--kernel", help="Direct kernel boot: kernel."),
+    initrd: str | None = Option(None, "--initrd", help="Direct kernel boot: initrd."),
+    append: str | None = Option(None, "--append", help="Kernel command line."),
+    user: str | None = Option(None, "--user", help='cloud-init user (default "qvm").'),
+    ssh_key: list[str] | None = Option(
         None,
         "--ssh-key",
         help="Public key line or .pub file, repeatable (default: ~/.ssh/id_*.pub at up, "
         "else a key pair qvm makes for the VM).",
     ),
-    package: list[str] | None = typer.Option(
+    package: list[str] | None = Option(
         None, "--package", help="Package cloud-init installs at first boot, repeatable."
     ),
-    runcmd: list[str] | None = typer.Option(
+    runcmd: list[str] | None = Option(
         None, "--runcmd", help="Shell command cloud-init runs at first boot, repeatable."
     ),
-    user_data: str | None = typer.Option(
+    user_data: str | None = Option(
         None, "--user-data", help="Your own cloud-config file, used as is."
     ),
-    no_cloud_init: bool = typer.Option(
+    no_cloud_init: bool = Option(
         False, "--no-cloud-init", help="No [cloud_init] table (no seed, no ssh forward)."
     ),
-    machine_type: str | None = typer.Option(
-        None, "--type", help='"q35" (default), "pc" or "microvm".'
-    ),
+    machine_type: str | None = Option(None, "--type", help='"q35" (default), "pc" or "microvm".'),
 ) -> None:
     """Write machines/NAME.toml (or into --machines DIR) for a test VM; never overwrites."""
     from qvm.newvm import NewOptions, new_document, write_new
@@ -103,7 +89,8 @@ def new(
         say(f"  log in:     qvm wait {name} --for ssh && qvm ssh {name}")
 
 
-def reset(name: str = typer.Argument(..., help="Machine name.")) -> None:
+@commands.command("reset")
+def reset(name: str = Argument(..., help="Machine name.")) -> None:
     """Throw the VM's disk state away: overlays, cloud-init seed, known_hosts (VM stopped)."""
     from qvm.vmfiles import reset as reset_vm
 
@@ -116,9 +103,10 @@ def reset(name: str = typer.Argument(..., help="Machine name.")) -> None:
         say(f"  removed {path}")
 
 
+@commands.command("rm")
 def rm(
-    name: str = typer.Argument(..., help="Machine name."),
-    purge: bool = typer.Option(
+    name: str = Argument(..., help="Machine name."),
+    purge: bool = Option(
         False,
         "--purge",
         help="Also remove the machine file if qvm new wrote it and it is unchanged, and "
@@ -138,13 +126,14 @@ def rm(
         say(f"{name}: kept {path} ({why})")
 
 
+@commands.command("ssh")
 def ssh(
-    name: str = typer.Argument(..., help="Machine name."),
-    command: list[str] | None = typer.Argument(
+    name: str = Argument(..., help="Machine name."),
+    command: list[str] | None = Argument(
         None, help="Command to run in the guest (after --); none: an interactive shell."
     ),
-    user: str | None = typer.Option(None, "--user", "-l", help="Log in as this user."),
-    print_only: bool = typer.Option(
+    user: str | None = Option(None, "--user", "-l", help="Log in as this user."),
+    print_only: bool = Option(
         False, "--print", help="Print the ssh command line instead of running it."
     ),
 ) -> None:
@@ -165,16 +154,17 @@ def ssh(
     exec_ssh(argv)
 
 
+@commands.command("wait")
 def wait(
-    name: str = typer.Argument(..., help="Machine name."),
-    for_: str = typer.Option(
+    name: str = Argument(..., help="Machine name."),
+    for_: str = Option(
         "ssh",
         "--for",
         help="ssh (a real login succeeds), qmp (QEMU answers) or serial:REGEX "
         "(the serial log of this run matches).",
     ),
-    timeout: float = typer.Option(300.0, "--timeout", help="Seconds before giving up."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    timeout: float = Option(300.0, "--timeout", help="Seconds before giving up."),
+    as_json: bool = Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Block until the VM is ready in the sense of --for (exit 4 on timeout)."""
     from qvm.access import describe_condition, parse_condition, wait_ready

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import typer
-
 from qvm.cli import common
+from qvm.cli.declare import Argument, Commands, Option
 from qvm.cli.hotplug import (
     AS_JSON,
     FORCE,
@@ -19,12 +18,12 @@ from qvm.cli.hotplug import (
 )
 from qvm.cli.output import abort, emit_json, human_bytes, ms, say, table, warn
 
-app = typer.Typer(help="List, attach and detach disks of a running VM.", no_args_is_help=True)
+commands = Commands(help="List, attach and detach disks of a running VM.")
 
 
-@app.command("list")
+@commands.command("list")
 def list_cmd(
-    name: str = typer.Argument(..., help="Machine name."),
+    name: str = Argument(..., help="Machine name."),
     as_json: bool = AS_JSON,
 ) -> None:
     """Every disk (boot, attached by qvm, other), free PCI places, and what the guest sees."""
@@ -54,24 +53,24 @@ def list_cmd(
         say(f"{name}: the guest reports block devices: {seen} (its own QVM-STATE line)")
 
 
-@app.command("attach")
+@commands.command("attach")
 def attach(
-    name: str = typer.Argument(..., help="Machine name."),
-    file: Path | None = typer.Argument(None, help="Image to attach (used as is, never deleted)."),
-    new: str | None = typer.Option(
+    name: str = Argument(..., help="Machine name."),
+    file: Path | None = Argument(None, help="Image to attach (used as is, never deleted)."),
+    new: str | None = Option(
         None,
         "--new",
         metavar="SIZE",
         help="Make an empty qcow2 of SIZE in the VM's run dir (RUNDIR/hotplug-<id>.qcow2) and "
         "attach it; it stays there after detach.",
     ),
-    fmt: str | None = typer.Option(
+    fmt: str | None = Option(
         None, "--format", help='"qcow2" or "raw" (default: read from the image\'s header).'
     ),
-    readonly: bool = typer.Option(False, "--readonly", help="Attach it read-only."),
-    dev_id: str | None = typer.Option(None, "--id", help="Device id (default: diskN)."),
+    readonly: bool = Option(False, "--readonly", help="Attach it read-only."),
+    dev_id: str | None = Option(None, "--id", help="Device id (default: diskN)."),
     force: bool = FORCE,
-    persist: bool = typer.Option(
+    persist: bool = Option(
         False,
         "--persist",
         help="After the attach succeeded, add a [[disk]] for it to the machine's TOML "
@@ -114,12 +113,12 @@ def _persist_attach(run: Any, result: Any, with_id: bool) -> dict[str, Any]:
     return persisted_json(done)
 
 
-@app.command("detach")
+@commands.command("detach")
 def detach(
-    name: str = typer.Argument(..., help="Machine name."),
-    dev_id: str = typer.Argument(..., metavar="ID", help="The disk's id (see qvm disk list)."),
+    name: str = Argument(..., help="Machine name."),
+    dev_id: str = Argument(..., metavar="ID", help="The disk's id (see qvm disk list)."),
     timeout: float = UNPLUG_TIMEOUT,
-    persist: bool = typer.Option(
+    persist: bool = Option(
         False,
         "--persist",
         help="After the detach succeeded, remove its [[disk]] from the machine's TOML too.",

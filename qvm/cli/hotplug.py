@@ -6,19 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import typer
-
+from qvm.cli.declare import Option
 from qvm.cli.output import EXIT_PENDING, abort, fail_all
 
 # options the mem, disk and nic commands share
-AS_JSON = typer.Option(False, "--json", help="Print JSON (schema in the README).")
-FORCE = typer.Option(
+AS_JSON = Option(False, "--json", help="Print JSON (schema in the README).")
+FORCE = Option(
     False,
     "--force",
     help="Go on even after a vCPU unplug in this QEMU run under TCG, where QEMU 7.2 crashes "
     "on any device_add.",
 )
-UNPLUG_TIMEOUT = typer.Option(
+UNPLUG_TIMEOUT = Option(
     10.0, "--timeout", help="Seconds to wait for the guest to release the device."
 )
 

@@ -1,15 +1,22 @@
-"""The `qvm` command: a thin layer that parses arguments, calls the core and prints."""
+"""The `qvm` command line as Typer builds it from the declarations (``qvm.cli.declare``):
+full help, Click's error messages, every spelling Click accepts.
+
+``qvm.cli.run`` sends here whatever ``qvm.cli.fast`` does not run by itself: help, a
+mistake, an unusual spelling.
+"""
 
 from __future__ import annotations
 
-import gc
-import sys
-from pathlib import Path
+import functools
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
 from qvm.cli import common
-from qvm.errors import QvmError
+from qvm.cli.declare import GROUPS, TOP_LEVEL, Commands, Param, parameters
 
 app = typer.Typer(
     name="qvm",
@@ -21,102 +28,91 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+# the order `qvm --help` lists them in: the VM's life first, then hotplug, then the rest
+HELP_ORDER = ("vm", "cpu", "mem", "disk", "nic", "qmp", "dev", "port")
 
-@app.callback()
-def global_options(
-    machines: Path | None = typer.Option(
-        None, "--machines", help="Folder of machine TOML files (also $QVM_MACHINES)."
-    ),
-    state_dir: Path | None = typer.Option(
-        None, "--state-dir", help="Where run dirs live (also $QVM_STATE_DIR)."
-    ),
+
+def typer_command(
+    function: Callable[..., None], run: Callable[..., None] | None = None
+) -> Callable[..., None]:
+    """``function`` as Typer wants it: the same parameters, with Typer's Argument/Option
+    where the declaration has qvm's. Calls ``run`` (default: ``function``) with them."""
+    signature = inspect.signature(function)
+    target = run or function
+
+    @functools.wraps(function)
+    def command(**kwargs: Any) -> None:
+        target(**kwargs)
+
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[
+            p.replace(default=_typer_param(p.default)) if isinstance(p.default, Param) else p
+            for p in signature.parameters.values()
+        ]
+    )
+    return command
+
+
+def _typer_param(param: Param) -> Any:
+    if param.kind == "argument":
+        return typer.Argument(param.default, help=param.help, metavar=param.metavar)
+    return typer.Option(param.default, *param.decls, help=param.help, metavar=param.metavar)
+
+
+def module_commands(module: str) -> Commands:
+    return importlib.import_module(f"qvm.cli.{module}").commands
+
+
+def add_module(
+    target: typer.Typer,
+    module: str,
+    only: str | None = None,
+    run: Callable[..., None] | None = None,
 ) -> None:
-    common.configure(machines, state_dir)
+    """A module's top-level commands (``only``: just that one), or its command group."""
+    commands = module_commands(module)
+    if module in GROUPS:
+        group = typer.Typer(help=commands.help, no_args_is_help=True)
+        for word, function in commands.functions.items():
+            group.command(word)(typer_command(function, run))
+        target.add_typer(group, name=module)
+        return
+    for word, function in commands.functions.items():
+        if only in (None, word):
+            target.command(word)(typer_command(function, run))
 
 
-VM_COMMANDS = ("up", "down", "kill", "restart", "status", "list", "logs", "console", "cmdline")
-GLOBAL_OPTIONS_WITH_VALUE = ("--machines", "--state-dir")
-# memory, disk and NIC hotplug: qvm/cli/mem.py, disk.py, nic.py
-DEVICE_GROUPS = ("mem", "disk", "nic")
+def register(word: str | None) -> None:
+    """Build only the command that will run: Typer inspects every registered function at
+    start-up, and `qvm status` should not pay for `qvm cpu set`'s signature."""
+    app.callback()(typer_command(common.global_options))
+    if word in TOP_LEVEL:
+        add_module(app, TOP_LEVEL[word], only=word)
+    elif word in GROUPS:
+        add_module(app, word)
+    else:  # help, or an unknown command: show them all
+        for module in HELP_ORDER:
+            add_module(app, module)
 
 
 def command_word(argv: list[str]) -> str | None:
     """The subcommand named on the command line, skipping global options."""
+    takes_value = {
+        decl
+        for _, annotation, param in parameters(common.global_options)
+        if annotation != "bool"
+        for decl in param.decls
+    }
     args = iter(argv)
     for arg in args:
-        if arg in GLOBAL_OPTIONS_WITH_VALUE:
+        if arg in takes_value:
             next(args, None)
         elif not arg.startswith("-"):
             return arg
     return None
 
 
-def register(word: str | None) -> None:
-    """Build only the command that will run: Typer inspects every registered function at
-    start-up, and `qvm status` should not pay for `qvm cpu set`'s signature."""
-    from qvm.cli import vm
-
-    if word in VM_COMMANDS:
-        vm.register(app, only=word)
-        return
-    if word == "cpu":
-        from qvm.cli import cpu
-
-        app.add_typer(cpu.app, name="cpu")
-        return
-    if word in DEVICE_GROUPS:
-        _add_device_group(word)
-        return
-    if word == "qmp":
-        from qvm.cli import qmp
-
-        qmp.register(app)
-        return
-    from qvm.cli import dev
-
-    if word in dev.COMMANDS:
-        dev.register(app, only=word)
-        return
-    if word == "port":
-        from qvm.cli import port
-
-        app.add_typer(port.app, name="port")
-        return
-    from qvm.cli import cpu, port, qmp  # help, or an unknown command: show them all
-
-    vm.register(app)
-    app.add_typer(cpu.app, name="cpu")
-    for group in DEVICE_GROUPS:
-        _add_device_group(group)
-    qmp.register(app)
-    dev.register(app)
-    app.add_typer(port.app, name="port")
-
-
-def _add_device_group(word: str) -> None:
-    """qvm mem/disk/nic: one Typer app per module, qvm/cli/<word>.py."""
-    import importlib
-
-    app.add_typer(importlib.import_module(f"qvm.cli.{word}").app, name=word)
-
-
-def main() -> None:
-    register(command_word(sys.argv[1:]))
-    # What is loaded by now lives until exit: keep it out of the collector's sight, so
-    # that collections during the command, and the interpreter's last one at exit, scan
-    # only what the command itself creates (measured: 15-30 ms less per command). Then
-    # collect as usual (qvm.cli.run turned it off for the imports): `qvm console` runs long.
-    gc.freeze()
-    gc.enable()
-    try:
-        app()
-    except QvmError as error:
-        sys.stderr.write(f"qvm: {error}\n")
-        sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        sys.stderr.write("qvm: interrupted\n")
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()
+def build(argv: list[str]) -> Callable[[], Any]:
+    """The Typer app, with the command ``argv`` names registered, ready to run."""
+    register(command_word(argv))
+    return app

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import typer
-
 from qvm.cli import common
+from qvm.cli.declare import Argument, Commands, Option
 from qvm.cli.hotplug import AS_JSON, FORCE, UNPLUG_TIMEOUT, size_argument, unplug_problems
 from qvm.cli.output import (
     EXIT_PENDING,
@@ -19,15 +18,14 @@ from qvm.cli.output import (
     warn,
 )
 
-app = typer.Typer(
-    help="List, add, remove and resize memory devices (DIMMs, virtio-mem) of a running VM.",
-    no_args_is_help=True,
+commands = Commands(
+    help="List, add, remove and resize memory devices (DIMMs, virtio-mem) of a running VM."
 )
 
 
-@app.command("list")
+@commands.command("list")
 def list_cmd(
-    name: str = typer.Argument(..., help="Machine name."),
+    name: str = Argument(..., help="Machine name."),
     as_json: bool = AS_JSON,
 ) -> None:
     """Boot memory, every DIMM and virtio-mem device, room left, and what the guest says."""
@@ -59,24 +57,24 @@ def _say_state(state: Any) -> None:
         )
 
 
-@app.command("add")
+@commands.command("add")
 def add(
-    name: str = typer.Argument(..., help="Machine name."),
-    size: str = typer.Argument(..., help='Size, e.g. "256M" or "1G" (a multiple of 2M).'),
-    virtio_mem: bool = typer.Option(
+    name: str = Argument(..., help="Machine name."),
+    size: str = Argument(..., help='Size, e.g. "256M" or "1G" (a multiple of 2M).'),
+    virtio_mem: bool = Option(
         False,
         "--virtio-mem",
         help="Add a virtio-mem device (on a PCIe root port on q35) instead of a DIMM: no "
         "slot, resizable with 'qvm mem resize'; the guest needs a virtio_mem driver. QEMU "
         "7.2 cannot unplug it.",
     ),
-    max_size: str | None = typer.Option(
+    max_size: str | None = Option(
         None,
         "--max",
         help="virtio-mem: the most it may grow to (default: all the room memory.max leaves).",
     ),
-    dev_id: str | None = typer.Option(None, "--id", help="Device id (default: dimmN/vmemN)."),
-    timeout: float = typer.Option(
+    dev_id: str | None = Option(None, "--id", help="Device id (default: dimmN/vmemN)."),
+    timeout: float = Option(
         10.0, "--timeout", help="virtio-mem: seconds to wait for the guest to plug SIZE."
     ),
     force: bool = FORCE,
@@ -134,10 +132,10 @@ def _not_plugged(name: str, dev_id: str, size: Any, wanted: Any, timeout: float)
     )
 
 
-@app.command("del")
+@commands.command("del")
 def delete(
-    name: str = typer.Argument(..., help="Machine name."),
-    dev_id: str = typer.Argument(..., metavar="ID", help="The DIMM's id (see qvm mem list)."),
+    name: str = Argument(..., help="Machine name."),
+    dev_id: str = Argument(..., metavar="ID", help="The DIMM's id (see qvm mem list)."),
     timeout: float = UNPLUG_TIMEOUT,
     as_json: bool = AS_JSON,
 ) -> None:
@@ -160,14 +158,12 @@ def delete(
     unplug_problems(name, unplug, "DIMM")
 
 
-@app.command("resize")
+@commands.command("resize")
 def resize(
-    name: str = typer.Argument(..., help="Machine name."),
-    dev_id: str = typer.Argument(..., metavar="ID", help="The virtio-mem device's id."),
-    size: str = typer.Argument(..., help='What the guest should have of it, e.g. "512M" or 0.'),
-    timeout: float = typer.Option(
-        10.0, "--timeout", help="Seconds to wait for the guest to reach SIZE."
-    ),
+    name: str = Argument(..., help="Machine name."),
+    dev_id: str = Argument(..., metavar="ID", help="The virtio-mem device's id."),
+    size: str = Argument(..., help='What the guest should have of it, e.g. "512M" or 0.'),
+    timeout: float = Option(10.0, "--timeout", help="Seconds to wait for the guest to reach SIZE."),
     as_json: bool = AS_JSON,
 ) -> None:
     """Grow or shrink a virtio-mem device (qom-set requested-size) and wait until the guest

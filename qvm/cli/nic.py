@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import typer
-
 from qvm.cli import common
+from qvm.cli.declare import Argument, Commands, Option
 from qvm.cli.hotplug import (
     AS_JSON,
     FORCE,
@@ -17,12 +16,12 @@ from qvm.cli.hotplug import (
 )
 from qvm.cli.output import emit_json, ms, say, table, warn
 
-app = typer.Typer(help="List, add and remove NICs of a running VM.", no_args_is_help=True)
+commands = Commands(help="List, add and remove NICs of a running VM.")
 
 
-@app.command("list")
+@commands.command("list")
 def list_cmd(
-    name: str = typer.Argument(..., help="Machine name."),
+    name: str = Argument(..., help="Machine name."),
     as_json: bool = AS_JSON,
 ) -> None:
     """Every NIC (boot, added by qvm, other) with its MAC and port forwards, free PCI
@@ -44,25 +43,25 @@ def list_cmd(
         say(f"{name}: the guest reports interfaces: {seen} (its own QVM-STATE line)")
 
 
-@app.command("add")
+@commands.command("add")
 def add(
-    name: str = typer.Argument(..., help="Machine name."),
-    forward: list[str] | None = typer.Option(
+    name: str = Argument(..., help="Machine name."),
+    forward: list[str] | None = Option(
         None,
         "--forward",
         metavar="PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT",
         help="Forward a host port to the guest, e.g. tcp:2222:22 (HOSTADDR defaults to "
         "127.0.0.1; HOSTPORT 0 picks a free one). Repeatable.",
     ),
-    model: str = typer.Option(
+    model: str = Option(
         "virtio-net-pci", "--model", help="virtio-net-pci, e1000, e1000e or rtl8139."
     ),
-    mac: str | None = typer.Option(
+    mac: str | None = Option(
         None, "--mac", help="MAC address (default: stable, from the VM's name and NIC index)."
     ),
-    dev_id: str | None = typer.Option(None, "--id", help="Device id (default: netN)."),
+    dev_id: str | None = Option(None, "--id", help="Device id (default: netN)."),
     force: bool = FORCE,
-    persist: bool = typer.Option(
+    persist: bool = Option(
         False,
         "--persist",
         help="After the add succeeded, add a [[nic]] for it (its MAC and forwards as given) "
@@ -100,12 +99,12 @@ def add(
         say(f"{name}: added a [[nic]] for {nic.id} to {persisted['file']}")
 
 
-@app.command("del")
+@commands.command("del")
 def delete(
-    name: str = typer.Argument(..., help="Machine name."),
-    dev_id: str = typer.Argument(..., metavar="ID", help="The NIC's id (see qvm nic list)."),
+    name: str = Argument(..., help="Machine name."),
+    dev_id: str = Argument(..., metavar="ID", help="The NIC's id (see qvm nic list)."),
     timeout: float = UNPLUG_TIMEOUT,
-    persist: bool = typer.Option(
+    persist: bool = Option(
         False,
         "--persist",
         help="After the removal succeeded, remove its [[nic]] (same MAC) from the TOML too.",

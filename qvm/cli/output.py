@@ -7,8 +7,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-import typer
-
 
 def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
@@ -24,7 +22,7 @@ def warn(text: str) -> None:
 
 def abort(message: str, code: int = 1) -> NoReturn:
     sys.stderr.write(f"qvm: {message}\n" if "\n" not in message else message + "\n")
-    raise typer.Exit(code)
+    raise SystemExit(code)
 
 
 # a hotplug/unplug request stands, but the guest has not completed it (yet)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import typer
-
 from qvm.cli import common
+from qvm.cli.declare import Argument, Commands, Option
 from qvm.cli.output import emit_json, say, table
 
-app = typer.Typer(help="List, add and remove port forwards of a running VM.", no_args_is_help=True)
+commands = Commands(help="List, add and remove port forwards of a running VM.")
 
 
-@app.command("list")
+@commands.command("list")
 def list_cmd(
-    name: str = typer.Argument(..., help="Machine name."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    name: str = Argument(..., help="Machine name."),
+    as_json: bool = Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The VM's port forwards: from its machine file and added at run time."""
     from qvm.forwards import current_forwards
@@ -29,17 +28,17 @@ def list_cmd(
     say(table(["NIC", "PROTO", "HOST", "GUEST PORT"], rows))
 
 
-@app.command("add")
+@commands.command("add")
 def add(
-    name: str = typer.Argument(..., help="Machine name."),
-    spec: str = typer.Argument(
+    name: str = Argument(..., help="Machine name."),
+    spec: str = Argument(
         ...,
         metavar="PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT",
         help="e.g. tcp:8080:80; host port 0 (or auto) picks a free one; HOSTADDR "
         "defaults to 127.0.0.1.",
     ),
-    nic: str | None = typer.Option(None, "--nic", help="NIC id (default: the first NIC)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    nic: str | None = Option(None, "--nic", help="NIC id (default: the first NIC)."),
+    as_json: bool = Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Forward a host port to the running guest (HMP hostfwd_add)."""
     from qvm.forwards import add_forward, forward_text
@@ -51,17 +50,17 @@ def add(
     say(f"{name}: forwarding {forward_text(entry)} ({entry['nic']})")
 
 
-@app.command("del")
+@commands.command("del")
 def delete(
-    name: str = typer.Argument(..., help="Machine name."),
-    spec: str = typer.Argument(
+    name: str = Argument(..., help="Machine name."),
+    spec: str = Argument(
         ...,
         metavar="FORWARD|HOSTPORT",
         help="A forward as listed (tcp:127.0.0.1:2222:22, tcp:2222:22) or a host port "
         "(2222, tcp:2222).",
     ),
-    nic: str | None = typer.Option(None, "--nic", help="Only this NIC's forwards."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    nic: str | None = Option(None, "--nic", help="Only this NIC's forwards."),
+    as_json: bool = Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Remove port forwards from the running guest (HMP hostfwd_remove)."""
     from qvm.forwards import forward_text, remove_forward

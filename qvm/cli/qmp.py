@@ -5,31 +5,29 @@ from __future__ import annotations
 import os
 import sys
 
-import typer
-
 from qvm.cli import common
+from qvm.cli.declare import Argument, Commands, Option
 from qvm.cli.output import abort, emit_json
 from qvm.rundir import RunDir
 
-
-def register(app: typer.Typer) -> None:
-    app.command("qmp")(qmp)
+commands = Commands()
 
 
+@commands.command("qmp")
 def qmp(
-    name: str = typer.Argument(..., help="Machine name."),
-    command: str | None = typer.Argument(None, help="QMP command, e.g. query-status."),
-    arguments: list[str] | None = typer.Argument(
+    name: str = Argument(..., help="Machine name."),
+    command: str | None = Argument(None, help="QMP command, e.g. query-status."),
+    arguments: list[str] | None = Argument(
         None,
         metavar="[KEY=VALUE]...",
         help="Command arguments; a value is JSON where it parses as JSON, else a string.",
     ),
-    shell: bool = typer.Option(
+    shell: bool = Option(
         False,
         "--shell",
         help="Open qmp-shell (from qemu.qmp) on the VM's user QMP socket instead.",
     ),
-    timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for QEMU's reply."),
+    timeout: float = Option(10.0, "--timeout", help="Seconds to wait for QEMU's reply."),
 ) -> None:
     """Send one QMP command (the supervisor runs it) and print QEMU's JSON reply.
 

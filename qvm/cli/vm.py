@@ -7,9 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import typer
-
 from qvm.cli import common
+from qvm.cli.declare import Argument, Commands, Option
 from qvm.cli.output import abort, emit_json, human_bytes, human_seconds, say, table, warn
 from qvm.errors import DefinitionError, QvmError
 
@@ -20,17 +19,14 @@ if TYPE_CHECKING:
 JSON_HELP = "Print JSON (schema in the README)."
 
 
-def register(app: typer.Typer, only: str | None = None) -> None:
-    for command in (up, down, kill, restart, status, list_vms, logs, console, cmdline):
-        name = "list" if command is list_vms else command.__name__
-        if only in (None, name):
-            app.command(name)(command)
+commands = Commands()
 
 
+@commands.command("up")
 def up(
-    names: list[str] = typer.Argument(..., help="Machine names or TOML files."),
-    no_wait: bool = typer.Option(False, "--no-wait", help="Return once QEMU is spawned."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    names: list[str] = Argument(..., help="Machine names or TOML files."),
+    no_wait: bool = Option(False, "--no-wait", help="Return once QEMU is spawned."),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Start VMs under their own supervisors and wait until QMP answers."""
     from qvm.cli.progress import DownloadBar
@@ -80,14 +76,15 @@ def up(
     if as_json:
         emit_json(results)
     if failed:
-        raise typer.Exit(1)
+        raise SystemExit(1)
 
 
+@commands.command("down")
 def down(
-    names: list[str] = typer.Argument(..., help="Machine names."),
-    timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for the guest."),
-    force: bool = typer.Option(False, "--force", help="Skip the ACPI power button."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    names: list[str] = Argument(..., help="Machine names."),
+    timeout: float = Option(30.0, "--timeout", help="Seconds to wait for the guest."),
+    force: bool = Option(False, "--force", help="Skip the ACPI power button."),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Power VMs off: ACPI power button, then QMP quit, then SIGKILL."""
     from qvm.lifecycle import stop
@@ -95,9 +92,10 @@ def down(
     _stop_each(names, "stopped", lambda run: stop(run, timeout=timeout, force=force), as_json)
 
 
+@commands.command("kill")
 def kill(
-    names: list[str] = typer.Argument(..., help="Machine names."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    names: list[str] = Argument(..., help="Machine names."),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Kill QEMU at once (SIGKILL). Not a failure for the restart policy."""
     from qvm.lifecycle import kill as kill_vm
@@ -126,13 +124,14 @@ def _stop_each(
     if as_json:
         emit_json(results)
     if failed:
-        raise typer.Exit(1)
+        raise SystemExit(1)
 
 
+@commands.command("restart")
 def restart(
-    name: str = typer.Argument(..., help="Machine name."),
-    timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for the guest."),
-    force: bool = typer.Option(False, "--force", help="Skip the ACPI power button."),
+    name: str = Argument(..., help="Machine name."),
+    timeout: float = Option(30.0, "--timeout", help="Seconds to wait for the guest."),
+    force: bool = Option(False, "--force", help="Skip the ACPI power button."),
 ) -> None:
     """Stop the VM (if it runs) and start it again from its current definition."""
     from qvm.launch import plan_launch, prepare_run_dir
@@ -175,9 +174,10 @@ def _fill_from_definition(record: dict[str, Any], name: str) -> None:
         record["memory"] = {"bytes": machine.memory.size, "max": machine.memory.max}
 
 
+@commands.command("status")
 def status(
-    name: str = typer.Argument(..., help="Machine name."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    name: str = Argument(..., help="Machine name."),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Show one VM's state, process facts and files."""
     record = _status_record(name)
@@ -239,7 +239,8 @@ def _status_text(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def list_vms(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+@commands.command("list")
+def list_vms(as_json: bool = Option(False, "--json", help=JSON_HELP)) -> None:
     """Every defined machine and every VM with a run dir, one line each."""
     from qvm.definition import list_machine_files
     from qvm.rundir import list_run_dirs
@@ -277,11 +278,12 @@ def list_vms(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> N
     say(table(["NAME", "STATE", "PID", "ACCEL", "VCPUS", "MEMORY", "UPTIME", "NOTE"], rows))
 
 
+@commands.command("logs")
 def logs(
-    name: str = typer.Argument(..., help="Machine name."),
-    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new output."),
-    qemu: bool = typer.Option(False, "--qemu", help="QEMU's own stderr instead of the serial log."),
-    lines: int = typer.Option(0, "--lines", "-n", help="Only the last N lines (0: all)."),
+    name: str = Argument(..., help="Machine name."),
+    follow: bool = Option(False, "--follow", "-f", help="Keep printing new output."),
+    qemu: bool = Option(False, "--qemu", help="QEMU's own stderr instead of the serial log."),
+    lines: int = Option(0, "--lines", "-n", help="Only the last N lines (0: all)."),
 ) -> None:
     """Print the serial console log (or QEMU's log)."""
     from qvm.console import follow_file, read_tail
@@ -301,7 +303,8 @@ def logs(
             out.flush()
 
 
-def console(name: str = typer.Argument(..., help="Machine name.")) -> None:
+@commands.command("console")
+def console(name: str = Argument(..., help="Machine name.")) -> None:
     """Attach to the serial console. Detach with Ctrl-] (the VM keeps running)."""
     from qvm.console import ESCAPE_NAME, attach
     from qvm.lifecycle import supervisor_alive
@@ -318,7 +321,8 @@ def console(name: str = typer.Argument(..., help="Machine name.")) -> None:
         warn("\nDetached.")
 
 
-def cmdline(name: str = typer.Argument(..., help="Machine name or TOML file.")) -> None:
+@commands.command("cmdline")
+def cmdline(name: str = Argument(..., help="Machine name or TOML file.")) -> None:
     """Print the exact QEMU command line `qvm up` would run. Starts nothing."""
     from qvm.launch import plan_launch
 

@@ -15,7 +15,7 @@ from qvm.errors import QvmError
 from qvm.newvm import NewOptions, new_document, render, write_new
 from qvm.rundir import RunDir
 
-QVM = [sys.executable, "-m", "qvm.cli.main"]
+QVM = [sys.executable, "-m", "qvm.cli"]
 
 
 def test_minimal_image_gets_memory_ssh_forward_and_cloud_init(tmp_path: Path) -> None:

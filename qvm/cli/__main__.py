@@ -1,0 +1,5 @@
+"""``python -m qvm.cli``: the same as the ``qvm`` console script."""
+
+from qvm.cli import run
+
+run()

@@ -1,0 +1,129 @@
+"""The fast path (qvm.cli.fast) and the Typer CLI (qvm.cli.main) turn a command line into
+the same call, for every command: otherwise a command would behave differently depending
+on which of the two parsed it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from qvm.cli import common
+from qvm.cli.declare import GROUPS, TOP_LEVEL, parameters
+from qvm.cli.fast import plain_call
+from qvm.cli.main import add_module, module_commands, typer_command
+
+SAMPLES = {"str": "x1", "int": "3", "float": "2.5", "Path": "some/file.img"}
+GLOBALS = ["--machines", "m/dir", "--state-dir=s/dir"]
+
+
+def every_command() -> list[tuple[list[str], Any]]:
+    found = [
+        ([word], module_commands(module).functions[word]) for word, module in TOP_LEVEL.items()
+    ]
+    for group in GROUPS:
+        found += [([group, word], f) for word, f in module_commands(group).functions.items()]
+    return found
+
+
+COMMANDS = every_command()
+
+
+def sample(annotation: str) -> str:
+    return SAMPLES[annotation.removesuffix(" | None").removeprefix("list[").removesuffix("]")]
+
+
+def plain_spellings(function: Any) -> list[list[str]]:
+    """What a user plainly types after the command words: the required arguments, all
+    arguments, each spelling of each option (before and after the arguments), and every
+    option at once."""
+    declared = parameters(function)
+    required: list[str] = []
+    every_argument: list[str] = []
+    for _, annotation, param in declared:
+        if param.kind == "argument":
+            values = [sample(annotation)] * (2 if annotation.startswith("list[") else 1)
+            every_argument += values
+            required += values if param.required else []
+    options: list[list[list[str]]] = []  # per parameter, its spellings
+    for _, annotation, param in declared:
+        if param.kind != "option":
+            continue
+        spellings = []
+        for decl in param.decls:
+            if annotation == "bool":
+                spellings.append([decl])
+            elif annotation.startswith("list["):
+                spellings.append([decl, sample(annotation), f"{decl}={sample(annotation)}"])
+            else:
+                spellings.append([decl, sample(annotation)])
+                if decl.startswith("--"):
+                    spellings.append([f"{decl}={sample(annotation)}"])
+        options.append(spellings)
+    lines = [required, every_argument]
+    for spellings in options:
+        lines += [required + spelling for spelling in spellings]
+        lines += [spelling + every_argument for spelling in spellings]
+    all_options = [arg for spellings in options for arg in spellings[0]]
+    lines += [every_argument + all_options, all_options + required]
+    return lines
+
+
+def typer_call(argv: list[str]) -> tuple[Any, Any] | int:
+    """What the Typer CLI calls for ``argv``: (global values, values), or its exit code."""
+    calls: dict[str, Any] = {}
+    app = typer.Typer(context_settings={"help_option_names": ["-h", "--help"]})
+    app.callback()(typer_command(common.global_options, lambda **kw: calls.update(globals=kw)))
+    words = [a for a in argv if not a.startswith("-") and a not in GLOBALS]
+    add_module(
+        app,
+        words[0] if words[0] in GROUPS else TOP_LEVEL[words[0]],
+        run=lambda **kw: calls.update(values=kw),
+    )
+    result = CliRunner().invoke(app, argv)
+    if result.exit_code != 0 or "values" not in calls:
+        return result.exit_code
+    return calls["globals"], calls["values"]
+
+
+@pytest.mark.parametrize(("words", "function"), COMMANDS, ids=[" ".join(w) for w, _ in COMMANDS])
+def test_both_parsers_call_the_same(words: list[str], function: Any) -> None:
+    for args in plain_spellings(function):
+        for global_args in ([], GLOBALS):
+            argv = [*global_args, *words, *args]
+            fast = plain_call(argv)
+            assert fast is not None, f"the fast path declined a plain command line: {argv}"
+            assert fast.function is function
+            assert typer_call(argv) == (fast.global_values, fast.values), argv
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["-h"],
+        ["--help"],
+        ["status"],  # a required argument is missing
+        ["status", "vm1", "vm2"],  # one too many
+        ["status", "vm1", "-h"],
+        ["status", "vm1", "--bogus"],
+        ["status", "--", "vm1"],
+        ["cpu"],
+        ["cpu", "bogus", "vm1"],
+        ["cpu", "add", "vm1", "-n3"],  # Click reads this; the fast path leaves it to Click
+        ["cpu", "add", "vm1", "--count", "many"],
+        ["cpu", "add", "vm1", "--count"],
+        ["cpu", "add", "vm1", "--count", "2", "--count", "3"],
+        ["cpu", "add", "vm1", "--json=yes"],
+        ["cpu", "del", "vm1", "--timeout", "-1"],
+        ["logs", "vm1", "-fn", "3"],
+        ["bogus"],
+        ["--machines"],
+        ["--machines", "m", "--bogus", "x", "list"],
+        ["list", "--machines", "m"],  # global options go before the command word
+    ],
+)
+def test_the_fast_path_leaves_the_rest_to_typer(argv: list[str]) -> None:
+    assert plain_call(argv) is None
