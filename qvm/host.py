@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -100,7 +98,9 @@ class QemuCapabilities(NamedTuple):
 
 
 def resolve_binary(binary: str) -> str:
-    found = shutil.which(binary)
+    from qvm.proc import find_program
+
+    found = find_program(binary)
     if not found:
         raise HostError(
             f"QEMU binary {binary!r} not found (hint: apt-get install qemu-system-x86, "
@@ -137,6 +137,8 @@ def qemu_capabilities(binary: str, cache_dir: Path | None = None) -> QemuCapabil
 
 
 def _run_help(path: str, *args: str) -> str:
+    import subprocess  # only when QEMU's lists are not cached yet
+
     try:
         done = subprocess.run(
             [path, *args], capture_output=True, text=True, timeout=20, check=False

@@ -13,16 +13,17 @@ import json
 import os
 import select
 import signal
-import socket
-import subprocess
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from qvm.errors import HostError, LaunchError, NotRunningError, QvmError, VmStateError
 from qvm.proc import same_process_alive
 from qvm.rundir import RunDir, is_locked, read_json, try_lock, write_json_atomic
 from qvm.supervise import read_line
+
+if TYPE_CHECKING:
+    import socket
 
 LIVE_STATES = ("starting", "running", "paused", "stopping", "restarting")
 SUPERVISOR_ANSWER_TIMEOUT = 3.0
@@ -64,6 +65,8 @@ def ask_supervisor(run: RunDir, request: dict[str, Any], timeout: float) -> dict
 
 def connect_supervisor(run: RunDir, deadline: float) -> socket.socket:
     """Connect, waiting while a live supervisor is still starting its request socket."""
+    import socket  # not at the top: `qvm up` has no use for it (2-3 ms)
+
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -492,6 +495,8 @@ def detect_format(path: Path) -> str:
 
 
 def pick_free_port(host_addr: str, protocol: str) -> int:
+    import socket
+
     kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind((host_addr, 0))
@@ -499,6 +504,8 @@ def pick_free_port(host_addr: str, protocol: str) -> int:
 
 
 def port_in_use(host_addr: str, port: int, protocol: str) -> bool:
+    import socket
+
     kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -537,6 +544,8 @@ def qemu_img_create(path: Path, size: int | None, options: list[str] | None = No
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", *(options or []), str(path)]
     if size is not None:
         argv.append(str(size))
+    import subprocess
+
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     except OSError as exc:

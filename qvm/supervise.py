@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING
 
+from qvm.proc import find_program
+
 if TYPE_CHECKING:
+    import socket
+    import subprocess
     from collections.abc import Callable
     from typing import Any, NoReturn
 
@@ -35,10 +37,7 @@ def with_parent_death_signal(argv: list[str]) -> tuple[list[str], Callable[[], N
     QEMU's and the supervisor needs no ctypes and no preexec function (which would force a
     slower fork). Elsewhere, prctl through ctypes, resolved here in the parent.
     """
-    setpriv = next(
-        (p for d in os.get_exec_path() if os.access(p := os.path.join(d, "setpriv"), os.X_OK)),
-        None,
-    )
+    setpriv = find_program("setpriv")
     if setpriv:
         return [setpriv, "--pdeathsig", "TERM", "--", *argv], None
     import ctypes
@@ -59,6 +58,8 @@ def wait_qmp_answer(path: str, qemu: subprocess.Popen[bytes], timeout: float) ->
     loop, after start-up. Plain sockets, before asyncio is even imported: the `qvm up`
     waiting on us hears "ready" as soon as a raw client could, not after our own imports.
     """
+    import socket  # after QEMU is spawned: its start hides the import
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if qemu.poll() is not None:
@@ -91,6 +92,8 @@ def read_line(sock: socket.socket) -> bytes:
 
 def spawn_qemu(argv: list[str], run_path: str) -> subprocess.Popen[bytes]:
     """Start QEMU with its output appended to qemu.log after a start marker."""
+    import subprocess
+
     spawn_argv, preexec = with_parent_death_signal(argv)
     with open(os.path.join(run_path, "qemu.log"), "ab") as log:
         log.write(f"{LOG_MARKER} {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
