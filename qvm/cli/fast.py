@@ -1,7 +1,7 @@
 """Plain command lines, parsed without Typer.
 
-Importing Typer and Click costs 40-90 ms on the hosts qvm runs on, more than `qvm status`
-may take in all (issue 2 asks for under 100 ms). Most command lines are plain: a command
+Importing Typer and Click costs 55-80 ms on this project's machine, most of the 100 ms
+that `qvm status` may take in all. Most command lines are plain: a command
 word, its arguments, options spelled out in full. This module parses exactly those, from
 the same declarations Typer reads (``qvm.cli.declare``), and calls the same functions with
 the same values (``tests/unit/test_cli_parsers.py`` holds it to that, command by command).
