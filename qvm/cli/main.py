@@ -84,7 +84,7 @@ def add_module(
 
 def register(word: str | None) -> None:
     """Build only the command that will run: Typer inspects every registered function at
-    start-up, and `qvm status` should not pay for `qvm cpu set`'s signature."""
+    start-up, and `qvm status -h` should not pay for `qvm cpu set`'s signature."""
     app.callback()(typer_command(common.global_options))
     if word in TOP_LEVEL:
         add_module(app, TOP_LEVEL[word], only=word)
