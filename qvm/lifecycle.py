@@ -541,11 +541,11 @@ def ensure_overlay(base: Path, base_format: str, overlay: Path, size: int | None
 
 def qemu_img_create(path: Path, size: int | None, options: list[str] | None = None) -> None:
     """``qemu-img create -f qcow2 [OPTIONS] PATH [SIZE]``; a half-made file is removed."""
+    import subprocess
+
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", *(options or []), str(path)]
     if size is not None:
         argv.append(str(size))
-    import subprocess
-
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     except OSError as exc:

@@ -43,7 +43,8 @@ class PlainCall(NamedTuple):
 
 def plain_call(argv: list[str]) -> PlainCall | None:
     """What ``argv`` asks to run, or None if it is not plainly spelled."""
-    global_values, rest = _parse_options_only(common.global_options, argv)
+    global_args, rest = split_global_options(argv)
+    global_values = parse(common.global_options, global_args)
     if global_values is None or not rest:
         return None
     word, rest = rest[0], rest[1:]
@@ -73,15 +74,19 @@ def plain_command(argv: list[str]) -> Callable[[], None] | None:
     return run
 
 
-def _parse_options_only(
-    function: Callable[..., Any], argv: list[str]
-) -> tuple[dict[str, Any] | None, list[str]]:
-    """The leading options of ``argv`` as ``function`` declares them (each takes a value),
-    and the command line that follows them."""
+def split_global_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` split before the command word: what comes first is `qvm`'s own options
+    (``--machines DIR``), or a mistake among them."""
+    takes_value = {
+        decl
+        for _, annotation, param in parameters(common.global_options)
+        if annotation != "bool"
+        for decl in param.decls
+    }
     split = 0
     while split < len(argv) and argv[split].startswith("-"):
-        split += 1 if "=" in argv[split] else 2
-    return parse(function, argv[:split]), argv[split:]
+        split += 2 if argv[split] in takes_value else 1
+    return argv[:split], argv[split:]
 
 
 def parse(function: Callable[..., Any], args: list[str]) -> dict[str, Any] | None:

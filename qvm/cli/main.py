@@ -16,7 +16,8 @@ from typing import Any
 import typer
 
 from qvm.cli import common
-from qvm.cli.declare import GROUPS, TOP_LEVEL, Commands, Param, parameters
+from qvm.cli.declare import GROUPS, TOP_LEVEL, Commands, Param
+from qvm.cli.fast import split_global_options
 
 app = typer.Typer(
     name="qvm",
@@ -96,20 +97,9 @@ def register(word: str | None) -> None:
 
 
 def command_word(argv: list[str]) -> str | None:
-    """The subcommand named on the command line, skipping global options."""
-    takes_value = {
-        decl
-        for _, annotation, param in parameters(common.global_options)
-        if annotation != "bool"
-        for decl in param.decls
-    }
-    args = iter(argv)
-    for arg in args:
-        if arg in takes_value:
-            next(args, None)
-        elif not arg.startswith("-"):
-            return arg
-    return None
+    """The subcommand named on the command line, after the global options."""
+    _, rest = split_global_options(argv)
+    return rest[0] if rest else None
 
 
 def build(argv: list[str]) -> Callable[[], Any]:
