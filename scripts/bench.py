@@ -50,9 +50,9 @@ def wait_qmp_answer(path: Path, deadline: float) -> None:
 
 def raw_argv(run_dir: Path) -> list[str]:
     sys.path.insert(0, str(REPO))
-    from qvm.definition import load_machine
-    from qvm.launch import plan_launch
-    from qvm.rundir import RunDir
+    from qvm.definition.load import load_machine
+    from qvm.layout.rundir import RunDir
+    from qvm.ops.up import plan_launch
 
     plan = plan_launch(load_machine(MACHINE), RunDir(run_dir))
     return plan.argv

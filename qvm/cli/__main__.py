@@ -1,5 +1,5 @@
 """``python -m qvm.cli``: the same as the ``qvm`` console script."""
 
-from qvm.cli import run
+from qvm.cli.app import run
 
 run()

@@ -50,7 +50,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def human_bytes(n: int | None) -> str:
-    from qvm.sizes import human_size
+    from qvm.base.sizes import human_size
 
     return "-" if n is None else human_size(n)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, Qvm, one_line_error, wait_until
 
-from qvm.topology import Topology, slot_props
+from qvm.definition.topology import Topology, slot_props
 
 GUEST_DEADLOCK = re.compile(r"soft lockup - CPU#\d+ stuck|rcu_preempt detected stalls")
 
@@ -151,7 +151,7 @@ def test_boot_vcpus_sit_in_qemus_slots_and_unplug(
 ) -> None:
     guest_with_boot_vcpus(qvm, "vm1", 3, 4, machine_type, topology)
     qvm("up", "vm1")
-    # qvm's own topology arithmetic (qvm.topology, used for -smp and -device) against
+    # qvm's own topology arithmetic (qvm.definition.topology, used for -smp and -device) against
     # what this QEMU says the slots are
     hotpluggable = json.loads(qvm("qmp", "vm1", "query-hotpluggable-cpus").stdout)
     by_path = {h.get("qom-path"): h["props"] for h in hotpluggable}

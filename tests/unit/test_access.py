@@ -11,15 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from qvm.access import SshTarget, parse_condition, ssh_argv, ssh_target
-from qvm.definition import load_machine
+from qvm.base.jsonfile import write_json_atomic
+from qvm.control.forwards import _matches
+from qvm.definition.load import load_machine
 from qvm.errors import HostError, QvmError, VmStateError
-from qvm.forwards import _matches, current_forwards
-from qvm.launch import _resolve_ports
-from qvm.lifecycle import pick_free_port, port_in_use
-from qvm.preflight import image_conflicts, image_records
-from qvm.rundir import RunDir, try_lock, write_json_atomic
-from qvm.vmfiles import remove, reset
+from qvm.host.holders import image_conflicts, image_records
+from qvm.host.ports import pick_free_port, port_in_use
+from qvm.layout.locks import try_lock
+from qvm.layout.rundir import RunDir
+from qvm.ops.access import SshTarget, parse_condition, ssh_argv, ssh_target
+from qvm.ops.files import remove, reset
+from qvm.ops.up import _resolve_ports
+from qvm.store.forwards import current_forwards
 
 FWD22 = {
     "nic": "net0",

@@ -53,7 +53,7 @@ def heavy(modules: set[str]) -> set[str]:
 )
 def test_plain_commands_import_no_framework(argv: list[str], tmp_path: Path) -> None:
     modules = imported_modules(argv, tmp_path)
-    assert "qvm.cli.fast" in modules
+    assert "qvm.cli.parsing.fast" in modules
     assert heavy(modules) == set()
 
 

@@ -1,6 +1,6 @@
-"""The fast path (qvm.cli.fast) and the Typer CLI (qvm.cli.main) turn a command line into
-the same call, for every command: otherwise a command would behave differently depending
-on which of the two parsed it."""
+"""The fast path (qvm.cli.parsing.fast) and the Typer CLI (qvm.cli.parsing.typer_app) turn
+a command line into the same call, for every command: otherwise a command would behave
+differently depending on which of the two parsed it."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from qvm.cli import common
-from qvm.cli.declare import GROUPS, TOP_LEVEL, parameters
-from qvm.cli.fast import plain_call
-from qvm.cli.main import add_module, module_commands, typer_command
+from qvm.cli import resolve
+from qvm.cli.parsing.declare import GROUPS, TOP_LEVEL, parameters
+from qvm.cli.parsing.fast import plain_call
+from qvm.cli.parsing.typer_app import add_module, module_commands, typer_command
 
 SAMPLES = {"str": "x1", "int": "3", "float": "2.5", "Path": "some/file.img"}
 GLOBALS = ["--machines", "m/dir", "--state-dir=s/dir"]
@@ -75,7 +75,7 @@ def typer_call(argv: list[str]) -> tuple[Any, Any] | int:
     """What the Typer CLI calls for ``argv``: (global values, values), or its exit code."""
     calls: dict[str, Any] = {}
     app = typer.Typer(context_settings={"help_option_names": ["-h", "--help"]})
-    app.callback()(typer_command(common.global_options, lambda **kw: calls.update(globals=kw)))
+    app.callback()(typer_command(resolve.global_options, lambda **kw: calls.update(globals=kw)))
     words = [a for a in argv if not a.startswith("-") and a not in GLOBALS]
     add_module(
         app,

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from qvm.cloudinit import (
+from qvm.cmdline.argv import LaunchInputs, build_argv
+from qvm.definition.load import load_machine
+from qvm.errors import DefinitionError
+from qvm.host.cloudinit import (
     instance_id,
     make_key_pair,
     meta_data_text,
@@ -17,10 +20,7 @@ from qvm.cloudinit import (
     user_data_text,
     write_seed,
 )
-from qvm.cmdline import LaunchInputs, build_argv
-from qvm.definition import load_machine
-from qvm.errors import DefinitionError
-from qvm.rundir import RunDir
+from qvm.layout.rundir import RunDir
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFake me@host"
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qvm.cmdline import LaunchInputs, build_argv, escape_opt, stable_mac
-from qvm.definition import (
+from qvm.cmdline.argv import LaunchInputs, build_argv, escape_opt
+from qvm.definition.naming import stable_mac
+from qvm.definition.schema import (
     BootSpec,
     CpuSpec,
     DiskSpec,
@@ -16,7 +17,7 @@ from qvm.definition import (
     PortForward,
     QemuSpec,
 )
-from qvm.rundir import RunDir
+from qvm.layout.rundir import RunDir
 
 RUN = RunDir(Path("/run/q/vm1"))
 
@@ -150,7 +151,7 @@ def test_microvm_has_no_hotplug_topology() -> None:
 
 
 def test_serial_can_be_disabled() -> None:
-    from qvm.definition import SerialSpec
+    from qvm.definition.schema import SerialSpec
 
     machine = Machine(name="vm1", path=Path("/m/vm1.toml"), serial=SerialSpec(enabled=False))
     argv = build_argv(machine, LaunchInputs(accel="tcg", run_dir=RUN))

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from qvm.cli.cpu import _add_problems, _say_added
-from qvm.cpus import (
+from qvm.base.jsonfile import write_json_atomic
+from qvm.cli.commands.cpu import _add_problems, _say_added
+from qvm.control.cpu import (
     AddedCpu,
     AddResult,
     CpuList,
@@ -26,10 +27,10 @@ from qvm.cpus import (
     started_by_guest,
     topology_from_launch,
 )
+from qvm.control.guard import tcg_unplug_refusal
+from qvm.definition.topology import Topology
 from qvm.errors import HotplugError
-from qvm.hotplug import tcg_unplug_refusal
-from qvm.rundir import RunDir, write_json_atomic
-from qvm.topology import Topology
+from qvm.layout.rundir import RunDir
 
 TYPE = "max-x86_64-cpu"
 
@@ -429,7 +430,7 @@ class FakeSession:
 def test_wait_online_reads_each_new_vcpu_until_the_guest_starts_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("qvm.cpus.ONLINE_POLL", 0.001)
+    monkeypatch.setattr("qvm.control.cpu.ONLINE_POLL", 0.001)
     up = REGISTERS_ONLINE.replace("CPU#0", "CPU#1")
     never = REGISTERS_NEW.replace("CPU#1", "CPU#2")
     session = FakeSession({1: [REGISTERS_NEW, REGISTERS_NEW, up], 2: [never]})

@@ -5,12 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from qvm.definition import (
+from qvm.definition.discovery import find_machine, list_machine_files, machine_search_dirs
+from qvm.definition.forwards import ForwardError, parse_forward
+from qvm.definition.load import check_host, load_machine
+from qvm.definition.schema import (
     KEYS,
     BootSpec,
     CpuSpec,
     DiskSpec,
-    ForwardError,
     Machine,
     MemorySpec,
     NicSpec,
@@ -18,12 +20,6 @@ from qvm.definition import (
     QemuSpec,
     SerialSpec,
     SupervisorSpec,
-    check_host,
-    find_machine,
-    list_machine_files,
-    load_machine,
-    machine_search_dirs,
-    parse_forward,
 )
 from qvm.errors import DefinitionError, Problem, QvmError
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from qvm.disks import (
+from qvm.control.disk import (
     DiskInfo,
     boot_device_ids,
     device_of_qdev,
@@ -16,11 +16,12 @@ from qvm.disks import (
     disk_entry_matches,
     disks_from,
 )
+from qvm.control.nic import NicInfo, nic_entry, nic_entry_matches, nics_from
+from qvm.control.pci import PciPlaces
+from qvm.control.transaction import Step, run_steps
+from qvm.definition.persist import add_entry_text, persist_entry, remove_entry_text, unpersist_entry
 from qvm.errors import ControlError, HotplugError
-from qvm.hotplug import PciPlaces, Step, run_steps
-from qvm.nics import NicInfo, nic_entry, nic_entry_matches, nics_from
-from qvm.persist import add_entry_text, persist_entry, remove_entry_text, unpersist_entry
-from qvm.rundir import RunDir
+from qvm.layout.rundir import RunDir
 
 RUN = RunDir(Path("/s/vm1"))
 ARGV = [
@@ -258,7 +259,7 @@ def test_a_nic_entry_matches_by_id_else_by_mac() -> None:
 
 
 def test_rm_keeps_the_images_disk_attach_new_made(tmp_path: Path) -> None:
-    from qvm.vmfiles import remove
+    from qvm.ops.files import remove
 
     run = RunDir(tmp_path / "vm1")
     run.path.mkdir()

@@ -5,14 +5,8 @@ from pathlib import Path
 import pytest
 
 from qvm.errors import HostError
-from qvm.host import (
-    AccelChoice,
-    KvmFacts,
-    choose_accel,
-    parse_cpu_help,
-    parse_machine_help,
-    probe_kvm,
-)
+from qvm.host.accel import AccelChoice, KvmFacts, choose_accel, probe_kvm
+from qvm.host.qemu import parse_cpu_help, parse_machine_help
 
 USABLE = KvmFacts(True, True, False, True)
 PVM = KvmFacts(True, True, True, False)

@@ -8,20 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from qvm.definition import HotplugSpec, pci_ports
+from qvm.base.jsonfile import write_json_atomic
+from qvm.control.guard import check_device_add, tcg_unplug_refusal
+from qvm.control.guest import guest_report_from
+from qvm.control.pci import PciPlaces, choose_pci_bus, pci_places_from
+from qvm.control.transaction import fresh_id, match_unplug_event
+from qvm.definition.naming import pci_ports
+from qvm.definition.schema import HotplugSpec
 from qvm.errors import HotplugError
-from qvm.hotplug import (
-    PciPlaces,
-    check_device_add,
-    choose_pci_bus,
-    fresh_id,
-    guest_report_from,
-    match_unplug_event,
-    pci_places_from,
-    tcg_unplug_refusal,
-)
-from qvm.pending import complete_pending, deleted_ids, mark_pending, pending_marks
-from qvm.rundir import RunDir, write_json_atomic
+from qvm.layout.rundir import RunDir
+from qvm.store.pending import complete_pending, deleted_ids, mark_pending, pending_marks
 
 LAUNCH = {"machine_file": "/nowhere/machines/vm1.toml", "accel": "tcg", "machine_type": "q35"}
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from qvm.definition import load_machine
+from qvm.definition.load import load_machine
 from qvm.errors import DefinitionError, HostError
-from qvm.images import cache_key, cached_image, default_cache_root, fetch_image
+from qvm.host.images import fetch_image
+from qvm.layout.cache import cache_key, cached_image, default_cache_root
 
 PAYLOAD = b"QFI\xfb" + bytes(range(256)) * 4000  # about 1 MB, qcow2 magic first
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from qvm.base.sizes import human_size
+from qvm.control.memory import check_room, check_size, check_slot, memory_state_from
 from qvm.errors import HotplugError
-from qvm.memory import check_room, check_size, check_slot, memory_state_from
-from qvm.rundir import RunDir
-from qvm.sizes import human_size
+from qvm.layout.rundir import RunDir
 
 MIB = 1024**2
 LAUNCH = {

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from qvm.definition import load_machine
+from qvm.definition.load import load_machine
+from qvm.definition.new import NewOptions, new_document, render
 from qvm.errors import QvmError
-from qvm.newvm import NewOptions, new_document, render, write_new
-from qvm.rundir import RunDir
+from qvm.layout.rundir import RunDir
+from qvm.ops.new import write_new
 
 QVM = [sys.executable, "-m", "qvm.cli"]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from qvm.definition.persist import persist_cpu_count, set_cpu_count_text
 from qvm.errors import DefinitionError
-from qvm.persist import persist_cpu_count, set_cpu_count_text
 
 COMMENTED = """\
 # My build VM. Keep these comments!

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from qvm.control.session import ControlSession, parse_kv_args
 from qvm.errors import NotRunningError
-from qvm.qmp import ControlSession, parse_kv_args
 
 
 def test_values_are_json_where_they_parse() -> None:
@@ -35,7 +35,7 @@ def test_key_value_required(bad: str) -> None:
 
 
 def test_session_on_a_vm_that_is_not_running(tmp_path: Path) -> None:
-    from qvm.rundir import RunDir
+    from qvm.layout.rundir import RunDir
 
     run = RunDir(tmp_path / "vm1")
     run.path.mkdir()

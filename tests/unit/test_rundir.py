@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from qvm.base.jsonfile import read_json, write_json_atomic
+from qvm.base.proc import process_start_time, same_process_alive
 from qvm.errors import HostError
-from qvm.lifecycle import clean_stale
-from qvm.proc import process_start_time, same_process_alive
-from qvm.rundir import RunDir, is_locked, read_json, try_lock, write_json_atomic
+from qvm.layout.locks import is_locked, try_lock
+from qvm.layout.rundir import RunDir
+from qvm.supervisor.client import clean_stale
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path: Path) -> None:
@@ -41,7 +43,7 @@ def test_lock_is_held_by_one_process_at_a_time(tmp_path: Path) -> None:
     probe = [
         sys.executable,
         "-c",
-        "import sys, pathlib, qvm.rundir as r; print(r.is_locked(pathlib.Path(sys.argv[1])))",
+        "import sys, pathlib, qvm.layout.locks as r; print(r.is_locked(pathlib.Path(sys.argv[1])))",
         str(lock),
     ]
     assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == "True"

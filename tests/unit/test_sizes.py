@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from qvm.sizes import SizeError, format_size, parse_size
+from qvm.base.sizes import SizeError, format_size, parse_size
 
 KIB, MIB, GIB, TIB = 1024, 1024**2, 1024**3, 1024**4
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qvm.rundir import RunDir
-from qvm.supervisor import Supervisor, qemu_log_tail
+from qvm.layout.rundir import RunDir
+from qvm.supervisor.process import Supervisor, qemu_log_tail
 
 
 def supervisor(tmp_path: Path) -> Supervisor:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from qvm.definition import CpuSpec
-from qvm.topology import Topology, slot_index, slot_props, topology_of
+from qvm.definition.schema import CpuSpec
+from qvm.definition.topology import Topology, slot_index, slot_props, topology_of
 
 
 def test_default_topology_is_one_socket_of_cores_like_qemu_7_2() -> None:

@@ -1,0 +1,329 @@
+"""vCPU hotplug commands: cpu list, add, del, set."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from qvm.cli import resolve
+from qvm.cli.output import EXIT_PENDING, abort, emit_json, fail_all, ms, say, table, warn
+from qvm.cli.parsing.declare import Argument, Commands, Option
+
+commands = Commands(help="List, add and remove vCPUs of a running VM.")
+
+JSON_HELP = "Print JSON (schema in the README)."
+PERSIST_HELP = (
+    "After the live change succeeded, write the new vCPU count into the machine's TOML "
+    "([cpu] count), keeping its comments and formatting."
+)
+
+
+@commands.command("list")
+def list_cmd(
+    name: str = Argument(..., help="Machine name."),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Every vCPU slot: present, free or unplug-pending, with QEMU's topology props."""
+    from qvm.control.cpu import list_cpus
+
+    cpus = list_cpus(resolve.run_dir_of(name))
+    if as_json:
+        emit_json([s.as_json() for s in cpus.slots])
+        return
+    rows = [
+        [
+            s.index,
+            s.id or ("(boot)" if s.boot else None),
+            s.state,
+            s.props_text(),
+            s.cpu_index,
+            s.thread_id,
+            s.qom_path,
+        ]
+        for s in cpus.slots
+    ]
+    say(table(["SLOT", "ID", "STATE", "PROPS", "CPU", "THREAD", "QOM PATH"], rows))
+    say(cpus.summary())
+
+
+@commands.command("add")
+def add(
+    name: str = Argument(..., help="Machine name."),
+    count: int = Option(1, "--count", "-n", help="How many vCPUs to add."),
+    slot: str | None = Option(
+        None,
+        "--slot",
+        help="Plug into this slot, e.g. socket-id=0,core-id=1,thread-id=0 "
+        "(default: the lowest free slots).",
+    ),
+    wait_guest: bool = Option(
+        False,
+        "--wait-guest",
+        help="Wait until the guest has each new vCPU online: its ACPI _OST reply (a refusal "
+        "fails at once), then the guest starting to run on the vCPU (read from its registers). "
+        "The guest must online hotplugged CPUs itself, e.g. with a udev rule (see the README).",
+    ),
+    wait_serial: str | None = Option(
+        None,
+        "--wait-serial",
+        metavar="REGEX",
+        help="Wait until the guest prints a line matching REGEX on its serial console.",
+    ),
+    timeout: float = Option(10.0, "--timeout", help="Seconds to wait for the guest."),
+    force: bool = Option(
+        False,
+        "--force",
+        help="Add even after a vCPU unplug in this QEMU run under TCG (QEMU 7.2 crashes).",
+    ),
+    persist: bool = Option(False, "--persist", help=PERSIST_HELP),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Hotplug vCPUs into free slots (the lowest first), with stable ids cpu<slot>."""
+    from qvm.control.cpu import add_cpus, parse_slot_spec
+
+    run = resolve.run_dir_of(name)
+    props = None
+    if slot is not None:
+        try:
+            props = parse_slot_spec(slot)
+        except ValueError as error:
+            abort(f"{name}: --slot: {error}")
+    pattern = _compile(name, wait_serial)
+    result = add_cpus(
+        run,
+        count=count,
+        slot=props,
+        wait_guest=wait_guest,
+        serial_pattern=pattern,
+        guest_timeout=timeout,
+        force=force,
+    )
+    problems = _add_problems(result)
+    persisted = _persist(run, result.present) if persist and not problems else None
+    if as_json:
+        emit_json({**result.as_json(), "persisted": persisted})
+    else:
+        _say_added(result)
+        say(f"{result.name}: {result.present} of {result.max} vCPUs present")
+        _say_persisted(result.name, persist, persisted)
+    if problems:
+        fail_all(problems, 1)
+
+
+@commands.command("del")
+def delete(
+    name: str = Argument(..., help="Machine name."),
+    ids: list[str] | None = Argument(
+        None, help="vCPU ids to unplug (see qvm cpu list); default: the newest."
+    ),
+    count: int | None = Option(
+        None, "--count", "-n", help="How many vCPUs to unplug, newest (highest slot) first."
+    ),
+    timeout: float = Option(
+        5.0, "--timeout", help="Seconds to wait for the guest to release each vCPU."
+    ),
+    persist: bool = Option(False, "--persist", help=PERSIST_HELP),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Unplug vCPUs and wait until the guest released them.
+
+    Each vCPU ends removed, refused by the guest, or pending: the guest has not released
+    it within --timeout. Pending exits with status 3; the request stands, and the slot
+    becomes free by itself if the guest releases it later.
+    """
+    from qvm.control.cpu import remove_cpus
+
+    if ids and count is not None:
+        abort(f"{name}: give vCPU ids or --count, not both")
+    run = resolve.run_dir_of(name)
+    result = remove_cpus(run, ids=ids or None, count=count, timeout=timeout)
+    persisted = _persist(run, result.present) if persist and result.complete else None
+    problems, code = _remove_problems(result)
+    if as_json:
+        emit_json({**result.as_json(), "persisted": persisted})
+    else:
+        _say_removed(result)
+        say(_present_line(result.name, result.present, result.max, result))
+        _say_persisted(result.name, persist, persisted)
+    if problems:
+        fail_all(problems, code)
+
+
+@commands.command("set")
+def set_cmd(
+    name: str = Argument(..., help="Machine name."),
+    target: int = Argument(..., metavar="N", help="How many vCPUs should be present."),
+    timeout: float = Option(
+        5.0, "--timeout", help="Seconds to wait for the guest (unplug; with --wait-guest, plug)."
+    ),
+    wait_guest: bool = Option(
+        False,
+        "--wait-guest",
+        help="When adding, wait until the guest has each new vCPU online (as cpu add).",
+    ),
+    force: bool = Option(
+        False, "--force", help="Add even after a vCPU unplug in this QEMU run under TCG."
+    ),
+    persist: bool = Option(False, "--persist", help=PERSIST_HELP),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Add or remove vCPUs until N are present, reporting each step."""
+    from qvm.control.cpu import set_cpus
+
+    run = resolve.run_dir_of(name)
+    result = set_cpus(
+        run, target, timeout=timeout, wait_guest=wait_guest, guest_timeout=timeout, force=force
+    )
+    problems: list[str] = []
+    code = 1
+    if result.added is not None:
+        problems += _add_problems(result.added)
+    if result.removed is not None:
+        more, code = _remove_problems(result.removed)
+        problems += more
+    persisted = _persist(run, result.present) if persist and result.complete else None
+    if as_json:
+        emit_json({**result.as_json(), "persisted": persisted})
+    else:
+        if result.target == result.before:
+            say(f"{name}: already {result.before} vCPUs present: nothing to do")
+        else:
+            say(f"{result.name}: {result.before} -> {result.target} vCPUs")
+        if result.added is not None:
+            _say_added(result.added)
+        if result.removed is not None:
+            _say_removed(result.removed)
+        say(_present_line(result.name, result.present, result.max, result.removed))
+        _say_persisted(result.name, persist, persisted)
+    if problems:
+        fail_all(problems, code)
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+
+def _compile(name: str, pattern: str | None) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        abort(f"{name}: --wait-serial: not a regular expression: {error}")
+
+
+def _say_added(result: Any) -> None:
+    for cpu in result.added:
+        line = f"{result.name}: added {cpu.id} ({_props(cpu.props)})"
+        seen = []
+        if cpu.acknowledged:
+            seen.append(f"the guest acknowledged it (ACPI _OST) after {ms(cpu.ack_seconds)}")
+        if cpu.online:
+            seen.append(f"online after {ms(cpu.online_seconds)}")
+        if seen:
+            line += "; " + ", ".join(seen)
+        say(line)
+    if result.forced_after_unplug:
+        warn(f"qvm: {result.name}: added after a vCPU unplug under TCG (--force)")
+    if result.serial is not None and result.serial.matched is not None:
+        say(
+            f"{result.name}: the guest printed {result.serial.matched!r} "
+            f"after {ms(result.serial.seconds)}"
+        )
+
+
+def _add_problems(result: Any) -> list[str]:
+    problems = []
+    for cpu in result.added:
+        if not result.waited_guest or cpu.online:
+            continue
+        not_started = f"was added but not started by the guest within {result.guest_timeout:g} s"
+        if cpu.ack_detail:
+            why = f"was added, but the guest rejected it ({cpu.ack_detail})"
+        elif cpu.online is None:
+            why = (
+                "was added, but qvm could not tell whether the guest started it: "
+                f"{cpu.online_detail}"
+            )
+        elif not cpu.acknowledged:
+            why = (
+                f"{not_started}; the guest did not acknowledge it either (no guest OS, or its "
+                "ACPI CPU hotplug is not active)"
+            )
+        else:
+            why = (
+                f"{not_started}; the guest acknowledged it (ACPI _OST) after "
+                f"{ms(cpu.ack_seconds)} but has not onlined it (hint: the guest must online "
+                "hotplugged CPUs itself, e.g. with a udev rule; see the README)"
+            )
+        problems.append(f"{result.name}: {cpu.id} {why}")
+    if result.serial is not None and result.serial.matched is None:
+        problems.append(
+            f"{result.name}: the guest printed nothing matching /{result.serial.pattern}/ "
+            f"within {result.guest_timeout:g} s (the vCPUs were added)"
+        )
+    return problems
+
+
+def _say_removed(result: Any) -> None:
+    for unplug in result.unplugs:
+        if unplug.outcome == "removed":
+            where = _props(unplug.props)
+            say(f"{result.name}: removed {unplug.id} ({where}) in {ms(unplug.seconds)}")
+
+
+def _remove_problems(result: Any) -> tuple[list[str], int]:
+    problems = []
+    code = 1
+    for unplug in result.unplugs:
+        if unplug.outcome == "refused":
+            detail = unplug.detail or "the guest refused it"
+            prefix = f"{result.name}: "
+            text = detail if detail.startswith(prefix) else f"{prefix}{unplug.id}: {detail}"
+            problems.append(f"{text}; the vCPU stays")
+    pending = [u for u in result.unplugs if u.outcome == "pending"]
+    if pending:
+        ids = ", ".join(u.id for u in pending)
+        detail = pending[0].detail
+        problems.append(
+            f"{result.name}: unplug of {ids} pending: {detail}. The request stands: the "
+            f"vCPU stays in the VM, 'qvm cpu list {result.name}' shows it as unplug-pending, "
+            "and its slot becomes free by itself if the guest releases it later "
+            f"(hint: check that the guest can offline CPUs; qvm restart {result.name} ends it)"
+        )
+        if not any(u.outcome == "refused" for u in result.unplugs):
+            code = EXIT_PENDING
+    return problems, code
+
+
+def _present_line(name: str, present: int, maximum: int, removed: Any) -> str:
+    line = f"{name}: {present} of {maximum} vCPUs present"
+    pending = len(removed.ids("pending")) if removed is not None else 0
+    if pending:
+        line += f", {pending} unplug pending"
+    return line
+
+
+def _persist(run: Any, count: int) -> dict[str, Any] | None:
+    from qvm.base.text import display_path
+    from qvm.cli.device_options import machine_file
+    from qvm.definition.persist import persist_cpu_count
+
+    done = persist_cpu_count(machine_file(run), count)
+    return {"file": display_path(done.path), "key": done.key, "old": done.old, "new": done.new}
+
+
+def _say_persisted(name: str, asked: bool, persisted: dict[str, Any] | None) -> None:
+    if not asked:
+        return
+    if persisted is None:
+        warn(f"qvm: {name}: --persist: not written, the live change did not complete")
+    elif persisted["old"] == persisted["new"]:
+        say(f"{name}: {persisted['file']} already has cpu.count = {persisted['new']}")
+    else:
+        say(f"{name}: wrote cpu.count = {persisted['new']} to {persisted['file']}")
+
+
+def _props(props: dict[str, int]) -> str:
+    from qvm.control.cpu import props_text
+
+    return props_text(props)

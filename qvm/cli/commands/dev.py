@@ -1,0 +1,184 @@
+"""The test-VM workflow: new, reset, rm, ssh, wait."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qvm.cli import resolve
+from qvm.cli.output import emit_json, say
+from qvm.cli.parsing.declare import Argument, Commands, Option
+
+commands = Commands()
+
+
+@commands.command("new")
+def new(
+    name: str = Argument(..., help="Name of the new machine (its file is NAME.toml)."),
+    image: str | None = Option(
+        None, "--image", help="Base image: a local qcow2/raw file or an http(s) URL."
+    ),
+    sha256: str | None = Option(None, "--sha256", help="SHA-256 of an --image URL."),
+    sha512: str | None = Option(None, "--sha512", help="SHA-512 of an --image URL."),
+    cpus: int | None = Option(None, "--cpus", help="vCPUs at boot (default 1)."),
+    max_cpus: int | None = Option(None, "--max-cpus", help="vCPUs hotplug may reach."),
+    memory: str | None = Option(None, "--memory", help='RAM, e.g. "2G" (default 1G).'),
+    disk_size: str | None = Option(
+        None, "--disk-size", help='Grow the VM\'s overlay to this size, e.g. "20G".'
+    ),
+    forward: list[str] | None = Option(
+        None,
+        "--forward",
+        help="PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT, repeatable; host port 0 picks a free one. "
+        "tcp:0:22 is added for ssh unless a forward to guest port 22 is given.",
+    ),
+    kernel: str | None = Option(None, "--kernel", help="Direct kernel boot: kernel."),
+    initrd: str | None = Option(None, "--initrd", help="Direct kernel boot: initrd."),
+    append: str | None = Option(None, "--append", help="Kernel command line."),
+    user: str | None = Option(None, "--user", help='cloud-init user (default "qvm").'),
+    ssh_key: list[str] | None = Option(
+        None,
+        "--ssh-key",
+        help="Public key line or .pub file, repeatable (default: ~/.ssh/id_*.pub at up, "
+        "else a key pair qvm makes for the VM).",
+    ),
+    package: list[str] | None = Option(
+        None, "--package", help="Package cloud-init installs at first boot, repeatable."
+    ),
+    runcmd: list[str] | None = Option(
+        None, "--runcmd", help="Shell command cloud-init runs at first boot, repeatable."
+    ),
+    user_data: str | None = Option(
+        None, "--user-data", help="Your own cloud-config file, used as is."
+    ),
+    no_cloud_init: bool = Option(
+        False, "--no-cloud-init", help="No [cloud_init] table (no seed, no ssh forward)."
+    ),
+    machine_type: str | None = Option(None, "--type", help='"q35" (default), "pc" or "microvm".'),
+) -> None:
+    """Write machines/NAME.toml (or into --machines DIR) for a test VM; never overwrites."""
+    from qvm.definition.new import NewOptions, new_document
+    from qvm.ops.new import write_new
+
+    options = NewOptions(
+        name=name,
+        image=image,
+        sha256=sha256,
+        sha512=sha512,
+        cpus=cpus,
+        max_cpus=max_cpus,
+        memory=memory,
+        disk_size=disk_size,
+        forwards=tuple(forward or ()),
+        kernel=kernel,
+        initrd=initrd,
+        append=append,
+        user=user,
+        ssh_keys=tuple(ssh_key or ()),
+        packages=tuple(package or ()),
+        runcmd=tuple(runcmd or ()),
+        user_data=user_data,
+        cloud_init=not no_cloud_init,
+        machine_type=machine_type,
+    )
+    doc = new_document(options, Path.cwd())
+    folder = resolve.settings.machines_dir or Path("machines")
+    path = folder / f"{name}.toml"
+    write_new(doc, path, resolve.run_dir(name))
+    say(f"{name}: wrote {path}")
+    say(f"  start it:   qvm up {name}")
+    if not no_cloud_init:
+        say(f"  log in:     qvm wait {name} --for ssh && qvm ssh {name}")
+
+
+@commands.command("reset")
+def reset(name: str = Argument(..., help="Machine name.")) -> None:
+    """Throw the VM's disk state away: overlays, cloud-init seed, known_hosts (VM stopped)."""
+    from qvm.ops.files import reset as reset_vm
+
+    removed = reset_vm(resolve.run_dir_of(name))
+    if not removed.files:
+        say(f"{name}: nothing to reset")
+        return
+    say(f"{name}: reset; the next up starts from the base image(s) and runs cloud-init again")
+    for path in removed.files:
+        say(f"  removed {path}")
+
+
+@commands.command("rm")
+def rm(
+    name: str = Argument(..., help="Machine name."),
+    purge: bool = Option(
+        False,
+        "--purge",
+        help="Also remove the machine file if qvm new wrote it and it is unchanged, and "
+        "images qvm downloaded for it that no other VM uses.",
+    ),
+) -> None:
+    """Remove the VM's run dir (overlays, seed, logs, state). Never a base image."""
+    from qvm.ops.files import remove
+
+    run = resolve.run_dir_of(name)
+    removed = remove(run, purge=purge)
+    if not removed.files and not removed.kept:
+        say(f"{name}: nothing to remove")
+    for path in removed.files:
+        say(f"{name}: removed {path}")
+    for path, why in removed.kept:
+        say(f"{name}: kept {path} ({why})")
+
+
+@commands.command("ssh")
+def ssh(
+    name: str = Argument(..., help="Machine name."),
+    command: list[str] | None = Argument(
+        None, help="Command to run in the guest (after --); none: an interactive shell."
+    ),
+    user: str | None = Option(None, "--user", "-l", help="Log in as this user."),
+    print_only: bool = Option(
+        False, "--print", help="Print the ssh command line instead of running it."
+    ),
+) -> None:
+    """ssh into the VM through its forwarded port; exits with the command's status."""
+    import shlex
+
+    from qvm.errors import NotRunningError
+    from qvm.ops.access import exec_ssh, ssh_argv, ssh_target
+    from qvm.supervisor.client import supervisor_alive
+
+    run = resolve.run_dir_of(name)
+    if not supervisor_alive(run):
+        raise NotRunningError(name)
+    argv = ssh_argv(ssh_target(run), command or (), user=user)
+    if print_only:
+        say(shlex.join(argv))
+        return
+    exec_ssh(argv)
+
+
+@commands.command("wait")
+def wait(
+    name: str = Argument(..., help="Machine name."),
+    for_: str = Option(
+        "ssh",
+        "--for",
+        help="ssh (a real login succeeds), qmp (QEMU answers) or serial:REGEX "
+        "(the serial log of this run matches).",
+    ),
+    timeout: float = Option(300.0, "--timeout", help="Seconds before giving up."),
+    as_json: bool = Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Block until the VM is ready in the sense of --for (exit 4 on timeout)."""
+    from qvm.cli.progress import Spinner
+    from qvm.ops.access import describe_condition, parse_condition, wait_ready
+
+    run = resolve.run_dir_of(name)
+    kind, pattern = parse_condition(for_)
+    spinner = Spinner(f"{name}: waiting for {describe_condition(kind, pattern, run)}")
+    try:
+        seconds = wait_ready(run, kind, pattern, timeout, tick=spinner.tick)
+    finally:
+        spinner.done()
+    if as_json:
+        emit_json({"name": name, "for": for_, "seconds": round(seconds, 3)})
+    else:
+        say(f"{name}: ready ({for_}) after {seconds:.1f} s")

@@ -1,0 +1,64 @@
+"""qvm qmp: raw QMP for everything qvm has no command for."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from qvm.cli import resolve
+from qvm.cli.output import abort, emit_json
+from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.layout.rundir import RunDir
+
+commands = Commands()
+
+
+@commands.command("qmp")
+def qmp(
+    name: str = Argument(..., help="Machine name."),
+    command: str | None = Argument(None, help="QMP command, e.g. query-status."),
+    arguments: list[str] | None = Argument(
+        None,
+        metavar="[KEY=VALUE]...",
+        help="Command arguments; a value is JSON where it parses as JSON, else a string.",
+    ),
+    shell: bool = Option(
+        False,
+        "--shell",
+        help="Open qmp-shell (from qemu.qmp) on the VM's user QMP socket instead.",
+    ),
+    timeout: float = Option(10.0, "--timeout", help="Seconds to wait for QEMU's reply."),
+) -> None:
+    """Send one QMP command (the supervisor runs it) and print QEMU's JSON reply.
+
+    Errors from QEMU are printed as QEMU's own message, with exit status 1.
+    """
+    run = resolve.run_dir_of(name)
+    if shell:
+        if command is not None:
+            abort(f"{name}: --shell takes no command")
+        _exec_shell(run)
+    if command is None:
+        abort(f"{name}: name a QMP command (e.g. query-status), or use --shell")
+    from qvm.control.session import ControlSession, parse_kv_args
+
+    try:
+        args = parse_kv_args(arguments or [])
+    except ValueError as error:
+        abort(f"{name}: {error}")
+    with ControlSession(run, timeout=timeout) as session:
+        reply = session.execute(command, args or None)
+    emit_json(reply)
+
+
+def _exec_shell(run: RunDir) -> None:
+    """Replace this process with qmp-shell on the user's socket (qvm never holds it)."""
+    from qvm.errors import NotRunningError
+    from qvm.supervisor.client import supervisor_alive
+
+    if not supervisor_alive(run) or not run.qmp_socket.exists():
+        raise NotRunningError(run.name)
+    sys.stdout.flush()
+    os.execv(
+        sys.executable, [sys.executable, "-m", "qemu.qmp.qmp_shell", "-p", str(run.qmp_socket)]
+    )

@@ -1,0 +1,353 @@
+"""Lifecycle commands: up, down, kill, restart, status, list, logs, console, cmdline."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from qvm.cli import resolve
+from qvm.cli.output import abort, emit_json, human_bytes, human_seconds, say, table, warn
+from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.errors import DefinitionError, QvmError
+
+if TYPE_CHECKING:
+    from qvm.layout.rundir import RunDir
+    from qvm.ops.stop import StopResult
+
+
+
+JSON_HELP = "Print JSON (schema in the README)."
+
+
+commands = Commands()
+
+
+@commands.command("up")
+def up(
+    names: list[str] = Argument(..., help="Machine names or TOML files."),
+    no_wait: bool = Option(False, "--no-wait", help="Return once QEMU is spawned."),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Start VMs under their own supervisors and wait until QMP answers."""
+    from qvm.cli.progress import DownloadBar
+    from qvm.ops.up import plan_launch, prepare_run_dir
+    from qvm.supervisor.boot import start_supervisor
+
+    results: list[dict[str, Any]] = []
+    failed = 0
+    for name in names:
+        try:
+            machine = resolve.load(name)
+            run = resolve.run_dir(machine.name)
+            plan = plan_launch(machine, run)
+            prepare_run_dir(plan, progress=DownloadBar())
+            result = start_supervisor(run, plan.launch_record(), wait=not no_wait)
+        except QvmError as error:
+            failed += 1
+            warn(f"qvm: {error}")
+            continue
+        results.append(
+            {
+                "name": result.name,
+                "already_running": result.already_running,
+                "pid": result.qemu_pid,
+                "accel": result.accel,
+                "accel_reason": result.accel_reason,
+                "serial_log": str(result.serial_log),
+                "qmp_socket": str(result.qmp_socket),
+                "qmp_ready": result.ready,
+            }
+        )
+        if as_json:
+            continue
+        if result.already_running:
+            say(f"{result.name}: already running (pid {result.qemu_pid})")
+            continue
+        verb = "running" if result.ready else "starting"
+        say(f"{result.name}: {verb}, pid {result.qemu_pid}")
+        say(f"  accel       {result.accel} ({result.accel_reason})")
+        say(f"  serial log  {result.serial_log}")
+        say(f"  qmp socket  {result.qmp_socket}")
+        for forward in plan.forwards():
+            say(
+                f"  forward     {forward['proto']}:{forward['host_addr']}:{forward['host_port']}"
+                f" -> guest port {forward['guest_port']} ({forward['nic']})"
+            )
+    if as_json:
+        emit_json(results)
+    if failed:
+        raise SystemExit(1)
+
+
+@commands.command("down")
+def down(
+    names: list[str] = Argument(..., help="Machine names."),
+    timeout: float = Option(30.0, "--timeout", help="Seconds to wait for the guest."),
+    force: bool = Option(False, "--force", help="Skip the ACPI power button."),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Power VMs off: ACPI power button, then QMP quit, then SIGKILL."""
+    from qvm.ops.stop import stop
+
+    _stop_each(names, "stopped", lambda run: stop(run, timeout=timeout, force=force), as_json)
+
+
+@commands.command("kill")
+def kill(
+    names: list[str] = Argument(..., help="Machine names."),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Kill QEMU at once (SIGKILL). Not a failure for the restart policy."""
+    from qvm.ops.stop import kill as kill_vm
+
+    _stop_each(names, "killed", kill_vm, as_json)
+
+
+def _stop_each(
+    names: list[str], verb: str, action: Callable[[RunDir], StopResult], as_json: bool
+) -> None:
+    """Stop every VM named, reporting each; one failure does not spare the others."""
+    failed = 0
+    results = []
+    for name in names:
+        try:
+            result = action(resolve.run_dir_of(name))
+        except QvmError as error:
+            failed += 1
+            warn(f"qvm: {error}")
+            continue
+        results.append(
+            {"name": result.name, "ended_by": result.ended_by, "message": result.message}
+        )
+        if not as_json:
+            say(f"{result.name}: {verb}: {result.message}")
+    if as_json:
+        emit_json(results)
+    if failed:
+        raise SystemExit(1)
+
+
+@commands.command("restart")
+def restart(
+    name: str = Argument(..., help="Machine name."),
+    timeout: float = Option(30.0, "--timeout", help="Seconds to wait for the guest."),
+    force: bool = Option(False, "--force", help="Skip the ACPI power button."),
+) -> None:
+    """Stop the VM (if it runs) and start it again from its current definition."""
+    from qvm.ops.stop import stop
+    from qvm.ops.up import plan_launch, prepare_run_dir
+    from qvm.supervisor.boot import start_supervisor
+    from qvm.supervisor.client import supervisor_alive
+
+    machine = resolve.load(name)
+    run = resolve.run_dir(machine.name)
+    plan = plan_launch(machine, run)  # a broken definition must not cost the running VM
+    if supervisor_alive(run):
+        result = stop(run, timeout=timeout, force=force)
+        say(f"{machine.name}: stopped: {result.message}")
+    prepare_run_dir(plan)
+    started = start_supervisor(run, plan.launch_record(), wait=True)
+    say(f"{started.name}: running, pid {started.qemu_pid}")
+
+
+def _status_record(name: str, definition: str | None = None) -> dict[str, Any]:
+    """Live or last-run facts, completed from the definition (``definition``: its path)."""
+    from qvm.ops.status import vm_status
+
+    run = resolve.run_dir(name) if definition else resolve.run_dir_of(name)
+    record = vm_status(run)
+    if record.get("vcpus") is None or record.get("machine_file") is None:
+        _fill_from_definition(record, definition or name)
+    return record
+
+
+def _fill_from_definition(record: dict[str, Any], name: str) -> None:
+    try:
+        machine = resolve.load(name)
+    except QvmError as error:
+        if record.get("state") == "stopped" and record.get("last_exit") is None:
+            record["state"] = "invalid"
+            record["error"] = str(error).splitlines()[0]
+        return
+    record["machine_file"] = record.get("machine_file") or str(machine.path)
+    if record.get("vcpus") is None:
+        record["vcpus"] = {"present": 0, "max": machine.cpu.max, "boot": machine.cpu.count}
+    if record.get("memory") is None:
+        record["memory"] = {"bytes": machine.memory.size, "max": machine.memory.max}
+
+
+@commands.command("status")
+def status(
+    name: str = Argument(..., help="Machine name."),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Show one VM's state, process facts and files."""
+    record = _status_record(name)
+    if record["state"] == "invalid" and not resolve.run_dir_of(name).path.exists():
+        # nothing ran and the definition cannot be read: say why, as `up` would
+        resolve.load(name)
+    if as_json:
+        emit_json(record)
+        return
+    say(_status_text(record))
+
+
+def _status_text(record: dict[str, Any]) -> str:
+    head = f"{record['name']}: {record['state']}"
+    if record.get("reason") and record["state"] not in ("running", "paused"):
+        head += f" ({record['reason']})"
+    lines = [head]
+
+    def row(label: str, value: Any) -> None:
+        if value not in (None, ""):
+            lines.append(f"  {label:<11} {value}")
+
+    if record.get("pid"):
+        extra = [f"up {human_seconds(record.get('uptime'))}"]
+        if record.get("restarts"):
+            extra.append(f"{record['restarts']} restarts")
+        row("pid", f"{record['pid']} ({', '.join(extra)})")
+    if record.get("accel"):
+        row("accel", f"{record['accel']} ({record.get('accel_reason')})")
+    vcpus = record.get("vcpus") or {}
+    if vcpus and record.get("pid"):
+        row("vcpus", f"{vcpus.get('present')} of {vcpus.get('max')}")
+    elif vcpus:
+        row("vcpus", f"{vcpus.get('boot', '?')} at boot, up to {vcpus.get('max')}")
+    memory = record.get("memory") or {}
+    if memory:
+        text = human_bytes(memory.get("bytes"))
+        if memory.get("max"):
+            text += f" (max {human_bytes(memory['max'])})"
+        row("memory", text)
+    if record.get("rss_bytes") is not None:
+        row("host", f"rss {human_bytes(record['rss_bytes'])}, cpu {record.get('cpu_percent')}%")
+    if record.get("pid"):
+        row("qmp", record.get("qmp_socket"))
+        row("console", record.get("console_socket"))
+    row("serial log", record.get("serial_log"))
+    for forward in record.get("forwards") or []:
+        row(
+            "forward",
+            f"{forward['proto']}:{forward['host_addr']}:{forward['host_port']}"
+            f" -> guest port {forward['guest_port']} ({forward['nic']})",
+        )
+    last = record.get("last_exit")
+    if last and record["state"] not in ("stopped", "crashed"):
+        row("last exit", last.get("reason"))
+    row("definition", record.get("machine_file"))
+    if record.get("error"):
+        row("problem", record["error"])
+    return "\n".join(lines)
+
+
+@commands.command("list")
+def list_vms(as_json: bool = Option(False, "--json", help=JSON_HELP)) -> None:
+    """Every defined machine and every VM with a run dir, one line each."""
+    from qvm.definition.discovery import list_machine_files
+    from qvm.layout.rundir import list_run_dirs
+
+    definitions: dict[str, str | None] = {}
+    for path in list_machine_files(resolve.search_dirs()):
+        definitions.setdefault(path.stem, str(path))
+    for run in list_run_dirs(resolve.state_root()):
+        definitions.setdefault(run.name, None)
+    records = []
+    for name, definition in sorted(definitions.items()):
+        try:
+            records.append(_status_record(name, definition))
+        except Exception as error:  # noqa: BLE001 - one broken VM never breaks the list
+            records.append({"name": name, "state": "unknown", "error": str(error)})
+    if as_json:
+        emit_json(records)
+        return
+    rows = []
+    for r in records:
+        vcpus = r.get("vcpus") or {}
+        memory = (r.get("memory") or {}).get("bytes")
+        rows.append(
+            [
+                r["name"],
+                r["state"],
+                r.get("pid"),
+                r.get("accel"),
+                f"{vcpus.get('present', '-')}/{vcpus.get('max', '-')}" if vcpus else None,
+                human_bytes(memory) if memory else None,
+                human_seconds(r.get("uptime")) if r.get("uptime") is not None else None,
+                r.get("error") or r.get("reason") if r["state"] not in ("running",) else None,
+            ]
+        )
+    say(table(["NAME", "STATE", "PID", "ACCEL", "VCPUS", "MEMORY", "UPTIME", "NOTE"], rows))
+
+
+@commands.command("logs")
+def logs(
+    name: str = Argument(..., help="Machine name."),
+    follow: bool = Option(False, "--follow", "-f", help="Keep printing new output."),
+    qemu: bool = Option(False, "--qemu", help="QEMU's own stderr instead of the serial log."),
+    lines: int = Option(0, "--lines", "-n", help="Only the last N lines (0: all)."),
+) -> None:
+    """Print the serial console log (or QEMU's log)."""
+    from qvm.ops.console import follow_file, read_tail
+
+    run = resolve.run_dir_of(name)
+    path = run.qemu_log if qemu else run.serial_log
+    if not path.exists():
+        abort(f"{name}: no log yet at {path} (hint: qvm up {name})")
+    out = sys.stdout.buffer
+    out.write(read_tail(path, lines))
+    out.flush()
+    if follow:
+        from qvm.supervisor.client import supervisor_alive
+
+        for chunk in follow_file(path, keep_going=lambda: supervisor_alive(run)):
+            out.write(chunk)
+            out.flush()
+
+
+@commands.command("console")
+def console(name: str = Argument(..., help="Machine name.")) -> None:
+    """Attach to the serial console. Detach with Ctrl-] (the VM keeps running)."""
+    from qvm.ops.console import ESCAPE_NAME, attach
+    from qvm.supervisor.client import supervisor_alive
+
+    run = resolve.run_dir_of(name)
+    if not supervisor_alive(run) or not run.console_socket.exists():
+        from qvm.errors import NotRunningError
+
+        raise NotRunningError(name)
+    if sys.stdin.isatty():
+        warn(f"Connected to {name}'s serial console. Detach with {ESCAPE_NAME}.")
+    attach(run.console_socket, sys.stdin.fileno(), sys.stdout.fileno())
+    if sys.stdin.isatty():
+        warn("\nDetached.")
+
+
+@commands.command("cmdline")
+def cmdline(name: str = Argument(..., help="Machine name or TOML file.")) -> None:
+    """Print the exact QEMU command line `qvm up` would run. Starts nothing."""
+    from qvm.ops.up import plan_launch
+
+    machine = resolve.load(name)
+    try:
+        plan = plan_launch(machine, resolve.run_dir(machine.name))
+    except DefinitionError:
+        raise
+    say(" \\\n  ".join(_pairs(plan.argv)))
+
+
+def _pairs(argv: list[str]) -> list[str]:
+    """Group '-option value' pairs on one line each; still one valid shell command."""
+    quoted = [shlex.quote(a) for a in argv]
+    lines: list[str] = [quoted[0]]
+    i = 1
+    while i < len(argv):
+        if argv[i].startswith("-") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            lines.append(f"{quoted[i]} {quoted[i + 1]}")
+            i += 2
+        else:
+            lines.append(quoted[i])
+            i += 1
+    return lines

@@ -1,0 +1,157 @@
+"""Plain command lines, parsed without Typer.
+
+Importing Typer and Click costs 55-80 ms on this project's machine, most of the 100 ms
+that `qvm status` may take in all. Most command lines are plain: a command
+word, its arguments, options spelled out in full. This module parses exactly those, from
+the same declarations Typer reads (``qvm.cli.parsing.declare``), and calls the same functions with
+the same values (``tests/unit/test_cli_parsers.py`` holds it to that, command by command).
+
+Anything else is declined, not guessed at: help, a mistake, a short option with its value
+attached, ``--``, a value that starts with "-". Typer then parses the command line and
+gives its usual help or error.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from qvm.cli import resolve
+from qvm.cli.parsing.declare import GROUPS, TOP_LEVEL, parameters
+
+# annotation text -> (convert one value, repeatable); other annotations are not parsed here
+CONVERTERS: dict[str, tuple[Callable[[str], Any], bool]] = {
+    "str": (str, False),
+    "str | None": (str, False),
+    "int": (int, False),
+    "int | None": (int, False),
+    "float": (float, False),
+    "Path": (Path, False),
+    "Path | None": (Path, False),
+    "list[str]": (str, True),
+    "list[str] | None": (str, True),
+}
+
+
+class PlainCall(NamedTuple):
+    function: Callable[..., None]
+    global_values: dict[str, Any]  # for resolve.global_options
+    values: dict[str, Any]
+
+
+def plain_call(argv: list[str]) -> PlainCall | None:
+    """What ``argv`` asks to run, or None if it is not plainly spelled."""
+    global_args, rest = split_global_options(argv)
+    global_values = parse(resolve.global_options, global_args)
+    if global_values is None or not rest:
+        return None
+    word, rest = rest[0], rest[1:]
+    if word in TOP_LEVEL:
+        module = TOP_LEVEL[word]
+    elif word in GROUPS and rest:
+        module, word, rest = word, rest[0], rest[1:]
+    else:
+        return None
+    function = importlib.import_module(f"qvm.cli.commands.{module}").commands.functions.get(word)
+    values = None if function is None else parse(function, rest)
+    if function is None or values is None:
+        return None
+    return PlainCall(function, global_values, values)
+
+
+def plain_command(argv: list[str]) -> Callable[[], None] | None:
+    """The command ``argv`` names, ready to run, or None if it is not plainly spelled."""
+    call = plain_call(argv)
+    if call is None:
+        return None
+
+    def run() -> None:
+        resolve.global_options(**call.global_values)
+        call.function(**call.values)
+
+    return run
+
+
+def split_global_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` split before the command word: what comes first is `qvm`'s own options
+    (``--machines DIR``), or a mistake among them."""
+    takes_value = {
+        decl
+        for _, annotation, param in parameters(resolve.global_options)
+        if annotation != "bool"
+        for decl in param.decls
+    }
+    split = 0
+    while split < len(argv) and argv[split].startswith("-"):
+        split += 2 if argv[split] in takes_value else 1
+    return argv[:split], argv[split:]
+
+
+def parse(function: Callable[..., Any], args: list[str]) -> dict[str, Any] | None:
+    """``function``'s keyword arguments from ``args``, or None if Typer must parse them."""
+    declared = parameters(function)
+    if any(a != "bool" and a not in CONVERTERS for _, a, _ in declared):
+        return None
+    options = {
+        decl: (name, annotation)
+        for name, annotation, param in declared
+        if param.kind == "option"
+        for decl in param.decls
+    }
+    values: dict[str, Any] = {}
+    positional: list[str] = []
+    pending = iter(args)
+    for arg in pending:
+        if not arg.startswith("-") or arg == "-":
+            positional.append(arg)
+            continue
+        decl, has_inline, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if decl not in options:
+            return None  # help, --, a short option with its value attached, a mistake
+        name, annotation = options[decl]
+        if annotation == "bool":
+            if has_inline:
+                return None
+            values[name] = True
+            continue
+        text = inline if has_inline else next(pending, None)
+        if text is None or text.startswith("-"):
+            return None
+        convert, repeatable = CONVERTERS[annotation]
+        value = _convert(convert, text)
+        if value is INVALID or (name in values and not repeatable):
+            return None  # given twice: Click would take the last, silently
+        if repeatable:
+            values.setdefault(name, []).append(value)
+        else:
+            values[name] = value
+
+    for name, annotation, param in declared:
+        if param.kind != "argument" or not positional:
+            continue
+        convert, takes_the_rest = CONVERTERS[annotation]
+        taken, positional = (positional, []) if takes_the_rest else (positional[:1], positional[1:])
+        converted = [_convert(convert, text) for text in taken]
+        if INVALID in converted:
+            return None
+        values[name] = converted if takes_the_rest else converted[0]
+    if positional:
+        return None
+    for name, _, param in declared:
+        if name not in values:
+            if param.required:
+                return None
+            values[name] = param.default
+    return values
+
+
+INVALID = object()
+
+
+def _convert(convert: Callable[[str], Any], text: str) -> Any:
+    try:
+        return convert(text)
+    except ValueError:
+        return INVALID

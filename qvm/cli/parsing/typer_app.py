@@ -1,0 +1,108 @@
+"""The `qvm` command line as Typer builds it from the declarations (``qvm.cli.parsing.declare``):
+full help, Click's error messages, every spelling Click accepts.
+
+``qvm.cli.app.run`` sends here whatever ``qvm.cli.parsing.fast`` does not run by itself: help, a
+mistake, an unusual spelling.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from qvm.cli import resolve
+from qvm.cli.parsing.declare import GROUPS, TOP_LEVEL, Commands, Param
+from qvm.cli.parsing.fast import split_global_options
+
+app = typer.Typer(
+    name="qvm",
+    help="Launch, supervise and hotplug QEMU/KVM test VMs defined in TOML files.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,  # plain help: rich costs start-up time on every command
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# the order `qvm --help` lists them in: the VM's life first, then hotplug, then the rest
+HELP_ORDER = ("vm", "cpu", "mem", "disk", "nic", "qmp", "dev", "port")
+
+
+def typer_command(
+    function: Callable[..., None], run: Callable[..., None] | None = None
+) -> Callable[..., None]:
+    """``function`` as Typer wants it: the same parameters, with Typer's Argument/Option
+    where the declaration has qvm's. Calls ``run`` (default: ``function``) with them."""
+    signature = inspect.signature(function)
+    target = run or function
+
+    @functools.wraps(function)
+    def command(**kwargs: Any) -> None:
+        target(**kwargs)
+
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[
+            p.replace(default=_typer_param(p.default)) if isinstance(p.default, Param) else p
+            for p in signature.parameters.values()
+        ]
+    )
+    return command
+
+
+def _typer_param(param: Param) -> Any:
+    if param.kind == "argument":
+        return typer.Argument(param.default, help=param.help, metavar=param.metavar)
+    return typer.Option(param.default, *param.decls, help=param.help, metavar=param.metavar)
+
+
+def module_commands(module: str) -> Commands:
+    return importlib.import_module(f"qvm.cli.commands.{module}").commands
+
+
+def add_module(
+    target: typer.Typer,
+    module: str,
+    only: str | None = None,
+    run: Callable[..., None] | None = None,
+) -> None:
+    """A module's top-level commands (``only``: just that one), or its command group."""
+    commands = module_commands(module)
+    if module in GROUPS:
+        group = typer.Typer(help=commands.help, no_args_is_help=True)
+        for word, function in commands.functions.items():
+            group.command(word)(typer_command(function, run))
+        target.add_typer(group, name=module)
+        return
+    for word, function in commands.functions.items():
+        if only in (None, word):
+            target.command(word)(typer_command(function, run))
+
+
+def register(word: str | None) -> None:
+    """Build only the command that will run: Typer inspects every registered function at
+    start-up, and `qvm status -h` should not pay for `qvm cpu set`'s signature."""
+    app.callback()(typer_command(resolve.global_options))
+    if word in TOP_LEVEL:
+        add_module(app, TOP_LEVEL[word], only=word)
+    elif word in GROUPS:
+        add_module(app, word)
+    else:  # help, or an unknown command: show them all
+        for module in HELP_ORDER:
+            add_module(app, module)
+
+
+def command_word(argv: list[str]) -> str | None:
+    """The subcommand named on the command line, after the global options."""
+    _, rest = split_global_options(argv)
+    return rest[0] if rest else None
+
+
+def build(argv: list[str]) -> Callable[[], Any]:
+    """The Typer app, with the command ``argv`` names registered, ready to run."""
+    register(command_word(argv))
+    return app

@@ -1,0 +1,200 @@
+"""Definition in, QEMU argv out. A pure function: no probing, no disk, no clock.
+
+Everything the builder cannot know from the definition (which accelerator this host can
+use, image formats read from disk, host ports picked at start) arrives resolved in
+``LaunchInputs``, so ``qvm cmdline`` and ``qvm up`` print and run the same argv.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import NamedTuple
+
+from qvm.base.sizes import format_size
+from qvm.definition.naming import (
+    disk_node_name,
+    hotplug_port_id,
+    nic_id,
+    overlay_name,
+    pci_ports,
+    stable_mac,
+)
+from qvm.definition.schema import SEED_DEVICE_ID, DiskSpec, Machine, NicSpec
+from qvm.definition.topology import cpu_device_id, cpu_driver, slot_props, topology_of
+from qvm.layout.rundir import RunDir
+
+
+class LaunchInputs(NamedTuple):
+    accel: str  # "kvm" or "tcg"
+    run_dir: RunDir
+    # per [[disk]]: the format QEMU should open; an overlay is always qcow2
+    disk_formats: tuple[str, ...] = ()
+    # (nic index, forward index) -> host port, for forwards whose host port was 0
+    host_ports: Mapping[tuple[int, int], int] = MappingProxyType({})
+
+
+def default_cpu_model(accel: str) -> str:
+    return "host" if accel == "kvm" else "max"
+
+
+def cpu_model(machine: Machine, accel: str) -> str:
+    return machine.cpu.model or default_cpu_model(accel)
+
+
+def escape_opt(value: str) -> str:
+    """QEMU option values double a comma to mean a literal one."""
+    return value.replace(",", ",,")
+
+
+def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
+    accel = inputs.accel
+    run = inputs.run_dir
+    model = cpu_model(machine, accel)
+    argv: list[str] = [machine.qemu.binary]
+
+    # Identity, and nothing QEMU would add on its own
+    argv += ["-name", f"guest={escape_opt(machine.name)},debug-threads=on"]
+    argv += ["-nodefaults", "-no-user-config", "-display", "none"]
+
+    # Machine and accelerator
+    argv += ["-machine", f"{machine.type},accel={accel}"]
+    if machine.type != "microvm":
+        # a guest panic becomes a failed exit that the supervisor and restart policy see
+        argv += ["-device", "pvpanic", "-action", "panic=exit-failure"]
+
+    # CPU: boot with one vCPU from -smp and the rest as devices, so that every vCPU
+    # but the first can be unplugged later (as libvirt and Proxmox do)
+    argv += ["-cpu", model]
+    if machine.type == "microvm":
+        argv += ["-smp", str(machine.cpu.count)]
+    else:
+        topo = topology_of(machine.cpu)
+        smp = f"1,sockets={topo.sockets}"
+        if topo.dies > 1:
+            smp += f",dies={topo.dies}"
+        smp += f",cores={topo.cores},threads={topo.threads},maxcpus={topo.max_cpus}"
+        argv += ["-smp", smp]
+        for index in range(1, machine.cpu.count):
+            props = ",".join(f"{k}={v}" for k, v in slot_props(index, topo).items())
+            argv += ["-device", f"{cpu_driver(model)},id={cpu_device_id(index)},{props}"]
+
+    # Memory
+    memory = format_size(machine.memory.size)
+    if machine.memory.max is not None and machine.memory.slots > 0:
+        memory += f",slots={machine.memory.slots},maxmem={format_size(machine.memory.max)}"
+    argv += ["-m", memory]
+
+    # Boot
+    if machine.boot.kernel is not None:
+        argv += ["-kernel", str(machine.boot.kernel)]
+    if machine.boot.initrd is not None:
+        argv += ["-initrd", str(machine.boot.initrd)]
+    if machine.boot.append is not None:
+        argv += ["-append", machine.boot.append]
+
+    # Monitors: one for the user, one for the supervisor (its events, and qvm's commands)
+    argv += ["-qmp", f"unix:{escape_opt(str(run.qmp_socket))},server=on,wait=off"]
+    argv += [
+        "-chardev",
+        f"socket,id=qvm-events,path={escape_opt(str(run.events_socket))},server=on,wait=off",
+        "-mon",
+        "chardev=qvm-events,mode=control",
+    ]
+
+    # Serial console: a socket for `qvm console`, logged to a file whether or not
+    # anyone is attached
+    if machine.serial.enabled:
+        argv += [
+            "-chardev",
+            f"socket,id=serial0,path={escape_opt(str(run.console_socket))},server=on,wait=off,"
+            f"logfile={escape_opt(str(run.serial_log))},logappend=on",
+            "-serial",
+            "chardev:serial0",
+        ]
+
+    # Disks
+    needs_scsi = any(d.interface == "scsi" for d in machine.disks)
+    if needs_scsi:
+        argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+    for index, disk in enumerate(machine.disks):
+        argv += _disk_args(machine, index, disk, inputs)
+
+    # cloud-init NoCloud seed, read-only, after the disks (found by its label, cidata)
+    if machine.cloud_init is not None:
+        argv += _seed_args(machine, run)
+
+    # Network
+    for index, nic in enumerate(machine.nics):
+        argv += _nic_args(machine, index, nic, inputs)
+
+    # Hotplug: spare PCIe root ports on q35 (its pcie.0 takes no hotplugged devices), one
+    # per hotplugged disk, NIC or virtio-mem device; after the boot devices, so that
+    # those keep their addresses. pc's pci.0 takes hotplugged devices as is.
+    argv += _hotplug_port_args(machine)
+
+    # Escape hatch, last so that it can override
+    argv += list(machine.qemu.extra_args)
+    return argv
+
+
+def _disk_args(machine: Machine, index: int, disk: DiskSpec, inputs: LaunchInputs) -> list[str]:
+    node = disk_node_name(index, disk)
+    if disk.base is not None:
+        filename = str(inputs.run_dir.path / overlay_name(index))
+        fmt = "qcow2"
+    else:
+        filename = str(disk.file)
+        fmt = inputs.disk_formats[index] if index < len(inputs.disk_formats) else "raw"
+    readonly = ",read-only=on" if disk.readonly else ""
+    args = [
+        "-blockdev",
+        f"driver=file,node-name={node}-file,filename={escape_opt(filename)}{readonly}",
+        "-blockdev",
+        f"driver={fmt},node-name={node},file={node}-file{readonly}",
+    ]
+    if machine.type == "microvm":
+        device = f"virtio-blk-device,drive={node},id={node}"
+    elif disk.interface == "virtio":
+        device = f"virtio-blk-pci,drive={node},id={node}"
+    elif disk.interface == "ide":
+        device = f"ide-hd,drive={node},id={node}"
+    elif disk.interface == "scsi":
+        device = f"scsi-hd,drive={node},id={node},bus=scsi0.0"
+    else:  # nvme
+        device = f"nvme,drive={node},id={node},serial={node}"
+    return [*args, "-device", device]
+
+
+def _seed_args(machine: Machine, run: RunDir) -> list[str]:
+    node = SEED_DEVICE_ID
+    filename = escape_opt(str(run.seed_image))
+    bus = "virtio-blk-device" if machine.type == "microvm" else "virtio-blk-pci"
+    return [
+        "-blockdev",
+        f"driver=file,node-name={node}-file,filename={filename},read-only=on",
+        "-blockdev",
+        f"driver=raw,node-name={node},file={node}-file,read-only=on",
+        "-device",
+        f"{bus},drive={node},id={node}",
+    ]
+
+
+def _nic_args(machine: Machine, index: int, nic: NicSpec, inputs: LaunchInputs) -> list[str]:
+    ident = nic_id(index, nic)
+    netdev = f"user,id={ident}"
+    for fwd_index, fwd in enumerate(nic.forwards):
+        host_port = fwd.host_port or inputs.host_ports.get((index, fwd_index), 0)
+        netdev += f",hostfwd={fwd.protocol}:{fwd.host_addr}:{host_port}-:{fwd.guest_port}"
+    model = "virtio-net-device" if machine.type == "microvm" else nic.model
+    mac = nic.mac or stable_mac(machine.name, index)
+    return ["-netdev", netdev, "-device", f"{model},netdev={ident},mac={mac},id={ident}"]
+
+
+def _hotplug_port_args(machine: Machine) -> list[str]:
+    args = []
+    for index in range(pci_ports(machine.type, machine.hotplug)):
+        # (chassis, slot) must be unique: chassis 1, slots 1.. (slot 0 is the default)
+        port = f"pcie-root-port,id={hotplug_port_id(index)},bus=pcie.0,chassis=1,slot={index + 1}"
+        args += ["-device", port]
+    return args

@@ -1,0 +1,593 @@
+"""Memory hotplug on a running VM: DIMMs (pc-dimm) and virtio-mem devices.
+
+``-m SIZE,slots=N,maxmem=MAX`` (``memory.size``, ``memory.slots``, ``memory.max``) gives a
+VM boot memory and room for memory devices: a DIMM takes a slot and its size, a
+virtio-mem device takes no slot but reserves its maximum size (QEMU counts it so:
+"not enough space, currently 0x30000000 in use of total space for memory devices").
+
+What QEMU 7.2 and the test guest do here, measured:
+
+- a 256 MiB DIMM: the guest's MemTotal grows about 134 ms after ``device_add`` (the
+  guest onlines the new blocks itself: Linux needs ``auto_online_blocks`` or a udev
+  rule); ``device_del``: ``DEVICE_DELETED`` after about 62 ms, then the backend object
+  can go. Linux onlines memory in 128 MiB blocks.
+- virtio-mem (pc and q35, where it needs a PCIe root port like any PCI device): the
+  guest's virtio_mem driver plugs the requested size (~140 ms for 128 MiB) and QEMU
+  reports each change with ``MEMORY_DEVICE_SIZE_CHANGE``; shrinking to 0 took ~2.3 s.
+  QEMU 7.2 cannot unplug a virtio-mem device at all ("virtio based memory devices
+  cannot be unplugged"): resize it to 0 instead; it goes at the next restart.
+- the guest kernel keeps 64 MiB for swiotlb when memory hotplug is configured, so the
+  MemTotal it reports is below the VM's memory.
+
+Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from qvm.base.sizes import human_size
+from qvm.control.guard import check_device_add
+from qvm.control.guest import guest_report
+from qvm.control.pci import choose_pci_bus, pci_places
+from qvm.control.session import ControlSession
+from qvm.control.transaction import (
+    DeviceUnplug,
+    Step,
+    already_pending,
+    check_new_id,
+    fresh_id,
+    launch_of,
+    peripheral_ids,
+    reconcile_devices,
+    restart_hint,
+    run_steps,
+    since,
+    unplug_recorded,
+)
+from qvm.errors import HotplugError
+from qvm.layout.rundir import RunDir
+from qvm.store.devices import add_device_record
+from qvm.store.pending import device_state, pending_ids
+
+DIMM_PREFIX = "dimm"
+VIRTIO_MEM_PREFIX = "vmem"
+BACKEND_PREFIX = "mem-"
+# sizes of memory devices are whole multiples of this (virtio-mem's block size on x86)
+SIZE_STEP = 2 * 1024**2
+DEFAULT_GUEST_TIMEOUT = 10.0
+SIZE_CHANGE = "MEMORY_DEVICE_SIZE_CHANGE"
+
+
+class MemoryDevice(NamedTuple):
+    id: str
+    kind: str  # "dimm" or "virtio-mem"
+    size: int  # bytes plugged now
+    backend: str | None  # the memory backend object's id (under /objects)
+    slot: int | None = None  # a DIMM's slot
+    max_size: int | None = None  # virtio-mem: its backend's size
+    requested_size: int | None = None  # virtio-mem: what the guest is asked to plug
+    block_size: int | None = None
+    addr: int | None = None
+    bus: str | None = None  # the root port a virtio-mem device sits on (q35)
+    by_qvm: bool = False  # hotplugged by qvm (else with qvm qmp, or at boot)
+    pending: bool = False  # device_del asked, the guest has not released it
+
+    @property
+    def reserved(self) -> int:
+        """What it takes of memory.max: a virtio-mem device reserves its maximum."""
+        return self.max_size if self.kind == "virtio-mem" and self.max_size else self.size
+
+    @property
+    def state(self) -> str:
+        return device_state(self.pending)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "size": self.size,
+            "backend": self.backend,
+            "slot": self.slot,
+            "max_size": self.max_size,
+            "requested_size": self.requested_size,
+            "block_size": self.block_size,
+            "addr": self.addr,
+            "bus": self.bus,
+            "by_qvm": self.by_qvm,
+            "state": self.state,
+        }
+
+
+class MemoryState(NamedTuple):
+    name: str
+    boot: int  # boot memory (memory.size)
+    max: int | None  # memory.max; None: no memory hotplug
+    slots: int  # memory.slots
+    devices: Sequence[MemoryDevice] = ()
+    plugged: int = 0  # QEMU's plugged-memory
+    guest_kb: int | None = None  # the guest's own MemTotal, from its serial console
+
+    @property
+    def total(self) -> int:
+        """What QEMU gives the guest now: boot memory and what is plugged."""
+        return self.boot + self.plugged
+
+    @property
+    def in_use(self) -> int:
+        """Of memory.max: boot memory, DIMMs, and virtio-mem devices' maximums."""
+        return self.boot + sum(d.reserved for d in self.devices)
+
+    @property
+    def room(self) -> int:
+        return max((self.max or self.boot) - self.in_use, 0)
+
+    @property
+    def slots_used(self) -> int:
+        return sum(1 for d in self.devices if d.kind == "dimm")
+
+    def find(self, dev_id: str) -> MemoryDevice | None:
+        return next((d for d in self.devices if d.id == dev_id), None)
+
+    def summary(self) -> str:
+        if self.max is None:
+            return (
+                f"{human_size(self.total)}; memory hotplug is off (no memory.max and memory.slots)"
+            )
+        return (
+            f"{human_size(self.total)} ({human_size(self.boot)} boot + "
+            f"{human_size(self.plugged)} plugged); {human_size(self.in_use)} of memory.max "
+            f"{human_size(self.max)} in use, room for {human_size(self.room)}; "
+            f"{self.slots_used} of {self.slots} DIMM slots used"
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "boot": self.boot,
+            "max": self.max,
+            "slots": self.slots,
+            "slots_used": self.slots_used,
+            "plugged": self.plugged,
+            "total": self.total,
+            "in_use": self.in_use,
+            "room": self.room,
+            "devices": [d.as_json() for d in self.devices],
+            "guest_mem_kb": self.guest_kb,
+        }
+
+
+def memory_state_from(
+    name: str,
+    launch: dict[str, Any],
+    devices: list[dict[str, Any]],
+    summary: dict[str, Any],
+    records: list[dict[str, Any]],
+    pending: set[str],
+    guest: dict[str, str] | None = None,
+) -> MemoryState:
+    """``MemoryState`` from ``query-memory-devices``, ``query-memory-size-summary``,
+    qvm's records and pending marks, and the guest's own report."""
+    ours = {r["id"]: r for r in records if r.get("kind") in ("dimm", "virtio-mem")}
+    found = []
+    for entry in devices:
+        data = entry.get("data") or {}
+        dev_id = data.get("id") or ""
+        kind = "virtio-mem" if entry.get("type") == "virtio-mem" else str(entry.get("type"))
+        memdev = str(data.get("memdev") or "")
+        found.append(
+            MemoryDevice(
+                id=dev_id,
+                kind=kind,
+                size=int(data.get("size", 0)),
+                backend=memdev.rsplit("/", 1)[-1] or None,
+                slot=data.get("slot"),
+                max_size=data.get("max-size"),
+                requested_size=data.get("requested-size"),
+                block_size=data.get("block-size"),
+                addr=data.get("addr", data.get("memaddr")),
+                bus=(ours.get(dev_id) or {}).get("bus"),
+                by_qvm=dev_id in ours,
+                pending=dev_id in pending,
+            )
+        )
+    guest_kb = None
+    if guest and str(guest.get("mem_kb", "")).isdigit():
+        guest_kb = int(guest["mem_kb"])
+    return MemoryState(
+        name=name,
+        boot=int(summary.get("base-memory") or launch.get("memory_size") or 0),
+        max=launch.get("memory_max"),
+        slots=int(launch.get("memory_slots") or 0),
+        devices=found,
+        plugged=int(summary.get("plugged-memory") or 0),
+        guest_kb=guest_kb,
+    )
+
+
+def _query(session: ControlSession, run: RunDir, launch: dict[str, Any]) -> MemoryState:
+    records = reconcile_devices(session, run, peripheral_ids(session))
+    return memory_state_from(
+        run.name,
+        launch,
+        session.execute("query-memory-devices"),
+        session.execute("query-memory-size-summary"),
+        records,
+        pending_ids(run),
+        guest_report(run),
+    )
+
+
+def list_memory(run: RunDir) -> MemoryState:
+    launch = launch_of(run)
+    with ControlSession(run) as session:
+        return _query(session, run, launch)
+
+
+# --- checks, before QEMU is asked --------------------------------------------------------
+
+
+def check_size(name: str, action: str, size: int) -> None:
+    if size <= 0 or size % SIZE_STEP:
+        raise HotplugError(
+            f"{name}: {action}: the size must be a positive multiple of "
+            f"{human_size(SIZE_STEP)}, got {size} bytes ({human_size(size)}) "
+            '(hint: sizes look like "256M" or "1G")'
+        )
+
+
+def check_room(state: MemoryState, run: RunDir, launch: dict[str, Any], size: int) -> None:
+    """Refuse a memory device of ``size`` bytes past memory.max, saying by how much."""
+    name = run.name
+    if state.max is None or state.max <= state.boot:
+        raise HotplugError(
+            f"{name}: mem add: memory hotplug is off: the VM was started without room above "
+            f"memory.size (hint: set memory.max and memory.slots in "
+            f"{_file(launch)}, then qvm restart {name})"
+        )
+    if size > state.room:
+        devices = state.in_use - state.boot
+        room = f"add at most {human_size(state.room)}, or " if state.room else ""
+        raise HotplugError(
+            f"{name}: mem add {human_size(size)}: past memory.max: {human_size(state.in_use)} "
+            f"in use ({human_size(state.boot)} boot + {human_size(devices)} of memory "
+            f"devices), asked {human_size(size)}, max {human_size(state.max)} "
+            f"(hint: {room}{restart_hint(run, launch, 'memory.max')})"
+        )
+
+
+def check_slot(state: MemoryState, run: RunDir, launch: dict[str, Any]) -> None:
+    if state.slots_used >= state.slots:
+        raise HotplugError(
+            f"{run.name}: mem add: no free memory slot: {state.slots_used} of {state.slots} "
+            f"DIMM slots used (hint: remove a DIMM with qvm mem del, add --virtio-mem "
+            f"(it needs no slot), or {restart_hint(run, launch, 'memory.slots')})"
+        )
+
+
+def _file(launch: dict[str, Any]) -> str:
+    from qvm.base.text import display_path
+
+    file = launch.get("machine_file")
+    return display_path(file) if file else "the machine file"
+
+
+# --- add -------------------------------------------------------------------------------
+
+
+class MemoryAdd(NamedTuple):
+    name: str
+    device: MemoryDevice
+    state: MemoryState  # after the add
+    # virtio-mem: what the guest plugged within the timeout, and when
+    plugged: int | None = None
+    seconds: float | None = None
+    forced_after_unplug: bool = False
+
+    @property
+    def complete(self) -> bool:
+        wanted = self.device.requested_size
+        return self.device.kind == "dimm" or self.plugged == wanted
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "device": self.device.as_json(),
+            "memory": self.state.as_json(),
+            "plugged": self.plugged,
+            "seconds": self.seconds,
+            "complete": self.complete,
+        }
+
+
+def add_memory(
+    run: RunDir,
+    size: int,
+    virtio_mem: bool = False,
+    max_size: int | None = None,
+    dev_id: str | None = None,
+    timeout: float = DEFAULT_GUEST_TIMEOUT,
+    force: bool = False,
+) -> MemoryAdd:
+    """Plug a DIMM of ``size`` bytes, or a virtio-mem device (``virtio_mem``) that asks
+    the guest for ``size`` bytes and may grow to ``max_size`` (default: all the room)."""
+    launch = launch_of(run)
+    action = "mem add"
+    if size or not virtio_mem:  # a virtio-mem device may start empty
+        check_size(run.name, action, size)
+    if max_size is not None and not virtio_mem:
+        raise HotplugError(f"{run.name}: mem add: --max is for --virtio-mem devices only")
+    with ControlSession(run) as session:
+        forced = check_device_add(run, launch, action, force)
+        state = _query(session, run, launch)
+        taken = _taken_ids(session, run, state)
+        if virtio_mem:
+            return _add_virtio_mem(
+                session, run, launch, state, size, max_size, dev_id, taken, timeout, forced
+            )
+        check_room(state, run, launch, size)
+        check_slot(state, run, launch)
+        dev_id = _new_id(run, dev_id, DIMM_PREFIX, taken)
+        backend = BACKEND_PREFIX + dev_id
+        _plug(session, run, launch, plug_steps(dev_id, backend, size, {"driver": "pc-dimm"}))
+        add_device_record(run, _record(dev_id, "dimm", backend, size=size))
+        after = _query(session, run, launch)
+        device = after.find(dev_id) or MemoryDevice(dev_id, "dimm", size, backend, by_qvm=True)
+        return MemoryAdd(run.name, device, after, forced_after_unplug=forced)
+
+
+def _add_virtio_mem(
+    session: ControlSession,
+    run: RunDir,
+    launch: dict[str, Any],
+    state: MemoryState,
+    size: int,
+    max_size: int | None,
+    dev_id: str | None,
+    taken: set[str],
+    timeout: float,
+    forced: bool,
+) -> MemoryAdd:
+    name = run.name
+    maximum = max_size if max_size is not None else state.room - state.room % SIZE_STEP
+    check_room(state, run, launch, max(maximum, SIZE_STEP))
+    check_size(name, "mem add --max", maximum)
+    if size > maximum:
+        raise HotplugError(
+            f"{name}: mem add: {human_size(size)} is more than the device's maximum "
+            f"{human_size(maximum)} (hint: raise --max)"
+        )
+    bus = choose_pci_bus(pci_places(session, launch), run, launch, "mem add --virtio-mem")
+    dev_id = _new_id(run, dev_id, VIRTIO_MEM_PREFIX, taken)
+    backend = BACKEND_PREFIX + dev_id
+    device: dict[str, Any] = {"driver": "virtio-mem-pci", "requested-size": size}
+    if bus is not None:
+        device["bus"] = bus
+    events = session.listen([SIZE_CHANGE])  # before device_add: the guest is quick
+    try:
+        started = time.monotonic()
+        _plug(session, run, launch, plug_steps(dev_id, backend, maximum, device))
+        add_device_record(
+            run, _record(dev_id, "virtio-mem", backend, size=size, max_size=maximum, bus=bus)
+        )
+        plugged, seconds = _wait_size(session, events, dev_id, size, timeout, started)
+    finally:
+        events.close()
+    after = _query(session, run, launch)
+    added = after.find(dev_id) or MemoryDevice(dev_id, "virtio-mem", 0, backend, by_qvm=True)
+    return MemoryAdd(name, added, after, plugged, seconds, forced)
+
+
+def _taken_ids(session: ControlSession, run: RunDir, state: MemoryState) -> set[str]:
+    objects = session.execute("qom-list", {"path": "/objects"})
+    taken = peripheral_ids(session) | {d.id for d in state.devices} | pending_ids(run)
+    # a backend left behind (its deletion failed) keeps its device's id taken
+    taken |= {
+        o["name"][len(BACKEND_PREFIX) :] for o in objects if o["name"].startswith(BACKEND_PREFIX)
+    }
+    return taken
+
+
+def _new_id(run: RunDir, dev_id: str | None, prefix: str, taken: set[str]) -> str:
+    if dev_id is None:
+        return fresh_id(prefix, taken)[1]
+    check_new_id(run, dev_id, taken, "mem add")
+    return dev_id
+
+
+def _record(dev_id: str, kind: str, backend: str, **facts: Any) -> dict[str, Any]:
+    return {
+        "id": dev_id,
+        "kind": kind,
+        "backend": backend,
+        **{k: v for k, v in facts.items() if v is not None},
+        "added": time.time(),
+        "cleanup": [["object-del", {"id": backend}]],
+    }
+
+
+def plug_steps(dev_id: str, backend: str, size: int, device: dict[str, Any]) -> list[Step]:
+    """A memory backend of ``size`` bytes, then the device using it."""
+    return [
+        Step(
+            "object-add",
+            {"qom-type": "memory-backend-ram", "id": backend, "size": size},
+            ("object-del", {"id": backend}),
+        ),
+        Step("device_add", {"id": dev_id, "memdev": backend, **device}),
+    ]
+
+
+def _plug(session: ControlSession, run: RunDir, launch: dict[str, Any], steps: list[Step]) -> None:
+    def translate(desc: str) -> tuple[str, str | None] | None:
+        if "not enough space" in desc:  # memory.max, as QEMU counts it
+            return f"device_add: {desc}", restart_hint(run, launch, "memory.max")
+        return None
+
+    run_steps(session, run, "mem add", steps, translate)
+
+
+def _wait_size(
+    session: ControlSession,
+    events: Any,
+    dev_id: str,
+    wanted: int,
+    timeout: float,
+    started: float,
+) -> tuple[int, float | None]:
+    """Wait for ``MEMORY_DEVICE_SIZE_CHANGE`` events until the device's size is
+    ``wanted``; (its size then, seconds it took or None if it never got there)."""
+    size = _current_size(session, dev_id)
+    deadline = started + timeout
+    while size != wanted:
+        event = events.get(max(deadline - time.monotonic(), 0.0))
+        if event is None:
+            if time.monotonic() >= deadline:
+                return _current_size(session, dev_id), None
+            continue
+        data = event.get("data") or {}
+        if data.get("id") == dev_id:
+            size = int(data.get("size", size))
+    return size, since(started)
+
+
+def _current_size(session: ControlSession, dev_id: str) -> int:
+    for entry in session.execute("query-memory-devices"):
+        data = entry.get("data") or {}
+        if data.get("id") == dev_id:
+            return int(data.get("size", 0))
+    return 0
+
+
+# --- remove ------------------------------------------------------------------------------
+
+
+class MemoryRemove(NamedTuple):
+    name: str
+    device: MemoryDevice
+    unplug: DeviceUnplug
+    state: MemoryState  # after
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "device": self.device.as_json(),
+            **self.unplug.as_json(),
+            "memory": self.state.as_json(),
+        }
+
+
+def find_device(state: MemoryState, run: RunDir, dev_id: str) -> MemoryDevice:
+    device = state.find(dev_id)
+    if device is None:
+        known = ", ".join(d.id for d in state.devices) or "none"
+        raise HotplugError(
+            f"{run.name}: no memory device {dev_id!r} (memory devices: {known}) "
+            f"(hint: qvm mem list {run.name}; boot memory cannot be unplugged)"
+        )
+    return device
+
+
+def remove_memory(run: RunDir, dev_id: str, timeout: float = DEFAULT_GUEST_TIMEOUT) -> MemoryRemove:
+    """Unplug a DIMM, wait for the guest to release it, then delete its backend."""
+    launch = launch_of(run)
+    name = run.name
+    with ControlSession(run) as session:
+        state = _query(session, run, launch)
+        device = find_device(state, run, dev_id)
+        if device.kind == "virtio-mem":
+            raise HotplugError(
+                f"{name}: {dev_id} is a virtio-mem device, which QEMU 7.2 cannot unplug "
+                f"(hint: 'qvm mem resize {name} {dev_id} 0' gives its memory back; the device "
+                "goes at the next restart)"
+            )
+        if device.pending:
+            raise already_pending(name, dev_id, "mem")
+        # a DIMM qvm did not add (qvm qmp) can go too: QEMU names its backend
+        cleanup = [("object-del", {"id": device.backend})] if device.backend else []
+        unplug = unplug_recorded(session, run, dev_id, timeout, cleanup)
+        return MemoryRemove(name, device, unplug, _query(session, run, launch))
+
+
+# --- resize (virtio-mem) -------------------------------------------------------------------
+
+
+class MemoryResize(NamedTuple):
+    name: str
+    id: str
+    before: int
+    requested: int
+    size: int  # what the guest has plugged at the end of the wait
+    seconds: float | None  # None: it did not reach the requested size in time
+    timeout: float
+
+    @property
+    def complete(self) -> bool:
+        return self.size == self.requested
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "id": self.id,
+            "before": self.before,
+            "requested": self.requested,
+            "size": self.size,
+            "seconds": self.seconds,
+            "complete": self.complete,
+        }
+
+
+def resize_memory(
+    run: RunDir, dev_id: str, size: int, timeout: float = DEFAULT_GUEST_TIMEOUT
+) -> MemoryResize:
+    """Ask the guest to plug ``size`` bytes of a virtio-mem device (``requested-size``),
+    and wait until its size is that (``MEMORY_DEVICE_SIZE_CHANGE``)."""
+    launch = launch_of(run)
+    name = run.name
+    with ControlSession(run) as session:
+        device = find_device(_query(session, run, launch), run, dev_id)
+        if device.kind != "virtio-mem":
+            raise HotplugError(
+                f"{name}: {dev_id} is a DIMM, whose size is fixed (hint: add or remove DIMMs, "
+                f"or use a virtio-mem device: qvm mem add {name} SIZE --virtio-mem)"
+            )
+        if size and size % (device.block_size or SIZE_STEP):
+            raise HotplugError(
+                f"{name}: mem resize {dev_id}: the size must be a multiple of its block size "
+                f"{human_size(device.block_size or SIZE_STEP)}, got {human_size(size)}"
+            )
+        if device.max_size is not None and size > device.max_size:
+            raise HotplugError(
+                f"{name}: mem resize {dev_id}: {human_size(size)} is more than its maximum "
+                f"{human_size(device.max_size)} (hint: the maximum is fixed when the device "
+                "is added: mem add --max)"
+            )
+        events = session.listen([SIZE_CHANGE])
+        try:
+            started = time.monotonic()
+            session.execute(
+                "qom-set",
+                {
+                    "path": f"/machine/peripheral/{dev_id}",
+                    "property": "requested-size",
+                    "value": size,
+                },
+            )
+            reached, seconds = _wait_size(session, events, dev_id, size, timeout, started)
+        finally:
+            events.close()
+        _update_record(run, dev_id, size=size)
+        return MemoryResize(name, dev_id, device.size, size, reached, seconds, timeout)
+
+
+def _update_record(run: RunDir, dev_id: str, **changes: Any) -> None:
+    from qvm.store.devices import hotplugged, save_hotplugged
+
+    devices = hotplugged(run)
+    for device in devices:
+        if device.get("id") == dev_id:
+            device.update(changes)
+            save_hotplugged(run, devices)
+            return

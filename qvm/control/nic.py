@@ -1,0 +1,344 @@
+"""NIC hotplug on a running VM: a user-mode netdev and a NIC device, and back.
+
+Add is ``netdev_add user`` (with its ``hostfwd`` port forwards) and ``device_add`` of the
+NIC (virtio-net-pci by default) on a free PCIe root port (q35) or ``pci.0`` (pc), with a
+stable MAC (``qvm.cmdline.stable_mac`` of the machine's name and a fresh NIC index, as the
+boot NICs get). A host port already in use is refused before QEMU is asked, naming the
+process (or the qvm VM) that holds it. Remove is ``device_del``, ``DEVICE_DELETED`` of
+the device itself, then ``netdev_del``.
+
+Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple
+
+from qvm.control.disk import boot_device_ids
+from qvm.control.forwards import forward_text, hostfwd_rule, resolve_forward
+from qvm.control.guard import check_device_add
+from qvm.control.guest import guest_report
+from qvm.control.pci import PciPlaces, choose_pci_bus, pci_places
+from qvm.control.session import ControlSession
+from qvm.control.transaction import (
+    Removal,
+    Step,
+    check_new_id,
+    check_removable,
+    fresh_id,
+    launch_of,
+    peripheral_ids,
+    reconcile_devices,
+    run_steps,
+    unplug_recorded,
+)
+from qvm.definition.forwards import ForwardError, parse_forward
+from qvm.definition.schema import NIC_MODELS, PortForward
+from qvm.errors import ControlError, HotplugError
+from qvm.layout.rundir import RunDir
+from qvm.store.devices import add_device_record, hotplugged
+from qvm.store.forwards import current_forwards, forget_forwards, record_forwards
+from qvm.store.pending import PERIPHERAL, device_state, pending_ids
+
+NIC_PREFIX = "net"
+DEFAULT_UNPLUG_TIMEOUT = 10.0
+NIC_TYPES = (*NIC_MODELS, "virtio-net-device")
+_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+
+
+class NicInfo(NamedTuple):
+    id: str
+    origin: str  # "boot" (the machine file), "qvm" (added by qvm), "other" (qvm qmp)
+    model: str
+    mac: str | None
+    # each {"proto", "host_addr", "host_port", "guest_port"}; boot NICs: from launch.json
+    forwards: tuple[dict[str, Any], ...] = ()
+    bus: str | None = None
+    pending: bool = False
+
+    @property
+    def state(self) -> str:
+        return device_state(self.pending)
+
+    def forwards_text(self) -> list[str]:
+        return [forward_text(f) for f in self.forwards]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "origin": self.origin,
+            "model": self.model,
+            "mac": self.mac,
+            "forwards": [dict(f) for f in self.forwards],
+            "bus": self.bus,
+            "state": self.state,
+        }
+
+
+class NicList(NamedTuple):
+    name: str
+    nics: list[NicInfo]
+    places: PciPlaces
+    guest_net: list[str] | None = None  # the guest's interfaces, from its serial console
+
+    def find(self, dev_id: str) -> NicInfo | None:
+        return next((n for n in self.nics if n.id == dev_id), None)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "nics": [n.as_json() for n in self.nics],
+            "pci": self.places.as_json(),
+            "guest_net": self.guest_net,
+        }
+
+
+def nics_from(
+    name: str,
+    peripherals: dict[str, str],
+    macs: dict[str, str | None],
+    records: list[dict[str, Any]],
+    pending: set[str],
+    boot_ids: set[str],
+    forwards: list[dict[str, Any]],
+    places: PciPlaces,
+    guest: dict[str, str] | None = None,
+) -> NicList:
+    """``NicList`` from the peripheral devices (id -> type), their MACs, qvm's records
+    and the VM's current port forwards (``qvm.store.forwards``, each naming its NIC)."""
+    ours = {r["id"]: r for r in records if r.get("kind") == "nic"}
+    nics = []
+    for dev_id, dev_type in sorted(peripherals.items()):
+        if dev_type not in NIC_TYPES:
+            continue
+        record = ours.get(dev_id)
+        origin = "qvm" if record else ("boot" if dev_id in boot_ids else "other")
+        nics.append(
+            NicInfo(
+                id=dev_id,
+                origin=origin,
+                model=dev_type,
+                mac=macs.get(dev_id),
+                forwards=tuple(f for f in forwards if f.get("nic") == dev_id),
+                bus=record.get("bus") if record else None,
+                pending=dev_id in pending,
+            )
+        )
+    net = None
+    if guest and guest.get("net") is not None:
+        net = [] if guest["net"] == "-" else guest["net"].split(",")
+    return NicList(name, nics, places, net)
+
+
+def _peripherals(session: ControlSession) -> dict[str, str]:
+    """Device id -> QOM type, for every device with an id."""
+    children = session.execute("qom-list", {"path": PERIPHERAL.rstrip("/")})
+    found = {}
+    for child in children:
+        kind = str(child.get("type", ""))
+        if kind.startswith("child<") and kind.endswith(">"):
+            found[child["name"]] = kind[len("child<") : -1]
+    return found
+
+
+def _query(session: ControlSession, run: RunDir, launch: dict[str, Any]) -> NicList:
+    peripherals = _peripherals(session)
+    records = reconcile_devices(session, run, set(peripherals))
+    macs = {}
+    for dev_id, dev_type in peripherals.items():
+        if dev_type in NIC_TYPES:
+            try:
+                macs[dev_id] = str(
+                    session.execute("qom-get", {"path": PERIPHERAL + dev_id, "property": "mac"})
+                )
+            except ControlError as error:
+                if error.qemu_exited:
+                    raise
+                macs[dev_id] = None
+    nics = [i for i, kind in peripherals.items() if kind in NIC_TYPES]
+    forwards = current_forwards(run)
+    if any(f.get("nic") not in nics for f in forwards):  # of a NIC gone since
+        for nic in {str(f.get("nic")) for f in forwards} - set(nics):
+            forget_forwards(run, nic)
+        forwards = current_forwards(run)
+    return nics_from(
+        run.name,
+        peripherals,
+        macs,
+        records,
+        pending_ids(run),
+        boot_device_ids(launch.get("argv") or []),
+        forwards,
+        pci_places(session, launch),
+        guest_report(run),
+    )
+
+
+def list_nics(run: RunDir) -> NicList:
+    launch = launch_of(run)
+    with ControlSession(run) as session:
+        return _query(session, run, launch)
+
+
+# --- checks ------------------------------------------------------------------------------
+
+
+def parse_forwards(name: str, texts: list[str]) -> list[PortForward]:
+    forwards = []
+    for text in texts:
+        try:
+            forwards.append(parse_forward(text))
+        except ForwardError as error:
+            raise HotplugError(
+                f'{name}: nic add: --forward: {error} (hint: forwards look like "tcp:2222:22", '
+                '"tcp:0:22" for any free host port, or "udp:0.0.0.0:5353:53")'
+            ) from None
+    return forwards
+
+
+def check_mac(name: str, mac: str) -> str:
+    mac = mac.lower()
+    if not _MAC.fullmatch(mac) or int(mac[:2], 16) & 1:
+        raise HotplugError(
+            f"{name}: nic add: --mac must be a unicast MAC address like 52:54:00:12:34:56 "
+            f"(an even first byte), got {mac!r}"
+        )
+    return mac
+
+
+# --- add -------------------------------------------------------------------------------
+
+
+class NicAdd(NamedTuple):
+    name: str
+    nic: NicInfo
+    places: PciPlaces  # after the add
+    forwards_asked: tuple[str, ...] = ()  # as given (host port 0 stays 0, for --persist)
+    forced_after_unplug: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "nic": self.nic.as_json(), "pci": self.places.as_json()}
+
+
+def add_nic(
+    run: RunDir,
+    forwards: list[str] | None = None,
+    model: str = "virtio-net-pci",
+    mac: str | None = None,
+    dev_id: str | None = None,
+    force: bool = False,
+) -> NicAdd:
+    """Add a user-mode NIC with these port forwards (``PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT``)."""
+    from qvm.definition.naming import stable_mac
+
+    launch = launch_of(run)
+    name = run.name
+    if model not in NIC_MODELS:
+        choices = ", ".join(NIC_MODELS)
+        raise HotplugError(f"{name}: nic add: --model must be one of {choices}, got {model!r}")
+    parsed = parse_forwards(name, list(forwards or []))
+    if mac is not None:
+        mac = check_mac(name, mac)
+    with ControlSession(run) as session:
+        forced = check_device_add(run, launch, "nic add", force)
+        nics = _query(session, run, launch)
+        bus = choose_pci_bus(nics.places, run, launch, "nic add")
+        taken = peripheral_ids(session) | pending_ids(run) | {n.id for n in nics.nics}
+        taken |= {r["id"] for r in hotplugged(run)}
+        macs = {n.mac for n in nics.nics if n.mac}
+        boot_count = sum(1 for a in launch.get("argv") or [] if a == "-netdev")
+        machine = launch.get("name") or name
+
+        def fresh_mac(index: str) -> bool:
+            return mac is not None or stable_mac(machine, int(index)) not in macs
+
+        if dev_id is None:
+            index, dev_id = fresh_id(
+                NIC_PREFIX, taken, start=boot_count, ok=lambda i: fresh_mac(i[len(NIC_PREFIX) :])
+            )
+        else:
+            check_new_id(run, dev_id, taken, "nic add")
+            index = fresh_id("", [], start=boot_count, ok=fresh_mac)[0]
+        mac = mac or stable_mac(machine, index)
+        if mac in macs:
+            raise HotplugError(
+                f"{name}: nic add: MAC {mac} is already used by another NIC of this VM "
+                f"(hint: qvm nic list {name})"
+            )
+        resolved = [resolve_forward(run, fwd, dev_id, "nic add") for fwd in parsed]
+        netdev: dict[str, Any] = {"type": "user", "id": dev_id}
+        if resolved:
+            netdev["hostfwd"] = [{"str": hostfwd_rule(f)} for f in resolved]
+        device = {"driver": model, "id": dev_id, "netdev": dev_id, "mac": mac}
+        steps = [
+            Step("netdev_add", netdev, ("netdev_del", {"id": dev_id})),
+            Step("device_add", device | ({"bus": bus} if bus else {})),
+        ]
+
+        def translate(desc: str) -> tuple[str, str | None] | None:
+            if "Could not set up host forwarding rule" in desc:
+                return f"netdev_add {dev_id}: {desc}", "a host port is taken; pick another"
+            return None
+
+        run_steps(session, run, "nic add", steps, translate)
+        record_forwards(run, resolved)
+        add_device_record(
+            run,
+            {
+                "id": dev_id,
+                "kind": "nic",
+                "model": model,
+                "mac": mac,
+                "index": index,
+                "bus": bus,
+                "cleanup": [["netdev_del", {"id": dev_id}]],
+            },
+        )
+        after = _query(session, run, launch)
+        nic = after.find(dev_id) or NicInfo(dev_id, "qvm", model, mac, tuple(resolved), bus)
+        return NicAdd(name, nic, after.places, tuple(forwards or ()), forced)
+
+
+# --- remove ------------------------------------------------------------------------------
+
+
+def remove_nic(run: RunDir, dev_id: str, timeout: float = DEFAULT_UNPLUG_TIMEOUT) -> Removal:
+    """Unplug a NIC qvm added, wait for the guest, then delete its netdev (and forwards)."""
+    launch = launch_of(run)
+    with ControlSession(run) as session:
+        nics = _query(session, run, launch)
+        nic = nics.find(dev_id)
+        check_removable(run, launch, dev_id, nic, "NIC", [n.id for n in nics.nics])
+        assert nic is not None
+        unplug = unplug_recorded(session, run, dev_id, timeout)
+        if unplug.outcome == "removed":
+            forget_forwards(run, dev_id)
+        return Removal(run.name, "nic", nic, unplug)
+
+
+# --- the machine file ----------------------------------------------------------------------
+
+
+def nic_entry(nic: NicInfo, forwards: tuple[str, ...], with_id: bool) -> dict[str, Any]:
+    """The ``[[nic]]`` that gives this NIC at the next boot (``--persist``): its model
+    (unless the default), its MAC (so the guest sees the same NIC), its forwards as
+    given (a host port 0 picks a free one at each start), and the id if the user chose it."""
+    entry: dict[str, Any] = {}
+    if nic.model != "virtio-net-pci":
+        entry["model"] = nic.model
+    if nic.mac:
+        entry["mac"] = nic.mac
+    if forwards:
+        entry["forwards"] = list(forwards)
+    if with_id:
+        entry["id"] = nic.id
+    return entry
+
+
+def nic_entry_matches(entry: dict[str, Any], nic: NicInfo) -> bool:
+    """True if a ``[[nic]]`` of the machine file is this NIC: the same id, or the same MAC."""
+    if entry.get("id") is not None:
+        return bool(entry.get("id") == nic.id)
+    mac = entry.get("mac")
+    return isinstance(mac, str) and nic.mac is not None and mac.lower() == nic.mac.lower()

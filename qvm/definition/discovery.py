@@ -1,0 +1,84 @@
+"""Where machine files are found: ``--machines DIR``, ``$QVM_MACHINES``, ``./machines``,
+``$XDG_CONFIG_HOME/qvm/machines``; a name or a path to a ``.toml`` file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from qvm.errors import QvmError
+
+
+def find_machine(name_or_path: str, search_dirs: Sequence[Path]) -> Path:
+    """The machine file for a name ("vm1") or a path ("vm1.toml", "machines/vm1").
+
+    An argument ending in .toml or holding a "/" is a path; anything else is a name,
+    looked up as NAME.toml in each of ``search_dirs`` in turn. Raises QvmError if there
+    is no such file.
+    """
+    if name_or_path.endswith(".toml") or "/" in name_or_path:
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise QvmError(f"no machine file at '{name_or_path}' (hint: check the path)")
+        return path
+    for directory in search_dirs:
+        candidate = directory / f"{name_or_path}.toml"
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(_for_display(directory) for directory in search_dirs) or "nowhere"
+    create = _for_display(search_dirs[0] / f"{name_or_path}.toml") if search_dirs else None
+    hint = f"create {create} or pass --machines DIR" if create else "pass --machines DIR"
+    raise QvmError(f"no machine named '{name_or_path}' (looked in: {looked}) (hint: {hint})")
+
+
+def _for_display(path: Path) -> str:
+    """``path`` as short as it can be said: relative to the current folder, or to ~."""
+    bases = [(Path.cwd(), Path()), (Path.home(), Path("~"))]
+    holding = [(base, shown) for base, shown in bases if path.is_relative_to(base)]
+    if not path.is_absolute() or not holding:
+        return str(path)
+    # The deepest folder holding the path gives the shortest name; on a tie, cwd wins.
+    base, shown = max(holding, key=lambda pair: len(pair[0].parts))
+    return str(shown / path.relative_to(base))
+
+
+def machine_search_dirs(explicit: Path | None, env: Mapping[str, str], cwd: Path) -> list[Path]:
+    """Where to look for machine files, first match wins.
+
+    ``--machines DIR``, then each folder in $QVM_MACHINES (separated by os.pathsep), then
+    ./machines, then $XDG_CONFIG_HOME/qvm/machines (~/.config/qvm/machines by default).
+    Relative folders are taken from ``cwd`` and ~ from $HOME in ``env``; nothing is read
+    from the process or the disk.
+    """
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    dirs = [] if explicit is None else [_absolute(str(explicit), home, cwd)]
+    dirs += [
+        _absolute(entry, home, cwd)
+        for entry in env.get("QVM_MACHINES", "").split(os.pathsep)
+        if entry
+    ]
+    dirs.append(cwd / "machines")
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    # The XDG spec says to ignore a relative XDG_CONFIG_HOME.
+    config = Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".config"
+    dirs.append(config / "qvm" / "machines")
+    return list(dict.fromkeys(dirs))
+
+
+def _absolute(text: str, home: Path, cwd: Path) -> Path:
+    if text == "~" or text.startswith("~/"):
+        return home / text[2:]
+    return cwd / text
+
+
+def list_machine_files(search_dirs: Sequence[Path]) -> list[Path]:
+    """Every machine file in ``search_dirs``, sorted by name; an earlier folder wins a tie."""
+    found: dict[str, Path] = {}
+    for directory in search_dirs:
+        for path in sorted(directory.glob("*.toml")):
+            # Editors leave dotted lock and backup files next to the real ones.
+            if not path.name.startswith(".") and path.is_file():
+                found.setdefault(path.stem, path)
+    return [found[stem] for stem in sorted(found)]

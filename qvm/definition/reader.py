@@ -1,0 +1,263 @@
+"""Reading TOML tables with every problem collected: ``Table`` reads one table's keys
+with their types and ranges, reporting to one ``Report`` with the key's full path and the
+value rendered short; unknown keys get a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from qvm.base.sizes import SizeError, parse_size
+from qvm.definition.schema import ID_PATTERN, KEYS
+from qvm.errors import Problem
+
+ID_RULE = "a letter then up to 31 letters, digits, '_' or '-'"
+SIZE_HINT = 'sizes look like "512M" or "2G"; K, M, G and T are powers of 1024'
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_NOT_SET = object()
+
+_T = TypeVar("_T")
+
+
+# --- rendering values for messages ------------------------------------------------
+
+
+def render(value: Any) -> str:
+    """Write a TOML value the way TOML would, so "got ..." shows what the user wrote."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return _render_float(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(render(item) for item in value) + "]"
+    if isinstance(value, dict):
+        pairs = (f"{_render_key(key)} = {render(item)}" for key, item in value.items())
+        return "{" + ", ".join(pairs) + "}"
+    from datetime import date, datetime, time  # only TOML dates reach here, rarely
+
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    return str(value)
+
+
+def _render_float(value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return repr(value)
+
+
+def _render_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+
+
+def did_you_mean(word: str, choices: Collection[str]) -> str | None:
+    import difflib  # only on error paths
+
+    matches = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    if not matches:
+        return None
+    return "did you mean " + ", ".join(f"'{match}'" for match in matches) + "?"
+
+
+def _must_be_one_of(choices: Sequence[str]) -> str:
+    if len(choices) == 1:
+        return f"must be {render(choices[0])}"
+    return "must be one of " + ", ".join(render(choice) for choice in choices)
+
+
+def is_int(value: Any) -> bool:
+    # TOML booleans arrive as Python bools, which are ints: "count = true" is a mistake.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return is_int(value) or isinstance(value, float)
+
+
+def _is_table_like(value: Any) -> bool:
+    if isinstance(value, dict):
+        return True
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+# --- reading tables ---------------------------------------------------------------
+
+
+class Report:
+    """The problems found so far in one file."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[Problem] = []
+
+    def add(self, key: str, problem: str, got: str | None = None, hint: str | None = None) -> None:
+        self.problems.append(Problem(self.file, key, problem, got, hint))
+
+
+class Table:
+    """One TOML table being read.
+
+    Getters return the default after reporting a problem instead of raising, so reading
+    goes on and finds every problem. ``invalid`` remembers the keys that were present but
+    wrong, so rules that relate several keys skip them rather than pile on.
+    """
+
+    def __init__(self, data: Mapping[str, Any], where: str, report: Report) -> None:
+        self.data = data
+        self.where = where
+        self.report = report
+        self.invalid: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def given(self, name: str) -> bool:
+        """True if the file sets ``name`` to a valid value."""
+        return name in self.data and name not in self.invalid
+
+    def ok(self, *names: str) -> bool:
+        """True if none of ``names`` is set to an invalid value."""
+        return not self.invalid.intersection(names)
+
+    def fail(self, name: str, problem: str, hint: str | None = None) -> None:
+        self.invalid.add(name)
+        got = render(self.data[name]) if name in self.data else None
+        self.report.add(self.key(name), problem, got, hint)
+
+    def reject_unknown(self, valid: Sequence[str]) -> None:
+        for name in self.data:
+            if name in valid:
+                continue
+            problem = "unknown table" if _is_table_like(self.data[name]) else "unknown key"
+            hint = did_you_mean(name, valid) or "valid keys: " + ", ".join(valid)
+            self.report.add(self.key(name), problem, hint=hint)
+
+    def _typed(self, name: str, accept: Callable[[Any], bool], kind: str) -> Any:
+        """The value of ``name`` if it has the right type; _NOT_SET if absent or wrong."""
+        if name not in self.data:
+            return _NOT_SET
+        value = self.data[name]
+        if not accept(value):
+            self.fail(name, f"must be {kind}")
+            return _NOT_SET
+        return value
+
+    def string(self, name: str, default: _T, *, allow_empty: bool = False) -> str | _T:
+        value = self._typed(name, lambda v: isinstance(v, str), "a string")
+        if value is _NOT_SET:
+            return default
+        if not value and not allow_empty:
+            self.fail(name, "must not be empty")
+            return default
+        return str(value)
+
+    def integer(
+        self, name: str, default: _T, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int | _T:
+        value = self._typed(name, is_int, "an integer")
+        if value is _NOT_SET:
+            return default
+        if minimum is not None and maximum is not None:
+            if not minimum <= value <= maximum:
+                self.fail(name, f"must be between {minimum} and {maximum}")
+                return default
+        elif minimum is not None and value < minimum:
+            self.fail(name, f"must be >= {minimum}")
+            return default
+        return int(value)
+
+    def number(self, name: str, default: _T) -> float | _T:
+        value = self._typed(name, _is_number, "a number")
+        return default if value is _NOT_SET else float(value)
+
+    def boolean(self, name: str, default: _T) -> bool | _T:
+        value = self._typed(name, lambda v: isinstance(v, bool), "true or false")
+        return default if value is _NOT_SET else value
+
+    def choice(
+        self, name: str, choices: Sequence[str], default: _T, hint: str | None = None
+    ) -> str | _T:
+        value = self._typed(name, lambda v: isinstance(v, str), "a string")
+        if value is _NOT_SET:
+            return default
+        if value not in choices:
+            self.fail(name, _must_be_one_of(choices), did_you_mean(value, choices) or hint)
+            return default
+        return str(value)
+
+    def size(self, name: str, default: _T) -> int | _T:
+        value = self._typed(
+            name, lambda v: is_int(v) or isinstance(v, str), 'a size like "512M" or a number'
+        )
+        if value is _NOT_SET:
+            return default
+        try:
+            return parse_size(value)
+        except SizeError as error:
+            self.fail(name, error.reason, SIZE_HINT)
+            return default
+
+    def path(self, name: str, base_dir: Path) -> Path | None:
+        text = self.string(name, None)
+        if text is None:
+            return None
+        # base_dir / an absolute path is that absolute path, so one expression does both.
+        return Path(os.path.normpath(base_dir / Path(text).expanduser()))
+
+    def identifier(self, name: str) -> str | None:
+        text = self.string(name, None)
+        if text is not None and not re.fullmatch(ID_PATTERN, text):
+            self.fail(name, f"must be {ID_RULE}")
+            return None
+        return text
+
+    def array(self, name: str, kind: str) -> list[tuple[str, Any]] | None:
+        """(key path, item) for each item of the array ``name``; None if absent or wrong."""
+        value = self._typed(name, lambda v: isinstance(v, list), kind)
+        if value is _NOT_SET:
+            return None
+        return [(f"{self.key(name)}[{index}]", item) for index, item in enumerate(value)]
+
+    def strings(self, name: str) -> tuple[str, ...] | None:
+        items = self.array(name, "a list of strings")
+        if items is None:
+            return None
+        for key, item in items:
+            if not isinstance(item, str):
+                self.invalid.add(name)
+                self.report.add(key, "must be a string", render(item))
+        return None if name in self.invalid else tuple(item for _, item in items)
+
+    def section(self, name: str) -> Table:
+        """The sub-table ``name`` with its unknown keys reported; empty if absent or wrong."""
+        value = self._typed(name, lambda v: isinstance(v, dict), "a table")
+        table = Table({} if value is _NOT_SET else value, self.key(name), self.report)
+        table.reject_unknown(tuple(KEYS[name]))
+        return table
+
+    def sections(self, name: str) -> list[Table]:
+        """The tables of the array of tables ``name`` ([[name]]), unknown keys reported."""
+        if isinstance(self.data.get(name), dict):
+            self.fail(name, "must be an array of tables", f"write [[{name}]], not [{name}]")
+            return []
+        items = self.array(name, "an array of tables") or []
+        tables = []
+        for key, item in items:
+            if not isinstance(item, dict):
+                self.invalid.add(name)
+                self.report.add(key, "must be a table", render(item))
+                continue
+            table = Table(item, key, self.report)
+            table.reject_unknown(tuple(KEYS[name]))
+            tables.append(table)
+        return tables

@@ -1,0 +1,168 @@
+"""Is an image this VM needs already taken by another QEMU? Asked before QEMU starts.
+
+QEMU locks its images with OFD locks on bytes 100.. of the file (one byte per permission
+it holds, and per permission it refuses to share, from byte 200). Two questions:
+
+- which qvm VM uses the file: the other run dirs' ``launch.json`` record their images
+  (older records: the ``filename=`` options of their argv) and ``devices.json`` the
+  images attached since (``qvm disk attach``), so the message names the VM;
+- is any process holding QEMU's locks on it (a QEMU qvm does not manage): probed with
+  ``F_OFD_GETLK``, which tests a lock without taking it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from qvm.base.jsonfile import read_json
+from qvm.layout.locks import is_locked
+from qvm.layout.rundir import RunDir, list_run_dirs
+from qvm.store.devices import hotplugged
+
+_LOCK_PERM_BASE = 100  # QEMU's RAW_LOCK_PERM_BASE
+_WRITE_BIT = 1  # BLK_PERM_WRITE
+_FLOCK = "hhqqi4x"  # struct flock on x86_64: type, whence, start, len, pid
+
+
+def image_records(argv: list[str], images: Any) -> list[dict[str, Any]]:
+    """A run's images as [{"path", "writable"}], from its record or else its argv."""
+    if isinstance(images, list):
+        return [i for i in images if isinstance(i, dict) and "path" in i]
+    found = []
+    for arg in argv:
+        if not arg.startswith("driver=file,"):
+            continue
+        opts = dict(part.split("=", 1) for part in arg.split(",") if "=" in part)
+        if "filename" in opts:
+            found.append(
+                {"path": opts["filename"], "writable": opts.get("read-only", "off") != "on"}
+            )
+    return found
+
+
+def users_of(path: Path, state_root: Path, exclude: str) -> list[tuple[str, bool]]:
+    """(VM name, writes it) for every running qvm VM but ``exclude`` using ``path``."""
+    real = os.path.realpath(path)
+    users = []
+    for run in list_run_dirs(state_root):
+        if run.name == exclude or not is_locked(run.lock_file):
+            continue
+        launch = read_json(run.launch_file) or {}
+        images = image_records(launch.get("argv") or [], launch.get("images"))
+        images += [  # attached since it started (qvm disk attach)
+            {"path": d["file"], "writable": not d.get("readonly")}
+            for d in hotplugged(run)
+            if d.get("kind") == "disk" and d.get("file")
+        ]
+        for image in images:
+            if os.path.realpath(str(image["path"])) == real:
+                users.append((run.name, bool(image.get("writable"))))
+    return users
+
+
+def locked_by_someone(path: Path, write: bool) -> bool:
+    """True if a process holds QEMU locks that forbid opening ``path`` this way.
+
+    ``write``: we want to write it (then any QEMU lock conflicts); else we only read it
+    and only another writer conflicts.
+    """
+    getlk = getattr(fcntl, "F_OFD_GETLK", None)
+    if getlk is None:
+        return False
+    start, length = (_LOCK_PERM_BASE, 200) if write else (_LOCK_PERM_BASE + _WRITE_BIT, 1)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+        reply = fcntl.fcntl(fd, getlk, request)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return struct.unpack(_FLOCK, reply)[0] != fcntl.F_UNLCK
+
+
+def image_conflicts(
+    images: Iterable[tuple[str, Path, bool]], run: RunDir
+) -> list[tuple[str, Path, str]]:
+    """(key, path, who) for each image this VM cannot open because another QEMU has it.
+
+    ``images``: (key path in the definition, file, this VM writes it).
+    """
+    conflicts = []
+    state_root = run.path.parent
+    for key, path, write in images:
+        users = users_of(path, state_root, exclude=run.name)
+        blocking = [name for name, writes in users if write or writes]
+        if blocking:
+            names = ", ".join(f"VM {name}" for name in blocking)
+            conflicts.append((key, path, f"{names} (hint: qvm down {blocking[0]})"))
+        elif locked_by_someone(path, write):
+            conflicts.append(
+                (key, path, "another process (hint: 'lslocks' or 'fuser' shows which)")
+            )
+    return conflicts
+
+
+# --- who holds a file --------------------------------------------------------------------
+
+
+def _real(path: str | Path) -> str:
+    return os.path.realpath(path)
+
+
+def file_holders(path: Path) -> list[tuple[int, str]]:
+    """(pid, command name) of every process with ``path`` open (that this user may see)."""
+    wanted = _real(path)
+    holders = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.scandir(f"/proc/{entry.name}/fd")
+        except OSError:
+            continue
+        with fds:
+            for fd in fds:
+                try:
+                    target = os.readlink(fd.path)
+                except OSError:
+                    continue
+                if target == wanted:
+                    holders.append((int(entry.name), _comm(int(entry.name))))
+                    break
+    return holders
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def vm_of_qemu_pid(state_root: Path, pid: int) -> str | None:
+    """The qvm VM whose QEMU has this pid, if any."""
+    for other in list_run_dirs(state_root):
+        state = read_json(other.state_file) or {}
+        if state.get("qemu_pid") == pid:
+            return other.name
+    return None
+
+
+def describe_holders(state_root: Path, path: Path, exclude_pid: int | None) -> str | None:
+    """``VM vm2 (pid 123)`` or ``pid 123 (qemu-io)``: who else has ``path`` open."""
+    found = []
+    for pid, comm in file_holders(path):
+        if pid == exclude_pid:
+            continue
+        vm = vm_of_qemu_pid(state_root, pid)
+        found.append(f"VM {vm} (pid {pid})" if vm else f"pid {pid} ({comm})")
+    return ", ".join(found) or None

@@ -1,0 +1,150 @@
+"""Throwing a VM's disk state away (`qvm reset`) and the VM itself (`qvm rm`).
+
+What each removes, exactly (the README repeats it):
+
+- ``reset``: the overlays (``disk*.qcow2``), the cloud-init seed (``seed.iso``,
+  ``user-data``, ``meta-data``), ``known_hosts`` (the guest makes new host keys) and the
+  run-time forwards record. The next ``up`` starts from the base images and cloud-init
+  runs again. Logs, ``state.json`` and a key pair qvm made stay.
+- ``rm``: the whole run dir (all of the above, logs, state, the key pair qvm made),
+  except the images ``qvm disk attach --new`` made there (``hotplug-*.qcow2``): they
+  hold what the guest wrote, maybe a ``[[disk]]`` of the machine file; they are kept,
+  and said so.
+- ``rm --purge``: also the machine file, only if ``qvm new`` wrote it and it is unchanged
+  since (its checksum was noted in the run dir), and the images qvm downloaded for it,
+  only if no other VM's run dir refers to them.
+
+Never removed: a base image, an image file used as is, any other file the user made.
+Both refuse a running VM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qvm.base.jsonfile import read_json
+from qvm.errors import VmStateError
+from qvm.layout.rundir import NEW_RECORD, RunDir, list_run_dirs
+
+
+@dataclass
+class Removed:
+    files: list[Path] = field(default_factory=list)
+    kept: list[tuple[Path, str]] = field(default_factory=list)  # (file, why it stayed)
+
+
+def _require_stopped(run: RunDir, verb: str) -> None:
+    from qvm.base.proc import same_process_alive
+    from qvm.supervisor.client import supervisor_alive
+
+    if supervisor_alive(run):
+        raise VmStateError(
+            f"{run.name}: is running; {verb} needs it stopped (hint: qvm down {run.name})"
+        )
+    # a QEMU whose supervisor was killed may still be using the files
+    state = read_json(run.state_file) or {}
+    if same_process_alive(state.get("qemu_pid"), state.get("qemu_start_time")):
+        raise VmStateError(
+            f"{run.name}: its QEMU (pid {state['qemu_pid']}) still runs without a supervisor; "
+            f"{verb} needs it stopped (hint: qvm kill {run.name})"
+        )
+
+
+def reset(run: RunDir) -> Removed:
+    _require_stopped(run, "reset")
+    removed = Removed()
+    disposable = [
+        *run.overlays(),
+        run.seed_image,
+        run.user_data,
+        run.meta_data,
+        run.known_hosts,
+        run.forwards_file,
+    ]
+    for path in disposable:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.files.append(path)
+    return removed
+
+
+def remove(run: RunDir, purge: bool) -> Removed:
+    _require_stopped(run, "rm")
+    removed = Removed()
+    if purge:
+        _purge_machine_file(run, removed)
+        _purge_downloads(run, removed)
+    if not run.path.exists():
+        return removed
+    disks = run.new_disk_images()
+    if not disks:
+        shutil.rmtree(run.path)
+        removed.files.append(run.path)
+        return removed
+    for child in sorted(run.path.iterdir()):
+        if child in disks:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+        removed.files.append(child)
+    why = "made by qvm disk attach --new: the guest's data; delete it yourself when done"
+    removed.kept += [(disk, why) for disk in disks]
+    return removed
+
+
+def _purge_machine_file(run: RunDir, removed: Removed) -> None:
+    record = read_json(run.path / NEW_RECORD)
+    if not record or not record.get("machine_file"):
+        return
+    path = Path(record["machine_file"])
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    if hashlib.sha256(data).hexdigest() != record.get("sha256"):
+        removed.kept.append((path, "changed since qvm new wrote it"))
+        return
+    path.unlink()
+    removed.files.append(path)
+
+
+def _purge_downloads(run: RunDir, removed: Removed) -> None:
+    from qvm.host.images import remove_cached
+    from qvm.layout.cache import default_cache_root
+
+    cache = os.path.realpath(default_cache_root())
+    launch = read_json(run.launch_file) or {}
+    mine = {
+        os.path.realpath(str(image["path"]))
+        for image in launch.get("images") or []
+        if isinstance(image, dict) and "path" in image
+    }
+    downloads = {p for p in mine if os.path.dirname(p) == cache}
+    for path in sorted(downloads):
+        users = _other_users(run, path)
+        if users:
+            removed.kept.append((Path(path), "used by " + ", ".join(users)))
+            continue
+        if os.path.exists(path):
+            remove_cached(Path(path))
+            removed.files.append(Path(path))
+
+
+def _other_users(run: RunDir, path: str) -> list[str]:
+    users = []
+    for other in list_run_dirs(run.path.parent):
+        if other.name == run.name:
+            continue
+        launch = read_json(other.launch_file) or {}
+        for image in launch.get("images") or []:
+            if isinstance(image, dict) and os.path.realpath(str(image.get("path"))) == path:
+                users.append(other.name)
+                break
+    return users

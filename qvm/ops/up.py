@@ -1,0 +1,238 @@
+"""From a validated definition to a launch: host checks, resolved inputs, the argv.
+
+``plan_launch`` does every check that needs this host (QEMU's CPU models and machine
+types, files, ports, KVM) and resolves what the pure command-line builder cannot know.
+It changes nothing on disk: ``prepare_run_dir`` does that, only for a real start.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from qvm.cmdline.argv import LaunchInputs, build_argv, cpu_model, default_cpu_model
+from qvm.definition.load import check_host
+from qvm.definition.naming import nic_id, overlay_name
+from qvm.definition.schema import Machine
+from qvm.definition.topology import topology_of
+from qvm.errors import DefinitionError, HostError, Problem
+from qvm.host.accel import AccelChoice, choose_accel, probe_kvm
+from qvm.host.ports import pick_free_port, port_holder, port_in_use
+from qvm.host.qemu import qemu_capabilities
+from qvm.host.qemu_img import detect_format, ensure_overlay
+from qvm.layout.rundir import RunDir
+
+if TYPE_CHECKING:
+    from qvm.host.cloudinit import SeedPlan
+
+
+
+# (what is being fetched, bytes done, bytes in all or None): how a download reports
+FetchProgress = Callable[[str, int, int | None], None]
+
+
+class LaunchPlan(NamedTuple):
+    machine: Machine
+    run_dir: RunDir
+    accel: AccelChoice
+    argv: list[str]
+    inputs: LaunchInputs
+    seed: SeedPlan | None = None  # the cloud-init seed, with [cloud_init]
+
+    def forwards(self) -> list[dict[str, Any]]:
+        """Every port forward of this launch, with the host ports picked for port 0."""
+        forwards = []
+        for nic_index, nic in enumerate(self.machine.nics):
+            for fwd_index, fwd in enumerate(nic.forwards):
+                forwards.append(
+                    {
+                        "nic": nic_id(nic_index, nic),
+                        "proto": fwd.protocol,
+                        "host_addr": fwd.host_addr,
+                        "host_port": fwd.host_port
+                        or self.inputs.host_ports.get((nic_index, fwd_index), 0),
+                        "guest_port": fwd.guest_port,
+                    }
+                )
+        return forwards
+
+    def images(self) -> list[dict[str, Any]]:
+        """The files QEMU opens, and whether it writes them (for other VMs' pre-flight)."""
+        images = []
+        for index, disk in enumerate(self.machine.disks):
+            if disk.base is not None:
+                images.append({"path": str(disk.base), "writable": False})
+                overlay = self.run_dir.path / overlay_name(index)
+                images.append({"path": str(overlay), "writable": not disk.readonly})
+            elif disk.file is not None:
+                images.append({"path": str(disk.file), "writable": not disk.readonly})
+        return images
+
+    def launch_record(self) -> dict[str, Any]:
+        """What the supervisor and later commands need to know about this run."""
+        machine = self.machine
+        topo = topology_of(machine.cpu)
+        return {
+            "name": machine.name,
+            "machine_file": str(machine.path),
+            "argv": self.argv,
+            "accel": self.accel.accel,
+            "accel_reason": self.accel.reason,
+            "machine_type": machine.type,
+            "cpu_model": cpu_model(machine, self.accel.accel),
+            "vcpus_boot": machine.cpu.count,
+            "vcpus_max": machine.cpu.max,
+            "topology": {
+                "sockets": topo.sockets,
+                "dies": topo.dies,
+                "cores": topo.cores,
+                "threads": topo.threads,
+            },
+            "memory_size": machine.memory.size,
+            "memory_max": machine.memory.max,
+            "memory_slots": machine.memory.slots,
+            "host_ports": [
+                {"nic": nic, "forward": fwd, "port": port}
+                for (nic, fwd), port in sorted(self.inputs.host_ports.items())
+            ],
+            "forwards": self.forwards(),
+            "nics": [nic_id(index, nic) for index, nic in enumerate(machine.nics)],
+            "images": self.images(),
+            "ssh": self.seed.as_json() if self.seed is not None else None,
+            "restart": machine.supervisor.restart,
+            "max_restarts": machine.supervisor.max_restarts,
+            "restart_delay": machine.supervisor.restart_delay,
+            "created": time.time(),
+        }
+
+
+def plan_launch(machine: Machine, run_dir: RunDir) -> LaunchPlan:
+    caps = qemu_capabilities(machine.qemu.binary)
+    problems = check_host(machine, caps.cpu_models, caps.machine_types)
+    if problems:
+        raise DefinitionError(problems)
+    accel = choose_accel(machine.accel, probe_kvm())
+    _check_model_under_accel(machine, accel)
+    _check_images_free(machine, run_dir)
+    seed = None
+    if machine.cloud_init is not None:
+        from qvm.host.cloudinit import plan_seed
+
+        seed = plan_seed(machine, run_dir)
+    inputs = LaunchInputs(
+        accel=accel.accel,
+        run_dir=run_dir,
+        disk_formats=tuple(
+            disk.format or detect_format(disk.file) if disk.file is not None else "qcow2"
+            for disk in machine.disks
+        ),
+        host_ports=_resolve_ports(machine),
+    )
+    return LaunchPlan(machine, run_dir, accel, build_argv(machine, inputs), inputs, seed)
+
+
+def _check_images_free(machine: Machine, run_dir: RunDir) -> None:
+    """Refuse, before QEMU starts, images another QEMU holds in a conflicting way."""
+    from qvm.host.holders import image_conflicts
+
+    images = []
+    for index, disk in enumerate(machine.disks):
+        if disk.file is not None:
+            images.append((f"disk[{index}].file", disk.file, not disk.readonly))
+        elif disk.base is not None and disk.base.exists():
+            images.append((f"disk[{index}].base", disk.base, False))
+    conflicts = image_conflicts(images, run_dir)
+    if conflicts:
+        raise HostError(
+            "\n".join(
+                f"{machine.path}: {key}: {path} is in use by {who}" for key, path, who in conflicts
+            )
+        )
+
+
+def _check_model_under_accel(machine: Machine, accel: AccelChoice) -> None:
+    model = machine.cpu.model or default_cpu_model(accel.accel)
+    if accel.kvm_pvm and model in ("host", "max"):
+        where = "cpu.model" if machine.cpu.model else 'cpu.model (unset: defaults to "host")'
+        raise DefinitionError(
+            [
+                Problem(
+                    str(machine.path),
+                    where,
+                    f'"{model}" makes QEMU abort under kvm_pvm (failed to set MSR 0x10a)',
+                    hint='set a named model such as "qemu64"',
+                )
+            ]
+        )
+    if machine.cpu.model == "host" and accel.accel != "kvm":
+        raise DefinitionError(
+            [
+                Problem(
+                    str(machine.path),
+                    "cpu.model",
+                    f'"host" needs KVM, but this VM runs under TCG ({accel.reason})',
+                    hint='use "max", a named model, or leave cpu.model unset',
+                )
+            ]
+        )
+
+
+def _resolve_ports(machine: Machine) -> dict[tuple[int, int], int]:
+    """Pick host ports for ``host = 0`` forwards; refuse ports that are taken, naming who."""
+    chosen: dict[tuple[int, int], int] = {}
+    for nic_index, nic in enumerate(machine.nics):
+        for fwd_index, fwd in enumerate(nic.forwards):
+            if fwd.host_port == 0:
+                chosen[(nic_index, fwd_index)] = pick_free_port(fwd.host_addr, fwd.protocol)
+            elif port_in_use(fwd.host_addr, fwd.host_port, fwd.protocol):
+                holder = port_holder(fwd.host_port)
+                held = f" by {holder}" if holder else ""
+                raise HostError(
+                    f"{machine.path}: nic[{nic_index}].forwards[{fwd_index}]: "
+                    f"{fwd.protocol} port {fwd.host_addr}:{fwd.host_port} is already in use{held} "
+                    "(hint: pick another host port, or 0 for any free one)"
+                )
+    return chosen
+
+
+def prepare_run_dir(plan: LaunchPlan, progress: FetchProgress | None = None) -> None:
+    """Create the run dir, download base images given by URL (reporting through
+    ``progress``), create the disks' overlays (never touching a base image) and the
+    cloud-init seed."""
+    plan.run_dir.create()
+    for index, disk in enumerate(plan.machine.disks):
+        if disk.url is not None and disk.base is not None:
+            _fetch(plan, index, progress)
+        if disk.base is not None:
+            base_format = disk.format or detect_format(disk.base)
+            overlay = plan.run_dir.path / overlay_name(index)
+            ensure_overlay(Path(disk.base), base_format, overlay, disk.size)
+    if plan.seed is not None:
+        from qvm.host.cloudinit import write_seed
+
+        write_seed(plan.machine, plan.seed, plan.run_dir)
+
+
+def _fetch(plan: LaunchPlan, index: int, progress: FetchProgress | None) -> None:
+    from qvm.host.images import fetch_image
+
+    disk = plan.machine.disks[index]
+    assert disk.url is not None and disk.base is not None
+    algorithm, digest = ("sha512", disk.sha512) if disk.sha512 else ("sha256", disk.sha256)
+    report = None
+    if progress is not None:
+        url = disk.url
+
+        def report(done: int, total: int | None) -> None:
+            progress(url, done, total)
+
+    fetch_image(
+        disk.url,
+        algorithm,
+        digest or "",
+        disk.base,
+        report,
+        where=f"{plan.machine.path}: disk[{index}].base",
+    )

@@ -1,0 +1,51 @@
+"""``python -m qvm.supervisor RUNDIR QEMU_PID HOW``: the supervisor proper, exec'd by
+``qvm.supervisor.spawn.start`` once QEMU runs. It imports asyncio and qemu.qmp (without
+TLS) only here, then hands over to ``qvm.supervisor.process``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from qvm.supervisor.spawn import AdoptedQemu
+
+
+def main(argv: list[str]) -> int:
+    """``python -m qvm.supervisor RUNDIR QEMU_PID answered|silent|exited=CODE``, exec'd
+    by ``start``: whether QMP answered, or QEMU's exit code if it has already ended."""
+    run_path, qemu = argv[0], AdoptedQemu(int(argv[1]))
+    answered = argv[2] == "answered"
+    if argv[2].startswith("exited="):
+        qemu.returncode = int(argv[2].removeprefix("exited="))
+    ready_fd = int(os.environ["QVM_READY_FD"]) if "QVM_READY_FD" in os.environ else None
+    # the inherited lock fd stays open for our whole life: it is what says we are alive
+    with open(os.path.join(run_path, "launch.json")) as handle:
+        launch = json.load(handle)
+
+    load_asyncio_without_tls()
+    from qvm.supervisor.process import run_supervisor
+
+    return run_supervisor(run_path, launch, ready_fd, qemu, answered)
+
+
+def load_asyncio_without_tls() -> None:
+    """Import asyncio and qemu.qmp without the ssl module, which maps libssl and libcrypto:
+    4 MiB of the supervisor's RSS budget of 20, for TLS it never uses (its sockets are
+    unix sockets). asyncio runs without TLS support when ``import ssl`` fails; qemu.qmp
+    only names ``ssl.SSLContext`` in signatures, so it gets a stand-in for that name.
+    """
+    import types
+
+    sys.modules["ssl"] = None  # type: ignore[assignment]  # makes `import ssl` fail
+    import asyncio  # noqa: F401
+
+    stand_in = types.ModuleType("ssl", "qvm's supervisor runs without TLS")
+    stand_in.SSLContext = type("SSLContext", (), {})  # type: ignore[attr-defined]
+    sys.modules["ssl"] = stand_in
+    import qemu.qmp  # noqa: F401
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

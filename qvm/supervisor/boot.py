@@ -1,0 +1,199 @@
+"""Starting a supervisor: the ``qvm up`` side of the fork.
+
+``start_supervisor`` takes the VM's ``supervisor.lock`` and forks; the child leaves the
+CLI's session and output and runs ``qvm.supervisor.spawn.start``, which spawns QEMU and
+execs the supervisor proper. The parent reads the readiness pipe ("spawned", "ready",
+"failed") and reports, so two concurrent ``up``s of one VM start exactly one QEMU.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
+
+from qvm.base.jsonfile import read_json, write_json_atomic
+from qvm.errors import LaunchError, QvmError, VmStateError
+from qvm.layout.locks import try_lock
+from qvm.layout.rundir import RunDir
+from qvm.supervisor.client import ask_supervisor, clean_stale
+
+DEFAULT_READY_TIMEOUT = 60.0
+
+
+# --- up ------------------------------------------------------------------------------
+
+
+class UpResult(NamedTuple):
+    name: str
+    already_running: bool
+    qemu_pid: int | None
+    accel: str | None
+    accel_reason: str | None
+    serial_log: Path
+    qmp_socket: Path
+    ready: bool
+
+
+def rotate_log(path: Path) -> None:
+    """Keep the previous run's log as NAME.1 so that each run's log starts empty."""
+    if path.exists():
+        os.replace(path, path.with_name(path.name + ".1"))
+
+
+def start_supervisor(
+    run: RunDir, launch: dict[str, Any], wait: bool, timeout: float = DEFAULT_READY_TIMEOUT
+) -> UpResult:
+    """Start a supervisor for a prepared launch, unless one is alive already."""
+    name = launch["name"]
+    run.create()
+    state = clean_stale(run)
+    if state and state.get("orphaned"):
+        raise VmStateError(
+            f"{name}: {state['crash_reason']} (hint: qvm kill {name}, then qvm up {name})"
+        )
+    lock_fd = try_lock(run.lock_file)
+    if lock_fd is None:
+        return _already_running(run, name)
+    try:
+        run.remove_qemu_sockets()
+        run.supervisor_socket.unlink(missing_ok=True)
+        rotate_log(run.serial_log)
+        rotate_log(run.qemu_log)
+        run.pending_file.unlink(missing_ok=True)
+        write_json_atomic(run.launch_file, launch)
+        ready_read, ready_write = os.pipe()
+        supervisor_pid = os.fork()
+        if supervisor_pid == 0:
+            _become_supervisor(run, launch, ready_read, ready_write, lock_fd)
+        os.close(ready_write)
+    finally:
+        os.close(lock_fd)  # the supervisor holds its own copy now
+    try:
+        lines, eof = _read_readiness(
+            ready_read, want="ready" if wait else "spawned", timeout=timeout
+        )
+    finally:
+        os.close(ready_read)
+    last = lines[-1].split()[0] if lines and lines[-1].split() else None
+    if last != ("ready" if wait else "spawned"):
+        # "failed" or end of file: the supervisor is ending; otherwise time ran out
+        timed_out = last != "failed" and not eof
+        exit_code = None if timed_out else _reap(supervisor_pid, timeout=10)
+        raise _launch_failure(run, name, exit_code, timed_out=timed_out)
+    qemu_pid = int(lines[-1].split()[1]) if len(lines[-1].split()) > 1 else None
+    return UpResult(
+        name=name,
+        already_running=False,
+        qemu_pid=qemu_pid,
+        accel=launch.get("accel"),
+        accel_reason=launch.get("accel_reason"),
+        serial_log=run.serial_log,
+        qmp_socket=run.qmp_socket,
+        ready=wait,
+    )
+
+
+def _become_supervisor(
+    run: RunDir, launch: dict[str, Any], ready_read: int, ready_write: int, lock_fd: int
+) -> NoReturn:
+    """In the child of ``os.fork``: leave the CLI's session and output, start QEMU, and
+    exec into the supervisor (``qvm.supervisor.spawn.start``). Never returns to the CLI's code."""
+    try:
+        os.setsid()  # a Ctrl-C at the terminal that ran `qvm up` must not reach us
+        os.close(ready_read)
+        os.chdir(run.path)
+        null = os.open(os.devnull, os.O_RDONLY)
+        log = os.open(run.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(null)
+        os.close(log)
+        from qvm.supervisor.spawn import start
+
+        start(str(run.path), launch, ready_write, lock_fd)
+    except BaseException:  # noqa: BLE001 - whatever happens, never run the CLI twice
+        import traceback
+
+        traceback.print_exc()  # into supervisor.log; `qvm up` sees the pipe close
+    os._exit(1)
+
+
+def _reap(pid: int, timeout: float) -> int | None:
+    """The exit code of our child ``pid`` once it ends, or None if it is still running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ended, status = os.waitpid(pid, os.WNOHANG)
+        if ended:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
+
+
+def _read_readiness(fd: int, want: str, timeout: float) -> tuple[list[str], bool]:
+    """Lines the supervisor wrote, up to one starting with ``want`` or "failed"; and
+    whether it closed its end (it only does so after "ready" or when it is ending)."""
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    lines: list[str] = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return lines, False
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if not readable:
+            return lines, False
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return lines, True
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            lines.append(line.decode())
+            word = lines[-1].split()[0] if lines[-1].split() else ""
+            if word in (want, "failed"):
+                return lines, False
+
+
+def _launch_failure(
+    run: RunDir, name: str, supervisor_exit: int | None, timed_out: bool
+) -> LaunchError:
+    if timed_out:
+        ask_kill = _try_kill(run)
+        return LaunchError(f"{name}: QMP did not answer in time; {ask_kill}")
+    state = read_json(run.state_file) or {}
+    ended = state.get("exit") or {}
+    tail = ended.get("stderr_tail") or []
+    reason = ended.get("reason") or f"the supervisor exited with code {supervisor_exit}"
+    message = f"{name}: QEMU failed to start: {reason}"
+    if tail:
+        message += "\n" + "\n".join(f"  {line}" for line in tail)
+    else:
+        message += f" (hint: see {run.supervisor_log})"
+    return LaunchError(message)
+
+
+def _try_kill(run: RunDir) -> str:
+    try:
+        ask_supervisor(run, {"op": "kill"}, timeout=10)
+    except QvmError as exc:
+        return f"could not stop it: {exc}"
+    return "stopped it"
+
+
+def _already_running(run: RunDir, name: str) -> UpResult:
+    state = read_json(run.state_file) or {}
+    return UpResult(
+        name=name,
+        already_running=True,
+        qemu_pid=state.get("qemu_pid"),
+        accel=state.get("accel"),
+        accel_reason=state.get("accel_reason"),
+        serial_log=run.serial_log,
+        qmp_socket=run.qmp_socket,
+        ready=True,
+    )

@@ -1,0 +1,623 @@
+"""The per-VM supervisor: a small process that outlives the CLI and owns one QEMU.
+
+Its process is forked by ``qvm up`` into a session of its own and inherits the
+already-taken ``supervisor.lock`` (so exactly one supervisor per VM can exist).
+``qvm.supervisor.spawn`` spawns QEMU as its child before anything else; this module then keeps a
+QMP connection on the events monitor, records how QEMU ended in ``state.json``, applies
+the restart policy and cleans up. Clients talk to it over ``supervisor.sock``: one JSON
+request line, one JSON reply line; or, after an ``{"op": "control"}`` line, qvm's own QMP
+commands and events (``qvm.supervisor.relay``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qvm.base.jsonfile import write_json_atomic
+from qvm.base.proc import process_start_time, process_state, process_usage
+from qvm.layout.rundir import RunDir
+from qvm.supervisor.spawn import LOG_MARKER, AdoptedQemu, initial_state
+
+QMP_CONNECT_TIMEOUT = 60.0
+QMP_CALL_TIMEOUT = 2.0
+POWER_BUTTON_REPEAT = 5.0  # seconds between presses during `qvm down`
+QUIT_WAIT = 5.0
+KILL_WAIT = 5.0
+MAX_RESTART_DELAY = 60.0
+# a run that lasted this long resets the consecutive-restart counter
+HEALTHY_RUN_SECONDS = 60.0
+RECENT_EVENTS = 100
+
+
+class Supervisor:
+    def __init__(self, run: RunDir, launch: dict[str, Any], ready_fd: int | None) -> None:
+        self.run = run
+        self.launch = launch
+        self.ready_fd = ready_fd
+        self.argv: list[str] = launch["argv"]
+        self.restart_policy: str = launch.get("restart", "no")
+        self.max_restarts: int = launch.get("max_restarts", 5)
+        self.restart_delay: float = launch.get("restart_delay", 1.0)
+        self.state: dict[str, Any] = initial_state(launch)
+        self.qemu: subprocess.Popen[bytes] | AdoptedQemu | None = None
+        self.run_started = 0.0
+        # set by `stop`/`kill` requests: an exit we asked for is never a failure
+        self.intent: str | None = None
+        self.shutdown_event: dict[str, Any] | None = None
+        self.crash_reason: str | None = None
+        self.runstate = "unknown"
+        self.events: list[dict[str, Any]] = []
+        self.qmp: Any = None
+        self.qmp_ready = False
+        self.consecutive_restarts = 0
+        self.restart_next = False
+
+    # --- files -------------------------------------------------------------------------
+
+    def save_state(self, **changes: Any) -> None:
+        self.state.update(changes)
+        write_json_atomic(self.run.state_file, self.state)
+
+    def notify(self, line: str) -> None:
+        """Tell the `qvm up` that started us how far we got; it may have gone away."""
+        if self.ready_fd is None:
+            return
+        try:
+            os.write(self.ready_fd, (line + "\n").encode())
+        except OSError:
+            self.ready_fd = None
+
+    def notify_ready(self) -> None:
+        self.notify(f"ready {self.qemu.pid if self.qemu else 0}")
+        self.close_notify()
+
+    def close_notify(self) -> None:
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+
+    # --- QEMU process ------------------------------------------------------------------
+
+    def spawn_qemu(self) -> None:
+        """Start (or restart) QEMU and record it."""
+        from qvm.supervisor.spawn import spawn_qemu
+
+        self.adopt_qemu(spawn_qemu(self.argv, str(self.run.path)))
+
+    def adopt_qemu(self, qemu: subprocess.Popen[bytes] | AdoptedQemu) -> None:
+        """Take charge of a QEMU just spawned (the first one is spawned before we exist)."""
+        self.qemu = qemu
+        self.run_started = time.time()
+        self.intent = None
+        self.shutdown_event = None
+        self.crash_reason = None
+        self.runstate = "unknown"
+        self.qmp_ready = False
+        self.save_state(
+            state="starting" if self.state["restarts"] == 0 else "restarting",
+            qemu_pid=self.qemu.pid,
+            qemu_start_time=process_start_time(self.qemu.pid),
+            started_at=self.run_started,
+        )
+
+    def qemu_alive(self) -> bool:
+        return self.qemu is not None and self.qemu.poll() is None
+
+    # --- main loop ---------------------------------------------------------------------
+
+    async def main(self) -> int:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_stop_signal)
+        self.qmp_connected = asyncio.Event()
+        # before any request can come in: `stop` and `kill` wait on it
+        self._watch_exit()
+        server = await asyncio.start_unix_server(
+            self._serve_client, path=str(self.run.supervisor_socket)
+        )
+        first = True
+        try:
+            while True:
+                started_ok = await self._run_qemu_once(first)
+                if first and not started_ok:
+                    return 1
+                first = False
+                if not await self._restart_after_backoff():
+                    return 0
+                self._watch_exit()
+        finally:
+            server.close()
+            self.run.remove_qemu_sockets()
+            self.run.supervisor_socket.unlink(missing_ok=True)
+            self.close_notify()
+
+    def _watch_exit(self) -> None:
+        """``self.exited`` resolves once the current QEMU has exited: a pidfd is readable
+        then, so there is no SIGCHLD handling and no polling."""
+        import asyncio
+
+        assert self.qemu is not None
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        self.exited = exited
+        self.pidfd: int | None = None
+        if self.qemu.poll() is None:
+            self.pidfd = os.pidfd_open(self.qemu.pid)
+            loop.add_reader(self.pidfd, lambda: exited.done() or exited.set_result(None))
+        else:
+            exited.set_result(None)  # it died while we probed for QMP
+
+    async def _run_qemu_once(self, first: bool) -> bool:
+        """Run one QEMU to its end; False if it died before QMP answered."""
+        import asyncio
+
+        assert self.qemu is not None
+        watcher = asyncio.create_task(self._watch_qmp(self.exited))
+        try:
+            await self.exited
+            returncode = self.qemu.wait()
+        finally:
+            if self.pidfd is not None:
+                asyncio.get_running_loop().remove_reader(self.pidfd)
+                os.close(self.pidfd)
+                self.pidfd = None
+        ready = self.qmp_ready
+        if self.qmp is not None:
+            watcher.cancel()  # it follows events, which never end by themselves
+        # else it is still connecting and returns once it sees QEMU has exited: cancelling
+        # qemu.qmp's connect midway was seen to leave the task stuck, and the process
+        # alive, for good. Either way QEMU is gone: the exit record must not wait long.
+        _, pending = await asyncio.wait({watcher}, timeout=QMP_CALL_TIMEOUT)
+        for task in pending:
+            task.cancel()
+        await self._disconnect_qmp()
+        self._record_exit(returncode, reached_qmp=bool(ready), first=first)
+        if first and not ready:
+            self.notify("failed")
+            return False
+        return True
+
+    async def _watch_qmp(self, exited: Any) -> bool:
+        """Connect to the events monitor, announce readiness, then follow events."""
+        import asyncio
+
+        from qemu.qmp import QMPClient
+
+        deadline = time.monotonic() + QMP_CONNECT_TIMEOUT
+        client = QMPClient(self.state["name"])
+        while True:
+            if exited.done():
+                return False
+            try:
+                await client.connect(str(self.run.events_socket))
+                break
+            except Exception:  # noqa: BLE001 - QEMU has not created the socket yet
+                if time.monotonic() > deadline:
+                    self.crash_reason = "QMP did not answer within 60 s"
+                    self._signal_qemu(signal.SIGKILL)
+                    return False
+                await asyncio.sleep(0.005)
+        self.qmp = client
+        self.qmp_ready = True
+        self.qmp_connected.set()
+        try:
+            status = await asyncio.wait_for(client.execute("query-status"), QMP_CALL_TIMEOUT)
+            self.runstate = status.get("status", "unknown")
+        except Exception:  # noqa: BLE001 - readiness is the connection, the status is extra
+            pass
+        # the STOP of an internal error can come before this connection exists
+        self._end_after_internal_error()
+        self.save_state(state=self._live_state())
+        self.notify_ready()
+        try:
+            async for event in client.events:
+                await self._on_event(dict(event))
+        except Exception:  # noqa: BLE001 - the connection ends when QEMU does
+            pass
+        return True
+
+    async def _disconnect_qmp(self) -> None:
+        import asyncio
+
+        if self.qmp is not None:
+            # QEMU is gone, and so is the connection: nothing to report
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.disconnect(), QMP_CALL_TIMEOUT)
+            self.qmp = None
+            self.qmp_connected.clear()
+
+    def _live_state(self) -> str:
+        if self.intent in ("stop", "kill"):
+            return "stopping"
+        if self.runstate in ("paused", "suspended", "prelaunch", "inmigrate", "postmigrate"):
+            return "paused"
+        return "running"
+
+    async def _on_event(self, event: dict[str, Any]) -> None:
+        import asyncio
+
+        name = event.get("event")
+        data = event.get("data") or {}
+        self.events.append(event)
+        del self.events[:-RECENT_EVENTS]
+        if name == "SHUTDOWN":
+            self.shutdown_event = data
+        elif name == "GUEST_PANICKED":
+            self.crash_reason = "guest panic"
+        elif name in ("STOP", "RESUME"):
+            self.runstate = "running" if name == "RESUME" else "paused"
+            if name == "STOP":
+                try:
+                    status = await asyncio.wait_for(
+                        self.qmp.execute("query-status"), QMP_CALL_TIMEOUT
+                    )
+                    self.runstate = status.get("status", "paused")
+                except Exception:  # noqa: BLE001 - keep the event's word for it
+                    pass
+                self._end_after_internal_error()
+            self.save_state(state=self._live_state())
+        elif name == "DEVICE_DELETED":
+            await self._finish_pending_unplug(data)
+
+    def _end_after_internal_error(self) -> None:
+        """A VM stuck in internal-error never recovers: record it and end QEMU, so that
+        the restart policy can act."""
+        if self.runstate == "internal-error":
+            self.crash_reason = "KVM internal error (see qvm logs --qemu)"
+            self._signal_qemu(signal.SIGKILL)
+
+    async def _finish_pending_unplug(self, data: dict[str, Any]) -> None:
+        """An unplug that the CLI gave up waiting for has completed: drop its mark, and
+        delete what the device used (memory backend, block nodes, netdev)."""
+        import asyncio
+
+        from qvm.store.pending import complete_pending
+
+        for dev_id, cleanup in complete_pending(self.run, data):
+            for command, arguments in cleanup:
+                try:
+                    await asyncio.wait_for(self.qmp.execute(command, arguments), QMP_CALL_TIMEOUT)
+                except Exception as exc:  # noqa: BLE001 - say it in the log, keep watching
+                    sys.stderr.write(
+                        f"qvm supervisor: after DEVICE_DELETED of {dev_id}: "
+                        f"{command} {arguments} failed: {exc}\n"
+                    )
+
+    def _record_exit(self, returncode: int, reached_qmp: bool, first: bool) -> None:
+        """Record how QEMU ended and what happens next, in one write: a reader never sees
+        a "crashed" that is about to become "restarting", or a reason about to grow."""
+        failed, reason = self._classify_exit(returncode, reached_qmp)
+        code = returncode if returncode >= 0 else None
+        sig = -returncode if returncode < 0 else None
+        ran_seconds = round(time.time() - self.run_started, 3)
+        self.restart_next, note = self._restart_verdict(
+            failed, ran_seconds, start_failed=first and not reached_qmp
+        )
+        ended = {
+            "code": code,
+            "signal": signal.Signals(sig).name if sig else None,
+            "reason": reason + note,
+            "failed": failed,
+            "at": time.time(),
+            "ran_seconds": ran_seconds,
+            "ended_by": self.intent,
+        }
+        if failed and not reached_qmp:
+            ended["stderr_tail"] = qemu_log_tail(self.run.qemu_log)
+        final = "crashed" if failed else "stopped"
+        self.save_state(
+            state="restarting" if self.restart_next else final,
+            exit=ended,
+            qemu_pid=None,
+            crash_reason=ended["reason"] if failed else None,
+        )
+        self.run.remove_qemu_sockets()
+
+    def _restart_verdict(
+        self, failed: bool, ran_seconds: float, start_failed: bool
+    ) -> tuple[bool, str]:
+        """Whether the restart policy brings QEMU back, and a note for the reason if the
+        cap stops it. A QEMU that never started, or one we were asked to end, stays down."""
+        if start_failed or self.intent in ("stop", "kill"):
+            return False, ""
+        policy = self.restart_policy
+        if policy == "no" or (policy == "on-failure" and not failed):
+            return False, ""
+        if ran_seconds >= HEALTHY_RUN_SECONDS:
+            self.consecutive_restarts = 0
+        if self.consecutive_restarts >= self.max_restarts:
+            return False, f"; not restarted: {self.max_restarts} restarts in a row"
+        return True, ""
+
+    def _classify_exit(self, returncode: int, reached_qmp: bool) -> tuple[bool, str]:
+        deliberate = self.intent in ("stop", "kill")
+        if self.crash_reason:
+            return True, self.crash_reason
+        if returncode < 0:
+            name = signal.Signals(-returncode).name
+            if deliberate:
+                return False, f"killed by {name} (qvm {self.intent})"
+            return True, f"killed by {name}"
+        if returncode > 0:
+            if not reached_qmp:
+                return True, f"QEMU exited with code {returncode} while starting"
+            return (not deliberate), f"QEMU exited with code {returncode}"
+        reason = (self.shutdown_event or {}).get("reason")
+        if reason == "guest-shutdown":
+            return False, "the guest powered off"
+        if reason == "host-qmp-quit":
+            return False, "quit over QMP"
+        if reason == "host-signal":
+            return False, "QEMU stopped by a signal"
+        if reason == "guest-panic":
+            return True, "guest panic"
+        return False, f"QEMU exited ({reason})" if reason else "QEMU exited"
+
+    async def _restart_after_backoff(self) -> bool:
+        import asyncio
+
+        if not self.restart_next:
+            return False
+        delay = min(self.restart_delay * 2**self.consecutive_restarts, MAX_RESTART_DELAY)
+        self.consecutive_restarts += 1
+        self.save_state(next_restart_at=time.time() + delay)
+        self.restart_wait = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.restart_wait), delay)
+        if self.intent in ("stop", "kill"):
+            self.save_state(state="stopped")
+            return False
+        self.state["restarts"] += 1
+        self.state.pop("next_restart_at", None)
+        self.spawn_qemu()
+        return True
+
+    # --- stopping ----------------------------------------------------------------------
+
+    def _on_stop_signal(self) -> None:
+        import asyncio
+
+        asyncio.get_running_loop().create_task(self.stop(timeout=30.0, force=False))
+
+    def _signal_qemu(self, signum: int) -> None:
+        if self.qemu_alive():
+            assert self.qemu is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.qemu.send_signal(signum)
+
+    async def _wait_exit(self, timeout: float) -> bool:
+        import asyncio
+
+        if not self.qemu_alive():
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _qmp_call(self, command: str, args: dict[str, Any] | None = None) -> Any:
+        import asyncio
+
+        # a `qvm down` right after `qvm up` must still press the power button, not skip to quit
+        qmp = await self.qmp_connection(QMP_CALL_TIMEOUT)
+        if qmp is None:
+            raise RuntimeError("no QMP connection")
+        return await asyncio.wait_for(qmp.execute(command, args), QMP_CALL_TIMEOUT)
+
+    async def qmp_connection(self, timeout: float) -> Any:
+        """Our QMP client, waiting up to ``timeout`` for it while QEMU runs; None without.
+
+        `qvm up` returns when QMP first answers, before this connection is up: whatever a
+        command asks right then waits for it rather than failing or answering half."""
+        import asyncio
+
+        if self.qmp is None and self.qemu_alive():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.qmp_connected.wait(), timeout)
+        return self.qmp
+
+    async def stop(self, timeout: float, force: bool) -> dict[str, Any]:
+        """ACPI power button, then QMP quit, then SIGKILL; say which one ended QEMU."""
+        self._cancel_restart()
+        if not self.qemu_alive():
+            self.intent = "stop"
+            return {"ended_by": None, "message": "QEMU was not running"}
+        self.intent = "stop"
+        self.save_state(state="stopping")
+        if not force:
+            try:
+                if await self._power_down(timeout):
+                    return {"ended_by": "acpi"}
+            except Exception:  # noqa: BLE001 - escalate to quit
+                pass
+        try:
+            await self._qmp_call("quit")
+            if await self._wait_exit(QUIT_WAIT):
+                return {"ended_by": "quit"}
+        except Exception:  # noqa: BLE001 - a closed connection during quit is success
+            if await self._wait_exit(QUIT_WAIT):
+                return {"ended_by": "quit"}
+        self._signal_qemu(signal.SIGKILL)
+        await self._wait_exit(KILL_WAIT)
+        return {"ended_by": "kill"}
+
+    async def _power_down(self, timeout: float) -> bool:
+        """Press the ACPI power button, and again every few seconds while QEMU runs, up to
+        ``timeout``: a guest still booting (no ACPI handler yet) or busy (onlining a vCPU
+        under TCG) loses a press, as a person at the machine would find; a guest already
+        shutting down ignores the later ones. True once QEMU has exited."""
+        deadline = time.monotonic() + timeout
+        while True:
+            await self._qmp_call("system_powerdown")
+            remaining = max(deadline - time.monotonic(), 0.0)
+            if await self._wait_exit(min(POWER_BUTTON_REPEAT, remaining)):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+
+    async def kill(self) -> dict[str, Any]:
+        self._cancel_restart()
+        self.intent = "kill"
+        if not self.qemu_alive():
+            return {"ended_by": None, "message": "QEMU was not running"}
+        self._signal_qemu(signal.SIGKILL)
+        await self._wait_exit(KILL_WAIT)
+        return {"ended_by": "kill"}
+
+    def _cancel_restart(self) -> None:
+        waiter = getattr(self, "restart_wait", None)
+        self.intent = self.intent or "stop"
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- requests ----------------------------------------------------------------------
+
+    async def _serve_client(self, reader: Any, writer: Any) -> None:
+        try:
+            line = await reader.readline()
+            request = json.loads(line or b"{}")
+            if request.get("op") == "control":
+                from qvm.supervisor.relay import serve_control
+
+                await serve_control(self, reader, writer)
+                return
+            reply = await self._handle(request)
+        except Exception as exc:  # noqa: BLE001 - a bad request must not end the supervisor
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        try:
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+            writer.close()
+        except Exception:  # noqa: BLE001 - the client went away
+            pass
+
+    async def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "status":
+            return await self.live_status()
+        if op == "stop":
+            return await self.stop(float(request.get("timeout", 30)), bool(request.get("force")))
+        if op == "kill":
+            return await self.kill()
+        if op == "events":
+            return {"events": self.events}
+        return {"error": f"unknown op {op!r}"}
+
+    async def live_status(self) -> dict[str, Any]:
+        import asyncio
+
+        reply: dict[str, Any] = {k: self.state.get(k) for k in self.state}
+        reply["state"] = self._live_state() if self.qemu_alive() else self.state["state"]
+        # a status asked right after `qvm up` waits rather than answering without vCPUs
+        if not self.qemu_alive() or await self.qmp_connection(QMP_CALL_TIMEOUT) is None:
+            return reply
+        try:
+            status, cpus, memory = await asyncio.wait_for(
+                asyncio.gather(
+                    self.qmp.execute("query-status"),
+                    self.qmp.execute("query-cpus-fast"),
+                    self.qmp.execute("query-memory-size-summary"),
+                ),
+                QMP_CALL_TIMEOUT,
+            )
+            self.runstate = status.get("status", self.runstate)
+            reply["runstate"] = self.runstate
+            reply["state"] = self._live_state()
+            reply["vcpus_present"] = len(cpus)
+            reply["memory_bytes"] = memory.get("base-memory", 0) + memory.get("plugged-memory", 0)
+        except Exception as exc:  # noqa: BLE001 - report what happened instead of hanging
+            reply["qmp_error"] = describe_qmp_failure(exc, self.qemu.pid if self.qemu else None)
+        reply.update(
+            process_facts(self.qemu.pid if self.qemu else None, self.state.get("started_at"))
+        )
+        return reply
+
+
+def describe_qmp_failure(exc: BaseException, pid: int | None) -> str:
+    stopped = pid is not None and process_state(pid) == "T"
+    if isinstance(exc, TimeoutError):
+        text = f"QEMU did not answer QMP within {QMP_CALL_TIMEOUT:g} s"
+    else:
+        text = f"QMP query failed: {exc}"
+    if stopped:
+        text += f" (its process {pid} is stopped, e.g. by SIGSTOP: 'kill -CONT {pid}' resumes it)"
+    return text
+
+
+_cpu_samples: dict[int, tuple[float, float]] = {}
+
+
+def process_facts(pid: int | None, started_at: float | None) -> dict[str, Any]:
+    """Host RSS of QEMU, and its CPU% since the previous sample (or since it started)."""
+    usage = process_usage(pid) if pid else None
+    if usage is None:
+        return {}
+    rss, cpu_seconds = usage
+    now = time.monotonic()
+    last_time, last_cpu = _cpu_samples.get(pid, (now - (time.time() - (started_at or 0)), 0.0))
+    elapsed = max(now - last_time, 1e-6)
+    _cpu_samples[pid] = (now, cpu_seconds)
+    return {"rss_bytes": rss, "cpu_percent": round(100.0 * (cpu_seconds - last_cpu) / elapsed, 1)}
+
+
+def qemu_log_tail(path: Path, lines: int = 10) -> list[str]:
+    """The last lines QEMU wrote in its latest run (after qvm's start marker)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    latest = text.rsplit(LOG_MARKER, 1)[-1].split("\n", 1)[-1]
+    return [line for line in latest.splitlines() if line.strip()][-lines:]
+
+
+def run_supervisor(
+    run_path: str,
+    launch: dict[str, Any],
+    ready_fd: int | None,
+    qemu: AdoptedQemu,
+    qmp_answered: bool,
+) -> int:
+    """Supervise a QEMU that ``qvm.supervisor.spawn`` has just spawned, to the end."""
+    import asyncio
+
+    supervisor = Supervisor(RunDir(Path(run_path)), launch, ready_fd)
+    supervisor.adopt_qemu(qemu)
+    if qmp_answered:
+        supervisor.notify_ready()
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(supervisor.main())
+    finally:
+        # Unlike asyncio.run, give what is left (a client's request, a QMP connection's
+        # teardown) a bounded time: with QEMU gone, nothing may keep the supervisor alive.
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.wait(leftovers, timeout=QMP_CALL_TIMEOUT))
+        loop.close()
+
+
+def record_spawn_failure(run_path: str, launch: dict[str, Any], error: OSError) -> None:
+    supervisor = Supervisor(RunDir(Path(run_path)), launch, ready_fd=None)
+    supervisor.save_state(
+        state="crashed",
+        exit={
+            "code": None,
+            "signal": None,
+            "failed": True,
+            "at": time.time(),
+            "reason": f"could not start {launch['argv'][0]}: {error.strerror or error}",
+        },
+    )

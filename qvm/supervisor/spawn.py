@@ -1,0 +1,207 @@
+"""How a supervisor process begins: spawn QEMU first, think later.
+
+``qvm up`` forks; the child calls ``start``, which spawns QEMU at once and tells the
+``qvm up`` waiting on the readiness pipe "ready" as soon as QMP answers, then execs
+``python -m qvm.supervisor RUNDIR QEMU_PID HOW`` (``qvm.supervisor.__main__``), which
+imports asyncio, qemu.qmp and the rest of qvm (``qvm.supervisor.process``) and supervises
+QEMU to its end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from qvm.base.proc import find_program
+
+if TYPE_CHECKING:
+    import subprocess
+    from collections.abc import Callable
+    from typing import Any, NoReturn
+
+from qvm.supervisor.wire import read_line
+
+QMP_ANSWER_TIMEOUT = 60.0
+# QEMU must not outlive a supervisor that is killed outright: SIGTERM makes it quit
+# cleanly ("host-signal"), and the next `qvm up` or `qvm status` sees the stale state.
+PR_SET_PDEATHSIG = 1
+LOG_MARKER = "=== qvm: QEMU start at"
+
+
+def with_parent_death_signal(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """Make QEMU get SIGTERM when the supervisor dies, however it dies.
+
+    util-linux's setpriv (essential on Debian) sets it and execs QEMU, so the pid stays
+    QEMU's and the supervisor needs no ctypes and no preexec function (which would force a
+    slower fork). Elsewhere, prctl through ctypes, resolved here in the parent.
+    """
+    setpriv = find_program("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "TERM", "--", *argv], None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def set_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return argv, set_signal
+
+
+def wait_qmp_answer(path: str, qemu: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Block until QEMU's monitor on ``path`` answers a command (QMP is ready), or QEMU dies.
+
+    The greeting alone is not enough: QEMU greets before it has created the devices on
+    its command line, and may still fail on one. Commands are only answered from the main
+    loop, after start-up. Plain sockets, before asyncio is even imported: the `qvm up`
+    waiting on us hears "ready" as soon as a raw client could, not after our own imports.
+    """
+    import socket  # after QEMU is spawned: its start hides the import
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if qemu.poll() is not None:
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(max(deadline - time.monotonic(), 0.01))
+                probe.connect(path)
+                if b'"QMP"' not in read_line(probe):
+                    continue
+                probe.sendall(b'{"execute": "qmp_capabilities"}\n')
+                if b'"return"' in read_line(probe):
+                    return True
+        except OSError:
+            pass  # not listening yet, or QEMU went away: poll() above tells which
+        time.sleep(0.002)
+    return False
+
+
+def spawn_qemu(argv: list[str], run_path: str) -> subprocess.Popen[bytes]:
+    """Start QEMU with its output appended to qemu.log after a start marker."""
+    import subprocess
+
+    spawn_argv, preexec = with_parent_death_signal(argv)
+    with open(os.path.join(run_path, "qemu.log"), "ab") as log:
+        log.write(f"{LOG_MARKER} {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            spawn_argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=run_path,
+            preexec_fn=preexec,  # noqa: PLW1509 - only where setpriv is missing
+        )
+
+
+def initial_state(launch: dict[str, Any]) -> dict[str, Any]:
+    """The first state record of a supervisor, before it has a QEMU."""
+    from qvm.base.proc import process_start_time
+
+    return {
+        "name": launch["name"],
+        "machine_file": launch.get("machine_file"),
+        "accel": launch.get("accel"),
+        "accel_reason": launch.get("accel_reason"),
+        "supervisor_pid": os.getpid(),
+        "supervisor_start_time": process_start_time(os.getpid()),
+        "state": "starting",
+        "restarts": 0,
+        "exit": None,
+        "crash_reason": None,
+    }
+
+
+def record_spawned(run_path: str, launch: dict[str, Any], qemu: subprocess.Popen[bytes]) -> None:
+    """state.json names this QEMU before `qvm up` returns: the commands a script runs next
+    (status, cpu add) must not read the previous run's record, or none."""
+    from qvm.base.jsonfile import write_json_atomic
+    from qvm.base.proc import process_start_time
+
+    state = initial_state(launch)
+    state.update(
+        qemu_pid=qemu.pid, qemu_start_time=process_start_time(qemu.pid), started_at=time.time()
+    )
+    write_json_atomic(os.path.join(run_path, "state.json"), state)
+
+
+def notify(fd: int | None, line: str) -> None:
+    """Tell the `qvm up` that started us how far we got; it may have gone away."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, (line + "\n").encode())
+    except OSError:
+        return  # nobody is listening any more; that is fine
+
+
+class AdoptedQemu:
+    """The QEMU this process spawned before it exec'd into the supervisor proper: still
+    its child, no longer a ``Popen``. The same small interface the supervisor uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+
+def start(run_path: str, launch: dict[str, Any], ready_fd: int, lock_fd: int) -> NoReturn:
+    """The first moments of a supervisor, in the process ``qvm up`` forked: spawn QEMU,
+    say "spawned", then "ready" once QMP answers, then exec into the supervisor proper.
+
+    Forking the CLI, which has everything QEMU's start needs in memory already, spawns
+    QEMU ~40 ms sooner than starting a new Python would. The exec gives the supervisor a
+    fresh, small process image (its RSS is a target) and keeps QEMU as its child.
+    """
+    try:
+        qemu = spawn_qemu(launch["argv"], run_path)
+    except OSError as error:
+        from qvm.supervisor.process import record_spawn_failure
+
+        record_spawn_failure(run_path, launch, error)
+        notify(ready_fd, "failed")
+        os._exit(1)
+    record_spawned(run_path, launch, qemu)
+    notify(ready_fd, f"spawned {qemu.pid}")
+    answered = wait_qmp_answer(os.path.join(run_path, "events.sock"), qemu, QMP_ANSWER_TIMEOUT)
+    env = dict(os.environ)
+    os.set_inheritable(lock_fd, True)  # held open for the supervisor's life: "alive"
+    if answered:
+        # `qvm up` is done waiting: it must not also wait for the supervisor's imports
+        notify(ready_fd, f"ready {qemu.pid}")
+        os.close(ready_fd)
+    else:
+        # QEMU died (or never answered): the supervisor records why, then says "failed"
+        env["QVM_READY_FD"] = str(ready_fd)
+        os.set_inheritable(ready_fd, True)
+    # Popen has reaped a QEMU that died meanwhile: its exit code must travel with us
+    how = (
+        "answered"
+        if answered
+        else f"exited={qemu.returncode}"
+        if qemu.poll() is not None
+        else "silent"
+    )
+    os.execve(
+        sys.executable, [sys.executable, "-m", "qvm.supervisor", run_path, str(qemu.pid), how], env
+    )
