@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from qvm.definition.schema import CloudInitSpec, Machine
 from qvm.errors import DefinitionError, HostError, Problem
+from qvm.host.tools import run_tool
 from qvm.layout.rundir import RunDir
 
 SEED_LABEL = "cidata"
@@ -262,12 +262,5 @@ def make_key_pair(private: Path, comment: str) -> str:
         private.unlink(missing_ok=True)
         public.unlink(missing_ok=True)
         argv = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(private)]
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-        except OSError as exc:
-            raise HostError(
-                f"ssh-keygen: cannot run it: {exc} (hint: apt-get install openssh-client)"
-            ) from exc
-        if done.returncode != 0:
-            raise HostError(f"ssh-keygen -f {private}: {done.stderr.strip()}")
+        run_tool(argv, "openssh-client", timeout=30, what=f"ssh-keygen -f {private}")
     return public.read_text().strip()

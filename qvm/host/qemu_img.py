@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qvm.errors import HostError
+from qvm.host.tools import run_tool
 
 QCOW2_MAGIC = b"QFI\xfb"
 
@@ -27,17 +28,11 @@ def ensure_overlay(base: Path, base_format: str, overlay: Path, size: int | None
 
 def qemu_img_create(path: Path, size: int | None, options: list[str] | None = None) -> None:
     """``qemu-img create -f qcow2 [OPTIONS] PATH [SIZE]``; a half-made file is removed."""
-    import subprocess
-
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", *(options or []), str(path)]
     if size is not None:
         argv.append(str(size))
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    except OSError as exc:
-        raise HostError(
-            f"qemu-img: cannot run it: {exc} (hint: apt-get install qemu-utils)"
-        ) from exc
-    if done.returncode != 0:
+        run_tool(argv, "qemu-utils", timeout=60, what=f"qemu-img create {path}")
+    except HostError:
         path.unlink(missing_ok=True)
-        raise HostError(f"qemu-img create {path}: {done.stderr.strip()}")
+        raise

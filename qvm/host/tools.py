@@ -1,0 +1,24 @@
+"""Running a host tool (qemu-img, ssh-keygen) the one way: argv, no shell, a timeout,
+and a missing tool or a failure as one line naming the tool and the package to install."""
+
+from __future__ import annotations
+
+from qvm.errors import HostError
+
+
+def run_tool(argv: list[str], package: str, timeout: float, what: str | None = None) -> str:
+    """Run ``argv``; return its stdout. ``what`` names the call in a failure message
+    (default: the tool's name)."""
+    import subprocess  # only the commands that run a tool pay for it
+
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except OSError as exc:
+        raise HostError(
+            f"{argv[0]}: cannot run it: {exc} (hint: apt-get install {package})"
+        ) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise HostError(f"{what or argv[0]}: no answer within {timeout:g} s") from exc
+    if done.returncode != 0:
+        raise HostError(f"{what or argv[0]}: {done.stderr.strip()}")
+    return done.stdout
