@@ -3,8 +3,11 @@
     QvmError                 one line for the user; the CLI prints it and exits non-zero
      ├── DefinitionError     a machine file is unusable; carries every problem found
      ├── HostError           this host or this QEMU cannot do what was asked
+     ├── VmNameError         a name that cannot be a VM's (checked before any path is built)
+     ├── UnsafeStateError    a state dir or run dir that is a link, foreign, or open to others
      ├── VmStateError        the VM is not in a state that allows the operation
      │    └── NotRunningError
+     ├── RecordError         a record in a run dir (or a supervisor message) does not parse
      ├── LaunchError         QEMU or the supervisor died while starting
      ├── ControlError        a QMP operation failed or QEMU refused it
      │    └── QmpTimeoutError
@@ -55,6 +58,14 @@ class HostError(QvmError):
     pass
 
 
+class VmNameError(QvmError):
+    exit_code = 2
+
+
+class UnsafeStateError(QvmError):
+    pass
+
+
 class VmStateError(QvmError):
     pass
 
@@ -65,6 +76,17 @@ class NotRunningError(VmStateError):
         message = f"{name}: not running"
         message += f" (hint: {hint})" if hint else f" (hint: start it with 'qvm up {name}')"
         super().__init__(message)
+
+
+class RecordError(QvmError):
+    """A record qvm wrote (``state.json``, ``launch.json``, ...) or a supervisor message
+    that does not have the expected shape: corrupt, foreign, or from another qvm version."""
+
+    def __init__(self, source: str, key: str, problem: str, hint: str | None = None) -> None:
+        self.source = source
+        self.key = key
+        text = f"{source}: {key}: {problem}" if key else f"{source}: {problem}"
+        super().__init__(text + (f" (hint: {hint})" if hint else ""))
 
 
 class LaunchError(QvmError):

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
+import stat
 from pathlib import Path
 from typing import NamedTuple
 
-from qvm.base.jsonfile import read_json, write_json_atomic
-from qvm.errors import HostError
-
-__all__ = ["read_json", "write_json_atomic"]  # re-exported: most modules reach them here
+from qvm.errors import HostError, UnsafeStateError
+from qvm.layout.names import check_vm_name, is_vm_name
 
 # sun_path is 108 bytes including the terminating NUL
 MAX_SOCKET_PATH = 107
@@ -135,9 +133,17 @@ class RunDir(NamedTuple):
     def sockets(self) -> list[Path]:
         return [self.path / name for name in SOCKET_NAMES]
 
+    # `qvm new` wrote the machine file named here, with its sha256: `rm --purge` may remove
+    # that file only while it is unchanged
+    @property
+    def new_record(self) -> Path:
+        return self.path / "new.json"
+
     def create(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.path, 0o700)
+        """Make the run dir (and the state root) private to this user, or refuse one that
+        is a link, someone else's, or writable by others: qvm deletes and chmods in it."""
+        ensure_private_dir(self.path.parent, "state dir")
+        ensure_private_dir(self.path, "run dir")
         longest = max(len(os.fsencode(str(s))) for s in self.sockets())
         if longest > MAX_SOCKET_PATH:
             raise HostError(
@@ -161,16 +167,80 @@ def default_state_dir() -> Path:
 
 
 def run_dir_for(state_root: Path, name: str) -> RunDir:
-    return RunDir(state_root / name)
+    """The run dir of VM ``name``: the name is checked before it becomes a path."""
+    return RunDir(state_root / check_vm_name(name))
 
 
 def list_run_dirs(state_root: Path) -> list[RunDir]:
+    """Every run dir under the state root: real folders with a VM's name, no links."""
     try:
         entries = sorted(state_root.iterdir())
     except OSError:
         return []
-    return [
-        RunDir(p) for p in entries if p.is_dir() and re.fullmatch(r"[a-z0-9][a-z0-9_-]*", p.name)
-    ]
+    return [RunDir(p) for p in entries if is_vm_name(p.name) and _is_real_dir(p)]
 
-NEW_RECORD = "new.json"  # in the run dir: the machine file qvm new wrote, and its sha256
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def ensure_private_dir(path: Path, what: str, make_parent: bool = True) -> None:
+    """``path`` exists as a folder of this user's, closed to others (0700 when qvm makes
+    it, whatever the umask); otherwise UnsafeStateError or HostError saying why."""
+    try:
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)  # mkdir's mode goes through the umask
+    except FileExistsError:
+        pass
+    except FileNotFoundError as error:
+        if not make_parent or path.parent == path:
+            raise _cannot_create(path, what, error) from error
+        try:  # the folders above are the user's business: made as mkdir -p would
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as parent_error:
+            raise _cannot_create(path, what, parent_error) from parent_error
+        ensure_private_dir(path, what, make_parent=False)
+        return
+    except OSError as error:
+        raise _cannot_create(path, what, error) from error
+    check_private_dir(path, what)
+
+
+def _cannot_create(path: Path, what: str, error: OSError) -> HostError:
+    return HostError(
+        f"{what} {path}: cannot create it: {error.strerror or error} "
+        "(hint: set QVM_STATE_DIR to a folder of yours)"
+    )
+
+
+def check_private_dir(path: Path, what: str) -> bool:
+    """Whether ``path`` exists; raise UnsafeStateError if it is not a private folder of
+    this user's (as ssh refuses a loose ``~/.ssh``): a link, a file, another user's, or
+    writable by group or others."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        raise HostError(f"{what} {path}: {error.strerror or error}") from error
+    hint = "(hint: remove it, or set QVM_STATE_DIR to a folder of yours)"
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafeStateError(f"{what} {path} is a symbolic link; qvm does not follow it {hint}")
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeStateError(
+            f"{what} {path} is not a folder (hint: set QVM_STATE_DIR to a folder of yours)"
+        )
+    if info.st_uid != os.geteuid():
+        raise UnsafeStateError(f"{what} {path} belongs to uid {info.st_uid}, not to you {hint}")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeStateError(
+            f"{what} {path} is writable by others (mode {stat.S_IMODE(info.st_mode):o}) "
+            f"(hint: chmod go-w {path})"
+        )
+    return True
+
+
+NEW_RECORD = "new.json"  # TODO(lead): callers move to RunDir.new_record
