@@ -24,13 +24,14 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from qvm.base.jsonfile import read_json
-from qvm.errors import ControlError, NotRunningError, QmpTimeoutError
+from qvm.errors import ControlError, NotRunningError, QmpTimeoutError, RecordError
 from qvm.layout.locks import try_lock
 from qvm.layout.rundir import RunDir
+from qvm.store.state import read_state
+from qvm.supervisor.wire import ControlRequest, ErrorReply, decode, decode_reply, encode
 
 DEFAULT_TIMEOUT = 10.0  # seconds per QMP command
 CONNECT_TIMEOUT = 5.0
@@ -71,10 +72,10 @@ class EventStream:
         return self._session._next_event(self._listener_id, timeout)
 
     def wait(
-        self, accept: Callable[[dict[str, Any]], bool], timeout: float
+        self, accept: Callable[[dict[str, Any]], bool], deadline: float
     ) -> dict[str, Any] | None:
-        """The first event ``accept`` likes within ``timeout`` seconds (others are dropped)."""
-        deadline = time.monotonic() + timeout
+        """The first event ``accept`` likes before ``deadline`` (``time.monotonic()``), or
+        None; the others are dropped."""
         while True:
             event = self.get(max(deadline - time.monotonic(), 0.0))
             if event is None:
@@ -108,6 +109,7 @@ class ControlSession:
         self._buffer = b""
         self._next_id = 0
         self._events: dict[int, collections.deque[dict[str, Any]]] = {}
+        self._source = f"{self.name}: supervisor reply"
 
     # --- opening and closing -----------------------------------------------------------
 
@@ -152,18 +154,19 @@ class ControlSession:
             self._sock = connect_supervisor(self.run, deadline)
         except OSError as exc:
             raise NotRunningError(self.name) from exc
-        self._send({"op": "control"})
+        request = ControlRequest()
+        self._send(request.to_json())
         try:
-            reply = self._read_message(deadline)
+            line = self._read_line(deadline)
         except EOFError as exc:  # the supervisor went away as we came
             raise NotRunningError(self.name) from exc
-        if reply is None:
+        if line is None:
             raise QmpTimeoutError(
                 f"{self.name}: the supervisor did not open a control session within "
                 f"{CONNECT_TIMEOUT:g} s (hint: qvm status {self.name})"
             )
-        if not reply.get("ready"):
-            raise NotRunningError(self.name)
+        if isinstance(decode_reply(request, line, self._source), ErrorReply):
+            raise NotRunningError(self.name)  # the supervisor has no QEMU to talk to
 
     def close(self) -> None:
         if self._sock is not None:
@@ -179,11 +182,16 @@ class ControlSession:
         assert self._sock is not None, "session is not open"
         # if the supervisor went away, reading the reply says so
         with contextlib.suppress(OSError):
-            self._sock.sendall(json.dumps(message).encode() + b"\n")
+            self._sock.sendall(encode(message))
 
     def _read_message(self, deadline: float) -> dict[str, Any] | None:
         """The next message, None when the deadline passed; EOFError when the supervisor
-        closed the session (QEMU and its supervisor ended)."""
+        closed the session (QEMU and its supervisor ended); RecordError if it is not a
+        JSON object."""
+        line = self._read_line(deadline)
+        return None if line is None else decode(line, self._source).data
+
+    def _read_line(self, deadline: float) -> bytes | None:
         assert self._sock is not None, "session is not open"
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
@@ -200,7 +208,7 @@ class ControlSession:
                 raise EOFError
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
+        return line
 
     def _request(self, message: dict[str, Any], wait: float) -> dict[str, Any] | None:
         """Send one request; its reply, or None if none came within ``wait`` seconds.
@@ -262,8 +270,10 @@ class ControlSession:
             qemu_exited=True,
         )
 
-    def listen(self, names: Iterable[str] | None = None) -> EventStream:
-        """Start collecting events now (before sending the command they answer)."""
+    @contextlib.contextmanager
+    def listen(self, names: Iterable[str] | None = None) -> Iterator[EventStream]:
+        """Collect events from now (before sending the command they answer) until the
+        ``with`` block ends: ``with session.listen(NAMES) as events: ...``."""
         try:
             reply = self._request(
                 {"listen": list(names) if names is not None else None}, self.timeout
@@ -274,7 +284,11 @@ class ControlSession:
             raise QmpTimeoutError(f"{self.name}: the supervisor did not start listening")
         listener_id = reply["id"]
         self._events[listener_id] = collections.deque()
-        return EventStream(self, listener_id)
+        events = EventStream(self, listener_id)
+        try:
+            yield events
+        finally:
+            events.close()
 
     def _next_event(self, listener_id: int, timeout: float) -> dict[str, Any] | None:
         queue = self._events[listener_id]
@@ -301,11 +315,14 @@ def describe_exit(run: RunDir, wait: float = EXIT_RECORD_WAIT) -> str:
     """How QEMU ended, from the supervisor's record (waiting briefly for it to appear)."""
     deadline = time.monotonic() + wait
     while True:
-        state = read_json(run.state_file) or {}
-        ended = state.get("exit") or {}
-        if state.get("state") in ("crashed", "stopped", "restarting") and ended.get("reason"):
-            verb = "crashed" if ended.get("failed") else "exited"
-            return f"QEMU {verb} ({ended['reason']})"
+        try:
+            state = read_state(run.state_file)
+        except RecordError as error:
+            return f"the connection closed, and {error}"
+        ended = state.exit if state is not None else None
+        ended_now = state is not None and state.state in ("crashed", "stopped", "restarting")
+        if ended_now and ended is not None and ended.reason:
+            return f"QEMU {'crashed' if ended.failed else 'exited'} ({ended.reason})"
         if time.monotonic() > deadline:
             return "the connection closed"
         time.sleep(0.05)

@@ -17,32 +17,32 @@ import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-from qvm.base.jsonfile import read_json
+from qvm.errors import RecordError
 from qvm.layout.locks import is_locked
 from qvm.layout.rundir import RunDir, list_run_dirs
 from qvm.store.devices import hotplugged
+from qvm.store.launch import Image, LaunchRecord, read_launch
+from qvm.store.state import read_state
 
 _LOCK_PERM_BASE = 100  # QEMU's RAW_LOCK_PERM_BASE
 _WRITE_BIT = 1  # BLK_PERM_WRITE
 _FLOCK = "hhqqi4x"  # struct flock on x86_64: type, whence, start, len, pid
 
 
-def image_records(argv: list[str], images: Any) -> list[dict[str, Any]]:
-    """A run's images as [{"path", "writable"}], from its record or else its argv."""
-    if isinstance(images, list):
-        return [i for i in images if isinstance(i, dict) and "path" in i]
+def image_records(launch: LaunchRecord) -> tuple[Image, ...]:
+    """A run's images, from its record or, in a record older than its images list, its
+    argv (a run without disks then lists its read-only cloud-init seed: harmless)."""
+    if launch.images:
+        return launch.images
     found = []
-    for arg in argv:
+    for arg in launch.argv:
         if not arg.startswith("driver=file,"):
             continue
         opts = dict(part.split("=", 1) for part in arg.split(",") if "=" in part)
         if "filename" in opts:
-            found.append(
-                {"path": opts["filename"], "writable": opts.get("read-only", "off") != "on"}
-            )
-    return found
+            found.append(Image(opts["filename"], writable=opts.get("read-only", "off") != "on"))
+    return tuple(found)
 
 
 def users_of(path: Path, state_root: Path, exclude: str) -> list[tuple[str, bool]]:
@@ -52,16 +52,19 @@ def users_of(path: Path, state_root: Path, exclude: str) -> list[tuple[str, bool
     for run in list_run_dirs(state_root):
         if run.name == exclude or not is_locked(run.lock_file):
             continue
-        launch = read_json(run.launch_file) or {}
-        images = image_records(launch.get("argv") or [], launch.get("images"))
+        try:
+            launch = read_launch(run.launch_file)
+        except RecordError:  # QEMU's own image locks, probed next, still catch a conflict
+            launch = None
+        images = list(image_records(launch)) if launch is not None else []
         images += [  # attached since it started (qvm disk attach)
-            {"path": d["file"], "writable": not d.get("readonly")}
+            Image(d["file"], writable=not d.get("readonly"))
             for d in hotplugged(run)
             if d.get("kind") == "disk" and d.get("file")
         ]
         for image in images:
-            if os.path.realpath(str(image["path"])) == real:
-                users.append((run.name, bool(image.get("writable"))))
+            if os.path.realpath(image.path) == real:
+                users.append((run.name, image.writable))
     return users
 
 
@@ -151,8 +154,11 @@ def _comm(pid: int) -> str:
 def vm_of_qemu_pid(state_root: Path, pid: int) -> str | None:
     """The qvm VM whose QEMU has this pid, if any."""
     for other in list_run_dirs(state_root):
-        state = read_json(other.state_file) or {}
-        if state.get("qemu_pid") == pid:
+        try:
+            state = read_state(other.state_file)
+        except RecordError:  # only names a holder: "pid 123 (qemu-system-x86)" will do
+            continue
+        if state is not None and state.qemu_pid == pid:
             return other.name
     return None
 

@@ -20,9 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from qvm.base.jsonfile import read_json
 from qvm.errors import HostError, NotRunningError, QvmError
 from qvm.layout.rundir import RunDir
+from qvm.store.launch import read_launch
 
 SSH_PORT = 22
 SSH_POLL_TIMEOUT = 5  # ConnectTimeout of one probe, seconds
@@ -42,19 +42,14 @@ class SshTarget(NamedTuple):
 
 
 def ssh_target(run: RunDir) -> SshTarget:
-    from qvm.store.forwards import current_forwards
+    from qvm.store.forwards import read_forwards
 
-    launch = read_json(run.launch_file)
+    launch = read_launch(run.launch_file)
     if launch is None:
         raise NotRunningError(run.name)
-    ssh = launch.get("ssh") or {}
+    ssh = launch.ssh
     forward = next(
-        (
-            f
-            for f in current_forwards(run)
-            if f.get("proto") == "tcp" and f.get("guest_port") == SSH_PORT
-        ),
-        None,
+        (f for f in read_forwards(run) if f.proto == "tcp" and f.guest_port == SSH_PORT), None
     )
     if forward is None:
         raise HostError(
@@ -62,15 +57,15 @@ def ssh_target(run: RunDir) -> SshTarget:
             f'(hint: add "tcp:0:22" to forwards in its [[nic]], or: qvm port add {run.name} '
             "tcp:0:22)"
         )
-    host = forward.get("host_addr") or "127.0.0.1"
+    host = forward.host_addr or "127.0.0.1"
     if host == "0.0.0.0":
         host = "127.0.0.1"
     return SshTarget(
         name=run.name,
-        user=ssh.get("user"),
+        user=ssh.user if ssh is not None else None,
         host=host,
-        port=int(forward["host_port"]),
-        identities=tuple(Path(p) for p in ssh.get("identities") or ()),
+        port=forward.host_port,
+        identities=tuple(Path(p) for p in ssh.identities) if ssh is not None else (),
         known_hosts=run.known_hosts,
     )
 

@@ -27,9 +27,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qvm.base.jsonfile import read_json
-from qvm.errors import VmStateError
+from qvm.errors import RecordError, VmStateError
 from qvm.layout.rundir import NEW_RECORD, RunDir, list_run_dirs
+from qvm.store.launch import LaunchRecord, read_launch
+from qvm.store.new import NewRecord, read_new
+from qvm.store.state import read_state
 
 
 @dataclass
@@ -47,10 +49,15 @@ def _require_stopped(run: RunDir, verb: str) -> None:
             f"{run.name}: is running; {verb} needs it stopped (hint: qvm down {run.name})"
         )
     # a QEMU whose supervisor was killed may still be using the files
-    state = read_json(run.state_file) or {}
-    if same_process_alive(state.get("qemu_pid"), state.get("qemu_start_time")):
+    try:
+        state = read_state(run.state_file)
+    except RecordError:
+        # reset and rm are how a broken run dir is cleared: the lock above already says
+        # no supervisor runs, and a record that does not parse names no QEMU to ask about
+        state = None
+    if state is not None and same_process_alive(state.qemu_pid, state.qemu_start_time):
         raise VmStateError(
-            f"{run.name}: its QEMU (pid {state['qemu_pid']}) still runs without a supervisor; "
+            f"{run.name}: its QEMU (pid {state.qemu_pid}) still runs without a supervisor; "
             f"{verb} needs it stopped (hint: qvm kill {run.name})"
         )
 
@@ -77,8 +84,10 @@ def remove(run: RunDir, purge: bool) -> Removed:
     _require_stopped(run, "rm")
     removed = Removed()
     if purge:
-        _purge_machine_file(run, removed)
-        _purge_downloads(run, removed)
+        # both records first: one that does not parse stops rm before it removes anything
+        note, launch = read_new(run.path / NEW_RECORD), read_launch(run.launch_file)
+        _purge_machine_file(note, removed)
+        _purge_downloads(run, launch, removed)
     if not run.path.exists():
         return removed
     disks = run.new_disk_images()
@@ -99,33 +108,27 @@ def remove(run: RunDir, purge: bool) -> Removed:
     return removed
 
 
-def _purge_machine_file(run: RunDir, removed: Removed) -> None:
-    record = read_json(run.path / NEW_RECORD)
-    if not record or not record.get("machine_file"):
+def _purge_machine_file(record: NewRecord | None, removed: Removed) -> None:
+    if record is None:
         return
-    path = Path(record["machine_file"])
+    path = Path(record.machine_file)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return
-    if hashlib.sha256(data).hexdigest() != record.get("sha256"):
+    if hashlib.sha256(data).hexdigest() != record.sha256:
         removed.kept.append((path, "changed since qvm new wrote it"))
         return
     path.unlink()
     removed.files.append(path)
 
 
-def _purge_downloads(run: RunDir, removed: Removed) -> None:
+def _purge_downloads(run: RunDir, launch: LaunchRecord | None, removed: Removed) -> None:
     from qvm.host.images import remove_cached
     from qvm.layout.cache import default_cache_root
 
     cache = os.path.realpath(default_cache_root())
-    launch = read_json(run.launch_file) or {}
-    mine = {
-        os.path.realpath(str(image["path"]))
-        for image in launch.get("images") or []
-        if isinstance(image, dict) and "path" in image
-    }
+    mine = {os.path.realpath(image.path) for image in launch.images} if launch else set()
     downloads = {p for p in mine if os.path.dirname(p) == cache}
     for path in sorted(downloads):
         users = _other_users(run, path)
@@ -142,9 +145,11 @@ def _other_users(run: RunDir, path: str) -> list[str]:
     for other in list_run_dirs(run.path.parent):
         if other.name == run.name:
             continue
-        launch = read_json(other.launch_file) or {}
-        for image in launch.get("images") or []:
-            if isinstance(image, dict) and os.path.realpath(str(image.get("path"))) == path:
-                users.append(other.name)
-                break
+        try:
+            launch = read_launch(other.launch_file)
+        except RecordError:  # it may use the image: keep it rather than guess
+            users.append(f"{other.name} (its launch.json does not parse)")
+            continue
+        if launch and any(os.path.realpath(image.path) == path for image in launch.images):
+            users.append(other.name)
     return users

@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qvm.base.jsonfile import write_json_atomic
 from qvm.definition.load import load_machine
 from qvm.definition.new import render
 from qvm.definition.schema import Machine
 from qvm.errors import DefinitionError, QvmError
 from qvm.layout.rundir import NEW_RECORD, RunDir
+from qvm.store.new import NewRecord, write_new_record
 
 
 def write_new(doc: dict[str, Any], path: Path, run: RunDir) -> Machine:
@@ -45,8 +45,6 @@ def write_new(doc: dict[str, Any], path: Path, run: RunDir) -> Machine:
         tmp.unlink(missing_ok=True)
     run.path.mkdir(parents=True, exist_ok=True)
     os.chmod(run.path, 0o700)
-    write_json_atomic(
-        run.path / NEW_RECORD,
-        {"machine_file": str(path.resolve()), "sha256": hashlib.sha256(text.encode()).hexdigest()},
-    )
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    write_new_record(run.path / NEW_RECORD, NewRecord(str(path.resolve()), digest))
     return load_machine(path)

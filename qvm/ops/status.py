@@ -8,16 +8,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from qvm.base.jsonfile import read_json
-from qvm.errors import QvmError
+from qvm.errors import QvmError, RecordError
 from qvm.layout.rundir import RunDir
+from qvm.store.launch import read_launch
+from qvm.store.state import StateRecord, read_state
 from qvm.supervisor.client import (
-    LIVE_STATES,
     SUPERVISOR_ANSWER_TIMEOUT,
     ask_supervisor,
     clean_stale,
     supervisor_alive,
 )
+from qvm.supervisor.wire import StatusRequest
 
 # --- status --------------------------------------------------------------------------
 
@@ -49,72 +50,81 @@ def vm_status(run: RunDir) -> dict[str, Any]:
         "forwards": [],
         "error": None,
     }
-    launch = read_json(run.launch_file) or {}
-    state = read_json(run.state_file)
+    try:
+        _fill_status(record, run)
+    except RecordError as error:  # state.json does not parse: say which file, never fail
+        record.update(state="unknown", error=str(error))
+    return record
+
+
+def _fill_status(record: dict[str, Any], run: RunDir) -> None:
+    launch_problem = None
+    try:
+        launch = read_launch(run.launch_file)
+    except RecordError as error:  # the state record can still tell the most
+        launch, launch_problem = None, str(error)
+    state = read_state(run.state_file)
     if state is None:
-        return record
+        record["error"] = launch_problem
+        return
     alive = supervisor_alive(run)
     if not alive:
         state = clean_stale(run) or state
     record.update(
-        accel=state.get("accel"),
-        accel_reason=state.get("accel_reason"),
-        restarts=state.get("restarts", 0),
-        last_exit=state.get("exit"),
-        machine_file=state.get("machine_file"),
-        supervisor_pid=state.get("supervisor_pid") if alive else None,
+        accel=state.accel,
+        accel_reason=state.accel_reason,
+        restarts=state.restarts,
+        last_exit=_exit_json(state),
+        machine_file=state.machine_file,
+        supervisor_pid=state.supervisor_pid if alive else None,
+        error=launch_problem,
     )
-    vcpus_max = launch.get("vcpus_max")
     if not alive:
-        record["state"] = state.get("state", "stopped")
-        if record["state"] in LIVE_STATES:  # orphaned QEMU
+        record["state"] = state.state
+        if state.live:  # orphaned QEMU
             record["state"] = "crashed"
-            record["pid"] = state.get("qemu_pid")
-        record["reason"] = (state.get("exit") or {}).get("reason") or state.get("crash_reason")
-        if state.get("orphaned"):
-            record["reason"] = state.get("crash_reason")
-        return record
+            record["pid"] = state.qemu_pid
+        record["reason"] = state.ended_reason or state.crash_reason
+        if state.orphaned:
+            record["reason"] = state.crash_reason
+        return
     try:
-        live = ask_supervisor(run, {"op": "status"}, timeout=SUPERVISOR_ANSWER_TIMEOUT)
+        live = ask_supervisor(run, StatusRequest(), timeout=SUPERVISOR_ANSWER_TIMEOUT)
     except QvmError as exc:
-        state = read_json(run.state_file) or state
-        record["state"] = state.get("state", "running")
-        if record["state"] in ("stopped", "crashed"):
+        state = read_state(run.state_file) or state
+        record["state"] = state.state
+        if state.state in ("stopped", "crashed"):
             # a supervisor on its way out after QEMU ended: its record is complete
-            record["reason"] = (state.get("exit") or {}).get("reason")
-            record["last_exit"] = state.get("exit")
+            record["reason"] = state.ended_reason
+            record["last_exit"] = _exit_json(state)
             record["supervisor_pid"] = None
-            return record
-        record["pid"] = state.get("qemu_pid")
+            return
+        record["pid"] = state.qemu_pid
         record["error"] = str(exc)
-        return record
-    record["state"] = live.get("state", "running")
-    record["pid"] = live.get("qemu_pid")
+        return
+    now = live.record
+    record["state"] = now.state
+    record["pid"] = now.qemu_pid
     # the live answer, not state.json read a moment earlier: a restart may lie between them
-    record["restarts"] = live.get("restarts", record["restarts"])
-    record["last_exit"] = live.get("exit", record["last_exit"])
-    if record["state"] in ("stopped", "crashed") or record["pid"] is None:
-        record["reason"] = (live.get("exit") or {}).get("reason")
-    if live.get("started_at") and record["pid"]:
-        record["uptime"] = round(time.time() - live["started_at"], 1)
-    if "vcpus_present" in live:
-        record["vcpus"] = {"present": live["vcpus_present"], "max": vcpus_max}
-    if "memory_bytes" in live:
-        record["memory"] = {"bytes": live["memory_bytes"], "max": launch.get("memory_max")}
+    record["restarts"] = now.restarts
+    record["last_exit"] = _exit_json(now)
+    if now.state in ("stopped", "crashed") or now.qemu_pid is None:
+        record["reason"] = now.ended_reason
+    if now.started_at and now.qemu_pid:
+        record["uptime"] = round(time.time() - now.started_at, 1)
+    if live.vcpus_present is not None:
+        vcpus_max = launch.vcpus_max if launch is not None else None
+        record["vcpus"] = {"present": live.vcpus_present, "max": vcpus_max}
+    if live.memory_bytes is not None:
+        memory_max = launch.memory_max if launch is not None else None
+        record["memory"] = {"bytes": live.memory_bytes, "max": memory_max}
     from qvm.store.forwards import current_forwards
 
     record["forwards"] = current_forwards(run)
-    record["rss_bytes"] = live.get("rss_bytes")
-    record["cpu_percent"] = live.get("cpu_percent")
-    record["error"] = live.get("qmp_error")
-    return record
+    record["rss_bytes"] = live.rss_bytes
+    record["cpu_percent"] = live.cpu_percent
+    record["error"] = live.qmp_error or launch_problem
 
 
-def machine_summary_for_stopped(
-    record: dict[str, Any], vcpus_boot: int, vcpus_max: int, memory: int
-) -> None:
-    """Fill what a stopped VM would have from its definition."""
-    if record.get("vcpus") is None:
-        record["vcpus"] = {"present": 0, "max": vcpus_max, "boot": vcpus_boot}
-    if record.get("memory") is None:
-        record["memory"] = {"bytes": memory, "max": None}
+def _exit_json(state: StateRecord) -> dict[str, Any] | None:
+    return state.exit.to_json() if state.exit is not None else None

@@ -10,11 +10,12 @@ import signal
 import time
 from typing import NamedTuple
 
-from qvm.base.jsonfile import read_json
 from qvm.base.proc import same_process_alive
 from qvm.errors import NotRunningError, VmStateError
 from qvm.layout.rundir import RunDir
-from qvm.supervisor.client import LIVE_STATES, ask_supervisor, clean_stale, supervisor_alive
+from qvm.store.state import read_state
+from qvm.supervisor.client import ask_supervisor, clean_stale, supervisor_alive
+from qvm.supervisor.wire import KillRequest, StopRequest
 
 # --- down / kill ---------------------------------------------------------------------
 
@@ -36,33 +37,38 @@ def stop(run: RunDir, timeout: float, force: bool) -> StopResult:
     name = run.name
     if not supervisor_alive(run):
         return _stop_without_supervisor(run, kill=False)
-    reply = ask_supervisor(
-        run, {"op": "stop", "timeout": timeout, "force": force}, timeout=timeout + 20
-    )
+    reply = ask_supervisor(run, StopRequest(timeout, force), timeout=timeout + 20)
     _wait_supervisor_gone(run, timeout=15)
-    ended_by = reply.get("ended_by")
-    return StopResult(name, ended_by, ENDED_BY_TEXT.get(ended_by or "", "it was not running"))
+    return _result(name, reply.ended_by)
 
 
 def kill(run: RunDir) -> StopResult:
     name = run.name
     if not supervisor_alive(run):
         return _stop_without_supervisor(run, kill=True)
-    reply = ask_supervisor(run, {"op": "kill"}, timeout=15)
+    reply = ask_supervisor(run, KillRequest(), timeout=15)
     _wait_supervisor_gone(run, timeout=15)
-    ended_by = reply.get("ended_by")
+    return _result(name, reply.ended_by)
+
+
+def _result(name: str, ended_by: str | None) -> StopResult:
     return StopResult(name, ended_by, ENDED_BY_TEXT.get(ended_by or "", "it was not running"))
 
 
 def _stop_without_supervisor(run: RunDir, kill: bool) -> StopResult:
     """No supervisor: an orphaned QEMU (its supervisor was killed) is ended by pid."""
     name = run.name
-    state = read_json(run.state_file) or {}
-    pid = state.get("qemu_pid")
-    if state.get("state") in LIVE_STATES and same_process_alive(pid, state.get("qemu_start_time")):
+    state = read_state(run.state_file)
+    pid = state.qemu_pid if state is not None else None
+    if (
+        state is not None
+        and pid is not None
+        and state.live
+        and same_process_alive(pid, state.qemu_start_time)
+    ):
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while same_process_alive(pid, state.get("qemu_start_time")) and time.monotonic() < deadline:
+        while same_process_alive(pid, state.qemu_start_time) and time.monotonic() < deadline:
             time.sleep(0.02)
         clean_stale(run)
         return StopResult(name, "kill", f"killed QEMU (pid {pid}), whose supervisor had died")

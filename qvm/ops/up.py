@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from qvm.cmdline.argv import LaunchInputs, build_argv, cpu_model, default_cpu_model
 from qvm.definition.load import check_host
@@ -23,11 +23,11 @@ from qvm.host.ports import pick_free_port, port_holder, port_in_use
 from qvm.host.qemu import qemu_capabilities
 from qvm.host.qemu_img import detect_format, ensure_overlay
 from qvm.layout.rundir import RunDir
+from qvm.store.launch import Forward, Image, LaunchRecord, SshFacts, Topology
+from qvm.supervisor.boot import UpResult, start_supervisor
 
 if TYPE_CHECKING:
     from qvm.host.cloudinit import SeedPlan
-
-
 
 # (what is being fetched, bytes done, bytes in all or None): how a download reports
 FetchProgress = Callable[[str, int, int | None], None]
@@ -41,71 +41,69 @@ class LaunchPlan(NamedTuple):
     inputs: LaunchInputs
     seed: SeedPlan | None = None  # the cloud-init seed, with [cloud_init]
 
-    def forwards(self) -> list[dict[str, Any]]:
+    def forwards(self) -> tuple[Forward, ...]:
         """Every port forward of this launch, with the host ports picked for port 0."""
-        forwards = []
-        for nic_index, nic in enumerate(self.machine.nics):
-            for fwd_index, fwd in enumerate(nic.forwards):
-                forwards.append(
-                    {
-                        "nic": nic_id(nic_index, nic),
-                        "proto": fwd.protocol,
-                        "host_addr": fwd.host_addr,
-                        "host_port": fwd.host_port
-                        or self.inputs.host_ports.get((nic_index, fwd_index), 0),
-                        "guest_port": fwd.guest_port,
-                    }
-                )
-        return forwards
+        return tuple(
+            Forward(
+                nic=nic_id(nic_index, nic),
+                proto=fwd.protocol,
+                host_addr=fwd.host_addr,
+                host_port=fwd.host_port or self.inputs.host_ports.get((nic_index, fwd_index), 0),
+                guest_port=fwd.guest_port,
+            )
+            for nic_index, nic in enumerate(self.machine.nics)
+            for fwd_index, fwd in enumerate(nic.forwards)
+        )
 
-    def images(self) -> list[dict[str, Any]]:
+    def images(self) -> tuple[Image, ...]:
         """The files QEMU opens, and whether it writes them (for other VMs' pre-flight)."""
         images = []
         for index, disk in enumerate(self.machine.disks):
             if disk.base is not None:
-                images.append({"path": str(disk.base), "writable": False})
+                images.append(Image(str(disk.base), writable=False))
                 overlay = self.run_dir.path / overlay_name(index)
-                images.append({"path": str(overlay), "writable": not disk.readonly})
+                images.append(Image(str(overlay), writable=not disk.readonly))
             elif disk.file is not None:
-                images.append({"path": str(disk.file), "writable": not disk.readonly})
-        return images
+                images.append(Image(str(disk.file), writable=not disk.readonly))
+        return tuple(images)
 
-    def launch_record(self) -> dict[str, Any]:
+    def launch_record(self) -> LaunchRecord:
         """What the supervisor and later commands need to know about this run."""
         machine = self.machine
         topo = topology_of(machine.cpu)
-        return {
-            "name": machine.name,
-            "machine_file": str(machine.path),
-            "argv": self.argv,
-            "accel": self.accel.accel,
-            "accel_reason": self.accel.reason,
-            "machine_type": machine.type,
-            "cpu_model": cpu_model(machine, self.accel.accel),
-            "vcpus_boot": machine.cpu.count,
-            "vcpus_max": machine.cpu.max,
-            "topology": {
-                "sockets": topo.sockets,
-                "dies": topo.dies,
-                "cores": topo.cores,
-                "threads": topo.threads,
-            },
-            "memory_size": machine.memory.size,
-            "memory_max": machine.memory.max,
-            "memory_slots": machine.memory.slots,
-            "host_ports": [
-                {"nic": nic, "forward": fwd, "port": port}
-                for (nic, fwd), port in sorted(self.inputs.host_ports.items())
-            ],
-            "forwards": self.forwards(),
-            "nics": [nic_id(index, nic) for index, nic in enumerate(machine.nics)],
-            "images": self.images(),
-            "ssh": self.seed.as_json() if self.seed is not None else None,
-            "restart": machine.supervisor.restart,
-            "max_restarts": machine.supervisor.max_restarts,
-            "restart_delay": machine.supervisor.restart_delay,
-            "created": time.time(),
-        }
+        seed = self.seed
+        return LaunchRecord(
+            name=machine.name,
+            machine_file=str(machine.path),
+            argv=tuple(self.argv),
+            accel=self.accel.accel,
+            accel_reason=self.accel.reason,
+            machine_type=machine.type,
+            cpu_model=cpu_model(machine, self.accel.accel),
+            vcpus_boot=machine.cpu.count,
+            vcpus_max=machine.cpu.max,
+            topology=Topology(topo.sockets, topo.dies, topo.cores, topo.threads),
+            memory_size=machine.memory.size,
+            memory_max=machine.memory.max,
+            memory_slots=machine.memory.slots,
+            forwards=self.forwards(),
+            nics=tuple(nic_id(index, nic) for index, nic in enumerate(machine.nics)),
+            images=self.images(),
+            ssh=(
+                SshFacts(
+                    user=seed.user,
+                    identities=tuple(str(p) for p in seed.identities),
+                    generated_key=seed.generate_key,
+                    user_data_file=str(seed.user_data_file) if seed.user_data_file else None,
+                )
+                if seed is not None
+                else None
+            ),
+            restart=machine.supervisor.restart,
+            max_restarts=machine.supervisor.max_restarts,
+            restart_delay=machine.supervisor.restart_delay,
+            created=time.time(),
+        )
 
 
 def plan_launch(machine: Machine, run_dir: RunDir) -> LaunchPlan:
@@ -195,6 +193,13 @@ def _resolve_ports(machine: Machine) -> dict[tuple[int, int], int]:
                     "(hint: pick another host port, or 0 for any free one)"
                 )
     return chosen
+
+
+def start_vm(plan: LaunchPlan, wait: bool, progress: FetchProgress | None = None) -> UpResult:
+    """Prepare the run dir and start the VM's supervisor (unless one runs): what both
+    `qvm up` and `qvm restart` do. ``wait``: until QMP answers, not only QEMU spawned."""
+    prepare_run_dir(plan, progress)
+    return start_supervisor(plan.run_dir, plan.launch_record(), wait=wait)
 
 
 def prepare_run_dir(plan: LaunchPlan, progress: FetchProgress | None = None) -> None:

@@ -5,10 +5,11 @@ TLS) only here, then hands over to ``qvm.supervisor.process``.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
+from qvm.errors import RecordError
+from qvm.store.launch import read_launch
 from qvm.supervisor.spawn import AdoptedQemu
 
 
@@ -21,8 +22,15 @@ def main(argv: list[str]) -> int:
         qemu.returncode = int(argv[2].removeprefix("exited="))
     ready_fd = int(os.environ["QVM_READY_FD"]) if "QVM_READY_FD" in os.environ else None
     # the inherited lock fd stays open for our whole life: it is what says we are alive
-    with open(os.path.join(run_path, "launch.json")) as handle:
-        launch = json.load(handle)
+    path = os.path.join(run_path, "launch.json")
+    try:
+        launch = read_launch(path)
+    except RecordError as error:  # `qvm up` wrote it just before: someone changed it since
+        sys.stderr.write(f"qvm supervisor: {error}\n")
+        return 1
+    if launch is None:
+        sys.stderr.write(f"qvm supervisor: {path}: missing\n")
+        return 1
 
     load_asyncio_without_tls()
     from qvm.supervisor.process import run_supervisor

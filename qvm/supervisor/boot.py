@@ -12,13 +12,15 @@ import os
 import select
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import NamedTuple, NoReturn
 
-from qvm.base.jsonfile import read_json, write_json_atomic
 from qvm.errors import LaunchError, QvmError, VmStateError
 from qvm.layout.locks import try_lock
 from qvm.layout.rundir import RunDir
+from qvm.store.launch import LaunchRecord, write_launch
+from qvm.store.state import read_state
 from qvm.supervisor.client import ask_supervisor, clean_stale
+from qvm.supervisor.wire import KillRequest
 
 DEFAULT_READY_TIMEOUT = 60.0
 
@@ -44,15 +46,15 @@ def rotate_log(path: Path) -> None:
 
 
 def start_supervisor(
-    run: RunDir, launch: dict[str, Any], wait: bool, timeout: float = DEFAULT_READY_TIMEOUT
+    run: RunDir, launch: LaunchRecord, wait: bool, timeout: float = DEFAULT_READY_TIMEOUT
 ) -> UpResult:
     """Start a supervisor for a prepared launch, unless one is alive already."""
-    name = launch["name"]
+    name = launch.name
     run.create()
     state = clean_stale(run)
-    if state and state.get("orphaned"):
+    if state is not None and state.orphaned:
         raise VmStateError(
-            f"{name}: {state['crash_reason']} (hint: qvm kill {name}, then qvm up {name})"
+            f"{name}: {state.crash_reason} (hint: qvm kill {name}, then qvm up {name})"
         )
     lock_fd = try_lock(run.lock_file)
     if lock_fd is None:
@@ -63,7 +65,7 @@ def start_supervisor(
         rotate_log(run.serial_log)
         rotate_log(run.qemu_log)
         run.pending_file.unlink(missing_ok=True)
-        write_json_atomic(run.launch_file, launch)
+        write_launch(run.launch_file, launch)
         ready_read, ready_write = os.pipe()
         supervisor_pid = os.fork()
         if supervisor_pid == 0:
@@ -88,8 +90,8 @@ def start_supervisor(
         name=name,
         already_running=False,
         qemu_pid=qemu_pid,
-        accel=launch.get("accel"),
-        accel_reason=launch.get("accel_reason"),
+        accel=launch.accel,
+        accel_reason=launch.accel_reason,
         serial_log=run.serial_log,
         qmp_socket=run.qmp_socket,
         ready=wait,
@@ -97,7 +99,7 @@ def start_supervisor(
 
 
 def _become_supervisor(
-    run: RunDir, launch: dict[str, Any], ready_read: int, ready_write: int, lock_fd: int
+    run: RunDir, launch: LaunchRecord, ready_read: int, ready_write: int, lock_fd: int
 ) -> NoReturn:
     """In the child of ``os.fork``: leave the CLI's session and output, start QEMU, and
     exec into the supervisor (``qvm.supervisor.spawn.start``). Never returns to the CLI's code."""
@@ -165,10 +167,12 @@ def _launch_failure(
     if timed_out:
         ask_kill = _try_kill(run)
         return LaunchError(f"{name}: QMP did not answer in time; {ask_kill}")
-    state = read_json(run.state_file) or {}
-    ended = state.get("exit") or {}
-    tail = ended.get("stderr_tail") or []
-    reason = ended.get("reason") or f"the supervisor exited with code {supervisor_exit}"
+    state = read_state(run.state_file)
+    ended = state.exit if state is not None else None
+    tail = (ended.stderr_tail if ended is not None else None) or ()
+    reason = (ended.reason if ended is not None else None) or (
+        f"the supervisor exited with code {supervisor_exit}"
+    )
     message = f"{name}: QEMU failed to start: {reason}"
     if tail:
         message += "\n" + "\n".join(f"  {line}" for line in tail)
@@ -179,20 +183,20 @@ def _launch_failure(
 
 def _try_kill(run: RunDir) -> str:
     try:
-        ask_supervisor(run, {"op": "kill"}, timeout=10)
+        ask_supervisor(run, KillRequest(), timeout=10)
     except QvmError as exc:
         return f"could not stop it: {exc}"
     return "stopped it"
 
 
 def _already_running(run: RunDir, name: str) -> UpResult:
-    state = read_json(run.state_file) or {}
+    state = read_state(run.state_file)
     return UpResult(
         name=name,
         already_running=True,
-        qemu_pid=state.get("qemu_pid"),
-        accel=state.get("accel"),
-        accel_reason=state.get("accel_reason"),
+        qemu_pid=state.qemu_pid if state is not None else None,
+        accel=state.accel if state is not None else None,
+        accel_reason=state.accel_reason if state is not None else None,
         serial_log=run.serial_log,
         qmp_socket=run.qmp_socket,
         ready=True,

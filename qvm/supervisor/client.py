@@ -6,25 +6,22 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
-from qvm.base.jsonfile import read_json, write_json_atomic
 from qvm.base.proc import same_process_alive
 from qvm.errors import VmStateError
 from qvm.layout.locks import is_locked, try_lock
 from qvm.layout.rundir import RunDir
-from qvm.supervisor.wire import read_line
+from qvm.store.state import ExitRecord, StateRecord, read_state, write_state
+from qvm.supervisor.wire import ErrorReply, Request, decode_reply, encode, read_line
 
 if TYPE_CHECKING:
     import socket
 
-
-
-LIVE_STATES = ("starting", "running", "paused", "stopping", "restarting")
 SUPERVISOR_ANSWER_TIMEOUT = 3.0
+_Reply = TypeVar("_Reply")
 
 
 # --- talking to a supervisor ---------------------------------------------------------
@@ -34,15 +31,16 @@ def supervisor_alive(run: RunDir) -> bool:
     return is_locked(run.lock_file)
 
 
-def ask_supervisor(run: RunDir, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One JSON request, one JSON reply; raises QvmError naming the VM on any failure."""
+def ask_supervisor(run: RunDir, request: Request[_Reply], timeout: float) -> _Reply:
+    """One request, its reply; raises QvmError naming the VM on any failure (a reply that
+    does not parse: RecordError)."""
     name = run.name
     deadline = time.monotonic() + timeout
     try:
         sock = connect_supervisor(run, deadline)
         with sock:
             sock.settimeout(max(deadline - time.monotonic(), 0.1))
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            sock.sendall(encode(request.to_json()))
             data = read_line(sock)
     except TimeoutError as exc:
         raise VmStateError(
@@ -51,12 +49,11 @@ def ask_supervisor(run: RunDir, request: dict[str, Any], timeout: float) -> dict
         ) from exc
     except OSError as exc:
         raise VmStateError(f"{name}: cannot reach the supervisor: {exc.strerror or exc}") from exc
-    try:
-        reply = json.loads(data)
-    except ValueError as exc:
-        raise VmStateError(f"{name}: the supervisor gave no answer") from exc
-    if "error" in reply:
-        raise VmStateError(f"{name}: supervisor: {reply['error']}")
+    if not data.strip():
+        raise VmStateError(f"{name}: the supervisor gave no answer")
+    reply = decode_reply(request, data, f"{name}: supervisor reply")
+    if isinstance(reply, ErrorReply):
+        raise VmStateError(f"{name}: supervisor: {reply.error}")
     return reply
 
 
@@ -82,13 +79,14 @@ def connect_supervisor(run: RunDir, deadline: float) -> socket.socket:
 # --- stale state ---------------------------------------------------------------------
 
 
-def clean_stale(run: RunDir) -> dict[str, Any] | None:
+def clean_stale(run: RunDir) -> StateRecord | None:
     """Recognise a run whose supervisor died, record it, and tidy the run dir.
 
     Returns the (possibly updated) state. Must be called without the lock held by us.
+    A corrupt state.json is a RecordError.
     """
-    state = read_json(run.state_file)
-    if state is None or state.get("state") not in LIVE_STATES:
+    state = read_state(run.state_file)
+    if state is None or not state.live:
         return state
     lock_fd = try_lock(run.lock_file)
     if lock_fd is None:
@@ -99,27 +97,20 @@ def clean_stale(run: RunDir) -> dict[str, Any] | None:
         os.close(lock_fd)
 
 
-def _mark_supervisor_died(run: RunDir, state: dict[str, Any]) -> dict[str, Any]:
-    qemu_alive = same_process_alive(state.get("qemu_pid"), state.get("qemu_start_time"))
-    reason = f"supervisor (pid {state.get('supervisor_pid')}) died unexpectedly"
-    if qemu_alive:
+def _mark_supervisor_died(run: RunDir, state: StateRecord) -> StateRecord:
+    reason = f"supervisor (pid {state.supervisor_pid}) died unexpectedly"
+    if same_process_alive(state.qemu_pid, state.qemu_start_time):
         # leave the record alone: the orphaned QEMU is still there to be killed
-        state["orphaned"] = True
-        state["crash_reason"] = reason + f"; QEMU (pid {state.get('qemu_pid')}) still runs"
-        return state
-    state.update(
+        return state._replace(
+            orphaned=True, crash_reason=reason + f"; QEMU (pid {state.qemu_pid}) still runs"
+        )
+    state = state._replace(
         state="crashed",
         qemu_pid=None,
         crash_reason=reason,
-        exit={
-            "code": None,
-            "signal": None,
-            "failed": True,
-            "reason": reason,
-            "at": time.time(),
-        },
+        exit=ExitRecord(code=None, signal=None, reason=reason, failed=True, at=time.time()),
     )
-    write_json_atomic(run.state_file, state)
+    write_state(run.state_file, state)
     run.remove_qemu_sockets()
     run.supervisor_socket.unlink(missing_ok=True)
     return state

@@ -5,14 +5,13 @@ already-taken ``supervisor.lock`` (so exactly one supervisor per VM can exist).
 ``qvm.supervisor.spawn`` spawns QEMU as its child before anything else; this module then keeps a
 QMP connection on the events monitor, records how QEMU ended in ``state.json``, applies
 the restart policy and cleans up. Clients talk to it over ``supervisor.sock``: one JSON
-request line, one JSON reply line; or, after an ``{"op": "control"}`` line, qvm's own QMP
-commands and events (``qvm.supervisor.relay``).
+request line, one JSON reply line (``qvm.supervisor.wire``); or, after an
+``{"op": "control"}`` line, qvm's own QMP commands and events (``qvm.supervisor.relay``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -21,10 +20,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qvm.base.jsonfile import write_json_atomic
 from qvm.base.proc import process_start_time, process_state, process_usage
+from qvm.errors import RecordError
 from qvm.layout.rundir import RunDir
+from qvm.store.launch import LaunchRecord
+from qvm.store.state import ExitRecord, StateRecord, write_state
 from qvm.supervisor.spawn import LOG_MARKER, AdoptedQemu, initial_state
+from qvm.supervisor.wire import (
+    ControlRequest,
+    EndReply,
+    ErrorReply,
+    KillRequest,
+    StatusReply,
+    StatusRequest,
+    StopRequest,
+    decode_request,
+    encode,
+)
 
 QMP_CONNECT_TIMEOUT = 60.0
 QMP_CALL_TIMEOUT = 2.0
@@ -34,19 +46,14 @@ KILL_WAIT = 5.0
 MAX_RESTART_DELAY = 60.0
 # a run that lasted this long resets the consecutive-restart counter
 HEALTHY_RUN_SECONDS = 60.0
-RECENT_EVENTS = 100
 
 
 class Supervisor:
-    def __init__(self, run: RunDir, launch: dict[str, Any], ready_fd: int | None) -> None:
+    def __init__(self, run: RunDir, launch: LaunchRecord, ready_fd: int | None) -> None:
         self.run = run
         self.launch = launch
         self.ready_fd = ready_fd
-        self.argv: list[str] = launch["argv"]
-        self.restart_policy: str = launch.get("restart", "no")
-        self.max_restarts: int = launch.get("max_restarts", 5)
-        self.restart_delay: float = launch.get("restart_delay", 1.0)
-        self.state: dict[str, Any] = initial_state(launch)
+        self.state: StateRecord = initial_state(launch)
         self.qemu: subprocess.Popen[bytes] | AdoptedQemu | None = None
         self.run_started = 0.0
         # set by `stop`/`kill` requests: an exit we asked for is never a failure
@@ -54,7 +61,6 @@ class Supervisor:
         self.shutdown_event: dict[str, Any] | None = None
         self.crash_reason: str | None = None
         self.runstate = "unknown"
-        self.events: list[dict[str, Any]] = []
         self.qmp: Any = None
         self.qmp_ready = False
         self.consecutive_restarts = 0
@@ -63,8 +69,8 @@ class Supervisor:
     # --- files -------------------------------------------------------------------------
 
     def save_state(self, **changes: Any) -> None:
-        self.state.update(changes)
-        write_json_atomic(self.run.state_file, self.state)
+        self.state = self.state._replace(**changes)
+        write_state(self.run.state_file, self.state)
 
     def notify(self, line: str) -> None:
         """Tell the `qvm up` that started us how far we got; it may have gone away."""
@@ -90,7 +96,7 @@ class Supervisor:
         """Start (or restart) QEMU and record it."""
         from qvm.supervisor.spawn import spawn_qemu
 
-        self.adopt_qemu(spawn_qemu(self.argv, str(self.run.path)))
+        self.adopt_qemu(spawn_qemu(self.launch.argv, str(self.run.path)))
 
     def adopt_qemu(self, qemu: subprocess.Popen[bytes] | AdoptedQemu) -> None:
         """Take charge of a QEMU just spawned (the first one is spawned before we exist)."""
@@ -102,7 +108,7 @@ class Supervisor:
         self.runstate = "unknown"
         self.qmp_ready = False
         self.save_state(
-            state="starting" if self.state["restarts"] == 0 else "restarting",
+            state="starting" if self.state.restarts == 0 else "restarting",
             qemu_pid=self.qemu.pid,
             qemu_start_time=process_start_time(self.qemu.pid),
             started_at=self.run_started,
@@ -194,7 +200,7 @@ class Supervisor:
         from qemu.qmp import QMPClient
 
         deadline = time.monotonic() + QMP_CONNECT_TIMEOUT
-        client = QMPClient(self.state["name"])
+        client = QMPClient(self.state.name)
         while True:
             if exited.done():
                 return False
@@ -248,8 +254,6 @@ class Supervisor:
 
         name = event.get("event")
         data = event.get("data") or {}
-        self.events.append(event)
-        del self.events[:-RECENT_EVENTS]
         if name == "SHUTDOWN":
             self.shutdown_event = data
         elif name == "GUEST_PANICKED":
@@ -303,23 +307,24 @@ class Supervisor:
         self.restart_next, note = self._restart_verdict(
             failed, ran_seconds, start_failed=first and not reached_qmp
         )
-        ended = {
-            "code": code,
-            "signal": signal.Signals(sig).name if sig else None,
-            "reason": reason + note,
-            "failed": failed,
-            "at": time.time(),
-            "ran_seconds": ran_seconds,
-            "ended_by": self.intent,
-        }
-        if failed and not reached_qmp:
-            ended["stderr_tail"] = qemu_log_tail(self.run.qemu_log)
+        ended = ExitRecord(
+            code=code,
+            signal=signal.Signals(sig).name if sig else None,
+            reason=reason + note,
+            failed=failed,
+            at=time.time(),
+            ran_seconds=ran_seconds,
+            ended_by=self.intent,
+            stderr_tail=(
+                tuple(qemu_log_tail(self.run.qemu_log)) if failed and not reached_qmp else None
+            ),
+        )
         final = "crashed" if failed else "stopped"
         self.save_state(
             state="restarting" if self.restart_next else final,
             exit=ended,
             qemu_pid=None,
-            crash_reason=ended["reason"] if failed else None,
+            crash_reason=ended.reason if failed else None,
         )
         self.run.remove_qemu_sockets()
 
@@ -330,13 +335,13 @@ class Supervisor:
         cap stops it. A QEMU that never started, or one we were asked to end, stays down."""
         if start_failed or self.intent in ("stop", "kill"):
             return False, ""
-        policy = self.restart_policy
+        policy = self.launch.restart
         if policy == "no" or (policy == "on-failure" and not failed):
             return False, ""
         if ran_seconds >= HEALTHY_RUN_SECONDS:
             self.consecutive_restarts = 0
-        if self.consecutive_restarts >= self.max_restarts:
-            return False, f"; not restarted: {self.max_restarts} restarts in a row"
+        if self.consecutive_restarts >= self.launch.max_restarts:
+            return False, f"; not restarted: {self.launch.max_restarts} restarts in a row"
         return True, ""
 
     def _classify_exit(self, returncode: int, reached_qmp: bool) -> tuple[bool, str]:
@@ -368,7 +373,7 @@ class Supervisor:
 
         if not self.restart_next:
             return False
-        delay = min(self.restart_delay * 2**self.consecutive_restarts, MAX_RESTART_DELAY)
+        delay = min(self.launch.restart_delay * 2**self.consecutive_restarts, MAX_RESTART_DELAY)
         self.consecutive_restarts += 1
         self.save_state(next_restart_at=time.time() + delay)
         self.restart_wait = asyncio.get_running_loop().create_future()
@@ -377,8 +382,7 @@ class Supervisor:
         if self.intent in ("stop", "kill"):
             self.save_state(state="stopped")
             return False
-        self.state["restarts"] += 1
-        self.state.pop("next_restart_at", None)
+        self.state = self.state._replace(restarts=self.state.restarts + 1, next_restart_at=None)
         self.spawn_qemu()
         return True
 
@@ -427,30 +431,30 @@ class Supervisor:
                 await asyncio.wait_for(self.qmp_connected.wait(), timeout)
         return self.qmp
 
-    async def stop(self, timeout: float, force: bool) -> dict[str, Any]:
+    async def stop(self, timeout: float, force: bool) -> EndReply:
         """ACPI power button, then QMP quit, then SIGKILL; say which one ended QEMU."""
         self._cancel_restart()
         if not self.qemu_alive():
             self.intent = "stop"
-            return {"ended_by": None, "message": "QEMU was not running"}
+            return EndReply(None, "QEMU was not running")
         self.intent = "stop"
         self.save_state(state="stopping")
         if not force:
             try:
                 if await self._power_down(timeout):
-                    return {"ended_by": "acpi"}
+                    return EndReply("acpi")
             except Exception:  # noqa: BLE001 - escalate to quit
                 pass
         try:
             await self._qmp_call("quit")
             if await self._wait_exit(QUIT_WAIT):
-                return {"ended_by": "quit"}
+                return EndReply("quit")
         except Exception:  # noqa: BLE001 - a closed connection during quit is success
             if await self._wait_exit(QUIT_WAIT):
-                return {"ended_by": "quit"}
+                return EndReply("quit")
         self._signal_qemu(signal.SIGKILL)
         await self._wait_exit(KILL_WAIT)
-        return {"ended_by": "kill"}
+        return EndReply("kill")
 
     async def _power_down(self, timeout: float) -> bool:
         """Press the ACPI power button, and again every few seconds while QEMU runs, up to
@@ -466,14 +470,14 @@ class Supervisor:
             if time.monotonic() >= deadline:
                 return False
 
-    async def kill(self) -> dict[str, Any]:
+    async def kill(self) -> EndReply:
         self._cancel_restart()
         self.intent = "kill"
         if not self.qemu_alive():
-            return {"ended_by": None, "message": "QEMU was not running"}
+            return EndReply(None, "QEMU was not running")
         self._signal_qemu(signal.SIGKILL)
         await self._wait_exit(KILL_WAIT)
-        return {"ended_by": "kill"}
+        return EndReply("kill")
 
     def _cancel_restart(self) -> None:
         waiter = getattr(self, "restart_wait", None)
@@ -484,44 +488,45 @@ class Supervisor:
     # --- requests ----------------------------------------------------------------------
 
     async def _serve_client(self, reader: Any, writer: Any) -> None:
+        reply: StatusReply | EndReply | ErrorReply
         try:
-            line = await reader.readline()
-            request = json.loads(line or b"{}")
-            if request.get("op") == "control":
+            request = decode_request(await reader.readline())
+            if isinstance(request, ControlRequest):
                 from qvm.supervisor.relay import serve_control
 
                 await serve_control(self, reader, writer)
                 return
             reply = await self._handle(request)
+        except RecordError as exc:
+            reply = ErrorReply(str(exc))
         except Exception as exc:  # noqa: BLE001 - a bad request must not end the supervisor
-            reply = {"error": f"{type(exc).__name__}: {exc}"}
+            reply = ErrorReply(f"{type(exc).__name__}: {exc}")
         try:
-            writer.write(json.dumps(reply).encode() + b"\n")
+            writer.write(encode(reply.to_json()))
             await writer.drain()
             writer.close()
         except Exception:  # noqa: BLE001 - the client went away
             pass
 
-    async def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        op = request.get("op")
-        if op == "status":
+    async def _handle(
+        self, request: StatusRequest | StopRequest | KillRequest
+    ) -> StatusReply | EndReply:
+        if isinstance(request, StatusRequest):
             return await self.live_status()
-        if op == "stop":
-            return await self.stop(float(request.get("timeout", 30)), bool(request.get("force")))
-        if op == "kill":
-            return await self.kill()
-        if op == "events":
-            return {"events": self.events}
-        return {"error": f"unknown op {op!r}"}
+        if isinstance(request, StopRequest):
+            return await self.stop(request.timeout, request.force)
+        return await self.kill()
 
-    async def live_status(self) -> dict[str, Any]:
+    async def live_status(self) -> StatusReply:
         import asyncio
 
-        reply: dict[str, Any] = {k: self.state.get(k) for k in self.state}
-        reply["state"] = self._live_state() if self.qemu_alive() else self.state["state"]
+        live = self.state._replace(
+            state=self._live_state() if self.qemu_alive() else self.state.state
+        )
         # a status asked right after `qvm up` waits rather than answering without vCPUs
         if not self.qemu_alive() or await self.qmp_connection(QMP_CALL_TIMEOUT) is None:
-            return reply
+            return StatusReply(live)
+        pid = self.qemu.pid if self.qemu else None
         try:
             status, cpus, memory = await asyncio.wait_for(
                 asyncio.gather(
@@ -531,17 +536,20 @@ class Supervisor:
                 ),
                 QMP_CALL_TIMEOUT,
             )
-            self.runstate = status.get("status", self.runstate)
-            reply["runstate"] = self.runstate
-            reply["state"] = self._live_state()
-            reply["vcpus_present"] = len(cpus)
-            reply["memory_bytes"] = memory.get("base-memory", 0) + memory.get("plugged-memory", 0)
         except Exception as exc:  # noqa: BLE001 - report what happened instead of hanging
-            reply["qmp_error"] = describe_qmp_failure(exc, self.qemu.pid if self.qemu else None)
-        reply.update(
-            process_facts(self.qemu.pid if self.qemu else None, self.state.get("started_at"))
-        )
-        return reply
+            reply = StatusReply(live, qmp_error=describe_qmp_failure(exc, pid))
+        else:
+            self.runstate = status.get("status", self.runstate)
+            reply = StatusReply(
+                live._replace(state=self._live_state()),
+                runstate=self.runstate,
+                vcpus_present=len(cpus),
+                memory_bytes=memory.get("base-memory", 0) + memory.get("plugged-memory", 0),
+            )
+        usage = process_facts(pid, self.state.started_at)
+        if usage is None:
+            return reply
+        return reply._replace(rss_bytes=usage[0], cpu_percent=usage[1])
 
 
 def describe_qmp_failure(exc: BaseException, pid: int | None) -> str:
@@ -558,17 +566,17 @@ def describe_qmp_failure(exc: BaseException, pid: int | None) -> str:
 _cpu_samples: dict[int, tuple[float, float]] = {}
 
 
-def process_facts(pid: int | None, started_at: float | None) -> dict[str, Any]:
+def process_facts(pid: int | None, started_at: float | None) -> tuple[int, float] | None:
     """Host RSS of QEMU, and its CPU% since the previous sample (or since it started)."""
     usage = process_usage(pid) if pid else None
     if usage is None:
-        return {}
+        return None
     rss, cpu_seconds = usage
     now = time.monotonic()
     last_time, last_cpu = _cpu_samples.get(pid, (now - (time.time() - (started_at or 0)), 0.0))
     elapsed = max(now - last_time, 1e-6)
     _cpu_samples[pid] = (now, cpu_seconds)
-    return {"rss_bytes": rss, "cpu_percent": round(100.0 * (cpu_seconds - last_cpu) / elapsed, 1)}
+    return rss, round(100.0 * (cpu_seconds - last_cpu) / elapsed, 1)
 
 
 def qemu_log_tail(path: Path, lines: int = 10) -> list[str]:
@@ -583,7 +591,7 @@ def qemu_log_tail(path: Path, lines: int = 10) -> list[str]:
 
 def run_supervisor(
     run_path: str,
-    launch: dict[str, Any],
+    launch: LaunchRecord,
     ready_fd: int | None,
     qemu: AdoptedQemu,
     qmp_answered: bool,
@@ -607,17 +615,3 @@ def run_supervisor(
         if leftovers:
             loop.run_until_complete(asyncio.wait(leftovers, timeout=QMP_CALL_TIMEOUT))
         loop.close()
-
-
-def record_spawn_failure(run_path: str, launch: dict[str, Any], error: OSError) -> None:
-    supervisor = Supervisor(RunDir(Path(run_path)), launch, ready_fd=None)
-    supervisor.save_state(
-        state="crashed",
-        exit={
-            "code": None,
-            "signal": None,
-            "failed": True,
-            "at": time.time(),
-            "reason": f"could not start {launch['argv'][0]}: {error.strerror or error}",
-        },
-    )

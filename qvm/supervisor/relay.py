@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 from qemu.qmp import EventListener, ExecuteError
 
+from qvm.supervisor.wire import ControlReady, ErrorReply
+
 if TYPE_CHECKING:
     from qvm.supervisor.process import Supervisor
-
-
 
 # how long a control client waits for the supervisor's own QMP connection (QEMU starting
 # or restarting) before it is told the VM is not running
@@ -48,9 +48,9 @@ async def serve_control(supervisor: Supervisor, reader: Any, writer: Any) -> Non
     relay = _Relay(supervisor, writer)
     try:
         if not await relay.wait_connection():
-            relay.send({"error": "QEMU is not running"})
+            relay.send(ErrorReply("QEMU is not running").to_json())
             return
-        relay.send({"ready": True})
+        relay.send(ControlReady().to_json())
         while line := await reader.readline():
             try:
                 request = json.loads(line)

@@ -16,13 +16,15 @@ import time
 from typing import TYPE_CHECKING
 
 from qvm.base.proc import find_program
+from qvm.store.state import ExitRecord, StateRecord, write_state
+from qvm.supervisor.wire import read_line
 
 if TYPE_CHECKING:
     import subprocess
     from collections.abc import Callable
-    from typing import Any, NoReturn
+    from typing import NoReturn
 
-from qvm.supervisor.wire import read_line
+    from qvm.store.launch import LaunchRecord
 
 QMP_ANSWER_TIMEOUT = 60.0
 # QEMU must not outlive a supervisor that is killed outright: SIGTERM makes it quit
@@ -31,7 +33,9 @@ PR_SET_PDEATHSIG = 1
 LOG_MARKER = "=== qvm: QEMU start at"
 
 
-def with_parent_death_signal(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+def with_parent_death_signal(
+    argv: tuple[str, ...],
+) -> tuple[list[str], Callable[[], None] | None]:
     """Make QEMU get SIGTERM when the supervisor dies, however it dies.
 
     util-linux's setpriv (essential on Debian) sets it and execs QEMU, so the pid stays
@@ -48,7 +52,7 @@ def with_parent_death_signal(argv: list[str]) -> tuple[list[str], Callable[[], N
     def set_signal() -> None:
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
-    return argv, set_signal
+    return list(argv), set_signal
 
 
 def wait_qmp_answer(path: str, qemu: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -80,7 +84,7 @@ def wait_qmp_answer(path: str, qemu: subprocess.Popen[bytes], timeout: float) ->
     return False
 
 
-def spawn_qemu(argv: list[str], run_path: str) -> subprocess.Popen[bytes]:
+def spawn_qemu(argv: tuple[str, ...], run_path: str) -> subprocess.Popen[bytes]:
     """Start QEMU with its output appended to qemu.log after a start marker."""
     import subprocess
 
@@ -98,35 +102,46 @@ def spawn_qemu(argv: list[str], run_path: str) -> subprocess.Popen[bytes]:
         )
 
 
-def initial_state(launch: dict[str, Any]) -> dict[str, Any]:
+def initial_state(launch: LaunchRecord) -> StateRecord:
     """The first state record of a supervisor, before it has a QEMU."""
     from qvm.base.proc import process_start_time
 
-    return {
-        "name": launch["name"],
-        "machine_file": launch.get("machine_file"),
-        "accel": launch.get("accel"),
-        "accel_reason": launch.get("accel_reason"),
-        "supervisor_pid": os.getpid(),
-        "supervisor_start_time": process_start_time(os.getpid()),
-        "state": "starting",
-        "restarts": 0,
-        "exit": None,
-        "crash_reason": None,
-    }
+    return StateRecord(
+        name=launch.name,
+        machine_file=launch.machine_file,
+        accel=launch.accel,
+        accel_reason=launch.accel_reason,
+        supervisor_pid=os.getpid(),
+        supervisor_start_time=process_start_time(os.getpid()),
+        state="starting",
+        restarts=0,
+        exit=None,
+        crash_reason=None,
+    )
 
 
-def record_spawned(run_path: str, launch: dict[str, Any], qemu: subprocess.Popen[bytes]) -> None:
+def record_spawned(run_path: str, launch: LaunchRecord, qemu: subprocess.Popen[bytes]) -> None:
     """state.json names this QEMU before `qvm up` returns: the commands a script runs next
     (status, cpu add) must not read the previous run's record, or none."""
-    from qvm.base.jsonfile import write_json_atomic
     from qvm.base.proc import process_start_time
 
-    state = initial_state(launch)
-    state.update(
+    state = initial_state(launch)._replace(
         qemu_pid=qemu.pid, qemu_start_time=process_start_time(qemu.pid), started_at=time.time()
     )
-    write_json_atomic(os.path.join(run_path, "state.json"), state)
+    write_state(os.path.join(run_path, "state.json"), state)
+
+
+def record_spawn_failure(run_path: str, launch: LaunchRecord, error: OSError) -> None:
+    """QEMU could not even be spawned: the state record says why, for `qvm up` to tell."""
+    ended = ExitRecord(
+        code=None,
+        signal=None,
+        reason=f"could not start {launch.argv[0]}: {error.strerror or error}",
+        failed=True,
+        at=time.time(),
+    )
+    state = initial_state(launch)._replace(state="crashed", exit=ended)
+    write_state(os.path.join(run_path, "state.json"), state)
 
 
 def notify(fd: int | None, line: str) -> None:
@@ -165,7 +180,7 @@ class AdoptedQemu:
             os.kill(self.pid, signum)
 
 
-def start(run_path: str, launch: dict[str, Any], ready_fd: int, lock_fd: int) -> NoReturn:
+def start(run_path: str, launch: LaunchRecord, ready_fd: int, lock_fd: int) -> NoReturn:
     """The first moments of a supervisor, in the process ``qvm up`` forked: spawn QEMU,
     say "spawned", then "ready" once QMP answers, then exec into the supervisor proper.
 
@@ -174,10 +189,8 @@ def start(run_path: str, launch: dict[str, Any], ready_fd: int, lock_fd: int) ->
     fresh, small process image (its RSS is a target) and keeps QEMU as its child.
     """
     try:
-        qemu = spawn_qemu(launch["argv"], run_path)
+        qemu = spawn_qemu(launch.argv, run_path)
     except OSError as error:
-        from qvm.supervisor.process import record_spawn_failure
-
         record_spawn_failure(run_path, launch, error)
         notify(ready_fd, "failed")
         os._exit(1)

@@ -1,15 +1,42 @@
 """The supervisor's protocol, shared by both ends: one JSON line each way on
-``supervisor.sock``. Stdlib only: the spawn code reads it before asyncio exists.
+``supervisor.sock``. The client (``qvm.supervisor.client.ask_supervisor``, and the control
+handshake of ``qvm.control.session``) and the server (``qvm.supervisor.process``,
+``qvm.supervisor.relay``) encode and decode every message here, into typed records, so a
+renamed key fails in a unit test, and a malformed message is a ``RecordError`` naming its
+VM, never a ``KeyError``.
+
+Requests, and the reply each one gets (or ``{"error": TEXT}``, an ``ErrorReply``)::
+
+    {"op": "status"}                              -> StatusReply: state.json's keys, with
+                                                     the live state and QEMU's facts
+    {"op": "stop", "timeout": 30, "force": false} -> EndReply {"ended_by": ...}
+    {"op": "kill"}                                -> EndReply
+    {"op": "control"}                             -> ControlReady {"ready": true}, then
+                                                     the relay's lines (qvm.supervisor.relay)
+
+The lines keep the keys of earlier qvm versions: a supervisor started by one still
+answers the next. Stdlib only (with ``qvm.store``): the spawn code reads ``read_line``
+before asyncio exists.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
+
+from qvm.errors import RecordError
+from qvm.store.fields import Fields
+from qvm.store.state import StateRecord
 
 if TYPE_CHECKING:
     import socket
 
+REQUEST_SOURCE = "supervisor request"
+REPLY_HINT = "is the supervisor from another qvm version? qvm kill ends it"
+MAX_LINE = 1024**2  # far above any message; a longer line is not one of ours
+ENDINGS = ("acpi", "quit", "kill")  # how a stop ended QEMU, gentlest first
 
+_Reply = TypeVar("_Reply", covariant=True)
 
 
 def read_line(sock: socket.socket) -> bytes:
@@ -21,3 +48,168 @@ def read_line(sock: socket.socket) -> bytes:
             break
         data += chunk
     return data
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
+def decode(line: bytes, source: str, hint: str | None = None) -> Fields:
+    """One line as the fields of a JSON object; anything else is a RecordError."""
+    if not line.strip():
+        raise RecordError(source, "", "empty (the other end closed without a word)", hint)
+    if len(line) > MAX_LINE:
+        raise RecordError(source, "", f"longer than {MAX_LINE} bytes", hint)
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError) as error:
+        raise RecordError(source, "", f"not valid JSON ({error})", hint) from error
+    return Fields(data, source, hint)
+
+
+# --- replies -------------------------------------------------------------------------
+
+
+class ErrorReply(NamedTuple):
+    """The supervisor could not serve the request; ``error`` says why."""
+
+    error: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": self.error}
+
+
+class StatusReply(NamedTuple):
+    """The supervisor's state record, its ``state`` the live one, and what QEMU said
+    (each None when QEMU did not run or did not answer)."""
+
+    record: StateRecord
+    runstate: str | None = None  # QEMU's own word: "running", "paused", "internal-error"...
+    vcpus_present: int | None = None
+    memory_bytes: int | None = None
+    rss_bytes: int | None = None
+    cpu_percent: float | None = None
+    qmp_error: str | None = None  # why QEMU's facts are missing
+
+    @classmethod
+    def read(cls, f: Fields) -> StatusReply:
+        return cls(
+            record=StateRecord.from_json(f.data, f.source, f.hint),
+            runstate=f.str("runstate", None),
+            vcpus_present=f.int("vcpus_present", None),
+            memory_bytes=f.int("memory_bytes", None),
+            rss_bytes=f.int("rss_bytes", None),
+            cpu_percent=f.float("cpu_percent", None),
+            qmp_error=f.str("qmp_error", None),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        facts = {key: value for key, value in self._asdict().items() if value is not None}
+        del facts["record"]
+        return {**self.record.to_json(), **facts}
+
+
+class EndReply(NamedTuple):
+    """How a stop or kill ended QEMU: one of ENDINGS, or None when it was not running."""
+
+    ended_by: str | None
+    message: str | None = None
+
+    @classmethod
+    def read(cls, f: Fields) -> EndReply:
+        return cls(ended_by=f.one_of("ended_by", ENDINGS, None), message=f.str("message", None))
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"ended_by": self.ended_by}
+        if self.message is not None:
+            data["message"] = self.message
+        return data
+
+
+class ControlReady(NamedTuple):
+    """The supervisor has a QMP connection: the relay's lines follow."""
+
+    @classmethod
+    def read(cls, f: Fields) -> ControlReady:
+        if f.bool("ready") is not True:
+            raise f.fail("ready", "must be true")
+        return cls()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ready": True}
+
+
+# --- requests ------------------------------------------------------------------------
+
+
+class Request(Protocol[_Reply]):
+    def to_json(self) -> dict[str, Any]: ...
+
+    def read_reply(self, f: Fields) -> _Reply: ...
+
+
+class StatusRequest(NamedTuple):
+    def to_json(self) -> dict[str, Any]:
+        return {"op": "status"}
+
+    def read_reply(self, f: Fields) -> StatusReply:
+        return StatusReply.read(f)
+
+
+class StopRequest(NamedTuple):
+    """ACPI power button for up to ``timeout`` seconds (none with ``force``), then QMP
+    quit, then SIGKILL."""
+
+    timeout: float = 30.0
+    force: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": "stop", "timeout": self.timeout, "force": self.force}
+
+    def read_reply(self, f: Fields) -> EndReply:
+        return EndReply.read(f)
+
+
+class KillRequest(NamedTuple):
+    def to_json(self) -> dict[str, Any]:
+        return {"op": "kill"}
+
+    def read_reply(self, f: Fields) -> EndReply:
+        return EndReply.read(f)
+
+
+class ControlRequest(NamedTuple):
+    def to_json(self) -> dict[str, Any]:
+        return {"op": "control"}
+
+    def read_reply(self, f: Fields) -> ControlReady:
+        return ControlReady.read(f)
+
+
+AnyRequest = StatusRequest | StopRequest | KillRequest | ControlRequest
+OPS = ("status", "stop", "kill", "control")
+
+
+def decode_request(line: bytes) -> AnyRequest:
+    """The server's side: a request line as its record; anything else a RecordError."""
+    f = decode(line, REQUEST_SOURCE)
+    op = f.one_of("op", OPS)
+    if op == "status":
+        return StatusRequest()
+    if op == "stop":
+        timeout = f.float("timeout", 30.0)
+        if timeout < 0:
+            raise f.fail("timeout", "must not be negative")
+        return StopRequest(timeout=timeout, force=f.bool("force", False))
+    if op == "kill":
+        return KillRequest()
+    return ControlRequest()
+
+
+def decode_reply(request: Request[_Reply], line: bytes, source: str) -> _Reply | ErrorReply:
+    """The client's side: the reply to ``request``, or the supervisor's ``ErrorReply``.
+    Anything else is a RecordError naming ``source`` (e.g. "vm1: supervisor reply")."""
+    f = decode(line, source, REPLY_HINT)
+    if "error" in f.data:
+        return ErrorReply(str(f.str("error")))
+    return request.read_reply(f)

@@ -23,6 +23,7 @@ from qvm.ops.access import SshTarget, parse_condition, ssh_argv, ssh_target
 from qvm.ops.files import remove, reset
 from qvm.ops.up import _resolve_ports
 from qvm.store.forwards import current_forwards
+from qvm.store.launch import Image, LaunchRecord
 
 FWD22 = {
     "nic": "net0",
@@ -36,7 +37,7 @@ FWD22 = {
 def make_run(tmp_path: Path, name: str = "vm1", **launch: object) -> RunDir:
     run = RunDir(tmp_path / "state" / name)
     run.path.mkdir(parents=True)
-    write_json_atomic(run.launch_file, {"name": name, **launch})
+    write_json_atomic(run.launch_file, {"name": name, "argv": ["qemu"], **launch})
     return run
 
 
@@ -276,13 +277,10 @@ def test_image_records_fall_back_to_argv() -> None:
         "-blockdev",
         "driver=file,node-name=s-file,filename=/r/seed.iso,read-only=on",
     ]
-    assert image_records(argv, None) == [
-        {"path": "/i/a.raw", "writable": True},
-        {"path": "/r/seed.iso", "writable": False},
-    ]
-    assert image_records(argv, [{"path": "/x", "writable": False}]) == [
-        {"path": "/x", "writable": False}
-    ]
+    older = LaunchRecord.from_json({"name": "vm1", "argv": argv}, "launch.json")
+    assert image_records(older) == (Image("/i/a.raw", True), Image("/r/seed.iso", False))
+    listed = older._replace(images=(Image("/x", False),))
+    assert image_records(listed) == (Image("/x", False),)
 
 
 def test_image_used_by_another_running_vm_is_named(tmp_path: Path) -> None:

@@ -77,14 +77,15 @@ def test_stale_state_of_a_dead_supervisor_is_recorded_and_cleaned(tmp_path: Path
     dead.wait()
     write_json_atomic(
         run.state_file,
-        {"state": "running", "supervisor_pid": 999999, "qemu_pid": dead.pid,
-         "qemu_start_time": 1},
+        {"name": "vm1", "state": "running", "supervisor_pid": 999999, "restarts": 0,
+         "qemu_pid": dead.pid, "qemu_start_time": 1},
     )  # fmt: skip
     run.qmp_socket.write_text("")  # a socket file left behind by a killed QEMU
     state = clean_stale(run)
     assert state is not None
-    assert state["state"] == "crashed"
-    assert state["exit"]["reason"] == "supervisor (pid 999999) died unexpectedly"
+    assert state.state == "crashed"
+    assert state.exit is not None
+    assert state.exit.reason == "supervisor (pid 999999) died unexpectedly"
     assert read_json(run.state_file)["state"] == "crashed"
     assert not run.qmp_socket.exists()
 
@@ -92,9 +93,12 @@ def test_stale_state_of_a_dead_supervisor_is_recorded_and_cleaned(tmp_path: Path
 def test_live_supervisor_state_is_not_touched(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "vm1")
     run.create()
-    write_json_atomic(run.state_file, {"state": "running", "supervisor_pid": 1})
+    write_json_atomic(
+        run.state_file, {"name": "vm1", "state": "running", "supervisor_pid": 1, "restarts": 0}
+    )
     fd = try_lock(run.lock_file)  # we play the live supervisor
     try:
-        assert clean_stale(run)["state"] == "running"
+        state = clean_stale(run)
+        assert state is not None and state.state == "running"
     finally:
         os.close(fd)  # type: ignore[arg-type]

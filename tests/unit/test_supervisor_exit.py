@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 
 from qvm.layout.rundir import RunDir
+from qvm.store.launch import LaunchRecord
 from qvm.supervisor.process import Supervisor, qemu_log_tail
 
 
 def supervisor(tmp_path: Path) -> Supervisor:
-    return Supervisor(RunDir(tmp_path), {"name": "vm1", "argv": ["qemu"]}, ready_fd=None)
+    launch = LaunchRecord.from_json({"name": "vm1", "argv": ["qemu"]}, "launch.json")
+    return Supervisor(RunDir(tmp_path), launch, ready_fd=None)
 
 
 @pytest.mark.parametrize(

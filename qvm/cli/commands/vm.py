@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from qvm.ops.stop import StopResult
 
 
-
 JSON_HELP = "Print JSON (schema in the README)."
 
 
@@ -32,8 +31,7 @@ def up(
 ) -> None:
     """Start VMs under their own supervisors and wait until QMP answers."""
     from qvm.cli.progress import DownloadBar
-    from qvm.ops.up import plan_launch, prepare_run_dir
-    from qvm.supervisor.boot import start_supervisor
+    from qvm.ops.up import plan_launch, start_vm
 
     results: list[dict[str, Any]] = []
     failed = 0
@@ -42,8 +40,7 @@ def up(
             machine = resolve.load(name)
             run = resolve.run_dir(machine.name)
             plan = plan_launch(machine, run)
-            prepare_run_dir(plan, progress=DownloadBar())
-            result = start_supervisor(run, plan.launch_record(), wait=not no_wait)
+            result = start_vm(plan, wait=not no_wait, progress=DownloadBar())
         except QvmError as error:
             failed += 1
             warn(f"qvm: {error}")
@@ -72,8 +69,8 @@ def up(
         say(f"  qmp socket  {result.qmp_socket}")
         for forward in plan.forwards():
             say(
-                f"  forward     {forward['proto']}:{forward['host_addr']}:{forward['host_port']}"
-                f" -> guest port {forward['guest_port']} ({forward['nic']})"
+                f"  forward     {forward.proto}:{forward.host_addr}:{forward.host_port}"
+                f" -> guest port {forward.guest_port} ({forward.nic})"
             )
     if as_json:
         emit_json(results)
@@ -137,8 +134,7 @@ def restart(
 ) -> None:
     """Stop the VM (if it runs) and start it again from its current definition."""
     from qvm.ops.stop import stop
-    from qvm.ops.up import plan_launch, prepare_run_dir
-    from qvm.supervisor.boot import start_supervisor
+    from qvm.ops.up import plan_launch, start_vm
     from qvm.supervisor.client import supervisor_alive
 
     machine = resolve.load(name)
@@ -147,8 +143,7 @@ def restart(
     if supervisor_alive(run):
         result = stop(run, timeout=timeout, force=force)
         say(f"{machine.name}: stopped: {result.message}")
-    prepare_run_dir(plan)
-    started = start_supervisor(run, plan.launch_record(), wait=True)
+    started = start_vm(plan, wait=True)
     say(f"{started.name}: running, pid {started.qemu_pid}")
 
 

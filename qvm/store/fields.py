@@ -1,0 +1,139 @@
+"""Reading a JSON record field by field, checked: the one way every record in a run dir,
+and every message of the supervisor's protocol, is parsed where it is read.
+
+A ``Fields`` wraps the decoded object and the name of where it came from. Each accessor
+returns the value with its type checked, or raises ``RecordError`` naming the file (or
+message) and the key, so a renamed key or a planted value is one clear line, never a
+``KeyError`` three modules away or a wrong guess. Stdlib only: the supervisor's spawn
+code reads records before anything heavier is imported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from qvm.base.jsonfile import read_json_strict
+from qvm.errors import RecordError
+
+_T = TypeVar("_T")
+_MISSING = object()
+_SHOWN = 60  # characters of a bad value quoted in a message
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
+class Fields:
+    """The keys of one JSON object, read with their types checked."""
+
+    def __init__(self, data: Any, source: str, hint: str | None = None) -> None:
+        if not isinstance(data, dict):
+            raise RecordError(source, "", f"must be a JSON object, got {_shown(data)}", hint)
+        self.data = data
+        self.source = source
+        self.hint = hint
+
+    def fail(self, key: str, problem: str) -> RecordError:
+        return RecordError(self.source, key, problem, self.hint)
+
+    def _get(self, key: str, default: Any) -> Any:
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise self.fail(key, "missing")
+            return default
+        return value
+
+    def _typed(self, key: str, default: Any, check: Callable[[Any], bool], what: str) -> Any:
+        value = self._get(key, default)
+        if value is default and default is not _MISSING:
+            return value
+        if not check(value):
+            raise self.fail(key, f"must be {what}, got {_shown(value)}")
+        return value
+
+    def str(self, key: str, default: Any = _MISSING) -> Any:
+        return self._typed(key, default, lambda v: isinstance(v, str), "a string")
+
+    def int(self, key: str, default: Any = _MISSING) -> Any:
+        return self._typed(
+            key, default, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"
+        )
+
+    def pid(self, key: str, default: Any = _MISSING) -> Any:
+        """A process id: a positive integer within the kernel's range."""
+        return self._typed(
+            key,
+            default,
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**22 + 1,
+            "a process id",
+        )
+
+    def float(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._typed(
+            key,
+            default,
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            "a number",
+        )
+        return float(value) if isinstance(value, int) else value
+
+    def bool(self, key: str, default: Any = _MISSING) -> Any:
+        return self._typed(key, default, lambda v: isinstance(v, bool), "true or false")
+
+    def one_of(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
+        return self._typed(key, default, lambda v: v in choices, "one of " + ", ".join(choices))
+
+    def str_list(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._typed(
+            key,
+            default,
+            lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+            "a list of strings",
+        )
+        return tuple(value) if isinstance(value, list) else value
+
+    def object(self, key: str, default: Any = _MISSING) -> Any:
+        """A nested object as ``Fields`` (or the default when absent or null)."""
+        value = self._get(key, default)
+        if value is default and default is not _MISSING:
+            return value
+        if value is None and default is None:
+            return None
+        return Fields(value, f"{self.source}: {key}", self.hint)
+
+    def records(self, key: str, read: Callable[[Fields], _T], default: Any = _MISSING) -> Any:
+        """A list of nested objects, each read by ``read``."""
+        value = self._get(key, default)
+        if value is default and default is not _MISSING:
+            return value
+        if not isinstance(value, list):
+            raise self.fail(key, f"must be a list, got {_shown(value)}")
+        return tuple(
+            read(Fields(item, f"{self.source}: {key}[{index}]", self.hint))
+            for index, item in enumerate(value)
+        )
+
+    def any(self, key: str, default: Any = _MISSING) -> Any:
+        """A value qvm passes along without looking into it (e.g. QMP arguments)."""
+        return self._get(key, default)
+
+
+def read_record(
+    path: str | os.PathLike[str], parse: Callable[[Any, str], _T], hint: str | None = None
+) -> _T | None:
+    """The record in the file at ``path``, read by ``parse(data, source)``; None when the
+    file does not exist. Unreadable, not JSON, too big or the wrong shape: RecordError
+    (``hint``: what to do about a file that is not JSON at all)."""
+    source = os.fspath(path)
+    try:
+        data = read_json_strict(source)
+    except ValueError as error:
+        problem = str(error).removeprefix(f"{source}: ")
+        raise RecordError(source, "", problem, hint) from error
+    return None if data is None else parse(data, source)

@@ -1,0 +1,162 @@
+"""``launch.json``: the facts of one QEMU run, written by ``qvm up`` before the fork and
+read by the supervisor and by every command that acts on the running VM.
+
+``LaunchRecord.from_json`` checks every field where the file is read; deeper code reads
+attributes. A record that does not parse is a ``RecordError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+from qvm.base.jsonfile import write_json_atomic
+from qvm.store.fields import Fields, read_record
+
+RESTART_POLICIES = ("no", "on-failure", "always")
+PROTOCOLS = ("tcp", "udp")
+LAUNCH_HINT = "qvm up writes it anew; qvm down, then qvm up"
+
+
+class Forward(NamedTuple):
+    """One host-to-guest port forward of a NIC, its host port resolved."""
+
+    nic: str
+    proto: str
+    host_addr: str
+    host_port: int
+    guest_port: int
+
+    @classmethod
+    def read(cls, f: Fields) -> Forward:
+        return cls(
+            nic=f.str("nic"),
+            proto=f.one_of("proto", PROTOCOLS),
+            host_addr=f.str("host_addr"),
+            host_port=f.int("host_port"),
+            guest_port=f.int("guest_port"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return self._asdict()
+
+
+class Image(NamedTuple):
+    """A file QEMU opens, and whether it writes it (for other VMs' pre-flight)."""
+
+    path: str
+    writable: bool
+
+    @classmethod
+    def read(cls, f: Fields) -> Image:
+        return cls(path=f.str("path"), writable=f.bool("writable"))
+
+    def to_json(self) -> dict[str, Any]:
+        return self._asdict()
+
+
+class Topology(NamedTuple):
+    sockets: int
+    dies: int
+    cores: int
+    threads: int
+
+    @classmethod
+    def read(cls, f: Fields) -> Topology:
+        return cls(*(f.int(key) for key in cls._fields))
+
+    def to_json(self) -> dict[str, Any]:
+        return self._asdict()
+
+
+class SshFacts(NamedTuple):
+    """How ``qvm ssh`` logs in: the cloud-init user, its keys, and whether qvm made one."""
+
+    user: str
+    identities: tuple[str, ...]
+    generated_key: bool
+    user_data_file: str | None
+
+    @classmethod
+    def read(cls, f: Fields) -> SshFacts:
+        return cls(
+            user=f.str("user"),
+            identities=f.str_list("identities", ()),
+            generated_key=f.bool("generated_key", False),
+            user_data_file=f.str("user_data_file", None),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self._asdict(), "identities": list(self.identities)}
+
+
+class LaunchRecord(NamedTuple):
+    name: str
+    machine_file: str | None
+    argv: tuple[str, ...]
+    accel: str | None
+    accel_reason: str | None
+    machine_type: str | None
+    cpu_model: str | None
+    vcpus_boot: int | None
+    vcpus_max: int | None
+    topology: Topology | None
+    memory_size: int | None
+    memory_max: int | None
+    memory_slots: int | None
+    forwards: tuple[Forward, ...]
+    nics: tuple[str, ...]
+    images: tuple[Image, ...]
+    ssh: SshFacts | None
+    restart: str
+    max_restarts: int
+    restart_delay: float
+    created: float | None
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> LaunchRecord:
+        f = Fields(data, source, LAUNCH_HINT)
+        topology = f.object("topology", None)
+        ssh = f.object("ssh", None)
+        return cls(
+            name=f.str("name"),
+            machine_file=f.str("machine_file", None),
+            argv=f.str_list("argv"),
+            accel=f.str("accel", None),
+            accel_reason=f.str("accel_reason", None),
+            machine_type=f.str("machine_type", None),
+            cpu_model=f.str("cpu_model", None),
+            vcpus_boot=f.int("vcpus_boot", None),
+            vcpus_max=f.int("vcpus_max", None),
+            topology=Topology.read(topology) if topology is not None else None,
+            memory_size=f.int("memory_size", None),
+            memory_max=f.int("memory_max", None),
+            memory_slots=f.int("memory_slots", None),
+            forwards=f.records("forwards", Forward.read, ()),
+            nics=f.str_list("nics", ()),
+            images=f.records("images", Image.read, ()),
+            ssh=SshFacts.read(ssh) if ssh is not None else None,
+            restart=f.one_of("restart", RESTART_POLICIES, "no"),
+            max_restarts=f.int("max_restarts", 5),
+            restart_delay=f.float("restart_delay", 1.0),
+            created=f.float("created", None),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data = self._asdict()
+        data["argv"] = list(self.argv)
+        data["nics"] = list(self.nics)
+        data["topology"] = self.topology.to_json() if self.topology else None
+        data["forwards"] = [forward.to_json() for forward in self.forwards]
+        data["images"] = [image.to_json() for image in self.images]
+        data["ssh"] = self.ssh.to_json() if self.ssh else None
+        return data
+
+
+def read_launch(path: str | os.PathLike[str]) -> LaunchRecord | None:
+    """The launch record at ``path``; None when there is none. Corrupt: RecordError."""
+    return read_record(path, LaunchRecord.from_json, LAUNCH_HINT)
+
+
+def write_launch(path: str | os.PathLike[str], record: LaunchRecord) -> None:
+    write_json_atomic(path, record.to_json())
