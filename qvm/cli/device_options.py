@@ -34,9 +34,10 @@ def size_argument(name: str, option: str, text: str) -> int:
 
 def machine_file(run: Any) -> Path:
     """The TOML the running VM came from (``--persist`` writes there)."""
-    from qvm.base.jsonfile import read_json
+    from qvm.store.launch import read_launch
 
-    file = (read_json(run.launch_file) or {}).get("machine_file")
+    launch = read_launch(run.launch_file)
+    file = launch.machine_file if launch is not None else None
     if not file:
         abort(f"{run.name}: --persist: the run dir does not say which machine file it came from")
     return Path(file)

@@ -18,6 +18,7 @@ Nothing here prints.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,29 +26,37 @@ from qvm.base.jsonfile import read_json
 from qvm.control.guard import check_device_add
 from qvm.control.guest import guest_report
 from qvm.control.pci import PciPlaces, choose_pci_bus, pci_places
-from qvm.control.session import ControlSession
+from qvm.control.qmp_session import QmpSession
 from qvm.control.transaction import (
+    Peripheral,
+    Plug,
     Removal,
     Step,
+    boot_device_ids,
     check_new_id,
-    check_removable,
     fresh_id,
     launch_of,
+    listed_json,
+    opened,
+    origin_of,
     peripheral_ids,
+    plug,
     reconcile_devices,
-    run_steps,
-    unplug_recorded,
+    remove_hotplugged,
+    taken_ids,
 )
 from qvm.errors import HotplugError
 from qvm.host.holders import describe_holders
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import add_device_record
+from qvm.store.devices import DeviceRecord
+from qvm.store.launch import LaunchRecord
 from qvm.store.pending import PERIPHERAL, device_state, pending_ids
 
 DISK_PREFIX = "disk"
 DEFAULT_UNPLUG_TIMEOUT = 10.0
 LOCK_ERROR = 'Failed to get "write" lock'
 SHARED_LOCK_ERROR = 'Failed to get shared "write" lock'
+DISK = Peripheral("disk")
 
 
 class DiskInfo(NamedTuple):
@@ -67,18 +76,7 @@ class DiskInfo(NamedTuple):
         return device_state(self.pending)
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "origin": self.origin,
-            "file": self.file,
-            "format": self.format,
-            "readonly": self.readonly,
-            "node": self.node,
-            "size": self.size,
-            "bus": self.bus,
-            "created": self.created,
-            "state": self.state,
-        }
+        return listed_json(self)
 
 
 class DiskList(NamedTuple):
@@ -106,48 +104,36 @@ def device_of_qdev(qdev: str) -> str | None:
     return qdev[len(PERIPHERAL) :].split("/", 1)[0] or None
 
 
-def boot_device_ids(argv: list[str]) -> set[str]:
-    """The ids of the ``-device`` options QEMU was started with."""
-    ids = set()
-    for option, value in zip(argv, argv[1:], strict=False):
-        if option == "-device":
-            for part in value.split(","):
-                if part.startswith("id="):
-                    ids.add(part[3:])
-    return ids
-
-
 def disks_from(
     name: str,
     block: list[dict[str, Any]],
-    records: list[dict[str, Any]],
-    pending: set[str],
-    boot_ids: set[str],
+    records: Mapping[str, DeviceRecord],
+    pending: Collection[str],
+    boot_ids: Collection[str],
     places: PciPlaces,
     guest: dict[str, str] | None = None,
 ) -> DiskList:
-    """``DiskList`` from ``query-block``, qvm's records and the boot ``-device`` ids."""
-    ours = {r["id"]: r for r in records if r.get("kind") == "disk"}
+    """``DiskList`` from ``query-block``, qvm's records (of disks) by id and the boot
+    ``-device`` ids."""
     disks = []
     for entry in block:
         dev_id = device_of_qdev(str(entry.get("qdev") or ""))
         inserted = entry.get("inserted") or {}
         if dev_id is None or not inserted:
             continue
-        record = ours.get(dev_id, {})
-        origin = "qvm" if record else ("boot" if dev_id in boot_ids else "other")
+        record = records.get(dev_id)
         image = inserted.get("image") or {}
         disks.append(
             DiskInfo(
                 id=dev_id,
-                origin=origin,
-                file=record.get("file") or inserted.get("file"),
+                origin=origin_of(dev_id, record, boot_ids),
+                file=(record and record.file) or inserted.get("file"),
                 format=inserted.get("drv"),
                 readonly=bool(inserted.get("ro")),
                 node=inserted.get("node-name"),
                 size=image.get("virtual-size"),
-                bus=record.get("bus"),
-                created=bool(record.get("created")),
+                bus=record.bus if record else None,
+                created=bool(record and record.created),
                 pending=dev_id in pending,
             )
         )
@@ -157,22 +143,21 @@ def disks_from(
     return DiskList(name, disks, places, blk)
 
 
-def _query(session: ControlSession, run: RunDir, launch: dict[str, Any]) -> DiskList:
-    records = reconcile_devices(session, run, peripheral_ids(session))
+def _query(session: QmpSession, run: RunDir, launch: LaunchRecord) -> DiskList:
+    records = reconcile_devices(session, run, peripheral_ids(session), ("disk",))
     return disks_from(
         run.name,
         session.execute("query-block"),
         records,
         pending_ids(run),
-        boot_device_ids(launch.get("argv") or []),
+        boot_device_ids(launch.argv),
         pci_places(session, launch),
         guest_report(run),
     )
 
 
 def list_disks(run: RunDir) -> DiskList:
-    launch = launch_of(run)
-    with ControlSession(run) as session:
+    with opened(run) as (session, launch):
         return _query(session, run, launch)
 
 
@@ -261,14 +246,13 @@ def attach_disk(
             f"{name}: disk attach --new: the size must be a positive multiple of 512 bytes, "
             f"got {new_size}"
         )
-    with ControlSession(run) as session:
+    with opened(run, launch) as (session, launch):
         forced = check_device_add(run, launch, "disk attach", force)
         disks = _query(session, run, launch)
         nodes = {
             n.get("node-name") for n in session.execute("query-named-block-nodes", {"flat": True})
         }
-        taken = peripheral_ids(session) | pending_ids(run) | {d.id for d in disks.disks}
-        taken |= {n for n in nodes if n}
+        taken = taken_ids(session, run, (d.id for d in disks.disks)) | {n for n in nodes if n}
         created = None
         if new_size is not None:
             dev_id = _new_disk_id(run, dev_id, taken, nodes, new=True)
@@ -286,28 +270,25 @@ def attach_disk(
                 from qvm.host.qemu_img import detect_format
 
                 fmt = detect_format(path)
+        record = DeviceRecord(
+            dev_id,
+            "disk",
+            cleanup=(
+                ("blockdev-del", {"node-name": dev_id}),
+                ("blockdev-del", {"node-name": f"{dev_id}-file"}),
+            ),
+            bus=bus,
+            file=str(path),
+            format=fmt,
+            readonly=readonly,
+            created=created is not None,
+        )
         try:
-            _plug(session, run, dev_id, path, fmt, readonly, bus)
+            plug(session, run, _plan(run, record, path, fmt))
         except BaseException:
             if created is not None:
                 created.unlink(missing_ok=True)  # made a moment ago for this attach only
             raise
-        add_device_record(
-            run,
-            {
-                "id": dev_id,
-                "kind": "disk",
-                "file": str(path),
-                "format": fmt,
-                "readonly": readonly,
-                "created": created is not None,
-                "bus": bus,
-                "cleanup": [
-                    ["blockdev-del", {"node-name": dev_id}],
-                    ["blockdev-del", {"node-name": f"{dev_id}-file"}],
-                ],
-            },
-        )
         after = _query(session, run, launch)
         disk = after.find(dev_id) or DiskInfo(dev_id, "qvm", str(path), fmt, readonly, dev_id, None)
         return DiskAttach(name, disk, after.places, created, forced)
@@ -348,16 +329,9 @@ def create_image(run: RunDir, path: Path, size: int) -> None:
     qemu_img_create(path, size)
 
 
-def _plug(
-    session: ControlSession,
-    run: RunDir,
-    dev_id: str,
-    path: Path,
-    fmt: str,
-    readonly: bool,
-    bus: str | None,
-) -> None:
+def _plan(run: RunDir, record: DeviceRecord, path: Path, fmt: str) -> Plug:
     """A file node, a format node, the device; what was done is undone when a step fails."""
+    dev_id, bus, readonly = record.id, record.bus, record.readonly
     file_node = f"{dev_id}-file"
     device = {"driver": "virtio-blk-pci", "id": dev_id, "drive": dev_id}
     steps = [
@@ -388,7 +362,7 @@ def _plug(
             "detach it there or stop it first",
         )
 
-    run_steps(session, run, "disk attach", steps, translate)
+    return Plug("disk attach", steps, record, translate)
 
 
 # --- detach ------------------------------------------------------------------------------
@@ -397,13 +371,12 @@ def _plug(
 def detach_disk(run: RunDir, dev_id: str, timeout: float = DEFAULT_UNPLUG_TIMEOUT) -> Removal:
     """Unplug a disk qvm attached, wait for the guest, delete its block nodes. The image
     file stays where it is."""
-    launch = launch_of(run)
-    with ControlSession(run) as session:
+    with opened(run) as (session, launch):
         disks = _query(session, run, launch)
-        disk = disks.find(dev_id)
-        check_removable(run, launch, dev_id, disk, "disk", [d.id for d in disks.disks])
-        assert disk is not None
-        return Removal(run.name, "disk", disk, unplug_recorded(session, run, dev_id, timeout))
+        known = [d.id for d in disks.disks]
+        return remove_hotplugged(
+            session, run, launch, DISK, dev_id, disks.find(dev_id), known, timeout
+        )
 
 
 # --- the machine file ----------------------------------------------------------------------

@@ -10,25 +10,26 @@ by a stale list.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from qvm.base.jsonfile import read_json
 from qvm.errors import ControlError, HostError, NotRunningError, QvmError
 from qvm.layout.rundir import RunDir
+from qvm.store.forwards import read_forwards, record_forwards, save
+from qvm.store.launch import Forward, read_launch
 
 if TYPE_CHECKING:
+    from qvm.control.qmp_session import QmpSession
     from qvm.control.session import ControlSession
     from qvm.definition.schema import PortForward
-
-from qvm.store.forwards import current_forwards, record_forwards, save
 
 _SHORT_FORM = re.compile(r"(?:(tcp|udp):)?(?:([0-9]{1,3}(?:\.[0-9]{1,3}){3}):)?([0-9]{1,5})")
 
 
 def _nic_for(run: RunDir, nic: str | None) -> str:
-    nics = (read_json(run.launch_file) or {}).get("nics") or []
     if nic is not None:
         return nic
+    launch = read_launch(run.launch_file)
+    nics = launch.nics if launch is not None else ()
     if not nics:
         raise HostError(
             f"{run.name}: has no user-mode NIC to forward ports to "
@@ -37,7 +38,7 @@ def _nic_for(run: RunDir, nic: str | None) -> str:
     return str(nics[0])
 
 
-def _hmp(session: ControlSession, command_line: str) -> str:
+def _hmp(session: QmpSession, command_line: str) -> str:
     return str(session.execute("human-monitor-command", {"command-line": command_line}))
 
 
@@ -56,7 +57,7 @@ def _require_running(run: RunDir) -> None:
         raise NotRunningError(run.name)
 
 
-def add_forward(run: RunDir, text: str, nic: str | None = None) -> dict[str, Any]:
+def add_forward(run: RunDir, text: str, nic: str | None = None) -> Forward:
     """Add ``PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT`` (host port 0 or "auto": a free one)."""
     _require_running(run)
     fwd = parse_spec(text)
@@ -71,9 +72,7 @@ def add_forward(run: RunDir, text: str, nic: str | None = None) -> dict[str, Any
     return entry
 
 
-def resolve_forward(
-    run: RunDir, fwd: PortForward, nic: str, action: str | None = None
-) -> dict[str, Any]:
+def resolve_forward(run: RunDir, fwd: PortForward, nic: str, action: str | None = None) -> Forward:
     """The forward as recorded, with its host port: 0 gets a free one; a port in use is
     refused before QEMU is asked, naming who holds it (the qvm VM, when it is one)."""
     from qvm.host.ports import pick_free_port, port_in_use
@@ -89,13 +88,7 @@ def resolve_forward(
         )
     else:
         port = fwd.host_port
-    return {
-        "nic": nic,
-        "proto": fwd.protocol,
-        "host_addr": fwd.host_addr,
-        "host_port": port,
-        "guest_port": fwd.guest_port,
-    }
+    return Forward(nic, fwd.protocol, fwd.host_addr, port, fwd.guest_port)
 
 
 def _held_by(run: RunDir, port: int) -> str:
@@ -110,11 +103,13 @@ def _held_by(run: RunDir, port: int) -> str:
     return f" by VM {vm} ({holder})" if vm else f" by {holder}"
 
 
-def hostfwd_rule(forward: dict[str, Any]) -> str:
+def hostfwd_rule(forward: Forward) -> str:
     """QEMU's rule for a forward: ``tcp:127.0.0.1:2222-:22``."""
-    return (
-        f"{forward['proto']}:{forward['host_addr']}:{forward['host_port']}-:{forward['guest_port']}"
-    )
+    return f"{_host_side(forward)}-:{forward.guest_port}"
+
+
+def _host_side(forward: Forward) -> str:
+    return f"{forward.proto}:{forward.host_addr}:{forward.host_port}"
 
 
 def parse_spec(text: str) -> PortForward:
@@ -131,48 +126,49 @@ def parse_spec(text: str) -> PortForward:
         ) from None
 
 
-def remove_forward(run: RunDir, text: str, nic: str | None = None) -> list[dict[str, Any]]:
+def remove_forward(run: RunDir, text: str, nic: str | None = None) -> list[Forward]:
     """Remove the forwards matching ``text``: a whole spec ("tcp:2222:22"), or a host
     port with optional protocol and address ("2222", "tcp:2222", "tcp:127.0.0.1:2222")."""
     _require_running(run)
     with _session(run) as session:
-        matches = [f for f in current_forwards(run) if _matches(f, text, nic)]
+        matches = [f for f in read_forwards(run) if _matches(f, text, nic)]
         if not matches:
             raise QvmError(
                 f"{run.name}: no port forward matches {text!r} (hint: qvm port list {run.name})"
             )
         removed = []
         for forward in matches:
-            rule = f"{forward['proto']}:{forward['host_addr']}:{forward['host_port']}"
-            reply = _hmp(session, f"hostfwd_remove {forward['nic']} {rule}").strip()
+            command = f"hostfwd_remove {forward.nic} {_host_side(forward)}"
+            reply = _hmp(session, command).strip()
             if not reply.endswith("removed"):
-                raise ControlError(f"{run.name}: hostfwd_remove {forward['nic']} {rule}: {reply}")
+                raise ControlError(f"{run.name}: {command}: {reply}")
             removed.append(forward)
-            save(run, [f for f in current_forwards(run) if f != forward])
+            save(run, [f for f in read_forwards(run) if f != forward])
     return removed
 
 
-def _matches(forward: dict[str, Any], text: str, nic: str | None) -> bool:
-    if nic is not None and forward.get("nic") != nic:
+def _matches(forward: Forward | dict[str, object], text: str, nic: str | None) -> bool:
+    """Whether ``text`` (as ``qvm port del`` takes it) names ``forward``."""
+    if isinstance(forward, dict):  # the JSON form (tests/unit/test_access.py passes it)
+        forward = Forward(**forward)  # type: ignore[arg-type]
+    if nic is not None and forward.nic != nic:
         return False
     short = _SHORT_FORM.fullmatch(text)
     if short is not None:
         proto, addr, port = short.groups()
         return (
-            int(port) == forward.get("host_port")
-            and (proto is None or proto == forward.get("proto"))
-            and (addr is None or addr == forward.get("host_addr"))
+            int(port) == forward.host_port
+            and (proto is None or proto == forward.proto)
+            and (addr is None or addr == forward.host_addr)
         )
     fwd = parse_spec(text)
-    return (
-        fwd.protocol == forward.get("proto")
-        and fwd.host_addr == forward.get("host_addr")
-        and fwd.host_port == forward.get("host_port")
-        and fwd.guest_port == forward.get("guest_port")
+    return (fwd.protocol, fwd.host_addr, fwd.host_port, fwd.guest_port) == (
+        forward.proto,
+        forward.host_addr,
+        forward.host_port,
+        forward.guest_port,
     )
 
 
-def forward_text(forward: dict[str, Any]) -> str:
-    return (
-        f"{forward['proto']}:{forward['host_addr']}:{forward['host_port']}:{forward['guest_port']}"
-    )
+def forward_text(forward: Forward) -> str:
+    return f"{_host_side(forward)}:{forward.guest_port}"

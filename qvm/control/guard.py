@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from qvm.base.jsonfile import read_json, write_json_atomic
 from qvm.errors import HotplugError
 from qvm.layout.rundir import RunDir
 from qvm.store.devices import qemu_run, same_run
+from qvm.store.launch import LaunchRecord
 
 # --- the TCG guard ---------------------------------------------------------------------
 
@@ -34,9 +34,9 @@ def record_cpu_unplug_request(run: RunDir, ids: Sequence[str]) -> None:
     write_json_atomic(run.cpu_unplugged_file, record)
 
 
-def tcg_unplug_refusal(run: RunDir, launch: dict[str, Any], action: str = "cpu add") -> str | None:
+def tcg_unplug_refusal(run: RunDir, launch: LaunchRecord, action: str = "cpu add") -> str | None:
     """Why a ``device_add`` for ``action`` must not be tried now, or None."""
-    if launch.get("accel") != "tcg" or not unplug_requested_this_run(run):
+    if launch.accel != "tcg" or not unplug_requested_this_run(run):
         return None
     crash = (
         "crashes (double free) on the next vCPU device_add"
@@ -52,7 +52,7 @@ def tcg_unplug_refusal(run: RunDir, launch: dict[str, Any], action: str = "cpu a
     )
 
 
-def check_device_add(run: RunDir, launch: dict[str, Any], action: str, force: bool) -> bool:
+def check_device_add(run: RunDir, launch: LaunchRecord, action: str, force: bool) -> bool:
     """Raise unless a ``device_add`` is safe (or forced); True when it was forced."""
     refusal = tcg_unplug_refusal(run, launch, action)
     if refusal and not force:

@@ -25,31 +25,36 @@ Nothing here prints.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from qvm.base.sizes import human_size
 from qvm.control.guard import check_device_add
 from qvm.control.guest import guest_report
 from qvm.control.pci import choose_pci_bus, pci_places
-from qvm.control.session import ControlSession
+from qvm.control.qmp_session import Events, QmpSession
 from qvm.control.transaction import (
     DeviceUnplug,
+    Peripheral,
+    Plug,
     Step,
     already_pending,
-    check_new_id,
-    fresh_id,
     launch_of,
+    listed_json,
+    new_device_id,
+    opened,
     peripheral_ids,
+    plug,
     reconcile_devices,
     restart_hint,
-    run_steps,
     since,
-    unplug_recorded,
+    taken_ids,
+    unplug_one,
 )
 from qvm.errors import HotplugError
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import add_device_record
+from qvm.store.devices import DeviceRecord, update_device_record
+from qvm.store.launch import LaunchRecord
 from qvm.store.pending import device_state, pending_ids
 
 DIMM_PREFIX = "dimm"
@@ -59,6 +64,8 @@ BACKEND_PREFIX = "mem-"
 SIZE_STEP = 2 * 1024**2
 DEFAULT_GUEST_TIMEOUT = 10.0
 SIZE_CHANGE = "MEMORY_DEVICE_SIZE_CHANGE"
+MEMORY_KINDS = ("dimm", "virtio-mem")
+DIMM = Peripheral("DIMM")
 
 
 class MemoryDevice(NamedTuple):
@@ -85,20 +92,7 @@ class MemoryDevice(NamedTuple):
         return device_state(self.pending)
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "size": self.size,
-            "backend": self.backend,
-            "slot": self.slot,
-            "max_size": self.max_size,
-            "requested_size": self.requested_size,
-            "block_size": self.block_size,
-            "addr": self.addr,
-            "bus": self.bus,
-            "by_qvm": self.by_qvm,
-            "state": self.state,
-        }
+        return listed_json(self)
 
 
 class MemoryState(NamedTuple):
@@ -161,16 +155,16 @@ class MemoryState(NamedTuple):
 
 def memory_state_from(
     name: str,
-    launch: dict[str, Any],
+    launch: LaunchRecord,
     devices: list[dict[str, Any]],
     summary: dict[str, Any],
-    records: list[dict[str, Any]],
+    records: Iterable[DeviceRecord],
     pending: set[str],
     guest: dict[str, str] | None = None,
 ) -> MemoryState:
     """``MemoryState`` from ``query-memory-devices``, ``query-memory-size-summary``,
     qvm's records and pending marks, and the guest's own report."""
-    ours = {r["id"]: r for r in records if r.get("kind") in ("dimm", "virtio-mem")}
+    ours = {r.id: r for r in records if r.kind in MEMORY_KINDS}
     found = []
     for entry in devices:
         data = entry.get("data") or {}
@@ -188,7 +182,7 @@ def memory_state_from(
                 requested_size=data.get("requested-size"),
                 block_size=data.get("block-size"),
                 addr=data.get("addr", data.get("memaddr")),
-                bus=(ours.get(dev_id) or {}).get("bus"),
+                bus=ours[dev_id].bus if dev_id in ours else None,
                 by_qvm=dev_id in ours,
                 pending=dev_id in pending,
             )
@@ -198,31 +192,30 @@ def memory_state_from(
         guest_kb = int(guest["mem_kb"])
     return MemoryState(
         name=name,
-        boot=int(summary.get("base-memory") or launch.get("memory_size") or 0),
-        max=launch.get("memory_max"),
-        slots=int(launch.get("memory_slots") or 0),
+        boot=int(summary.get("base-memory") or launch.memory_size or 0),
+        max=launch.memory_max,
+        slots=launch.memory_slots or 0,
         devices=found,
         plugged=int(summary.get("plugged-memory") or 0),
         guest_kb=guest_kb,
     )
 
 
-def _query(session: ControlSession, run: RunDir, launch: dict[str, Any]) -> MemoryState:
-    records = reconcile_devices(session, run, peripheral_ids(session))
+def _query(session: QmpSession, run: RunDir, launch: LaunchRecord) -> MemoryState:
+    records = reconcile_devices(session, run, peripheral_ids(session), MEMORY_KINDS)
     return memory_state_from(
         run.name,
         launch,
         session.execute("query-memory-devices"),
         session.execute("query-memory-size-summary"),
-        records,
+        records.values(),
         pending_ids(run),
         guest_report(run),
     )
 
 
 def list_memory(run: RunDir) -> MemoryState:
-    launch = launch_of(run)
-    with ControlSession(run) as session:
+    with opened(run) as (session, launch):
         return _query(session, run, launch)
 
 
@@ -238,7 +231,7 @@ def check_size(name: str, action: str, size: int) -> None:
         )
 
 
-def check_room(state: MemoryState, run: RunDir, launch: dict[str, Any], size: int) -> None:
+def check_room(state: MemoryState, run: RunDir, launch: LaunchRecord, size: int) -> None:
     """Refuse a memory device of ``size`` bytes past memory.max, saying by how much."""
     name = run.name
     if state.max is None or state.max <= state.boot:
@@ -258,7 +251,7 @@ def check_room(state: MemoryState, run: RunDir, launch: dict[str, Any], size: in
         )
 
 
-def check_slot(state: MemoryState, run: RunDir, launch: dict[str, Any]) -> None:
+def check_slot(state: MemoryState, run: RunDir, launch: LaunchRecord) -> None:
     if state.slots_used >= state.slots:
         raise HotplugError(
             f"{run.name}: mem add: no free memory slot: {state.slots_used} of {state.slots} "
@@ -267,10 +260,10 @@ def check_slot(state: MemoryState, run: RunDir, launch: dict[str, Any]) -> None:
         )
 
 
-def _file(launch: dict[str, Any]) -> str:
+def _file(launch: LaunchRecord) -> str:
     from qvm.base.text import display_path
 
-    file = launch.get("machine_file")
+    file = launch.machine_file
     return display_path(file) if file else "the machine file"
 
 
@@ -319,7 +312,7 @@ def add_memory(
         check_size(run.name, action, size)
     if max_size is not None and not virtio_mem:
         raise HotplugError(f"{run.name}: mem add: --max is for --virtio-mem devices only")
-    with ControlSession(run) as session:
+    with opened(run, launch) as (session, launch):
         forced = check_device_add(run, launch, action, force)
         state = _query(session, run, launch)
         taken = _taken_ids(session, run, state)
@@ -329,19 +322,20 @@ def add_memory(
             )
         check_room(state, run, launch, size)
         check_slot(state, run, launch)
-        dev_id = _new_id(run, dev_id, DIMM_PREFIX, taken)
-        backend = BACKEND_PREFIX + dev_id
-        _plug(session, run, launch, plug_steps(dev_id, backend, size, {"driver": "pc-dimm"}))
-        add_device_record(run, _record(dev_id, "dimm", backend, size=size))
+        dev_id = new_device_id(run, dev_id, DIMM_PREFIX, taken, action)
+        record = _record(dev_id, "dimm", size)
+        plug(session, run, _plan(run, launch, record, size, {"driver": "pc-dimm"}))
         after = _query(session, run, launch)
-        device = after.find(dev_id) or MemoryDevice(dev_id, "dimm", size, backend, by_qvm=True)
+        device = after.find(dev_id) or MemoryDevice(
+            dev_id, "dimm", size, record.backend, by_qvm=True
+        )
         return MemoryAdd(run.name, device, after, forced_after_unplug=forced)
 
 
 def _add_virtio_mem(
-    session: ControlSession,
+    session: QmpSession,
     run: RunDir,
-    launch: dict[str, Any],
+    launch: LaunchRecord,
     state: MemoryState,
     size: int,
     max_size: int | None,
@@ -360,29 +354,29 @@ def _add_virtio_mem(
             f"{human_size(maximum)} (hint: raise --max)"
         )
     bus = choose_pci_bus(pci_places(session, launch), run, launch, "mem add --virtio-mem")
-    dev_id = _new_id(run, dev_id, VIRTIO_MEM_PREFIX, taken)
-    backend = BACKEND_PREFIX + dev_id
+    dev_id = new_device_id(run, dev_id, VIRTIO_MEM_PREFIX, taken, "mem add")
+    record = _record(dev_id, "virtio-mem", size, max_size=maximum, bus=bus)
     device: dict[str, Any] = {"driver": "virtio-mem-pci", "requested-size": size}
     if bus is not None:
         device["bus"] = bus
-    events = session.listen([SIZE_CHANGE])  # before device_add: the guest is quick
-    try:
-        started = time.monotonic()
-        _plug(session, run, launch, plug_steps(dev_id, backend, maximum, device))
-        add_device_record(
-            run, _record(dev_id, "virtio-mem", backend, size=size, max_size=maximum, bus=bus)
-        )
-        plugged, seconds = _wait_size(session, events, dev_id, size, timeout, started)
-    finally:
-        events.close()
+    # the guest is quick: its size changes are listened for from before device_add
+    plan = _plan(run, launch, record, maximum, device)._replace(events=(SIZE_CHANGE,))
+    started = time.monotonic()
+
+    def plugged(events: Events | None) -> tuple[int, float | None]:
+        assert events is not None
+        return _wait_size(session, events, dev_id, size, started + timeout, started)
+
+    reached = plug(session, run, plan, plugged)
+    assert reached is not None
     after = _query(session, run, launch)
-    added = after.find(dev_id) or MemoryDevice(dev_id, "virtio-mem", 0, backend, by_qvm=True)
-    return MemoryAdd(name, added, after, plugged, seconds, forced)
+    added = after.find(dev_id) or MemoryDevice(dev_id, "virtio-mem", 0, record.backend, by_qvm=True)
+    return MemoryAdd(name, added, after, *reached, forced)
 
 
-def _taken_ids(session: ControlSession, run: RunDir, state: MemoryState) -> set[str]:
+def _taken_ids(session: QmpSession, run: RunDir, state: MemoryState) -> set[str]:
     objects = session.execute("qom-list", {"path": "/objects"})
-    taken = peripheral_ids(session) | {d.id for d in state.devices} | pending_ids(run)
+    taken = taken_ids(session, run, (d.id for d in state.devices))
     # a backend left behind (its deletion failed) keeps its device's id taken
     taken |= {
         o["name"][len(BACKEND_PREFIX) :] for o in objects if o["name"].startswith(BACKEND_PREFIX)
@@ -390,22 +384,17 @@ def _taken_ids(session: ControlSession, run: RunDir, state: MemoryState) -> set[
     return taken
 
 
-def _new_id(run: RunDir, dev_id: str | None, prefix: str, taken: set[str]) -> str:
-    if dev_id is None:
-        return fresh_id(prefix, taken)[1]
-    check_new_id(run, dev_id, taken, "mem add")
-    return dev_id
-
-
-def _record(dev_id: str, kind: str, backend: str, **facts: Any) -> dict[str, Any]:
-    return {
-        "id": dev_id,
-        "kind": kind,
-        "backend": backend,
-        **{k: v for k, v in facts.items() if v is not None},
-        "added": time.time(),
-        "cleanup": [["object-del", {"id": backend}]],
-    }
+def _record(dev_id: str, kind: str, size: int, **facts: Any) -> DeviceRecord:
+    backend = BACKEND_PREFIX + dev_id
+    return DeviceRecord(
+        dev_id,
+        kind,
+        cleanup=(("object-del", {"id": backend}),),
+        backend=backend,
+        size=size,
+        added=time.time(),
+        **facts,
+    )
 
 
 def plug_steps(dev_id: str, backend: str, size: int, device: dict[str, Any]) -> list[Step]:
@@ -420,40 +409,46 @@ def plug_steps(dev_id: str, backend: str, size: int, device: dict[str, Any]) -> 
     ]
 
 
-def _plug(session: ControlSession, run: RunDir, launch: dict[str, Any], steps: list[Step]) -> None:
+def _plan(
+    run: RunDir, launch: LaunchRecord, record: DeviceRecord, size: int, device: dict[str, Any]
+) -> Plug:
+    """The backend of ``size`` bytes and ``device`` on it, recorded as ``record``."""
+    assert record.backend is not None
+
     def translate(desc: str) -> tuple[str, str | None] | None:
         if "not enough space" in desc:  # memory.max, as QEMU counts it
             return f"device_add: {desc}", restart_hint(run, launch, "memory.max")
         return None
 
-    run_steps(session, run, "mem add", steps, translate)
+    steps = plug_steps(record.id, record.backend, size, device)
+    return Plug("mem add", steps, record, translate)
 
 
 def _wait_size(
-    session: ControlSession,
-    events: Any,
+    session: QmpSession,
+    events: Events,
     dev_id: str,
     wanted: int,
-    timeout: float,
+    deadline: float,
     started: float,
 ) -> tuple[int, float | None]:
     """Wait for ``MEMORY_DEVICE_SIZE_CHANGE`` events until the device's size is
     ``wanted``; (its size then, seconds it took or None if it never got there)."""
     size = _current_size(session, dev_id)
-    deadline = started + timeout
-    while size != wanted:
-        event = events.get(max(deadline - time.monotonic(), 0.0))
-        if event is None:
-            if time.monotonic() >= deadline:
-                return _current_size(session, dev_id), None
-            continue
+
+    def reached(event: dict[str, Any]) -> bool:
+        nonlocal size
         data = event.get("data") or {}
         if data.get("id") == dev_id:
             size = int(data.get("size", size))
+        return size == wanted
+
+    if size != wanted and events.wait(reached, deadline) is None:
+        return _current_size(session, dev_id), None
     return size, since(started)
 
 
-def _current_size(session: ControlSession, dev_id: str) -> int:
+def _current_size(session: QmpSession, dev_id: str) -> int:
     for entry in session.execute("query-memory-devices"):
         data = entry.get("data") or {}
         if data.get("id") == dev_id:
@@ -492,9 +487,8 @@ def find_device(state: MemoryState, run: RunDir, dev_id: str) -> MemoryDevice:
 
 def remove_memory(run: RunDir, dev_id: str, timeout: float = DEFAULT_GUEST_TIMEOUT) -> MemoryRemove:
     """Unplug a DIMM, wait for the guest to release it, then delete its backend."""
-    launch = launch_of(run)
     name = run.name
-    with ControlSession(run) as session:
+    with opened(run) as (session, launch):
         state = _query(session, run, launch)
         device = find_device(state, run, dev_id)
         if device.kind == "virtio-mem":
@@ -507,7 +501,7 @@ def remove_memory(run: RunDir, dev_id: str, timeout: float = DEFAULT_GUEST_TIMEO
             raise already_pending(name, dev_id, "mem")
         # a DIMM qvm did not add (qvm qmp) can go too: QEMU names its backend
         cleanup = [("object-del", {"id": device.backend})] if device.backend else []
-        unplug = unplug_recorded(session, run, dev_id, timeout, cleanup)
+        unplug = unplug_one(session, run, DIMM, dev_id, timeout, cleanup)
         return MemoryRemove(name, device, unplug, _query(session, run, launch))
 
 
@@ -528,15 +522,9 @@ class MemoryResize(NamedTuple):
         return self.size == self.requested
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "id": self.id,
-            "before": self.before,
-            "requested": self.requested,
-            "size": self.size,
-            "seconds": self.seconds,
-            "complete": self.complete,
-        }
+        data = self._asdict()
+        del data["timeout"]
+        return {**data, "complete": self.complete}
 
 
 def resize_memory(
@@ -544,9 +532,8 @@ def resize_memory(
 ) -> MemoryResize:
     """Ask the guest to plug ``size`` bytes of a virtio-mem device (``requested-size``),
     and wait until its size is that (``MEMORY_DEVICE_SIZE_CHANGE``)."""
-    launch = launch_of(run)
     name = run.name
-    with ControlSession(run) as session:
+    with opened(run) as (session, launch):
         device = find_device(_query(session, run, launch), run, dev_id)
         if device.kind != "virtio-mem":
             raise HotplugError(
@@ -564,8 +551,7 @@ def resize_memory(
                 f"{human_size(device.max_size)} (hint: the maximum is fixed when the device "
                 "is added: mem add --max)"
             )
-        events = session.listen([SIZE_CHANGE])
-        try:
+        with session.listen([SIZE_CHANGE]) as events:
             started = time.monotonic()
             session.execute(
                 "qom-set",
@@ -575,19 +561,6 @@ def resize_memory(
                     "value": size,
                 },
             )
-            reached, seconds = _wait_size(session, events, dev_id, size, timeout, started)
-        finally:
-            events.close()
-        _update_record(run, dev_id, size=size)
+            reached, seconds = _wait_size(session, events, dev_id, size, started + timeout, started)
+        update_device_record(run, dev_id, size=size)
         return MemoryResize(name, dev_id, device.size, size, reached, seconds, timeout)
-
-
-def _update_record(run: RunDir, dev_id: str, **changes: Any) -> None:
-    from qvm.store.devices import hotplugged, save_hotplugged
-
-    devices = hotplugged(run)
-    for device in devices:
-        if device.get("id") == dev_id:
-            device.update(changes)
-            save_hotplugged(run, devices)
-            return

@@ -13,38 +13,46 @@ Nothing here prints.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from qvm.control.disk import boot_device_ids
 from qvm.control.forwards import forward_text, hostfwd_rule, resolve_forward
 from qvm.control.guard import check_device_add
 from qvm.control.guest import guest_report
 from qvm.control.pci import PciPlaces, choose_pci_bus, pci_places
-from qvm.control.session import ControlSession
+from qvm.control.qmp_session import QmpSession
 from qvm.control.transaction import (
+    Peripheral,
+    Plug,
     Removal,
     Step,
+    boot_device_ids,
     check_new_id,
-    check_removable,
     fresh_id,
     launch_of,
-    peripheral_ids,
+    listed_json,
+    opened,
+    origin_of,
+    peripheral_types,
+    plug,
     reconcile_devices,
-    run_steps,
-    unplug_recorded,
+    remove_hotplugged,
+    taken_ids,
 )
 from qvm.definition.forwards import ForwardError, parse_forward
 from qvm.definition.schema import NIC_MODELS, PortForward
 from qvm.errors import ControlError, HotplugError
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import add_device_record, hotplugged
-from qvm.store.forwards import current_forwards, forget_forwards, record_forwards
+from qvm.store.devices import DeviceRecord, device_records
+from qvm.store.forwards import forget_forwards, read_forwards, record_forwards
+from qvm.store.launch import Forward, LaunchRecord
 from qvm.store.pending import PERIPHERAL, device_state, pending_ids
 
 NIC_PREFIX = "net"
 DEFAULT_UNPLUG_TIMEOUT = 10.0
 NIC_TYPES = (*NIC_MODELS, "virtio-net-device")
 _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+NIC = Peripheral("NIC")
 
 
 class NicInfo(NamedTuple):
@@ -52,8 +60,8 @@ class NicInfo(NamedTuple):
     origin: str  # "boot" (the machine file), "qvm" (added by qvm), "other" (qvm qmp)
     model: str
     mac: str | None
-    # each {"proto", "host_addr", "host_port", "guest_port"}; boot NICs: from launch.json
-    forwards: tuple[dict[str, Any], ...] = ()
+    # boot NICs': from launch.json; since changed at run time: forwards.json
+    forwards: tuple[Forward, ...] = ()
     bus: str | None = None
     pending: bool = False
 
@@ -65,15 +73,7 @@ class NicInfo(NamedTuple):
         return [forward_text(f) for f in self.forwards]
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "origin": self.origin,
-            "model": self.model,
-            "mac": self.mac,
-            "forwards": [dict(f) for f in self.forwards],
-            "bus": self.bus,
-            "state": self.state,
-        }
+        return {**listed_json(self), "forwards": [f.to_json() for f in self.forwards]}
 
 
 class NicList(NamedTuple):
@@ -98,30 +98,28 @@ def nics_from(
     name: str,
     peripherals: dict[str, str],
     macs: dict[str, str | None],
-    records: list[dict[str, Any]],
-    pending: set[str],
-    boot_ids: set[str],
-    forwards: list[dict[str, Any]],
+    records: Mapping[str, DeviceRecord],
+    pending: Collection[str],
+    boot_ids: Collection[str],
+    forwards: Sequence[Forward],
     places: PciPlaces,
     guest: dict[str, str] | None = None,
 ) -> NicList:
     """``NicList`` from the peripheral devices (id -> type), their MACs, qvm's records
-    and the VM's current port forwards (``qvm.store.forwards``, each naming its NIC)."""
-    ours = {r["id"]: r for r in records if r.get("kind") == "nic"}
+    (of NICs) by id and the VM's current port forwards (each naming its NIC)."""
     nics = []
     for dev_id, dev_type in sorted(peripherals.items()):
         if dev_type not in NIC_TYPES:
             continue
-        record = ours.get(dev_id)
-        origin = "qvm" if record else ("boot" if dev_id in boot_ids else "other")
+        record = records.get(dev_id)
         nics.append(
             NicInfo(
                 id=dev_id,
-                origin=origin,
+                origin=origin_of(dev_id, record, boot_ids),
                 model=dev_type,
                 mac=macs.get(dev_id),
-                forwards=tuple(f for f in forwards if f.get("nic") == dev_id),
-                bus=record.get("bus") if record else None,
+                forwards=tuple(f for f in forwards if f.nic == dev_id),
+                bus=record.bus if record else None,
                 pending=dev_id in pending,
             )
         )
@@ -131,20 +129,9 @@ def nics_from(
     return NicList(name, nics, places, net)
 
 
-def _peripherals(session: ControlSession) -> dict[str, str]:
-    """Device id -> QOM type, for every device with an id."""
-    children = session.execute("qom-list", {"path": PERIPHERAL.rstrip("/")})
-    found = {}
-    for child in children:
-        kind = str(child.get("type", ""))
-        if kind.startswith("child<") and kind.endswith(">"):
-            found[child["name"]] = kind[len("child<") : -1]
-    return found
-
-
-def _query(session: ControlSession, run: RunDir, launch: dict[str, Any]) -> NicList:
-    peripherals = _peripherals(session)
-    records = reconcile_devices(session, run, set(peripherals))
+def _query(session: QmpSession, run: RunDir, launch: LaunchRecord) -> NicList:
+    peripherals = peripheral_types(session)
+    records = reconcile_devices(session, run, set(peripherals), ("nic",))
     macs = {}
     for dev_id, dev_type in peripherals.items():
         if dev_type in NIC_TYPES:
@@ -157,18 +144,18 @@ def _query(session: ControlSession, run: RunDir, launch: dict[str, Any]) -> NicL
                     raise
                 macs[dev_id] = None
     nics = [i for i, kind in peripherals.items() if kind in NIC_TYPES]
-    forwards = current_forwards(run)
-    if any(f.get("nic") not in nics for f in forwards):  # of a NIC gone since
-        for nic in {str(f.get("nic")) for f in forwards} - set(nics):
+    forwards = read_forwards(run)
+    if any(f.nic not in nics for f in forwards):  # of a NIC gone since
+        for nic in {f.nic for f in forwards} - set(nics):
             forget_forwards(run, nic)
-        forwards = current_forwards(run)
+        forwards = read_forwards(run)
     return nics_from(
         run.name,
         peripherals,
         macs,
         records,
         pending_ids(run),
-        boot_device_ids(launch.get("argv") or []),
+        boot_device_ids(launch.argv),
         forwards,
         pci_places(session, launch),
         guest_report(run),
@@ -176,8 +163,7 @@ def _query(session: ControlSession, run: RunDir, launch: dict[str, Any]) -> NicL
 
 
 def list_nics(run: RunDir) -> NicList:
-    launch = launch_of(run)
-    with ControlSession(run) as session:
+    with opened(run) as (session, launch):
         return _query(session, run, launch)
 
 
@@ -240,15 +226,15 @@ def add_nic(
     parsed = parse_forwards(name, list(forwards or []))
     if mac is not None:
         mac = check_mac(name, mac)
-    with ControlSession(run) as session:
+    with opened(run, launch) as (session, launch):
         forced = check_device_add(run, launch, "nic add", force)
         nics = _query(session, run, launch)
         bus = choose_pci_bus(nics.places, run, launch, "nic add")
-        taken = peripheral_ids(session) | pending_ids(run) | {n.id for n in nics.nics}
-        taken |= {r["id"] for r in hotplugged(run)}
+        taken = taken_ids(session, run, (n.id for n in nics.nics))
+        taken |= {r.id for r in device_records(run)}
         macs = {n.mac for n in nics.nics if n.mac}
-        boot_count = sum(1 for a in launch.get("argv") or [] if a == "-netdev")
-        machine = launch.get("name") or name
+        boot_count = sum(1 for a in launch.argv if a == "-netdev")
+        machine = launch.name or name
 
         def fresh_mac(index: str) -> bool:
             return mac is not None or stable_mac(machine, int(index)) not in macs
@@ -281,20 +267,17 @@ def add_nic(
                 return f"netdev_add {dev_id}: {desc}", "a host port is taken; pick another"
             return None
 
-        run_steps(session, run, "nic add", steps, translate)
-        record_forwards(run, resolved)
-        add_device_record(
-            run,
-            {
-                "id": dev_id,
-                "kind": "nic",
-                "model": model,
-                "mac": mac,
-                "index": index,
-                "bus": bus,
-                "cleanup": [["netdev_del", {"id": dev_id}]],
-            },
+        record = DeviceRecord(
+            dev_id,
+            "nic",
+            cleanup=(("netdev_del", {"id": dev_id}),),
+            bus=bus,
+            model=model,
+            mac=mac,
+            index=index,
         )
+        plug(session, run, Plug("nic add", steps, record, translate))
+        record_forwards(run, resolved)
         after = _query(session, run, launch)
         nic = after.find(dev_id) or NicInfo(dev_id, "qvm", model, mac, tuple(resolved), bus)
         return NicAdd(name, nic, after.places, tuple(forwards or ()), forced)
@@ -305,16 +288,15 @@ def add_nic(
 
 def remove_nic(run: RunDir, dev_id: str, timeout: float = DEFAULT_UNPLUG_TIMEOUT) -> Removal:
     """Unplug a NIC qvm added, wait for the guest, then delete its netdev (and forwards)."""
-    launch = launch_of(run)
-    with ControlSession(run) as session:
+    with opened(run) as (session, launch):
         nics = _query(session, run, launch)
-        nic = nics.find(dev_id)
-        check_removable(run, launch, dev_id, nic, "NIC", [n.id for n in nics.nics])
-        assert nic is not None
-        unplug = unplug_recorded(session, run, dev_id, timeout)
-        if unplug.outcome == "removed":
+        known = [n.id for n in nics.nics]
+        removal = remove_hotplugged(
+            session, run, launch, NIC, dev_id, nics.find(dev_id), known, timeout
+        )
+        if removal.unplug.outcome == "removed":
             forget_forwards(run, dev_id)
-        return Removal(run.name, "nic", nic, unplug)
+        return removal
 
 
 # --- the machine file ----------------------------------------------------------------------

@@ -7,9 +7,11 @@ from __future__ import annotations
 import re
 from typing import Any, NamedTuple
 
+from qvm.control.qmp_session import QmpSession
 from qvm.control.transaction import restart_hint
 from qvm.errors import HotplugError
 from qvm.layout.rundir import RunDir
+from qvm.store.launch import LaunchRecord
 
 PC_BUS_SLOTS = 32  # slots on pc's pci.0, the host bridge's included
 
@@ -80,14 +82,14 @@ def pci_places_from(machine_type: str, pci: Any) -> PciPlaces:
     return PciPlaces(machine_type, bus_slots_used=len(slots))
 
 
-def pci_places(session: Any, launch: dict[str, Any]) -> PciPlaces:
-    machine_type = launch.get("machine_type", "q35")
+def pci_places(session: QmpSession, launch: LaunchRecord) -> PciPlaces:
+    machine_type = launch.machine_type or "q35"
     if machine_type not in ("q35", "pc"):
         return PciPlaces(machine_type)
     return pci_places_from(machine_type, session.execute("query-pci"))
 
 
-def choose_pci_bus(places: PciPlaces, run: RunDir, launch: dict[str, Any], what: str) -> str | None:
+def choose_pci_bus(places: PciPlaces, run: RunDir, launch: LaunchRecord, what: str) -> str | None:
     """The bus for a new PCI device (``None``: QEMU picks a slot on pc's ``pci.0``)."""
     name = run.name
     if places.machine_type == "q35":

@@ -1,67 +1,86 @@
-"""What hotplug of every kind shares (vCPUs, memory, disks, NICs).
+"""The one hotplug transaction every kind of device goes through (vCPUs, memory, disks,
+NICs); the kinds supply only what differs.
 
-- ``launch_of``: the facts of the running QEMU (``launch.json``), or NotRunningError.
-- ``run_steps``: a plug as steps, each with its undo, rolled back when one fails.
-- ``unplug_device``: ``device_del``, waiting for ``DEVICE_DELETED`` (listened for before
-  the request), then the cleanup; pending when the guest has not released it in time,
-  with the backend's cleanup left to the supervisor (``qvm.store.pending``).
-- Device ids: fresh, and unique in the VM.
+Adding (``plug``, with a ``Plug`` the kind planned)::
+
+    plan     the kind picks ids, slots, buses, and checks what it can before QEMU is asked
+    steps    QMP commands, each with its undo: when QEMU refuses one, those done are
+             undone, last first, and one line says what failed and how the VM is left
+    record   ``devices.json``: what QMP cannot say later (image file, forwards, cleanup)
+    wait     for the guest's answer (``_OST``, a size change), through a listener opened
+             before the first step: the guest is quick
+
+Removing (``unplug``, with a ``DeviceKind``)::
+
+    steps    ``device_del`` of each id (a refusal at once is the kind's line)
+    wait     until ``DEVICE_DELETED`` or a refusal of each, or the deadline
+    record   pending marks for what the guest has not released, with the backend's
+             cleanup for the supervisor (``qvm.store.pending``); the cleanup itself and
+             the device's record dropped for what went
 
 Nothing here prints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar
 
-from qvm.base.jsonfile import read_json
 from qvm.base.text import display_path
+from qvm.control.events import UNPLUG_EVENTS, match_unplug_event
+from qvm.control.qmp_session import Events, QmpSession
+from qvm.control.session import ControlSession
 from qvm.errors import ControlError, HotplugError, NotRunningError
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import drop_device_record, hotplugged, save_hotplugged
+from qvm.store.devices import (
+    Command,
+    DeviceRecord,
+    add_device_record,
+    device_records,
+    drop_device_record,
+    save_devices,
+)
+from qvm.store.launch import LaunchRecord, read_launch
 from qvm.store.pending import (
     PERIPHERAL,
-    Command,
-    commands_of,
+    device_state,
     mark_pending,
-    own_path,
+    pending_ids,
     pending_marks,
     unmark_pending,
 )
 
 PERIPHERAL_ANON = "/machine/peripheral-anon/"
-# ACPI _OST source codes and the statuses of an eject request (ACPI 6.x, 6.3.5)
-OST_INSERT = 1
-OST_EJECT = 3
-OST_EJECT_IN_PROGRESS = 0x84
-OST_STATUS_TEXT = {
-    1: "non-specific failure",
-    2: "unrecognized notify code",
-    3: "notification not supported",
-    0x80: "device ejection not supported by the guest OS",
-    0x81: "device in use by an application",
-    0x82: "device busy",
-    0x83: "ejection dependency is busy or not supported",
-}
-UNPLUG_EVENTS = ("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR", "ACPI_DEVICE_OST")
+_T = TypeVar("_T")
 
 
 # --- the launch ------------------------------------------------------------------------
 
 
-def launch_of(run: RunDir) -> dict[str, Any]:
-    launch = read_json(run.launch_file)
+def launch_of(run: RunDir) -> LaunchRecord:
+    launch = read_launch(run.launch_file)
     if launch is None:
         raise NotRunningError(run.name)
     return launch
 
 
-def restart_hint(run: RunDir, launch: dict[str, Any], key: str) -> str:
+@contextlib.contextmanager
+def opened(
+    run: RunDir, launch: LaunchRecord | None = None
+) -> Iterator[tuple[QmpSession, LaunchRecord]]:
+    """The control session of a running VM, and the facts of its QEMU run (``launch``,
+    when the caller read them first: "not running" comes before any other complaint)."""
+    launch = launch or launch_of(run)
+    with ControlSession(run) as session:
+        yield session, launch
+
+
+def restart_hint(run: RunDir, launch: LaunchRecord, key: str) -> str:
     """``raise KEY in machines/vm1.toml, then qvm restart vm1``."""
-    file = launch.get("machine_file")
+    file = launch.machine_file
     where = f" in {display_path(file)}" if file else ""
     return f"raise {key}{where}, then qvm restart {run.name}"
 
@@ -70,92 +89,70 @@ def since(started: float) -> float:
     return round(time.monotonic() - started, 3)
 
 
-def peripheral_ids(session: Any) -> set[str]:
-    """Ids of the devices QEMU has now (``/machine/peripheral``'s children)."""
+# --- what QEMU has ---------------------------------------------------------------------
+
+
+def peripheral_types(session: QmpSession) -> dict[str, str]:
+    """Device id -> QOM type, for every device with an id (``/machine/peripheral``)."""
     children = session.execute("qom-list", {"path": PERIPHERAL.rstrip("/")})
-    return {c["name"] for c in children if str(c.get("type", "")).startswith("child<")}
+    found = {}
+    for child in children:
+        kind = str(child.get("type", ""))
+        if kind.startswith("child<") and kind.endswith(">"):
+            found[child["name"]] = kind[len("child<") : -1]
+    return found
+
+
+def peripheral_ids(session: QmpSession) -> set[str]:
+    """Ids of the devices QEMU has now."""
+    return set(peripheral_types(session))
+
+
+def boot_device_ids(argv: Iterable[str]) -> set[str]:
+    """The ids of the ``-device`` options QEMU was started with."""
+    args = list(argv)
+    ids = set()
+    for option, value in zip(args, args[1:], strict=False):
+        if option == "-device":
+            for part in value.split(","):
+                if part.startswith("id="):
+                    ids.add(part[3:])
+    return ids
+
+
+def origin_of(dev_id: str, record: DeviceRecord | None, boot_ids: Collection[str]) -> str:
+    """ "qvm" (hotplugged by qvm), "boot" (the machine file) or "other" (qvm qmp)."""
+    return "qvm" if record else ("boot" if dev_id in boot_ids else "other")
+
+
+def listed_json(device: Any) -> dict[str, Any]:
+    """A listed device (a NamedTuple with ``pending``) as JSON: ``pending`` is said by
+    its ``state``, in the one vocabulary of every list."""
+    data = device._asdict()
+    return {**data, "state": device_state(data.pop("pending"))}
 
 
 def reconcile_devices(
-    session: Any, run: RunDir, present: set[str], kind: str | None = None
-) -> list[dict[str, Any]]:
-    """The records whose device QEMU still has (of ``kind``, if given). A record whose
-    device went away (a pending unplug the guest completed later) is dropped, after
-    its cleanup ran: the supervisor has normally done it; deleting twice is harmless."""
-    devices = hotplugged(run)
+    session: QmpSession, run: RunDir, present: set[str], kinds: Collection[str] = ()
+) -> dict[str, DeviceRecord]:
+    """Id -> record, of the records whose device QEMU still has (of ``kinds``, if given).
+    A record whose device went away (a pending unplug the guest completed later) is
+    dropped, after its cleanup ran: the supervisor has normally done it; deleting twice
+    is harmless."""
+    devices = device_records(run)
     marks = pending_marks(run)
-    kept, gone = [], []
+    kept = [d for d in devices if d.id in present or d.id in marks]
     for device in devices:
-        (kept if device["id"] in present or device["id"] in marks else gone).append(device)
-    for device in gone:
-        run_cleanup(session, commands_of(device))
-    if gone:
-        save_hotplugged(run, kept)
-    return [d for d in kept if kind is None or d.get("kind") == kind]
+        if device not in kept:
+            run_cleanup(session, device.cleanup)
+    if len(kept) != len(devices):
+        save_devices(run, kept)
+    return {d.id: d for d in kept if not kinds or d.kind in kinds}
 
 
-def run_cleanup(session: Any, cleanup: Sequence[Command]) -> list[str]:
-    """Run the commands that delete a device's backend; QEMU's complaints, if any."""
-    errors = []
-    for command, arguments in cleanup:
-        try:
-            session.execute(command, arguments)
-        except ControlError as error:
-            if error.qemu_exited:
-                raise
-            errors.append(f"{command} {_args_text(arguments)}: {error.qemu_desc or error}")
-    return errors
-
-
-class Step(NamedTuple):
-    """One QMP command of a hotplug, and the command that undoes it (None: the last)."""
-
-    command: str
-    arguments: dict[str, Any]
-    undo: Command | None = None
-
-    @property
-    def what(self) -> str:
-        args = self.arguments
-        return str(args.get("node-name") or args.get("id") or self.command)
-
-
-# QEMU's error text -> (the problem, a hint or None) in qvm's words; None: QEMU's words
-Translate = Callable[[str], "tuple[str, str | None] | None"]
-
-
-def run_steps(
-    session: Any,
-    run: RunDir,
-    action: str,
-    steps: Sequence[Step],
-    translate: Translate | None = None,
-) -> None:
-    """Run the steps in order. When QEMU refuses one, undo those done (last first) and
-    raise one line: what failed, QEMU's reason, and whether the VM is as it was."""
-    done: list[Command] = []
-    for step in steps:
-        try:
-            session.execute(step.command, step.arguments)
-        except ControlError as error:
-            if error.qemu_exited or error.qemu_desc is None:
-                raise
-            left = run_cleanup(session, list(reversed(done)))
-            after = (
-                f"undoing the earlier steps failed: {'; '.join(left)}"
-                if left
-                else "the VM is unchanged"
-            )
-            said = translate(error.qemu_desc) if translate else None
-            problem, hint = said or (f"{step.command} {step.what}: {error.qemu_desc}", None)
-            hint_text = f" (hint: {hint})" if hint else ""
-            raise HotplugError(f"{run.name}: {action}: {problem}; {after}{hint_text}") from error
-        if step.undo is not None:
-            done.append(step.undo)
-
-
-def _args_text(arguments: dict[str, Any]) -> str:
-    return ",".join(f"{k}={v}" for k, v in arguments.items())
+def taken_ids(session: QmpSession, run: RunDir, listed: Iterable[str]) -> set[str]:
+    """Ids a new device must not take: QEMU's, the listed ones, those unplug-pending."""
+    return peripheral_ids(session) | pending_ids(run) | set(listed)
 
 
 def fresh_id(
@@ -185,49 +182,167 @@ def check_new_id(run: RunDir, dev_id: str, taken: Iterable[str], what: str) -> N
         )
 
 
-# --- events of an unplug ---------------------------------------------------------------
+def new_device_id(run: RunDir, asked: str | None, prefix: str, taken: set[str], action: str) -> str:
+    """The id the user asked for (checked), or a fresh ``prefix<N>``."""
+    if asked is None:
+        return fresh_id(prefix, taken)[1]
+    check_new_id(run, asked, taken, action)
+    return asked
 
 
-def ost_status_text(status: int) -> str:
-    text = OST_STATUS_TEXT.get(status, "failure")
-    return f"ACPI _OST status {status:#x}: {text}"
+# --- steps ----------------------------------------------------------------------------
 
 
-def match_unplug_event(
-    event: dict[str, Any], ids: Iterable[str], children: bool = True
-) -> tuple[str, str, str | None]:
-    """(id, "deleted" | "refused", detail) for an event about one of ``ids``, else ("", "", None).
+class Step(NamedTuple):
+    """One QMP command of a hotplug, and the command that undoes it (None: the last)."""
 
-    QEMU 7.2 reports a vCPU's removal as ``DEVICE_DELETED`` of its lapic child only
-    (``path = /machine/peripheral/<id>/lapic``): with ``children``, a child's path counts.
-    Without it only the device itself does: a virtio PCI device's ``virtio-backend``
-    child is deleted about 50 ms before the device.
-    """
-    name = event.get("event")
-    data = event.get("data") or {}
-    for dev_id in ids:
-        path = data.get("path") or ""
-        own = own_path(dev_id)
-        about = (
-            data.get("device") == dev_id or path == own or (children and path.startswith(own + "/"))
-        )
-        if name == "DEVICE_DELETED" and about:
-            return dev_id, "deleted", None
-        if name == "DEVICE_UNPLUG_GUEST_ERROR" and about:
-            return dev_id, "refused", "the guest reported an error unplugging it"
-        if name == "ACPI_DEVICE_OST":
-            info = data.get("info") or {}
-            status = info.get("status", 0)
-            if (
-                info.get("device") == dev_id
-                and info.get("source") == OST_EJECT
-                and status not in (0, OST_EJECT_IN_PROGRESS)
-            ):
-                return dev_id, "refused", f"the guest refused the eject ({ost_status_text(status)})"
-    return "", "", None
+    command: str
+    arguments: dict[str, Any]
+    undo: Command | None = None
+
+    @property
+    def what(self) -> str:
+        args = self.arguments
+        return str(args.get("node-name") or args.get("id") or self.command)
 
 
-# --- unplugging one device -------------------------------------------------------------
+# QEMU's error text -> (the problem, a hint or None) in qvm's words; None: QEMU's words
+Translate = Callable[[str], "tuple[str, str | None] | None"]
+
+
+class Plug(NamedTuple):
+    """A planned hotplug: the steps, and what to record once QEMU has the device."""
+
+    action: str  # "disk attach": how every message about it begins
+    steps: Sequence[Step]
+    record: DeviceRecord | None = None
+    translate: Translate | None = None
+    # each step plugs a device of its own (vCPUs): a refusal keeps those plugged
+    independent: bool = False
+    # the events the guest answers with, listened for from before the first step
+    events: tuple[str, ...] = ()
+
+
+def plug(
+    session: QmpSession,
+    run: RunDir,
+    plan: Plug,
+    wait: Callable[[Events | None], _T] | None = None,
+) -> _T | None:
+    """Run the plan's steps, record the device, then ``wait`` (given the listener of
+    ``plan.events``, None without) for the guest's answer."""
+    listening = session.listen(plan.events) if plan.events else contextlib.nullcontext()
+    with listening as events:
+        run_steps(session, run, plan)
+        if plan.record is not None:
+            # before the wait: QEMU has the device whatever the guest answers
+            add_device_record(run, plan.record)
+        return wait(events) if wait is not None else None
+
+
+def run_steps(session: QmpSession, run: RunDir, plan: Plug) -> None:
+    """Run the steps in order. When QEMU refuses one, undo those done (last first) and
+    raise one line: what failed, QEMU's reason, and whether the VM is as it was."""
+    done: list[Step] = []
+    for step in plan.steps:
+        try:
+            session.execute(step.command, step.arguments)
+        except ControlError as error:
+            if plan.independent:
+                if not done or error.qemu_exited:
+                    raise
+                plugged = ", ".join(s.what for s in done)
+                raise HotplugError(
+                    f"{run.name}: added {plugged}, then {step.command} {step.what} failed: "
+                    f"{error.qemu_desc or error}"
+                ) from error
+            if error.qemu_exited or error.qemu_desc is None:
+                raise
+            undo = [s.undo for s in reversed(done) if s.undo is not None]
+            left = run_cleanup(session, undo)
+            after = (
+                f"undoing the earlier steps failed: {'; '.join(left)}"
+                if left
+                else "the VM is unchanged"
+            )
+            said = plan.translate(error.qemu_desc) if plan.translate else None
+            problem, hint = said or (f"{step.command} {step.what}: {error.qemu_desc}", None)
+            hint_text = f" (hint: {hint})" if hint else ""
+            raise HotplugError(
+                f"{run.name}: {plan.action}: {problem}; {after}{hint_text}"
+            ) from error
+        done.append(step)
+
+
+def run_cleanup(session: QmpSession, cleanup: Sequence[Command]) -> list[str]:
+    """Run the commands that delete a device's backend; QEMU's complaints, if any."""
+    errors = []
+    for command, arguments in cleanup:
+        try:
+            session.execute(command, arguments)
+        except ControlError as error:
+            if error.qemu_exited:
+                raise
+            errors.append(f"{command_text(command, arguments)}: {error.qemu_desc or error}")
+    return errors
+
+
+def command_text(command: str, arguments: dict[str, Any]) -> str:
+    return f"{command} " + ",".join(f"{k}={v}" for k, v in arguments.items())
+
+
+# --- unplugging --------------------------------------------------------------------------
+
+
+class DeviceKind(Protocol):
+    """What differs between the kinds of device when one goes."""
+
+    # how messages name the device: "vCPU", "DIMM", "disk", "NIC"
+    noun: str
+    # only DEVICE_DELETED of the device itself ends its unplug (PCI devices and DIMMs);
+    # else that of any child does (QEMU 7.2 names only a vCPU's lapic)
+    exact: bool
+
+    def refusal(self, run: RunDir, dev_id: str, desc: str) -> str:
+        """The line for a ``device_del`` QEMU refused at once."""
+        ...
+
+    def accepted(self, run: RunDir, dev_id: str) -> None:
+        """QEMU took the ``device_del`` of ``dev_id``."""
+        ...
+
+    def still_present(
+        self, session: QmpSession, ids: Sequence[str], deleted: Collection[str]
+    ) -> set[str]:
+        """After the wait: which of ``ids`` QEMU still has (``deleted``: those whose
+        ``DEVICE_DELETED`` came)."""
+        ...
+
+    def present(self, session: QmpSession, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` QEMU has now: one look."""
+        ...
+
+
+class Peripheral(NamedTuple):
+    """The kind of every device in ``/machine/peripheral`` (DIMMs, disks, NICs):
+    ``DEVICE_DELETED`` of the device itself is the end of it."""
+
+    noun: str
+    exact: bool = True
+
+    def refusal(self, run: RunDir, dev_id: str, desc: str) -> str:
+        return f"{run.name}: device_del {dev_id}: {desc}; the VM is unchanged"
+
+    def accepted(self, run: RunDir, dev_id: str) -> None:
+        pass
+
+    def still_present(
+        self, session: QmpSession, ids: Sequence[str], deleted: Collection[str]
+    ) -> set[str]:
+        return {i for i in ids if i not in deleted}
+
+    def present(self, session: QmpSession, ids: Sequence[str]) -> set[str]:
+        return set(ids) & peripheral_ids(session)
 
 
 class DeviceUnplug(NamedTuple):
@@ -246,66 +361,118 @@ class DeviceUnplug(NamedTuple):
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "id": self.id,
-            "outcome": self.outcome,
-            "seconds": self.seconds,
-            "detail": self.detail,
+            **self._asdict(),
             "cleaned": list(self.cleaned),
             "cleanup_errors": list(self.cleanup_errors),
         }
 
 
-def unplug_device(
-    session: Any, run: RunDir, dev_id: str, cleanup: Sequence[Command], timeout: float
-) -> DeviceUnplug:
-    """``device_del``, wait for the guest to release the device, delete its backend.
+def unplug(
+    session: QmpSession,
+    run: RunDir,
+    kind: DeviceKind,
+    cleanups: Mapping[str, Sequence[Command]],
+    timeout: float,
+) -> list[DeviceUnplug]:
+    """``device_del`` of each id (the keys of ``cleanups``, each with the commands that
+    delete its backend), wait up to ``timeout`` s for the guest to release them, then
+    delete the backends of those gone and mark the others pending.
 
-    Pending (the guest has not released it within ``timeout``) leaves a mark with the
-    cleanup for the supervisor, which finishes the job when ``DEVICE_DELETED`` comes.
+    A pending mark carries the cleanup for the supervisor, which finishes the job when
+    ``DEVICE_DELETED`` comes. The first ``device_del`` QEMU refuses at once raises; a
+    later one is that device's outcome.
     """
+    ids = list(cleanups)
     started = time.monotonic()
-    outcome, detail = "pending", None
-    events = session.listen(UNPLUG_EVENTS)  # before device_del: nothing can be missed
-    try:
-        try:
-            session.execute("device_del", {"id": dev_id})
-        except ControlError as error:
-            if error.qemu_desc is None or error.qemu_exited:
-                raise
-            raise HotplugError(
-                f"{run.name}: device_del {dev_id}: {error.qemu_desc}; the VM is unchanged"
-            ) from error
-        deadline = started + timeout
-        while True:
-            event = events.get(max(deadline - time.monotonic(), 0.0))
-            if event is None:
-                if time.monotonic() >= deadline:
-                    break
+    refused: dict[str, tuple[float, str | None]] = {}
+    deleted: dict[str, float] = {}
+    with session.listen(UNPLUG_EVENTS) as events:  # before device_del: nothing can be missed
+        accepted: list[str] = []
+        for dev_id in ids:
+            try:
+                session.execute("device_del", {"id": dev_id})
+            except ControlError as error:
+                if error.qemu_desc is None or error.qemu_exited:
+                    raise
+                message = kind.refusal(run, dev_id, error.qemu_desc)
+                if not accepted:
+                    raise HotplugError(message) from error
+                refused[dev_id] = (since(started), message)
                 continue
-            _, what, why = match_unplug_event(event, [dev_id], children=False)
+            accepted.append(dev_id)
+            kind.accepted(run, dev_id)
+        waiting = set(accepted)
+
+        def settles(event: dict[str, Any]) -> bool:
+            dev_id, what, detail = match_unplug_event(event, waiting, children=not kind.exact)
             if what == "deleted":
-                outcome = "removed"
-                break
-            if what == "refused":
-                outcome, detail = "refused", why
-                break
-    finally:
-        events.close()
+                deleted[dev_id] = since(started)
+            elif what == "refused":
+                refused[dev_id] = (since(started), detail)
+            else:
+                return False
+            waiting.discard(dev_id)
+            return not waiting
+
+        events.wait(settles, started + timeout)
     seconds = since(started)
-    if outcome == "pending":
-        mark_pending(run, [dev_id], exact=True, cleanup=cleanup)
-        # DEVICE_DELETED may have come just after the wait (the supervisor then had no
-        # mark to clear): look once more
-        if dev_id in peripheral_ids(session):
-            detail = f"the guest has not released it within {timeout:g} s"
+    # the event is a hint; what QEMU lists is the fact
+    present = kind.still_present(session, [i for i in accepted if i not in refused], deleted)
+    outcomes: dict[str, DeviceUnplug] = {}
+    for dev_id in ids:
+        if dev_id in refused:
+            outcomes[dev_id] = DeviceUnplug(dev_id, "refused", *refused[dev_id])
+        elif dev_id not in present:
+            outcomes[dev_id] = DeviceUnplug(dev_id, "removed", deleted.get(dev_id, seconds))
         else:
-            unmark_pending(run, [dev_id])
-            outcome = "removed"
-    if outcome != "removed":
-        return DeviceUnplug(dev_id, outcome, seconds, detail)
+            detail = (
+                f"QEMU sent DEVICE_DELETED but still lists the {kind.noun}"
+                if dev_id in deleted
+                else f"the guest has not released it within {timeout:g} s"
+            )
+            outcomes[dev_id] = DeviceUnplug(dev_id, "pending", seconds, detail)
+    pending = [i for i in ids if outcomes[i].outcome == "pending"]
+    if pending:
+        for dev_id in pending:
+            mark_pending(run, [dev_id], exact=kind.exact, cleanup=cleanups[dev_id])
+        # DEVICE_DELETED may have come between the last look and the mark (and the
+        # supervisor then had no mark to clear): look once more
+        late = set(pending) - kind.present(session, pending)
+        if late:
+            unmark_pending(run, late)
+            for dev_id in late:
+                outcomes[dev_id] = outcomes[dev_id]._replace(outcome="removed", detail=None)
+    for dev_id in ids:
+        if outcomes[dev_id].outcome == "removed":
+            outcomes[dev_id] = _clean_up(session, run, outcomes[dev_id], cleanups[dev_id])
+    return [outcomes[i] for i in ids]
+
+
+def _clean_up(
+    session: QmpSession, run: RunDir, gone: DeviceUnplug, cleanup: Sequence[Command]
+) -> DeviceUnplug:
     errors = run_cleanup(session, cleanup)
-    cleaned = tuple(f"{c} {_args_text(a)}" for c, a in cleanup)
-    return DeviceUnplug(dev_id, outcome, seconds, None, cleaned, tuple(errors))
+    drop_device_record(run, gone.id)
+    cleaned = tuple(command_text(c, a) for c, a in cleanup)
+    return gone._replace(cleaned=cleaned, cleanup_errors=tuple(errors))
+
+
+def recorded_cleanup(run: RunDir, dev_id: str) -> tuple[Command, ...]:
+    """The commands that delete the backend of a device qvm hotplugged."""
+    return next((r.cleanup for r in device_records(run) if r.id == dev_id), ())
+
+
+def unplug_one(
+    session: QmpSession,
+    run: RunDir,
+    kind: DeviceKind,
+    dev_id: str,
+    timeout: float,
+    cleanup: Sequence[Command] | None = None,
+) -> DeviceUnplug:
+    """``unplug`` of one device, its cleanup from its ``devices.json`` record unless given."""
+    commands = recorded_cleanup(run, dev_id) if cleanup is None else cleanup
+    return unplug(session, run, kind, {dev_id: commands}, timeout)[0]
 
 
 class Removal(NamedTuple):
@@ -320,8 +487,24 @@ class Removal(NamedTuple):
         return {"name": self.name, self.key: self.device.as_json(), **self.unplug.as_json()}
 
 
+def remove_hotplugged(
+    session: QmpSession,
+    run: RunDir,
+    launch: LaunchRecord,
+    kind: Peripheral,
+    dev_id: str,
+    found: Any,
+    known: list[str],
+    timeout: float,
+) -> Removal:
+    """Unplug a device qvm hotplugged (``found``, as listed), with its recorded cleanup."""
+    check_removable(run, launch, dev_id, found, kind.noun, known)
+    unplugged = unplug_one(session, run, kind, dev_id, timeout)
+    return Removal(run.name, kind.noun.lower(), found, unplugged)
+
+
 def check_removable(
-    run: RunDir, launch: dict[str, Any], dev_id: str, found: Any, what: str, known: list[str]
+    run: RunDir, launch: LaunchRecord, dev_id: str, found: Any, what: str, known: list[str]
 ) -> None:
     """Refuse to unplug what qvm did not hotplug, or what is already going.
 
@@ -336,7 +519,7 @@ def check_removable(
             f"{name}: no {what} {dev_id!r} ({what}s: {ids}) (hint: qvm {group} list {name})"
         )
     if found.origin == "boot":
-        file = launch.get("machine_file")
+        file = launch.machine_file
         where = f" (from {display_path(file)})" if file else ""
         raise HotplugError(
             f"{name}: {dev_id} is a boot {what}{where}: qvm unplugs only what it hotplugged "
@@ -356,24 +539,6 @@ def already_pending(name: str, dev_id: str, group: str) -> HotplugError:
         f"{name}: {dev_id}: its unplug is already pending: the guest has not released it "
         f"yet (hint: qvm {group} list {name}; qvm restart {name} ends it)"
     )
-
-
-def unplug_recorded(
-    session: Any,
-    run: RunDir,
-    dev_id: str,
-    timeout: float,
-    cleanup: Sequence[Command] | None = None,
-) -> DeviceUnplug:
-    """``unplug_device`` with the backend's deletion from the device's ``devices.json``
-    record (unless given), and the record dropped once the device is gone."""
-    if cleanup is None:
-        record = next((r for r in hotplugged(run) if r.get("id") == dev_id), {})
-        cleanup = commands_of(record)
-    unplug = unplug_device(session, run, dev_id, cleanup, timeout)
-    if unplug.outcome == "removed":
-        drop_device_record(run, dev_id)
-    return unplug
 
 
 def pending_text(name: str, dev_id: str, detail: str | None, what: str) -> str:

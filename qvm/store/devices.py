@@ -2,14 +2,24 @@
 stamped with that run (QEMU's pid and start time), so that ``list`` can show files and
 forwards QMP cannot and ``--persist`` knows what to write. QEMU stays the truth for what is
 present: a record whose device is gone is dropped.
+
+``DeviceRecord.read`` checks every field where the file is read; a record that does not
+parse is a ``RecordError`` naming the file.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from qvm.base.jsonfile import read_json, write_json_atomic
 from qvm.layout.rundir import RunDir
+from qvm.store.fields import Fields, read_record
+
+# One QMP command: (name, arguments)
+Command = tuple[str, dict[str, Any]]
+DEVICE_KINDS = ("dimm", "virtio-mem", "disk", "nic")
+_HINT = "qvm restart rewrites it"
 
 
 def qemu_run(run: RunDir) -> dict[str, Any]:
@@ -25,28 +35,112 @@ def same_run(record: dict[str, Any], current: dict[str, Any]) -> bool:
     )
 
 
+def read_fields(path: Path, hint: str | None = None) -> Fields | None:
+    """The JSON object in a run-dir record, to read field by field; None when there is
+    none. Not JSON, or not an object: RecordError naming the file."""
+    return read_record(path, lambda data, source: Fields(data, source, hint), hint)
+
+
+def read_commands(f: Fields, key: str) -> tuple[Command, ...]:
+    """A list of ``[command, {arguments}]`` (the cleanup of a device or a pending mark)."""
+    value = f.any(key, None) or []
+    if not isinstance(value, list) or not all(
+        isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and isinstance(c[1], dict)
+        for c in value
+    ):
+        raise f.fail(key, "must be a list of [command, {arguments}]")
+    return tuple((command, dict(arguments)) for command, arguments in value)
+
+
+def commands_json(commands: tuple[Command, ...]) -> list[list[Any]]:
+    return [[command, arguments] for command, arguments in commands]
+
+
+class DeviceRecord(NamedTuple):
+    """One device qvm hotplugged; the facts of its kind are None for the others."""
+
+    id: str
+    kind: str  # one of DEVICE_KINDS
+    # the QMP commands that delete its backend once the device is gone
+    cleanup: tuple[Command, ...] = ()
+    bus: str | None = None  # the PCIe root port it sits on (q35)
+    # memory
+    backend: str | None = None
+    size: int | None = None
+    max_size: int | None = None
+    added: float | None = None
+    # disk
+    file: str | None = None
+    format: str | None = None
+    readonly: bool = False
+    created: bool = False  # made by 'disk attach --new'
+    # nic
+    model: str | None = None
+    mac: str | None = None
+    index: int | None = None
+
+    @classmethod
+    def read(cls, f: Fields) -> DeviceRecord:
+        return cls(
+            id=f.str("id"),
+            kind=f.one_of("kind", DEVICE_KINDS),
+            cleanup=read_commands(f, "cleanup"),
+            bus=f.str("bus", None),
+            backend=f.str("backend", None),
+            size=f.int("size", None),
+            max_size=f.int("max_size", None),
+            added=f.float("added", None),
+            file=f.str("file", None),
+            format=f.str("format", None),
+            readonly=f.bool("readonly", False),
+            created=f.bool("created", False),
+            model=f.str("model", None),
+            mac=f.str("mac", None),
+            index=f.int("index", None),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in self._asdict().items() if v is not None}
+        data["cleanup"] = commands_json(self.cleanup)
+        return data
+
+
+def device_records(run: RunDir) -> tuple[DeviceRecord, ...]:
+    """What qvm hotplugged into the VM's current QEMU (an earlier run's record means
+    nothing)."""
+    f = read_fields(run.devices_file, _HINT)
+    if f is None or not same_run(f.data, qemu_run(run)):
+        return ()
+    return f.records("devices", DeviceRecord.read, ())
+
+
 def hotplugged(run: RunDir) -> list[dict[str, Any]]:
-    """What qvm hotplugged into the VM's current QEMU (``devices.json``; an earlier
-    run's record means nothing): one dict per device, with ``id`` and ``kind``."""
-    record = read_json(run.devices_file)
-    if record is None or not same_run(record, qemu_run(run)):
-        return []
-    return [d for d in record.get("devices", []) if isinstance(d, dict) and d.get("id")]
+    """``device_records`` as JSON objects: for ``qvm.host.holders``, until it reads the
+    records' attributes."""
+    return [record.to_json() for record in device_records(run)]
 
 
-def save_hotplugged(run: RunDir, devices: list[dict[str, Any]]) -> None:
-    write_json_atomic(run.devices_file, {**qemu_run(run), "devices": devices})
+def save_devices(run: RunDir, devices: tuple[DeviceRecord, ...] | list[DeviceRecord]) -> None:
+    write_json_atomic(
+        run.devices_file, {**qemu_run(run), "devices": [d.to_json() for d in devices]}
+    )
 
 
 # --- what qvm hotplugged in this QEMU run ---------------------------------------------
 
 
-def add_device_record(run: RunDir, entry: dict[str, Any]) -> None:
-    save_hotplugged(run, [*hotplugged(run), entry])
+def add_device_record(run: RunDir, record: DeviceRecord) -> None:
+    save_devices(run, [*device_records(run), record])
 
 
 def drop_device_record(run: RunDir, dev_id: str) -> None:
-    devices = hotplugged(run)
-    kept = [d for d in devices if d.get("id") != dev_id]
-    if kept != devices:
-        save_hotplugged(run, kept)
+    devices = device_records(run)
+    kept = [d for d in devices if d.id != dev_id]
+    if len(kept) != len(devices):
+        save_devices(run, kept)
+
+
+def update_device_record(run: RunDir, dev_id: str, **changes: Any) -> None:
+    devices = device_records(run)
+    if any(d.id == dev_id for d in devices):
+        save_devices(run, [d._replace(**changes) if d.id == dev_id else d for d in devices])

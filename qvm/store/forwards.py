@@ -1,38 +1,48 @@
 """``forwards.json``: the forwards of the current QEMU run after a change at run time,
 stamped with that run, so a restarted QEMU (which has only its argv's forwards) is never
-described by a stale list.
+described by a stale list. Each forward is a ``qvm.store.launch.Forward``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from qvm.base.jsonfile import read_json, write_json_atomic
+from qvm.base.jsonfile import write_json_atomic
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import qemu_run, same_run
+from qvm.store.devices import qemu_run, read_fields, same_run
+from qvm.store.launch import Forward
+
+
+def read_forwards(run: RunDir) -> tuple[Forward, ...]:
+    """The forwards of the VM's current (or last) QEMU run."""
+    record = read_fields(run.forwards_file, "qvm restart rewrites it")
+    if record is not None and same_run(record.data, qemu_run(run)):
+        return record.records("forwards", Forward.read, ())
+    # only the forwards of launch.json: the rest of it is not this module's business
+    launch = read_fields(run.launch_file)
+    return launch.records("forwards", Forward.read, ()) if launch is not None else ()
 
 
 def current_forwards(run: RunDir) -> list[dict[str, Any]]:
-    """The forwards of the VM's current (or last) QEMU run."""
-    launch = read_json(run.launch_file) or {}
-    record = read_json(run.forwards_file)
-    if record is not None and same_run(record, qemu_run(run)):
-        return list(record.get("forwards") or [])
-    return list(launch.get("forwards") or [])
+    """``read_forwards`` as JSON objects, the shape ``qvm status`` and ``port list`` print."""
+    return [forward.to_json() for forward in read_forwards(run)]
 
 
-def save(run: RunDir, forwards: list[dict[str, Any]]) -> None:
-    write_json_atomic(run.forwards_file, {**qemu_run(run), "forwards": forwards})
+def save(run: RunDir, forwards: Iterable[Forward]) -> None:
+    write_json_atomic(
+        run.forwards_file, {**qemu_run(run), "forwards": [f.to_json() for f in forwards]}
+    )
 
 
-def record_forwards(run: RunDir, entries: list[dict[str, Any]]) -> None:
+def record_forwards(run: RunDir, entries: Iterable[Forward]) -> None:
     """Forwards QEMU has now besides the current ones (a NIC hotplugged with them)."""
-    save(run, [*current_forwards(run), *entries])
+    save(run, [*read_forwards(run), *entries])
 
 
 def forget_forwards(run: RunDir, nic: str) -> None:
     """The NIC ``nic`` is gone, and its netdev with its forwards."""
-    forwards = current_forwards(run)
-    kept = [f for f in forwards if f.get("nic") != nic]
-    if kept != forwards:
+    forwards = read_forwards(run)
+    kept = [f for f in forwards if f.nic != nic]
+    if len(kept) != len(forwards):
         save(run, kept)

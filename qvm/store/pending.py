@@ -15,16 +15,58 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from qvm.base.jsonfile import read_json, write_json_atomic
+from qvm.base.jsonfile import write_json_atomic
+from qvm.errors import RecordError
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import qemu_run, same_run
+from qvm.store.devices import (
+    Command,
+    commands_json,
+    qemu_run,
+    read_commands,
+    read_fields,
+    same_run,
+)
+from qvm.store.fields import Fields
 
 PERIPHERAL = "/machine/peripheral/"
+_HINT = "qvm restart ends every pending unplug"
 
-# One QMP command: (name, arguments)
-Command = tuple[str, dict[str, Any]]
+
+class PendingMark(NamedTuple):
+    """An unplug request of one device that the guest has not completed."""
+
+    qemu_pid: int | None = None  # None: a mark from before marks were stamped
+    qemu_start_time: float | None = None
+    since: float | None = None
+    exact: bool = False  # ended only by DEVICE_DELETED of the device itself
+    cleanup: tuple[Command, ...] = ()
+
+    @classmethod
+    def read(cls, f: Fields) -> PendingMark:
+        return cls(
+            qemu_pid=f.int("qemu_pid", None),
+            qemu_start_time=f.float("qemu_start_time", None),
+            since=f.float("since", None),
+            exact=f.bool("exact", False),
+            cleanup=read_commands(f, "cleanup"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "qemu_pid": self.qemu_pid,
+            "qemu_start_time": self.qemu_start_time,
+            "since": self.since,
+        }
+        if self.exact:
+            data["exact"] = True
+        if self.cleanup:
+            data["cleanup"] = commands_json(self.cleanup)
+        return data
+
+    def of_run(self, current: dict[str, Any]) -> bool:
+        return self.qemu_pid is None or same_run(self.to_json(), current)
 
 
 def device_state(pending: bool) -> str:
@@ -38,15 +80,21 @@ def own_path(dev_id: str) -> str:
     return dev_id if dev_id.startswith("/") else f"{PERIPHERAL}{dev_id}"
 
 
-def pending_marks(run: RunDir) -> dict[str, dict[str, Any]]:
+def _all_marks(run: RunDir) -> dict[str, PendingMark]:
+    f = read_fields(run.pending_file, _HINT)
+    if f is None:
+        return {}
+    return {dev_id: PendingMark.read(f.object(dev_id)) for dev_id in f.data}
+
+
+def _save(run: RunDir, marks: dict[str, PendingMark]) -> None:
+    write_json_atomic(run.pending_file, {k: v.to_json() for k, v in marks.items()})
+
+
+def pending_marks(run: RunDir) -> dict[str, PendingMark]:
     """Id -> mark, for unplug requests still open in the current QEMU run."""
-    pending = read_json(run.pending_file) or {}
     current = qemu_run(run)
-    return {
-        dev_id: info if isinstance(info, dict) else {}
-        for dev_id, info in pending.items()
-        if not isinstance(info, dict) or "qemu_pid" not in info or same_run(info, current)
-    }
+    return {k: v for k, v in _all_marks(run).items() if v.of_run(current)}
 
 
 def pending_ids(run: RunDir) -> set[str]:
@@ -57,53 +105,45 @@ def pending_ids(run: RunDir) -> set[str]:
 def mark_pending(
     run: RunDir, ids: Iterable[str], exact: bool = False, cleanup: Sequence[Command] = ()
 ) -> None:
-    pending = read_json(run.pending_file) or {}
-    info: dict[str, Any] = {**qemu_run(run), "since": time.time()}
-    if exact:
-        info["exact"] = True
-    if cleanup:
-        info["cleanup"] = [[command, arguments] for command, arguments in cleanup]
-    for dev_id in ids:
-        pending[dev_id] = info
-    write_json_atomic(run.pending_file, pending)
+    current = qemu_run(run)
+    mark = PendingMark(
+        current.get("qemu_pid"), current.get("qemu_start_time"), time.time(), exact, tuple(cleanup)
+    )
+    _save(run, {**_all_marks(run), **dict.fromkeys(ids, mark)})
 
 
 def unmark_pending(run: RunDir, ids: Iterable[str]) -> None:
-    pending = read_json(run.pending_file)
-    if not pending:
-        return
-    remaining = {k: v for k, v in pending.items() if k not in set(ids)}
-    if remaining != pending:
-        write_json_atomic(run.pending_file, remaining)
+    marks = _all_marks(run)
+    remaining = {k: v for k, v in marks.items() if k not in set(ids)}
+    if len(remaining) != len(marks):
+        _save(run, remaining)
 
 
-def deleted_ids(marks: dict[str, Any], data: dict[str, Any]) -> list[str]:
+def deleted_ids(marks: dict[str, PendingMark], data: dict[str, Any]) -> list[str]:
     """The marked ids that a ``DEVICE_DELETED`` event (its ``data``) completes."""
     device = data.get("device")
     path = data.get("path") or ""
     done = []
-    for dev_id, info in marks.items():
+    for dev_id, mark in marks.items():
         own = own_path(dev_id)
-        exact = isinstance(info, dict) and info.get("exact")
-        if dev_id == device or path == own or (not exact and path.startswith(own + "/")):
+        if dev_id == device or path == own or (not mark.exact and path.startswith(own + "/")):
             done.append(dev_id)
     return done
 
 
-def commands_of(mark: dict[str, Any]) -> list[Command]:
-    """The cleanup commands of a mark or a ``devices.json`` record."""
-    return [
-        (str(c[0]), dict(c[1]))
-        for c in mark.get("cleanup", []) or []
-        if isinstance(c, list | tuple) and len(c) == 2 and isinstance(c[1], dict)
-    ]
-
-
 def complete_pending(run: RunDir, data: dict[str, Any]) -> list[tuple[str, list[Command]]]:
-    """Drop the marks a ``DEVICE_DELETED`` event completes; (id, its cleanup) for each."""
-    marks = pending_marks(run)
+    """Drop the marks a ``DEVICE_DELETED`` event completes; (id, its cleanup) for each.
+
+    Called by the supervisor for every ``DEVICE_DELETED``: a pending.json that does not
+    parse completes nothing (as when there is none), since an error here would end the
+    supervisor's event loop; the CLI's own reads say what is wrong with it.
+    """
+    try:
+        marks = pending_marks(run)
+    except RecordError:
+        return []
     done = deleted_ids(marks, data)
     if not done:
         return []
     unmark_pending(run, done)
-    return [(dev_id, commands_of(marks[dev_id])) for dev_id in done]
+    return [(dev_id, list(marks[dev_id].cleanup)) for dev_id in done]

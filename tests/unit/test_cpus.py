@@ -1,4 +1,5 @@
-"""The pure parts of vCPU hotplug, on QMP replies captured from QEMU 7.2 on this machine."""
+"""vCPU hotplug, on QMP replies captured from QEMU 7.2 on this machine (the fake QMP
+plays QEMU where a session is needed)."""
 
 from __future__ import annotations
 
@@ -8,29 +9,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from framework.fake_qmp import FakeQmp, device_deleted, launch_record
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.cli.commands.cpu import _add_problems, _say_added
-from qvm.control.cpu import (
-    AddedCpu,
-    AddResult,
+from qvm.control.cpu import AddedCpu, AddResult, _add, _remove
+from qvm.control.cpu_online import cr0_by_cpu, started_by_guest, wait_online
+from qvm.control.cpu_slots import (
     CpuList,
-    _wait_online,
     choose_free_slots,
     choose_removals,
-    cr0_by_cpu,
-    match_unplug_event,
     merge_slots,
     parse_slot_spec,
-    pending_ids,
     props_text,
-    started_by_guest,
     topology_from_launch,
 )
+from qvm.control.events import match_unplug_event
 from qvm.control.guard import tcg_unplug_refusal
 from qvm.definition.topology import Topology
-from qvm.errors import HotplugError
+from qvm.errors import ControlError, HotplugError
 from qvm.layout.rundir import RunDir
+from qvm.store.pending import pending_ids, pending_marks
 
 TYPE = "max-x86_64-cpu"
 
@@ -69,13 +68,9 @@ CPUS_FAST = [
     },
 ]
 TOPO = Topology(sockets=1, dies=1, cores=4, threads=1)
-LAUNCH = {
-    "machine_file": "/nowhere/machines/vm1.toml",
-    "vcpus_boot": 1,
-    "vcpus_max": 4,
-    "accel": "tcg",
-    "topology": {"sockets": 1, "dies": 1, "cores": 4, "threads": 1},
-}
+LAUNCH = launch_record(
+    vcpus_boot=1, vcpus_max=4, topology={"sockets": 1, "dies": 1, "cores": 4, "threads": 1}
+)
 
 
 def cpus(pending: tuple[str, ...] = (), hotpluggable: list | None = None) -> CpuList:
@@ -166,13 +161,13 @@ def test_slot_by_props(tmp_path: Path) -> None:
     )
 
 
-def full(launch_boot: int) -> tuple[CpuList, dict]:
+def full(launch_boot: int) -> tuple[CpuList, Any]:
     entries = [
         dict(e, **{"qom-path": f"/machine/peripheral/cpu{3 - i}"})
         for i, e in enumerate(HOTPLUGGABLE[:3])
     ]
     entries.append(HOTPLUGGABLE[3])
-    return cpus(hotpluggable=entries), dict(LAUNCH, vcpus_boot=launch_boot)
+    return cpus(hotpluggable=entries), LAUNCH._replace(vcpus_boot=launch_boot)
 
 
 def test_no_free_slot_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -203,7 +198,7 @@ def test_hint_names_the_machine_file_relative_to_the_current_folder(
     (tmp_path / "machines").mkdir()
     monkeypatch.chdir(tmp_path)
     listing, launch = full(launch_boot=1)
-    launch["machine_file"] = str(tmp_path / "machines" / "vm1.toml")
+    launch = launch._replace(machine_file=str(tmp_path / "machines" / "vm1.toml"))
     with pytest.raises(HotplugError) as error:
         choose_free_slots(listing, 1, None, launch, RunDir(tmp_path / "vm1"))
     assert "(hint: raise cpu.max in machines/vm1.toml, then qvm restart vm1)" in str(error.value)
@@ -328,7 +323,7 @@ def test_parse_slot_spec() -> None:
 
 def test_topology_from_launch() -> None:
     assert topology_from_launch(LAUNCH) == TOPO
-    assert topology_from_launch({}) is None
+    assert topology_from_launch(LAUNCH._replace(topology=None)) is None
 
 
 def _state(run: RunDir, pid: int, start: int) -> None:
@@ -359,7 +354,7 @@ def test_tcg_guard_applies_to_the_qemu_run_that_saw_an_unplug(tmp_path: Path) ->
         "QEMU 7.2 crashes (double free) on the next vCPU device_add "
         "(hint: qvm restart vm1 first, or pass --force to try anyway)"
     )
-    assert tcg_unplug_refusal(run, dict(LAUNCH, accel="kvm")) is None
+    assert tcg_unplug_refusal(run, LAUNCH._replace(accel="kvm")) is None
     _state(run, 101, 6)  # QEMU restarted: the record is about a run that is over
     assert tcg_unplug_refusal(run, LAUNCH) is None
 
@@ -408,45 +403,39 @@ def test_cr0_of_a_vcpu_qemu_does_not_have() -> None:
     assert cr0_by_cpu("\r\nCPU#2\r\nXCR0=0000000000000007\r\n") == {}
 
 
-class FakeSession:
-    """query-cpus-fast, then `info registers N` replies: cpu1 comes up at the third look."""
+def registers_session(registers: dict[int, list[str]]) -> FakeQmp:
+    """query-cpus-fast, then `info registers N` replies, one per look (the last repeats)."""
 
-    def __init__(self, registers: dict[int, list[str]]) -> None:
-        self.registers = registers
-        self.commands: list[tuple[str, Any]] = []
-
-    def execute(self, command: str, arguments: dict | None = None) -> Any:
-        self.commands.append((command, arguments))
-        if command == "query-cpus-fast":
-            return CPUS_FAST + [
-                {"qom-path": "/machine/peripheral/cpu2", "cpu-index": 2, "thread-id": 1}
-            ]
-        assert command == "human-monitor-command"
-        index = int(arguments["command-line"].split()[-1])
-        replies = self.registers[index]
+    def info_registers(arguments: dict[str, Any]) -> str:
+        replies = registers[int(arguments["command-line"].split()[-1])]
         return replies.pop(0) if len(replies) > 1 else replies[0]
+
+    cpu2 = {"qom-path": "/machine/peripheral/cpu2", "cpu-index": 2, "thread-id": 1}
+    return FakeQmp(
+        replies={"query-cpus-fast": [*CPUS_FAST, cpu2], "human-monitor-command": info_registers}
+    )
 
 
 def test_wait_online_reads_each_new_vcpu_until_the_guest_starts_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("qvm.control.cpu.ONLINE_POLL", 0.001)
+    monkeypatch.setattr("qvm.control.cpu_online.ONLINE_POLL", 0.001)
     up = REGISTERS_ONLINE.replace("CPU#0", "CPU#1")
     never = REGISTERS_NEW.replace("CPU#1", "CPU#2")
-    session = FakeSession({1: [REGISTERS_NEW, REGISTERS_NEW, up], 2: [never]})
+    session = registers_session({1: [REGISTERS_NEW, REGISTERS_NEW, up], 2: [never]})
     started = time.monotonic()
-    result = _wait_online(session, ["cpu1", "cpu2"], set(), 0.2, started)
+    result = wait_online(session, ["cpu1", "cpu2"], set(), 0.2, started)
     assert result["cpu1"][0] is True and result["cpu1"][1] is not None
     assert result["cpu2"] == (False, None, None)
     assert time.monotonic() - started >= 0.2
-    lines = {a["command-line"] for c, a in session.commands if c == "human-monitor-command"}
+    lines = {a["command-line"] for c, a in session.sent if c == "human-monitor-command"}
     assert lines == {"info registers 1", "info registers 2"}
 
 
 def test_wait_online_looks_once_at_a_rejected_vcpu_and_says_when_it_cannot_tell() -> None:
-    session = FakeSession({2: [REGISTERS_NEW.replace("CPU#1", "CPU#2")]})
+    session = registers_session({2: [REGISTERS_NEW.replace("CPU#1", "CPU#2")]})
     started = time.monotonic()
-    result = _wait_online(session, ["cpu2", "cpu5"], {"cpu2"}, 30, started)
+    result = wait_online(session, ["cpu2", "cpu5"], {"cpu2"}, 30, started)
     assert time.monotonic() - started < 5
     assert result["cpu2"] == (False, None, None)
     assert result["cpu5"] == (
@@ -454,8 +443,8 @@ def test_wait_online_looks_once_at_a_rejected_vcpu_and_says_when_it_cannot_tell(
         None,
         "QEMU lists no /machine/peripheral/cpu5 in query-cpus-fast",
     )
-    session = FakeSession({2: ["CPU#2 not available\r\n"]})
-    assert _wait_online(session, ["cpu2"], set(), 30, started)["cpu2"] == (
+    session = registers_session({2: ["CPU#2 not available\r\n"]})
+    assert wait_online(session, ["cpu2"], set(), 30, started)["cpu2"] == (
         None,
         None,
         "HMP info registers 2 printed no CR0 (CPU#2 not available)",
@@ -504,3 +493,108 @@ def test_add_report_not_online() -> None:
     assert _add_problems(unknown) == [
         "vm1: cpu1 was added, but qvm could not tell whether the guest started it: why"
     ]
+
+
+# --- add and remove through the shared transaction ------------------------------------------
+
+
+def slots_session(**kwargs: Any) -> FakeQmp:
+    """QEMU with the slots of HOTPLUGGABLE: device_add fills one, device_del frees one."""
+    slots = [dict(e) for e in HOTPLUGGABLE]
+
+    def plugged(arguments: dict[str, Any]) -> dict:
+        slot = next(s for s in slots if s["props"]["core-id"] == arguments["core-id"])
+        slot["qom-path"] = f"/machine/peripheral/{arguments['id']}"
+        return {}
+
+    def unplugged(arguments: dict[str, Any]) -> dict:
+        for slot in slots:
+            if slot.get("qom-path") == f"/machine/peripheral/{arguments['id']}":
+                del slot["qom-path"]
+        return {}
+
+    replies = {
+        "query-hotpluggable-cpus": lambda _: [dict(s) for s in slots],
+        "query-cpus-fast": CPUS_FAST,
+        "device_add": plugged,
+        "device_del": unplugged,
+    }
+    return FakeQmp(replies=replies, **kwargs)
+
+
+def _run(tmp_path: Path) -> RunDir:
+    run = RunDir(tmp_path / "vm1")
+    _state(run, 100, 5)
+    return run
+
+
+def test_add_fills_the_lowest_free_slots_and_waits_for_the_acks(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+
+    def acks(arguments: dict[str, Any]) -> list[dict]:
+        info = {
+            "device": arguments["id"],
+            "source": 1,
+            "status": 0 if arguments["id"] == "cpu2" else 1,
+        }
+        return [{"event": "ACPI_DEVICE_OST", "data": {"info": info}}]
+
+    session = slots_session(events={"device_add": acks})
+    session.replies["human-monitor-command"] = REGISTERS_ONLINE.replace("CPU#0", "CPU#2")
+    session.replies["query-cpus-fast"] = [
+        *CPUS_FAST,
+        {"qom-path": "/machine/peripheral/cpu2", "cpu-index": 2},
+        {"qom-path": "/machine/peripheral/cpu3", "cpu-index": 3},
+    ]
+    result = _add(session, run, LAUNCH, 2, None, True, None, 5.0, False)
+    assert [(a.id, a.acknowledged, a.online) for a in result.added] == [
+        ("cpu2", True, True),
+        ("cpu3", False, None),
+    ]
+    assert result.added[1].ack_detail == "ACPI _OST status 0x1: non-specific failure"
+    assert result.present == 4
+
+
+def test_a_later_refused_device_add_says_which_vcpus_were_added(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    session = slots_session()
+    session.replies["device_add"] = lambda args: (
+        {} if args["id"] == "cpu2" else _raise("CPU core-id 3 is busy")
+    )
+    with pytest.raises(HotplugError) as error:
+        _add(session, run, LAUNCH, 2, None, False, None, 5.0, False)
+    assert str(error.value) == (
+        "vm1: added cpu2, then device_add cpu3 failed: CPU core-id 3 is busy"
+    )
+
+
+def _raise(desc: str) -> Any:
+    raise ControlError(f"vm1: device_add: {desc}", qemu_class="GenericError", qemu_desc=desc)
+
+
+def test_remove_matches_the_lapic_and_confirms_with_the_slots(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    lapic = {
+        "device_del": lambda a: [device_deleted(a["id"], f"/machine/peripheral/{a['id']}/lapic")]
+    }
+    result = _remove(slots_session(events=lapic), run, LAUNCH, ["cpu1"], None, 5.0)
+    assert [(u.id, u.outcome, u.props) for u in result.unplugs] == [("cpu1", "removed", PROPS)]
+    assert (result.present, result.max, result.complete) == (1, 4, True)
+    # under TCG the unplug is remembered: the next device_add would crash QEMU 7.2
+    assert tcg_unplug_refusal(run, LAUNCH) is not None
+
+
+def test_remove_not_released_is_pending_and_legacy_mode_is_explained(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    session = slots_session()
+    session.replies["device_del"] = {}  # the guest never releases it
+    result = _remove(session, run, LAUNCH, None, None, 0.2)
+    assert [(u.id, u.outcome, u.detail) for u in result.unplugs] == [
+        ("cpu1", "pending", "the guest has not released it within 0.2 s")
+    ]
+    assert not pending_marks(run)["cpu1"].exact
+    legacy = slots_session(
+        refuse={"device_del": "acpi: device unplug request for not supported device type: x"}
+    )
+    with pytest.raises(HotplugError, match="no guest OS has enabled ACPI CPU hotplug"):
+        _remove(legacy, RunDir(tmp_path / "vm2"), LAUNCH, ["cpu1"], None, 5.0)

@@ -1,5 +1,5 @@
 """Disk and NIC hotplug: listing from QMP replies captured from QEMU 7.2 here, rollback
-of a failed step (a fake session plays QEMU), --persist text exactly."""
+of a failed step (the fake QMP plays QEMU), --persist text exactly."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from framework.fake_qmp import FakeQmp
 
 from qvm.control.disk import (
     DiskInfo,
-    boot_device_ids,
     device_of_qdev,
     disk_entry,
     disk_entry_matches,
@@ -18,10 +18,12 @@ from qvm.control.disk import (
 )
 from qvm.control.nic import NicInfo, nic_entry, nic_entry_matches, nics_from
 from qvm.control.pci import PciPlaces
-from qvm.control.transaction import Step, run_steps
+from qvm.control.transaction import Plug, Step, boot_device_ids, run_steps
 from qvm.definition.persist import add_entry_text, persist_entry, remove_entry_text, unpersist_entry
 from qvm.errors import ControlError, HotplugError
 from qvm.layout.rundir import RunDir
+from qvm.store.devices import DeviceRecord
+from qvm.store.launch import Forward
 
 RUN = RunDir(Path("/s/vm1"))
 ARGV = [
@@ -66,10 +68,10 @@ def test_disks_boot_attached_and_other() -> None:
         block_entry("x", "#block123", "/img/x.qcow2", ro=True),
         {"device": "", "qdev": "/machine/peripheral/cd0", "type": "unknown"},  # empty drive
     ]
-    records = [
-        {"id": "disk1", "kind": "disk", "file": "/s/vm1/hotplug-disk1.qcow2", "created": True,
-         "bus": "hp0"},
-    ]  # fmt: skip
+    records = {
+        "disk1": DeviceRecord("disk1", "disk", file="/s/vm1/hotplug-disk1.qcow2", created=True,
+                              bus="hp0"),
+    }  # fmt: skip
     listed = disks_from("vm1", block, records, {"disk1"}, boot_device_ids(ARGV), PLACES,
                         {"blk": "vda,vdb"})  # fmt: skip
     assert [(d.id, d.origin, d.state) for d in listed.disks] == [
@@ -87,12 +89,10 @@ def test_nics_with_their_forwards() -> None:
     peripherals = {"net0": "virtio-net-pci", "net1": "virtio-net-pci", "disk0": "virtio-blk-pci"}
     macs = {"net0": "52:54:00:aa:bb:cc", "net1": "52:54:00:11:22:33"}
     forwards = [
-        {"nic": "net0", "proto": "tcp", "host_addr": "127.0.0.1", "host_port": 2222,
-         "guest_port": 22},
-        {"nic": "net1", "proto": "tcp", "host_addr": "127.0.0.1", "host_port": 40123,
-         "guest_port": 80},
-    ]  # fmt: skip
-    records = [{"id": "net1", "kind": "nic", "bus": "hp1"}]
+        Forward("net0", "tcp", "127.0.0.1", 2222, 22),
+        Forward("net1", "tcp", "127.0.0.1", 40123, 80),
+    ]
+    records = {"net1": DeviceRecord("net1", "nic", bus="hp1")}
     listed = nics_from("vm1", peripherals, macs, records, set(), boot_device_ids(ARGV),
                        forwards, PLACES, {"net": "eth0,eth1,lo"})  # fmt: skip
     net0, net1 = listed.nics
@@ -104,23 +104,13 @@ def test_nics_with_their_forwards() -> None:
     )
     assert listed.guest_net == ["eth0", "eth1", "lo"]
     assert listed.as_json()["nics"][1]["mac"] == "52:54:00:11:22:33"
+    assert listed.as_json()["nics"][1]["forwards"] == [
+        {"nic": "net1", "proto": "tcp", "host_addr": "127.0.0.1", "host_port": 40123,
+         "guest_port": 80}
+    ]  # fmt: skip
 
 
 # --- a failed step is undone ------------------------------------------------------------------
-
-
-class FakeSession:
-    """Plays QEMU: every command succeeds except those named in ``refuse``."""
-
-    def __init__(self, refuse: dict[str, str]) -> None:
-        self.refuse = refuse
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        self.sent.append((command, dict(arguments or {})))
-        if command in self.refuse:
-            raise ControlError("x", qemu_class="GenericError", qemu_desc=self.refuse[command])
-        return {}
 
 
 DISK_STEPS = [
@@ -133,9 +123,9 @@ DISK_STEPS = [
 
 
 def test_failed_device_add_deletes_both_block_nodes_last_first() -> None:
-    session = FakeSession({"device_add": "Bus 'hp9' not found"})
+    session = FakeQmp(refuse={"device_add": "Bus 'hp9' not found"})
     with pytest.raises(HotplugError) as error:
-        run_steps(session, RUN, "disk attach", DISK_STEPS)
+        run_steps(session, RUN, Plug("disk attach", DISK_STEPS))
     assert str(error.value) == (
         "vm1: disk attach: device_add disk1: Bus 'hp9' not found; the VM is unchanged"
     )
@@ -155,17 +145,15 @@ def test_failed_device_add_deletes_both_block_nodes_last_first() -> None:
 def test_qemus_lock_error_is_said_in_qvms_words() -> None:
     # QEMU opens the file node, then fails to lock for the format node: the file node goes
     desc = 'Failed to get "write" lock'
-    session = FakeSession({})
     calls = {"n": 0}
 
-    def execute(command: str, arguments: dict[str, Any] | None = None) -> Any:
-        session.sent.append((command, dict(arguments or {})))
+    def second_refused(arguments: dict[str, Any]) -> Any:
         calls["n"] += 1
         if calls["n"] == 2:
             raise ControlError("x", qemu_class="GenericError", qemu_desc=desc)
         return {}
 
-    session.execute = execute  # type: ignore[method-assign]
+    session = FakeQmp(replies={"blockdev-add": second_refused})
 
     def translate(text: str) -> tuple[str, str | None] | None:
         return (
@@ -175,7 +163,7 @@ def test_qemus_lock_error_is_said_in_qvms_words() -> None:
         )
 
     with pytest.raises(HotplugError) as error:
-        run_steps(session, RUN, "disk attach", DISK_STEPS, translate)
+        run_steps(session, RUN, Plug("disk attach", DISK_STEPS, translate=translate))
     assert str(error.value) == (
         "vm1: disk attach: /img/a.qcow2 is locked by VM vm2 (pid 42); the VM is unchanged "
         "(hint: detach it there)"
@@ -184,13 +172,13 @@ def test_qemus_lock_error_is_said_in_qvms_words() -> None:
 
 
 def test_a_failed_undo_is_said() -> None:
-    session = FakeSession({"device_add": "boom", "object-del": "object 'mem-dimm0' is busy"})
+    session = FakeQmp(refuse={"device_add": "boom", "object-del": "object 'mem-dimm0' is busy"})
     steps = [
         Step("object-add", {"id": "mem-dimm0"}, ("object-del", {"id": "mem-dimm0"})),
         Step("device_add", {"id": "dimm0"}),
     ]
     with pytest.raises(HotplugError) as error:
-        run_steps(session, RUN, "mem add", steps)
+        run_steps(session, RUN, Plug("mem add", steps))
     assert str(error.value) == (
         "vm1: mem add: device_add dimm0: boom; undoing the earlier steps failed: "
         "object-del id=mem-dimm0: object 'mem-dimm0' is busy"

@@ -7,19 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from framework.fake_qmp import launch_record
 
 from qvm.base.sizes import human_size
 from qvm.control.memory import check_room, check_size, check_slot, memory_state_from
 from qvm.errors import HotplugError
 from qvm.layout.rundir import RunDir
+from qvm.store.devices import DeviceRecord
+from qvm.store.launch import LaunchRecord
 
 MIB = 1024**2
-LAUNCH = {
-    "machine_file": "/nowhere/machines/vm1.toml",
-    "memory_size": 256 * MIB,
-    "memory_max": 1024 * MIB,
-    "memory_slots": 2,
-}
+LAUNCH = launch_record(memory_size=256 * MIB, memory_max=1024 * MIB, memory_slots=2)
 DEVICES = [
     {
         "type": "dimm",
@@ -49,11 +47,13 @@ DEVICES = [
     },
 ]
 SUMMARY = {"base-memory": 256 * MIB, "plugged-memory": 384 * MIB}
-RECORDS = [{"id": "vmem0", "kind": "virtio-mem", "bus": "hp0"}]
+RECORDS = [DeviceRecord("vmem0", "virtio-mem", bus="hp0")]
 RUN = RunDir(Path("/s/vm1"))
 
 
-def state(devices: list | None = None, summary: dict | None = None, launch: dict | None = None):  # noqa: ANN201
+def state(  # noqa: ANN201
+    devices: list | None = None, summary: dict | None = None, launch: LaunchRecord | None = None
+):
     return memory_state_from(
         "vm1",
         launch or LAUNCH,
@@ -118,7 +118,7 @@ def test_no_free_slot_says_slots_used_of_total() -> None:
 
 
 def test_memory_hotplug_off() -> None:
-    launch = {**LAUNCH, "memory_max": None, "memory_slots": 0}
+    launch = LAUNCH._replace(memory_max=None, memory_slots=0)
     off = state([], {"base-memory": 256 * MIB, "plugged-memory": 0}, launch)
     assert off.summary() == "256 MiB; memory hotplug is off (no memory.max and memory.slots)"
     with pytest.raises(HotplugError, match="memory hotplug is off"):

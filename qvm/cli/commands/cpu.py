@@ -79,7 +79,8 @@ def add(
     as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Hotplug vCPUs into free slots (the lowest first), with stable ids cpu<slot>."""
-    from qvm.control.cpu import add_cpus, parse_slot_spec
+    from qvm.control.cpu import add_cpus
+    from qvm.control.cpu_slots import parse_slot_spec
 
     run = resolve.run_dir_of(name)
     props = None
@@ -324,6 +325,6 @@ def _say_persisted(name: str, asked: bool, persisted: dict[str, Any] | None) -> 
 
 
 def _props(props: dict[str, int]) -> str:
-    from qvm.control.cpu import props_text
+    from qvm.control.cpu_slots import props_text
 
     return props_text(props)

@@ -15,16 +15,13 @@ def list_cmd(
     as_json: bool = Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The VM's port forwards: from its machine file and added at run time."""
-    from qvm.store.forwards import current_forwards
+    from qvm.store.forwards import read_forwards
 
-    forwards = current_forwards(resolve.run_dir_of(name))
+    forwards = read_forwards(resolve.run_dir_of(name))
     if as_json:
-        emit_json(forwards)
+        emit_json([f.to_json() for f in forwards])
         return
-    rows = [
-        [f["nic"], f["proto"], f"{f['host_addr']}:{f['host_port']}", f["guest_port"]]
-        for f in forwards
-    ]
+    rows = [[f.nic, f.proto, f"{f.host_addr}:{f.host_port}", f.guest_port] for f in forwards]
     say(table(["NIC", "PROTO", "HOST", "GUEST PORT"], rows))
 
 
@@ -45,9 +42,9 @@ def add(
 
     entry = add_forward(resolve.run_dir_of(name), spec, nic)
     if as_json:
-        emit_json(entry)
+        emit_json(entry.to_json())
         return
-    say(f"{name}: forwarding {forward_text(entry)} ({entry['nic']})")
+    say(f"{name}: forwarding {forward_text(entry)} ({entry.nic})")
 
 
 @commands.command("del")
@@ -67,7 +64,7 @@ def delete(
 
     removed = remove_forward(resolve.run_dir_of(name), spec, nic)
     if as_json:
-        emit_json(removed)
+        emit_json([entry.to_json() for entry in removed])
         return
     for entry in removed:
-        say(f"{name}: removed {forward_text(entry)} ({entry['nic']})")
+        say(f"{name}: removed {forward_text(entry)} ({entry.nic})")
