@@ -14,17 +14,37 @@
      └── HotplugError        a device could not be added or removed
 
 Anything else escaping the core is a bug, and the CLI shows it as one.
+
+The exit status of `qvm`, what a script can tell apart without reading stderr:
+
+    EXIT_OK           0    done
+    EXIT_FAILURE      1    a QvmError, or one of several VMs or devices failed
+    EXIT_USAGE        2    what was asked cannot be meant: a command-line mistake (Click's
+                           usage errors), a DefinitionError, a VmNameError
+    EXIT_PENDING      3    a hotplug/unplug request stands, but the guest has not
+                           completed it (yet)
+    EXIT_TIMEOUT      4    `qvm wait`: not ready in time (``qvm.ops.access.WaitTimeout``)
+    EXIT_INTERRUPTED  130  Ctrl-C (128 + SIGINT, as shells report it)
+
+`qvm ssh` and `qvm qmp --shell` become ssh and qmp-shell: theirs is the status.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # the status Click gives its own usage errors
+EXIT_PENDING = 3
+EXIT_TIMEOUT = 4
+EXIT_INTERRUPTED = 130
+
 
 class QvmError(Exception):
     """An error the user can act on. ``str(error)`` is the complete message."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
 
 class Problem(NamedTuple):
@@ -47,7 +67,7 @@ class Problem(NamedTuple):
 
 
 class DefinitionError(QvmError):
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = list(problems)
@@ -59,7 +79,7 @@ class HostError(QvmError):
 
 
 class VmNameError(QvmError):
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class UnsafeStateError(QvmError):

@@ -24,7 +24,7 @@ def run() -> None:
     """
     gc.disable()
     from qvm.cli.parsing.fast import plain_command
-    from qvm.errors import QvmError
+    from qvm.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, QvmError
 
     argv = sys.argv[1:]
     command = plain_command(argv)
@@ -36,19 +36,22 @@ def run() -> None:
     gc.enable()
     try:
         command()
-        code = 0
+        code = EXIT_OK
     except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
-        if isinstance(done.code, str):
-            sys.stderr.write(done.code + "\n")
+        if isinstance(done.code, int):
+            code = done.code
+        else:  # None is success; a message (``sys.exit("...")``) is printed, as Python does
+            code = EXIT_OK if done.code is None else EXIT_FAILURE
+            if isinstance(done.code, str):
+                sys.stderr.write(done.code + "\n")
     except QvmError as error:
         sys.stderr.write(f"qvm: {error}\n")
         code = error.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("qvm: interrupted\n")
-        code = 130
+        code = EXIT_INTERRUPTED
     except BrokenPipeError:
-        code = 1  # a reader that went away (`qvm list | head -1`), as Click has it
+        code = EXIT_FAILURE  # a reader that went away (`qvm list | head -1`), as Click has it
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError):
             stream.flush()

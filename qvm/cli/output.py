@@ -7,6 +7,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from qvm import errors
+from qvm.errors import EXIT_FAILURE
+
 
 def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
@@ -20,16 +23,16 @@ def warn(text: str) -> None:
     sys.stderr.write(text + "\n")
 
 
-def abort(message: str, code: int = 1) -> NoReturn:
+def abort(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     sys.stderr.write(f"qvm: {message}\n" if "\n" not in message else message + "\n")
     raise SystemExit(code)
 
 
-# a hotplug/unplug request stands, but the guest has not completed it (yet)
-EXIT_PENDING = 3
+# the exit codes live in qvm.errors; this alias only until the commands import it from there
+EXIT_PENDING = errors.EXIT_PENDING
 
 
-def fail_all(problems: list[str], code: int = 1) -> NoReturn:
+def fail_all(problems: list[str], code: int = EXIT_FAILURE) -> NoReturn:
     """Every problem on its own line (all but the last as warnings), then exit ``code``."""
     for problem in problems[:-1]:
         warn(f"qvm: {problem}")

@@ -12,7 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Qvm
+from framework.guest import READY
+from framework.harness import REPO, Qvm
 
 pytestmark = pytest.mark.integration
 
@@ -146,7 +147,7 @@ def test_wait_timeout_names_what_it_waited_for(qvm: Qvm) -> None:
         f"qvm: vm1: timed out after 1 s waiting for /NEVER-PRINTED/ in {qvm.run_dir('vm1')}"
         "/serial.log"
     )
-    assert qvm("wait", "vm1", "--for", "serial:^QVM-GUEST-READY").returncode == 0
+    assert qvm("wait", "vm1", "--for", f"serial:^{READY}").returncode == 0
     assert qvm("wait", "vm1", "--for", "qmp").stdout.startswith("vm1: ready (qmp) after")
     no_ssh = qvm("wait", "vm1", "--for", "ssh", "--timeout", "1", check=False)
     assert no_ssh.returncode == 4

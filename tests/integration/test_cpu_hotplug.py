@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Qvm, one_line_error, wait_until
+from framework.harness import REPO, Qvm, one_line_error
+from framework.wait import wait_until
 
 from qvm.definition.topology import Topology, slot_props
 

@@ -20,7 +20,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Qvm, one_line_error, wait_until
+from framework.harness import Qvm, one_line_error
+from framework.wait import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,9 @@ import subprocess
 import time
 
 import pytest
-from conftest import QVM_BIN, Qvm, wait_until
+from framework.guest import parse_guest_lines
+from framework.harness import QVM_BIN, Qvm
+from framework.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +56,7 @@ def test_up_status_down_by_acpi(qvm: Qvm) -> None:
         "vm1: stopped: the guest powered off after the ACPI power button"
     )
     # the guest itself saw the power button and shut down
-    assert "QVM-GUEST-POWEROFF" in qvm.serial("vm1").text()
+    assert qvm.serial("vm1").guest().powered_off
     after = qvm.status("vm1")
     assert after["state"] == "stopped"
     assert after["reason"] == "the guest powered off"
@@ -121,7 +123,7 @@ def test_on_failure_restarts_a_killed_qemu_with_a_new_one(qvm: Qvm) -> None:
     assert status["restarts"] == 1
     assert status["last_exit"]["reason"] == "killed by SIGKILL"
     # the new QEMU booted the guest again: its serial log starts fresh... in the same file
-    qvm.serial("vm1").wait_for(r"QVM-GUEST-READY[\s\S]*QVM-GUEST-READY", 60)
+    qvm.serial("vm1").wait_boots(2, 60)
 
 
 def test_guest_power_off_is_not_a_failure_for_on_failure(qvm: Qvm) -> None:
@@ -170,12 +172,12 @@ def test_down_while_the_guest_boots_presses_the_power_button_again(qvm: Qvm) -> 
     by `quit` after its timeout."""
     qvm.guest_machine("vm1")
     qvm("up", "vm1")
-    assert "QVM-GUEST-READY" not in qvm.serial("vm1").text()
+    assert not qvm.serial("vm1").guest().ready
     down = qvm("down", "vm1", "--timeout", "40")
     assert down.stdout.strip() == (
         "vm1: stopped: the guest powered off after the ACPI power button"
     )
-    assert "QVM-GUEST-POWEROFF" in qvm.serial("vm1").text()
+    assert qvm.serial("vm1").guest().powered_off
 
 
 def test_unknown_cpu_model_is_refused_before_anything_starts(qvm: Qvm) -> None:
@@ -322,8 +324,9 @@ def test_logs_follow_ends_with_the_vm(qvm: Qvm) -> None:
     qvm("down", "vm1")
     out, _ = follower.communicate(timeout=15)
     assert follower.returncode == 0
-    assert "QVM-GUEST-READY" in out
-    assert "QVM-GUEST-POWEROFF" in out  # printed after `logs -f` started: it followed
+    guest = parse_guest_lines(out)
+    assert guest.ready
+    assert guest.powered_off  # printed after `logs -f` started: it followed
 
 
 def test_microvm_boots_the_test_guest(qvm: Qvm) -> None:

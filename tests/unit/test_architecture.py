@@ -1,0 +1,89 @@
+"""The linters as tests (Firecracker's ``integration_tests/style``): a wrong import, a new
+import circle or a lint error fails `pytest` alone, not only `scripts/test`.
+
+The import contracts live in pyproject.toml (``[tool.importlinter]``), the layers of
+../shared/architecture.md; the tests here also check that the hand-written module lists in
+those contracts still name every module they are meant to cover.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def run_tool(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    tool = BIN / name
+    if not tool.exists():
+        pytest.fail(f"{tool} is missing: run scripts/setup (the test extra installs it)")
+    return subprocess.run([str(tool), *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_ruff() -> None:
+    done = run_tool("ruff", "check", "--no-cache", "qvm", "tests", "scripts")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_import_contracts() -> None:
+    done = run_tool("lint-imports", "--no-cache", "--no-logo")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def contracts() -> dict[str, dict[str, Any]]:
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    return {contract["name"]: contract for contract in config["contracts"]}
+
+
+def modules(package: str) -> set[str]:
+    """The modules and packages directly inside ``package`` (``qvm.cli`` -> ``qvm.cli.app``...)."""
+    folder = REPO.joinpath(*package.split("."))
+    names = {p.stem for p in folder.glob("*.py") if p.name != "__init__.py"}
+    names |= {p.name for p in folder.iterdir() if (p / "__init__.py").exists()}
+    return {f"{package}.{name}" for name in names}
+
+
+LAYERS = modules("qvm")
+
+
+def test_the_layers_contract_names_every_layer() -> None:
+    (layers,) = (c for c in contracts().values() if c["type"] == "layers")
+    named = {m.strip() for layer in layers["layers"] for m in layer.split("|")}
+    assert named == LAYERS
+
+
+@pytest.mark.parametrize(
+    ("contract", "allowed"),
+    [
+        ("typer and click only in qvm.cli.parsing", "qvm.cli.parsing"),
+        ("asyncio and qemu.qmp only in qvm.supervisor", "qvm.supervisor"),
+        ("psutil only in qvm.host", "qvm.host"),
+    ],
+)
+def test_a_framework_fence_covers_all_but_its_package(contract: str, allowed: str) -> None:
+    """A new module must not slip past a fence because its list was written by hand."""
+    sources = set(contracts()[contract]["source_modules"])
+    # a package listed as a source covers everything inside it
+    expected = set(LAYERS)
+    parent = allowed.rsplit(".", 1)[0]
+    while parent != "qvm":
+        expected = (expected - {parent}) | modules(parent)
+        parent = parent.rsplit(".", 1)[0]
+    assert sources == expected - {allowed}
+
+
+def test_only_the_supervisors_client_and_wire_are_public() -> None:
+    forbidden = set(
+        contracts()["qvm.cli and qvm.control use only the supervisor's client and wire"][
+            "forbidden_modules"
+        ]
+    )
+    public = {"qvm.supervisor.client", "qvm.supervisor.wire"}
+    assert forbidden == modules("qvm.supervisor") - public
