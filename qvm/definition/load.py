@@ -2,7 +2,7 @@
 
 Parsing collects every problem before giving up, so a user fixes a file in one pass.
 Checks that need this host's QEMU (CPU models, machine types) or the file system
-(kernels, images) live in ``check_host`` and run at ``up``, not at load.
+(kernels, images) live in ``qvm.definition.host_checks`` and run at ``up``, not at load.
 
 The records are ``typing.NamedTuple``s, not frozen dataclasses, for start-up time: creating
 these classes took ~10 ms as dataclasses and ~2.5 ms as NamedTuples (measured); as class
@@ -15,14 +15,13 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from qvm.base.sizes import format_size
 from qvm.definition.forwards import FORWARD_HINT, ForwardError, parse_forward
 from qvm.definition.naming import hotplug_port_id, pci_ports
-from qvm.definition.reader import Report, Table, did_you_mean, is_int, render
+from qvm.definition.reader import Report, Table, is_int, render
 from qvm.definition.schema import (
     ACCELS,
     DISK_FORMATS,
@@ -587,68 +586,3 @@ def _read_toml(path: Path, file: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise DefinitionError([Problem(file, "", f"invalid TOML: {error}")]) from None
 
-
-def check_host(
-    machine: Machine, cpu_models: Collection[str], machine_types: Collection[str]
-) -> list[Problem]:
-    """What stops ``machine`` from starting on this host, given what its QEMU supports.
-
-    ``cpu_models`` and ``machine_types`` are what ``-cpu help`` and ``-machine help`` list
-    (aliases such as q35 and pc included). Looks at the file system for the kernel,
-    initrd and disk images, and nothing else.
-    """
-    file = str(machine.path)
-    binary = machine.qemu.binary
-    problems = []
-    if machine.type not in machine_types:
-        hint = f"'{binary} -machine help' lists them"
-        problems.append(
-            Problem(file, "machine.type", f"unknown to {binary}", render(machine.type), hint)
-        )
-    model = machine.cpu.model
-    if model is not None and model not in cpu_models:
-        hint = f"'{binary} -cpu help' lists them"
-        close = did_you_mean(model, cpu_models)
-        problems.append(
-            Problem(
-                file,
-                "cpu.model",
-                f"unknown to {binary}",
-                render(model),
-                f"{close} {hint}" if close else hint,
-            )
-        )
-    for key, path in _files_needed(machine):
-        problem = _file_problem(path)
-        if problem is not None:
-            problems.append(Problem(file, key, problem, render(str(path)), _file_hint(path)))
-    return problems
-
-
-def _files_needed(machine: Machine) -> list[tuple[str, Path]]:
-    needed = [("boot.kernel", machine.boot.kernel), ("boot.initrd", machine.boot.initrd)]
-    for index, disk in enumerate(machine.disks):
-        needed.append((f"disk[{index}].file", disk.file))
-        if disk.url is None:  # a URL's image is downloaded at start
-            needed.append((f"disk[{index}].base", disk.base))
-    cloud_init = machine.cloud_init
-    if cloud_init is not None:
-        needed.append(("cloud_init.user_data", cloud_init.user_data))
-        for index, key in enumerate(cloud_init.ssh_authorized_keys or ()):
-            if isinstance(key, Path):
-                needed.append((f"cloud_init.ssh_authorized_keys[{index}]", key))
-    return [(key, path) for key, path in needed if path is not None]
-
-
-def _file_problem(path: Path) -> str | None:
-    if not path.exists():
-        return "file not found"
-    if path.is_dir():
-        return "is a folder, not a file"
-    return None
-
-
-def _file_hint(path: Path) -> str:
-    parts = path.parts
-    built = any(parts[i : i + 2] == ("build", "test-guest") for i in range(len(parts) - 1))
-    return "run scripts/build-test-guest" if built else "check the path"

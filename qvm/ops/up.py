@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from qvm.cmdline.argv import LaunchInputs, build_argv, cpu_model, default_cpu_model
-from qvm.definition.load import check_host
+from qvm.definition.host_checks import check_host
 from qvm.definition.naming import nic_id, overlay_name
 from qvm.definition.schema import Machine
 from qvm.definition.topology import topology_of

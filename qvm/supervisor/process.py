@@ -20,12 +20,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qvm.base.proc import process_start_time, process_state, process_usage
+from qvm.base.proc import process_start_time
 from qvm.errors import RecordError
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import LaunchRecord
 from qvm.store.state import ExitRecord, StateRecord, write_state
-from qvm.supervisor.spawn import LOG_MARKER, AdoptedQemu, initial_state
+from qvm.supervisor.facts import (
+    QMP_CALL_TIMEOUT,
+    describe_qmp_failure,
+    process_facts,
+    qemu_log_tail,
+)
+from qvm.supervisor.spawn import AdoptedQemu, initial_state
 from qvm.supervisor.wire import (
     ControlRequest,
     EndReply,
@@ -39,7 +45,7 @@ from qvm.supervisor.wire import (
 )
 
 QMP_CONNECT_TIMEOUT = 60.0
-QMP_CALL_TIMEOUT = 2.0
+
 POWER_BUTTON_REPEAT = 5.0  # seconds between presses during `qvm down`
 QUIT_WAIT = 5.0
 KILL_WAIT = 5.0
@@ -550,43 +556,6 @@ class Supervisor:
         if usage is None:
             return reply
         return reply._replace(rss_bytes=usage[0], cpu_percent=usage[1])
-
-
-def describe_qmp_failure(exc: BaseException, pid: int | None) -> str:
-    stopped = pid is not None and process_state(pid) == "T"
-    if isinstance(exc, TimeoutError):
-        text = f"QEMU did not answer QMP within {QMP_CALL_TIMEOUT:g} s"
-    else:
-        text = f"QMP query failed: {exc}"
-    if stopped:
-        text += f" (its process {pid} is stopped, e.g. by SIGSTOP: 'kill -CONT {pid}' resumes it)"
-    return text
-
-
-_cpu_samples: dict[int, tuple[float, float]] = {}
-
-
-def process_facts(pid: int | None, started_at: float | None) -> tuple[int, float] | None:
-    """Host RSS of QEMU, and its CPU% since the previous sample (or since it started)."""
-    usage = process_usage(pid) if pid else None
-    if usage is None:
-        return None
-    rss, cpu_seconds = usage
-    now = time.monotonic()
-    last_time, last_cpu = _cpu_samples.get(pid, (now - (time.time() - (started_at or 0)), 0.0))
-    elapsed = max(now - last_time, 1e-6)
-    _cpu_samples[pid] = (now, cpu_seconds)
-    return rss, round(100.0 * (cpu_seconds - last_cpu) / elapsed, 1)
-
-
-def qemu_log_tail(path: Path, lines: int = 10) -> list[str]:
-    """The last lines QEMU wrote in its latest run (after qvm's start marker)."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return []
-    latest = text.rsplit(LOG_MARKER, 1)[-1].split("\n", 1)[-1]
-    return [line for line in latest.splitlines() if line.strip()][-lines:]
 
 
 def run_supervisor(

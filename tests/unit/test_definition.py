@@ -7,7 +7,8 @@ import pytest
 
 from qvm.definition.discovery import find_machine, list_machine_files, machine_search_dirs
 from qvm.definition.forwards import ForwardError, parse_forward
-from qvm.definition.load import check_host, load_machine
+from qvm.definition.host_checks import check_host
+from qvm.definition.load import load_machine
 from qvm.definition.schema import (
     KEYS,
     BootSpec,

@@ -8,7 +8,8 @@ import pytest
 
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import LaunchRecord
-from qvm.supervisor.process import Supervisor, qemu_log_tail
+from qvm.supervisor.facts import qemu_log_tail
+from qvm.supervisor.process import Supervisor
 
 
 def supervisor(tmp_path: Path) -> Supervisor:
