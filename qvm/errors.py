@@ -8,6 +8,7 @@
      ├── VmStateError        the VM is not in a state that allows the operation
      │    └── NotRunningError
      ├── RecordError         a record in a run dir (or a supervisor message) does not parse
+     ├── WaitTimeout         `qvm wait`: the guest did not get there in time
      ├── LaunchError         QEMU or the supervisor died while starting
      ├── ControlError        a QMP operation failed or QEMU refused it
      │    └── QmpTimeoutError
@@ -23,7 +24,7 @@ The exit status of `qvm`, what a script can tell apart without reading stderr:
                            usage errors), a DefinitionError, a VmNameError
     EXIT_PENDING      3    a hotplug/unplug request stands, but the guest has not
                            completed it (yet)
-    EXIT_TIMEOUT      4    `qvm wait`: not ready in time (``qvm.ops.access.WaitTimeout``)
+    EXIT_TIMEOUT      4    `qvm wait`: not ready in time (``WaitTimeout``)
     EXIT_INTERRUPTED  130  Ctrl-C (128 + SIGINT, as shells report it)
 
 `qvm ssh` and `qvm qmp --shell` become ssh and qmp-shell: theirs is the status.
@@ -111,6 +112,12 @@ class RecordError(QvmError):
 
 class LaunchError(QvmError):
     pass
+
+
+class WaitTimeout(QvmError):
+    """``qvm wait``: the condition did not hold in time."""
+
+    exit_code = EXIT_TIMEOUT
 
 
 class ControlError(QvmError):

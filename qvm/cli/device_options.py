@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qvm.cli.output import EXIT_PENDING, abort, fail_all
+from qvm.cli.output import abort, fail_all
 from qvm.cli.parsing.declare import Option
+from qvm.errors import EXIT_PENDING
 
 # options the mem, disk and nic commands share
 AS_JSON = Option(False, "--json", help="Print JSON (schema in the README).")

@@ -7,7 +7,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from qvm import errors
 from qvm.errors import EXIT_FAILURE
 
 
@@ -29,7 +28,6 @@ def abort(message: str, code: int = EXIT_FAILURE) -> NoReturn:
 
 
 # the exit codes live in qvm.errors; this alias only until the commands import it from there
-EXIT_PENDING = errors.EXIT_PENDING
 
 
 def fail_all(problems: list[str], code: int = EXIT_FAILURE) -> NoReturn:

@@ -35,13 +35,6 @@ class SeedPlan(NamedTuple):
     packages: tuple[str, ...]
     runcmd: tuple[str | tuple[str, ...], ...]
 
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "user": self.user,
-            "identities": [str(p) for p in self.identities],
-            "generated_key": self.generate_key,
-            "user_data_file": str(self.user_data_file) if self.user_data_file else None,
-        }
 
 
 def default_public_keys(home: Path) -> list[Path]:

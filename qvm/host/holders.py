@@ -21,7 +21,7 @@ from pathlib import Path
 from qvm.errors import RecordError
 from qvm.layout.locks import is_locked
 from qvm.layout.rundir import RunDir, list_run_dirs
-from qvm.store.devices import hotplugged
+from qvm.store.devices import device_records
 from qvm.store.launch import Image, LaunchRecord, read_launch
 from qvm.store.state import read_state
 
@@ -57,10 +57,12 @@ def users_of(path: Path, state_root: Path, exclude: str) -> list[tuple[str, bool
         except RecordError:  # QEMU's own image locks, probed next, still catch a conflict
             launch = None
         images = list(image_records(launch)) if launch is not None else []
-        images += [  # attached since it started (qvm disk attach)
-            Image(d["file"], writable=not d.get("readonly"))
-            for d in hotplugged(run)
-            if d.get("kind") == "disk" and d.get("file")
+        try:  # attached since it started (qvm disk attach)
+            attached = device_records(run)
+        except RecordError:
+            attached = ()
+        images += [
+            Image(d.file, writable=not d.readonly) for d in attached if d.kind == "disk" and d.file
         ]
         for image in images:
             if os.path.realpath(image.path) == real:

@@ -242,5 +242,3 @@ def check_private_dir(path: Path, what: str) -> bool:
         )
     return True
 
-
-NEW_RECORD = "new.json"  # TODO(lead): callers move to RunDir.new_record

@@ -20,16 +20,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from qvm.errors import HostError, NotRunningError, QvmError
+from qvm.errors import HostError, NotRunningError, QvmError, WaitTimeout
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import read_launch
 
 SSH_PORT = 22
 SSH_POLL_TIMEOUT = 5  # ConnectTimeout of one probe, seconds
-
-
-class WaitTimeout(QvmError):
-    exit_code = 4
 
 
 class SshTarget(NamedTuple):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qvm.errors import RecordError, VmStateError
-from qvm.layout.rundir import NEW_RECORD, RunDir, list_run_dirs
+from qvm.layout.rundir import RunDir, list_run_dirs
 from qvm.store.launch import LaunchRecord, read_launch
 from qvm.store.new import NewRecord, read_new
 from qvm.store.state import read_state
@@ -85,7 +85,7 @@ def remove(run: RunDir, purge: bool) -> Removed:
     removed = Removed()
     if purge:
         # both records first: one that does not parse stops rm before it removes anything
-        note, launch = read_new(run.path / NEW_RECORD), read_launch(run.launch_file)
+        note, launch = read_new(run.new_record), read_launch(run.launch_file)
         _purge_machine_file(note, removed)
         _purge_downloads(run, launch, removed)
     if not run.path.exists():

@@ -15,7 +15,7 @@ from qvm.definition.load import load_machine
 from qvm.definition.new import render
 from qvm.definition.schema import Machine
 from qvm.errors import DefinitionError, QvmError
-from qvm.layout.rundir import NEW_RECORD, RunDir
+from qvm.layout.rundir import RunDir
 from qvm.store.new import NewRecord, write_new_record
 
 
@@ -46,5 +46,5 @@ def write_new(doc: dict[str, Any], path: Path, run: RunDir) -> Machine:
     run.path.mkdir(parents=True, exist_ok=True)
     os.chmod(run.path, 0o700)
     digest = hashlib.sha256(text.encode()).hexdigest()
-    write_new_record(run.path / NEW_RECORD, NewRecord(str(path.resolve()), digest))
+    write_new_record(run.new_record, NewRecord(str(path.resolve()), digest))
     return load_machine(path)

@@ -114,12 +114,6 @@ def device_records(run: RunDir) -> tuple[DeviceRecord, ...]:
     return f.records("devices", DeviceRecord.read, ())
 
 
-def hotplugged(run: RunDir) -> list[dict[str, Any]]:
-    """``device_records`` as JSON objects: for ``qvm.host.holders``, until it reads the
-    records' attributes."""
-    return [record.to_json() for record in device_records(run)]
-
-
 def save_devices(run: RunDir, devices: tuple[DeviceRecord, ...] | list[DeviceRecord]) -> None:
     write_json_atomic(
         run.devices_file, {**qemu_run(run), "devices": [d.to_json() for d in devices]}

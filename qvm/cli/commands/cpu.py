@@ -6,8 +6,9 @@ import re
 from typing import Any
 
 from qvm.cli import resolve
-from qvm.cli.output import EXIT_PENDING, abort, emit_json, fail_all, ms, say, table, warn
+from qvm.cli.output import abort, emit_json, fail_all, ms, say, table, warn
 from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.errors import EXIT_FAILURE, EXIT_PENDING
 
 commands = Commands(help="List, add and remove vCPUs of a running VM.")
 
@@ -108,7 +109,7 @@ def add(
         say(f"{result.name}: {result.present} of {result.max} vCPUs present")
         _say_persisted(result.name, persist, persisted)
     if problems:
-        fail_all(problems, 1)
+        fail_all(problems, EXIT_FAILURE)
 
 
 @commands.command("del")
@@ -176,7 +177,7 @@ def set_cmd(
         run, target, timeout=timeout, wait_guest=wait_guest, guest_timeout=timeout, force=force
     )
     problems: list[str] = []
-    code = 1
+    code = EXIT_FAILURE
     if result.added is not None:
         problems += _add_problems(result.added)
     if result.removed is not None:
@@ -274,7 +275,7 @@ def _say_removed(result: Any) -> None:
 
 def _remove_problems(result: Any) -> tuple[list[str], int]:
     problems = []
-    code = 1
+    code = EXIT_FAILURE
     for unplug in result.unplugs:
         if unplug.outcome == "refused":
             detail = unplug.detail or "the guest refused it"

@@ -7,7 +7,6 @@ from typing import Any
 from qvm.cli import resolve
 from qvm.cli.device_options import AS_JSON, FORCE, UNPLUG_TIMEOUT, size_argument, unplug_problems
 from qvm.cli.output import (
-    EXIT_PENDING,
     abort,
     emit_json,
     human_bytes,
@@ -128,8 +127,7 @@ def _not_plugged(name: str, dev_id: str, size: Any, wanted: Any, timeout: float)
         f"{human_bytes(wanted)} asked within {timeout:g} s; the request stands and the guest "
         "may still complete it (hint: the guest needs a virtio_mem driver; "
         f"qvm mem list {name} shows the size)",
-        EXIT_PENDING,
-    )
+        )
 
 
 @commands.command("del")

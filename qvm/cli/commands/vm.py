@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from qvm.cli import resolve
 from qvm.cli.output import abort, emit_json, human_bytes, human_seconds, say, table, warn
 from qvm.cli.parsing.declare import Argument, Commands, Option
-from qvm.errors import DefinitionError, QvmError
+from qvm.errors import EXIT_FAILURE, DefinitionError, QvmError
 
 if TYPE_CHECKING:
     from qvm.layout.rundir import RunDir
@@ -75,7 +75,7 @@ def up(
     if as_json:
         emit_json(results)
     if failed:
-        raise SystemExit(1)
+        raise SystemExit(EXIT_FAILURE)
 
 
 @commands.command("down")
@@ -123,7 +123,7 @@ def _stop_each(
     if as_json:
         emit_json(results)
     if failed:
-        raise SystemExit(1)
+        raise SystemExit(EXIT_FAILURE)
 
 
 @commands.command("restart")
