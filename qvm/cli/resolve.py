@@ -1,24 +1,29 @@
-"""Resolving the names on the command line into definitions and run dirs."""
+"""Resolving the names on the command line into definitions and run dirs, and checking
+the arguments that become waits: every VM name passes ``check_vm_name`` before a path is
+built from it, and the state dir is checked once before any run dir in it is read."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 from qvm.cli.parsing.declare import Option
-from qvm.errors import QvmError
-from qvm.layout.rundir import RunDir
+from qvm.errors import EXIT_USAGE, QvmError
+from qvm.layout.names import check_vm_name
+from qvm.layout.rundir import RunDir, check_private_dir, default_state_dir, run_dir_for
 
 
 class Settings:
     """What the global options say; ``configure`` sets it. A plain class, not a dataclass:
     every command imports this module, and importing ``dataclasses`` costs start-up time."""
 
-    __slots__ = ("machines_dir", "state_root")
+    __slots__ = ("machines_dir", "state_root", "checked_root")
 
     def __init__(self, machines_dir: Path | None = None, state_root: Path | None = None) -> None:
         self.machines_dir = machines_dir
         self.state_root = state_root
+        self.checked_root: Path | None = None  # the state root once it passed its check
 
 
 settings = Settings()
@@ -27,6 +32,7 @@ settings = Settings()
 def configure(machines_dir: Path | None, state_root: Path | None) -> None:
     settings.machines_dir = machines_dir
     settings.state_root = state_root
+    settings.checked_root = None
 
 
 def global_options(
@@ -42,11 +48,15 @@ def global_options(
 
 
 def state_root() -> Path:
-    if settings.state_root is not None:
-        return settings.state_root
-    from qvm.layout.rundir import default_state_dir
-
-    return default_state_dir()
+    """The state root, refused (UnsafeStateError, HostError: one line) if it is a file, a
+    link, someone else's or open to others; a missing one is fine, `up` makes it. Every
+    command reaches its run dirs through here, so none reads /dev/null/NAME/state.json."""
+    if settings.checked_root is not None:
+        return settings.checked_root
+    root = settings.state_root if settings.state_root is not None else default_state_dir()
+    check_private_dir(root, "state dir")
+    settings.checked_root = root
+    return root
 
 
 def search_dirs() -> list[Path]:
@@ -62,8 +72,15 @@ def load(name_or_path: str):  # noqa: ANN201 - returns qvm.definition.Machine, i
     return load_machine(find_machine(name_or_path, search_dirs()))
 
 
+def is_path(name_or_path: str) -> bool:
+    """A machine file the user named (``vm.toml``, ``machines/vm``), not a VM name."""
+    return name_or_path.endswith(".toml") or "/" in name_or_path
+
+
 def run_dir(name: str) -> RunDir:
-    return RunDir(state_root() / name)
+    """The run dir of the VM ``name``: VmNameError (one line) unless ``name`` is a VM
+    name, so ``..``, ``.``, ``''`` or a 300-character name never become a path."""
+    return run_dir_for(state_root(), name)
 
 
 def run_dir_of(name_or_path: str) -> RunDir:
@@ -71,8 +88,9 @@ def run_dir_of(name_or_path: str) -> RunDir:
 
     A VM whose definition was deleted while it ran is still found by name.
     """
-    if name_or_path.endswith(".toml") or "/" in name_or_path:
+    if is_path(name_or_path):
         return run_dir(load(name_or_path).name)
+    check_vm_name(name_or_path)
     candidate = run_dir(name_or_path)
     if candidate.path.exists():
         return candidate
@@ -80,3 +98,21 @@ def run_dir_of(name_or_path: str) -> RunDir:
         return run_dir(load(name_or_path).name)
     except QvmError:
         return candidate
+
+
+# A wait longer than this is a typo (or inf): sleeps and socket timeouts overflow on
+# values near 1e300, and a wait of months is no wait.
+MAX_TIMEOUT = 30 * 86400
+
+
+def timeout_seconds(value: float, option: str = "--timeout") -> float:
+    """``value`` if it is a usable number of seconds; else one line and exit 2. NaN
+    compares false with everything, so a deadline of NaN would never come."""
+    if math.isfinite(value) and 0 <= value <= MAX_TIMEOUT:
+        return value
+    from qvm.cli.output import abort
+
+    abort(
+        f"{option}: must be a number of seconds from 0 to {MAX_TIMEOUT}, got {value:g}",
+        EXIT_USAGE,
+    )

@@ -166,14 +166,28 @@ def fresh_id(
     return index, f"{prefix}{index}"
 
 
+# which kind each adding command makes: its own generated form is allowed as an --id
+_KIND_OF_ACTION = {"mem add": "memory", "disk attach": "disk", "nic add": "NIC"}
+
+
 def check_new_id(run: RunDir, dev_id: str, taken: Iterable[str], what: str) -> None:
-    """A user-chosen id must match the definition's id rule and be free."""
+    """A user-chosen id must match the definition's id rule, not be another kind's
+    generated id, and be free."""
+    from qvm.definition.naming import generated_id_kind
     from qvm.definition.schema import ID_PATTERN
 
     if not re.fullmatch(ID_PATTERN, dev_id):
+        shown = dev_id if len(dev_id) <= 40 else dev_id[:37] + "..."
         raise HotplugError(
-            f"{run.name}: --id must be a letter then up to 31 letters, digits, '_' or '-', "
-            f"got {dev_id!r}"
+            f"{run.name}: {what}: --id must be a letter then up to 31 letters, digits, '_' or "
+            f"'-', got {shown!r}"
+        )
+    owner = generated_id_kind(dev_id)
+    if owner is not None and owner != _KIND_OF_ACTION.get(what):
+        # ids are unique across kinds: see qvm.definition.naming.generated_id_kind
+        raise HotplugError(
+            f"{run.name}: {what}: id {dev_id!r} has the form of a {owner} id, which qvm "
+            f"keeps for {owner} devices (hint: pick another --id, or leave it out)"
         )
     if dev_id in set(taken):
         raise HotplugError(

@@ -8,7 +8,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from qvm.errors import QvmError
+from qvm.errors import QvmError, VmNameError
+from qvm.layout.names import NAME_RULE, is_vm_name, shown
 
 
 def find_machine(name_or_path: str, search_dirs: Sequence[Path]) -> Path:
@@ -19,18 +20,34 @@ def find_machine(name_or_path: str, search_dirs: Sequence[Path]) -> Path:
     is no such file.
     """
     if name_or_path.endswith(".toml") or "/" in name_or_path:
-        path = Path(name_or_path).expanduser()
-        if not path.is_file():
-            raise QvmError(f"no machine file at '{name_or_path}' (hint: check the path)")
+        try:
+            path = Path(name_or_path).expanduser()
+        except RuntimeError:  # ~nosuchuser/...: pathlib cannot find that home folder
+            path = Path(name_or_path)
+        if not _is_file(path):
+            raise QvmError(f"no machine file at {shown(name_or_path)} (hint: check the path)")
         return path
+    if name_or_path in ("", ".", "..") or "\0" in name_or_path or len(name_or_path) > 250:
+        # not a file's stem: never looked up, never joined to a folder
+        raise VmNameError(f"{shown(name_or_path)} is not a VM name: it must be {NAME_RULE}")
     for directory in search_dirs:
         candidate = directory / f"{name_or_path}.toml"
-        if candidate.is_file():
+        if _is_file(candidate):
             return candidate
     looked = ", ".join(_for_display(directory) for directory in search_dirs) or "nowhere"
+    named = is_vm_name(name_or_path)  # else it is not echoed into a file name to create
     create = _for_display(search_dirs[0] / f"{name_or_path}.toml") if search_dirs else None
-    hint = f"create {create} or pass --machines DIR" if create else "pass --machines DIR"
-    raise QvmError(f"no machine named '{name_or_path}' (looked in: {looked}) (hint: {hint})")
+    hint = f"create {create} or pass --machines DIR" if create and named else "pass --machines DIR"
+    raise QvmError(f"no machine named {shown(name_or_path)} (looked in: {looked}) (hint: {hint})")
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False where it raises (a NUL, a name too long for the file
+    system, a folder that cannot be read) instead of a traceback."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _for_display(path: Path) -> str:

@@ -22,7 +22,9 @@ class ForwardError(ValueError):
     def __init__(self, text: str, reason: str) -> None:
         self.text = text
         self.reason = reason
-        super().__init__(f'invalid port forward "{text}": {reason}')
+        # the text is the user's argument: a 10 MB one is not echoed whole
+        quoted = text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+        super().__init__(f'invalid port forward "{quoted}": {reason}')
 
 
 def parse_forward(text: str) -> PortForward:

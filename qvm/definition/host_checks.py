@@ -1,13 +1,15 @@
 """What a valid definition still needs from this host, checked at ``up`` (not at load):
-the kernel, initrd and images exist, and this QEMU knows the CPU model and machine type.
-The caller passes in what QEMU supports, so this stays free of any host probing."""
+the kernel, initrd and images exist, each forward's host address is one of this host's,
+and this QEMU knows the CPU model and machine type. The caller passes in what QEMU
+supports, so this stays free of any QEMU probing."""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Collection
 from pathlib import Path
 
-from qvm.definition.reader import did_you_mean, render
+from qvm.definition.reader import did_you_mean, shown
 from qvm.definition.schema import Machine
 from qvm.errors import Problem
 
@@ -27,7 +29,7 @@ def check_host(
     if machine.type not in machine_types:
         hint = f"'{binary} -machine help' lists them"
         problems.append(
-            Problem(file, "machine.type", f"unknown to {binary}", render(machine.type), hint)
+            Problem(file, "machine.type", f"unknown to {binary}", shown(machine.type), hint)
         )
     model = machine.cpu.model
     if model is not None and model not in cpu_models:
@@ -38,14 +40,21 @@ def check_host(
                 file,
                 "cpu.model",
                 f"unknown to {binary}",
-                render(model),
+                shown(model),
                 f"{close} {hint}" if close else hint,
             )
         )
+    for nic_index, nic in enumerate(machine.nics):
+        for fwd_index, forward in enumerate(nic.forwards):
+            problem = address_problem(forward.host_addr, forward.protocol)
+            if problem is not None:
+                key = f"nic[{nic_index}].forwards[{fwd_index}]"
+                problems.append(Problem(file, key, problem, None, ADDRESS_HINT))
     for key, path in _files_needed(machine):
         problem = _file_problem(path)
         if problem is not None:
-            problems.append(Problem(file, key, problem, render(str(path)), _file_hint(path)))
+            got = shown(str(path), MAX_PATH_SHOWN)
+            problems.append(Problem(file, key, problem, got, _file_hint(path)))
     return problems
 
 
@@ -64,11 +73,18 @@ def _files_needed(machine: Machine) -> list[tuple[str, Path]]:
     return [(key, path) for key, path in needed if path is not None]
 
 
+# a path is shown longer than other values: its end is what tells files apart
+MAX_PATH_SHOWN = 300
+
+
 def _file_problem(path: Path) -> str | None:
-    if not path.exists():
-        return "file not found"
-    if path.is_dir():
-        return "is a folder, not a file"
+    try:
+        if not path.exists():
+            return "file not found"
+        if path.is_dir():
+            return "is a folder, not a file"
+    except OSError as error:  # a name too long, a folder that cannot be searched
+        return f"cannot be read: {error.strerror or error}"
     return None
 
 
@@ -76,3 +92,23 @@ def _file_hint(path: Path) -> str:
     parts = path.parts
     built = any(parts[i : i + 2] == ("build", "test-guest") for i in range(len(parts) - 1))
     return "run scripts/build-test-guest" if built else "check the path"
+
+
+ADDRESS_HINT = "use 127.0.0.1, 0.0.0.0 or an address 'ip -4 addr' lists"
+
+
+def address_problem(host_addr: str, protocol: str) -> str | None:
+    """Why a forward cannot listen on ``host_addr`` here (an address this host does not
+    have), or None. A bind to port 0 asks the kernel without taking any port for good;
+    whether the forward's own port is free is decided when it is bound."""
+    import socket
+
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    try:
+        with socket.socket(socket.AF_INET, kind) as sock:
+            sock.bind((host_addr, 0))
+    except OSError as error:
+        if error.errno == errno.EADDRNOTAVAIL:
+            return f"host address {host_addr} is not an address of this host"
+        return f"cannot listen on {host_addr}: {error.strerror or error}"
+    return None

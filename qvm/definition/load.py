@@ -20,8 +20,14 @@ from typing import Any
 
 from qvm.base.sizes import format_size
 from qvm.definition.forwards import FORWARD_HINT, ForwardError, parse_forward
-from qvm.definition.naming import hotplug_port_id, pci_ports
-from qvm.definition.reader import Report, Table, is_int, render
+from qvm.definition.naming import (
+    disk_node_name,
+    generated_id_kind,
+    hotplug_port_id,
+    nic_id,
+    pci_ports,
+)
+from qvm.definition.reader import Report, Table, expand_path, find_nul, is_int, shown
 from qvm.definition.schema import (
     ACCELS,
     DISK_FORMATS,
@@ -37,6 +43,7 @@ from qvm.definition.schema import (
     SEED_DEVICE_ID,
     TOP_LEVEL_KEYS,
     USER_PATTERN,
+    AgentSpec,
     BootSpec,
     CloudInitSpec,
     CpuSpec,
@@ -71,7 +78,7 @@ def _read_name(root: Table, path: Path, override: str | None) -> str:
         root.fail("name", f"must be {NAME_RULE}")
     if override is not None:
         if not re.fullmatch(NAME_PATTERN, override):
-            root.report.add("name", f"must be {NAME_RULE}", render(override))
+            root.report.add("name", f"must be {NAME_RULE}", shown(override))
         return override
     if "name" in root.data:
         return in_file or ""
@@ -86,7 +93,7 @@ def _read_name(root: Table, path: Path, override: str | None) -> str:
         root.report.add(
             "name",
             f"not set, and the file's name is not a valid machine name ({NAME_RULE})",
-            render(stem),
+            shown(stem),
             hint,
         )
     return stem
@@ -312,7 +319,7 @@ def _read_base(disk: Table, base_dir: Path) -> tuple[str | None, Path | None, di
             disk.report.add(
                 disk.key("base"),
                 "a downloaded image needs a checksum",
-                render(text),
+                shown(text),
                 'add sha256 = "..." (or sha512) from the image\'s publisher',
             )
         return text, None, {}
@@ -361,12 +368,12 @@ def _read_forwards(nic: Table) -> list[tuple[str, str, PortForward]]:
     forwards = []
     for key, item in items:
         if not isinstance(item, str):
-            nic.report.add(key, "must be a string", render(item))
+            nic.report.add(key, "must be a string", shown(item))
             continue
         try:
             forwards.append((key, item, parse_forward(item)))
         except ForwardError as error:
-            nic.report.add(key, error.reason, render(item), FORWARD_HINT)
+            nic.report.add(key, error.reason, shown(item), FORWARD_HINT)
     return forwards
 
 
@@ -387,7 +394,7 @@ def _read_cloud_init(table: Table, base_dir: Path) -> CloudInitSpec:
         keys = keys or []
         if not isinstance(item, str) or not item.strip():
             table.report.add(
-                key, "must be a public key line or the path of a .pub file", render(item)
+                key, "must be a public key line or the path of a .pub file", shown(item)
             )
         elif _KEY_LINE.match(item.strip()):
             keys.append(item.strip())
@@ -395,11 +402,20 @@ def _read_cloud_init(table: Table, base_dir: Path) -> CloudInitSpec:
             table.report.add(
                 key,
                 "is not a whole public key line (TYPE BASE64 [COMMENT])",
-                render(item),
+                shown(item),
                 "paste the whole line of the .pub file",
             )
         else:
-            keys.append(Path(os.path.normpath(base_dir / Path(item).expanduser())))
+            path = expand_path(item, base_dir)
+            if path is None:
+                table.report.add(
+                    key,
+                    "starts with ~ and a user this host does not have",
+                    shown(item),
+                    "write ~/... for your own home folder, or an absolute path",
+                )
+            else:
+                keys.append(path)
     if "ssh_authorized_keys" in table.data and keys is None:
         keys = []  # an empty list: no keys at all, on purpose
     packages = table.strings("packages") or ()
@@ -410,7 +426,7 @@ def _read_cloud_init(table: Table, base_dir: Path) -> CloudInitSpec:
         elif isinstance(item, list) and item and all(isinstance(a, str) for a in item):
             runcmd.append(tuple(item))
         else:
-            table.report.add(key, "must be a string or a non-empty list of strings", render(item))
+            table.report.add(key, "must be a string or a non-empty list of strings", shown(item))
     user_data = table.path("user_data", base_dir)
     if "user_data" in table.data:
         for name in ("ssh_authorized_keys", "packages", "runcmd"):
@@ -460,13 +476,25 @@ def _read_qemu(qemu: Table) -> QemuSpec:
     )
 
 
-def _check_unique_ids(report: Report, ids: list[tuple[str, str | None]]) -> None:
+def _check_unique_ids(
+    report: Report, ids: list[tuple[str, str | None]], kinds: dict[str, str]
+) -> None:
+    """``ids``: (key, id) in order; ``kinds``: key -> the kind of device set there, whose
+    own generated form ("disk0" for a disk) its id may take, but no other kind's."""
     seen: dict[str, str] = {}
     for key, device_id in ids:
         if device_id is None:
             continue
+        owner = generated_id_kind(device_id)
         if device_id in seen:
-            report.add(key, f"already used by {seen[device_id]}", render(device_id))
+            report.add(key, f"already used by {seen[device_id]}", shown(device_id))
+        elif key in kinds and owner is not None and owner != kinds[key]:
+            report.add(
+                key,
+                f"has the form of a {owner} id, which qvm keeps for {owner} devices",
+                shown(device_id),
+                "pick another id",
+            )
         else:
             seen[device_id] = key
 
@@ -482,7 +510,7 @@ def _check_forward_clashes(report: Report, forwards: list[tuple[str, str, PortFo
                 key,
                 f"host port {forward.host_port} ({forward.protocol})"
                 f" is already forwarded by {clash}",
-                render(text),
+                shown(text),
             )
         else:
             taken.append((key, forward))
@@ -514,6 +542,9 @@ def _read_machine(root: Table, path: Path, name: str | None) -> Machine:
     serial = SerialSpec(
         root.section("serial").boolean("enabled", SerialSpec._field_defaults["enabled"])
     )
+    agent = AgentSpec(
+        root.section("agent").boolean("enabled", AgentSpec._field_defaults["enabled"])
+    )
     supervisor = _read_supervisor(root.section("supervisor"))
     qemu = _read_qemu(root.section("qemu"))
     cloud_init = None
@@ -526,13 +557,21 @@ def _read_machine(root: Table, path: Path, name: str | None) -> Machine:
         ("hotplug.pci_slots (a PCIe root port)", hotplug_port_id(index))
         for index in range(pci_ports(machine_type, hotplug))
     ]
-    _check_unique_ids(
-        root.report,
-        seed_ids
-        + port_ids
-        + [(table.key("id"), disk.id) for table, disk in zip(disk_tables, disks, strict=True)]
-        + [(table.key("id"), nic.id) for table, nic in zip(nic_tables, nics, strict=True)],
-    )
+    # the ids qvm gives disks and NICs without one come first: an id set elsewhere that
+    # takes one of them is the one reported
+    default_ids = [
+        (f"{table.where} (its default id)", disk_node_name(index, disk))
+        for index, (table, disk) in enumerate(zip(disk_tables, disks, strict=True))
+        if disk.id is None
+    ] + [
+        (f"{table.where} (its default id)", nic_id(index, nic))
+        for index, (table, nic) in enumerate(zip(nic_tables, nics, strict=True))
+        if nic.id is None
+    ]
+    disk_ids = [(table.key("id"), disk.id) for table, disk in zip(disk_tables, disks, strict=True)]
+    nic_ids = [(table.key("id"), nic.id) for table, nic in zip(nic_tables, nics, strict=True)]
+    kinds = {key: "disk" for key, _ in disk_ids} | {key: "NIC" for key, _ in nic_ids}
+    _check_unique_ids(root.report, seed_ids + port_ids + default_ids + disk_ids + nic_ids, kinds)
     _check_forward_clashes(
         root.report, [forward for _, forwards in nics_and_forwards for forward in forwards]
     )
@@ -548,6 +587,7 @@ def _read_machine(root: Table, path: Path, name: str | None) -> Machine:
         nics=tuple(nics),
         hotplug=hotplug,
         serial=serial,
+        agent=agent,
         supervisor=supervisor,
         qemu=qemu,
         cloud_init=cloud_init,
@@ -565,10 +605,23 @@ def load_machine(path: Path, name: str | None = None) -> Machine:
     file = str(path)
     data = _read_toml(path, file)
     report = Report(file)
+    find_nul(data, report)
     machine = _read_machine(Table(data, "", report), Path(os.path.abspath(path)), name)
     if report.problems:
-        raise DefinitionError(report.problems)
+        raise DefinitionError(_at_most(report.problems, file))
     return machine
+
+
+MAX_PROBLEMS = 20
+
+
+def _at_most(problems: list[Problem], file: str) -> list[Problem]:
+    """The first problems and a count of the rest: a file of 100,000 bad items is
+    fixed a screenful at a time, not scrolled past."""
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    rest = len(problems) - (MAX_PROBLEMS - 1)
+    return [*problems[: MAX_PROBLEMS - 1], Problem(file, "", f"and {rest} more problems")]
 
 
 def _read_toml(path: Path, file: str) -> dict[str, Any]:
@@ -585,4 +638,9 @@ def _read_toml(path: Path, file: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise DefinitionError([Problem(file, "", f"invalid TOML: {error}")]) from None
-
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        problem = "invalid TOML: arrays or inline tables nested too deeply"
+        raise DefinitionError([Problem(file, "", problem)]) from None
+    except ValueError as error:  # Python's limit on the digits of an int (4,300)
+        problem = f"invalid TOML: a number too long to read ({error})"
+        raise DefinitionError([Problem(file, "", problem[:200])]) from None

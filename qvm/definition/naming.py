@@ -4,6 +4,8 @@ The command line, the control layer and ``--persist`` all name things through he
 
 from __future__ import annotations
 
+import re
+
 from qvm.definition.schema import (
     DEFAULT_PCI_SLOTS_Q35,
     HOTPLUG_PORT_PREFIX,
@@ -11,6 +13,27 @@ from qvm.definition.schema import (
     HotplugSpec,
     NicSpec,
 )
+
+# The ids qvm makes, by kind: <prefix><N>. One kind's id may not take another kind's
+# form: cpu<N> is vCPU slot N's id whether or not that slot is plugged now (a DIMM called
+# cpu1 would make `qvm cpu add` fail later), and a NIC called dimm0 would read as memory
+# in every list. So ids stay unique across all kinds, now and for what qvm adds next.
+_GENERATED_ID = re.compile(r"(cpu|dimm|vmem|disk|net|hp)[0-9]+")
+_KIND_OF_PREFIX = {
+    "cpu": "vCPU",
+    "dimm": "memory",
+    "vmem": "memory",
+    "disk": "disk",
+    "net": "NIC",
+    HOTPLUG_PORT_PREFIX: "PCIe root port",
+}
+
+
+def generated_id_kind(dev_id: str) -> str | None:
+    """The kind of device ("vCPU", "memory", "disk", "NIC", "PCIe root port") whose
+    generated ids look like ``dev_id``, or None."""
+    match = _GENERATED_ID.fullmatch(dev_id)
+    return None if match is None else _KIND_OF_PREFIX[match[1]]
 
 
 def hotplug_port_id(index: int) -> str:

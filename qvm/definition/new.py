@@ -18,7 +18,7 @@ from qvm.base.sizes import SizeError, parse_size
 from qvm.definition.forwards import ForwardError, parse_forward
 from qvm.definition.schema import USER_PATTERN
 from qvm.errors import QvmError
-from qvm.layout.names import NAME_PATTERN, NAME_RULE
+from qvm.layout.names import NAME_PATTERN, NAME_RULE, shown
 
 DEFAULT_MEMORY = "1G"  # cloud-init runs Python at first boot: 512M is tight
 SSH_FORWARD = "tcp:0:22"  # any free host port to the guest's sshd
@@ -52,14 +52,18 @@ def _absolute(text: str, cwd: Path) -> str:
 
     if is_url(text):
         return text
-    return os.path.normpath(cwd / Path(text).expanduser())
+    try:
+        expanded = Path(text).expanduser()
+    except RuntimeError:  # ~nosuchuser/...: left as written, then reported as not found
+        expanded = Path(text)
+    return os.path.normpath(cwd / expanded)
 
 
 def new_document(options: NewOptions, cwd: Path) -> dict[str, Any]:
     """The machine file's data; raises QvmError listing every bad option."""
     problems: list[str] = []
     if not re.fullmatch(NAME_PATTERN, options.name):
-        problems.append(f"NAME: must be {NAME_RULE}, got {options.name!r}")
+        problems.append(f"NAME: must be {NAME_RULE}, got {shown(options.name)}")
     if options.image is None and options.kernel is None:
         problems.append("needs --image FILE|URL, or --kernel for direct kernel boot")
     for flag, value in (("--memory", options.memory), ("--disk-size", options.disk_size)):
@@ -74,7 +78,7 @@ def new_document(options: NewOptions, cwd: Path) -> dict[str, Any]:
         except ForwardError as exc:
             problems.append(f"--forward: {exc}")
     if options.user is not None and not re.fullmatch(USER_PATTERN, options.user):
-        problems.append(f"--user: must be a user name like 'qvm', got {options.user!r}")
+        problems.append(f"--user: must be a user name like 'qvm', got {shown(options.user)}")
     if options.cpus is not None and options.cpus < 1:
         problems.append(f"--cpus: must be >= 1, got {options.cpus}")
     if options.max_cpus is not None and options.max_cpus < (options.cpus or 1):

@@ -22,6 +22,14 @@ SIZE_HINT = 'sizes look like "512M" or "2G"; K, M, G and T are powers of 1024'
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _NOT_SET = object()
 
+# Longest "got ..." value and key path in a message: a 10 MB string in a file must not
+# come back whole in an error line, and a line must stay readable in a terminal.
+MAX_GOT = 80
+MAX_KEY = 120
+MAX_TEXT = 300
+# Past this a float cannot hold the number; float(10**400) raises OverflowError.
+_FLOAT_LIMIT = 2**1023
+
 _T = TypeVar("_T")
 
 
@@ -48,6 +56,47 @@ def render(value: Any) -> str:
     return str(value)
 
 
+def shorten(text: str, limit: int = MAX_GOT) -> str:
+    """``text`` cut to about ``limit`` characters, saying how long it was, and with its
+    control characters escaped (a NUL or an escape sequence must not reach a terminal)."""
+    if len(text) > limit:
+        suffix = f"... ({len(text)} characters)"
+        text = text[: max(limit - len(suffix), 10)] + suffix
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def shown(value: Any, limit: int = MAX_GOT) -> str:
+    """A TOML value rendered for a message, cut to ``limit``: what "got ..." says."""
+    if isinstance(value, str) and len(value) > limit:
+        # render no more of a 10 MB string than is shown
+        suffix = f'..." ({len(value)} characters)'
+        head = render(value[: limit - len(suffix)])[: limit - len(suffix)]
+        return shorten(head, limit) + suffix
+    return shorten(render(value), limit)
+
+
+def find_nul(data: Mapping[str, Any], report: Report) -> None:
+    """Report every key and string of the document holding a NUL character: no file
+    name, command line or QEMU option can hold one. Walked without recursion, so a deeply
+    nested document cannot exhaust the stack here."""
+    todo: list[tuple[str, Any]] = [("", data)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, str):
+            if "\0" in value:
+                report.add(where, "must not contain a NUL character", shown(value))
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                key = f"{where}.{_render_key(name)}" if where else _render_key(name)
+                if "\0" in name:
+                    report.add(key, "must not contain a NUL character (in the key)")
+                todo.append((key, item))
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{index}]", item) for index, item in enumerate(value))
+
+
 def _render_float(value: float) -> str:
     if math.isnan(value):
         return "nan"
@@ -58,6 +107,20 @@ def _render_float(value: float) -> str:
 
 def _render_key(key: str) -> str:
     return key if _BARE_KEY.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+
+
+_TILDE_HINT = "write ~/... for your own home folder, or an absolute path"
+
+
+def expand_path(text: str, base_dir: Path) -> Path | None:
+    """``text`` as a path: ``~`` expanded, relative to ``base_dir``; None if it names the
+    home folder of a user this host does not have (``~nosuchuser/x``)."""
+    try:
+        expanded = Path(text).expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory."
+        return None
+    # base_dir / an absolute path is that absolute path, so one expression does both.
+    return Path(os.path.normpath(base_dir / expanded))
 
 
 def did_you_mean(word: str, choices: Collection[str]) -> str | None:
@@ -101,7 +164,16 @@ class Report:
         self.problems: list[Problem] = []
 
     def add(self, key: str, problem: str, got: str | None = None, hint: str | None = None) -> None:
-        self.problems.append(Problem(self.file, key, problem, got, hint))
+        """Every part is cut to a bounded length: keys and values come from the file."""
+        self.problems.append(
+            Problem(
+                self.file,
+                shorten(key, MAX_KEY),
+                shorten(problem, MAX_TEXT),
+                None if got is None else shorten(got, MAX_GOT),
+                None if hint is None else shorten(hint, MAX_TEXT),
+            )
+        )
 
 
 class Table:
@@ -131,7 +203,7 @@ class Table:
 
     def fail(self, name: str, problem: str, hint: str | None = None) -> None:
         self.invalid.add(name)
-        got = render(self.data[name]) if name in self.data else None
+        got = shown(self.data[name]) if name in self.data else None
         self.report.add(self.key(name), problem, got, hint)
 
     def reject_unknown(self, valid: Sequence[str]) -> None:
@@ -178,7 +250,12 @@ class Table:
 
     def number(self, name: str, default: _T) -> float | _T:
         value = self._typed(name, _is_number, "a number")
-        return default if value is _NOT_SET else float(value)
+        if value is _NOT_SET:
+            return default
+        if is_int(value) and abs(value) >= _FLOAT_LIMIT:
+            self.fail(name, "is too large")
+            return default
+        return float(value)
 
     def boolean(self, name: str, default: _T) -> bool | _T:
         value = self._typed(name, lambda v: isinstance(v, bool), "true or false")
@@ -211,8 +288,10 @@ class Table:
         text = self.string(name, None)
         if text is None:
             return None
-        # base_dir / an absolute path is that absolute path, so one expression does both.
-        return Path(os.path.normpath(base_dir / Path(text).expanduser()))
+        path = expand_path(text, base_dir)
+        if path is None:
+            self.fail(name, "starts with ~ and a user this host does not have", _TILDE_HINT)
+        return path
 
     def identifier(self, name: str) -> str | None:
         text = self.string(name, None)
@@ -235,7 +314,7 @@ class Table:
         for key, item in items:
             if not isinstance(item, str):
                 self.invalid.add(name)
-                self.report.add(key, "must be a string", render(item))
+                self.report.add(key, "must be a string", shown(item))
         return None if name in self.invalid else tuple(item for _, item in items)
 
     def section(self, name: str) -> Table:
@@ -255,7 +334,7 @@ class Table:
         for key, item in items:
             if not isinstance(item, dict):
                 self.invalid.add(name)
-                self.report.add(key, "must be a table", render(item))
+                self.report.add(key, "must be a table", shown(item))
                 continue
             table = Table(item, key, self.report)
             table.reject_unknown(tuple(KEYS[name]))

@@ -106,6 +106,12 @@ class SerialSpec(NamedTuple):
     enabled: bool = True
 
 
+class AgentSpec(NamedTuple):
+    # a virtio-serial port org.qemu.guest_agent.0 on the run dir's agent.sock, for the
+    # QEMU guest agent (qemu-ga) in the guest
+    enabled: bool = True
+
+
 class SupervisorSpec(NamedTuple):
     restart: str = "no"
     max_restarts: int = 5
@@ -129,6 +135,7 @@ class Machine(NamedTuple):
     nics: tuple[NicSpec, ...] = ()
     hotplug: HotplugSpec = HotplugSpec()
     serial: SerialSpec = SerialSpec()
+    agent: AgentSpec = AgentSpec()
     supervisor: SupervisorSpec = SupervisorSpec()
     qemu: QemuSpec = QemuSpec()
     cloud_init: CloudInitSpec | None = None
@@ -199,6 +206,10 @@ KEYS: dict[str, dict[str, str]] = {
     },
     "serial": {
         "enabled": "true or false; default true (a serial console qvm can attach to)",
+    },
+    "agent": {
+        "enabled": "true or false; default true (a virtio-serial channel for the QEMU guest"
+        " agent, qemu-ga, in the guest; false removes the device)",
     },
     "supervisor": {
         "restart": '"no", "on-failure" or "always"; default "no"',

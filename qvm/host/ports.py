@@ -1,8 +1,16 @@
 """Host ports for forwards: is one free, pick a free one, who holds it (psutil: the only
 portable way to map a socket to its process).
+
+A bind that fails for another reason than a taken port (an address this host does not
+have, a privileged port) is a HostError saying so, not "in use" and not a traceback.
 """
 
 from __future__ import annotations
+
+import errno
+
+from qvm.definition.host_checks import ADDRESS_HINT
+from qvm.errors import HostError
 
 
 def pick_free_port(host_addr: str, protocol: str) -> int:
@@ -10,11 +18,16 @@ def pick_free_port(host_addr: str, protocol: str) -> int:
 
     kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((host_addr, 0))
+        try:
+            sock.bind((host_addr, 0))
+        except OSError as error:
+            raise _bind_error(host_addr, 0, protocol, error) from None
         return int(sock.getsockname()[1])
 
 
 def port_in_use(host_addr: str, port: int, protocol: str) -> bool:
+    """Whether another socket holds ``host_addr:port``; HostError if it cannot be bound
+    for another reason."""
     import socket
 
     kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
@@ -22,9 +35,23 @@ def port_in_use(host_addr: str, port: int, protocol: str) -> bool:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host_addr, port))
-        except OSError:
-            return True
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return True
+            raise _bind_error(host_addr, port, protocol, error) from None
     return False
+
+
+def _bind_error(host_addr: str, port: int, protocol: str, error: OSError) -> HostError:
+    if error.errno == errno.EADDRNOTAVAIL:
+        return HostError(
+            f"forward {protocol}:{host_addr}:{port}: host address {host_addr} is not an "
+            f"address of this host (hint: {ADDRESS_HINT})"
+        )
+    return HostError(
+        f"forward {protocol}:{host_addr}:{port}: cannot listen there: "
+        f"{error.strerror or error} (hint: pick another host address or port)"
+    )
 
 
 def port_holder(port: int) -> str | None:

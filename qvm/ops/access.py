@@ -7,11 +7,13 @@ that moves (host port 0) or another VM on the same port never trips a key mismat
 
 ``wait_ready`` polls one condition until a deadline, calling ``tick`` between polls
 (the CLI draws a spinner with it): ``qmp`` (QEMU answers a command), ``ssh`` (a real
-login running ``true`` succeeds) or ``serial:REGEX`` (the serial log of this run).
+login running ``true`` succeeds), ``agent`` (the guest agent answers ``guest-ping``) or
+``serial:REGEX`` (the serial log of this run).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -96,8 +98,8 @@ def ssh_argv(
 
 
 def parse_condition(text: str) -> tuple[str, str | None]:
-    """ "ssh", "qmp" or "serial:REGEX" -> (kind, regex)."""
-    if text in ("ssh", "qmp"):
+    """ "ssh", "qmp", "agent" or "serial:REGEX" -> (kind, regex)."""
+    if text in ("ssh", "qmp", "agent"):
         return text, None
     if text.startswith("serial:") and len(text) > len("serial:"):
         pattern = text[len("serial:") :]
@@ -106,7 +108,7 @@ def parse_condition(text: str) -> tuple[str, str | None]:
         except re.error as exc:
             raise QvmError(f"--for {text}: not a regular expression: {exc}") from None
         return "serial", pattern
-    raise QvmError(f"--for must be ssh, qmp or serial:REGEX, got {text!r}")
+    raise QvmError(f"--for must be ssh, qmp, agent or serial:REGEX, got {text!r}")
 
 
 def describe_condition(kind: str, pattern: str | None, run: RunDir) -> str:
@@ -118,6 +120,8 @@ def describe_condition(kind: str, pattern: str | None, run: RunDir) -> str:
         return f"an SSH login ({target.user or 'default user'}@{target.host}:{target.port})"
     if kind == "qmp":
         return "QMP to answer"
+    if kind == "agent":
+        return "the guest agent to answer"
     return f"/{pattern}/ in {run.serial_log}"
 
 
@@ -131,6 +135,9 @@ def wait_ready(
     """Block until the VM is ready in the sense of ``kind``; return the seconds it took."""
     from qvm.supervisor.client import supervisor_alive
 
+    if not (math.isfinite(timeout) and timeout >= 0):
+        # NaN compares false with everything: its deadline would never come
+        raise QvmError(f"{run.name}: timeout: must be a number of seconds >= 0, got {timeout:g}")
     started = time.monotonic()
     deadline = started + timeout
     check = _checker(run, kind, pattern)
@@ -159,6 +166,8 @@ def wait_ready(
 def _checker(run: RunDir, kind: str, pattern: str | None) -> Callable[[], tuple[bool, str]]:
     if kind == "qmp":
         return lambda: _qmp_answers(run)
+    if kind == "agent":
+        return lambda: _agent_answers(run)
     if kind == "serial":
         regex = re.compile(pattern or "", re.M)
         return lambda: _serial_matches(run, regex)
@@ -171,6 +180,20 @@ def _qmp_answers(run: RunDir) -> tuple[bool, str]:
     try:
         with ControlSession(run, timeout=2, lock_timeout=2) as session:
             session.execute("query-status")
+    except QvmError as exc:
+        return False, str(exc)
+    return True, ""
+
+
+def _agent_answers(run: RunDir) -> tuple[bool, str]:
+    """A channel that is not configured never answers: that fails at once."""
+    from qvm.control.agent import AgentNotConfigured, open_agent
+
+    try:
+        with open_agent(run, sync_timeout=2, lock_timeout=2) as agent:
+            agent.ping(timeout=2)
+    except AgentNotConfigured:
+        raise
     except QvmError as exc:
         return False, str(exc)
     return True, ""

@@ -160,7 +160,7 @@ def test_wait_conditions() -> None:
     assert parse_condition("ssh") == ("ssh", None)
     assert parse_condition("qmp") == ("qmp", None)
     assert parse_condition("serial:login: $") == ("serial", "login: $")
-    with pytest.raises(QvmError, match="--for must be ssh, qmp or serial:REGEX, got 'tcp'"):
+    with pytest.raises(QvmError, match="--for must be ssh, qmp, agent or serial:REGEX, got 'tcp'"):
         parse_condition("tcp")
     with pytest.raises(QvmError, match="not a regular expression"):
         parse_condition("serial:(")

@@ -103,7 +103,7 @@ CASES: list[tuple[str, str, str]] = [
         "unknown-table-no-match",
         "[networking]\nx = 1",
         "networking: unknown table (hint: valid keys: name, description, machine, cpu, memory,"
-        " boot, disk, nic, hotplug, serial, supervisor, qemu, cloud_init)",
+        " boot, disk, nic, hotplug, serial, agent, supervisor, qemu, cloud_init)",
     ),
     ("unknown-table-close", "[cpus]\ncount = 2", "cpus: unknown table (hint: did you mean 'cpu'?)"),
     (
@@ -1081,6 +1081,7 @@ def test_keys_cover_every_table_and_documented_key() -> None:
         "nic",
         "hotplug",
         "serial",
+        "agent",
         "supervisor",
         "qemu",
         "cloud_init",

@@ -80,6 +80,7 @@ def add(
     as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Hotplug vCPUs into free slots (the lowest first), with stable ids cpu<slot>."""
+    timeout = resolve.timeout_seconds(timeout)
     from qvm.control.cpu import add_cpus
     from qvm.control.cpu_slots import parse_slot_spec
 
@@ -133,6 +134,7 @@ def delete(
     it within --timeout. Pending exits with status 3; the request stands, and the slot
     becomes free by itself if the guest releases it later.
     """
+    timeout = resolve.timeout_seconds(timeout)
     from qvm.control.cpu import remove_cpus
 
     if ids and count is not None:
@@ -170,6 +172,7 @@ def set_cmd(
     as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Add or remove vCPUs until N are present, reporting each step."""
+    timeout = resolve.timeout_seconds(timeout)
     from qvm.control.cpu import set_cpus
 
     run = resolve.run_dir_of(name)

@@ -168,6 +168,7 @@ def wait(
     as_json: bool = Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Block until the VM is ready in the sense of --for (exit 4 on timeout)."""
+    timeout = resolve.timeout_seconds(timeout)
     from qvm.cli.progress import Spinner
     from qvm.ops.access import describe_condition, parse_condition, wait_ready
 

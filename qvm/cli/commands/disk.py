@@ -127,6 +127,7 @@ def detach(
 ) -> None:
     """Unplug a disk qvm attached (device_del, wait for DEVICE_DELETED, blockdev-del). The
     image file is kept, also one made by --new. Pending: exit status 3."""
+    timeout = resolve.timeout_seconds(timeout)
     from qvm.control.disk import detach_disk
 
     run = resolve.run_dir_of(name)

@@ -81,6 +81,7 @@ def add(
 ) -> None:
     """Hotplug a DIMM (object-add memory-backend-ram + device_add pc-dimm), or a virtio-mem
     device. There is no --persist: a DIMM is not boot memory (edit memory.size yourself)."""
+    timeout = resolve.timeout_seconds(timeout)
     from qvm.control.memory import add_memory
 
     run = resolve.run_dir_of(name)
@@ -142,6 +143,7 @@ def delete(
     Pending (the guest has not released it within --timeout) exits with status 3; the
     request stands, and the backend is deleted when the guest releases the DIMM.
     """
+    timeout = resolve.timeout_seconds(timeout)
     from qvm.control.memory import remove_memory
 
     result = remove_memory(resolve.run_dir_of(name), dev_id, timeout=timeout)
@@ -166,6 +168,7 @@ def resize(
 ) -> None:
     """Grow or shrink a virtio-mem device (qom-set requested-size) and wait until the guest
     has (MEMORY_DEVICE_SIZE_CHANGE). Not reached in time: exit status 3."""
+    timeout = resolve.timeout_seconds(timeout)
     from qvm.control.memory import resize_memory
 
     result = resize_memory(

@@ -113,6 +113,7 @@ def delete(
 ) -> None:
     """Unplug a NIC qvm added (device_del, wait for DEVICE_DELETED, netdev_del, which ends
     its port forwards). Pending: exit status 3."""
+    timeout = resolve.timeout_seconds(timeout)
     from qvm.control.nic import remove_nic
 
     run = resolve.run_dir_of(name)

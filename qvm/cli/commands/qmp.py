@@ -33,6 +33,7 @@ def qmp(
 
     Errors from QEMU are printed as QEMU's own message, with exit status 1.
     """
+    timeout = resolve.timeout_seconds(timeout)
     run = resolve.run_dir_of(name)
     if shell:
         if command is not None:

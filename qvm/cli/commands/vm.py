@@ -86,6 +86,7 @@ def down(
     as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Power VMs off: ACPI power button, then QMP quit, then SIGKILL."""
+    timeout = resolve.timeout_seconds(timeout)
     from qvm.ops.stop import stop
 
     _stop_each(names, "stopped", lambda run: stop(run, timeout=timeout, force=force), as_json)
@@ -133,6 +134,7 @@ def restart(
     force: bool = Option(False, "--force", help="Skip the ACPI power button."),
 ) -> None:
     """Stop the VM (if it runs) and start it again from its current definition."""
+    timeout = resolve.timeout_seconds(timeout)
     from qvm.ops.stop import stop
     from qvm.ops.up import plan_launch, start_vm
     from qvm.supervisor.client import supervisor_alive
@@ -149,8 +151,12 @@ def restart(
 
 def _status_record(name: str, definition: str | None = None) -> dict[str, Any]:
     """Live or last-run facts, completed from the definition (``definition``: its path)."""
+    from qvm.layout.names import is_vm_name
     from qvm.ops.status import vm_status
 
+    if definition and not is_vm_name(name):
+        # a file whose stem is not a VM name: its own name key says which VM it is
+        return _status_record(resolve.load(definition).name, definition)
     run = resolve.run_dir(name) if definition else resolve.run_dir_of(name)
     record = vm_status(run)
     if record.get("vcpus") is None or record.get("machine_file") is None:
@@ -253,8 +259,11 @@ def list_vms(as_json: bool = Option(False, "--json", help=JSON_HELP)) -> None:
     for name, definition in sorted(definitions.items()):
         try:
             records.append(_status_record(name, definition))
+        except QvmError as error:
+            state = "invalid" if definition else "unknown"
+            records.append({"name": name, "state": state, "error": str(error).splitlines()[0]})
         except Exception as error:  # noqa: BLE001 - one broken VM never breaks the list
-            records.append({"name": name, "state": "unknown", "error": str(error)})
+            records.append({"name": name, "state": "unknown", "error": str(error)[:300]})
     if as_json:
         emit_json(records)
         return
