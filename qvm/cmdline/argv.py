@@ -128,6 +128,11 @@ def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
     for index, nic in enumerate(machine.nics):
         argv += _nic_args(machine, index, nic, inputs)
 
+    # Guest agent channel, after the boot disks and NICs so that it takes none of their
+    # PCI addresses
+    if machine.agent.enabled:
+        argv += _agent_args(machine, run)
+
     # Hotplug: spare PCIe root ports on q35 (its pcie.0 takes no hotplugged devices), one
     # per hotplugged disk, NIC or virtio-mem device; after the boot devices, so that
     # those keep their addresses. pc's pci.0 takes hotplugged devices as is.
@@ -189,6 +194,26 @@ def _nic_args(machine: Machine, index: int, nic: NicSpec, inputs: LaunchInputs) 
     model = "virtio-net-device" if machine.type == "microvm" else nic.model
     mac = nic.mac or stable_mac(machine.name, index)
     return ["-netdev", netdev, "-device", f"{model},netdev={ident},mac={mac},id={ident}"]
+
+
+AGENT_CHARDEV = "qga0"
+AGENT_PORT_NAME = "org.qemu.guest_agent.0"  # the name qemu-ga looks for
+
+
+def _agent_args(machine: Machine, run: RunDir) -> list[str]:
+    """A virtio-serial controller with one port for the QEMU guest agent, its host end a
+    unix socket in the run dir that qvm's agent client (qvm.control.agent) connects to.
+    On microvm the controller sits on virtio-mmio (the guest needs virtio_mmio)."""
+    bus = "virtio-serial-device" if machine.type == "microvm" else "virtio-serial-pci"
+    path = escape_opt(str(run.agent_socket))
+    return [
+        "-device",
+        f"{bus},id=qvm.agent-serial",
+        "-chardev",
+        f"socket,id={AGENT_CHARDEV},path={path},server=on,wait=off",
+        "-device",
+        f"virtserialport,chardev={AGENT_CHARDEV},name={AGENT_PORT_NAME},id=qvm.agent",
+    ]
 
 
 def _hotplug_port_args(machine: Machine) -> list[str]:

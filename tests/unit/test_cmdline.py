@@ -34,6 +34,14 @@ def monitors(run: str = "/run/q/vm1") -> list[str]:
     ]  # fmt: skip
 
 
+def agent(run: str = "/run/q/vm1", bus: str = "virtio-serial-pci") -> list[str]:
+    return [
+        "-device", f"{bus},id=qvm.agent-serial",
+        "-chardev", f"socket,id=qga0,path={run}/agent.sock,server=on,wait=off",
+        "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0,id=qvm.agent",
+    ]  # fmt: skip
+
+
 def hotplug_ports(count: int) -> list[str]:
     ports = []
     for i in range(count):
@@ -60,6 +68,7 @@ def test_demo_like_machine_under_tcg() -> None:
         "-m", "256M",
         "-kernel", "/g/vmlinuz", "-initrd", "/g/initrd.img", "-append", "console=ttyS0 quiet",
         *monitors(),
+        *agent(),
         *hotplug_ports(4),
     ]  # fmt: skip
 
@@ -137,6 +146,7 @@ def test_memory_hotplug_disks_nics_and_extra_args() -> None:
         "-netdev",
         "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:40123-:80",
         "-device", f"virtio-net-pci,netdev=net0,mac={stable_mac('vm1', 0)},id=net0",
+        *agent(),
         *hotplug_ports(4),
         "-s",
     ]  # fmt: skip
@@ -158,6 +168,22 @@ def test_serial_can_be_disabled() -> None:
     assert "-serial" not in argv
 
 
+def test_agent_channel_by_default_on_virtio_mmio_for_microvm_and_none_when_disabled() -> None:
+    from qvm.definition.schema import AgentSpec
+
+    machine = Machine(name="vm1", path=Path("/m/vm,1.toml"))
+    argv = build_argv(machine, LaunchInputs(accel="tcg", run_dir=RunDir(Path("/r/a,b"))))
+    start = argv.index("-device", argv.index("chardev:serial0"))
+    assert argv[start : start + 6] == agent("/r/a,,b")
+    micro = Machine(name="vm1", path=Path("/m/vm1.toml"), type="microvm")
+    argv = build_argv(micro, LaunchInputs(accel="tcg", run_dir=RUN))
+    start = argv.index("-device", argv.index("chardev:serial0"))
+    assert argv[start : start + 6] == agent(bus="virtio-serial-device")
+    off = Machine(name="vm1", path=Path("/m/vm1.toml"), agent=AgentSpec(enabled=False))
+    argv = build_argv(off, LaunchInputs(accel="tcg", run_dir=RUN))
+    assert not any("agent" in a or "virtio-serial" in a or "qga0" in a for a in argv)
+
+
 def test_stable_mac_is_stable_and_local() -> None:
     assert stable_mac("vm1", 0) == stable_mac("vm1", 0)
     assert stable_mac("vm1", 0) != stable_mac("vm1", 1)
@@ -175,6 +201,7 @@ def test_spare_root_ports_on_q35_after_the_boot_devices_and_none_on_pc() -> None
     )
     argv = build_argv(machine, LaunchInputs(accel="tcg", run_dir=RUN, disk_formats=("raw",)))
     assert argv[argv.index("virtio-blk-pci,drive=disk0,id=disk0") + 1 :] == [
+        *agent(),
         "-device", "pcie-root-port,id=hp0,bus=pcie.0,chassis=1,slot=1",
         "-device", "pcie-root-port,id=hp1,bus=pcie.0,chassis=1,slot=2",
     ]  # fmt: skip

@@ -19,6 +19,7 @@ TOP_LEVEL = {
     ),
     **dict.fromkeys(("new", "reset", "rm", "ssh", "wait"), "dev"),
     "qmp": "qmp",
+    "agent": "agent",
 }
 # Command groups (`qvm cpu add`): each is the module of the same name.
 GROUPS = ("cpu", "mem", "disk", "nic", "port")

@@ -1,0 +1,346 @@
+"""The QEMU guest agent (qemu-ga in the guest), over the run dir's ``agent.sock``.
+
+QEMU's end of the channel (``-chardev socket,...,server=on``) serves one client at a
+time and the agent answers in order with nothing to tie a reply to its request, so:
+
+- every qvm command that talks to the agent holds an flock on ``agent.lock`` for as long
+  as it is connected (``open_agent``): they take turns, never interleave;
+- each connection starts by resynchronising with ``guest-sync-delimited`` (QEMU's QGA
+  protocol): a 0xFF byte first, which the agent's JSON parser rejects, so that it drops
+  any half-sent request (its error reply is discarded with the rest); then the sync
+  request with a random id, whose reply the agent prefixes with a 0xFF byte. Everything
+  before that byte, and any sync reply with another id (a late answer to an earlier
+  client), is discarded. After a command timed out the client resynchronises the same
+  way before its next command, since the late reply may still come.
+
+Errors, each one line naming the VM::
+
+    NotRunningError      no supervisor, or no QEMU under it
+    AgentNotConfigured   the VM has no agent channel ([agent] enabled = false)
+    AgentNotAnswering    no reply within the timeout: no agent running in the guest (yet),
+                         or the agent is stuck; also: another qvm command holds the agent
+    AgentCommandError    the agent's own error reply (``agent_class``, ``agent_desc``)
+    AgentError           the root of these; also the channel closing mid-command
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+from qvm.errors import NotRunningError, QvmError
+from qvm.layout.locks import try_lock
+from qvm.layout.rundir import RunDir
+
+AGENT_PORT_NAME = "org.qemu.guest_agent.0"  # as in qvm.cmdline.argv, the name qemu-ga wants
+SENTINEL = b"\xff"
+DEFAULT_TIMEOUT = 10.0  # seconds per command
+SYNC_TIMEOUT = 5.0  # seconds for the agent to answer guest-sync-delimited
+LOCK_TIMEOUT = 30.0  # another qvm command may be in a long exchange with the agent
+CONNECT_TIMEOUT = 5.0
+MAX_LINE = 64 * 1024**2  # a guest-exec-status or guest-file-read reply carries base64 data
+
+
+class AgentError(QvmError):
+    """Something about the guest agent; ``str()`` is the whole message."""
+
+
+class AgentNotConfigured(AgentError):
+    pass
+
+
+class AgentNotAnswering(AgentError):
+    pass
+
+
+class AgentCommandError(AgentError):
+    def __init__(self, message: str, agent_class: str, agent_desc: str) -> None:
+        super().__init__(message)
+        self.agent_class = agent_class
+        self.agent_desc = agent_desc
+
+
+class AgentCommand(NamedTuple):
+    name: str
+    enabled: bool
+    success_response: bool
+
+
+class AgentInfo(NamedTuple):
+    """``guest-info``: the agent's version and the commands it knows."""
+
+    version: str
+    commands: tuple[AgentCommand, ...]
+
+    @classmethod
+    def from_reply(cls, data: Any, source: str) -> AgentInfo:
+        if not isinstance(data, dict) or not isinstance(data.get("version"), str):
+            raise AgentError(f"{source}: guest-info: unexpected reply {_short(data)}")
+        commands = []
+        for item in data.get("supported_commands") or []:
+            if isinstance(item, dict) and isinstance(item.get("name"), str):
+                commands.append(
+                    AgentCommand(
+                        item["name"],
+                        bool(item.get("enabled", True)),
+                        bool(item.get("success-response", True)),
+                    )
+                )
+        return cls(data["version"], tuple(commands))
+
+    def enabled(self) -> list[str]:
+        return sorted(c.name for c in self.commands if c.enabled)
+
+    def supports(self, command: str) -> bool:
+        return any(c.name == command and c.enabled for c in self.commands)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "commands": self.enabled(),
+            "disabled_commands": sorted(c.name for c in self.commands if not c.enabled),
+        }
+
+
+def _short(data: Any, limit: int = 200) -> str:
+    text = json.dumps(data) if not isinstance(data, bytes) else repr(data)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class AgentClient:
+    """One connection to the agent. Not thread-safe; use it through ``open_agent``, which
+    holds the lock, or directly on a socket in tests."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self._sock = sock
+        self.name = name  # the VM's, for messages
+        self._buffer = bytearray()
+        self._synced = False
+
+    def close(self) -> None:
+        self._sock.close()
+
+    # --- commands ------------------------------------------------------------------------
+
+    def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
+        """Run ``command``; return its ``return`` value, or raise AgentCommandError with the
+        agent's own message, or AgentNotAnswering after ``timeout`` seconds."""
+        if not self._synced:
+            self.sync()
+        self._send(command, arguments)
+        seconds = DEFAULT_TIMEOUT if timeout is None else timeout
+        deadline = time.monotonic() + seconds
+        self._synced = False  # until the reply is in: a late one would be taken for the next
+        line = self._read_line(deadline, f"{command} (no reply within {seconds:g} s)")
+        reply = self._decode(line, command)
+        self._synced = True
+        return self._result(reply, command)
+
+    def send(self, command: str, arguments: dict[str, Any] | None = None) -> None:
+        """Send a command that has no reply on success (``guest-shutdown``,
+        ``guest-suspend-*``); the connection must be resynchronised before the next one."""
+        if not self._synced:
+            self.sync()
+        self._send(command, arguments)
+        self._synced = False
+
+    def ping(self, timeout: float | None = None) -> None:
+        self.execute("guest-ping", timeout=timeout)
+
+    def info(self, timeout: float | None = None) -> AgentInfo:
+        return AgentInfo.from_reply(self.execute("guest-info", timeout=timeout), self.name)
+
+    # --- resynchronising --------------------------------------------------------------
+
+    def sync(self, timeout: float = SYNC_TIMEOUT) -> None:
+        """Resynchronise with ``guest-sync-delimited`` (see the module's docstring)."""
+        deadline = time.monotonic() + timeout
+        sync_id = random.randrange(1, 2**31)
+        self._buffer.clear()
+        message = {"execute": "guest-sync-delimited", "arguments": {"id": sync_id}}
+        self._write(SENTINEL + json.dumps(message).encode() + b"\n")
+        what = f"guest-sync-delimited (no reply within {timeout:g} s)"
+        while True:
+            self._skip_to_sentinel(deadline, what)
+            line = self._read_line(deadline, what)
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                continue  # garbage after a stray 0xFF: look for the next one
+            if isinstance(reply, dict) and reply.get("return") == sync_id:
+                self._synced = True
+                return
+            # a sync reply for an earlier client, or an error: keep looking
+
+    # --- the wire ----------------------------------------------------------------------------
+
+    def _send(self, command: str, arguments: dict[str, Any] | None) -> None:
+        message: dict[str, Any] = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        self._write(json.dumps(message).encode() + b"\n")
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._sock.settimeout(CONNECT_TIMEOUT)
+            self._sock.sendall(data)
+        except TimeoutError:
+            raise AgentNotAnswering(
+                f"{self.name}: guest agent not answering: the channel takes no input"
+                f" {_hint(self.name)}"
+            ) from None
+        except OSError as error:
+            raise self._closed(error) from None
+
+    def _fill(self, deadline: float, what: str) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AgentNotAnswering(
+                f"{self.name}: guest agent not answering: {what} {_hint(self.name)}"
+            )
+        try:
+            self._sock.settimeout(remaining)
+            data = self._sock.recv(65536)
+        except TimeoutError:
+            raise AgentNotAnswering(
+                f"{self.name}: guest agent not answering: {what} {_hint(self.name)}"
+            ) from None
+        except OSError as error:
+            raise self._closed(error) from None
+        if not data:
+            raise self._closed(None)
+        self._buffer += data
+
+    def _skip_to_sentinel(self, deadline: float, what: str) -> None:
+        while True:
+            index = self._buffer.find(SENTINEL)
+            if index >= 0:
+                del self._buffer[: index + 1]
+                return
+            self._buffer.clear()
+            self._fill(deadline, what)
+
+    def _read_line(self, deadline: float, what: str) -> bytes:
+        while True:
+            index = self._buffer.find(b"\n")
+            if index >= 0:
+                line = bytes(self._buffer[:index])
+                del self._buffer[: index + 1]
+                if line.strip():
+                    return line
+                continue
+            if len(self._buffer) > MAX_LINE:
+                raise AgentError(f"{self.name}: guest agent: a reply longer than {MAX_LINE} bytes")
+            self._fill(deadline, what)
+
+    def _decode(self, line: bytes, command: str) -> dict[str, Any]:
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict) or not ("return" in reply or "error" in reply):
+            raise AgentError(f"{self.name}: guest agent: {command}: not a reply: {_short(line)}")
+        return reply
+
+    def _result(self, reply: dict[str, Any], command: str) -> Any:
+        if "error" in reply:
+            error = reply["error"] if isinstance(reply["error"], dict) else {}
+            agent_class = str(error.get("class", "GenericError"))
+            desc = " ".join(str(error.get("desc", "unknown error")).split())
+            raise AgentCommandError(
+                f"{self.name}: guest agent: {command}: {desc}", agent_class, desc
+            )
+        return reply["return"]
+
+    def _closed(self, error: OSError | None) -> AgentError:
+        why = f": {error.strerror or error}" if error is not None else ""
+        return AgentError(f"{self.name}: guest agent channel closed{why} (did QEMU exit?)")
+
+
+def _hint(name: str) -> str:
+    return (
+        "(hint: is qemu-ga running in the guest? it starts late in boot: "
+        f"qvm wait {name} --for agent)"
+    )
+
+
+# --- one VM's agent -------------------------------------------------------------------------
+
+
+def agent_configured(run: RunDir) -> bool:
+    """Whether the VM's current QEMU run has the agent channel: read from launch.json.
+
+    Raises NotRunningError when no supervisor or QEMU runs."""
+    from qvm.store.launch import read_launch
+    from qvm.supervisor.client import supervisor_alive
+
+    launch = read_launch(run.launch_file)
+    if launch is None or not supervisor_alive(run):
+        raise NotRunningError(run.name)
+    return any(f"name={AGENT_PORT_NAME}" in arg for arg in launch.argv)
+
+
+def not_configured(name: str) -> AgentNotConfigured:
+    return AgentNotConfigured(
+        f"{name}: guest agent not configured (hint: set [agent] enabled = true in its machine"
+        f" file, then qvm restart {name})"
+    )
+
+
+@contextlib.contextmanager
+def open_agent(
+    run: RunDir, sync_timeout: float = SYNC_TIMEOUT, lock_timeout: float = LOCK_TIMEOUT
+) -> Iterator[AgentClient]:
+    """A synchronised connection to the VM's agent, held alone (``agent.lock``)."""
+    if not agent_configured(run):
+        raise not_configured(run.name)
+    lock = _take_lock(run, lock_timeout)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(str(run.agent_socket))
+        except FileNotFoundError:
+            sock.close()
+            raise NotRunningError(run.name, hint=f"qvm status {run.name}") from None
+        except OSError as error:
+            sock.close()
+            raise AgentError(
+                f"{run.name}: cannot connect to the guest agent channel {run.agent_socket}:"
+                f" {error.strerror or error}"
+            ) from None
+        client = AgentClient(sock, run.name)
+        try:
+            client.sync(sync_timeout)
+            yield client
+        finally:
+            client.close()
+    finally:
+        os.close(lock)
+
+
+def _take_lock(run: RunDir, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = try_lock(run.agent_lock)
+        except OSError as error:
+            raise AgentError(
+                f"{run.name}: cannot open {run.agent_lock}: {error.strerror or error}"
+            ) from None
+        if fd is not None:
+            return fd
+        if time.monotonic() >= deadline:
+            raise AgentNotAnswering(
+                f"{run.name}: guest agent busy: another qvm command has held it for"
+                f" {timeout:g} s (hint: try again)"
+            )
+        time.sleep(0.05)
