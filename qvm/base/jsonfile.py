@@ -6,24 +6,63 @@ it before anything heavier is imported.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from typing import Any
+
+from qvm.errors import HostError
 
 # qvm's records are a few KiB; a bigger file is not one of them
 MAX_RECORD_BYTES = 4 * 1024**2
 
 
+class RecordWriteError(HostError):
+    """A record could not be written (a full, read-only or failing disk): one line naming
+    the file. ``errno`` says which, for a writer that can do something about ENOSPC."""
+
+    def __init__(self, path: str, error: OSError) -> None:
+        self.errno = error.errno
+        folder = os.path.dirname(path) or "."
+        hint = {
+            errno.ENOSPC: f"free some space in {folder}",
+            errno.EDQUOT: f"free some space in {folder}",
+            errno.EROFS: f"{folder} is on a read-only file system",
+        }.get(error.errno or 0, f"check that {folder} is writable")
+        super().__init__(f"{path}: cannot write: {error.strerror or error} (hint: {hint})")
+
+
 def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    folder, name = os.path.split(os.fspath(path))
+    """Readers see the old file or the new one, never half of one; a failure (ENOSPC,
+    EIO, EROFS...) leaves the old file and no temporary one, and is a RecordWriteError."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    try:
+        # a leftover of an earlier process with our pid, or a link planted under this
+        # name: never written through (O_EXCL | O_NOFOLLOW after removing it)
+        _unlink_quietly(tmp)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            with open(fd, "w", closefd=True) as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+    except OSError as error:
+        raise RecordWriteError(path, error) from error
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -68,3 +72,34 @@ def process_usage(pid: int) -> tuple[int, float] | None:
         return None
     cpu_seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
     return resident_pages * PAGE_SIZE, cpu_seconds
+
+
+def process_cmdline(pid: int) -> list[str] | None:
+    """The argument vector of a live process (empty for a kernel thread or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return None
+    return [os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]] if raw else []
+
+
+def identity_problem(
+    pid: object, start_time: object, what: str, belongs: Callable[[list[str]], bool]
+) -> str | None:
+    """Why ``pid`` may not be signalled as ``what``, or None when it may: it names a live
+    process started at ``start_time`` (so not a reused pid) whose command line
+    ``belongs`` to us (so not an unrelated process a planted record names)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        return f"the record names no valid pid for {what} ({pid!r})"
+    if not isinstance(start_time, int) or isinstance(start_time, bool):
+        return f"the record names no start time for {what} (pid {pid}): its identity is unknown"
+    if not same_process_alive(pid, start_time):
+        return f"{what} (pid {pid}) is no longer running"
+    argv = process_cmdline(pid)
+    if not argv or not belongs(argv):
+        return f"pid {pid} is not {what}: its command line does not name this VM"
+    # the command line was read after the start time: check the pid was not reused between
+    if not same_process_alive(pid, start_time):
+        return f"{what} (pid {pid}) is no longer running"
+    return None

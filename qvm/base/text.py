@@ -1,5 +1,4 @@
-"""Text for messages: paths shown short.
-"""
+"""Text for messages: paths shown short."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Image URLs and the checksums that must come with them.
-"""
+"""Image URLs and the checksums that must come with them."""
 
 from __future__ import annotations
 

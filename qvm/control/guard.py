@@ -6,32 +6,26 @@ Every ``device_add`` qvm sends goes through ``check_device_add``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
-from qvm.base.jsonfile import read_json, write_json_atomic
 from qvm.errors import HotplugError
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import qemu_run, same_run
 from qvm.store.launch import LaunchRecord
+from qvm.store.unplugged import cpu_unplugged_this_run, record_cpu_unplug
 
 # --- the TCG guard ---------------------------------------------------------------------
 
 
 def unplug_requested_this_run(run: RunDir) -> bool:
-    """True if a vCPU unplug was requested in the current QEMU run (see the TCG crash)."""
-    record = read_json(run.cpu_unplugged_file)
-    return record is not None and same_run(record, qemu_run(run))
+    """True if a vCPU unplug was requested (by qvm) or seen (by the supervisor, whoever
+    asked) in the current QEMU run (see the TCG crash)."""
+    return cpu_unplugged_this_run(run)
 
 
 def record_cpu_unplug_request(run: RunDir, ids: Sequence[str]) -> None:
-    record = read_json(run.cpu_unplugged_file)
-    current = qemu_run(run)
-    if record is None or not same_run(record, current):
-        record = {**current, "ids": []}
-    record["ids"] = sorted(set(record.get("ids", [])) | set(ids))
-    record["at"] = time.time()
-    write_json_atomic(run.cpu_unplugged_file, record)
+    """qvm asks for an unplug: recorded before the request, as QEMU may crash at the
+    next device_add whether or not the guest lets the vCPU go."""
+    record_cpu_unplug(run, ids)
 
 
 def tcg_unplug_refusal(run: RunDir, launch: LaunchRecord, action: str = "cpu add") -> str | None:

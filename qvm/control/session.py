@@ -239,7 +239,12 @@ class ControlSession:
     ) -> Any:
         """Run one QMP command and return its ``return`` value."""
         limit = self.timeout if timeout is None else timeout
-        message: dict[str, Any] = {"execute": command, "timeout": limit}
+        # past the deadline the supervisor does not send it: we have stopped waiting
+        message: dict[str, Any] = {
+            "execute": command,
+            "timeout": limit,
+            "deadline": time.time() + limit,
+        }
         if arguments is not None:
             message["arguments"] = arguments
         try:
@@ -247,7 +252,7 @@ class ControlSession:
             reply = self._request(message, limit + 1.0)
         except EOFError as exc:
             raise self._gone(command) from exc
-        if reply is None or reply.get("timeout"):
+        if reply is None or reply.get("timeout") or reply.get("expired"):
             raise QmpTimeoutError(
                 f"{self.name}: QEMU did not answer {command} within {limit:g} s "
                 f"(hint: qvm status {self.name})"

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from qvm.errors import RecordError
-from qvm.layout.locks import is_locked
+from qvm.layout.locks import supervisor_lock_held
 from qvm.layout.rundir import RunDir, list_run_dirs
 from qvm.store.devices import device_records
 from qvm.store.launch import Image, LaunchRecord, read_launch
@@ -50,7 +50,7 @@ def users_of(path: Path, state_root: Path, exclude: str) -> list[tuple[str, bool
     real = os.path.realpath(path)
     users = []
     for run in list_run_dirs(state_root):
-        if run.name == exclude or not is_locked(run.lock_file):
+        if run.name == exclude or not supervisor_lock_held(run.path, run.lock_file):
             continue
         try:
             launch = read_launch(run.launch_file)

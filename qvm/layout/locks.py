@@ -1,5 +1,9 @@
-"""flock-based locks on run-dir files: held by a live process, released by the kernel when
-it dies, so "is it alive?" never depends on a pid.
+"""flock-based locks: held by a live process, released by the kernel when it dies, so
+"is it alive?" never depends on a pid.
+
+A supervisor holds two: the run dir itself (an ``O_DIRECTORY`` fd), which cannot be
+deleted apart from the folder it is, and ``supervisor.lock``, which qvm versions before it
+look at. Deleting ``supervisor.lock`` therefore cannot make a live supervisor look dead.
 """
 
 from __future__ import annotations
@@ -11,21 +15,56 @@ from pathlib import Path
 
 def try_lock(path: Path) -> int | None:
     """Take an exclusive flock without waiting; return the fd, or None if someone holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    return _flock_or_close(fd)
+
+
+def try_lock_dir(path: Path) -> int | None:
+    """The same, on a folder: the lock lives on the folder's inode, so no file inside it
+    can be deleted to release it. Raises OSError if the folder cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    return _flock_or_close(fd)
+
+
+def _flock_or_close(fd: int) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
 def is_locked(path: Path) -> bool:
-    """True while a live process holds the lock (the supervisor, for ``supervisor.lock``)."""
+    """True while a live process holds the lock on file ``path``."""
     if not path.exists():
         return False
-    fd = try_lock(path)
+    try:
+        fd = try_lock(path)
+    except OSError:
+        return False
     if fd is None:
         return True
     os.close(fd)
     return False
+
+
+def is_dir_locked(path: Path) -> bool:
+    """True while a live process holds the lock on folder ``path``."""
+    try:
+        fd = try_lock_dir(path)
+    except OSError:
+        return False
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def supervisor_lock_held(run_path: Path, lock_file: Path) -> bool:
+    """A supervisor of this run dir is alive: it holds the folder's lock, or (one started
+    by an earlier qvm) the lock file's."""
+    return is_dir_locked(run_path) or is_locked(lock_file)

@@ -20,8 +20,50 @@ from qvm.layout.names import check_vm_name, is_vm_name
 # sun_path is 108 bytes including the terminating NUL
 MAX_SOCKET_PATH = 107
 
-QEMU_SOCKET_NAMES = ("qmp.sock", "events.sock", "console.sock")
+QEMU_SOCKET_NAMES = ("qmp.sock", "events.sock", "console.sock", "agent.sock")
 SOCKET_NAMES = (*QEMU_SOCKET_NAMES, "supervisor.sock")
+
+
+# Every file qvm makes in a run dir, by exact name (the properties below say what each
+# is) or by pattern: `qvm rm` removes these and nothing else; a file of the user's in the
+# run dir stays, and so does the folder with it.
+QVM_FILE_NAMES = frozenset(
+    {
+        *SOCKET_NAMES,
+        "agent.lock",
+        "serial.log",
+        "serial.log.1",
+        "qemu.log",
+        "qemu.log.1",
+        "supervisor.log",
+        "state.json",
+        "launch.json",
+        "supervisor.lock",
+        "space.reserve",
+        "control.lock",
+        "pending.json",
+        "cpu-unplugged.json",
+        "devices.json",
+        "seed.iso",
+        "user-data",
+        "meta-data",
+        "known_hosts",
+        "forwards.json",
+        "new.json",
+        "id_ed25519",  # the key pair qvm makes (qvm.host.cloudinit.GENERATED_KEY)
+        "id_ed25519.pub",
+    }
+)
+# disk overlays; temporary files of atomic writes (".NAME.PID.tmp")
+QVM_FILE_PATTERNS = (r"disk[0-9]+\.qcow2", r"\.[A-Za-z0-9_.-]+\.[0-9]+\.tmp")
+
+
+def made_by_qvm(name: str) -> bool:
+    """Whether a run-dir entry of this name is one qvm makes (not ``hotplug-*.qcow2``:
+    those hold a guest's data, and `rm` keeps them)."""
+    import re
+
+    return name in QVM_FILE_NAMES or any(re.fullmatch(p, name) for p in QVM_FILE_PATTERNS)
 
 
 class RunDir(NamedTuple):
@@ -50,6 +92,16 @@ class RunDir(NamedTuple):
     def console_socket(self) -> Path:
         return self.path / "console.sock"
 
+    # The guest agent's channel (virtio-serial port org.qemu.guest_agent.0); the agent
+    # answers one client at a time, so qvm's clients take turns on ``agent_lock``.
+    @property
+    def agent_socket(self) -> Path:
+        return self.path / "agent.sock"
+
+    @property
+    def agent_lock(self) -> Path:
+        return self.path / "agent.lock"
+
     @property
     def serial_log(self) -> Path:
         return self.path / "serial.log"
@@ -73,6 +125,12 @@ class RunDir(NamedTuple):
     @property
     def lock_file(self) -> Path:
         return self.path / "supervisor.lock"
+
+    # Space the supervisor sets aside and frees when the state dir is full, so that its
+    # last record still gets written (qvm.supervisor.process.SPACE_RESERVE_BYTES).
+    @property
+    def space_reserve_file(self) -> Path:
+        return self.path / "space.reserve"
 
     @property
     def control_lock_file(self) -> Path:
@@ -241,4 +299,3 @@ def check_private_dir(path: Path, what: str) -> bool:
             f"(hint: chmod go-w {path})"
         )
     return True
-

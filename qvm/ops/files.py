@@ -6,16 +6,17 @@ What each removes, exactly (the README repeats it):
   ``user-data``, ``meta-data``), ``known_hosts`` (the guest makes new host keys) and the
   run-time forwards record. The next ``up`` starts from the base images and cloud-init
   runs again. Logs, ``state.json`` and a key pair qvm made stay.
-- ``rm``: the whole run dir (all of the above, logs, state, the key pair qvm made),
-  except the images ``qvm disk attach --new`` made there (``hotplug-*.qcow2``): they
-  hold what the guest wrote, maybe a ``[[disk]]`` of the machine file; they are kept,
-  and said so.
+- ``rm``: every file qvm made in the run dir (all of the above, logs, state, the key pair
+  qvm made; the names are in ``qvm.layout.rundir``), then the folder, except the images
+  ``qvm disk attach --new`` made there (``hotplug-*.qcow2``): they hold what the guest
+  wrote, maybe a ``[[disk]]`` of the machine file; they are kept, and said so. A file
+  qvm did not make stays too (and so does the folder), and is named.
 - ``rm --purge``: also the machine file, only if ``qvm new`` wrote it and it is unchanged
   since (its checksum was noted in the run dir), and the images qvm downloaded for it,
   only if no other VM's run dir refers to them.
 
 Never removed: a base image, an image file used as is, any other file the user made.
-Both refuse a running VM.
+Both refuse a running VM, and a run dir that is a link or not the user's own.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qvm.errors import RecordError, VmStateError
-from qvm.layout.rundir import RunDir, list_run_dirs
+from qvm.layout.rundir import RunDir, check_private_dir, list_run_dirs, made_by_qvm
 from qvm.store.launch import LaunchRecord, read_launch
 from qvm.store.new import NewRecord, read_new
 from qvm.store.state import read_state
@@ -41,8 +42,7 @@ class Removed:
 
 
 def _require_stopped(run: RunDir, verb: str) -> None:
-    from qvm.base.proc import same_process_alive
-    from qvm.supervisor.client import supervisor_alive
+    from qvm.supervisor.client import qemu_identity_problem, supervisor_alive
 
     if supervisor_alive(run):
         raise VmStateError(
@@ -55,56 +55,89 @@ def _require_stopped(run: RunDir, verb: str) -> None:
         # reset and rm are how a broken run dir is cleared: the lock above already says
         # no supervisor runs, and a record that does not parse names no QEMU to ask about
         state = None
-    if state is not None and same_process_alive(state.qemu_pid, state.qemu_start_time):
+    if state is not None and state.qemu_pid and qemu_identity_problem(run, state) is None:
         raise VmStateError(
             f"{run.name}: its QEMU (pid {state.qemu_pid}) still runs without a supervisor; "
             f"{verb} needs it stopped (hint: qvm kill {run.name})"
         )
 
 
+@contextlib.contextmanager
+def _exclusive(run: RunDir, verb: str) -> Iterator[bool]:
+    """The run dir checked (a link or someone else's folder is refused before anything
+    in it is touched) and stopped, and its locks held meanwhile, so that no `up` starts a
+    QEMU on files being removed. Yields whether the run dir exists."""
+    from qvm.supervisor.client import release_run_locks, take_run_locks
+
+    if not check_private_dir(run.path, "run dir"):
+        yield False
+        return
+    _require_stopped(run, verb)
+    had_lock_file = run.lock_file.exists()
+    locks = take_run_locks(run)
+    if locks is None:  # an `up` won the race
+        raise VmStateError(
+            f"{run.name}: is running; {verb} needs it stopped (hint: qvm down {run.name})"
+        )
+    try:
+        yield True
+    finally:
+        if not had_lock_file:  # taking the lock made it: leave the folder as it was
+            run.lock_file.unlink(missing_ok=True)
+        release_run_locks(locks)
+
+
 def reset(run: RunDir) -> Removed:
-    _require_stopped(run, "reset")
     removed = Removed()
-    disposable = [
-        *run.overlays(),
-        run.seed_image,
-        run.user_data,
-        run.meta_data,
-        run.known_hosts,
-        run.forwards_file,
-    ]
-    for path in disposable:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.files.append(path)
+    with _exclusive(run, "reset") as exists:
+        if not exists:
+            return removed
+        disposable = [
+            *run.overlays(),
+            run.seed_image,
+            run.user_data,
+            run.meta_data,
+            run.known_hosts,
+            run.forwards_file,
+        ]
+        for path in disposable:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # a link is removed, never followed
+                removed.files.append(path)
     return removed
 
 
 def remove(run: RunDir, purge: bool) -> Removed:
-    _require_stopped(run, "rm")
+    """Remove the files qvm made in the run dir (``qvm.layout.rundir.made_by_qvm``), then
+    the folder if nothing else is left in it; anything else there is kept, and said."""
     removed = Removed()
-    if purge:
-        # both records first: one that does not parse stops rm before it removes anything
-        note, launch = read_new(run.new_record), read_launch(run.launch_file)
-        _purge_machine_file(note, removed)
-        _purge_downloads(run, launch, removed)
-    if not run.path.exists():
-        return removed
-    disks = run.new_disk_images()
-    if not disks:
-        shutil.rmtree(run.path)
-        removed.files.append(run.path)
-        return removed
-    for child in sorted(run.path.iterdir()):
-        if child in disks:
-            continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-        removed.files.append(child)
-    why = "made by qvm disk attach --new: the guest's data; delete it yourself when done"
-    removed.kept += [(disk, why) for disk in disks]
+    with _exclusive(run, "rm") as exists:
+        if purge:
+            # both records first: one that does not parse stops rm before it removes anything
+            note, launch = read_new(run.new_record), read_launch(run.launch_file)
+            _purge_machine_file(note, removed)
+            _purge_downloads(run, launch, removed)
+        if not exists:
+            return removed
+        disks = set(run.new_disk_images())
+        why_disk = "made by qvm disk attach --new: the guest's data; delete it yourself when done"
+        for entry in sorted(os.scandir(run.path), key=lambda e: e.name):
+            path = Path(entry.path)
+            if path in disks:
+                removed.kept.append((path, why_disk))
+            elif made_by_qvm(entry.name) and not entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    if path != run.lock_file:  # rm's own lock is no news to anyone
+                        removed.files.append(path)
+            else:
+                removed.kept.append((path, "not made by qvm"))
+        if not removed.kept or all(p.parent != run.path for p, _ in removed.kept):
+            with contextlib.suppress(OSError):  # something new appeared: it stays
+                os.rmdir(run.path)
+                # the folder is gone: it stands for the files that were in it
+                removed.files = [p for p in removed.files if p.parent != run.path]
+                removed.files.append(run.path)
     return removed
 
 

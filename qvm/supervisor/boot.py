@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
-from qvm.errors import LaunchError, QvmError, VmStateError
-from qvm.layout.locks import try_lock
+from qvm.errors import HostError, LaunchError, QvmError, VmStateError
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import LaunchRecord, write_launch
 from qvm.store.state import read_state
-from qvm.supervisor.client import ask_supervisor, clean_stale
+from qvm.supervisor.client import ask_supervisor, clean_stale, release_run_locks, take_run_locks
 from qvm.supervisor.wire import KillRequest
 
 DEFAULT_READY_TIMEOUT = 60.0
@@ -56,23 +55,33 @@ def start_supervisor(
         raise VmStateError(
             f"{name}: {state.crash_reason} (hint: qvm kill {name}, then qvm up {name})"
         )
-    lock_fd = try_lock(run.lock_file)
-    if lock_fd is None:
+    try:
+        locks = take_run_locks(run)
+    except OSError as error:
+        raise HostError(
+            f"{name}: cannot lock run dir {run.path}: {error.strerror or error}"
+        ) from error
+    if locks is None:
         return _already_running(run, name)
     try:
-        run.remove_qemu_sockets()
-        run.supervisor_socket.unlink(missing_ok=True)
-        rotate_log(run.serial_log)
-        rotate_log(run.qemu_log)
-        run.pending_file.unlink(missing_ok=True)
-        write_launch(run.launch_file, launch)
+        try:
+            run.remove_qemu_sockets()
+            run.supervisor_socket.unlink(missing_ok=True)
+            rotate_log(run.serial_log)
+            rotate_log(run.qemu_log)
+            run.pending_file.unlink(missing_ok=True)
+        except OSError as error:
+            raise HostError(
+                f"{name}: cannot prepare run dir {run.path}: {error.strerror or error}"
+            ) from error
+        write_launch(run.launch_file, launch)  # RecordWriteError: one line
         ready_read, ready_write = os.pipe()
         supervisor_pid = os.fork()
         if supervisor_pid == 0:
-            _become_supervisor(run, launch, ready_read, ready_write, lock_fd)
+            _become_supervisor(run, launch, ready_read, ready_write, locks)
         os.close(ready_write)
     finally:
-        os.close(lock_fd)  # the supervisor holds its own copy now
+        release_run_locks(locks)  # the supervisor holds its own copies now
     try:
         lines, eof = _read_readiness(
             ready_read, want="ready" if wait else "spawned", timeout=timeout
@@ -99,7 +108,7 @@ def start_supervisor(
 
 
 def _become_supervisor(
-    run: RunDir, launch: LaunchRecord, ready_read: int, ready_write: int, lock_fd: int
+    run: RunDir, launch: LaunchRecord, ready_read: int, ready_write: int, locks: tuple[int, int]
 ) -> NoReturn:
     """In the child of ``os.fork``: leave the CLI's session and output, start QEMU, and
     exec into the supervisor (``qvm.supervisor.spawn.start``). Never returns to the CLI's code."""
@@ -116,7 +125,8 @@ def _become_supervisor(
         os.close(log)
         from qvm.supervisor.spawn import start
 
-        start(str(run.path), launch, ready_write, lock_fd)
+        # absolute: the supervisor's command line is how clients recognise it
+        start(os.path.abspath(run.path), launch, ready_write, locks)
     except BaseException:  # noqa: BLE001 - whatever happens, never run the CLI twice
         import traceback
 
@@ -182,8 +192,11 @@ def _launch_failure(
 
 
 def _try_kill(run: RunDir) -> str:
+    from qvm.supervisor.client import ACCEPT_TIMEOUT
+
     try:
-        ask_supervisor(run, KillRequest(), timeout=10)
+        request = KillRequest(deadline=time.time() + ACCEPT_TIMEOUT)
+        ask_supervisor(run, request, timeout=10, accept_timeout=ACCEPT_TIMEOUT)
     except QvmError as exc:
         return f"could not stop it: {exc}"
     return "stopped it"

@@ -1,7 +1,11 @@
 """The client side of a supervisor: is it alive, one request and one reply over
-``supervisor.sock``, and what a run whose supervisor died leaves behind.
+``supervisor.sock``, which processes are this VM's (before any is signalled), and what a
+run whose supervisor died leaves behind.
 
-"Alive" is the flock on ``supervisor.lock``, never a pid the kernel may have reused.
+"Alive" is the flock on the run dir (``qvm.layout.locks``), never a pid the kernel may
+have reused, and never a lock file that someone can delete. A pid from a record is
+signalled only once its identity is verified: pid, start time, and a command line that
+names this run dir (``qemu_identity_problem``, ``supervisor_identity_problem``).
 """
 
 from __future__ import annotations
@@ -10,51 +14,115 @@ import os
 import time
 from typing import TYPE_CHECKING, TypeVar
 
-from qvm.base.proc import same_process_alive
+from qvm.base.jsonfile import RecordWriteError
+from qvm.base.proc import identity_problem
 from qvm.errors import VmStateError
-from qvm.layout.locks import is_locked, try_lock
+from qvm.layout.locks import supervisor_lock_held, try_lock, try_lock_dir
 from qvm.layout.rundir import RunDir
 from qvm.store.state import ExitRecord, StateRecord, read_state, write_state
-from qvm.supervisor.wire import ErrorReply, Request, decode_reply, encode, read_line
+from qvm.supervisor.wire import (
+    EXPIRED,
+    Accepted,
+    ErrorReply,
+    Request,
+    decode_reply,
+    encode,
+    read_line,
+)
 
 if TYPE_CHECKING:
     import socket
 
 SUPERVISOR_ANSWER_TIMEOUT = 3.0
+# A stop or kill carries a deadline this far ahead: a supervisor that has not read it by
+# then (SIGSTOPped, stuck) never carries it out, and the client ends QEMU itself.
+ACCEPT_TIMEOUT = 5.0
+# The client waits this much longer than the deadline it sent, so that an "accepted"
+# written just before the deadline still arrives.
+ACCEPT_MARGIN = 1.0
 _Reply = TypeVar("_Reply")
+
+
+class SupervisorUnresponsive(VmStateError):
+    """The supervisor did not answer in time: SIGSTOPped, or stuck. ``what`` says what it
+    did not do, e.g. "did not answer within 6 s"."""
+
+    def __init__(self, run: RunDir, what: str) -> None:
+        self.what = what
+        super().__init__(f"{run.name}: the supervisor {what} (hint: see {run.supervisor_log})")
 
 
 # --- talking to a supervisor ---------------------------------------------------------
 
 
 def supervisor_alive(run: RunDir) -> bool:
-    return is_locked(run.lock_file)
+    return supervisor_lock_held(run.path, run.lock_file)
 
 
-def ask_supervisor(run: RunDir, request: Request[_Reply], timeout: float) -> _Reply:
-    """One request, its reply; raises QvmError naming the VM on any failure (a reply that
-    does not parse: RecordError)."""
-    name = run.name
-    deadline = time.monotonic() + timeout
+def take_run_locks(run: RunDir) -> tuple[int, int] | None:
+    """Both of a supervisor's locks (the run dir's and ``supervisor.lock``), or None if a
+    live process holds either. The caller closes both fds (or hands them on)."""
+    dir_fd = try_lock_dir(run.path)
+    if dir_fd is None:
+        return None
     try:
-        sock = connect_supervisor(run, deadline)
+        file_fd = try_lock(run.lock_file)
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    if file_fd is None:
+        os.close(dir_fd)
+        return None
+    return dir_fd, file_fd
+
+
+def release_run_locks(fds: tuple[int, int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def ask_supervisor(
+    run: RunDir,
+    request: Request[_Reply],
+    timeout: float,
+    accept_timeout: float | None = None,
+) -> _Reply:
+    """One request, its reply; raises QvmError naming the VM on any failure (a reply that
+    does not parse: RecordError; no answer in time: SupervisorUnresponsive).
+
+    With ``accept_timeout`` (a request that carries a deadline and ``ack``), the
+    supervisor must say "accepted" within it, and then reply within ``timeout``."""
+    name = run.name
+    first_wait = accept_timeout + ACCEPT_MARGIN if accept_timeout is not None else timeout
+    waited = first_wait
+    try:
+        sock = connect_supervisor(run, time.monotonic() + first_wait)
         with sock:
-            sock.settimeout(max(deadline - time.monotonic(), 0.1))
+            sock.settimeout(first_wait)
             sock.sendall(encode(request.to_json()))
             data = read_line(sock)
+            reply = _decode(run, request, data)
+            if isinstance(reply, Accepted):
+                waited = timeout
+                sock.settimeout(timeout)
+                reply = _decode(run, request, read_line(sock))
     except TimeoutError as exc:
-        raise VmStateError(
-            f"{name}: the supervisor did not answer within {timeout:g} s "
-            f"(hint: see {run.supervisor_log})"
-        ) from exc
+        raise SupervisorUnresponsive(run, f"did not answer within {waited:g} s") from exc
     except OSError as exc:
         raise VmStateError(f"{name}: cannot reach the supervisor: {exc.strerror or exc}") from exc
-    if not data.strip():
-        raise VmStateError(f"{name}: the supervisor gave no answer")
-    reply = decode_reply(request, data, f"{name}: supervisor reply")
+    if isinstance(reply, Accepted):
+        raise VmStateError(f"{name}: the supervisor accepted the request twice")
     if isinstance(reply, ErrorReply):
+        if reply.error.startswith(EXPIRED):
+            raise SupervisorUnresponsive(run, f"did not answer within {waited:g} s")
         raise VmStateError(f"{name}: supervisor: {reply.error}")
     return reply
+
+
+def _decode(run: RunDir, request: Request[_Reply], data: bytes) -> _Reply | ErrorReply | Accepted:
+    if not data.strip():
+        raise VmStateError(f"{run.name}: the supervisor gave no answer")
+    return decode_reply(request, data, f"{run.name}: supervisor reply")
 
 
 def connect_supervisor(run: RunDir, deadline: float) -> socket.socket:
@@ -68,12 +136,55 @@ def connect_supervisor(run: RunDir, deadline: float) -> socket.socket:
             return sock
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
-            if time.monotonic() > deadline or not supervisor_alive(run):
+            if time.monotonic() > deadline:
+                raise TimeoutError from None
+            if not supervisor_alive(run):
                 raise
             time.sleep(0.005)
         except OSError:
             sock.close()
             raise
+
+
+# --- whose process is it -------------------------------------------------------------
+
+
+def qemu_identity_problem(run: RunDir, state: StateRecord) -> str | None:
+    """Why the QEMU ``state`` names may not be signalled as this VM's, or None.
+
+    QEMU's command line names this run dir's sockets (``qvm.cmdline``); an unrelated
+    process a planted or stale record names does not."""
+    marks = {str(path) for path in (run.events_socket, run.qmp_socket)}
+    marks |= {mark.replace(",", ",,") for mark in marks}  # escaped as QEMU options
+
+    def belongs(argv: list[str]) -> bool:
+        return any(mark in arg for arg in argv for mark in marks)
+
+    return identity_problem(state.qemu_pid, state.qemu_start_time, f"{run.name}'s QEMU", belongs)
+
+
+def supervisor_identity_problem(run: RunDir, state: StateRecord) -> str | None:
+    """Why the supervisor ``state`` names may not be signalled as this VM's, or None.
+
+    A supervisor runs ``python -m qvm.supervisor RUNDIR ...`` (``qvm.supervisor.spawn``).
+    Until that exec (while QEMU's monitor first answers) it is still the forked ``qvm up``,
+    and is not recognised: it is then left alone."""
+    here = os.path.abspath(run.path)
+
+    def belongs(argv: list[str]) -> bool:
+        if "qvm.supervisor" not in argv:
+            return False
+        after = argv[argv.index("qvm.supervisor") + 1 :]
+        return bool(after) and os.path.abspath(after[0]) == here
+
+    return identity_problem(
+        state.supervisor_pid, state.supervisor_start_time, f"{run.name}'s supervisor", belongs
+    )
+
+
+def gone(problem: str | None) -> bool:
+    """The identity problem is only that the process has ended."""
+    return problem is not None and problem.endswith("is no longer running")
 
 
 # --- stale state ---------------------------------------------------------------------
@@ -83,34 +194,44 @@ def clean_stale(run: RunDir) -> StateRecord | None:
     """Recognise a run whose supervisor died, record it, and tidy the run dir.
 
     Returns the (possibly updated) state. Must be called without the lock held by us.
-    A corrupt state.json is a RecordError.
+    A corrupt state.json is a RecordError; a record that cannot be written (full disk) is
+    not an error here: the returned state says what the file would.
     """
     state = read_state(run.state_file)
     if state is None or not state.live:
         return state
-    lock_fd = try_lock(run.lock_file)
-    if lock_fd is None:
+    try:
+        locks = take_run_locks(run)
+    except OSError:
+        return state  # the run dir cannot even be opened: nothing to tidy
+    if locks is None:
         return state  # a supervisor is alive: nothing is stale
     try:
         return _mark_supervisor_died(run, state)
     finally:
-        os.close(lock_fd)
+        release_run_locks(locks)
 
 
 def _mark_supervisor_died(run: RunDir, state: StateRecord) -> StateRecord:
     reason = f"supervisor (pid {state.supervisor_pid}) died unexpectedly"
-    if same_process_alive(state.qemu_pid, state.qemu_start_time):
+    qemu_problem = qemu_identity_problem(run, state) if state.qemu_pid else None
+    if state.qemu_pid and qemu_problem is None:
         # leave the record alone: the orphaned QEMU is still there to be killed
         return state._replace(
             orphaned=True, crash_reason=reason + f"; QEMU (pid {state.qemu_pid}) still runs"
         )
+    if state.qemu_pid and not gone(qemu_problem):
+        reason += f"; the QEMU it names is not signalled: {qemu_problem}"
     state = state._replace(
         state="crashed",
         qemu_pid=None,
         crash_reason=reason,
         exit=ExitRecord(code=None, signal=None, reason=reason, failed=True, at=time.time()),
     )
-    write_state(run.state_file, state)
+    try:
+        write_state(run.state_file, state)
+    except RecordWriteError:
+        return state  # said again next time, once the disk takes it
     run.remove_qemu_sockets()
     run.supervisor_socket.unlink(missing_ok=True)
     return state

@@ -12,14 +12,15 @@ request line, one JSON reply line (``qvm.supervisor.wire``); or, after an
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from qvm.base.jsonfile import RecordWriteError
 from qvm.base.proc import process_start_time
 from qvm.errors import RecordError
 from qvm.layout.rundir import RunDir
@@ -31,8 +32,10 @@ from qvm.supervisor.facts import (
     process_facts,
     qemu_log_tail,
 )
-from qvm.supervisor.spawn import AdoptedQemu, initial_state
+from qvm.supervisor.spawn import AdoptedQemu, initial_state, log_line
 from qvm.supervisor.wire import (
+    EXPIRED,
+    Accepted,
     ControlRequest,
     EndReply,
     ErrorReply,
@@ -42,6 +45,7 @@ from qvm.supervisor.wire import (
     StopRequest,
     decode_request,
     encode,
+    expired,
 )
 
 QMP_CONNECT_TIMEOUT = 60.0
@@ -52,6 +56,12 @@ KILL_WAIT = 5.0
 MAX_RESTART_DELAY = 60.0
 # a run that lasted this long resets the consecutive-restart counter
 HEALTHY_RUN_SECONDS = 60.0
+# Space set aside at start (a file of this size in the run dir) and given back when the
+# state dir is full, so that the record of how the run ended still gets written: without
+# it the next command would read "running" from a supervisor that is gone, and say it
+# died unexpectedly. Each atomic rewrite of state.json needs one page or block for its
+# temporary file, and frees the old file's when it replaces it.
+SPACE_RESERVE_BYTES = 64 * 1024
 
 
 class Supervisor:
@@ -75,8 +85,44 @@ class Supervisor:
     # --- files -------------------------------------------------------------------------
 
     def save_state(self, **changes: Any) -> None:
+        """Record a change. The state lives in memory first: a state dir that is full or
+        failing costs the file, never the supervisor (status answers from memory); the
+        next change writes the whole record again."""
         self.state = self.state._replace(**changes)
-        write_state(self.run.state_file, self.state)
+        try:
+            write_state(self.run.state_file, self.state)
+        except RecordWriteError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT) and self.release_space_reserve():
+                try:
+                    write_state(self.run.state_file, self.state)
+                    return
+                except RecordWriteError as again:
+                    error = again
+            log_line(f"qvm supervisor: {error}")
+
+    def make_space_reserve(self) -> None:
+        """Set SPACE_RESERVE_BYTES aside (see there); without room, do without."""
+        path = self.run.space_reserve_file
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, SPACE_RESERVE_BYTES)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        finally:
+            os.close(fd)
+
+    def release_space_reserve(self) -> bool:
+        """Give the reserved space back; False if there was none."""
+        try:
+            os.unlink(self.run.space_reserve_file)
+        except OSError:
+            return False
+        log_line("qvm supervisor: state dir full: used the space set aside for state.json")
+        return True
 
     def notify(self, line: str) -> None:
         """Tell the `qvm up` that started us how far we got; it may have gone away."""
@@ -137,6 +183,7 @@ class Supervisor:
         server = await asyncio.start_unix_server(
             self._serve_client, path=str(self.run.supervisor_socket)
         )
+        self.make_space_reserve()
         first = True
         try:
             while True:
@@ -151,6 +198,7 @@ class Supervisor:
             server.close()
             self.run.remove_qemu_sockets()
             self.run.supervisor_socket.unlink(missing_ok=True)
+            self.run.space_reserve_file.unlink(missing_ok=True)
             self.close_notify()
 
     def _watch_exit(self) -> None:
@@ -277,7 +325,22 @@ class Supervisor:
                 self._end_after_internal_error()
             self.save_state(state=self._live_state())
         elif name == "DEVICE_DELETED":
+            self._note_vcpu_unplug(data)
             await self._finish_pending_unplug(data)
+
+    def _note_vcpu_unplug(self, data: dict[str, Any]) -> None:
+        """A vCPU left, whoever asked (events reach every monitor): the TCG guard must
+        know before the next vCPU device_add, which would crash QEMU 7.2 under TCG."""
+        from qvm.store.unplugged import record_cpu_unplug, unplugged_vcpu
+
+        dev_id = unplugged_vcpu(data)
+        if dev_id is None or self.qemu is None:
+            return
+        current = {"qemu_pid": self.qemu.pid, "qemu_start_time": self.state.qemu_start_time}
+        try:
+            record_cpu_unplug(self.run, [dev_id], current)
+        except RecordWriteError as error:
+            log_line(f"qvm supervisor: vCPU {dev_id} unplugged, but {error}")
 
     def _end_after_internal_error(self) -> None:
         """A VM stuck in internal-error never recovers: record it and end QEMU, so that
@@ -298,9 +361,9 @@ class Supervisor:
                 try:
                     await asyncio.wait_for(self.qmp.execute(command, arguments), QMP_CALL_TIMEOUT)
                 except Exception as exc:  # noqa: BLE001 - say it in the log, keep watching
-                    sys.stderr.write(
+                    log_line(
                         f"qvm supervisor: after DEVICE_DELETED of {dev_id}: "
-                        f"{command} {arguments} failed: {exc}\n"
+                        f"{command} {arguments} failed: {exc}"
                     )
 
     def _record_exit(self, returncode: int, reached_qmp: bool, first: bool) -> None:
@@ -502,7 +565,16 @@ class Supervisor:
 
                 await serve_control(self, reader, writer)
                 return
-            reply = await self._handle(request)
+            if expired(request, time.time()):
+                # the client gave up on it (we were stopped, or stuck): its user was
+                # told it failed, so it must not happen now
+                log_line(f"qvm supervisor: {request.to_json()['op']}: {EXPIRED}, not carried out")
+                reply = ErrorReply(f"{EXPIRED}: read after its deadline, not carried out")
+            else:
+                if getattr(request, "deadline", None) is not None:
+                    writer.write(encode(Accepted().to_json()))
+                    await writer.drain()
+                reply = await self._handle(request)
         except RecordError as exc:
             reply = ErrorReply(str(exc))
         except Exception as exc:  # noqa: BLE001 - a bad request must not end the supervisor

@@ -10,11 +10,14 @@ queries share one monitor safely: qemu.qmp matches replies to commands by id.
 After the opening ``{"op": "control"}`` line, requests and replies are one JSON object per
 line, matched by ``id``::
 
-    {"id": 1, "execute": "device_del", "arguments": {...}, "timeout": 10}
+    {"id": 1, "execute": "device_del", "arguments": {...}, "timeout": 10,
+     "deadline": T}
         -> {"id": 1, "return": ...}
          | {"id": 1, "error": {"class": ..., "desc": ...}}   QEMU refused it
          | {"id": 1, "timeout": true}                       QEMU did not answer in time
          | {"id": 1, "gone": true}                          QEMU (and the connection) ended
+         | {"id": 1, "expired": true}     read after T (time.time()): the client had given
+                                          up on it, so it is not sent to QEMU
     {"id": 2, "listen": ["DEVICE_DELETED"]}   (null: every event)
         -> {"id": 2, "return": {}}, then {"listener": 2, "event": {...}} for each event
     {"id": 3, "unlisten": 2}                  -> {"id": 3, "return": {}}
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
 from qemu.qmp import EventListener, ExecuteError
@@ -100,6 +104,12 @@ class _Relay:
         client = self.supervisor.qmp
         if client is None or client is not self.client:
             self.send({"id": request_id, "gone": True})  # QEMU ended (or was restarted)
+            return
+        deadline = request.get("deadline")
+        if isinstance(deadline, (int, float)) and time.time() > deadline:
+            # the supervisor was stopped or stuck while this waited: its user has been
+            # told it timed out, so it must not reach QEMU now
+            self.send({"id": request_id, "expired": True})
             return
         timeout = float(request.get("timeout") or DEFAULT_COMMAND_TIMEOUT)
         try:

@@ -9,12 +9,14 @@ QEMU to its end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import time
 from typing import TYPE_CHECKING
 
+from qvm.base.jsonfile import RecordWriteError
 from qvm.base.proc import find_program
 from qvm.store.state import ExitRecord, StateRecord, write_state
 from qvm.supervisor.wire import read_line
@@ -128,7 +130,12 @@ def record_spawned(run_path: str, launch: LaunchRecord, qemu: subprocess.Popen[b
     state = initial_state(launch)._replace(
         qemu_pid=qemu.pid, qemu_start_time=process_start_time(qemu.pid), started_at=time.time()
     )
-    write_state(os.path.join(run_path, "state.json"), state)
+    try:
+        write_state(os.path.join(run_path, "state.json"), state)
+    except RecordWriteError as error:
+        # a full or failing state dir must not cost the VM: the supervisor keeps its
+        # state in memory, answers status from it, and writes again at the next change
+        log_line(f"qvm supervisor: {error}")
 
 
 def record_spawn_failure(run_path: str, launch: LaunchRecord, error: OSError) -> None:
@@ -141,7 +148,16 @@ def record_spawn_failure(run_path: str, launch: LaunchRecord, error: OSError) ->
         at=time.time(),
     )
     state = initial_state(launch)._replace(state="crashed", exit=ended)
-    write_state(os.path.join(run_path, "state.json"), state)
+    try:
+        write_state(os.path.join(run_path, "state.json"), state)
+    except RecordWriteError as error:
+        log_line(f"qvm supervisor: {error}")
+
+
+def log_line(line: str) -> None:
+    """One line in supervisor.log (our stderr); a full disk loses it, and nothing else."""
+    with contextlib.suppress(OSError):
+        os.write(2, (line + "\n").encode(errors="replace"))
 
 
 def notify(fd: int | None, line: str) -> None:
@@ -180,7 +196,9 @@ class AdoptedQemu:
             os.kill(self.pid, signum)
 
 
-def start(run_path: str, launch: LaunchRecord, ready_fd: int, lock_fd: int) -> NoReturn:
+def start(
+    run_path: str, launch: LaunchRecord, ready_fd: int, lock_fds: tuple[int, ...]
+) -> NoReturn:
     """The first moments of a supervisor, in the process ``qvm up`` forked: spawn QEMU,
     say "spawned", then "ready" once QMP answers, then exec into the supervisor proper.
 
@@ -198,7 +216,8 @@ def start(run_path: str, launch: LaunchRecord, ready_fd: int, lock_fd: int) -> N
     notify(ready_fd, f"spawned {qemu.pid}")
     answered = wait_qmp_answer(os.path.join(run_path, "events.sock"), qemu, QMP_ANSWER_TIMEOUT)
     env = dict(os.environ)
-    os.set_inheritable(lock_fd, True)  # held open for the supervisor's life: "alive"
+    for fd in lock_fds:  # held open for the supervisor's life: "alive"
+        os.set_inheritable(fd, True)
     if answered:
         # `qvm up` is done waiting: it must not also wait for the supervisor's imports
         notify(ready_fd, f"ready {qemu.pid}")

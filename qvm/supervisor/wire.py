@@ -14,6 +14,12 @@ Requests, and the reply each one gets (or ``{"error": TEXT}``, an ``ErrorReply``
     {"op": "control"}                             -> ControlReady {"ready": true}, then
                                                      the relay's lines (qvm.supervisor.relay)
 
+``stop`` and ``kill`` may carry ``"deadline": T`` (``time.time()``, both ends on one
+host) and ``"ack": true``: the supervisor refuses a request read after T (a request the
+user was told had timed out is never carried out later, e.g. after a SIGSTOP ends), and
+otherwise answers ``{"accepted": true}`` at once, before the reply proper, so that a
+client can tell a supervisor that is working from one that does not answer at all.
+
 The lines keep the keys of earlier qvm versions: a supervisor started by one still
 answers the next. Stdlib only (with ``qvm.store``): the spawn code reads ``read_line``
 before asyncio exists.
@@ -34,7 +40,9 @@ if TYPE_CHECKING:
 REQUEST_SOURCE = "supervisor request"
 REPLY_HINT = "is the supervisor from another qvm version? qvm kill ends it"
 MAX_LINE = 1024**2  # far above any message; a longer line is not one of ours
-ENDINGS = ("acpi", "quit", "kill")  # how a stop ended QEMU, gentlest first
+ENDINGS = ("acpi", "quit", "kill")
+# the start of the error a supervisor gives a request it read after the request's deadline
+EXPIRED = "request expired"  # how a stop ended QEMU, gentlest first
 
 _Reply = TypeVar("_Reply", covariant=True)
 
@@ -126,6 +134,17 @@ class EndReply(NamedTuple):
         return data
 
 
+class Accepted(NamedTuple):
+    """The supervisor has read a request with ``ack`` in time and is carrying it out."""
+
+    @staticmethod
+    def matches(f: Fields) -> bool:
+        return f.data.get("accepted") is True and "ended_by" not in f.data
+
+    def to_json(self) -> dict[str, Any]:
+        return {"accepted": True}
+
+
 class ControlReady(NamedTuple):
     """The supervisor has a QMP connection: the relay's lines follow."""
 
@@ -158,21 +177,25 @@ class StatusRequest(NamedTuple):
 
 class StopRequest(NamedTuple):
     """ACPI power button for up to ``timeout`` seconds (none with ``force``), then QMP
-    quit, then SIGKILL."""
+    quit, then SIGKILL. Not carried out if read after ``deadline`` (``time.time()``)."""
 
     timeout: float = 30.0
     force: bool = False
+    deadline: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"op": "stop", "timeout": self.timeout, "force": self.force}
+        data = {"op": "stop", "timeout": self.timeout, "force": self.force}
+        return _with_deadline(data, self.deadline)
 
     def read_reply(self, f: Fields) -> EndReply:
         return EndReply.read(f)
 
 
 class KillRequest(NamedTuple):
+    deadline: float | None = None
+
     def to_json(self) -> dict[str, Any]:
-        return {"op": "kill"}
+        return _with_deadline({"op": "kill"}, self.deadline)
 
     def read_reply(self, f: Fields) -> EndReply:
         return EndReply.read(f)
@@ -184,6 +207,18 @@ class ControlRequest(NamedTuple):
 
     def read_reply(self, f: Fields) -> ControlReady:
         return ControlReady.read(f)
+
+
+def _with_deadline(data: dict[str, Any], deadline: float | None) -> dict[str, Any]:
+    if deadline is not None:
+        data.update(deadline=deadline, ack=True)
+    return data
+
+
+def expired(request: AnyRequest, now: float) -> bool:
+    """The client gave up on ``request`` before the supervisor read it."""
+    deadline = getattr(request, "deadline", None)
+    return deadline is not None and now > deadline
 
 
 AnyRequest = StatusRequest | StopRequest | KillRequest | ControlRequest
@@ -200,16 +235,22 @@ def decode_request(line: bytes) -> AnyRequest:
         timeout = f.float("timeout", 30.0)
         if timeout < 0:
             raise f.fail("timeout", "must not be negative")
-        return StopRequest(timeout=timeout, force=f.bool("force", False))
+        deadline = f.float("deadline", None)
+        return StopRequest(timeout=timeout, force=f.bool("force", False), deadline=deadline)
     if op == "kill":
-        return KillRequest()
+        return KillRequest(deadline=f.float("deadline", None))
     return ControlRequest()
 
 
-def decode_reply(request: Request[_Reply], line: bytes, source: str) -> _Reply | ErrorReply:
-    """The client's side: the reply to ``request``, or the supervisor's ``ErrorReply``.
-    Anything else is a RecordError naming ``source`` (e.g. "vm1: supervisor reply")."""
+def decode_reply(
+    request: Request[_Reply], line: bytes, source: str
+) -> _Reply | ErrorReply | Accepted:
+    """The client's side: the reply to ``request``, the supervisor's ``ErrorReply``, or
+    (to a request with ``ack``) ``Accepted`` before the reply. Anything else is a
+    RecordError naming ``source`` (e.g. "vm1: supervisor reply")."""
     f = decode(line, source, REPLY_HINT)
+    if Accepted.matches(f):
+        return Accepted()
     if "error" in f.data:
         return ErrorReply(str(f.str("error")))
     return request.read_reply(f)
