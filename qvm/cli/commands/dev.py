@@ -161,8 +161,8 @@ def wait(
     for_: str = Option(
         "ssh",
         "--for",
-        help="ssh (a real login succeeds), qmp (QEMU answers) or serial:REGEX "
-        "(the serial log of this run matches).",
+        help="ssh (a real login succeeds), qmp (QEMU answers), agent (the guest agent "
+        "answers) or serial:REGEX (the serial log of this run matches).",
     ),
     timeout: float = Option(300.0, "--timeout", help="Seconds before giving up."),
     as_json: bool = Option(False, "--json", help="Print JSON."),
