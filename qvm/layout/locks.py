@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -40,24 +41,23 @@ def _flock_or_close(fd: int) -> int | None:
 
 def is_locked(path: Path) -> bool:
     """True while a live process holds the lock on file ``path``."""
-    if not path.exists():
-        return False
+    return path.exists() and _held(try_lock, path)
+
+
+def is_dir_locked(path: Path) -> bool:
+    """True while a live process holds the lock on folder ``path``."""
+    return _held(try_lock_dir, path)
+
+
+def _held(take: Callable[[Path], int | None], path: Path) -> bool:
     try:
-        fd = try_lock(path)
+        fd = take(path)
     except OSError:
         return False
     if fd is None:
         return True
     os.close(fd)
     return False
-
-
-def is_dir_locked(path: Path) -> bool:
-    """True while a live process holds the lock on folder ``path``."""
-    try:
-        fd = try_lock_dir(path)
-    except OSError:
-        return False
     if fd is None:
         return True
     os.close(fd)

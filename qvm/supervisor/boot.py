@@ -19,7 +19,6 @@ from qvm.layout.rundir import RunDir
 from qvm.store.launch import LaunchRecord, write_launch
 from qvm.store.state import read_state
 from qvm.supervisor.client import ask_supervisor, clean_stale, release_run_locks, take_run_locks
-from qvm.supervisor.wire import KillRequest
 
 DEFAULT_READY_TIMEOUT = 60.0
 
@@ -195,6 +194,8 @@ def _try_kill(run: RunDir) -> str:
     from qvm.supervisor.client import ACCEPT_TIMEOUT
 
     try:
+        from qvm.supervisor.wire import KillRequest  # only when a start went wrong
+
         request = KillRequest(deadline=time.time() + ACCEPT_TIMEOUT)
         ask_supervisor(run, request, timeout=10, accept_timeout=ACCEPT_TIMEOUT)
     except QvmError as exc:

@@ -154,23 +154,10 @@ def test_written_file_loads_refuses_overwrite_and_is_noted(tmp_path: Path) -> No
 
 def test_cli_new_writes_into_machines_dir(tmp_path: Path) -> None:
     env = dict(os.environ, QVM_STATE_DIR=str(tmp_path / "state"))
-    done = subprocess.run(
-        [*QVM, "--machines", str(tmp_path / "m"), "new", "box", "--image", "disk.qcow2"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        check=False,
-    )
+    argv = [*QVM, "--machines", str(tmp_path / "m"), "new", "box", "--image", "disk.qcow2"]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == f"box: wrote {tmp_path}/m/box.toml"
-    again = subprocess.run(
-        [*QVM, "--machines", str(tmp_path / "m"), "new", "box", "--image", "disk.qcow2"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        check=False,
-    )
+    again = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert again.returncode == 1
     assert again.stderr.startswith(f"qvm: {tmp_path}/m/box.toml: already exists")
