@@ -31,7 +31,14 @@ from qvm.errors import ControlError, NotRunningError, QmpTimeoutError, RecordErr
 from qvm.layout.locks import try_lock
 from qvm.layout.rundir import RunDir
 from qvm.store.state import read_state
-from qvm.supervisor.wire import ControlRequest, ErrorReply, decode, decode_reply, encode
+from qvm.supervisor.wire import (
+    MAX_LINE,
+    ControlRequest,
+    ErrorReply,
+    decode,
+    decode_reply,
+    encode,
+)
 
 DEFAULT_TIMEOUT = 10.0  # seconds per QMP command
 CONNECT_TIMEOUT = 5.0
@@ -106,7 +113,7 @@ class ControlSession:
         self.lock_timeout = lock_timeout
         self._lock_fd: int | None = None
         self._sock: socket.socket | None = None
-        self._buffer = b""
+        self._buffer = bytearray()
         self._next_id = 0
         self._events: dict[int, collections.deque[dict[str, Any]]] = {}
         self._source = f"{self.name}: supervisor reply"
@@ -180,9 +187,15 @@ class ControlSession:
 
     def _send(self, message: dict[str, Any]) -> None:
         assert self._sock is not None, "session is not open"
+        line = encode(message)
+        if len(line) > MAX_LINE:
+            raise ControlError(
+                f"{self.name}: a QMP request of {len(line)} bytes: QEMU takes at most "
+                f"{MAX_LINE} bytes in one message"
+            )
         # if the supervisor went away, reading the reply says so
         with contextlib.suppress(OSError):
-            self._sock.sendall(encode(message))
+            self._sock.sendall(line)
 
     def _read_message(self, deadline: float) -> dict[str, Any] | None:
         """The next message, None when the deadline passed; EOFError when the supervisor
@@ -193,7 +206,9 @@ class ControlSession:
 
     def _read_line(self, deadline: float) -> bytes | None:
         assert self._sock is not None, "session is not open"
-        while b"\n" not in self._buffer:
+        searched = 0
+        while (end := self._buffer.find(b"\n", searched)) < 0:
+            searched = len(self._buffer)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
@@ -207,7 +222,8 @@ class ControlSession:
             if not chunk:
                 raise EOFError
             self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
         return line
 
     def _request(self, message: dict[str, Any], wait: float) -> dict[str, Any] | None:

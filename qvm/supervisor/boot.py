@@ -61,7 +61,7 @@ def start_supervisor(
             f"{name}: cannot lock run dir {run.path}: {error.strerror or error}"
         ) from error
     if locks is None:
-        return _already_running(run, name)
+        return _already_running(run, name, wait, timeout)
     try:
         try:
             run.remove_qemu_sockets()
@@ -203,8 +203,37 @@ def _try_kill(run: RunDir) -> str:
     return "stopped it"
 
 
-def _already_running(run: RunDir, name: str) -> UpResult:
-    state = read_state(run.state_file)
+def _supervisor_gone(run: RunDir) -> bool:
+    """No supervisor holds the run dir's lock (a record that is not live while one does is
+    the previous run's: the new supervisor has not written its first yet)."""
+    try:
+        locks = take_run_locks(run)
+    except OSError:
+        return False
+    if locks is None:
+        return False
+    release_run_locks(locks)
+    return True
+
+
+def _already_running(run: RunDir, name: str, wait: bool, timeout: float) -> UpResult:
+    """Another `qvm up` (or a restart) holds the VM: report its QEMU once the record names
+    it, and with ``wait`` once QMP answered, as our own start would have; an up that runs
+    in parallel may still be between its fork and its first record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = read_state(run.state_file)
+        if (state is None or not state.live) and _supervisor_gone(run):
+            raise VmStateError(
+                f"{name}: another qvm command started it, and it ended: "
+                f"{state.ended_reason or state.state if state else 'no record'} "
+                f"(hint: qvm status {name})"
+            )
+        if state is not None and state.qemu_pid and (not wait or state.state != "starting"):
+            break
+        if time.monotonic() > deadline:
+            break  # say what the record says, even if it names no QEMU yet
+        time.sleep(0.01)
     return UpResult(
         name=name,
         already_running=True,
@@ -213,5 +242,5 @@ def _already_running(run: RunDir, name: str) -> UpResult:
         accel_reason=state.accel_reason if state is not None else None,
         serial_log=run.serial_log,
         qmp_socket=run.qmp_socket,
-        ready=True,
+        ready=state is not None and state.state != "starting",
     )

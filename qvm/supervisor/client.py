@@ -86,7 +86,7 @@ def ask_supervisor(
     With ``accept_timeout`` (a request that carries a deadline and ``ack``), the
     supervisor must say "accepted" within it, and then reply within ``timeout``."""
     # not at the top: `qvm up` and `qvm list` of stopped VMs never ask (0.5 ms of records)
-    from qvm.supervisor.wire import EXPIRED, Accepted, ErrorReply, encode, read_line
+    from qvm.supervisor.wire import EXPIRED, Accepted, ErrorReply, LineReader, encode
 
     name = run.name
     first_wait = accept_timeout + ACCEPT_MARGIN if accept_timeout is not None else timeout
@@ -96,12 +96,12 @@ def ask_supervisor(
         with sock:
             sock.settimeout(first_wait)
             sock.sendall(encode(request.to_json()))
-            data = read_line(sock)
-            reply = _decode(run, request, data)
+            lines = LineReader(sock)
+            reply = _decode(run, request, lines.line())
             if isinstance(reply, Accepted):
                 waited = timeout
                 sock.settimeout(timeout)
-                reply = _decode(run, request, read_line(sock))
+                reply = _decode(run, request, lines.line())
     except TimeoutError as exc:
         raise SupervisorUnresponsive(run, f"did not answer within {waited:g} s") from exc
     except OSError as exc:
@@ -211,7 +211,12 @@ def clean_stale(run: RunDir) -> StateRecord | None:
 
 
 def _mark_supervisor_died(run: RunDir, state: StateRecord) -> StateRecord:
-    reason = f"supervisor (pid {state.supervisor_pid}) died unexpectedly"
+    # it was killed, or it ended as planned but the disk refused its last record (EIO,
+    # EROFS): from here the two look the same, so say both
+    reason = (
+        f"supervisor (pid {state.supervisor_pid}) ended without its last record "
+        "(killed, or the state dir refused the write; see supervisor.log)"
+    )
     qemu_problem = qemu_identity_problem(run, state) if state.qemu_pid else None
     if state.qemu_pid and qemu_problem is None:
         # leave the record alone: the orphaned QEMU is still there to be killed

@@ -35,6 +35,7 @@ from qvm.supervisor.facts import (
 from qvm.supervisor.spawn import AdoptedQemu, initial_state, log_line
 from qvm.supervisor.wire import (
     EXPIRED,
+    MAX_LINE,
     Accepted,
     ControlRequest,
     EndReply,
@@ -181,7 +182,7 @@ class Supervisor:
         # before any request can come in: `stop` and `kill` wait on it
         self._watch_exit()
         server = await asyncio.start_unix_server(
-            self._serve_client, path=str(self.run.supervisor_socket)
+            self._serve_client, path=str(self.run.supervisor_socket), limit=MAX_LINE
         )
         self.make_space_reserve()
         first = True
@@ -254,7 +255,7 @@ class Supervisor:
         from qemu.qmp import QMPClient
 
         deadline = time.monotonic() + QMP_CONNECT_TIMEOUT
-        client = QMPClient(self.state.name)
+        client = QMPClient(self.state.name, readbuflen=MAX_LINE)
         while True:
             if exited.done():
                 return False

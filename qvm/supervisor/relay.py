@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from qemu.qmp import EventListener, ExecuteError
 
-from qvm.supervisor.wire import ControlReady, ErrorReply
+from qvm.supervisor.wire import MAX_LINE, ControlReady, ErrorReply
 
 if TYPE_CHECKING:
     from qvm.supervisor.process import Supervisor
@@ -55,7 +55,14 @@ async def serve_control(supervisor: Supervisor, reader: Any, writer: Any) -> Non
             relay.send(ErrorReply("QEMU is not running").to_json())
             return
         relay.send(ControlReady().to_json())
-        while line := await reader.readline():
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:  # longer than MAX_LINE: the client checks, so not one of ours
+                relay.send(ErrorReply(f"a request longer than {MAX_LINE} bytes").to_json())
+                return
+            if not line:
+                return
             try:
                 request = json.loads(line)
             except ValueError:

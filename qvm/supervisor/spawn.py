@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from qvm.base.jsonfile import RecordWriteError
 from qvm.base.proc import find_program
 from qvm.store.state import ExitRecord, StateRecord, write_state
-from qvm.supervisor.wire import read_line
+from qvm.supervisor.wire import LineReader
 
 if TYPE_CHECKING:
     import subprocess
@@ -75,10 +75,11 @@ def wait_qmp_answer(path: str, qemu: subprocess.Popen[bytes], timeout: float) ->
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 probe.settimeout(max(deadline - time.monotonic(), 0.01))
                 probe.connect(path)
-                if b'"QMP"' not in read_line(probe):
+                lines = LineReader(probe)
+                if b'"QMP"' not in lines.line():
                     continue
                 probe.sendall(b'{"execute": "qmp_capabilities"}\n')
-                if b'"return"' in read_line(probe):
+                if b'"return"' in lines.line():
                     return True
         except OSError:
             pass  # not listening yet, or QEMU went away: poll() above tells which

@@ -21,7 +21,7 @@ otherwise answers ``{"accepted": true}`` at once, before the reply proper, so th
 client can tell a supervisor that is working from one that does not answer at all.
 
 The lines keep the keys of earlier qvm versions: a supervisor started by one still
-answers the next. Stdlib only (with ``qvm.store``): the spawn code reads ``read_line``
+answers the next. Stdlib only (with ``qvm.store``): the spawn code reads ``LineReader``
 before asyncio exists.
 """
 
@@ -39,23 +39,37 @@ if TYPE_CHECKING:
 
 REQUEST_SOURCE = "supervisor request"
 REPLY_HINT = "is the supervisor from another qvm version? qvm kill ends it"
-MAX_LINE = 1024**2  # far above any message; a longer line is not one of ours
-ENDINGS = ("acpi", "quit", "kill")
+# QEMU's own limit for one JSON token (MAX_TOKEN_SIZE in its JSON lexer): a QMP request
+# or reply as large as QEMU takes must pass the relay whole; a longer line is not ours
+MAX_LINE = 64 * 1024**2
+ENDINGS = ("acpi", "agent", "quit", "kill")
 # the start of the error a supervisor gives a request it read after the request's deadline
 EXPIRED = "request expired"  # how a stop ended QEMU, gentlest first
 
 _Reply = TypeVar("_Reply", covariant=True)
 
 
-def read_line(sock: socket.socket) -> bytes:
-    """One newline-terminated message (or what came before the peer closed)."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
+class LineReader:
+    """Newline-terminated messages from a socket, in order: a recv may carry the end of one
+    message and the start of the next (an "accepted" and the reply right after it)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def line(self) -> bytes:
+        """The next message with its newline, or what came before the peer closed."""
+        searched = 0
+        while (end := self.buffer.find(b"\n", searched)) < 0:
+            searched = len(self.buffer)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                end = len(self.buffer) - 1
+                break
+            self.buffer += chunk
+        data = bytes(self.buffer[: end + 1])
+        del self.buffer[: end + 1]
+        return data
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -73,25 +73,34 @@ def test_up_on_a_running_vm_says_so(qvm: Qvm) -> None:
     assert again.returncode == 0
 
 
-def test_concurrent_up_starts_exactly_one_qemu(qvm: Qvm) -> None:
+def test_concurrent_up_starts_exactly_one_qemu_and_each_prints_its_pid(qvm: Qvm) -> None:
     qvm.guest_machine("vm1")
     qvm.started.add("vm1")
+    # half of them in JSON, half in text: both forms must name the QEMU that runs
     procs = [
         subprocess.Popen(
-            [str(QVM_BIN), "up", "vm1", "--json"],
+            [str(QVM_BIN), "up", "vm1", *(["--json"] if i % 2 else [])],
             env=qvm.env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(3)
+        for i in range(6)
     ]
     outputs = [p.communicate(timeout=60) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], outputs
-    results = [json.loads(out)[0] for out, _ in outputs]
-    assert sorted(r["already_running"] for r in results) == [False, True, True]
-    qemus = [cmd for _, cmd in qvm.processes() if "qemu-system" in cmd]
+    assert [p.returncode for p in procs] == [0] * 6, outputs
+    qemus = [(pid, cmd) for pid, cmd in qvm.processes() if "qemu-system" in cmd]
     assert len(qemus) == 1, qemus
+    qemu_pid = qemus[0][0]
+    assert qvm.status("vm1")["pid"] == qemu_pid
+    results = [json.loads(out)[0] for out, _ in outputs[1::2]]
+    assert {r["pid"] for r in results} == {qemu_pid}
+    texts = [out.splitlines()[0] for out, _ in outputs[0::2]]
+    started = [r for r in results if not r["already_running"]]
+    started += [t for t in texts if t.startswith("vm1: running")]
+    assert len(started) == 1, outputs
+    for line in texts:
+        assert line in (f"vm1: running, pid {qemu_pid}", f"vm1: already running (pid {qemu_pid})")
 
 
 def test_qemu_killed_with_sigkill_is_reported_as_crashed(qvm: Qvm) -> None:
@@ -150,7 +159,10 @@ def test_killed_supervisor_leaves_state_that_the_next_up_cleans(qvm: Qvm) -> Non
     status = wait_until(
         lambda: (s := qvm.status("vm1"))["state"] == "crashed" and s, 15, "state crashed"
     )
-    assert status["reason"] == f"supervisor (pid {before['supervisor_pid']}) died unexpectedly"
+    assert status["reason"] == (
+        f"supervisor (pid {before['supervisor_pid']}) ended without its last record "
+        "(killed, or the state dir refused the write; see supervisor.log)"
+    )
     wait_until(lambda: not qvm.processes(), 10, "QEMU to follow its supervisor")
     assert not (qvm.run_dir("vm1") / "qmp.sock").exists()  # stale sockets were cleaned
     qvm("up", "vm1")

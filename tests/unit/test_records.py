@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qvm.base.jsonfile import MAX_RECORD_BYTES, write_json_atomic
 from qvm.errors import RecordError, VmStateError
@@ -386,7 +388,7 @@ def _serve_once(run: RunDir, answer: bytes) -> threading.Thread:
         with server:
             connection, _ = server.accept()
             with connection:
-                wire.read_line(connection)
+                wire.LineReader(connection).line()
                 connection.sendall(answer)
 
     thread = threading.Thread(target=serve, daemon=True)
@@ -423,6 +425,42 @@ def test_ask_supervisor_returns_the_typed_reply(short_run: RunDir) -> None:
     thread = _serve_once(short_run, wire.encode(wire.EndReply("quit").to_json()))
     assert ask_supervisor(short_run, wire.StopRequest(), timeout=5) == wire.EndReply("quit")
     thread.join(5)
+
+
+def test_an_acceptance_and_the_reply_in_one_segment_are_two_messages(short_run: RunDir) -> None:
+    # a stop that ends at once: both lines can reach the client in one recv
+    answer = b'{"accepted": true}\n' + wire.encode(wire.EndReply("acpi").to_json())
+    thread = _serve_once(short_run, answer)
+    reply = ask_supervisor(short_run, wire.StopRequest(), timeout=5, accept_timeout=5)
+    assert reply == wire.EndReply("acpi")
+    thread.join(5)
+
+
+@given(
+    messages=st.lists(st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"")), max_size=6),
+    cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=10),
+)
+def test_a_line_reader_gives_each_message_whole_however_the_bytes_arrive(
+    messages: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(m + b"\n" for m in messages)
+    pieces, at = [], 0
+    for cut in cuts:
+        pieces.append(stream[at : at + cut])
+        at += cut
+    pieces.append(stream[at:])
+
+    class Chunks:
+        def recv(self, _size: int) -> bytes:
+            while pieces:
+                piece = pieces.pop(0)
+                if piece:
+                    return piece
+            return b""
+
+    reader = wire.LineReader(Chunks())  # type: ignore[arg-type]
+    assert [reader.line() for _ in messages] == [m + b"\n" for m in messages]
+    assert reader.line() == b""
 
 
 class _Writer:

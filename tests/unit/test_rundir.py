@@ -85,7 +85,10 @@ def test_stale_state_of_a_dead_supervisor_is_recorded_and_cleaned(tmp_path: Path
     assert state is not None
     assert state.state == "crashed"
     assert state.exit is not None
-    assert state.exit.reason == "supervisor (pid 999999) died unexpectedly"
+    assert state.exit.reason == (
+        "supervisor (pid 999999) ended without its last record "
+        "(killed, or the state dir refused the write; see supervisor.log)"
+    )
     assert read_json(run.state_file)["state"] == "crashed"
     assert not run.qmp_socket.exists()
 

@@ -28,6 +28,16 @@ def qmp(
         help="Open qmp-shell (from qemu.qmp) on the VM's user QMP socket instead.",
     ),
     timeout: float = Option(10.0, "--timeout", help="Seconds to wait for QEMU's reply."),
+    args_file: str | None = Option(
+        None,
+        "--args-file",
+        metavar="FILE",
+        help="The command's arguments as one JSON object read from FILE ('-': standard "
+        "input), for arguments too large for a command line; KEY=VALUE pairs override it.",
+    ),
+    as_json: bool = Option(
+        False, "--json", help="The reply is JSON anyway; with --json, an error is JSON too."
+    ),
 ) -> None:
     """Send one QMP command (the supervisor runs it) and print QEMU's JSON reply.
 
@@ -44,7 +54,7 @@ def qmp(
     from qvm.control.session import ControlSession, parse_kv_args
 
     try:
-        args = parse_kv_args(arguments or [])
+        args = {**_read_args_file(args_file), **parse_kv_args(arguments or [])}
     except ValueError as error:
         abort(f"{name}: {error}")
     with ControlSession(run, timeout=timeout) as session:
@@ -54,6 +64,29 @@ def qmp(
 
 def _exec_shell(run: RunDir) -> None:
     """Replace this process with qmp-shell on the user's socket (qvm never holds it)."""
+def _read_args_file(path: str | None) -> dict[str, object]:
+    """The JSON object in ``path`` ('-': standard input); ValueError says what is wrong."""
+    if path is None:
+        return {}
+    import json
+
+    source = "standard input" if path == "-" else path
+    try:
+        if path == "-":
+            text = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as file:
+                text = file.read()
+        data = json.loads(text)
+    except OSError as error:
+        raise ValueError(f"--args-file: {source}: {error.strerror or error}") from error
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"--args-file: {source}: not JSON ({str(error)[:200]})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"--args-file: {source}: must hold a JSON object of arguments")
+    return data
+
+
     from qvm.errors import NotRunningError
     from qvm.supervisor.client import supervisor_alive
 
