@@ -308,6 +308,20 @@ def test_a_deleted_lock_file_does_not_make_a_live_supervisor_look_dead(qvm: Qvm)
     assert after["state"] == "stopped" and after["reason"] == "quit over QMP", after
 
 
+@pytest.mark.parametrize("command", ["down", "kill"])
+def test_down_or_kill_in_the_first_milliseconds_ends_the_vm(qvm: Qvm, command: str) -> None:
+    """`up --no-wait` returns once QEMU is spawned, while its supervisor may not have
+    exec'd yet (its command line is still `qvm up`'s): the next command still ends it.
+    A down waits for the guest to boot and take the power button: once is enough."""
+    qvm.guest_machine("vm1", **MACHINE)
+    for _ in range(3 if command == "kill" else 1):
+        qvm("up", "vm1", "--no-wait")
+        done = qvm(command, "vm1", "--timeout", "20") if command == "down" else qvm("kill", "vm1")
+        assert done.stdout.startswith(("vm1: stopped", "vm1: killed")), done.stdout
+        assert qvm.status("vm1")["state"] == "stopped"
+        wait_until(lambda: not qvm.processes(), 10, "no qemu or supervisor left")
+
+
 def test_concurrent_down_and_kill_print_what_happened(qvm: Qvm) -> None:
     qvm.guest_machine("vm1", **MACHINE)
     qvm("up", "vm1")
