@@ -20,9 +20,10 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from qvm.base.jsonfile import read_json
+from qvm.base.record import Record
 from qvm.control.guard import check_device_add
 from qvm.control.guest import guest_report
 from qvm.control.pci import PciPlaces, choose_pci_bus, pci_places
@@ -59,7 +60,7 @@ SHARED_LOCK_ERROR = 'Failed to get shared "write" lock'
 DISK = Peripheral("disk")
 
 
-class DiskInfo(NamedTuple):
+class DiskInfo(Record):
     id: str
     origin: str  # "boot" (the machine file), "qvm" (attached by qvm), "other" (qvm qmp)
     file: str | None
@@ -79,7 +80,7 @@ class DiskInfo(NamedTuple):
         return listed_json(self)
 
 
-class DiskList(NamedTuple):
+class DiskList(Record):
     name: str
     disks: list[DiskInfo]
     places: PciPlaces
@@ -208,7 +209,7 @@ def _qemu_pid(run: RunDir) -> int | None:
 # --- attach ------------------------------------------------------------------------------
 
 
-class DiskAttach(NamedTuple):
+class DiskAttach(Record):
     name: str
     disk: DiskInfo
     places: PciPlaces  # after the attach

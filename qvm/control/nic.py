@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
+from qvm.base.record import Record
 from qvm.control.forwards import forward_text, hostfwd_rule, resolve_forward
 from qvm.control.guard import check_device_add
 from qvm.control.guest import guest_report
@@ -55,7 +56,7 @@ _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 NIC = Peripheral("NIC")
 
 
-class NicInfo(NamedTuple):
+class NicInfo(Record):
     id: str
     origin: str  # "boot" (the machine file), "qvm" (added by qvm), "other" (qvm qmp)
     model: str
@@ -76,7 +77,7 @@ class NicInfo(NamedTuple):
         return {**listed_json(self), "forwards": [f.to_json() for f in self.forwards]}
 
 
-class NicList(NamedTuple):
+class NicList(Record):
     name: str
     nics: list[NicInfo]
     places: PciPlaces
@@ -196,7 +197,7 @@ def check_mac(name: str, mac: str) -> str:
 # --- add -------------------------------------------------------------------------------
 
 
-class NicAdd(NamedTuple):
+class NicAdd(Record):
     name: str
     nic: NicInfo
     places: PciPlaces  # after the add

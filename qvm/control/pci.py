@@ -5,8 +5,9 @@ whose ``pcie.0`` takes no hotplug; the bus ``pci.0`` itself on pc.
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple
+from typing import Any
 
+from qvm.base.record import Record
 from qvm.control.qmp_session import QmpSession
 from qvm.control.transaction import restart_hint
 from qvm.errors import HotplugError
@@ -19,7 +20,7 @@ PC_BUS_SLOTS = 32  # slots on pc's pci.0, the host bridge's included
 # --- PCI places ------------------------------------------------------------------------
 
 
-class PciPlaces(NamedTuple):
+class PciPlaces(Record):
     """Where a hotplugged PCI device can go in this VM."""
 
     machine_type: str

@@ -27,8 +27,9 @@ import contextlib
 import re
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from qvm.base.record import Record
 from qvm.base.text import display_path
 from qvm.control.events import UNPLUG_EVENTS, match_unplug_event
 from qvm.control.qmp_session import Events, QmpSession
@@ -207,7 +208,7 @@ def new_device_id(run: RunDir, asked: str | None, prefix: str, taken: set[str], 
 # --- steps ----------------------------------------------------------------------------
 
 
-class Step(NamedTuple):
+class Step(Record):
     """One QMP command of a hotplug, and the command that undoes it (None: the last)."""
 
     command: str
@@ -224,7 +225,7 @@ class Step(NamedTuple):
 Translate = Callable[[str], "tuple[str, str | None] | None"]
 
 
-class Plug(NamedTuple):
+class Plug(Record):
     """A planned hotplug: the steps, and what to record once QEMU has the device."""
 
     action: str  # "disk attach": how every message about it begins
@@ -337,7 +338,7 @@ class DeviceKind(Protocol):
         ...
 
 
-class Peripheral(NamedTuple):
+class Peripheral(Record):
     """The kind of every device in ``/machine/peripheral`` (DIMMs, disks, NICs):
     ``DEVICE_DELETED`` of the device itself is the end of it."""
 
@@ -359,7 +360,7 @@ class Peripheral(NamedTuple):
         return set(ids) & peripheral_ids(session)
 
 
-class DeviceUnplug(NamedTuple):
+class DeviceUnplug(Record):
     id: str
     outcome: str  # "removed", "refused" or "pending"
     seconds: float
@@ -489,7 +490,7 @@ def unplug_one(
     return unplug(session, run, kind, {dev_id: commands}, timeout)[0]
 
 
-class Removal(NamedTuple):
+class Removal(Record):
     """A device qvm unplugged (or asked to): ``key`` names it in JSON ("disk", "nic")."""
 
     name: str

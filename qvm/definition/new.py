@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from qvm.base.record import Record
 from qvm.base.sizes import SizeError, parse_size
 from qvm.definition.forwards import ForwardError, parse_forward
 from qvm.definition.schema import USER_PATTERN
@@ -24,7 +25,7 @@ DEFAULT_MEMORY = "1G"  # cloud-init runs Python at first boot: 512M is tight
 SSH_FORWARD = "tcp:0:22"  # any free host port to the guest's sshd
 
 
-class NewOptions(NamedTuple):
+class NewOptions(Record):
     name: str
     image: str | None = None  # path or http(s) URL
     sha256: str | None = None

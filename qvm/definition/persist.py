@@ -10,12 +10,13 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from qvm.base.record import Record
 from qvm.errors import DefinitionError, Problem
 
 
-class PersistResult(NamedTuple):
+class PersistResult(Record):
     path: Path
     key: str
     old: int | None  # None: the key was not in the file
@@ -93,7 +94,7 @@ def _write_keeping_mode(path: Path, text: str) -> None:
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]\]?\s*(#.*)?$")
 
 
-class EntryPersistResult(NamedTuple):
+class EntryPersistResult(Record):
     path: Path
     table: str  # "disk" or "nic"
     action: str  # "added", "removed" or "absent" (nothing matched: nothing written)

@@ -9,7 +9,9 @@ functions only name slots and build the boot-time ``-device`` lines.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
+
+from qvm.base.record import Record
 
 if TYPE_CHECKING:  # the vCPU commands import this module, and need no TOML parsing
     from qvm.definition.schema import CpuSpec
@@ -17,7 +19,7 @@ if TYPE_CHECKING:  # the vCPU commands import this module, and need no TOML pars
 
 
 
-class Topology(NamedTuple):
+class Topology(Record):
     sockets: int
     dies: int
     cores: int

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple
 
+from qvm.base.record import Record
 from qvm.errors import HostError
 
 
-class KvmFacts(NamedTuple):
+class KvmFacts(Record):
     device_exists: bool
     device_accessible: bool
     kvm_pvm_loaded: bool
     cpu_has_virt_flags: bool  # vmx (Intel) or svm (AMD) in /proc/cpuinfo
 
 
-class AccelChoice(NamedTuple):
+class AccelChoice(Record):
     accel: str  # "kvm" or "tcg"
     reason: str
     kvm_pvm: bool = False  # KVM here is kvm_pvm: "-cpu host" and "-cpu max" abort QEMU

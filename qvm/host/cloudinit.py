@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from qvm.base.record import Record
 from qvm.definition.schema import CloudInitSpec, Machine
 from qvm.errors import DefinitionError, HostError, Problem
 from qvm.host.tools import run_tool
@@ -26,7 +27,7 @@ SEED_LABEL = "cidata"
 GENERATED_KEY = "id_ed25519"  # in the run dir, when qvm makes the VM's key pair
 
 
-class SeedPlan(NamedTuple):
+class SeedPlan(Record):
     user: str
     keys: tuple[str, ...]  # public key lines; empty when qvm will make the key pair
     identities: tuple[Path, ...]  # private keys `qvm ssh` offers (-i); may be empty

@@ -8,12 +8,12 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import NamedTuple
 
+from qvm.base.record import Record
 from qvm.errors import HostError
 
 
-class QemuCapabilities(NamedTuple):
+class QemuCapabilities(Record):
     binary: str  # resolved path
     version: str
     cpu_models: tuple[str, ...]

@@ -10,9 +10,10 @@ parse is a ``RecordError`` naming the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from qvm.base.jsonfile import read_json, write_json_atomic
+from qvm.base.record import Record
 from qvm.layout.rundir import RunDir
 from qvm.store.fields import Fields, read_record
 
@@ -56,7 +57,7 @@ def commands_json(commands: tuple[Command, ...]) -> list[list[Any]]:
     return [[command, arguments] for command, arguments in commands]
 
 
-class DeviceRecord(NamedTuple):
+class DeviceRecord(Record):
     """One device qvm hotplugged; the facts of its kind are None for the others."""
 
     id: str

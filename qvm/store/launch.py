@@ -8,9 +8,10 @@ attributes. A record that does not parse is a ``RecordError`` naming the file.
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 from qvm.base.jsonfile import write_json_atomic
+from qvm.base.record import Record
 from qvm.store.fields import Fields, read_record
 
 RESTART_POLICIES = ("no", "on-failure", "always")
@@ -18,7 +19,7 @@ PROTOCOLS = ("tcp", "udp")
 LAUNCH_HINT = "qvm up writes it anew; qvm down, then qvm up"
 
 
-class Forward(NamedTuple):
+class Forward(Record):
     """One host-to-guest port forward of a NIC, its host port resolved."""
 
     nic: str
@@ -41,7 +42,7 @@ class Forward(NamedTuple):
         return self._asdict()
 
 
-class Image(NamedTuple):
+class Image(Record):
     """A file QEMU opens, and whether it writes it (for other VMs' pre-flight)."""
 
     path: str
@@ -55,7 +56,7 @@ class Image(NamedTuple):
         return self._asdict()
 
 
-class Topology(NamedTuple):
+class Topology(Record):
     sockets: int
     dies: int
     cores: int
@@ -69,7 +70,7 @@ class Topology(NamedTuple):
         return self._asdict()
 
 
-class SshFacts(NamedTuple):
+class SshFacts(Record):
     """How ``qvm ssh`` logs in: the cloud-init user, its keys, and whether qvm made one."""
 
     user: str
@@ -90,7 +91,7 @@ class SshFacts(NamedTuple):
         return {**self._asdict(), "identities": list(self.identities)}
 
 
-class LaunchRecord(NamedTuple):
+class LaunchRecord(Record):
     name: str
     machine_file: str | None
     argv: tuple[str, ...]

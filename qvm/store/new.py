@@ -5,15 +5,16 @@
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 from qvm.base.jsonfile import write_json_atomic
+from qvm.base.record import Record
 from qvm.store.fields import Fields, read_record
 
 NEW_HINT = "qvm new wrote it; delete it, and qvm rm --purge keeps the machine file"
 
 
-class NewRecord(NamedTuple):
+class NewRecord(Record):
     machine_file: str  # absolute
     sha256: str  # hex digest of the text qvm new wrote
 

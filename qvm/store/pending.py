@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from qvm.base.jsonfile import write_json_atomic
+from qvm.base.record import Record
 from qvm.errors import RecordError
 from qvm.layout.rundir import RunDir
 from qvm.store.devices import (
@@ -34,7 +35,7 @@ PERIPHERAL = "/machine/peripheral/"
 _HINT = "qvm restart ends every pending unplug"
 
 
-class PendingMark(NamedTuple):
+class PendingMark(Record):
     """An unplug request of one device that the guest has not completed."""
 
     qemu_pid: int | None = None  # None: a mark from before marks were stamped

@@ -12,8 +12,9 @@ import os
 import select
 import time
 from pathlib import Path
-from typing import NamedTuple, NoReturn
+from typing import NoReturn
 
+from qvm.base.record import Record
 from qvm.errors import HostError, LaunchError, QvmError, VmStateError
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import LaunchRecord, write_launch
@@ -26,7 +27,7 @@ DEFAULT_READY_TIMEOUT = 60.0
 # --- up ------------------------------------------------------------------------------
 
 
-class UpResult(NamedTuple):
+class UpResult(Record):
     name: str
     already_running: bool
     qemu_pid: int | None

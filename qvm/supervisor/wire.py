@@ -28,8 +28,9 @@ before asyncio exists.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from qvm.base.record import Record
 from qvm.errors import RecordError
 from qvm.store.fields import Fields
 from qvm.store.state import StateRecord
@@ -92,7 +93,7 @@ def decode(line: bytes, source: str, hint: str | None = None) -> Fields:
 # --- replies -------------------------------------------------------------------------
 
 
-class ErrorReply(NamedTuple):
+class ErrorReply(Record):
     """The supervisor could not serve the request; ``error`` says why."""
 
     error: str
@@ -101,7 +102,7 @@ class ErrorReply(NamedTuple):
         return {"error": self.error}
 
 
-class StatusReply(NamedTuple):
+class StatusReply(Record):
     """The supervisor's state record, its ``state`` the live one, and what QEMU said
     (each None when QEMU did not run or did not answer)."""
 
@@ -131,7 +132,7 @@ class StatusReply(NamedTuple):
         return {**self.record.to_json(), **facts}
 
 
-class EndReply(NamedTuple):
+class EndReply(Record):
     """How a stop or kill ended QEMU: one of ENDINGS, or None when it was not running."""
 
     ended_by: str | None
@@ -148,7 +149,7 @@ class EndReply(NamedTuple):
         return data
 
 
-class Accepted(NamedTuple):
+class Accepted(Record):
     """The supervisor has read a request with ``ack`` in time and is carrying it out."""
 
     @staticmethod
@@ -159,7 +160,7 @@ class Accepted(NamedTuple):
         return {"accepted": True}
 
 
-class ControlReady(NamedTuple):
+class ControlReady(Record):
     """The supervisor has a QMP connection: the relay's lines follow."""
 
     @classmethod
@@ -181,7 +182,7 @@ class Request(Protocol[_Reply]):
     def read_reply(self, f: Fields) -> _Reply: ...
 
 
-class StatusRequest(NamedTuple):
+class StatusRequest(Record):
     def to_json(self) -> dict[str, Any]:
         return {"op": "status"}
 
@@ -189,7 +190,7 @@ class StatusRequest(NamedTuple):
         return StatusReply.read(f)
 
 
-class StopRequest(NamedTuple):
+class StopRequest(Record):
     """ACPI power button for up to ``timeout`` seconds (none with ``force``), then QMP
     quit, then SIGKILL. Not carried out if read after ``deadline`` (``time.time()``)."""
 
@@ -205,7 +206,7 @@ class StopRequest(NamedTuple):
         return EndReply.read(f)
 
 
-class KillRequest(NamedTuple):
+class KillRequest(Record):
     deadline: float | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -215,7 +216,7 @@ class KillRequest(NamedTuple):
         return EndReply.read(f)
 
 
-class ControlRequest(NamedTuple):
+class ControlRequest(Record):
     def to_json(self) -> dict[str, Any]:
         return {"op": "control"}
 
