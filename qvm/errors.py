@@ -12,7 +12,11 @@
      ├── LaunchError         QEMU or the supervisor died while starting
      ├── ControlError        a QMP operation failed or QEMU refused it
      │    └── QmpTimeoutError
-     └── HotplugError        a device could not be added or removed
+     ├── HotplugError        a device could not be added or removed
+     └── AgentError          the guest agent (qemu-ga): also its channel closing mid-command
+          ├── AgentNotConfigured  the VM has no agent channel ([agent] enabled = false)
+          ├── AgentNotAnswering   no reply in time: no agent in the guest (yet), or busy
+          └── AgentCommandError   the agent's own error reply (a path or program not found)
 
 Anything else escaping the core is a bug, and the CLI shows it as one.
 
@@ -24,7 +28,8 @@ The exit status of `qvm`, what a script can tell apart without reading stderr:
                            usage errors), a DefinitionError, a VmNameError
     EXIT_PENDING      3    a hotplug/unplug request stands, but the guest has not
                            completed it (yet)
-    EXIT_TIMEOUT      4    `qvm wait`: not ready in time (``WaitTimeout``)
+    EXIT_TIMEOUT      4    `qvm wait`: not ready in time (``WaitTimeout``); `qvm exec`: the
+                           command outlived --timeout
     EXIT_INTERRUPTED  130  Ctrl-C (128 + SIGINT, as shells report it)
 
 `qvm ssh` and `qvm qmp --shell` become ssh and qmp-shell: theirs is the status.
@@ -43,9 +48,14 @@ EXIT_INTERRUPTED = 130
 
 
 class QvmError(Exception):
-    """An error the user can act on. ``str(error)`` is the complete message."""
+    """An error the user can act on. ``str(error)`` is the complete message; ``vm``,
+    ``key`` and ``file`` name what it is about, where it knows (the JSON form of an error
+    carries them)."""
 
     exit_code = EXIT_FAILURE
+    vm: str | None = None
+    key: str | None = None
+    file: str | None = None
 
 
 class Problem(NamedTuple):
@@ -72,6 +82,8 @@ class DefinitionError(QvmError):
 
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = list(problems)
+        if self.problems:
+            self.file, self.key = self.problems[0].file, self.problems[0].key or None
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
@@ -93,7 +105,7 @@ class VmStateError(QvmError):
 
 class NotRunningError(VmStateError):
     def __init__(self, name: str, hint: str | None = None) -> None:
-        self.name = name
+        self.name = self.vm = name
         message = f"{name}: not running"
         message += f" (hint: {hint})" if hint else f" (hint: start it with 'qvm up {name}')"
         super().__init__(message)
@@ -105,7 +117,7 @@ class RecordError(QvmError):
 
     def __init__(self, source: str, key: str, problem: str, hint: str | None = None) -> None:
         self.source = source
-        self.key = key
+        self.key = key or None
         text = f"{source}: {key}: {problem}" if key else f"{source}: {problem}"
         super().__init__(text + (f" (hint: {hint})" if hint else ""))
 
@@ -143,3 +155,24 @@ class QmpTimeoutError(ControlError):
 
 class HotplugError(QvmError):
     pass
+
+
+class AgentError(QvmError):
+    """Something about the guest agent; ``str()`` is the whole message."""
+
+
+class AgentNotConfigured(AgentError):
+    pass
+
+
+class AgentNotAnswering(AgentError):
+    pass
+
+
+class AgentCommandError(AgentError):
+    """``agent_class``/``agent_desc``: the agent's own error reply."""
+
+    def __init__(self, message: str, agent_class: str, agent_desc: str) -> None:
+        super().__init__(message)
+        self.agent_class = agent_class
+        self.agent_desc = agent_desc

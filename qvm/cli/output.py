@@ -3,15 +3,82 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from qvm.errors import EXIT_FAILURE
 
+# a VM name, as the first word of an error ("vm1: not running") or the one it did not
+# find ("no machine named 'vm1'"); see qvm.layout.names
+_VM_PREFIX = re.compile(r"([a-z0-9][a-z0-9_-]{0,62}): ")
+_VM_NOT_FOUND = re.compile(r"no machine named '([a-z0-9][a-z0-9_-]{0,62})'")
+
+
+class _Emitted:
+    """Whether this command has printed its JSON document: an error after it stays on
+    stderr only, so that stdout is always exactly one JSON document."""
+
+    json = False
+
+
+def json_mode(argv: Sequence[str] | None = None) -> bool:
+    """The command line asks for JSON: ``--json`` before any ``--`` (after it, the words
+    belong to the guest, as in `qvm ssh VM -- tool --json`)."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if "--" in words:
+        words = words[: words.index("--")]
+    return "--json" in words
+
 
 def emit_json(data: Any) -> None:
+    _Emitted.json = True
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def error_json(
+    message: str,
+    code: int,
+    vm: str | None = None,
+    key: str | None = None,
+    file: str | None = None,
+    guess: bool = True,
+) -> dict[str, Any]:
+    """The JSON form of an error (schemas/error.json): the message's first line as
+    ``error``, the exit status, and the VM, key and file it names where they are known;
+    a VM or file the message starts with counts when the error does not say (``guess``)."""
+    first = message.strip().splitlines()[0] if message.strip() else "error"
+    first = first.removeprefix("qvm: ")
+    data: dict[str, Any] = {"error": first, "exit_code": code}
+    head = first.split(": ", 1)[0] if guess and ": " in first else ""
+    if file is None and head and ("/" in head or head.endswith((".toml", ".json"))):
+        file = head
+    if guess and vm is None and file is None:
+        match = _VM_PREFIX.match(first) or _VM_NOT_FOUND.search(first)
+        vm = match.group(1) if match else None
+    for field, value in (("vm", vm), ("key", key), ("file", file)):
+        if value:
+            data[field] = value
+    if message.strip().count("\n"):
+        data["problems"] = [line.removeprefix("qvm: ") for line in message.strip().splitlines()]
+    return data
+
+
+def report_error(error: BaseException, code: int) -> None:
+    """A QvmError the command did not handle: one line (or the lines of every problem)
+    on stderr, and with ``--json`` its JSON form on stdout too."""
+    sys.stderr.write(f"qvm: {error}\n")
+    if json_mode() and not _Emitted.json:
+        emit_json(
+            error_json(
+                str(error),
+                code,
+                vm=getattr(error, "vm", None),
+                key=getattr(error, "key", None),
+                file=getattr(error, "file", None),
+            )
+        )
 
 
 def say(text: str = "") -> None:
@@ -22,18 +89,49 @@ def warn(text: str) -> None:
     sys.stderr.write(text + "\n")
 
 
+class _StderrTail:
+    """stderr as it is, remembering the last "Error: ..." line Click writes there, so that
+    a usage error can be given in JSON too (only installed with ``--json``)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.last_error: str | None = None
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.startswith("Error: "):
+                self.last_error = line.removeprefix("Error: ")
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+if json_mode() and not isinstance(sys.stderr, _StderrTail):
+    sys.stderr = _StderrTail(sys.stderr)
+
+
+def report_usage_error(code: int) -> None:
+    """Click's usage error, already on stderr, as a JSON object on stdout (``--json``)."""
+    if not json_mode() or _Emitted.json:
+        return
+    said = sys.stderr.last_error if isinstance(sys.stderr, _StderrTail) else None
+    emit_json(error_json(said or "usage error (see stderr)", code, guess=False))
+
+
 def abort(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     sys.stderr.write(f"qvm: {message}\n" if "\n" not in message else message + "\n")
+    if json_mode() and not _Emitted.json:
+        emit_json(error_json(message, code))
     raise SystemExit(code)
-
-
-# the exit codes live in qvm.errors; this alias only until the commands import it from there
 
 
 def fail_all(problems: list[str], code: int = EXIT_FAILURE) -> NoReturn:
     """Every problem on its own line (all but the last as warnings), then exit ``code``."""
     for problem in problems[:-1]:
         warn(f"qvm: {problem}")
+    if len(problems) > 1 and json_mode() and not _Emitted.json:
+        emit_json({**error_json(problems[-1], code), "problems": problems})
     abort(problems[-1], code)
 
 

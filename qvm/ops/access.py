@@ -89,9 +89,22 @@ def ssh_argv(
     argv += list(extra)
     login = user or target.user
     # "--" ends ssh's options; what follows the destination is the remote command line
-    # (ssh joins its words with spaces, and the guest's shell runs it)
-    argv += ["--", f"{login}@{target.host}" if login else target.host, *command]
+    argv += ["--", f"{login}@{target.host}" if login else target.host]
+    if command:
+        argv.append(remote_command(command))
     return argv
+
+
+def remote_command(command: Sequence[str]) -> str:
+    """``command`` as one line for the guest's shell that runs exactly that argv.
+
+    ssh joins its words with spaces and the remote shell splits them again, so
+    `ssh vm sh -c 'exit 7'` runs `sh -c exit 7` (status 0). Each word quoted keeps its
+    boundaries, spaces and quotes; a pipeline or redirection needs a shell of its own
+    (`qvm ssh VM -- sh -c 'a | b'`)."""
+    import shlex
+
+    return " ".join(shlex.quote(word) for word in command)
 
 
 # --- waiting -------------------------------------------------------------------------------

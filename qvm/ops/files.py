@@ -1,6 +1,6 @@
 """Throwing a VM's disk state away (`qvm reset`) and the VM itself (`qvm rm`).
 
-What each removes, exactly (the README repeats it):
+What each removes, exactly (docs/images.md repeats it):
 
 - ``reset``: the overlays (``disk*.qcow2``), the cloud-init seed (``seed.iso``,
   ``user-data``, ``meta-data``), ``known_hosts`` (the guest makes new host keys) and the
@@ -186,3 +186,59 @@ def _other_users(run: RunDir, path: str) -> list[str]:
         if launch and any(os.path.realpath(image.path) == path for image in launch.images):
             users.append(other.name)
     return users
+
+
+# --- logs on a terminal ----------------------------------------------------------------
+
+
+class TerminalSafe:
+    """A guest's serial output made safe to show on a terminal: ``feed(chunk)`` returns
+    what to write, ``flush()`` what is left at the end (a sequence may span chunks).
+
+    Nothing the guest wrote can drive the terminal (ask it to report its cursor, set its
+    title, redefine keys): C0 controls are shown in caret notation (ESC as ``^[``, so
+    ``ESC[6n`` reads ``^[[6n``), DEL as ``^?``, other characters that are not printable
+    (C1 controls such as U+009B, the 8-bit CSI) as ``\\x9b``/``\\uXXXX``, bytes that are not
+    UTF-8 as ``\\xNN``. Newlines and tabs stay; a carriage return before a newline is
+    dropped (serial consoles end lines with CR LF), any other shows as ``^M``.
+    """
+
+    def __init__(self) -> None:
+        import codecs
+
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
+        self._pending_cr = False
+
+    def feed(self, data: bytes) -> bytes:
+        return self._render(self._decoder.decode(data, final=False))
+
+    def flush(self) -> bytes:
+        text = self._render(self._decoder.decode(b"", final=True))
+        if self._pending_cr:
+            self._pending_cr = False
+            text += b"^M"
+        return text
+
+    def _render(self, text: str) -> bytes:
+        out: list[str] = []
+        for char in text:
+            if self._pending_cr:
+                self._pending_cr = False
+                if char != "\n":
+                    out.append("^M")
+            if char == "\r":
+                self._pending_cr = True
+            elif char in "\n\t" or (char.isprintable() and char != "\x7f"):
+                out.append(char)
+            else:
+                out.append(_shown(char))
+        return "".join(out).encode()
+
+
+def _shown(char: str) -> str:
+    code = ord(char)
+    if code < 0x20:
+        return "^" + chr(code + 0x40)
+    if code == 0x7F:
+        return "^?"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"

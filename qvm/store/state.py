@@ -21,6 +21,30 @@ LIVE_STATES = STATES[:5]
 STATE_HINT = "the VM's supervisor writes it; once no QEMU of this VM runs, delete the file"
 
 
+# A qvm command's intent, as the supervisor notes it in ``ended_by`` while it acts on it
+INTENTS = ("stop", "kill")
+
+
+def ending(noted: str | None, signal: str | None, reason: str) -> str | None:
+    """What ended a QEMU run that a qvm command ended, in the one vocabulary of
+    ``down --json``, ``kill --json`` and ``status --json`` (``last_exit.ended_by``):
+    ``acpi`` (the guest powered off after the power button), ``quit`` (QMP quit), ``kill``
+    (SIGKILL), or a word the supervisor recorded itself (``qvm.supervisor.wire.ENDINGS``);
+    None when no qvm command ended it (the guest, a crash) or what did is not known.
+
+    The supervisor notes only its intent (``stop``/``kill``) as it acts; the signal and
+    the reason of the record tell which step of the stop ended QEMU."""
+    if noted not in INTENTS:
+        return noted
+    if signal == "SIGKILL":
+        return "kill"
+    if reason.startswith("the guest powered off"):
+        return "acpi"
+    if reason.startswith("quit over QMP"):
+        return "quit"
+    return None
+
+
 class ExitRecord(NamedTuple):
     """How one QEMU run ended."""
 
@@ -30,24 +54,27 @@ class ExitRecord(NamedTuple):
     failed: bool  # a crash, not an end someone asked for
     at: float  # time.time() of the end
     ran_seconds: float | None = None
-    ended_by: str | None = None  # "stop" or "kill" when a qvm command ended it
+    # what ended it when a qvm command did (``ending``); as written, maybe the intent
+    ended_by: str | None = None
     stderr_tail: tuple[str, ...] | None = None  # QEMU's last lines, when it failed to start
 
     @classmethod
     def read(cls, f: Fields) -> ExitRecord:
+        signal, reason = f.str("signal", None), f.str("reason")
         return cls(
             code=f.int("code", None),
-            signal=f.str("signal", None),
-            reason=f.str("reason"),
+            signal=signal,
+            reason=reason,
             failed=f.bool("failed"),
             at=f.float("at"),
             ran_seconds=f.float("ran_seconds", None),
-            ended_by=f.str("ended_by", None),
+            ended_by=ending(f.str("ended_by", None), signal, reason),
             stderr_tail=f.str_list("stderr_tail", None),
         )
 
     def to_json(self) -> dict[str, Any]:
         data = self._asdict()
+        data["ended_by"] = ending(self.ended_by, self.signal, self.reason)
         if self.stderr_tail is None:
             del data["stderr_tail"]  # only a start failure has one
         else:

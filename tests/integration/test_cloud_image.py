@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from framework.guest import READY
-from framework.harness import REPO, Qvm
+from framework.harness import REPO, Qvm, build_test_image
 
 pytestmark = pytest.mark.integration
 
@@ -24,15 +24,7 @@ BOOT_TIMEOUT = "420"  # seconds for `qvm wait --for ssh`: a TCG boot on a busy 2
 @pytest.fixture(scope="session")
 def test_image() -> dict[str, object]:
     """Build (or take from the cache) the Debian image, as scripts/setup does."""
-    done = subprocess.run(
-        [str(REPO / "scripts" / "build-test-image")],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.fail(f"scripts/build-test-image failed:\n{done.stderr[-3000:]}")
+    build_test_image()
     return json.loads((IMAGE_DIR / "image.json").read_text())
 
 
@@ -100,7 +92,14 @@ def test_new_up_ssh_forwards_overlay_reset_rm(
     assert uname.stdout.strip() == test_image["kernel_version"]
     # cloud-init made the user from the seed, with sudo
     assert qvm("ssh", "deb", "--", "sudo", "-n", "id", "-un").stdout.strip() == "root"
-    assert qvm("ssh", "deb", "--", "exit 7", check=False).returncode == 7
+    # each word arrives as one argument: spaces, quotes and the command's status intact
+    assert qvm("ssh", "deb", "--", "sh", "-c", "exit 7", check=False).returncode == 7
+    words = ["a b", "it's", '"q"', "$HOME", "*", ""]
+    printed = qvm("ssh", "deb", "--", "printf", "[%s]", *words).stdout
+    assert printed == "".join(f"[{w}]" for w in words)
+    # no command: a login shell, which here reads its commands from stdin
+    login = qvm("ssh", "deb", input="echo login-$((6*7))\nexit 3\n", check=False)
+    assert login.returncode == 3 and "login-42" in login.stdout
 
     # a forward added at run time works, shows in status, and goes away again
     added = json.loads(qvm("port", "add", "deb", "tcp:0:22", "--json").stdout)
@@ -114,7 +113,7 @@ def test_new_up_ssh_forwards_overlay_reset_rm(
     assert subprocess.run(argv, capture_output=True, timeout=60).returncode == 255
 
     # write inside the guest; the base image is never written
-    qvm("ssh", "deb", "--", "echo hello | sudo tee /var/tmp/qvm-marker && sync")
+    qvm("ssh", "deb", "--", "sh", "-c", "echo hello | sudo tee /var/tmp/qvm-marker && sync")
     down = qvm("down", "deb")
     assert "deb: stopped: the guest powered off after the ACPI power button" in down.stdout
     assert sha256(base) == base_sum

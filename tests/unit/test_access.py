@@ -3,10 +3,12 @@ the image-lock pre-flight: everything around reaching a test VM that needs no QE
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,17 @@ def make_run(tmp_path: Path, name: str = "vm1", **launch: object) -> RunDir:
     run.path.mkdir(parents=True)
     write_json_atomic(run.launch_file, {"name": name, "argv": ["qemu"], **launch})
     return run
+
+
+@contextlib.contextmanager
+def running(run: RunDir) -> Iterator[None]:
+    """``run``'s lock held, as its live supervisor holds it."""
+    fd = try_lock(run.lock_file)
+    assert fd is not None
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 # --- ports ---------------------------------------------------------------------------------
@@ -131,8 +144,7 @@ def test_ssh_argv_has_port_user_key_and_per_vm_known_hosts() -> None:
         "IdentitiesOnly=yes",
         "--",
         "qvm@127.0.0.1",
-        "uname",
-        "-r",
+        "uname -r",  # one line for the remote shell, each word quoted (test_json_schemas.py)
     ]
     bare = SshTarget("vm1", None, "127.0.0.1", 2222, (), Path("/k"))
     argv = ssh_argv(bare, batch=True, user="root")
@@ -207,15 +219,11 @@ def test_reset_removes_overlays_seed_and_known_hosts_only(tmp_path: Path) -> Non
 
 def test_reset_and_rm_refuse_a_running_vm(tmp_path: Path) -> None:
     run = make_run(tmp_path)
-    fd = try_lock(run.lock_file)  # as a live supervisor holds it
-    try:
+    with running(run):
         with pytest.raises(VmStateError, match=r"vm1: is running; reset needs it stopped"):
             reset(run)
         with pytest.raises(VmStateError, match=r"vm1: is running; rm needs it stopped"):
             remove(run, purge=True)
-    finally:
-        assert fd is not None
-        os.close(fd)
 
 
 def test_rm_purge_removes_only_what_qvm_made(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
@@ -289,29 +297,21 @@ def test_image_used_by_another_running_vm_is_named(tmp_path: Path) -> None:
     other = make_run(tmp_path, name="builder", images=[{"path": str(image), "writable": True}])
     mine = RunDir(tmp_path / "state" / "vm1")
     assert image_conflicts([("disk[0].base", image, False)], mine) == []  # not running
-    fd = try_lock(other.lock_file)
-    try:
+    with running(other):
         assert image_conflicts([("disk[0].base", image, False)], mine) == [
             ("disk[0].base", image, "VM builder (hint: qvm down builder)")
         ]
-    finally:
-        assert fd is not None
-        os.close(fd)
 
 
 def test_base_images_may_be_shared_by_readers(tmp_path: Path) -> None:
     image = tmp_path / "base.qcow2"
     image.write_bytes(b"")
     other = make_run(tmp_path, name="other", images=[{"path": str(image), "writable": False}])
-    fd = try_lock(other.lock_file)
-    try:
+    with running(other):
         mine = RunDir(tmp_path / "state" / "vm1")
         assert image_conflicts([("disk[0].base", image, False)], mine) == []
         conflicts = image_conflicts([("disk[0].file", image, True)], mine)
         assert conflicts == [("disk[0].file", image, "VM other (hint: qvm down other)")]
-    finally:
-        assert fd is not None
-        os.close(fd)
 
 
 def test_qemu_style_lock_held_outside_qvm_is_seen(tmp_path: Path) -> None:

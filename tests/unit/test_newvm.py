@@ -154,6 +154,7 @@ def test_written_file_loads_refuses_overwrite_and_is_noted(tmp_path: Path) -> No
 
 def test_cli_new_writes_into_machines_dir(tmp_path: Path) -> None:
     env = dict(os.environ, QVM_STATE_DIR=str(tmp_path / "state"))
+    (tmp_path / "disk.qcow2").write_bytes(b"QFI\xfb" + bytes(508))  # new checks it is an image
     argv = [*QVM, "--machines", str(tmp_path / "m"), "new", "box", "--image", "disk.qcow2"]
     done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr

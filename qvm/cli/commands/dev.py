@@ -10,6 +10,8 @@ from qvm.cli.parsing.declare import Argument, Commands, Option
 
 commands = Commands()
 
+JSON_HELP = "Print JSON (the schema named below). An error is a JSON object too."
+
 
 @commands.command("new")
 def new(
@@ -54,10 +56,30 @@ def new(
         False, "--no-cloud-init", help="No [cloud_init] table (no seed, no ssh forward)."
     ),
     machine_type: str | None = Option(None, "--type", help='"q35" (default), "pc" or "microvm".'),
+    clone_of: str | None = Option(
+        None,
+        "--from",
+        metavar="VM@TAG",
+        help="A clone of VM's snapshot TAG: its first up resumes from that memory image.",
+    ),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Write machines/NAME.toml (or into --machines DIR) for a test VM; never overwrites."""
+    """Write NAME.toml for a test VM where `qvm up NAME` finds it from any folder; never
+    overwrites. The folder: --machines DIR, else the first of $QVM_MACHINES, else
+    ~/.config/qvm/machines.
+
+    --image must be a disk image file that exists, or an http(s) URL with its checksum:
+    checked before anything is written.
+
+    JSON: schemas/new.json
+    """
+    if clone_of is not None:
+        from qvm.cli.commands.snapshot import new_clone
+
+        new_clone(name, clone_of, as_json)
+        return
     from qvm.definition.new import NewOptions, new_document
-    from qvm.ops.new import write_new
+    from qvm.ops.new import check_image, write_new
 
     options = NewOptions(
         name=name,
@@ -81,21 +103,36 @@ def new(
         machine_type=machine_type,
     )
     doc = new_document(options, Path.cwd())
-    folder = resolve.settings.machines_dir or Path("machines")
-    path = folder / f"{name}.toml"
+    if image is not None:
+        check_image(image, Path.cwd())
+    path = resolve.new_machines_dir() / f"{name}.toml"
     write_new(doc, path, resolve.run_dir(name))
+    start = f"qvm up {name}"
+    login = None if no_cloud_init else f"qvm wait {name} --for ssh && qvm ssh {name}"
+    if as_json:
+        emit_json({"name": name, "file": str(path.resolve()), "start": start, "login": login})
+        return
     say(f"{name}: wrote {path}")
-    say(f"  start it:   qvm up {name}")
-    if not no_cloud_init:
-        say(f"  log in:     qvm wait {name} --for ssh && qvm ssh {name}")
+    say(f"  start it:   {start}")
+    if login:
+        say(f"  log in:     {login}")
 
 
 @commands.command("reset")
-def reset(name: str = Argument(..., help="Machine name.")) -> None:
-    """Throw the VM's disk state away: overlays, cloud-init seed, known_hosts (VM stopped)."""
+def reset(
+    name: str = Argument(..., help="Machine name."),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Throw the VM's disk state away: overlays, cloud-init seed, known_hosts (VM stopped).
+
+    JSON: schemas/reset.json
+    """
     from qvm.ops.files import reset as reset_vm
 
     removed = reset_vm(resolve.run_dir_of(name))
+    if as_json:
+        emit_json({"name": name, "removed": [str(p) for p in removed.files]})
+        return
     if not removed.files:
         say(f"{name}: nothing to reset")
         return
@@ -113,12 +150,20 @@ def rm(
         help="Also remove the machine file if qvm new wrote it and it is unchanged, and "
         "images qvm downloaded for it that no other VM uses.",
     ),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Remove the VM's run dir (overlays, seed, logs, state). Never a base image."""
+    """Remove the VM's run dir (overlays, seed, logs, state). Never a base image.
+
+    JSON: schemas/rm.json
+    """
     from qvm.ops.files import remove
 
     run = resolve.run_dir_of(name)
     removed = remove(run, purge=purge)
+    if as_json:
+        kept = [{"file": str(path), "why": why} for path, why in removed.kept]
+        emit_json({"name": name, "removed": [str(p) for p in removed.files], "kept": kept})
+        return
     if not removed.files and not removed.kept:
         say(f"{name}: nothing to remove")
     for path in removed.files:
@@ -138,7 +183,12 @@ def ssh(
         False, "--print", help="Print the ssh command line instead of running it."
     ),
 ) -> None:
-    """ssh into the VM through its forwarded port; exits with the command's status."""
+    """ssh into the VM through its forwarded port; exits with the command's status.
+
+    With no command, an interactive login. Each word of the command reaches the guest
+    as one argument, spaces and quotes intact (`qvm ssh VM -- sh -c 'exit 7'` exits 7);
+    for a pipeline, give it to a shell: `qvm ssh VM -- sh -c 'dmesg | tail'`.
+    """
     import shlex
 
     from qvm.errors import NotRunningError
@@ -165,9 +215,12 @@ def wait(
         "answers) or serial:REGEX (the serial log of this run matches).",
     ),
     timeout: float = Option(300.0, "--timeout", help="Seconds before giving up."),
-    as_json: bool = Option(False, "--json", help="Print JSON."),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Block until the VM is ready in the sense of --for (exit 4 on timeout)."""
+    """Block until the VM is ready in the sense of --for (exit 4 on timeout).
+
+    JSON: schemas/wait.json
+    """
     timeout = resolve.timeout_seconds(timeout)
     from qvm.cli.progress import Spinner
     from qvm.ops.access import describe_condition, parse_condition, wait_ready

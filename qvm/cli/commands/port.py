@@ -8,13 +8,18 @@ from qvm.cli.parsing.declare import Argument, Commands, Option
 
 commands = Commands(help="List, add and remove port forwards of a running VM.")
 
+AS_JSON_HELP = "Print JSON (the schema named below). An error is a JSON object too."
+
 
 @commands.command("list")
 def list_cmd(
     name: str = Argument(..., help="Machine name."),
-    as_json: bool = Option(False, "--json", help="Print JSON."),
+    as_json: bool = Option(False, "--json", help=AS_JSON_HELP),
 ) -> None:
-    """The VM's port forwards: from its machine file and added at run time."""
+    """The VM's port forwards: from its machine file and added at run time.
+
+    JSON: schemas/port-list.json
+    """
     from qvm.store.forwards import read_forwards
 
     forwards = read_forwards(resolve.run_dir_of(name))
@@ -35,9 +40,12 @@ def add(
         "defaults to 127.0.0.1.",
     ),
     nic: str | None = Option(None, "--nic", help="NIC id (default: the first NIC)."),
-    as_json: bool = Option(False, "--json", help="Print JSON."),
+    as_json: bool = Option(False, "--json", help=AS_JSON_HELP),
 ) -> None:
-    """Forward a host port to the running guest (HMP hostfwd_add)."""
+    """Forward a host port to the running guest (HMP hostfwd_add).
+
+    JSON: schemas/port-add.json
+    """
     from qvm.control.forwards import add_forward, forward_text
 
     entry = add_forward(resolve.run_dir_of(name), spec, nic)
@@ -57,9 +65,12 @@ def delete(
         "(2222, tcp:2222).",
     ),
     nic: str | None = Option(None, "--nic", help="Only this NIC's forwards."),
-    as_json: bool = Option(False, "--json", help="Print JSON."),
+    as_json: bool = Option(False, "--json", help=AS_JSON_HELP),
 ) -> None:
-    """Remove port forwards from the running guest (HMP hostfwd_remove)."""
+    """Remove port forwards from the running guest (HMP hostfwd_remove).
+
+    JSON: schemas/port-del.json
+    """
     from qvm.control.forwards import forward_text, remove_forward
 
     removed = remove_forward(resolve.run_dir_of(name), spec, nic)

@@ -42,6 +42,8 @@ def qmp(
     """Send one QMP command (the supervisor runs it) and print QEMU's JSON reply.
 
     Errors from QEMU are printed as QEMU's own message, with exit status 1.
+
+    JSON: schemas/qmp.json
     """
     timeout = resolve.timeout_seconds(timeout)
     run = resolve.run_dir_of(name)
@@ -62,8 +64,6 @@ def qmp(
     emit_json(reply)
 
 
-def _exec_shell(run: RunDir) -> None:
-    """Replace this process with qmp-shell on the user's socket (qvm never holds it)."""
 def _read_args_file(path: str | None) -> dict[str, object]:
     """The JSON object in ``path`` ('-': standard input); ValueError says what is wrong."""
     if path is None:
@@ -87,6 +87,8 @@ def _read_args_file(path: str | None) -> dict[str, object]:
     return data
 
 
+def _exec_shell(run: RunDir) -> None:
+    """Replace this process with qmp-shell on the user's socket (qvm never holds it)."""
     from qvm.errors import NotRunningError
     from qvm.supervisor.client import supervisor_alive
 
