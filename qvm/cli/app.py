@@ -3,10 +3,13 @@
 (``qvm.cli.parsing.fast``), everything else through the Typer CLI built from the same
 declarations (``qvm.cli.parsing.typer_app``)."""
 
+from __future__ import annotations
+
 import contextlib
 import gc
 import os
 import sys
+from collections.abc import Callable
 
 
 def run() -> None:
@@ -27,7 +30,7 @@ def run() -> None:
     from qvm.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, QvmError
 
     argv = sys.argv[1:]
-    command = plain_command(argv)
+    command = early_command(argv) or plain_command(argv)
     if command is None:
         from qvm.cli.parsing.typer_app import build
 
@@ -44,9 +47,15 @@ def run() -> None:
             code = EXIT_OK if done.code is None else EXIT_FAILURE
             if isinstance(done.code, str):
                 sys.stderr.write(done.code + "\n")
+        if code == 2 and "--json" in argv:  # a usage error Click printed: JSON on stdout too
+            from qvm.cli.output import report_usage_error
+
+            report_usage_error(code)
     except QvmError as error:
-        sys.stderr.write(f"qvm: {error}\n")
+        from qvm.cli.output import report_error  # with --json, also a JSON object on stdout
+
         code = error.exit_code
+        report_error(error, code)
     except KeyboardInterrupt:
         sys.stderr.write("qvm: interrupted\n")
         code = EXIT_INTERRUPTED
@@ -56,3 +65,24 @@ def run() -> None:
         with contextlib.suppress(OSError):
             stream.flush()
     os._exit(code)
+
+
+def early_command(argv: list[str]) -> Callable[[], None] | None:
+    """What answers before any command is parsed: a TAB press (Click answers it),
+    ``--version`` and the completion scripts; None for everything else."""
+    if os.environ.get("_QVM_COMPLETE"):
+        from qvm.cli.parsing.typer_app import build
+
+        return build(argv)
+    if argv == ["--version"]:
+        from qvm.cli.version import version_text
+
+        return lambda: print(version_text())
+    from qvm.cli.parsing.fast import split_global_options
+
+    options, _ = split_global_options(argv)
+    if {"--show-completion", "--install-completion"} & set(options):
+        from qvm.cli.parsing.completion import script_request
+
+        return script_request(argv)
+    return None

@@ -1,13 +1,36 @@
-"""Download progress bars and spinners, drawn on stderr only when it is a terminal."""
+"""Download progress bars and spinners, drawn on stderr only when it is a terminal.
+
+A wait shows a spinner once it has lasted ``SPINNER_DELAY``: a command that answers at
+once draws nothing. The core never prints: a wait that polls calls ``Spinner.tick``; one
+call that blocks (a supervisor's reply) runs inside ``waiting(label)``, whose spinner
+turns in a thread of its own.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qvm.cli.output import human_bytes
 
+if TYPE_CHECKING:
+    import threading
+
 SPINNER = "|/-\\"
+SPINNER_DELAY = 1.0  # seconds
+FRAME_SECONDS = 0.1
+Result = TypeVar("Result")
+
+
+class _Screen:
+    """When a download bar last drew: a spinner keeps off the line while one is drawn."""
+
+    last_bar = 0.0
+
+
+_screen = _Screen()
 
 
 class DownloadBar:
@@ -36,6 +59,7 @@ class DownloadBar:
             line = f"{name} {human_bytes(done)}"
         line += f" {human_bytes(int(speed))}/s"
         end = "\n" if total is not None and done >= total else ""
+        _screen.last_bar = now if not end else 0.0
         sys.stderr.write(f"\r\033[K{line}{end}")
         sys.stderr.flush()
 
@@ -49,15 +73,57 @@ class Spinner:
         self.frame = 0
         self.start = time.monotonic()
 
+        self.drawn = False
+
     def tick(self) -> None:
-        if not self.enabled:
+        now = time.monotonic()
+        seconds = now - self.start
+        if not self.enabled or seconds < SPINNER_DELAY or now - _screen.last_bar < 0.5:
             return
         self.frame = (self.frame + 1) % len(SPINNER)
-        seconds = time.monotonic() - self.start
         sys.stderr.write(f"\r\033[K{SPINNER[self.frame]} {self.label} {seconds:.0f}s")
         sys.stderr.flush()
+        self.drawn = True
 
     def done(self) -> None:
-        if self.enabled:
+        if self.drawn:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
+            self.drawn = False
+
+
+class waiting:  # noqa: N801 - used as a function: ``with waiting("vm1: ..."):``
+    """A spinner that turns in a thread while the ``with`` body blocks, and clears its
+    line when the body ends, however it ends."""
+
+    def __init__(self, label: str) -> None:
+        self.spinner = Spinner(label)
+        self.thread: threading.Thread | None = None
+        self.stopped: threading.Event | None = None
+
+    def __enter__(self) -> Spinner:
+        if self.spinner.enabled:
+            import threading
+
+            self.stopped = threading.Event()
+            self.thread = threading.Thread(target=self._turn, daemon=True)
+            self.thread.start()
+        return self.spinner
+
+    def _turn(self) -> None:
+        assert self.stopped is not None
+        while not self.stopped.wait(FRAME_SECONDS):
+            self.spinner.tick()
+
+    def __exit__(self, *_: object) -> None:
+        if self.thread is not None and self.stopped is not None:
+            self.stopped.set()
+            self.thread.join()
+        self.spinner.done()
+
+
+def run_waiting(label: str, call: Callable[..., Result], *args: Any, **kwargs: Any) -> Result:
+    """``call(*args, **kwargs)`` with a spinner saying ``label`` once it has taken longer
+    than a second."""
+    with waiting(label):
+        return call(*args, **kwargs)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qvm.cli.parsing.declare import Option
 from qvm.errors import EXIT_USAGE, QvmError
-from qvm.layout.names import check_vm_name
+from qvm.layout.names import check_vm_name, is_vm_name
 from qvm.layout.rundir import RunDir, check_private_dir, default_state_dir, run_dir_for
 
 
@@ -66,10 +66,87 @@ def search_dirs() -> list[Path]:
 
 
 def load(name_or_path: str):  # noqa: ANN201 - returns qvm.definition.Machine, imported lazily
+    """The machine a name or a path on the command line means. A name is looked up in
+    ``search_dirs()``, then in the VM's run dir, which records the file it was last
+    started from (or that `qvm new` wrote): so a VM is found by name from any folder."""
     from qvm.definition.discovery import find_machine
     from qvm.definition.load import load_machine
 
-    return load_machine(find_machine(name_or_path, search_dirs()))
+    try:
+        path = find_machine(name_or_path, search_dirs())
+    except QvmError as not_found:
+        if is_path(name_or_path) or not is_vm_name(name_or_path):
+            raise
+        path = recorded_definition(name_or_path, not_found)
+    return load_machine(path)
+
+
+def new_machines_dir() -> Path:
+    """Where `qvm new` writes, so that `qvm up NAME` finds it from any folder."""
+    from qvm.definition.discovery import new_machines_dir as where
+
+    return where(settings.machines_dir, os.environ, Path.cwd())
+
+
+def recorded_definition(name: str, not_found: QvmError) -> Path:
+    """The machine file VM ``name``'s run dir names (launch.json, else new.json);
+    ``not_found`` when there is none, one line saying so when that file is gone."""
+    try:
+        run = run_dir(name)
+        file = recorded_file(run)
+    except QvmError:
+        raise not_found from None
+    if file is None:
+        raise not_found
+    path = Path(file)
+    if not path.is_file():
+        raise QvmError(
+            f"{name}: its machine file {file} is gone (it was there when {name} was last "
+            f"started or made) (hint: put it back, or qvm up path/to/{name}.toml; "
+            f"qvm rm {name} forgets the VM)"
+        )
+    return path
+
+
+def recorded_file(run: RunDir) -> str | None:
+    """The absolute path of the machine file the run dir records, if it records one."""
+    from qvm.store.launch import read_launch
+
+    launch = read_launch(run.launch_file)
+    if launch is not None and launch.machine_file:
+        return launch.machine_file
+    from qvm.store.new import read_new
+
+    made = read_new(run.new_record)
+    return made.machine_file if made is not None else None
+
+
+def definition_changed(run: RunDir) -> str | None:
+    """One line if the machine file VM ``run`` was started from changed since (or is
+    gone); None if it is as it was, or nothing records it."""
+    from qvm.store.launch import read_launch
+
+    try:
+        launch = read_launch(run.launch_file)
+    except QvmError:
+        return None
+    if launch is None or not launch.machine_file or launch.created is None:
+        return None
+    try:
+        modified = os.stat(launch.machine_file).st_mtime
+    except FileNotFoundError:
+        return (
+            f"{run.name}: its machine file {launch.machine_file} is gone since it was "
+            f"started (hint: put it back before qvm restart {run.name})"
+        )
+    except OSError:
+        return None
+    if modified <= launch.created:
+        return None
+    return (
+        f"{run.name}: {launch.machine_file} changed since {run.name} was started "
+        f"(hint: qvm restart {run.name} runs the new definition)"
+    )
 
 
 def is_path(name_or_path: str) -> bool:

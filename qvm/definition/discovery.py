@@ -1,5 +1,9 @@
 """Where machine files are found: ``--machines DIR``, ``$QVM_MACHINES``, ``./machines``,
-``$XDG_CONFIG_HOME/qvm/machines``; a name or a path to a ``.toml`` file.
+``$XDG_CONFIG_HOME/qvm/machines``; a name or a path to a ``.toml`` file. (After these, the
+CLI asks the VM's run dir which file it was started from: ``qvm.cli.resolve.load``.)
+
+``qvm new`` writes into the first folder that every later lookup sees from any folder:
+``--machines DIR``, else the first of ``$QVM_MACHINES``, else the user's config folder.
 """
 
 from __future__ import annotations
@@ -77,11 +81,28 @@ def machine_search_dirs(explicit: Path | None, env: Mapping[str, str], cwd: Path
         if entry
     ]
     dirs.append(cwd / "machines")
+    dirs.append(_config_machines_dir(env, home))
+    return list(dict.fromkeys(dirs))
+
+
+def new_machines_dir(explicit: Path | None, env: Mapping[str, str], cwd: Path) -> Path:
+    """Where ``qvm new`` writes: ``--machines DIR``, else the first folder of
+    $QVM_MACHINES, else $XDG_CONFIG_HOME/qvm/machines; never ./machines, which lookup
+    finds only from the folder above it."""
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    if explicit is not None:
+        return _absolute(str(explicit), home, cwd)
+    first = next((entry for entry in env.get("QVM_MACHINES", "").split(os.pathsep) if entry), None)
+    if first is not None:
+        return _absolute(first, home, cwd)
+    return _config_machines_dir(env, home)
+
+
+def _config_machines_dir(env: Mapping[str, str], home: Path) -> Path:
     xdg = env.get("XDG_CONFIG_HOME", "")
     # The XDG spec says to ignore a relative XDG_CONFIG_HOME.
     config = Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".config"
-    dirs.append(config / "qvm" / "machines")
-    return list(dict.fromkeys(dirs))
+    return config / "qvm" / "machines"
 
 
 def _absolute(text: str, home: Path, cwd: Path) -> Path:

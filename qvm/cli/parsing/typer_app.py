@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import typing
 from collections.abc import Callable
 from typing import Any
 
 import typer
 
 from qvm.cli import resolve
+from qvm.cli.parsing.completion import INSTALL, SHOW, completer
 from qvm.cli.parsing.declare import GROUPS, TOP_LEVEL, Commands, Param
 from qvm.cli.parsing.fast import split_global_options
 
@@ -34,10 +36,13 @@ HELP_ORDER = ("vm", "cpu", "mem", "disk", "nic", "qmp", "dev", "port")
 
 
 def typer_command(
-    function: Callable[..., None], run: Callable[..., None] | None = None
+    function: Callable[..., None],
+    run: Callable[..., None] | None = None,
+    words: tuple[str, ...] = (),
 ) -> Callable[..., None]:
     """``function`` as Typer wants it: the same parameters, with Typer's Argument/Option
-    where the declaration has qvm's. Calls ``run`` (default: ``function``) with them."""
+    where the declaration has qvm's, completed on TAB as ``completer(words, name)`` says.
+    Calls ``run`` (default: ``function``) with them."""
     signature = inspect.signature(function)
     target = run or function
 
@@ -47,17 +52,87 @@ def typer_command(
 
     command.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[
-            p.replace(default=_typer_param(p.default)) if isinstance(p.default, Param) else p
+            p.replace(default=_typer_param(p.default, completer(words, p.name)))
+            if isinstance(p.default, Param)
+            else p
             for p in signature.parameters.values()
         ]
     )
     return command
 
 
-def _typer_param(param: Param) -> Any:
+def _typer_param(param: Param, complete: Callable[..., list[str]] | None = None) -> Any:
     if param.kind == "argument":
-        return typer.Argument(param.default, help=param.help, metavar=param.metavar)
-    return typer.Option(param.default, *param.decls, help=param.help, metavar=param.metavar)
+        return typer.Argument(
+            param.default, help=param.help, metavar=param.metavar, autocompletion=complete
+        )
+    return typer.Option(
+        param.default,
+        *param.decls,
+        help=param.help,
+        metavar=param.metavar,
+        autocompletion=complete,
+    )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from qvm.cli.version import version_text
+
+        print(version_text())
+        raise typer.Exit()
+
+
+def root_command() -> Callable[..., None]:
+    """`qvm`'s own options: the global ones, and those that answer before any command
+    (``qvm.cli.app.run`` handles them itself; here they are for the help and for TAB)."""
+    base = typer_command(resolve.global_options)
+    signature = inspect.signature(base)
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    extra = [
+        inspect.Parameter(
+            "version",
+            keyword,
+            annotation=bool,
+            default=typer.Option(
+                False,
+                "--version",
+                is_eager=True,
+                callback=_print_version,
+                help="Print the versions of qvm, QEMU and Python.",
+            ),
+        ),
+        *(
+            inspect.Parameter(
+                flag.lstrip("-").replace("-", "_"),
+                keyword,
+                annotation=str | None,
+                default=typer.Option(None, flag, metavar="[SHELL]", help=text),
+            )
+            for flag, text in (
+                (INSTALL, "Install completion for bash, zsh or fish (default: this shell)."),
+                (SHOW, "Print the completion script for bash, zsh or fish."),
+            )
+        ),
+    ]
+
+    def root(
+        version: bool = False,
+        install_completion: str | None = None,
+        show_completion: str | None = None,
+        **global_values: Any,
+    ) -> None:
+        resolve.global_options(**global_values)
+
+    root.__doc__ = resolve.global_options.__doc__
+    root.__annotations__ = {
+        **typing.get_type_hints(resolve.global_options),
+        **{p.name: p.annotation for p in extra},
+    }
+    root.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), *extra]
+    )
+    return root
 
 
 def module_commands(module: str) -> Commands:
@@ -75,24 +150,25 @@ def add_module(
     if module in GROUPS:
         group = typer.Typer(help=commands.help, no_args_is_help=True)
         for word, function in commands.functions.items():
-            group.command(word)(typer_command(function, run))
+            group.command(word)(typer_command(function, run, (module, word)))
         target.add_typer(group, name=module)
         return
     for word, function in commands.functions.items():
         if only in (None, word):
-            target.command(word)(typer_command(function, run))
+            target.command(word)(typer_command(function, run, (word,)))
 
 
 def register(word: str | None) -> None:
     """Build only the command that will run: Typer inspects every registered function at
     start-up, and `qvm status -h` should not pay for `qvm cpu set`'s signature."""
-    app.callback()(typer_command(resolve.global_options))
+    app.callback()(root_command())
     if word in TOP_LEVEL:
         add_module(app, TOP_LEVEL[word], only=word)
     elif word in GROUPS:
         add_module(app, word)
     else:  # help, or an unknown command: show them all
-        for module in HELP_ORDER:
+        modules = [*HELP_ORDER, *TOP_LEVEL.values(), *GROUPS]
+        for module in dict.fromkeys(modules):
             add_module(app, module)
 
 
@@ -103,6 +179,15 @@ def command_word(argv: list[str]) -> str | None:
 
 
 def build(argv: list[str]) -> Callable[[], Any]:
-    """The Typer app, with the command ``argv`` names registered, ready to run."""
+    """The Typer app, with the command ``argv`` names registered, ready to run. A bare
+    `qvm` asks for help: on stdout, and exit 0."""
+    from qvm.cli.parsing import completion
+
+    if completion.completing():
+        completion.enable()
+        register(command_word(completion.completed_words()))
+        return app
     register(command_word(argv))
+    if not argv:
+        return lambda: app(args=["--help"], prog_name="qvm")
     return app
