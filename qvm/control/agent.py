@@ -13,7 +13,8 @@ time and the agent answers in order with nothing to tie a reply to its request, 
   client), is discarded. After a command timed out the client resynchronises the same
   way before its next command, since the late reply may still come.
 
-Errors, each one line naming the VM::
+Errors, each one line naming the VM (the classes live in ``qvm.errors``; importing them
+from here works too)::
 
     NotRunningError      no supervisor, or no QEMU under it
     AgentNotConfigured   the VM has no agent channel ([agent] enabled = false)
@@ -32,9 +33,18 @@ import random
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
-from qvm.errors import NotRunningError, QvmError
+from qvm.base.record import Record
+
+# the error classes live in qvm.errors with the rest; imported from here too
+from qvm.errors import (
+    AgentCommandError,
+    AgentError,
+    AgentNotAnswering,
+    AgentNotConfigured,
+    NotRunningError,
+)
 from qvm.layout.locks import try_lock
 from qvm.layout.rundir import RunDir
 
@@ -45,34 +55,16 @@ SYNC_TIMEOUT = 5.0  # seconds for the agent to answer guest-sync-delimited
 LOCK_TIMEOUT = 30.0  # another qvm command may be in a long exchange with the agent
 CONNECT_TIMEOUT = 5.0
 MAX_LINE = 64 * 1024**2  # a guest-exec-status or guest-file-read reply carries base64 data
+RECV_SIZE = 1024**2
 
 
-class AgentError(QvmError):
-    """Something about the guest agent; ``str()`` is the whole message."""
-
-
-class AgentNotConfigured(AgentError):
-    pass
-
-
-class AgentNotAnswering(AgentError):
-    pass
-
-
-class AgentCommandError(AgentError):
-    def __init__(self, message: str, agent_class: str, agent_desc: str) -> None:
-        super().__init__(message)
-        self.agent_class = agent_class
-        self.agent_desc = agent_desc
-
-
-class AgentCommand(NamedTuple):
+class AgentCommand(Record):
     name: str
     enabled: bool
     success_response: bool
 
 
-class AgentInfo(NamedTuple):
+class AgentInfo(Record):
     """``guest-info``: the agent's version and the commands it knows."""
 
     version: str
@@ -208,7 +200,7 @@ class AgentClient:
             )
         try:
             self._sock.settimeout(remaining)
-            data = self._sock.recv(65536)
+            data = self._sock.recv(RECV_SIZE)
         except TimeoutError:
             raise AgentNotAnswering(
                 f"{self.name}: guest agent not answering: {what} {_hint(self.name)}"
@@ -229,15 +221,18 @@ class AgentClient:
             self._fill(deadline, what)
 
     def _read_line(self, deadline: float, what: str) -> bytes:
+        scanned = 0  # a reply with output or file data is megabytes: search each byte once
         while True:
-            index = self._buffer.find(b"\n")
+            index = self._buffer.find(b"\n", scanned)
             if index >= 0:
                 line = bytes(self._buffer[:index])
                 del self._buffer[: index + 1]
+                scanned = 0
                 if line.strip():
                     return line
                 continue
-            if len(self._buffer) > MAX_LINE:
+            scanned = len(self._buffer)
+            if scanned > MAX_LINE:
                 raise AgentError(f"{self.name}: guest agent: a reply longer than {MAX_LINE} bytes")
             self._fill(deadline, what)
 

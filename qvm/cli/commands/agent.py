@@ -13,19 +13,27 @@ commands = Commands()
 def agent(
     name: str = Argument(..., help="Machine name."),
     timeout: float = Option(5.0, "--timeout", help="Seconds to wait for each reply."),
-    as_json: bool = Option(False, "--json", help="Print JSON."),
+    as_json: bool = Option(
+        False, "--json", help="Print JSON (the schema named below). An error is JSON too."
+    ),
 ) -> None:
     """Ping the QEMU guest agent (qemu-ga) in the VM; show its version and commands.
 
     Exits 1 with one line when the VM has no agent channel, or no agent answers.
+
+    JSON: schemas/agent.json
     """
     import time
 
+    from qvm.cli.progress import waiting
     from qvm.control.agent import open_agent
 
     run = resolve.run_dir_of(name)
     started = time.monotonic()
-    with open_agent(run, sync_timeout=timeout) as client:
+    with (
+        waiting(f"{name}: waiting for the guest agent"),
+        open_agent(run, sync_timeout=timeout) as client,
+    ):
         client.ping(timeout=timeout)
         ping = time.monotonic() - started
         info = client.info(timeout=timeout)

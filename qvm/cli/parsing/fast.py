@@ -7,8 +7,8 @@ the same declarations Typer reads (``qvm.cli.parsing.declare``), and calls the s
 the same values (``tests/unit/test_cli_parsers.py`` holds it to that, command by command).
 
 Anything else is declined, not guessed at: help, a mistake, a short option with its value
-attached, ``--``, a value that starts with "-". Typer then parses the command line and
-gives its usual help or error.
+attached, ``--`` (except before a command line: `qvm exec VM -- CMD ARG...`), a value that
+starts with "-". Typer then parses the command line and gives its usual help or error.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from qvm.base.record import Record
 from qvm.cli import resolve
 from qvm.cli.parsing.declare import GROUPS, TOP_LEVEL, parameters
 
@@ -35,7 +36,7 @@ CONVERTERS: dict[str, tuple[Callable[[str], Any], bool]] = {
 }
 
 
-class PlainCall(NamedTuple):
+class PlainCall(Record):
     function: Callable[..., None]
     global_values: dict[str, Any]  # for resolve.global_options
     values: dict[str, Any]
@@ -102,8 +103,14 @@ def parse(function: Callable[..., Any], args: list[str]) -> dict[str, Any] | Non
     }
     values: dict[str, Any] = {}
     positional: list[str] = []
+    # `qvm exec VM -- CMD ARG...`: after "--" every word is the command line's, as Click has it
+    arguments = [annotation for _, annotation, param in declared if param.kind == "argument"]
+    takes_command_line = bool(arguments) and CONVERTERS[arguments[-1]][1]
     pending = iter(args)
     for arg in pending:
+        if arg == "--" and takes_command_line:
+            positional.extend(pending)
+            break
         if not arg.startswith("-") or arg == "-":
             positional.append(arg)
             continue

@@ -1,0 +1,320 @@
+"""`qvm exec` and `qvm cp`: a program run in the guest, files copied in and out, all
+through the guest agent (no network, no ssh).
+
+The agent serves one client at a time (``qvm.control.agent``): a command keeps it to
+itself only while it needs it. `exec` holds it for the first ``HOLD_SECONDS`` (a short
+command is over by then, polled on one connection: the fast case), then takes it for one
+``guest-exec-status`` at a time, so that a long-running command does not shut out
+`qvm status` or a hotplug. `cp` holds it for the whole copy (its file handle is the
+agent's, and the copy is one request after another).
+
+Writing on the host, `cp` writes a hidden temporary file next to the target
+(``.NAME.XXXX.qvm-part``) and renames it over the target once all of it is there:
+a copy that fails midway (the VM killed, the channel gone) leaves the target as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+from qvm.base.record import Record
+from qvm.control import guest_exec, guest_files
+from qvm.control.agent import AgentClient, open_agent
+from qvm.control.guest_exec import ExecStatus
+from qvm.errors import AgentCommandError, AgentError, QvmError
+from qvm.layout.names import is_vm_name
+from qvm.layout.rundir import RunDir
+
+HOLD_SECONDS = 1.0
+# the environment a command gets with --env when the agent's own cannot be read
+# (/proc/self/environ is Linux's): Debian's default PATH
+FALLBACK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+Progress = Callable[[int, int | None], None]  # (bytes done, total or None)
+
+
+# --- exec ----------------------------------------------------------------------------------
+
+
+class ExecOutcome(Record):
+    """How a command run in the guest ended: ``status`` (exit code, signal, output); or,
+    with ``timed_out``, that it still ran when --timeout came (``running``: the agent
+    said ``exited`` false at the last look)."""
+
+    argv: tuple[str, ...]
+    pid: int
+    seconds: float
+    status: ExecStatus | None
+    timed_out: bool = False
+    running: bool = False
+
+
+def parse_env(items: Sequence[str]) -> dict[str, str]:
+    """``--env K=V`` options as a mapping; ValueError naming the bad one."""
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or "\0" in item:
+            raise ValueError(f"--env {item}: expected NAME=VALUE")
+        env[key] = value
+    return env
+
+
+def parse_environ(data: bytes) -> dict[str, str]:
+    """``/proc/PID/environ`` (NUL-separated NAME=VALUE) as a mapping."""
+    env: dict[str, str] = {}
+    for entry in data.decode(errors="replace").split("\0"):
+        key, sep, value = entry.partition("=")
+        if sep and key:
+            env[key] = value
+    return env
+
+
+def command_environment(client: AgentClient, extra: Mapping[str, str]) -> dict[str, str]:
+    """The agent's own environment with ``extra`` on top: ``guest-exec`` replaces the
+    environment with what it is given, and --env means "add these"."""
+    try:
+        base = parse_environ(guest_files.read_small(client, "/proc/self/environ"))
+    except AgentCommandError:
+        base = {"PATH": FALLBACK_PATH}
+    return {**base, **extra}
+
+
+def run_command(
+    run: RunDir,
+    argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    stdin: bytes | None = None,
+    timeout: float | None = None,
+    on_started: Callable[[int], None] | None = None,
+) -> ExecOutcome:
+    """Run ``argv`` in the guest and wait for it to end, or for ``timeout`` seconds.
+
+    A program that cannot be started: the agent's AgentCommandError. ``on_started(pid)``
+    is called once it runs (the CLI names the pid if it is interrupted)."""
+    if stdin is not None and len(stdin) > guest_exec.MAX_INPUT:
+        raise QvmError(
+            f"{run.name}: --stdin: {len(stdin)} bytes is more than the agent takes in one"
+            f" request ({guest_exec.MAX_INPUT // 1024**2} MiB)"
+            " (hint: qvm cp the data into the guest and redirect from it there)"
+        )
+    started = time.monotonic()
+    deadline = None if not timeout else started + timeout
+    delays = guest_exec.poll_delays()
+    with open_agent(run) as client:
+        environment = None if env is None else command_environment(client, env)
+        pid = guest_exec.start(client, argv, environment, stdin)
+        if on_started is not None:
+            on_started(pid)
+        hold_until = started + HOLD_SECONDS
+        result = _poll(
+            client, pid, delays, hold_until if deadline is None else min(hold_until, deadline)
+        )
+    while result is None:
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return ExecOutcome(tuple(argv), pid, now - started, None, timed_out=True, running=True)
+        delay = next(delays)
+        time.sleep(delay if deadline is None else min(delay, deadline - now))
+        with open_agent(run) as client:
+            polled = guest_exec.status(client, pid)
+        result = polled if polled.exited else None
+    return ExecOutcome(tuple(argv), pid, time.monotonic() - started, result)
+
+
+def _poll(
+    client: AgentClient, pid: int, delays: Iterator[float], until: float
+) -> ExecStatus | None:
+    """Poll on this connection until the command ends (its status) or ``until`` (None)."""
+    while True:
+        time.sleep(max(0.0, min(next(delays), until - time.monotonic())))
+        result = guest_exec.status(client, pid)
+        if result.exited:
+            return result
+        if time.monotonic() >= until:
+            return None
+
+
+# --- cp ------------------------------------------------------------------------------------
+
+
+class CopyOutcome(Record):
+    source: str
+    target: str
+    size: int
+    seconds: float
+    mode: int | None  # the permission bits given to the copy; None: the guest could not tell
+
+
+def split_remote(spec: str) -> tuple[str, str] | None:
+    """``NAME:PATH`` as (NAME, PATH); None for a local path. A path with a colon in its
+    first part is local when written with a slash before it (``./a:b``)."""
+    name, sep, path = spec.partition(":")
+    if not sep or not path or "/" in name or not is_vm_name(name):
+        return None
+    return name, path
+
+
+def copy_from_guest(
+    run: RunDir, guest_path: str, local: Path, progress: Progress | None = None
+) -> CopyOutcome:
+    """``guest_path`` into ``local`` (a folder: the file keeps its name), by way of a
+    temporary file renamed into place at the end."""
+    target = local_target(local, guest_path, run.name)
+    started = time.monotonic()
+    with open_agent(run) as client:
+        handle = guest_files.open_file(client, guest_path, "r")
+        with _closing(client, handle):
+            info = guest_files.stat(client, guest_path)
+            if info is not None and info.kind == "directory":
+                raise QvmError(f"{run.name}:{guest_path}: is a directory (qvm cp copies one file)")
+            mode = None if info is None else info.mode & 0o777
+            total = None if info is None else info.size
+            with _replacing(target, mode) as out, _failing(f"; {target} not written"):
+                done = 0
+                while True:
+                    data, eof = guest_files.read_chunk(client, handle)
+                    out.write(data)
+                    done += len(data)
+                    if progress is not None:
+                        progress(done, total)
+                    if eof or not data:
+                        break
+    return CopyOutcome(
+        f"{run.name}:{guest_path}", str(target), done, time.monotonic() - started, mode
+    )
+
+
+def copy_to_guest(
+    run: RunDir, local: Path, guest_path: str, progress: Progress | None = None
+) -> CopyOutcome:
+    """``local`` into the guest at ``guest_path`` (a folder there: the file keeps its
+    name), then its permission bits through ``chmod`` in the guest."""
+    try:
+        source = open(local, "rb")  # noqa: SIM115 - closed below, after the guest's side
+    except OSError as error:
+        raise QvmError(f"{local}: cannot read: {error.strerror or error}") from None
+    with source:
+        info = os.fstat(source.fileno())
+        if not _is_regular(info.st_mode):
+            raise QvmError(f"{local}: not a regular file (qvm cp copies one file)")
+        name = local.name
+        if guest_path.endswith("/"):
+            guest_path += name
+        started = time.monotonic()
+        with open_agent(run) as client:
+            try:
+                handle = guest_files.open_file(client, guest_path, "w")
+            except AgentCommandError as error:
+                if not guest_files.is_directory_error(error):
+                    raise
+                guest_path = posixpath.join(guest_path, name)
+                handle = guest_files.open_file(client, guest_path, "w")
+            with _closing(client, handle), _failing(f"; {guest_path} in the guest is incomplete"):
+                done = 0
+                while data := source.read(guest_files.WRITE_CHUNK):
+                    guest_files.write_chunk(client, handle, data)
+                    done += len(data)
+                    if progress is not None:
+                        progress(done, info.st_size)
+            mode = info.st_mode & 0o777
+            kept = guest_files.chmod(client, guest_path, mode)
+    return CopyOutcome(
+        str(local), f"{run.name}:{guest_path}", done, time.monotonic() - started,
+        mode if kept else None,
+    )  # fmt: skip
+
+
+def local_target(local: Path, guest_path: str, vm: str) -> Path:
+    """Where a copy out of the guest goes: ``local``, or the guest file's name in it when
+    it is a folder. Its folder must exist."""
+    if local.is_dir():
+        name = posixpath.basename(guest_path.rstrip("/"))
+        if not name:
+            raise QvmError(f"{vm}:{guest_path}: names no file")
+        return local / name
+    parent = local.parent
+    if not parent.is_dir():
+        raise QvmError(f"{local}: no such folder {parent} on this host")
+    return local
+
+
+def _is_regular(mode: int) -> bool:
+    import stat
+
+    return stat.S_ISREG(mode)
+
+
+@contextlib.contextmanager
+def _closing(client: AgentClient, handle: int) -> Iterator[None]:
+    """Close the guest's file handle after use; when the copy already failed (the channel
+    may be gone), a failure to close is not the news."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(AgentError):
+            guest_files.close_file(client, handle)
+        raise
+    guest_files.close_file(client, handle)
+
+
+@contextlib.contextmanager
+def _failing(consequence: str) -> Iterator[None]:
+    """An agent error midway through a copy, with what it left behind."""
+    try:
+        yield
+    except AgentError as error:
+        raise AgentError(f"{error}{consequence}") from None
+
+
+class _Sink:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+
+@contextlib.contextmanager
+def _replacing(target: Path, mode: int | None) -> Iterator[_Sink]:
+    """A temporary file next to ``target``, renamed over it when the block completes,
+    removed when it does not."""
+    import tempfile  # 7 ms of imports (shutil, lzma, ...) that `qvm exec` does not need
+
+    try:
+        fd, temp = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".qvm-part", dir=target.parent
+        )
+    except OSError as error:
+        raise QvmError(
+            f"{target.parent}: cannot write a file there: {error.strerror or error}"
+        ) from None
+    try:
+        try:
+            yield _Sink(fd)
+            os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, target)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise QvmError(f"{target}: cannot write: {error.strerror or error}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
