@@ -16,20 +16,32 @@ What QEMU 7.2 does here, measured (see the project's qemu-facts):
   in ``cpu-unplugged.json`` and refuses later adds in that QEMU run unless forced
   (``qvm.control.guard.check_device_add``).
 
-Nothing here prints: every operation returns a record (a ``typing.NamedTuple``) for
+When the guest agent answers (``qvm.control.guest_agent_facts``), the guest's own word
+joins QEMU's: ``cpu add --wait-guest`` reads ``guest-get-vcpus`` (and onlines a vCPU the
+guest leaves offline), ``cpu del`` offlines the vCPU in the guest before ``device_del``,
+``cpu list`` shows each vCPU's guest CPU. Without it, every result says so (``source``).
+
+Nothing here prints: every operation returns a record (a ``qvm.base.record.Record``) for
 the CLI to render.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Collection, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Collection, Iterator, Sequence
+from typing import Any
 
+from qvm.base.record import Record
 from qvm.control.cpu_online import (
+    GuestOffline,
+    GuestOnline,
     Online,
     SerialWait,
+    agent_offline,
+    agent_wait_online,
+    apic_ids,
     serial_size,
     wait_acks,
     wait_online,
@@ -45,10 +57,21 @@ from qvm.control.cpu_slots import (
 )
 from qvm.control.events import OST_EVENT
 from qvm.control.guard import check_device_add, record_cpu_unplug_request
+from qvm.control.guest_agent_facts import (
+    SOURCE_AGENT,
+    SOURCE_QEMU,
+    STATUS_SYNC_TIMEOUT,
+    AgentLink,
+    agent_link,
+    guest_apicids,
+    guest_vcpus,
+    match_vcpus,
+    set_vcpus,
+)
 from qvm.control.qmp_session import Events, QmpSession
 from qvm.control.transaction import Plug, Step, opened, plug, restart_hint, since, unplug
 from qvm.definition.topology import cpu_device_id
-from qvm.errors import HotplugError
+from qvm.errors import AgentError, HotplugError
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import LaunchRecord
 from qvm.store.pending import pending_ids
@@ -70,14 +93,38 @@ def _query(session: QmpSession, run: RunDir, launch: LaunchRecord) -> CpuList:
 
 
 def list_cpus(run: RunDir) -> CpuList:
+    """The slots, each present one with the guest's word on it when the agent answers."""
     with opened(run) as (session, launch):
-        return _query(session, run, launch)
+        cpus = _query(session, run, launch)
+        with agent_link(run, STATUS_SYNC_TIMEOUT, STATUS_SYNC_TIMEOUT) as link:
+            return _with_guest_view(session, cpus, link)
+
+
+def _with_guest_view(session: QmpSession, cpus: CpuList, link: AgentLink) -> CpuList:
+    """``cpus`` with each present vCPU's guest CPU number and online state."""
+    client = link.client
+    if client is None:
+        return cpus._replace(guest_source=SOURCE_QEMU, guest_detail=link.why_not())
+    present = {s.label: s.qom_path for s in cpus.slots if s.present}
+    try:
+        matches = match_vcpus(
+            apic_ids(session, present), guest_apicids(client), guest_vcpus(client)
+        )
+    except AgentError as error:
+        return cpus._replace(guest_source=SOURCE_QEMU, guest_detail=str(error))
+    slots = []
+    for slot in cpus.slots:
+        match = matches.get(slot.label) if slot.present else None
+        if match is not None:
+            slot = slot._replace(guest_cpu=match.logical_id, guest_online=match.online)
+        slots.append(slot)
+    return cpus._replace(slots=slots, guest_source=SOURCE_AGENT)
 
 
 # --- add -------------------------------------------------------------------------------
 
 
-class AddedCpu(NamedTuple):
+class AddedCpu(Record):
     id: str
     driver: str
     props: dict[str, int]
@@ -90,12 +137,15 @@ class AddedCpu(NamedTuple):
     online: bool | None = None
     online_seconds: float | None = None
     online_detail: str | None = None
+    # from the guest agent: the guest's CPU number, and whether qvm onlined it
+    guest_cpu: int | None = None
+    onlined_by_qvm: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {**self._asdict(), "props": dict(self.props)}
 
 
-class AddResult(NamedTuple):
+class AddResult(Record):
     name: str
     added: list[AddedCpu]
     present: int
@@ -104,6 +154,10 @@ class AddResult(NamedTuple):
     guest_timeout: float | None = None
     serial: SerialWait | None = None
     forced_after_unplug: bool = False
+    # where "online" came from: "agent" (guest-get-vcpus) or "QEMU only" (the registers)
+    source: str | None = None
+    source_detail: str | None = None  # why not the agent
+    no_online: bool = False  # --no-online: qvm leaves a vCPU the guest left offline
 
     @property
     def complete(self) -> bool:
@@ -120,6 +174,8 @@ class AddResult(NamedTuple):
             "waited_guest": self.waited_guest,
             "guest_timeout": self.guest_timeout,
             "serial": self.serial.as_json() if self.serial else None,
+            "source": self.source,
+            "source_detail": self.source_detail,
             "complete": self.complete,
         }
 
@@ -134,8 +190,18 @@ def _add(
     serial_pattern: re.Pattern[str] | None,
     guest_timeout: float,
     force: bool,
+    link: AgentLink | None = None,
+    online_them: bool = True,
 ) -> AddResult:
     forced = check_device_add(run, launch, "cpu add", force)
+    client = link.client if link is not None and wait_guest else None
+    source_detail = link.why_not() if link is not None and client is None else None
+    before: set[int] = set()
+    if client is not None:
+        try:
+            before = set(guest_vcpus(client))
+        except AgentError as error:
+            client, source_detail = None, str(error)
     cpus = _query(session, run, launch)
     targets = choose_free_slots(cpus, count, slot, launch, run)
     ids = [cpu_device_id(t.index) for t in targets]
@@ -153,17 +219,28 @@ def _add(
     acks = plug(session, run, Plug("cpu add", steps, independent=True, events=events), acknowledged)
     assert acks is not None
     online: Online = {}
+    by_agent: dict[str, GuestOnline] = {}
     if wait_guest:
         # a vCPU the guest rejected will not come up: looked at once, not waited for
         rejected = {d for d in ids if d in acks and not acks[d][0]}
-        online = wait_online(session, ids, rejected, guest_timeout, started)
+        if client is not None:
+            try:
+                by_agent = agent_wait_online(
+                    client, session, ids, rejected, before, guest_timeout, started, online_them
+                )
+            except AgentError as error:  # the agent went away: the registers still tell
+                client, source_detail = None, str(error)
+        if client is None:
+            online = wait_online(session, ids, rejected, guest_timeout, started)
+        else:
+            online = {d: (g.online, g.seconds, g.detail) for d, g in by_agent.items()}
     serial = None
     if serial_pattern is not None:
         remaining = max(guest_timeout - (time.monotonic() - started), 0.0)
         matched = wait_serial(run, serial_pattern, serial_offset, remaining)
         serial = SerialWait(serial_pattern.pattern, matched, since(started))
     added = [
-        _added(t, d, acks.get(d), online.get(d), wait_guest)
+        _added(t, d, acks.get(d), online.get(d), wait_guest, by_agent.get(d))
         for t, d in zip(targets, ids, strict=True)
     ]
     return AddResult(
@@ -175,6 +252,9 @@ def _add(
         guest_timeout=guest_timeout if wait_guest or serial_pattern else None,
         serial=serial,
         forced_after_unplug=forced,
+        source=(SOURCE_AGENT if client is not None else SOURCE_QEMU) if wait_guest else None,
+        source_detail=source_detail if wait_guest else None,
+        no_online=not online_them,
     )
 
 
@@ -184,6 +264,7 @@ def _added(
     ack: tuple[bool, float, str | None] | None,
     online: tuple[bool | None, float | None, str | None] | None,
     waited: bool,
+    guest: GuestOnline | None = None,
 ) -> AddedCpu:
     if not waited or online is None:
         return AddedCpu(dev_id, target.type, dict(target.props))
@@ -197,6 +278,8 @@ def _added(
         online=online[0],
         online_seconds=online[1],
         online_detail=online[2],
+        guest_cpu=guest.logical_id if guest else None,
+        onlined_by_qvm=guest.onlined_by_qvm if guest else False,
     )
 
 
@@ -208,39 +291,66 @@ def add_cpus(
     serial_pattern: re.Pattern[str] | None = None,
     guest_timeout: float = DEFAULT_GUEST_TIMEOUT,
     force: bool = False,
+    online_them: bool = True,
 ) -> AddResult:
     """Plug ``count`` vCPUs into the lowest free slots (or into ``slot``).
 
     ``wait_guest`` waits for the guest's ACPI acknowledgement of each new vCPU (which
-    tells a refusal), then until the guest has started running on it (online);
-    ``serial_pattern`` waits for a line the guest prints on its serial console.
+    tells a refusal), then until the guest has it online: the guest agent's word when it
+    answers (a vCPU the guest leaves offline is onlined, unless not ``online_them``),
+    else the vCPU's registers; ``serial_pattern`` waits for a line the guest prints on
+    its serial console.
     """
-    with opened(run) as (session, launch):
+    with opened(run) as (session, launch), _maybe_agent(run, wait_guest) as link:
         return _add(
-            session, run, launch, count, slot, wait_guest, serial_pattern, guest_timeout, force
+            session,
+            run,
+            launch,
+            count,
+            slot,
+            wait_guest,
+            serial_pattern,
+            guest_timeout,
+            force,
+            link,
+            online_them,
         )
+
+
+@contextlib.contextmanager
+def _maybe_agent(run: RunDir, wanted: bool) -> Iterator[AgentLink | None]:
+    if not wanted:
+        yield None
+        return
+    with agent_link(run) as link:
+        yield link
 
 
 # --- remove ------------------------------------------------------------------------------
 
 
-class Unplug(NamedTuple):
+class Unplug(Record):
     id: str
     props: dict[str, int]
     outcome: str  # "removed", "refused" or "pending"
     seconds: float
     detail: str | None = None
+    # the guest agent offlined it first: the guest's CPU number (None: not told)
+    guest_cpu: int | None = None
+    guest_offlined: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {**self._asdict(), "props": dict(self.props)}
 
 
-class RemoveResult(NamedTuple):
+class RemoveResult(Record):
     name: str
     unplugs: list[Unplug]
     present: int
     max: int
     timeout: float
+    source: str = SOURCE_QEMU  # "agent" when the guest offlined the vCPUs first
+    source_detail: str | None = None  # why not the agent
 
     def ids(self, outcome: str) -> list[str]:
         return [u.id for u in self.unplugs if u.outcome == outcome]
@@ -309,17 +419,63 @@ def _remove(
     ids: Sequence[str] | None,
     count: int | None,
     timeout: float,
+    link: AgentLink | None = None,
 ) -> RemoveResult:
     cpus = _query(session, run, launch)
     targets = choose_removals(cpus, ids, count, run.name)
+    guest, source_detail = _offline_first(session, run, targets, link)
     kind = VcpuKind(run, launch, targets)
     # a vCPU's backend is QEMU's own: nothing to clean up after it
     unplugs = unplug(session, run, kind, {t.label: () for t in targets}, timeout)
     after = kind.last or cpus
-    results = [
-        Unplug(u.id, dict(kind.props[u.id]), u.outcome, u.seconds, u.detail) for u in unplugs
-    ]
-    return RemoveResult(run.name, results, after.present, after.max, timeout)
+    results = []
+    for u in unplugs:
+        offline = guest.get(u.id) if guest else None
+        detail = u.detail
+        if u.outcome == "refused" and offline is not None and offline.offlined:
+            detail = _back_online(link, offline, detail)
+        results.append(
+            Unplug(
+                u.id,
+                dict(kind.props[u.id]),
+                u.outcome,
+                u.seconds,
+                detail,
+                offline.logical_id if offline else None,
+                bool(offline and offline.offlined),
+            )
+        )
+    source = SOURCE_AGENT if guest is not None else SOURCE_QEMU
+    return RemoveResult(run.name, results, after.present, after.max, timeout, source, source_detail)
+
+
+def _offline_first(
+    session: QmpSession, run: RunDir, targets: Sequence[CpuSlot], link: AgentLink | None
+) -> tuple[dict[str, GuestOffline] | None, str | None]:
+    """Offline the vCPUs in the guest through its agent; (what was done, or None and why
+    the agent could not)."""
+    if link is None or link.client is None:
+        return None, link.why_not() if link is not None else None
+    try:
+        guest = agent_offline(
+            link.client, session, run.name, {t.label: t.qom_path for t in targets}
+        )
+    except AgentError as error:
+        return None, str(error)
+    if guest is None:
+        return None, "the guest agent cannot read /proc/cpuinfo (guest-file-* blocked)"
+    return guest, None
+
+
+def _back_online(link: AgentLink | None, offline: GuestOffline, detail: str | None) -> str | None:
+    """QEMU refused the unplug of a vCPU qvm offlined in the guest: put it back."""
+    if link is None or link.client is None or offline.logical_id is None:
+        return detail
+    try:
+        set_vcpus(link.client, {offline.logical_id: True})
+    except AgentError as error:
+        return f"{detail}; guest CPU {offline.logical_id} stays offline ({error})"
+    return f"{detail}; guest CPU {offline.logical_id} is online again"
 
 
 def remove_cpus(
@@ -328,15 +484,16 @@ def remove_cpus(
     count: int | None = None,
     timeout: float = DEFAULT_UNPLUG_TIMEOUT,
 ) -> RemoveResult:
-    """Unplug the vCPUs named by ``ids`` (or the ``count`` newest) and wait for the guest."""
-    with opened(run) as (session, launch):
-        return _remove(session, run, launch, ids, count, timeout)
+    """Unplug the vCPUs named by ``ids`` (or the ``count`` newest) and wait for the guest;
+    when the guest agent answers, the guest offlines them first (``agent_offline``)."""
+    with opened(run) as (session, launch), agent_link(run) as link:
+        return _remove(session, run, launch, ids, count, timeout, link)
 
 
 # --- set -------------------------------------------------------------------------------
 
 
-class SetResult(NamedTuple):
+class SetResult(Record):
     name: str
     target: int
     before: int
@@ -366,10 +523,11 @@ def set_cpus(
     wait_guest: bool = False,
     guest_timeout: float = DEFAULT_GUEST_TIMEOUT,
     force: bool = False,
+    online_them: bool = True,
 ) -> SetResult:
     """Add or remove vCPUs until ``target`` are present."""
     name = run.name
-    with opened(run) as (session, launch):
+    with opened(run) as (session, launch), agent_link(run) as link:
         cpus = _query(session, run, launch)
         fixed = sum(s.vcpus_count for s in cpus.slots if s.boot)
         if target > cpus.max:
@@ -385,11 +543,21 @@ def set_cpus(
         before = cpus.present
         if target > before:
             added = _add(
-                session, run, launch, target - before, None, wait_guest, None, guest_timeout, force
+                session,
+                run,
+                launch,
+                target - before,
+                None,
+                wait_guest,
+                None,
+                guest_timeout,
+                force,
+                link,
+                online_them,
             )
             return SetResult(name, target, before, added.present, cpus.max, added=added)
         if target < before:
             # unplug-pending vCPUs still count as present: only the others are asked
-            removed = _remove(session, run, launch, None, before - target, timeout)
+            removed = _remove(session, run, launch, None, before - target, timeout, link)
             return SetResult(name, target, before, removed.present, cpus.max, removed=removed)
         return SetResult(name, target, before, before, cpus.max)

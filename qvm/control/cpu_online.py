@@ -7,18 +7,32 @@ its ACPI code taking the device, not the vCPU running. The vCPU stays at its res
 (INIT/SIPI), which Linux does only when it onlines the CPU (udev rule or equivalent),
 450-600 ms later under TCG; then CR0 has paging on (e.g. ``80050033``). HMP syncs the
 vCPU state first, so this reads the same under TCG and KVM, with no guest agent.
+
+When the guest agent answers, its word wins: ``guest-get-vcpus`` says which guest CPUs
+are online, a new vCPU the guest leaves offline is onlined with ``guest-set-vcpus``, and
+a vCPU is offlined in the guest before it is unplugged (``agent_offline``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
+from qvm.base.record import Record
+from qvm.control.agent import AgentClient
 from qvm.control.events import insert_ack
+from qvm.control.guest_agent_facts import (
+    GuestVcpu,
+    guest_apicids,
+    guest_vcpus,
+    match_vcpus,
+    set_vcpus,
+)
 from qvm.control.qmp_session import Events, QmpSession
 from qvm.control.transaction import since
-from qvm.errors import ControlError
+from qvm.errors import AgentError, ControlError, HotplugError
 from qvm.layout.rundir import RunDir
 from qvm.store.pending import PERIPHERAL
 
@@ -32,7 +46,7 @@ CR0_FIELD = re.compile(r"\bCR0=([0-9a-fA-F]+)\b")
 Online = dict[str, "tuple[bool | None, float | None, str | None]"]
 
 
-class SerialWait(NamedTuple):
+class SerialWait(Record):
     pattern: str
     matched: str | None  # the matching line; None: not seen before the timeout
     seconds: float
@@ -158,3 +172,179 @@ def wait_online(
             break
         time.sleep(ONLINE_POLL)
     return {d: results.get(d, (False, None, None)) for d in ids}
+
+
+# --- the guest agent's word ----------------------------------------------------------------
+
+# how often the agent is asked while waiting for new vCPUs
+AGENT_POLL = 0.05
+# a guest that onlines hotplugged CPUs itself (udev) does so 450-600 ms after the plug
+# under TCG: qvm onlines a vCPU the guest has left offline this long after it appeared
+ONLINE_GRACE = 2.0
+
+
+class GuestOnline(Record):
+    """A new vCPU as the guest agent sees it."""
+
+    logical_id: int | None  # the guest's CPU number; None: it never appeared
+    online: bool
+    seconds: float | None  # after the first device_add, until online
+    onlined_by_qvm: bool = False
+    detail: str | None = None  # what went wrong (the agent's message)
+
+
+def apic_ids(session: QmpSession, qom_paths: dict[str, str | None]) -> dict[str, int | None]:
+    """label -> QEMU's ``apic-id`` of the vCPU at that QOM path (None: not readable)."""
+    found: dict[str, int | None] = {}
+    for label, path in qom_paths.items():
+        value = None
+        if path:
+            try:
+                value = session.execute("qom-get", {"path": path, "property": "apic-id"})
+            except ControlError as error:
+                if error.qemu_exited:
+                    raise
+        found[label] = value if isinstance(value, int) else None
+    return found
+
+
+def agent_wait_online(
+    client: AgentClient,
+    session: QmpSession,
+    ids: list[str],
+    rejected: set[str],
+    before: set[int],
+    timeout: float,
+    started: float,
+    online_them: bool,
+) -> dict[str, GuestOnline]:
+    """id -> what the guest agent says of each new vCPU, once every one expected has
+    appeared in ``guest-get-vcpus`` and is online, or ``timeout`` s after the first
+    device_add. A vCPU the guest leaves offline for ``ONLINE_GRACE`` s is onlined with
+    ``guest-set-vcpus`` (unless not ``online_them``)."""
+    expected = len([d for d in ids if d not in rejected])
+    deadline = started + timeout
+    appeared: dict[int, float] = {}
+    online_at: dict[int, float] = {}
+    onlined: set[int] = set()
+    detail: str | None = None
+    while True:
+        now = since(started)
+        vcpus = guest_vcpus(client)
+        for logical, vcpu in vcpus.items():
+            if logical in before:
+                continue
+            appeared.setdefault(logical, now)
+            if vcpu.online:
+                online_at.setdefault(logical, now)
+        waiting = [c for c in appeared if c not in online_at]
+        if len(appeared) >= expected and not waiting:
+            break
+        if time.monotonic() >= deadline:
+            break
+        stale = [c for c in waiting if now - appeared[c] >= ONLINE_GRACE]
+        if online_them and stale:
+            onlined.update(stale)
+            try:
+                changed = set_vcpus(client, dict.fromkeys(stale, True))
+            except AgentError as error:
+                detail = str(error)
+                break
+            if changed != len(stale):
+                detail = f"guest-set-vcpus onlined {changed} of {len(stale)}"
+                break
+            continue  # look again at once
+        time.sleep(AGENT_POLL)
+    return _match_new(client, session, ids, appeared, online_at, onlined, detail)
+
+
+def _match_new(
+    client: AgentClient,
+    session: QmpSession,
+    ids: list[str],
+    appeared: dict[int, float],
+    online_at: dict[int, float],
+    onlined: set[int],
+    detail: str | None,
+) -> dict[str, GuestOnline]:
+    """Tie each new guest CPU to its device by APIC id; failing that (``/proc/cpuinfo``
+    unreadable, or the CPU offline), by order: Linux numbers new CPUs as they come."""
+    apics = apic_ids(session, {d: f"{PERIPHERAL}{d}" for d in ids})
+    apicids = guest_apicids(client) or {}
+    by_id: dict[str, int] = {}
+    for dev_id in ids:
+        logical = apicids.get(apics[dev_id]) if apics[dev_id] is not None else None
+        if logical in appeared:
+            by_id[dev_id] = logical
+    rest = sorted(c for c in appeared if c not in by_id.values())
+    for dev_id in ids:
+        if dev_id not in by_id and rest:
+            by_id[dev_id] = rest.pop(0)
+    results = {}
+    for dev_id in ids:
+        logical = by_id.get(dev_id)
+        if logical is None:
+            results[dev_id] = GuestOnline(None, False, None, detail=detail)
+            continue
+        results[dev_id] = GuestOnline(
+            logical,
+            logical in online_at,
+            online_at.get(logical),
+            logical in onlined and logical in online_at,
+            detail if logical in onlined and logical not in online_at else None,
+        )
+    return results
+
+
+class GuestOffline(Record):
+    """A vCPU about to be unplugged, as the guest agent saw and left it."""
+
+    logical_id: int | None  # None: not online in the guest (nothing to offline)
+    offlined: bool  # qvm offlined it through the agent
+
+
+def agent_offline(
+    client: AgentClient, session: QmpSession, name: str, targets: dict[str, str | None]
+) -> dict[str, GuestOffline] | None:
+    """Offline the vCPUs (label -> QOM path) in the guest before they are unplugged.
+
+    None when the agent cannot tell which guest CPU a vCPU is (``/proc/cpuinfo``
+    unreadable). A guest that says a vCPU cannot go (``can-offline`` false), or fails
+    to offline one, raises HotplugError, with every vCPU back online as it was: QEMU is
+    not asked."""
+    apicids = guest_apicids(client)
+    if apicids is None:
+        return None
+    matches = match_vcpus(apic_ids(session, targets), apicids, guest_vcpus(client))
+    refused = [
+        f"{label} is guest CPU {m.logical_id}, which the guest says cannot be offlined"
+        for label, m in matches.items()
+        if m.online and m.can_offline is False
+    ]
+    if refused:
+        raise HotplugError(
+            f"{name}: {'; '.join(refused)} (can-offline false in guest-get-vcpus); QEMU was "
+            "not asked, the VM is unchanged (hint: unplug another vCPU: qvm cpu list "
+            f"{name} shows which the guest can give up)"
+        )
+    wanted = {label: m.logical_id for label, m in matches.items() if m.online}
+    done: list[int] = []
+    try:
+        for logical in wanted.values():
+            assert logical is not None
+            if set_vcpus(client, {logical: False}) != 1:
+                raise AgentError(f"guest-set-vcpus did not offline CPU {logical}")
+            done.append(logical)
+        now = guest_vcpus(client)
+        still = [c for c in done if now.get(c, GuestVcpu(c, False, True)).online]
+        if still:
+            raise AgentError(f"guest CPU {still[0]} is still online after guest-set-vcpus")
+    except AgentError as error:
+        with contextlib.suppress(AgentError):
+            set_vcpus(client, dict.fromkeys(done, True))
+        raise HotplugError(
+            f"{name}: the guest did not offline its CPU{'s' if len(wanted) > 1 else ''} "
+            f"{', '.join(str(c) for c in wanted.values())}: {error}; QEMU was not asked, the "
+            "VM is unchanged"
+        ) from None
+    return {label: GuestOffline(wanted.get(label), label in wanted) for label in matches}

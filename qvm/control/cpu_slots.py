@@ -10,8 +10,9 @@ boot-time ``-device`` vCPUs get). Pure: no QMP, no files.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
+from qvm.base.record import Record
 from qvm.control.transaction import PERIPHERAL_ANON, restart_hint
 from qvm.definition.topology import Topology, cpu_device_id, slot_index
 from qvm.errors import HotplugError
@@ -22,7 +23,7 @@ from qvm.store.pending import PERIPHERAL, device_state
 SLOT_KEYS = ("node-id", "drawer-id", "book-id", "socket-id", "die-id", "cluster-id", "core-id")
 
 
-class CpuSlot(NamedTuple):
+class CpuSlot(Record):
     """One vCPU slot of the VM, present or free."""
 
     index: int  # position in topology order: slot 0 is the boot vCPU
@@ -35,6 +36,10 @@ class CpuSlot(NamedTuple):
     id: str | None = None  # the device id; None for a vCPU from -smp
     removable: bool = False
     pending: bool = False  # device_del was requested, the guest has not released it
+    # the guest agent's word (None: no agent, or it cannot tell): the guest's CPU number
+    # and whether the guest has it online
+    guest_cpu: int | None = None
+    guest_online: bool | None = None
 
     @property
     def present(self) -> bool:
@@ -78,12 +83,16 @@ class CpuSlot(NamedTuple):
             "id": self.id,
             "removable": self.removable,
             "boot": self.boot,
+            "guest_cpu": self.guest_cpu,
+            "guest_online": self.guest_online,
         }
 
 
-class CpuList(NamedTuple):
+class CpuList(Record):
     name: str
     slots: list[CpuSlot]
+    guest_source: str | None = None  # "agent", or "QEMU only" (then guest_detail says why)
+    guest_detail: str | None = None
 
     @property
     def max(self) -> int:

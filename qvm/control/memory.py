@@ -26,11 +26,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
+from qvm.base.record import Record
 from qvm.base.sizes import human_size
 from qvm.control.guard import check_device_add
 from qvm.control.guest import guest_report
+from qvm.control.guest_agent_facts import SOURCE_QEMU, SOURCE_SERIAL, agent_link
+from qvm.control.memory_blocks import (
+    GuestBlocks,
+    check_block_multiple,
+    dimm_blocks_online,
+    guest_block_size,
+)
 from qvm.control.pci import choose_pci_bus, pci_places
 from qvm.control.qmp_session import Events, QmpSession
 from qvm.control.transaction import (
@@ -68,7 +76,7 @@ MEMORY_KINDS = ("dimm", "virtio-mem")
 DIMM = Peripheral("DIMM")
 
 
-class MemoryDevice(NamedTuple):
+class MemoryDevice(Record):
     id: str
     kind: str  # "dimm" or "virtio-mem"
     size: int  # bytes plugged now
@@ -95,7 +103,7 @@ class MemoryDevice(NamedTuple):
         return listed_json(self)
 
 
-class MemoryState(NamedTuple):
+class MemoryState(Record):
     name: str
     boot: int  # boot memory (memory.size)
     max: int | None  # memory.max; None: no memory hotplug
@@ -270,7 +278,7 @@ def _file(launch: LaunchRecord) -> str:
 # --- add -------------------------------------------------------------------------------
 
 
-class MemoryAdd(NamedTuple):
+class MemoryAdd(Record):
     name: str
     device: MemoryDevice
     state: MemoryState  # after the add
@@ -278,9 +286,15 @@ class MemoryAdd(NamedTuple):
     plugged: int | None = None
     seconds: float | None = None
     forced_after_unplug: bool = False
+    # a DIMM's blocks as the guest agent saw them (None: no agent; source says what told)
+    guest: GuestBlocks | None = None
+    source: str = SOURCE_QEMU
+    source_detail: str | None = None  # why not the agent
 
     @property
     def complete(self) -> bool:
+        if self.guest is not None and not self.guest.complete:
+            return False
         wanted = self.device.requested_size
         return self.device.kind == "dimm" or self.plugged == wanted
 
@@ -291,6 +305,9 @@ class MemoryAdd(NamedTuple):
             "memory": self.state.as_json(),
             "plugged": self.plugged,
             "seconds": self.seconds,
+            "guest": self.guest.as_json() if self.guest else None,
+            "source": self.source,
+            "source_detail": self.source_detail,
             "complete": self.complete,
         }
 
@@ -303,9 +320,14 @@ def add_memory(
     dev_id: str | None = None,
     timeout: float = DEFAULT_GUEST_TIMEOUT,
     force: bool = False,
+    online_them: bool = True,
 ) -> MemoryAdd:
     """Plug a DIMM of ``size`` bytes, or a virtio-mem device (``virtio_mem``) that asks
-    the guest for ``size`` bytes and may grow to ``max_size`` (default: all the room)."""
+    the guest for ``size`` bytes and may grow to ``max_size`` (default: all the room).
+
+    A DIMM must be a whole number of the guest's memory blocks; when the guest agent
+    answers, qvm waits until the guest has the DIMM's blocks online, onlining those it
+    leaves offline (unless not ``online_them``)."""
     launch = launch_of(run)
     action = "mem add"
     if size or not virtio_mem:  # a virtio-mem device may start empty
@@ -322,14 +344,30 @@ def add_memory(
             )
         check_room(state, run, launch, size)
         check_slot(state, run, launch)
-        dev_id = new_device_id(run, dev_id, DIMM_PREFIX, taken, action)
-        record = _record(dev_id, "dimm", size)
-        plug(session, run, _plan(run, launch, record, size, {"driver": "pc-dimm"}))
-        after = _query(session, run, launch)
-        device = after.find(dev_id) or MemoryDevice(
-            dev_id, "dimm", size, record.backend, by_qvm=True
-        )
-        return MemoryAdd(run.name, device, after, forced_after_unplug=forced)
+        with agent_link(run) as link:
+            block_size = guest_block_size(link)
+            check_block_multiple(run.name, size, block_size)
+            dev_id = new_device_id(run, dev_id, DIMM_PREFIX, taken, action)
+            record = _record(dev_id, "dimm", size)
+            plug(session, run, _plan(run, launch, record, size, {"driver": "pc-dimm"}))
+            after = _query(session, run, launch)
+            device = after.find(dev_id) or MemoryDevice(
+                dev_id, "dimm", size, record.backend, by_qvm=True
+            )
+            blocks, source, why = dimm_blocks_online(
+                link, block_size, device.addr, size, timeout, online_them
+            )
+            if blocks is None and source == SOURCE_QEMU and after.guest_kb is not None:
+                source = SOURCE_SERIAL  # the test guest's MemTotal (mem list)
+            return MemoryAdd(
+                run.name,
+                device,
+                after,
+                forced_after_unplug=forced,
+                guest=blocks,
+                source=source,
+                source_detail=why,
+            )
 
 
 def _add_virtio_mem(
@@ -459,7 +497,7 @@ def _current_size(session: QmpSession, dev_id: str) -> int:
 # --- remove ------------------------------------------------------------------------------
 
 
-class MemoryRemove(NamedTuple):
+class MemoryRemove(Record):
     name: str
     device: MemoryDevice
     unplug: DeviceUnplug
@@ -508,7 +546,7 @@ def remove_memory(run: RunDir, dev_id: str, timeout: float = DEFAULT_GUEST_TIMEO
 # --- resize (virtio-mem) -------------------------------------------------------------------
 
 
-class MemoryResize(NamedTuple):
+class MemoryResize(Record):
     name: str
     id: str
     before: int

@@ -128,3 +128,23 @@ def _fill_status(record: dict[str, Any], run: RunDir) -> None:
 
 def _exit_json(state: StateRecord) -> dict[str, Any] | None:
     return state.exit.to_json() if state.exit is not None else None
+
+
+# --- the guest's own word --------------------------------------------------------------
+
+
+def add_guest_facts(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` (from ``vm_status``) with ``agent`` (its state: answering, not answering,
+    not configured, not running) and ``guest`` (OS, kernel, host name, addresses, from
+    the agent; None without one). The agent is asked only while the VM runs, briefly."""
+    from pathlib import Path
+
+    from qvm.control.guest_agent_facts import NOT_RUNNING, GuestFacts, guest_facts
+
+    facts = GuestFacts(NOT_RUNNING)
+    if record.get("state") == "running" and record.get("run_dir"):
+        facts = guest_facts(RunDir(Path(record["run_dir"])))
+    data = facts.as_json()
+    record["agent"] = {"state": data.pop("state"), "detail": data.pop("detail")}
+    record["guest"] = data if facts.agent == "answering" else None
+    return record

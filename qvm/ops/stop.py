@@ -1,6 +1,6 @@
-"""`qvm down` and `qvm kill`: ask the live supervisor to end QEMU (ACPI, then quit, then
-SIGKILL, or SIGKILL at once) and wait until it has gone; with no supervisor, end an
-orphaned QEMU by its recorded pid and start time.
+"""`qvm down` and `qvm kill`: ask the live supervisor to end QEMU (ACPI, then the guest
+agent's guest-shutdown, then quit, then SIGKILL, or SIGKILL at once) and wait until it
+has gone; with no supervisor, end an orphaned QEMU by its recorded pid and start time.
 
 No process is signalled on a record's word alone: its pid, start time and command line
 must show it is this VM's QEMU or supervisor (``qvm.supervisor.client``). A supervisor
@@ -16,13 +16,13 @@ import contextlib
 import os
 import signal
 import time
-from typing import NamedTuple
 
 from qvm.base.jsonfile import RecordWriteError
 from qvm.base.proc import same_process_alive
+from qvm.base.record import Record
 from qvm.errors import NotRunningError, VmStateError
 from qvm.layout.rundir import RunDir
-from qvm.store.state import ExitRecord, StateRecord, read_state, write_state
+from qvm.store.state import ExitRecord, StateRecord, ending, read_state, write_state
 from qvm.supervisor.client import (
     ACCEPT_TIMEOUT,
     SupervisorUnresponsive,
@@ -40,22 +40,25 @@ from qvm.supervisor.wire import EndReply, KillRequest, StopRequest
 # how long a killed process may take to be gone, and its supervisor's lock with it
 KILL_WAIT = 10.0
 SUPERVISOR_EXIT_WAIT = 15.0
-# the supervisor's own stop: the ACPI phase (the user's timeout), then quit and SIGKILL
-# (QMP call 2 s + 5 s + 5 s, see qvm.supervisor.process), with room to spare
-STOP_ESCALATION = 20.0
+# the supervisor's own stop: the ACPI phase (the user's timeout), then the guest agent
+# (lock 3 s + sync 3 s + 10 s), then quit and SIGKILL (QMP call 2 s + 5 s + 5 s, see
+# qvm.supervisor.process), with room to spare
+STOP_ESCALATION = 40.0
 KILL_REPLY_WAIT = 10.0
 
 # --- down / kill ---------------------------------------------------------------------
 
 
-class StopResult(NamedTuple):
+class StopResult(Record):
     name: str
-    ended_by: str | None  # "acpi", "quit", "kill", or None when it was not running
+    ended_by: str | None  # "acpi", "agent", "quit", "kill", or None: it was not running
     message: str
 
 
 ENDED_BY_TEXT = {
     "acpi": "the guest powered off after the ACPI power button",
+    "agent": "the guest ignored the ACPI power button and powered off after the guest "
+    "agent's guest-shutdown",
     "quit": "QEMU quit over QMP",
     "kill": "QEMU was killed (SIGKILL)",
 }
@@ -102,14 +105,9 @@ def _supervisor_present(run: RunDir) -> bool:
 
 
 def how_it_ended(ended: ExitRecord) -> str | None:
-    """acpi, quit or kill, as the supervisor's exit record tells it (None: otherwise)."""
-    if ended.signal == "SIGKILL":
-        return "kill"
-    if ended.reason.startswith("the guest powered off"):
-        return "acpi"
-    if ended.reason.startswith("quit over QMP"):
-        return "quit"
-    return None
+    """acpi, quit or kill, as the supervisor's exit record tells it (None: otherwise), in
+    the words `status` uses for the same record (``qvm.store.state.ending``)."""
+    return ending(ended.ended_by or "stop", ended.signal, ended.reason)
 
 
 def _result(run: RunDir, reply: EndReply, asked_at: float) -> StopResult:

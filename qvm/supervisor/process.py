@@ -52,6 +52,10 @@ from qvm.supervisor.wire import (
 QMP_CONNECT_TIMEOUT = 60.0
 
 POWER_BUTTON_REPEAT = 5.0  # seconds between presses during `qvm down`
+# after the power button: the guest agent's guest-shutdown, and this long for the guest
+# to power off (the exchange itself takes up to 3 s + 3 s, qvm.supervisor.agent_shutdown)
+AGENT_SHUTDOWN_WAIT = 10.0
+AGENT_POWER_OFF = "the guest powered off after guest-shutdown (guest agent)"
 QUIT_WAIT = 5.0
 KILL_WAIT = 5.0
 MAX_RESTART_DELAY = 60.0
@@ -75,6 +79,8 @@ class Supervisor:
         self.run_started = 0.0
         # set by `stop`/`kill` requests: an exit we asked for is never a failure
         self.intent: str | None = None
+        # `qvm down` asked the guest agent to power off (the guest ignored the button)
+        self.agent_shutdown_sent = False
         self.shutdown_event: dict[str, Any] | None = None
         self.crash_reason: str | None = None
         self.runstate = "unknown"
@@ -384,7 +390,8 @@ class Supervisor:
             failed=failed,
             at=time.time(),
             ran_seconds=ran_seconds,
-            ended_by=self.intent,
+            # the step of a stop that ended it, where only the supervisor knows it
+            ended_by="agent" if reason.startswith(AGENT_POWER_OFF) else self.intent,
             stderr_tail=(
                 tuple(qemu_log_tail(self.run.qemu_log)) if failed and not reached_qmp else None
             ),
@@ -428,6 +435,8 @@ class Supervisor:
                 return True, f"QEMU exited with code {returncode} while starting"
             return (not deliberate), f"QEMU exited with code {returncode}"
         reason = (self.shutdown_event or {}).get("reason")
+        if reason == "guest-shutdown" and self.agent_shutdown_sent:
+            return False, AGENT_POWER_OFF
         if reason == "guest-shutdown":
             return False, "the guest powered off"
         if reason == "host-qmp-quit":
@@ -502,7 +511,8 @@ class Supervisor:
         return self.qmp
 
     async def stop(self, timeout: float, force: bool) -> EndReply:
-        """ACPI power button, then QMP quit, then SIGKILL; say which one ended QEMU."""
+        """ACPI power button, then the guest agent's guest-shutdown (when the VM has an
+        agent channel), then QMP quit, then SIGKILL; say which one ended QEMU."""
         self._cancel_restart()
         if not self.qemu_alive():
             self.intent = "stop"
@@ -515,6 +525,8 @@ class Supervisor:
                     return EndReply("acpi")
             except Exception:  # noqa: BLE001 - escalate to quit
                 pass
+            if await self._agent_power_off():
+                return EndReply("agent")
         try:
             await self._qmp_call("quit")
             if await self._wait_exit(QUIT_WAIT):
@@ -539,6 +551,29 @@ class Supervisor:
                 return True
             if time.monotonic() >= deadline:
                 return False
+
+    async def _agent_power_off(self) -> bool:
+        """The guest ignored the power button: ask its agent (``guest-shutdown``), if the
+        VM has one. True once QEMU has exited."""
+        import asyncio
+
+        from qvm.supervisor.agent_shutdown import agent_configured, agent_shutdown
+
+        if not self.qemu_alive() or not agent_configured(self.launch):
+            return False
+        self.agent_shutdown_sent = True
+        try:
+            problem = await asyncio.to_thread(agent_shutdown, self.run)
+        except Exception as exc:  # noqa: BLE001 - a stop must go on to quit, whatever happened
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is not None:
+            self.agent_shutdown_sent = False
+            log_line(f"qvm supervisor: down: no guest-shutdown: {problem}; QMP quit next")
+            return False
+        if await self._wait_exit(AGENT_SHUTDOWN_WAIT):
+            return True
+        self.agent_shutdown_sent = False
+        return False
 
     async def kill(self) -> EndReply:
         self._cancel_restart()

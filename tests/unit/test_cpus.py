@@ -482,7 +482,7 @@ def test_add_report_not_online() -> None:
     assert _add_problems(offline) == [
         "vm1: cpu1 was added but not started by the guest within 2 s; the guest acknowledged "
         "it (ACPI _OST) after 25 ms but has not onlined it (hint: the guest must online "
-        "hotplugged CPUs itself, e.g. with a udev rule; see the README)"
+        "hotplugged CPUs itself, e.g. with a udev rule; see docs/hotplug.md)"
     ]
     rejected = added(acknowledged=False, ack_detail="OST status 0x1", online=False)
     assert _add_problems(rejected) == [

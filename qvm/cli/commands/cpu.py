@@ -12,7 +12,7 @@ from qvm.errors import EXIT_FAILURE, EXIT_PENDING
 
 commands = Commands(help="List, add and remove vCPUs of a running VM.")
 
-JSON_HELP = "Print JSON (schema in the README)."
+JSON_HELP = "Print JSON (the schema named below). An error is a JSON object too."
 PERSIST_HELP = (
     "After the live change succeeded, write the new vCPU count into the machine's TOML "
     "([cpu] count), keeping its comments and formatting."
@@ -24,18 +24,23 @@ def list_cmd(
     name: str = Argument(..., help="Machine name."),
     as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Every vCPU slot: present, free or unplug-pending, with QEMU's topology props."""
+    """Every vCPU slot: present, free or unplug-pending, with QEMU's topology props, and
+    (when the guest agent answers) the guest's CPU number and whether it is online.
+
+    JSON: schemas/cpu-list.json
+    """
     from qvm.control.cpu import list_cpus
 
     cpus = list_cpus(resolve.run_dir_of(name))
     if as_json:
-        emit_json([s.as_json() for s in cpus.slots])
+        emit_json([{**s.as_json(), "guest_source": cpus.guest_source} for s in cpus.slots])
         return
     rows = [
         [
             s.index,
             s.id or ("(boot)" if s.boot else None),
             s.state,
+            _guest_column(s),
             s.props_text(),
             s.cpu_index,
             s.thread_id,
@@ -43,8 +48,20 @@ def list_cmd(
         ]
         for s in cpus.slots
     ]
-    say(table(["SLOT", "ID", "STATE", "PROPS", "CPU", "THREAD", "QOM PATH"], rows))
+    say(table(["SLOT", "ID", "STATE", "GUEST", "PROPS", "CPU", "THREAD", "QOM PATH"], rows))
+    if cpus.guest_source == "agent":
+        say(f"{cpus.name}: GUEST is the guest's own word (guest agent: guest-get-vcpus)")
+    else:
+        say(f"{cpus.name}: GUEST unknown: {cpus.guest_detail} (source: QEMU only)")
     say(cpus.summary())
+
+
+def _guest_column(slot: Any) -> str | None:
+    """``cpu1 online``: the guest's CPU number and state; ``offline``; None: not told."""
+    if slot.guest_online is None:
+        return None
+    state = "online" if slot.guest_online else "offline"
+    return f"cpu{slot.guest_cpu} {state}" if slot.guest_cpu is not None else state
 
 
 @commands.command("add")
@@ -61,8 +78,15 @@ def add(
         False,
         "--wait-guest",
         help="Wait until the guest has each new vCPU online: its ACPI _OST reply (a refusal "
-        "fails at once), then the guest starting to run on the vCPU (read from its registers). "
-        "The guest must online hotplugged CPUs itself, e.g. with a udev rule (see the README).",
+        "fails at once), then the guest agent's guest-get-vcpus, onlining (guest-set-vcpus) a "
+        "vCPU the guest leaves offline; without an answering agent, the guest starting to run "
+        "on the vCPU (read from its registers), which needs a guest that onlines hotplugged "
+        "CPUs itself, e.g. with a udev rule (see docs/hotplug.md).",
+    ),
+    no_online: bool = Option(
+        False,
+        "--no-online",
+        help="With --wait-guest: leave a vCPU the guest left offline as it is (and fail).",
     ),
     wait_serial: str | None = Option(
         None,
@@ -79,8 +103,12 @@ def add(
     persist: bool = Option(False, "--persist", help=PERSIST_HELP),
     as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Hotplug vCPUs into free slots (the lowest first), with stable ids cpu<slot>."""
+    """Hotplug vCPUs into free slots (the lowest first), with stable ids cpu<slot>.
+
+    JSON: schemas/cpu-add.json
+    """
     timeout = resolve.timeout_seconds(timeout)
+    from qvm.cli.progress import run_waiting
     from qvm.control.cpu import add_cpus
     from qvm.control.cpu_slots import parse_slot_spec
 
@@ -92,7 +120,9 @@ def add(
         except ValueError as error:
             abort(f"{name}: --slot: {error}")
     pattern = _compile(name, wait_serial)
-    result = add_cpus(
+    result = run_waiting(
+        f"{name}: adding vCPUs, waiting for the guest to bring them online",
+        add_cpus,
         run,
         count=count,
         slot=props,
@@ -100,6 +130,7 @@ def add(
         serial_pattern=pattern,
         guest_timeout=timeout,
         force=force,
+        online_them=not no_online,
     )
     problems = _add_problems(result)
     persisted = _persist(run, result.present) if persist and not problems else None
@@ -133,14 +164,24 @@ def delete(
     Each vCPU ends removed, refused by the guest, or pending: the guest has not released
     it within --timeout. Pending exits with status 3; the request stands, and the slot
     becomes free by itself if the guest releases it later.
+
+    JSON: schemas/cpu-del.json
     """
     timeout = resolve.timeout_seconds(timeout)
+    from qvm.cli.progress import run_waiting
     from qvm.control.cpu import remove_cpus
 
     if ids and count is not None:
         abort(f"{name}: give vCPU ids or --count, not both")
     run = resolve.run_dir_of(name)
-    result = remove_cpus(run, ids=ids or None, count=count, timeout=timeout)
+    result = run_waiting(
+        f"{name}: waiting for the guest to release the vCPUs",
+        remove_cpus,
+        run,
+        ids=ids or None,
+        count=count,
+        timeout=timeout,
+    )
     persisted = _persist(run, result.present) if persist and result.complete else None
     problems, code = _remove_problems(result)
     if as_json:
@@ -165,19 +206,34 @@ def set_cmd(
         "--wait-guest",
         help="When adding, wait until the guest has each new vCPU online (as cpu add).",
     ),
+    no_online: bool = Option(
+        False, "--no-online", help="With --wait-guest: do not online what the guest left offline."
+    ),
     force: bool = Option(
         False, "--force", help="Add even after a vCPU unplug in this QEMU run under TCG."
     ),
     persist: bool = Option(False, "--persist", help=PERSIST_HELP),
     as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Add or remove vCPUs until N are present, reporting each step."""
+    """Add or remove vCPUs until N are present, reporting each step.
+
+    JSON: schemas/cpu-set.json
+    """
     timeout = resolve.timeout_seconds(timeout)
+    from qvm.cli.progress import run_waiting
     from qvm.control.cpu import set_cpus
 
     run = resolve.run_dir_of(name)
-    result = set_cpus(
-        run, target, timeout=timeout, wait_guest=wait_guest, guest_timeout=timeout, force=force
+    result = run_waiting(
+        f"{name}: waiting for the guest to reach {target} vCPUs",
+        set_cpus,
+        run,
+        target,
+        timeout=timeout,
+        wait_guest=wait_guest,
+        guest_timeout=timeout,
+        force=force,
+        online_them=not no_online,
     )
     problems: list[str] = []
     code = EXIT_FAILURE
@@ -222,11 +278,25 @@ def _say_added(result: Any) -> None:
         seen = []
         if cpu.acknowledged:
             seen.append(f"the guest acknowledged it (ACPI _OST) after {ms(cpu.ack_seconds)}")
-        if cpu.online:
+        if cpu.online and cpu.onlined_by_qvm:
+            seen.append(
+                f"the guest left it offline, qvm onlined it (guest-set-vcpus) as guest CPU "
+                f"{cpu.guest_cpu}: online after {ms(cpu.online_seconds)}"
+            )
+        elif cpu.online:
             seen.append(f"online after {ms(cpu.online_seconds)}")
         if seen:
             line += "; " + ", ".join(seen)
         say(line)
+    online = [cpu for cpu in result.added if cpu.online]
+    if result.source == "agent" and online:
+        which = ", ".join(f"{cpu.id} is guest CPU {cpu.guest_cpu}" for cpu in online)
+        say(f"{result.name}: online by the guest's word (guest agent, guest-get-vcpus): {which}")
+    elif result.source is not None and online:
+        say(
+            f"{result.name}: online read from the vCPUs' registers (QEMU only: "
+            f"{result.source_detail})"
+        )
     if result.forced_after_unplug:
         warn(f"qvm: {result.name}: added after a vCPU unplug under TCG (--force)")
     if result.serial is not None and result.serial.matched is not None:
@@ -242,7 +312,25 @@ def _add_problems(result: Any) -> list[str]:
         if not result.waited_guest or cpu.online:
             continue
         not_started = f"was added but not started by the guest within {result.guest_timeout:g} s"
-        if cpu.ack_detail:
+        as_cpu = f" (guest CPU {cpu.guest_cpu})" if cpu.guest_cpu is not None else ""
+        if result.source == "agent" and cpu.onlined_by_qvm and cpu.online_detail:
+            why = f"was added{as_cpu}; the guest left it offline and refused to online it: "
+            why += cpu.online_detail
+        elif result.source == "agent" and cpu.guest_cpu is not None and result.no_online:
+            why = (
+                f"was added{as_cpu}, but the guest left it offline within "
+                f"{result.guest_timeout:g} s; --no-online: qvm left it so (hint: without "
+                "--no-online qvm onlines it through the guest agent)"
+            )
+        elif result.source == "agent" and cpu.guest_cpu is not None:
+            why = f"was added{as_cpu}, but the guest agent says it is offline"
+            why += f": {cpu.online_detail}" if cpu.online_detail else ""
+        elif result.source == "agent" and not cpu.ack_detail:
+            why = (
+                f"was added, but the guest agent lists no new CPU for it within "
+                f"{result.guest_timeout:g} s"
+            )
+        elif cpu.ack_detail:
             why = f"was added, but the guest rejected it ({cpu.ack_detail})"
         elif cpu.online is None:
             why = (
@@ -258,7 +346,7 @@ def _add_problems(result: Any) -> list[str]:
             why = (
                 f"{not_started}; the guest acknowledged it (ACPI _OST) after "
                 f"{ms(cpu.ack_seconds)} but has not onlined it (hint: the guest must online "
-                "hotplugged CPUs itself, e.g. with a udev rule; see the README)"
+                "hotplugged CPUs itself, e.g. with a udev rule; see docs/hotplug.md)"
             )
         problems.append(f"{result.name}: {cpu.id} {why}")
     if result.serial is not None and result.serial.matched is None:
@@ -273,7 +361,13 @@ def _say_removed(result: Any) -> None:
     for unplug in result.unplugs:
         if unplug.outcome == "removed":
             where = _props(unplug.props)
-            say(f"{result.name}: removed {unplug.id} ({where}) in {ms(unplug.seconds)}")
+            if unplug.guest_offlined:
+                first = f"; the guest offlined its CPU {unplug.guest_cpu} first (guest agent)"
+            elif result.source == "agent":
+                first = "; it was not online in the guest (guest agent)"
+            else:
+                first = f" (QEMU only: {result.source_detail})"
+            say(f"{result.name}: removed {unplug.id} ({where}) in {ms(unplug.seconds)}{first}")
 
 
 def _remove_problems(result: Any) -> tuple[list[str], int]:

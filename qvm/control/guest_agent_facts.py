@@ -1,0 +1,403 @@
+"""What the guest agent says about the guest: its vCPUs, memory blocks, OS, host name and
+addresses; read by `status`, `cpu list/add/del` and `mem add`, each through
+``agent_link``, which never fails: without an answering agent it says why, and the
+caller uses what QEMU (or the serial console) tells instead.
+
+Measured with Debian's qemu-ga 7.2 in the busybox test guest:
+
+- ``guest-get-vcpus`` lists ``/sys/devices/system/cpu/cpuN`` by logical id, with
+  ``online`` and ``can-offline`` (false for cpu0); a hotplugged vCPU the guest left
+  offline is listed (``online`` false) a moment after its ACPI acknowledgement.
+- Linux numbers a hotplugged CPU with the lowest free logical id, not by QEMU's slot;
+  what ties the two is the APIC id: QEMU's ``apic-id`` property of the vCPU, and the
+  guest's ``apicid`` line in ``/proc/cpuinfo`` (read with ``guest-file-*``; it lists
+  online CPUs only).
+- ``guest-get-memory-blocks`` lists blocks by ``phys-index``: the block's physical
+  address divided by the block size (``guest-get-memory-block-info``: 128 MiB on
+  x86-64), so a DIMM at ``addr`` of ``size`` bytes is blocks ``addr/block`` up to
+  ``(addr+size)/block``.
+
+Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from qvm.base.record import Record
+from qvm.control.agent import AgentClient, open_agent
+from qvm.errors import (
+    AgentCommandError,
+    AgentError,
+    AgentNotAnswering,
+    AgentNotConfigured,
+    NotRunningError,
+)
+from qvm.layout.rundir import RunDir
+
+# agent states, as `status` says them
+ANSWERING = "answering"
+NOT_ANSWERING = "not answering"
+NOT_CONFIGURED = "not configured"
+NOT_RUNNING = "not running"
+# where a fact about the guest came from
+SOURCE_AGENT = "agent"
+SOURCE_SERIAL = "serial console"
+SOURCE_QEMU = "QEMU only"
+# `status` stays quick for a VM whose guest runs no agent
+STATUS_SYNC_TIMEOUT = 0.5
+STATUS_COMMAND_TIMEOUT = 2.0
+# hotplug commands take seconds anyway: the agent gets a little longer to answer
+HOTPLUG_SYNC_TIMEOUT = 1.0
+LOCK_TIMEOUT = 2.0
+CPUINFO = "/proc/cpuinfo"
+MAX_FILE = 1024**2
+
+
+class AgentLink(Record):
+    """An agent connection if one answered; else why not (``state``, ``detail``)."""
+
+    client: AgentClient | None
+    state: str
+    detail: str | None = None
+
+    @property
+    def source(self) -> str:
+        return SOURCE_AGENT if self.client is not None else SOURCE_QEMU
+
+    def why_not(self) -> str:
+        """``no guest agent configured`` / ``the guest agent is not answering``."""
+        if self.state == NOT_CONFIGURED:
+            return "no guest agent configured"
+        if self.state == NOT_RUNNING:
+            return "the VM is not running"
+        return "the guest agent is not answering"
+
+
+@contextlib.contextmanager
+def agent_link(
+    run: RunDir, sync_timeout: float = HOTPLUG_SYNC_TIMEOUT, lock_timeout: float = LOCK_TIMEOUT
+) -> Iterator[AgentLink]:
+    """The VM's agent, held for the ``with`` block, or an ``AgentLink`` without a client
+    that says why there is none. Never raises for an agent that does not answer."""
+    with contextlib.ExitStack() as stack:
+        link: AgentLink
+        try:
+            client = stack.enter_context(open_agent(run, sync_timeout, lock_timeout))
+            link = AgentLink(client, ANSWERING)
+        except AgentNotConfigured as error:
+            link = AgentLink(None, NOT_CONFIGURED, str(error))
+        except NotRunningError as error:
+            link = AgentLink(None, NOT_RUNNING, str(error))
+        except AgentError as error:  # not answering, busy, channel closed
+            link = AgentLink(None, NOT_ANSWERING, str(error))
+        yield link
+
+
+def unsupported(error: AgentCommandError) -> bool:
+    """The agent does not offer the command (unknown, or disabled by its blocklist)."""
+    desc = error.agent_desc.lower()
+    return error.agent_class == "CommandNotFound" or "disabled" in desc or "not found" in desc
+
+
+# --- vCPUs ---------------------------------------------------------------------------------
+
+
+class GuestVcpu(Record):
+    logical_id: int
+    online: bool
+    can_offline: bool
+
+
+def parse_vcpus(data: Any) -> dict[int, GuestVcpu]:
+    """``guest-get-vcpus`` -> logical id -> its state (entries that make no sense go)."""
+    found: dict[int, GuestVcpu] = {}
+    for item in data if isinstance(data, list) else []:
+        if not isinstance(item, dict):
+            continue
+        logical = item.get("logical-id")
+        if isinstance(logical, int) and not isinstance(logical, bool) and logical >= 0:
+            found[logical] = GuestVcpu(
+                logical, bool(item.get("online")), bool(item.get("can-offline", False))
+            )
+    return found
+
+
+def guest_vcpus(client: AgentClient) -> dict[int, GuestVcpu]:
+    return parse_vcpus(client.execute("guest-get-vcpus"))
+
+
+def set_vcpus(client: AgentClient, changes: dict[int, bool]) -> int:
+    """``guest-set-vcpus``: logical id -> online; returns how many the guest changed
+    (it stops at the first it could not)."""
+    if not changes:
+        return 0
+    vcpus = [{"logical-id": i, "online": on} for i, on in sorted(changes.items())]
+    done = client.execute("guest-set-vcpus", {"vcpus": vcpus})
+    return done if isinstance(done, int) else 0
+
+
+def apicids_from_cpuinfo(text: str) -> dict[int, int]:
+    """``/proc/cpuinfo`` -> APIC id -> logical CPU (online CPUs only are listed)."""
+    found: dict[int, int] = {}
+    processor: int | None = None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            processor = None if not line.strip() else processor
+            continue
+        key, value = key.strip(), value.strip()
+        if key == "processor" and value.isdigit():
+            processor = int(value)
+        elif key == "apicid" and value.isdigit() and processor is not None:
+            found[int(value)] = processor
+    return found
+
+
+def read_guest_file(client: AgentClient, path: str, limit: int = MAX_FILE) -> bytes:
+    """A small guest file, whole, through ``guest-file-open/read/close``."""
+    handle = client.execute("guest-file-open", {"path": path, "mode": "r"})
+    data = bytearray()
+    try:
+        while len(data) < limit:
+            chunk = client.execute("guest-file-read", {"handle": handle, "count": 65536})
+            if not isinstance(chunk, dict):
+                break
+            data += base64.b64decode(chunk.get("buf-b64") or "")
+            if chunk.get("eof") or not chunk.get("count"):
+                break
+    finally:
+        with contextlib.suppress(AgentError):
+            client.execute("guest-file-close", {"handle": handle})
+    return bytes(data)
+
+
+def guest_apicids(client: AgentClient) -> dict[int, int] | None:
+    """APIC id -> logical CPU of the guest's online CPUs; None if the agent cannot read
+    ``/proc/cpuinfo`` (``guest-file-*`` blocked)."""
+    try:
+        text = read_guest_file(client, CPUINFO).decode(errors="replace")
+    except AgentCommandError:
+        return None
+    return apicids_from_cpuinfo(text)
+
+
+class CpuMatch(Record):
+    """Which guest CPU a vCPU is: its logical id and state, or None where it cannot be told."""
+
+    logical_id: int | None
+    online: bool | None
+    can_offline: bool | None = None
+
+
+def match_vcpus(
+    apic_by_key: dict[str, int | None],
+    apicids: dict[int, int] | None,
+    vcpus: dict[int, GuestVcpu],
+) -> dict[str, CpuMatch]:
+    """key (a slot label) -> the guest CPU with its APIC id.
+
+    An online CPU is found by APIC id in ``/proc/cpuinfo``; the vCPUs not found there are
+    offline in the guest when it lists exactly as many offline CPUs (then which is which
+    does not matter for "offline"), else unknown."""
+    matches: dict[str, CpuMatch] = {}
+    unmatched = []
+    for key, apic in apic_by_key.items():
+        logical = apicids.get(apic) if apicids is not None and apic is not None else None
+        vcpu = vcpus.get(logical) if logical is not None else None
+        if vcpu is not None:
+            matches[key] = CpuMatch(logical, vcpu.online, vcpu.can_offline)
+        else:
+            unmatched.append(key)
+    offline = [v for v in vcpus.values() if not v.online]
+    for key in unmatched:
+        known = apicids is not None and len(offline) == len(unmatched)
+        matches[key] = CpuMatch(None, False if known else None)
+    return matches
+
+
+# --- memory blocks -------------------------------------------------------------------------
+
+
+class MemoryBlock(Record):
+    phys_index: int
+    online: bool
+    can_offline: bool
+
+
+def parse_memory_blocks(data: Any) -> dict[int, MemoryBlock]:
+    found: dict[int, MemoryBlock] = {}
+    for item in data if isinstance(data, list) else []:
+        if not isinstance(item, dict):
+            continue
+        index = item.get("phys-index")
+        if isinstance(index, int) and not isinstance(index, bool) and index >= 0:
+            found[index] = MemoryBlock(
+                index, bool(item.get("online")), bool(item.get("can-offline", False))
+            )
+    return found
+
+
+def blocks_of(addr: int, size: int, block_size: int) -> range:
+    """The phys-index range of the memory blocks a device at ``addr`` of ``size`` covers."""
+    if block_size <= 0 or size <= 0:
+        return range(0)
+    return range(addr // block_size, (addr + size + block_size - 1) // block_size)
+
+
+def memory_block_size(client: AgentClient) -> int | None:
+    try:
+        info = client.execute("guest-get-memory-block-info")
+    except AgentCommandError:
+        return None
+    size = info.get("size") if isinstance(info, dict) else None
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def set_memory_blocks(client: AgentClient, indexes: Iterable[int]) -> dict[int, str]:
+    """Online the blocks; phys-index -> the guest's answer ("success", "failed", ...)."""
+    wanted = [{"phys-index": i, "online": True} for i in sorted(indexes)]
+    if not wanted:
+        return {}
+    answers = client.execute("guest-set-memory-blocks", {"mem-blks": wanted})
+    found: dict[int, str] = {}
+    for item in answers if isinstance(answers, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("phys-index"), int):
+            response = str(item.get("response", "failed"))
+            if item.get("error-code"):
+                response += f" (errno {item['error-code']})"
+            found[item["phys-index"]] = response
+    return found
+
+
+# --- facts for `status` ------------------------------------------------------------------
+
+
+class Address(Record):
+    address: str
+    prefix: int | None
+    family: str  # "ipv4" or "ipv6"
+
+
+class Interface(Record):
+    name: str
+    mac: str | None
+    addresses: tuple[Address, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "mac": self.mac,
+            "addresses": [a._asdict() for a in self.addresses],
+        }
+
+
+def parse_interfaces(data: Any) -> list[Interface]:
+    """``guest-network-get-interfaces`` -> interfaces with their addresses."""
+    found = []
+    for item in data if isinstance(data, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            continue
+        addresses = []
+        for entry in item.get("ip-addresses") or []:
+            if isinstance(entry, dict) and isinstance(entry.get("ip-address"), str):
+                prefix = entry.get("prefix")
+                addresses.append(
+                    Address(
+                        entry["ip-address"],
+                        prefix if isinstance(prefix, int) else None,
+                        str(entry.get("ip-address-type", "")),
+                    )
+                )
+        mac = item.get("hardware-address")
+        found.append(
+            Interface(item["name"], mac if isinstance(mac, str) else None, tuple(addresses))
+        )
+    return found
+
+
+class OsInfo(Record):
+    name: str | None
+    pretty_name: str | None
+    version_id: str | None
+    id: str | None
+    kernel_release: str | None
+    kernel_version: str | None
+    machine: str | None
+
+    @classmethod
+    def from_reply(cls, data: Any) -> OsInfo:
+        data = data if isinstance(data, dict) else {}
+
+        def text(key: str) -> str | None:
+            value = data.get(key)
+            return value if isinstance(value, str) else None
+
+        return cls(
+            text("name"),
+            text("pretty-name"),
+            text("version-id"),
+            text("id"),
+            text("kernel-release"),
+            text("kernel-version"),
+            text("machine"),
+        )
+
+    def summary(self) -> str:
+        name = self.pretty_name or self.name or self.id or "unknown OS"
+        return f"{name}, kernel {self.kernel_release}" if self.kernel_release else name
+
+
+class GuestFacts(Record):
+    """What `status` tells about the guest from its agent."""
+
+    agent: str  # ANSWERING, NOT_ANSWERING, NOT_CONFIGURED or NOT_RUNNING
+    detail: str | None = None  # why it is not answering, or what failed
+    os: OsInfo | None = None
+    hostname: str | None = None
+    interfaces: tuple[Interface, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "state": self.agent,
+            "detail": self.detail,
+            "os": self.os._asdict() if self.os else None,
+            "hostname": self.hostname,
+            "interfaces": [i.as_json() for i in self.interfaces],
+        }
+
+
+def guest_facts(run: RunDir) -> GuestFacts:
+    """Ask the agent (briefly) for the guest's OS, host name and addresses; never raises."""
+    with agent_link(run, STATUS_SYNC_TIMEOUT, STATUS_SYNC_TIMEOUT) as link:
+        client = link.client
+        if client is None:
+            return GuestFacts(link.state, link.detail)
+        problems: list[str] = []
+
+        silent: list[bool] = []
+
+        def ask(command: str) -> Any:
+            if silent:
+                return None  # each further command would wait for it again
+            try:
+                return client.execute(command, timeout=STATUS_COMMAND_TIMEOUT)
+            except AgentError as error:
+                problems.append(str(error))
+                silent.extend([True] if isinstance(error, AgentNotAnswering) else [])
+                return None
+
+        os_reply = ask("guest-get-osinfo")
+        host = ask("guest-get-host-name")
+        interfaces = ask("guest-network-get-interfaces")
+        hostname = host.get("host-name") if isinstance(host, dict) else None
+        return GuestFacts(
+            ANSWERING,
+            "; ".join(problems) or None,
+            OsInfo.from_reply(os_reply) if os_reply is not None else None,
+            hostname if isinstance(hostname, str) else None,
+            tuple(parse_interfaces(interfaces)),
+        )
