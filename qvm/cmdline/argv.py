@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import NamedTuple
 
+from qvm.base.record import Record
 from qvm.base.sizes import format_size
 from qvm.definition.naming import (
     disk_node_name,
@@ -25,13 +25,41 @@ from qvm.definition.topology import cpu_device_id, cpu_driver, slot_props, topol
 from qvm.layout.rundir import RunDir
 
 
-class LaunchInputs(NamedTuple):
+class MemoryArg(Record):
+    """A DIMM or virtio-mem device started on the command line (a snapshot's device set)."""
+
+    id: str
+    kind: str  # "dimm" or "virtio-mem"
+    backend: str
+    size: int
+    requested_size: int | None = None
+    bus: str | None = None
+
+
+class StartFrom(Record):
+    """How a restore or a clone starts QEMU: a snapshot's device set and where from."""
+
+    cpu_slots: tuple[int, ...] | None = None
+    memory_devices: tuple[MemoryArg, ...] = ()
+    loadvm: str | None = None
+    incoming: str | None = None
+
+
+class LaunchInputs(Record):
     accel: str  # "kvm" or "tcg"
     run_dir: RunDir
     # per [[disk]]: the format QEMU should open; an overlay is always qcow2
     disk_formats: tuple[str, ...] = ()
     # (nic index, forward index) -> host port, for forwards whose host port was 0
     host_ports: Mapping[tuple[int, int], int] = MappingProxyType({})
+    # a snapshot's device set instead of the definition's: the vCPU slots present besides
+    # slot 0 (None: the definition's count), and its memory devices
+    cpu_slots: tuple[int, ...] | None = None
+    memory_devices: tuple[MemoryArg, ...] = ()
+    # the run dir's state.qcow2 as block node qvm-state (RAM state of snapshots)
+    state_disk: bool = False
+    loadvm: str | None = None  # start from this internal snapshot (-loadvm)
+    incoming: str | None = None  # start from this migration stream (-incoming)
 
 
 def default_cpu_model(accel: str) -> str:
@@ -75,7 +103,10 @@ def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
             smp += f",dies={topo.dies}"
         smp += f",cores={topo.cores},threads={topo.threads},maxcpus={topo.max_cpus}"
         argv += ["-smp", smp]
-        for index in range(1, machine.cpu.count):
+        slots = range(1, machine.cpu.count) if inputs.cpu_slots is None else inputs.cpu_slots
+        for index in slots:
+            if index == 0:
+                continue
             props = ",".join(f"{k}={v}" for k, v in slot_props(index, topo).items())
             argv += ["-device", f"{cpu_driver(model)},id={cpu_device_id(index)},{props}"]
 
@@ -137,6 +168,17 @@ def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
     # per hotplugged disk, NIC or virtio-mem device; after the boot devices, so that
     # those keep their addresses. pc's pci.0 takes hotplugged devices as is.
     argv += _hotplug_port_args(machine)
+
+    # Snapshots: the RAM-state disk (a node without a device), a snapshot's memory
+    # devices (after the root ports a virtio-mem device sits on), where to start from
+    if inputs.state_disk:
+        argv += _state_disk_args(run)
+    for memory_device in inputs.memory_devices:
+        argv += _memory_device_args(memory_device)
+    if inputs.loadvm is not None:
+        argv += ["-loadvm", inputs.loadvm]
+    if inputs.incoming is not None:
+        argv += ["-incoming", inputs.incoming]
 
     # Escape hatch, last so that it can override
     argv += list(machine.qemu.extra_args)
@@ -223,3 +265,29 @@ def _hotplug_port_args(machine: Machine) -> list[str]:
         port = f"pcie-root-port,id={hotplug_port_id(index)},bus=pcie.0,chassis=1,slot={index + 1}"
         args += ["-device", port]
     return args
+
+
+STATE_NODE = "qvm-state"  # the block node of the run dir's state.qcow2
+
+
+def _state_disk_args(run: RunDir) -> list[str]:
+    filename = escape_opt(str(run.state_disk))
+    return [
+        "-blockdev",
+        f"driver=file,node-name={STATE_NODE}-file,filename={filename}",
+        "-blockdev",
+        f"driver=qcow2,node-name={STATE_NODE},file={STATE_NODE}-file",
+    ]
+
+
+def _memory_device_args(device: MemoryArg) -> list[str]:
+    backend = f"memory-backend-ram,id={device.backend},size={device.size}"
+    if device.kind == "dimm":
+        front = f"pc-dimm,id={device.id},memdev={device.backend}"
+    else:
+        front = f"virtio-mem-pci,id={device.id},memdev={device.backend}"
+        if device.requested_size is not None:
+            front += f",requested-size={device.requested_size}"
+        if device.bus is not None:
+            front += f",bus={device.bus}"
+    return ["-object", backend, "-device", front]

@@ -4,9 +4,8 @@ Parsing collects every problem before giving up, so a user fixes a file in one p
 Checks that need this host's QEMU (CPU models, machine types) or the file system
 (kernels, images) live in ``qvm.definition.host_checks`` and run at ``up``, not at load.
 
-The records are ``typing.NamedTuple``s, not frozen dataclasses, for start-up time: creating
-these classes took ~10 ms as dataclasses and ~2.5 ms as NamedTuples (measured); as class
-attributes their fields are accessors, so defaults come from ``_field_defaults``.
+The records are ``qvm.base.record.Record``s: as class attributes their fields are
+accessors, so defaults come from ``_field_defaults``.
 """
 
 from __future__ import annotations
@@ -55,6 +54,7 @@ from qvm.definition.schema import (
     PortForward,
     QemuSpec,
     SerialSpec,
+    SnapshotsSpec,
     SupervisorSpec,
 )
 from qvm.errors import DefinitionError, Problem
@@ -545,6 +545,9 @@ def _read_machine(root: Table, path: Path, name: str | None) -> Machine:
     agent = AgentSpec(
         root.section("agent").boolean("enabled", AgentSpec._field_defaults["enabled"])
     )
+    snapshots = SnapshotsSpec(
+        root.section("snapshots").boolean("enabled", SnapshotsSpec._field_defaults["enabled"])
+    )
     supervisor = _read_supervisor(root.section("supervisor"))
     qemu = _read_qemu(root.section("qemu"))
     cloud_init = None
@@ -591,6 +594,7 @@ def _read_machine(root: Table, path: Path, name: str | None) -> Machine:
         supervisor=supervisor,
         qemu=qemu,
         cloud_init=cloud_init,
+        snapshots=snapshots,
     )
 
 

@@ -1,14 +1,15 @@
 """The machine definition's records and vocabulary: every key, its meaning (``KEYS``,
 also the did-you-mean source), the allowed values, and the frozen records the loader
-fills. The records are ``typing.NamedTuple``s, not frozen dataclasses, for start-up time:
-creating these classes took ~10 ms as dataclasses and ~2.5 ms as NamedTuples (measured);
-as class attributes their fields are accessors, so defaults come from ``_field_defaults``.
+fills. The records are ``qvm.base.record.Record``s (see there why not dataclasses or
+NamedTuples: start-up time); as class attributes their fields are accessors, so defaults
+come from ``_field_defaults``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+
+from qvm.base.record import Record
 
 MACHINE_TYPES = ("q35", "pc", "microvm")
 ACCELS = ("auto", "kvm", "tcg")
@@ -32,7 +33,7 @@ HOTPLUG_PORT_PREFIX = "hp"
 DEFAULT_HOST_ADDR = "127.0.0.1"  # forwards are private to this host unless the file says so
 
 
-class CpuSpec(NamedTuple):
+class CpuSpec(Record):
     model: str | None = None  # None: "host" under KVM, "max" under TCG
     count: int = 1
     max: int = 1
@@ -42,19 +43,19 @@ class CpuSpec(NamedTuple):
     threads: int | None = None
 
 
-class MemorySpec(NamedTuple):
+class MemorySpec(Record):
     size: int = 512 * 1024**2  # bytes
     max: int | None = None  # bytes; None: no memory hotplug
     slots: int = 0
 
 
-class BootSpec(NamedTuple):
+class BootSpec(Record):
     kernel: Path | None = None
     initrd: Path | None = None
     append: str | None = None
 
 
-class DiskSpec(NamedTuple):
+class DiskSpec(Record):
     file: Path | None = None  # used as is
     base: Path | None = None  # a copy-on-write overlay on this image lives in the VM's folder
     size: int | None = None  # bytes; grow the overlay to this size
@@ -69,7 +70,7 @@ class DiskSpec(NamedTuple):
     sha512: str | None = None
 
 
-class CloudInitSpec(NamedTuple):
+class CloudInitSpec(Record):
     """A cloud-init NoCloud seed (``cidata``) built by qvm and attached read-only."""
 
     user: str = "qvm"
@@ -81,14 +82,14 @@ class CloudInitSpec(NamedTuple):
     user_data: Path | None = None  # a user-data file used as is instead of the generated one
 
 
-class PortForward(NamedTuple):
+class PortForward(Record):
     protocol: str  # "tcp" or "udp"
     host_addr: str  # "127.0.0.1" unless the file says otherwise
     host_port: int  # 0: pick a free port at start
     guest_port: int
 
 
-class NicSpec(NamedTuple):
+class NicSpec(Record):
     mode: str = "user"
     model: str = "virtio-net-pci"
     mac: str | None = None  # None: stable, derived from the machine name and the NIC's index
@@ -96,34 +97,40 @@ class NicSpec(NamedTuple):
     id: str | None = None
 
 
-class HotplugSpec(NamedTuple):
+class HotplugSpec(Record):
     # spare pcie-root-ports (ids hp0..) for hotplugged PCI devices, q35 only; None: the
     # file does not say (see ``pci_ports``)
     pci_slots: int | None = None
 
 
-class SerialSpec(NamedTuple):
+class SerialSpec(Record):
     enabled: bool = True
 
 
-class AgentSpec(NamedTuple):
+class AgentSpec(Record):
     # a virtio-serial port org.qemu.guest_agent.0 on the run dir's agent.sock, for the
     # QEMU guest agent (qemu-ga) in the guest
     enabled: bool = True
 
 
-class SupervisorSpec(NamedTuple):
+class SnapshotsSpec(Record):
+    # a small qcow2 state disk in the run dir at boot, for the RAM state of snapshots of a
+    # VM without a writable qcow2 disk (without it, the first save adds one at run time)
+    enabled: bool = False
+
+
+class SupervisorSpec(Record):
     restart: str = "no"
     max_restarts: int = 5
     restart_delay: float = 1.0  # seconds; doubles after each restart
 
 
-class QemuSpec(NamedTuple):
+class QemuSpec(Record):
     binary: str = "qemu-system-x86_64"
     extra_args: tuple[str, ...] = ()
 
 
-class Machine(NamedTuple):
+class Machine(Record):
     name: str
     path: Path  # the TOML file, absolute
     type: str = "q35"
@@ -139,11 +146,12 @@ class Machine(NamedTuple):
     supervisor: SupervisorSpec = SupervisorSpec()
     qemu: QemuSpec = QemuSpec()
     cloud_init: CloudInitSpec | None = None
+    snapshots: SnapshotsSpec = SnapshotsSpec()
 
 
 # Every key a machine file may hold, by table ("" is the top level; "disk" and "nic"
 # are arrays of tables, [[disk]] and [[nic]]). Unknown-key checks and did-you-mean
-# hints read this, and the README's reference table is copied from it.
+# hints read this, and docs/machines.md's table is checked against it (tests/unit/test_docs.py).
 KEYS: dict[str, dict[str, str]] = {
     "": {
         "name": "string matching NAME_PATTERN; default: the file's name without .toml",
@@ -210,6 +218,11 @@ KEYS: dict[str, dict[str, str]] = {
     "agent": {
         "enabled": "true or false; default true (a virtio-serial channel for the QEMU guest"
         " agent, qemu-ga, in the guest; false removes the device)",
+    },
+    "snapshots": {
+        "enabled": "true or false; default false (true: a small qcow2 state disk in the VM's"
+        " folder from boot, for the RAM state of `qvm snapshot save`; without it the first"
+        " save adds one to the running VM)",
     },
     "supervisor": {
         "restart": '"no", "on-failure" or "always"; default "no"',

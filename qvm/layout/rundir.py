@@ -12,8 +12,8 @@ import contextlib
 import os
 import stat
 from pathlib import Path
-from typing import NamedTuple
 
+from qvm.base.record import Record
 from qvm.errors import HostError, UnsafeStateError
 from qvm.layout.names import check_vm_name, is_vm_name
 
@@ -52,6 +52,9 @@ QVM_FILE_NAMES = frozenset(
         "new.json",
         "id_ed25519",  # the key pair qvm makes (qvm.host.cloudinit.GENERATED_KEY)
         "id_ed25519.pub",
+        "snapshots.json",
+        "state.qcow2",
+        "clone.json",
     }
 )
 # disk overlays; temporary files of atomic writes (".NAME.PID.tmp")
@@ -66,7 +69,7 @@ def made_by_qvm(name: str) -> bool:
     return name in QVM_FILE_NAMES or any(re.fullmatch(p, name) for p in QVM_FILE_PATTERNS)
 
 
-class RunDir(NamedTuple):
+class RunDir(Record):
     path: Path
 
     @property
@@ -173,6 +176,21 @@ class RunDir(NamedTuple):
     @property
     def meta_data(self) -> Path:
         return self.path / "meta-data"
+
+    # The snapshots qvm took (qvm.store.snapshots), and the small qcow2 that holds their
+    # RAM state when the VM has no writable qcow2 disk of its own (block node qvm-state).
+    @property
+    def snapshots_file(self) -> Path:
+        return self.path / "snapshots.json"
+
+    @property
+    def state_disk(self) -> Path:
+        return self.path / "state.qcow2"
+
+    # A clone (`qvm new CLONE --from VM@TAG`): its first start is from this memory image.
+    @property
+    def clone_file(self) -> Path:
+        return self.path / "clone.json"
 
     # `qvm ssh`: this VM's host keys only (the guest makes new ones after a reset)
     @property

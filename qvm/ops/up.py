@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
-from qvm.cmdline.argv import LaunchInputs, build_argv, cpu_model, default_cpu_model
+from qvm.base.record import Record
+from qvm.cmdline.argv import LaunchInputs, StartFrom, build_argv, cpu_model, default_cpu_model
 from qvm.definition.host_checks import check_host
 from qvm.definition.naming import nic_id, overlay_name
 from qvm.definition.schema import Machine
@@ -21,7 +22,7 @@ from qvm.errors import DefinitionError, HostError, Problem
 from qvm.host.accel import AccelChoice, choose_accel, probe_kvm
 from qvm.host.ports import pick_free_port, port_holder, port_in_use
 from qvm.host.qemu import qemu_capabilities
-from qvm.host.qemu_img import detect_format, ensure_overlay
+from qvm.host.qemu_img import detect_format, ensure_overlay, qemu_img_create
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import Forward, Image, LaunchRecord, SshFacts, Topology
 from qvm.supervisor.boot import UpResult, start_supervisor
@@ -29,11 +30,13 @@ from qvm.supervisor.boot import UpResult, start_supervisor
 if TYPE_CHECKING:
     from qvm.host.cloudinit import SeedPlan
 
+# the state disk holds no guest data: the RAM state of a snapshot lies beyond its end
+STATE_DISK_SIZE = 1024**2
 # (what is being fetched, bytes done, bytes in all or None): how a download reports
 FetchProgress = Callable[[str, int, int | None], None]
 
 
-class LaunchPlan(NamedTuple):
+class LaunchPlan(Record):
     machine: Machine
     run_dir: RunDir
     accel: AccelChoice
@@ -106,7 +109,8 @@ class LaunchPlan(NamedTuple):
         )
 
 
-def plan_launch(machine: Machine, run_dir: RunDir) -> LaunchPlan:
+def plan_launch(machine: Machine, run_dir: RunDir, start: StartFrom | None = None) -> LaunchPlan:
+    """``start``: a snapshot's device set and where QEMU starts from (qvm.ops.snapshot)."""
     caps = qemu_capabilities(machine.qemu.binary)
     problems = check_host(machine, caps.cpu_models, caps.machine_types)
     if problems:
@@ -127,7 +131,15 @@ def plan_launch(machine: Machine, run_dir: RunDir) -> LaunchPlan:
             for disk in machine.disks
         ),
         host_ports=_resolve_ports(machine),
+        # the RAM state of snapshots: from boot when asked, and always once a save made it
+        state_disk=machine.snapshots.enabled or run_dir.state_disk.exists(),
     )
+    if start is None:
+        from qvm.ops.clone import clone_start  # a clone's first start: its memory image
+
+        start = clone_start(run_dir)
+    if start is not None:
+        inputs = inputs._replace(**start._asdict())
     return LaunchPlan(machine, run_dir, accel, build_argv(machine, inputs), inputs, seed)
 
 
@@ -199,7 +211,12 @@ def start_vm(plan: LaunchPlan, wait: bool, progress: FetchProgress | None = None
     """Prepare the run dir and start the VM's supervisor (unless one runs): what both
     `qvm up` and `qvm restart` do. ``wait``: until QMP answers, not only QEMU spawned."""
     prepare_run_dir(plan, progress)
-    return start_supervisor(plan.run_dir, plan.launch_record(), wait=wait)
+    result = start_supervisor(plan.run_dir, plan.launch_record(), wait=wait)
+    if plan.inputs.incoming is not None and wait and not result.already_running:
+        from qvm.ops.clone import resume_incoming  # a clone's first start
+
+        resume_incoming(plan.run_dir)
+    return result
 
 
 def prepare_run_dir(plan: LaunchPlan, progress: FetchProgress | None = None) -> None:
@@ -214,6 +231,8 @@ def prepare_run_dir(plan: LaunchPlan, progress: FetchProgress | None = None) -> 
             base_format = disk.format or detect_format(disk.base)
             overlay = plan.run_dir.path / overlay_name(index)
             ensure_overlay(Path(disk.base), base_format, overlay, disk.size)
+    if plan.inputs.state_disk and not plan.run_dir.state_disk.exists():
+        qemu_img_create(plan.run_dir.state_disk, STATE_DISK_SIZE)
     if plan.seed is not None:
         from qvm.host.cloudinit import write_seed
 

@@ -1,0 +1,577 @@
+"""Snapshots, the use cases: save, list, rm, restore (and `qvm up --restore`).
+
+A snapshot with memory is QEMU's internal snapshot in every writable qcow2 image of the VM
+plus the RAM and device state in one of them (the run dir's ``state.qcow2`` when the VM
+has no writable qcow2 disk of its own). Its record (``qvm.store.snapshots``) is written
+only once QEMU's job concluded, and says what a truthful restore needs: the device set
+and the shape of the definition.
+
+Restore, the one rule: the guest's memory and QEMU's devices must agree. On a running VM
+whose device set and shape match, ``snapshot-load`` in place (QEMU 7.2 does not check
+this itself). Otherwise, or on a stopped VM, QEMU is started anew with the snapshot's
+device set on its command line and ``-loadvm``. Everything that can refuse (no such tag,
+a disk gone, a definition changed in a way that breaks the snapshot) is checked before
+the running VM is touched.
+
+Nothing here prints: every operation returns a record for the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qvm.base.jsonfile import RecordWriteError
+from qvm.base.record import Record
+from qvm.cmdline.argv import STATE_NODE, LaunchInputs, MemoryArg, StartFrom, build_argv
+from qvm.definition.naming import overlay_name
+from qvm.definition.schema import Machine
+from qvm.errors import EXIT_USAGE, ControlError, QvmError, VmStateError
+from qvm.host.qemu_img_snapshots import image_snapshots, qemu_img_snapshot
+from qvm.layout.rundir import RunDir
+from qvm.store.snapshots import (
+    TAG_PATTERN,
+    DeviceSet,
+    SnapshotRecord,
+    add_snapshot,
+    device_set_differences,
+    drop_snapshot,
+    find_snapshot,
+    read_snapshots,
+    shape_differences,
+    shape_of_argv,
+)
+
+# (bytes done, bytes in all) of a running save
+Progress = Callable[[int, int], None]
+
+
+class TagError(QvmError):
+    exit_code = EXIT_USAGE
+
+
+def check_tag(name: str, tag: str) -> None:
+    if not re.fullmatch(TAG_PATTERN, tag):
+        raise TagError(
+            f"{name}: snapshot tag {tag!r}: must match {TAG_PATTERN} (hint: e.g. 'booted')"
+        )
+
+
+def no_snapshot(run: RunDir, tag: str) -> VmStateError:
+    return VmStateError(f"{run.name}: no snapshot {tag!r} (hint: qvm snapshot list {run.name})")
+
+
+# --- the shape of a definition (pure) --------------------------------------------------------
+
+
+def start_from(record: SnapshotRecord) -> StartFrom:
+    """The snapshot's device set on QEMU's command line, and ``-loadvm`` of its tag."""
+    return StartFrom(
+        cpu_slots=record.devices.cpu_slots,
+        memory_devices=tuple(
+            MemoryArg(m.id, m.kind, m.backend, m.size, m.requested_size, m.bus)
+            for m in record.devices.memory
+        ),
+        loadvm=record.tag,
+    )
+
+
+def definition_sha256(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def stopped_disks(run: RunDir, machine: Machine) -> list[Path]:
+    """The images a disk-only snapshot of a stopped VM goes into: every ``base`` disk's
+    overlay. Refused, naming the disk: ``file =`` disks and read-only ones."""
+    files = []
+    for index, disk in enumerate(machine.disks):
+        where = f"{machine.path}: disk[{index}]"
+        if disk.readonly:
+            raise VmStateError(
+                f"{where} is read-only: qvm cannot record its state, and could not vouch at "
+                "restore that it is unchanged (hint: set readonly = false, or remove it)"
+            )
+        if disk.file is not None:
+            raise VmStateError(
+                f"{where}.file: {disk.file} is used as is: a snapshot would be written into "
+                "your image (hint: use `base =` instead: qvm then keeps an overlay)"
+            )
+        overlay = run.path / overlay_name(index)
+        if not overlay.exists():
+            raise VmStateError(
+                f"{where}: its overlay {overlay} does not exist yet (hint: qvm up {run.name} once)"
+            )
+        files.append(overlay)
+    if not files:
+        raise VmStateError(
+            f"{run.name}: no disk to snapshot (hint: a snapshot of a stopped VM holds disks "
+            f"only; start it with qvm up {run.name} and save one with memory)"
+        )
+    return files
+
+
+# --- save ----------------------------------------------------------------------------------
+
+
+class SaveResult(Record):
+    name: str
+    record: SnapshotRecord
+    state_disk_added: bool  # the state disk was added to the running QEMU by this save
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state_disk_added": self.state_disk_added,
+            **snapshot_json(self.record),
+        }
+
+
+def snapshot_json(record: SnapshotRecord) -> dict[str, Any]:
+    data = record.to_json()
+    data["device_summary"] = record.devices.summary()
+    return data
+
+
+def save(
+    run: RunDir,
+    tag: str,
+    disk_only: bool = False,
+    machine: Machine | None = None,
+    progress: Progress | None = None,
+) -> SaveResult:
+    """Save snapshot ``tag`` of the VM: with memory on a running VM, the disks only
+    (``disk_only``) on a running or stopped one (``machine``: its definition)."""
+    from qvm.supervisor.client import supervisor_alive
+
+    check_tag(run.name, tag)
+    if find_snapshot(run, tag) is not None:
+        raise VmStateError(
+            f"{run.name}: snapshot {tag!r} exists (hint: qvm snapshot rm {run.name} {tag}, "
+            "or pick another tag)"
+        )
+    if supervisor_alive(run):
+        return _save_running(run, tag, disk_only, progress)
+    if not disk_only:
+        raise VmStateError(
+            f"{run.name}: not running: a snapshot with memory needs a running VM (hint: "
+            f"qvm up {run.name}; or --disk-only for its disks alone)"
+        )
+    if machine is None:
+        raise VmStateError(f"{run.name}: not running, and its definition was not given")
+    return _save_stopped(run, tag, machine)
+
+
+def _save_running(run: RunDir, tag: str, disk_only: bool, progress: Progress | None) -> SaveResult:
+    from qvm.control import snapshot as qmp
+    from qvm.control.cpu_slots import topology_from_launch
+    from qvm.control.transaction import opened
+    from qvm.host.qemu_img import qemu_img_create
+
+    with opened(run) as (session, launch):
+        nodes = qmp.block_nodes(session)
+        targets = qmp.snapshot_nodes(run, nodes)
+        taken = [n.node for n in targets if tag in n.snapshots]
+        if taken:
+            raise VmStateError(
+                f"{run.name}: the disks {', '.join(taken)} already hold a snapshot {tag!r} that "
+                f"qvm did not record (hint: qvm qmp {run.name} snapshot-delete, or pick "
+                "another tag)"
+            )
+        if disk_only:  # the state disk holds no guest data: nothing to keep of it
+            targets = [n for n in targets if n.node != STATE_NODE]
+            if not targets:
+                raise VmStateError(
+                    f"{run.name}: no disk to snapshot: --disk-only keeps disks, and this VM "
+                    f"has none (hint: qvm snapshot save {run.name} {tag}, with its memory)"
+                )
+        added = False
+        state = None if disk_only else qmp.vmstate_node(targets)
+        if not disk_only and not targets:
+            if not run.state_disk.exists():
+                qemu_img_create(run.state_disk, 1024**2)
+            qmp.add_state_node(session, run)
+            added = True
+            targets = qmp.snapshot_nodes(run, qmp.block_nodes(session))
+            state = qmp.vmstate_node(targets)
+        if not targets:
+            raise VmStateError(f"{run.name}: no disk to hold the snapshot")
+        names = [n.node for n in targets]
+        devices = qmp.device_set(session, run, launch, topology_from_launch(launch))
+        ram = qmp.ram_bytes(session)
+        guest_ns = qmp.guest_time_ns(run)
+        if disk_only or state is None:
+            seconds = qmp.save_disk_only(session, tag, names)
+        else:
+            try:
+                seconds = qmp.save_job(session, tag, state.node, names, progress)
+            except ControlError as error:
+                raise _with_space_hint(error, Path(state.file), ram) from error
+        after = qmp.block_nodes(session)
+        clock, vmstate_size = (None, None)
+        if state is not None and not disk_only:
+            clock, vmstate_size = qmp.vm_clock_ns(after, state.node, tag)
+        record = SnapshotRecord(
+            tag=tag,
+            created=time.time(),
+            disk_only=disk_only,
+            guest_time_ns=guest_ns,
+            vm_clock_ns=clock,
+            ram_bytes=ram,
+            vmstate_bytes=vmstate_size,
+            vmstate_node=None if disk_only or state is None else state.node,
+            nodes=tuple(names),
+            files=tuple(n.file for n in targets),
+            devices=devices,
+            definition_sha256=definition_sha256(launch.machine_file),
+            shape=shape_of_argv(launch.argv),
+            save_seconds=round(seconds, 3),
+        )
+        try:
+            add_snapshot(run, record)
+        except RecordWriteError:
+            # no record, no snapshot: a snapshot nobody lists would only take space
+            with contextlib.suppress(QvmError):
+                qmp.delete_job(session, tag, names)
+            raise
+    return SaveResult(run.name, record, added)
+
+
+def _with_space_hint(error: ControlError, image: Path, ram: int) -> ControlError:
+    """QEMU says "Input/output error" when the RAM state does not fit: say where."""
+    import os
+
+    if error.qemu_exited:
+        return error
+    try:
+        free = os.statvfs(image.parent).f_bavail * os.statvfs(image.parent).f_frsize
+    except OSError:
+        return error
+    if free >= ram:
+        return error
+    from qvm.base.sizes import human_size
+
+    return ControlError(
+        f"{error} (hint: {image.parent} has {human_size(free)} free, and the RAM state needs "
+        f"up to {human_size(ram)}: free some space there)",
+        qemu_class=error.qemu_class,
+        qemu_desc=error.qemu_desc,
+    )
+
+
+def _save_stopped(run: RunDir, tag: str, machine: Machine) -> SaveResult:
+    started = time.monotonic()
+    files = stopped_disks(run, machine)
+    for path in files:
+        if tag in image_snapshots(path):
+            raise VmStateError(
+                f"{run.name}: {path} already holds a snapshot {tag!r} that qvm did not record "
+                f"(hint: qemu-img snapshot -d {tag} {path}, or pick another tag)"
+            )
+    done: list[Path] = []
+    try:
+        for path in files:
+            qemu_img_snapshot("-c", tag, path)
+            done.append(path)
+    except QvmError:
+        for path in done:
+            with contextlib.suppress(QvmError):
+                qemu_img_snapshot("-d", tag, path)
+        raise
+    argv = build_argv(machine, LaunchInputs(accel="tcg", run_dir=run))
+    record = SnapshotRecord(
+        tag=tag,
+        created=time.time(),
+        disk_only=True,
+        guest_time_ns=None,
+        vm_clock_ns=None,
+        ram_bytes=None,
+        vmstate_bytes=None,
+        vmstate_node=None,
+        nodes=(),
+        files=tuple(str(p) for p in files),
+        devices=DeviceSet(cpu_slots=tuple(range(machine.cpu.count))),
+        definition_sha256=definition_sha256(str(machine.path)),
+        shape=_without_accel(shape_of_argv(argv)),
+        save_seconds=round(time.monotonic() - started, 3),
+    )
+    try:
+        add_snapshot(run, record)
+    except RecordWriteError:
+        for path in files:
+            with contextlib.suppress(QvmError):
+                qemu_img_snapshot("-d", tag, path)
+        raise
+    return SaveResult(run.name, record, False)
+
+
+def _without_accel(shape: dict[str, Any]) -> dict[str, Any]:
+    """A disk-only snapshot does not depend on the accelerator."""
+    return {k: v for k, v in shape.items() if k != "machine"}
+
+
+# --- list and rm ---------------------------------------------------------------------------
+
+
+class ListedSnapshot(Record):
+    record: SnapshotRecord
+    missing: tuple[str, ...]  # images that should hold it and do not (or are gone)
+
+    @property
+    def state(self) -> str:
+        return "ok" if not self.missing else "broken"
+
+    def as_json(self) -> dict[str, Any]:
+        return {**snapshot_json(self.record), "state": self.state, "missing": list(self.missing)}
+
+
+def list_snapshots(run: RunDir) -> list[ListedSnapshot]:
+    """Every recorded snapshot, each checked against the images that should hold it."""
+    records = read_snapshots(run)
+    tags_of: dict[str, tuple[str, ...] | None] = {}
+    listed = []
+    for record in records:
+        missing = []
+        for file in record.files:
+            if file not in tags_of:
+                try:
+                    tags_of[file] = image_snapshots(Path(file)) if Path(file).exists() else None
+                except QvmError:
+                    tags_of[file] = None
+            tags = tags_of[file]
+            if tags is None or record.tag not in tags:
+                missing.append(file)
+        listed.append(ListedSnapshot(record, tuple(missing)))
+    return listed
+
+
+class RemoveResult(Record):
+    name: str
+    tag: str
+    images: tuple[str, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "tag": self.tag, "images": list(self.images)}
+
+
+def remove(run: RunDir, tag: str) -> RemoveResult:
+    """Delete snapshot ``tag`` from every image that holds it, then its record."""
+    from qvm.supervisor.client import supervisor_alive
+
+    record = find_snapshot(run, tag)
+    if record is None:
+        raise no_snapshot(run, tag)
+    if supervisor_alive(run):
+        from qvm.control import snapshot as qmp
+        from qvm.control.transaction import opened
+
+        with opened(run) as (session, _launch):
+            holding = [n.node for n in qmp.block_nodes(session) if tag in n.snapshots]
+            if holding:
+                qmp.delete_job(session, tag, holding)
+    else:
+        for file in record.files:
+            path = Path(file)
+            if path.exists() and tag in image_snapshots(path):
+                qemu_img_snapshot("-d", tag, path)
+    drop_snapshot(run, tag)
+    return RemoveResult(run.name, tag, record.files)
+
+
+# --- restore -------------------------------------------------------------------------------
+
+
+class RestoreResult(Record):
+    name: str
+    tag: str
+    how: str  # "loaded in place", "restarted", "disks reverted"
+    replugged: int  # devices started on the command line beyond the definition's
+    seconds: float
+    devices: str  # the device set now, for people
+    guest_clock: str | None  # what happened to the guest's clock
+    definition_changed: bool  # the file changed since the save (not in a way that matters)
+    pid: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return self._asdict()
+
+
+def restore(run: RunDir, tag: str, machine: Machine) -> RestoreResult:
+    """Bring the VM back to snapshot ``tag``: in place when it runs with the snapshot's
+    device set and shape, else by starting QEMU with them and ``-loadvm``."""
+    from qvm.supervisor.client import supervisor_alive
+
+    check_tag(run.name, tag)
+    record = find_snapshot(run, tag)
+    if record is None:
+        raise no_snapshot(run, tag)
+    started = time.monotonic()
+    changed = definition_sha256(str(machine.path)) != record.definition_sha256
+    running = supervisor_alive(run)
+    if record.disk_only:
+        return _revert_disks(run, record, running, started, changed)
+    if running:
+        result = _load_in_place(run, record, started, changed)
+        if result is not None:
+            return result
+    return _restart(run, record, machine, running, started, changed)
+
+
+def _revert_disks(
+    run: RunDir, record: SnapshotRecord, running: bool, started: float, changed: bool
+) -> RestoreResult:
+    if running:
+        raise VmStateError(
+            f"{run.name}: snapshot {record.tag!r} holds disks only: it is restored on a "
+            f"stopped VM (hint: qvm down {run.name}, then restore it)"
+        )
+    _check_images(run, record, [Path(f) for f in record.files])
+    for file in record.files:
+        qemu_img_snapshot("-a", record.tag, Path(file))
+    return RestoreResult(
+        run.name, record.tag, "disks reverted", 0, round(time.monotonic() - started, 3),
+        "-", None, changed,
+    )  # fmt: skip
+
+
+def _check_images(run: RunDir, record: SnapshotRecord, files: list[Path]) -> None:
+    for path in files:
+        if not path.exists():
+            raise VmStateError(
+                f"{run.name}: snapshot {record.tag!r} cannot be restored: {path} is gone "
+                f"(hint: qvm snapshot rm {run.name} {record.tag})"
+            )
+        if record.tag not in image_snapshots(path):
+            raise VmStateError(
+                f"{run.name}: snapshot {record.tag!r} cannot be restored: {path} does not "
+                f"hold it (hint: qvm snapshot rm {run.name} {record.tag})"
+            )
+
+
+def _load_in_place(
+    run: RunDir, record: SnapshotRecord, started: float, changed: bool
+) -> RestoreResult | None:
+    """``snapshot-load`` when the running QEMU has the snapshot's device set and shape;
+    None when it does not (the caller restarts QEMU)."""
+    from qvm.control import snapshot as qmp
+    from qvm.control.cpu_slots import topology_from_launch
+    from qvm.control.transaction import opened
+
+    with opened(run) as (session, launch):
+        if shape_differences(record.shape, _shape_for(record, launch.argv)):
+            return None
+        devices = qmp.device_set(session, run, launch, topology_from_launch(launch))
+        if device_set_differences(record.devices, devices):
+            return None
+        nodes = qmp.block_nodes(session)
+        lacking = [n for n in record.nodes if not any(b.node == n and record.tag in b.snapshots
+                                                      for b in nodes)]  # fmt: skip
+        if lacking or record.vmstate_node is None:
+            raise VmStateError(
+                f"{run.name}: snapshot {record.tag!r} cannot be loaded: the disks "
+                f"{', '.join(lacking) or '-'} do not hold it (hint: qvm snapshot list {run.name})"
+            )
+        qmp.load_job(session, record.tag, record.vmstate_node, list(record.nodes))
+    clock = _fix_clock(run, record)
+    return RestoreResult(
+        run.name, record.tag, "loaded in place", 0, round(time.monotonic() - started, 3),
+        devices.summary(), clock, changed,
+    )  # fmt: skip
+
+
+def _shape_for(record: SnapshotRecord, argv: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    shape = shape_of_argv(argv)
+    return _without_accel(shape) if "machine" not in record.shape else shape
+
+
+def _restart(
+    run: RunDir,
+    record: SnapshotRecord,
+    machine: Machine,
+    running: bool,
+    started: float,
+    changed: bool,
+) -> RestoreResult:
+    from qvm.ops.up import plan_launch, start_vm
+
+    if record.devices.plugged:
+        kinds = ", ".join(f"{p.kind} {p.id}" for p in record.devices.plugged)
+        raise VmStateError(
+            f"{run.name}: snapshot {record.tag!r} was taken with hotplugged {kinds}: qvm "
+            "restores it only in place, on the VM running with those devices (hint: plug "
+            f"them again, then qvm snapshot restore {run.name} {record.tag})"
+        )
+    plan = plan_launch(machine, run, start_from(record))
+    differences = shape_differences(record.shape, _shape_for(record, plan.argv))
+    if differences:
+        raise VmStateError(
+            f"{run.name}: snapshot {record.tag!r} cannot be loaded: the definition changed: "
+            f"{'; '.join(differences[:3])}"
+            f"{f' (and {len(differences) - 3} more)' if len(differences) > 3 else ''} "
+            f"(hint: undo the change in {machine.path}, or take a new snapshot)"
+        )
+    images = {Path(f) for f in record.files}
+    if plan.inputs.state_disk:
+        images.add(run.state_disk)
+    images |= {run.path / overlay_name(i) for i, d in enumerate(machine.disks) if d.base}
+    _check_images(run, record, sorted(images))
+    if running:
+        from qvm.ops.stop import kill
+
+        kill(run)
+    up = start_vm(plan, wait=True)
+    _record_memory_devices(run, record)
+    clock = _fix_clock(run, record)
+    replugged = (
+        len(record.devices.memory)
+        + max(0, len(record.devices.cpu_slots) - 1)
+        - max(0, machine.cpu.count - 1)
+    )
+    return RestoreResult(
+        run.name, record.tag, "restarted", max(replugged, 0),
+        round(time.monotonic() - started, 3), record.devices.summary(), clock, changed,
+        up.qemu_pid,
+    )  # fmt: skip
+
+
+def _fix_clock(run: RunDir, record: SnapshotRecord) -> str:
+    """The guest's clock stood still since the save: set it to the host's, when an agent
+    answered at save time (and so runs in the restored guest)."""
+    if record.guest_time_ns is None:
+        return "not set: no guest agent answered at save time"
+    from qvm.control import snapshot as qmp
+
+    return qmp.set_guest_time(run)
+
+
+def _record_memory_devices(run: RunDir, record: SnapshotRecord) -> None:
+    """The memory devices started on the command line, as if qvm had hotplugged them, so
+    that `mem list` and `mem del` know them."""
+    if not record.devices.memory:
+        return
+    from qvm.store.devices import DeviceRecord, save_devices
+
+    save_devices(
+        run,
+        [
+            DeviceRecord(
+                m.id,
+                m.kind,
+                cleanup=(("object-del", {"id": m.backend}),),
+                bus=m.bus,
+                backend=m.backend,
+                size=m.size,
+                added=time.time(),
+            )
+            for m in record.devices.memory
+        ],
+    )

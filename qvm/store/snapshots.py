@@ -1,0 +1,327 @@
+"""``snapshots.json``: the snapshots qvm took of a VM, each with what it needs to be
+restored truthfully: when, the guest's clock, the RAM, the device set at that moment
+(vCPU slots, DIMMs and virtio-mem, hotplugged disks and NICs, forwards) and the hash of
+the definition it was taken under.
+
+A record is added only after QEMU's job concluded without error, so a failed save (a full
+disk, QEMU killed) lists nothing half-made. ``SnapshotRecord.read`` checks every field
+where the file is read; a record that does not parse is a ``RecordError`` naming the file.
+
+The comparison of two device sets (``device_set_differences``) and of two definition
+shapes (``shape_differences``) is pure: it decides between loading in place and
+restarting QEMU, and what a refusal says.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qvm.base.jsonfile import write_json_atomic
+from qvm.base.record import Record
+from qvm.layout.rundir import RunDir
+from qvm.store.fields import Fields, read_record
+from qvm.store.launch import Forward
+
+SNAPSHOTS_HINT = "it lists qvm's snapshots; remove it to forget them (the disks keep theirs)"
+MEMORY_KINDS = ("dimm", "virtio-mem")
+TAG_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+
+
+class MemoryDevice(Record):
+    """A DIMM or virtio-mem device present at save time."""
+
+    id: str
+    kind: str  # one of MEMORY_KINDS
+    backend: str  # the memory backend's object id (its RAM block carries this name)
+    size: int  # the backend's size (virtio-mem: its maximum)
+    requested_size: int | None = None  # virtio-mem only
+    bus: str | None = None  # the PCIe root port of a virtio-mem device (q35)
+
+    @classmethod
+    def read(cls, f: Fields) -> MemoryDevice:
+        return cls(
+            id=f.str("id"),
+            kind=f.one_of("kind", MEMORY_KINDS),
+            backend=f.str("backend"),
+            size=f.int("size"),
+            requested_size=f.int("requested_size", None),
+            bus=f.str("bus", None),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return self._asdict()
+
+
+class PluggedDevice(Record):
+    """A disk or NIC qvm hotplugged, present at save time."""
+
+    id: str
+    kind: str  # "disk" or "nic"
+    file: str | None = None
+    format: str | None = None
+    model: str | None = None
+    mac: str | None = None
+
+    @classmethod
+    def read(cls, f: Fields) -> PluggedDevice:
+        return cls(
+            id=f.str("id"),
+            kind=f.one_of("kind", ("disk", "nic")),
+            file=f.str("file", None),
+            format=f.str("format", None),
+            model=f.str("model", None),
+            mac=f.str("mac", None),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return self._asdict()
+
+
+class DeviceSet(Record):
+    """What a QEMU run had beyond its definition's boot devices, as QEMU reported it."""
+
+    cpu_slots: tuple[int, ...]  # the linear indexes of the present vCPU slots (0 = boot)
+    memory: tuple[MemoryDevice, ...] = ()
+    plugged: tuple[PluggedDevice, ...] = ()
+    forwards: tuple[Forward, ...] = ()
+
+    @classmethod
+    def read(cls, f: Fields) -> DeviceSet:
+        slots = f.any("cpu_slots")
+        if not isinstance(slots, list) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in slots
+        ):
+            raise f.fail("cpu_slots", "must be a list of slot numbers")
+        return cls(
+            cpu_slots=tuple(sorted(slots)),
+            memory=f.records("memory", MemoryDevice.read, ()),
+            plugged=f.records("plugged", PluggedDevice.read, ()),
+            forwards=f.records("forwards", Forward.read, ()),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cpu_slots": list(self.cpu_slots),
+            "memory": [m.to_json() for m in self.memory],
+            "plugged": [p.to_json() for p in self.plugged],
+            "forwards": [f.to_json() for f in self.forwards],
+        }
+
+    def summary(self) -> str:
+        """``3 vCPUs, 1 DIMM`` for people."""
+        parts = [f"{len(self.cpu_slots)} vCPU{'s' if len(self.cpu_slots) != 1 else ''}"]
+        for kind, label in (("dimm", "DIMM"), ("virtio-mem", "virtio-mem")):
+            count = sum(1 for m in self.memory if m.kind == kind)
+            if count:
+                parts.append(f"{count} {label}{'s' if count != 1 and kind == 'dimm' else ''}")
+        for kind, label in (("disk", "hotplugged disk"), ("nic", "hotplugged NIC")):
+            count = sum(1 for p in self.plugged if p.kind == kind)
+            if count:
+                parts.append(f"{count} {label}{'s' if count != 1 else ''}")
+        return ", ".join(parts)
+
+
+class SnapshotRecord(Record):
+    tag: str
+    created: float  # host time (time.time()) when the job concluded
+    disk_only: bool  # no RAM: restored only on a stopped VM, by qemu-img
+    # the guest's own clock at save time (ns since the epoch, from the guest agent); None
+    # when no agent answered
+    guest_time_ns: int | None
+    vm_clock_ns: int | None  # QEMU's virtual clock at save time (how long the guest ran)
+    ram_bytes: int | None  # the VM's RAM at save time, boot memory and devices
+    vmstate_bytes: int | None  # the size of the saved RAM and device state
+    vmstate_node: str | None  # the block node holding the RAM state
+    nodes: tuple[str, ...]  # every block node that holds the snapshot
+    files: tuple[str, ...]  # their image files (for qemu-img on a stopped VM)
+    devices: DeviceSet
+    definition_sha256: str | None  # the machine file's bytes at save time
+    shape: dict[str, Any]  # what of the definition a load depends on (see ops.snapshot)
+    save_seconds: float | None = None
+
+    @classmethod
+    def read(cls, f: Fields) -> SnapshotRecord:
+        shape = f.object("shape", None)
+        return cls(
+            tag=f.str("tag"),
+            created=f.float("created"),
+            disk_only=f.bool("disk_only", False),
+            guest_time_ns=f.int("guest_time_ns", None),
+            vm_clock_ns=f.int("vm_clock_ns", None),
+            ram_bytes=f.int("ram_bytes", None),
+            vmstate_bytes=f.int("vmstate_bytes", None),
+            vmstate_node=f.str("vmstate_node", None),
+            nodes=f.str_list("nodes"),
+            files=f.str_list("files", ()),
+            devices=DeviceSet.read(f.object("devices")),
+            definition_sha256=f.str("definition_sha256", None),
+            shape=dict(shape.data) if shape is not None else {},
+            save_seconds=f.float("save_seconds", None),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data = self._asdict()
+        data["nodes"] = list(self.nodes)
+        data["files"] = list(self.files)
+        data["devices"] = self.devices.to_json()
+        return data
+
+
+def read_snapshots(run: RunDir) -> tuple[SnapshotRecord, ...]:
+    """The VM's snapshot records, oldest first; none when there is no file."""
+    f = read_record(run.snapshots_file, lambda data, source: Fields(data, source, SNAPSHOTS_HINT))
+    if f is None:
+        return ()
+    return f.records("snapshots", SnapshotRecord.read, ())
+
+
+def find_snapshot(run: RunDir, tag: str) -> SnapshotRecord | None:
+    return next((s for s in read_snapshots(run) if s.tag == tag), None)
+
+
+def write_snapshots(
+    run: RunDir, records: tuple[SnapshotRecord, ...] | list[SnapshotRecord]
+) -> None:
+    write_json_atomic(run.snapshots_file, {"snapshots": [r.to_json() for r in records]})
+
+
+def add_snapshot(run: RunDir, record: SnapshotRecord) -> None:
+    """Add (or replace, by tag) one record; RecordWriteError when the disk is full."""
+    kept = [s for s in read_snapshots(run) if s.tag != record.tag]
+    write_snapshots(run, [*kept, record])
+
+
+def drop_snapshot(run: RunDir, tag: str) -> None:
+    records = read_snapshots(run)
+    kept = [s for s in records if s.tag != tag]
+    if len(kept) != len(records):
+        write_snapshots(run, kept)
+
+
+# --- comparisons (pure) -------------------------------------------------------------------
+
+
+def device_set_differences(saved: DeviceSet, now: DeviceSet) -> list[str]:
+    """How the device set ``now`` differs from the ``saved`` one, one phrase each; empty
+    when a snapshot taken with ``saved`` loads truthfully into a QEMU with ``now``.
+    Forwards are host-side only (not in the guest's state): they never differ here."""
+    problems = []
+    if saved.cpu_slots != now.cpu_slots:
+        problems.append(
+            f"vCPU slots {_slots(saved.cpu_slots)} at save time, {_slots(now.cpu_slots)} now"
+        )
+    saved_mem = {m.id: m for m in saved.memory}
+    now_mem = {m.id: m for m in now.memory}
+    for dev_id in sorted(saved_mem.keys() - now_mem.keys()):
+        problems.append(f"{saved_mem[dev_id].kind} {dev_id} is gone")
+    for dev_id in sorted(now_mem.keys() - saved_mem.keys()):
+        problems.append(f"{now_mem[dev_id].kind} {dev_id} was added")
+    for dev_id in sorted(saved_mem.keys() & now_mem.keys()):
+        one, other = saved_mem[dev_id], now_mem[dev_id]
+        if (one.kind, one.backend, one.size) != (other.kind, other.backend, other.size):
+            problems.append(f"{one.kind} {dev_id} changed")
+    saved_plug = {p.id: p for p in saved.plugged}
+    now_plug = {p.id: p for p in now.plugged}
+    for dev_id in sorted(saved_plug.keys() - now_plug.keys()):
+        problems.append(f"{saved_plug[dev_id].kind} {dev_id} is gone")
+    for dev_id in sorted(now_plug.keys() - saved_plug.keys()):
+        problems.append(f"{now_plug[dev_id].kind} {dev_id} was added")
+    for dev_id in sorted(saved_plug.keys() & now_plug.keys()):
+        if saved_plug[dev_id] != now_plug[dev_id]:
+            problems.append(f"{saved_plug[dev_id].kind} {dev_id} changed")
+    return problems
+
+
+def shape_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The keys of a definition's shape (``key -> value``) that differ: ``cpu.max: 4 at
+    save time, now 2``."""
+    keys = sorted(saved.keys() | now.keys())
+    return [
+        f"{key}: {_shown(saved.get(key))} at save time, now {_shown(now.get(key))}"
+        for key in keys
+        if saved.get(key) != now.get(key)
+    ]
+
+
+# the command-line options whose values make up what a snapshot's state depends on
+SHAPE_OPTIONS = ("-machine", "-cpu", "-smp", "-m", "-device", "-blockdev")
+# devices a snapshot carries in its own device set, not in the definition's shape
+DEVICE_SET_DRIVERS = ("pc-dimm", "virtio-mem-pci")
+STATE_NODE_PREFIX = "qvm-state"  # the state disk's nodes (qvm.cmdline.argv.STATE_NODE)
+
+
+def shape_of_argv(argv: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """What of QEMU's command line a snapshot's state depends on, by key: the machine,
+    CPU, topology and memory, and every device and block node by its id. Host-side facts
+    (forwarded ports, file logging, sockets, image paths) and the device set a snapshot
+    carries itself (vCPU and memory devices, the state disk) are left out."""
+    shape: dict[str, Any] = {}
+    args = list(argv)
+    for option, value in zip(args, args[1:], strict=False):
+        if option not in SHAPE_OPTIONS:
+            continue
+        if option == "-device":
+            driver = value.split(",", 1)[0]
+            if driver.endswith("-x86_64-cpu") or driver in DEVICE_SET_DRIVERS:
+                continue
+            key = "device:" + (_prop(value, "id") or value)
+        elif option == "-blockdev":
+            node = _prop(value, "node-name") or value
+            if node.startswith(STATE_NODE_PREFIX):
+                continue
+            key = "blockdev:" + node
+            # where an image lies is the host's business (a clone's lie elsewhere)
+            value = ",".join(p for p in value.split(",") if not p.startswith("filename="))
+        else:
+            key = option.lstrip("-")
+        shape[key] = value
+    return shape
+
+
+def _prop(value: str, key: str) -> str | None:
+    for part in value.split(","):
+        if part.startswith(key + "="):
+            return part[len(key) + 1 :]
+    return None
+
+
+def _slots(slots: tuple[int, ...]) -> str:
+    return "{" + ",".join(str(s) for s in slots) + "}"
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+
+# --- clones -------------------------------------------------------------------------------
+
+
+class CloneRecord(Record):
+    """``clone.json`` in a clone's run dir: where its first start comes from."""
+
+    template: str
+    tag: str
+    memory: str  # the migration stream (QEMU's -incoming) of the template's snapshot
+    devices: DeviceSet
+
+    @classmethod
+    def read(cls, f: Fields) -> CloneRecord:
+        return cls(
+            template=f.str("template"),
+            tag=f.str("tag"),
+            memory=f.str("memory"),
+            devices=DeviceSet.read(f.object("devices")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self._asdict(), "devices": self.devices.to_json()}
+
+
+def read_clone(run: RunDir) -> CloneRecord | None:
+    return read_record(
+        run.clone_file, lambda data, source: CloneRecord.read(Fields(data, source, None))
+    )
+
+
+def write_clone(run: RunDir, record: CloneRecord) -> None:
+    write_json_atomic(run.clone_file, record.to_json())

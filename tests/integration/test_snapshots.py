@@ -1,0 +1,314 @@
+"""Snapshots with memory on the real test guest: what comes back is checked in the guest
+itself (through its agent), and what QEMU has through qvm's lists.
+
+Each test boots small VMs (256 MiB, TCG); the ``qvm`` fixture kills them all.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from framework.harness import QVM_BIN, Qvm, one_line_error
+from framework.jsonschema_lite import validate
+
+pytestmark = pytest.mark.integration
+
+MARK = "/tmp/qvm-mark"
+SLEEPER = "sleep 123457"
+
+
+def guest_sh(qvm: Qvm, name: str, script: str, timeout: float = 30) -> str:
+    """Run ``script`` with the guest's /bin/sh through its agent; its stdout."""
+    from qvm.control.agent import open_agent
+    from qvm.layout.rundir import RunDir
+
+    with open_agent(RunDir(qvm.run_dir(name)), sync_timeout=10) as client:
+        started = client.execute(
+            "guest-exec", {"path": "/bin/sh", "arg": ["-c", script], "capture-output": True}
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            status = client.execute("guest-exec-status", {"pid": started["pid"]})
+            if status["exited"]:
+                return base64.b64decode(status.get("out-data", "")).decode()
+            assert time.monotonic() < deadline, f"{script!r} still runs after {timeout} s"
+            time.sleep(0.05)
+
+
+def sleeper_running(qvm: Qvm, name: str) -> bool:
+    return SLEEPER in guest_sh(qvm, name, "ps")
+
+
+def present_cpus(qvm: Qvm, name: str) -> int:
+    return sum(1 for slot in qvm.json("cpu", "list", name) if slot["present"])
+
+
+def boot(qvm: Qvm, name: str, **machine: object) -> None:
+    qvm.guest_machine(name, **machine)  # type: ignore[arg-type]
+    qvm("up", name)
+    qvm("wait", name, "--for", "agent", "--timeout", "90")
+
+
+def image_tags(path: Path) -> list[str]:
+    done = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return [s["name"] for s in json.loads(done.stdout).get("snapshots", [])]
+
+
+# --- save, list, restore in place and from stopped ----------------------------------------
+
+
+def test_file_and_process_come_back(qvm: Qvm) -> None:
+    boot(qvm, "vm1")
+    secret = secrets.token_hex(8)
+    guest_sh(qvm, "vm1", f"echo {secret} > {MARK}; ({SLEEPER} >/dev/null 2>&1 &)")
+    assert sleeper_running(qvm, "vm1")
+    saved = qvm.json("snapshot", "save", "vm1", "ready")
+    validate(saved, "snapshot-save.json")
+    assert saved["state_disk_added"] is True  # the VM has no disk of its own
+    assert saved["devices"]["cpu_slots"] == [0]
+    assert saved["ram_bytes"] == 256 * 1024**2
+    assert saved["guest_time_ns"] is not None and saved["vmstate_bytes"] > 0
+    # what the guest broke after the save
+    guest_sh(qvm, "vm1", f"rm {MARK}; pkill -f '{SLEEPER}' || killall sleep")
+    assert not sleeper_running(qvm, "vm1")
+    assert guest_sh(qvm, "vm1", f"cat {MARK} 2>/dev/null || echo gone").strip() == "gone"
+    pid = qvm.status("vm1")["pid"]
+
+    restored = qvm.json("snapshot", "restore", "vm1", "ready")
+    validate(restored, "snapshot-restore.json")
+    assert restored["how"] == "loaded in place", restored
+    assert qvm.status("vm1")["pid"] == pid  # the same QEMU
+    assert guest_sh(qvm, "vm1", f"cat {MARK}").strip() == secret
+    assert sleeper_running(qvm, "vm1")
+
+    listed = qvm.json("snapshot", "list", "vm1")
+    assert [(s["tag"], s["state"]) for s in listed] == [("ready", "ok")]
+    validate(listed, "snapshot-list.json")
+
+    # from stopped: QEMU starts with -loadvm
+    qvm("kill", "vm1")
+    text = qvm("up", "vm1", "--restore", "ready").stdout
+    assert "restored snapshot ready: restarted QEMU" in text, text
+    assert guest_sh(qvm, "vm1", f"cat {MARK}").strip() == secret
+    assert sleeper_running(qvm, "vm1")
+
+    validate(qvm.json("snapshot", "rm", "vm1", "ready"), "snapshot-rm.json")
+    assert qvm.json("snapshot", "list", "vm1") == []
+    assert image_tags(qvm.run_dir("vm1") / "state.qcow2") == []
+
+
+def test_three_vcpus_and_a_dimm_restored_into_one(qvm: Qvm) -> None:
+    path = qvm.guest_machine("vm1", count=1, max=4)
+    # memory hotplug headroom for the DIMM
+    text = path.read_text().replace('size = "256M"', 'size = "256M"\nslots = 2\nmax = "1G"')
+    path.write_text(text)
+    qvm("up", "vm1")
+    qvm("wait", "vm1", "--for", "agent", "--timeout", "90")
+    qvm("cpu", "add", "vm1", "--count", "2", "--wait-guest")
+    qvm("mem", "add", "vm1", "256M")
+    qvm("snapshot", "save", "vm1", "wide")
+    qvm("restart", "vm1", "--force")  # the definition: 1 vCPU, no DIMM
+    qvm("wait", "vm1", "--for", "agent", "--timeout", "90")
+    assert present_cpus(qvm, "vm1") == 1
+
+    restored = qvm.json("snapshot", "restore", "vm1", "wide")
+    validate(restored, "snapshot-restore.json")
+    assert restored["how"] == "restarted" and restored["replugged"] == 3, restored
+    assert present_cpus(qvm, "vm1") == 3
+    memory = qvm.json("mem", "list", "vm1")
+    assert [d["id"] for d in memory["devices"]] == ["dimm0"], memory
+    # the guest's own word
+    assert guest_sh(qvm, "vm1", "grep -c ^processor /proc/cpuinfo").strip() == "3"
+    mem_kb = int(guest_sh(qvm, "vm1", "awk '/MemTotal/ {print $2}' /proc/meminfo"))
+    assert mem_kb > 400 * 1024, mem_kb
+    # in place now: the device sets match
+    again = qvm.json("snapshot", "restore", "vm1", "wide")
+    assert again["how"] == "loaded in place", again
+
+
+# --- refusals ---------------------------------------------------------------------------
+
+
+def test_refusals(qvm: Qvm) -> None:
+    raw = qvm.root / "plain.raw"
+    raw.write_bytes(b"\0" * 1024**2)
+    image, base = qvm.root / "mine.qcow2", qvm.root / "base.qcow2"
+    for path in (image, base):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "8M"], check=True)
+    cases = {
+        "raw": (f'[[disk]]\nfile = "{raw}"\nformat = "raw"\n', "is raw"),
+        "asis": (f'[[disk]]\nfile = "{image}"\n', "used as is"),
+        "ro": (f'[[disk]]\nbase = "{base}"\nreadonly = true\n', "is read-only"),
+    }
+    for name, (extra, _) in cases.items():
+        qvm.guest_machine(name, extra=extra)
+    qvm("up", *cases)
+    for name, (_, expected) in cases.items():
+        line = one_line_error(qvm("snapshot", "save", name, "x", check=False))
+        assert expected in line and "hint:" in line, line
+        assert qvm.json("snapshot", "list", name) == []
+    assert image_tags(image) == image_tags(base) == []  # the user's images were never written
+
+    line = one_line_error(qvm("snapshot", "restore", "raw", "missing", check=False))
+    assert line == "qvm: raw: no snapshot 'missing' (hint: qvm snapshot list raw)"
+    bad = qvm("snapshot", "save", "raw", "no/slash", check=False)
+    assert bad.returncode == 2 and "snapshot tag" in one_line_error(bad)
+
+
+def test_definition_change_refused_before_the_vm_is_touched(qvm: Qvm) -> None:
+    boot(qvm, "vm1", count=1, max=4)
+    qvm("snapshot", "save", "vm1", "one")
+    qvm("cpu", "add", "vm1")  # the device set differs: a restore must restart QEMU
+    path = qvm.machines_dir / "vm1.toml"
+    path.write_text(path.read_text().replace("max = 4", "max = 3"))
+    pid = qvm.status("vm1")["pid"]
+    line = one_line_error(qvm("snapshot", "restore", "vm1", "one", check=False))
+    assert "the definition changed" in line and "maxcpus=4" in line, line
+    status = qvm.status("vm1")
+    assert status["state"] == "running" and status["pid"] == pid
+    assert present_cpus(qvm, "vm1") == 2
+
+
+def test_disk_only_on_a_stopped_vm(qvm: Qvm) -> None:
+    base = qvm.root / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    qvm.guest_machine("vm1", extra=f'[[disk]]\nbase = "{base}"\n')
+    qvm("up", "vm1")
+    qvm("kill", "vm1")
+    line = one_line_error(qvm("snapshot", "save", "vm1", "m", check=False))
+    assert "needs a running VM" in line
+    saved = qvm.json("snapshot", "save", "vm1", "disks", "--disk-only")
+    assert saved["disk_only"] and saved["files"] == [str(qvm.run_dir("vm1") / "disk0.qcow2")]
+    assert image_tags(qvm.run_dir("vm1") / "disk0.qcow2") == ["disks"]
+    assert image_tags(base) == []
+    qvm("up", "vm1")
+    line = one_line_error(qvm("snapshot", "restore", "vm1", "disks", check=False))
+    assert "restored on a stopped VM" in line
+    qvm("kill", "vm1")
+    assert qvm.json("snapshot", "restore", "vm1", "disks")["how"] == "disks reverted"
+
+
+# --- faults -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_state(qvm: Qvm):  # noqa: ANN201 - an Iterator[Path]
+    """The state dir on a 64 MiB tmpfs: the VM runs, its RAM state (~100 MiB) does not fit."""
+    import contextlib
+    import signal
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    qvm.state_dir.mkdir(mode=0o700)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "qvm-snap", str(qvm.state_dir)],
+        check=True,
+    )
+    try:
+        yield qvm.state_dir
+    finally:
+        for run in qvm.state_dir.iterdir():
+            if run.is_dir():
+                qvm("kill", run.name, check=False, timeout=60)
+        for pid, _ in qvm.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        subprocess.run(["umount", "-l", str(qvm.state_dir)], check=False)
+
+
+def test_full_state_dir_during_save(qvm: Qvm, small_state: Path) -> None:
+    boot(qvm, "vm1")
+    line = one_line_error(qvm("snapshot", "save", "vm1", "big", check=False))
+    # QEMU's own error, and where the space is missing
+    assert "snapshot-save: Error while writing VM state" in line, line
+    assert f"hint: {small_state / 'vm1'} has" in line and "free some space" in line, line
+    assert qvm.json("snapshot", "list", "vm1") == []
+    assert image_tags(small_state / "vm1" / "state.qcow2") == []
+    assert qvm.json("qmp", "vm1", "query-status")["status"] == "running"
+    assert guest_sh(qvm, "vm1", "echo alive").strip() == "alive"
+
+
+def test_vm_killed_during_save(qvm: Qvm) -> None:
+    boot(qvm, "vm1")
+    save = subprocess.Popen(
+        [str(QVM_BIN), "snapshot", "save", "vm1", "cut"],
+        env=qvm.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(0.15)
+    qvm("kill", "vm1")
+    out, err = save.communicate(timeout=60)
+    assert "Traceback" not in err
+    listed = qvm.json("snapshot", "list", "vm1")
+    in_image = image_tags(qvm.run_dir("vm1") / "state.qcow2")
+    if save.returncode == 0:  # the save won the race: it is whole, listed and in the image
+        assert [s["tag"] for s in listed] == ["cut"] and in_image == ["cut"], (listed, in_image)
+    else:
+        assert len(err.strip().splitlines()) == 1 and "QEMU went away" in err, err
+        assert listed == [], listed
+    # the VM starts again either way
+    qvm("up", "vm1")
+    assert qvm.status("vm1")["state"] == "running"
+
+
+# --- clones -------------------------------------------------------------------------------
+
+
+def sha256_of(paths: list[Path]) -> dict[str, str]:
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+WRITE_DISK = "dd of=/dev/vda conv=fsync 2>/dev/null"
+
+
+def test_clone_and_template_side_by_side(qvm: Qvm) -> None:
+    base = qvm.root / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    boot(qvm, "tpl", extra=f'[[disk]]\nbase = "{base}"\n')
+    guest_sh(
+        qvm, "tpl", f"echo TPL > {MARK}; echo TEMPLATE | dd of=/dev/vda conv=fsync 2>/dev/null"
+    )
+    qvm("snapshot", "save", "tpl", "ready")
+    qvm("kill", "tpl")
+    template_files = [base, *sorted(qvm.run_dir("tpl").glob("*.qcow2"))]
+    before = sha256_of(template_files)
+
+    made = qvm("new", "c1", "--from", "tpl@ready").stdout
+    assert "a clone of tpl@ready" in made and "froze tpl@ready" in made, made
+    qvm("up", "c1")
+    assert qvm.json("qmp", "c1", "query-status")["status"] == "running"
+    # the clone resumed the template's memory: the tmpfs file is there, no boot happened
+    assert guest_sh(qvm, "c1", f"cat {MARK}").strip() == "TPL"
+    assert guest_sh(qvm, "c1", "head -c 8 /dev/vda") == "TEMPLATE"
+    guest_sh(
+        qvm, "c1", f"echo CLONE > {MARK}; echo CLONE--- | dd of=/dev/vda conv=fsync 2>/dev/null"
+    )
+
+    # the template, side by side, from its own snapshot: its own state, not the clone's
+    qvm("up", "tpl", "--restore", "ready")
+    assert guest_sh(qvm, "tpl", f"cat {MARK}").strip() == "TPL"
+    assert guest_sh(qvm, "tpl", "head -c 8 /dev/vda") == "TEMPLATE"
+    assert guest_sh(qvm, "c1", f"cat {MARK}").strip() == "CLONE"
+    assert guest_sh(qvm, "c1", "head -c 8 /dev/vda") == "CLONE---"
+    assert qvm.status("c1")["state"] == qvm.status("tpl")["state"] == "running"
+    qvm("kill", "tpl")
+    assert sha256_of([base]) == {str(base): before[str(base)]}
+
+    # a second clone reuses the frozen copy
+    second = qvm("new", "c2", "--from", "tpl@ready").stdout
+    assert "froze" not in second, second
+    qvm("up", "c2")
+    assert guest_sh(qvm, "c2", "head -c 8 /dev/vda") == "TEMPLATE"
+    assert guest_sh(qvm, "c1", "head -c 8 /dev/vda") == "CLONE---"

@@ -1,0 +1,173 @@
+"""The pure parts of snapshots: the record read back and checked, device-set and
+definition-shape comparisons, and what of QEMU's argv a snapshot depends on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qvm.cmdline.argv import LaunchInputs, MemoryArg, StartFrom, build_argv
+from qvm.definition.schema import CpuSpec, Machine, MemorySpec
+from qvm.errors import RecordError
+from qvm.layout.rundir import RunDir
+from qvm.ops.snapshot import TagError, check_tag, shape_of_argv, start_from
+from qvm.store.launch import Forward
+from qvm.store.snapshots import (
+    DeviceSet,
+    MemoryDevice,
+    PluggedDevice,
+    SnapshotRecord,
+    add_snapshot,
+    device_set_differences,
+    drop_snapshot,
+    find_snapshot,
+    read_snapshots,
+    shape_differences,
+)
+
+DIMM = MemoryDevice("dimm0", "dimm", "mem-dimm0", 256 * 1024**2)
+
+
+def record(tag: str = "booted", **changes: object) -> SnapshotRecord:
+    base = SnapshotRecord(
+        tag=tag,
+        created=1.5,
+        disk_only=False,
+        guest_time_ns=123,
+        vm_clock_ns=456,
+        ram_bytes=512 * 1024**2,
+        vmstate_bytes=100,
+        vmstate_node="qvm-state",
+        nodes=("qvm-state",),
+        files=("/run/vm1/state.qcow2",),
+        devices=DeviceSet(
+            cpu_slots=(0, 1, 2),
+            memory=(DIMM,),
+            forwards=(Forward("nic0", "tcp", "127.0.0.1", 2222, 22),),
+        ),
+        definition_sha256="ab" * 32,
+        shape={"cpu": "max", "smp": "1,maxcpus=4"},
+        save_seconds=0.1,
+    )
+    return base._replace(**changes)
+
+
+def test_record_round_trip(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    add_snapshot(run, record())
+    add_snapshot(run, record("second", disk_only=True))
+    assert read_snapshots(run) == (record(), record("second", disk_only=True))
+    add_snapshot(run, record(ram_bytes=1))  # same tag: replaced
+    assert find_snapshot(run, "booted").ram_bytes == 1  # type: ignore[union-attr]
+    drop_snapshot(run, "booted")
+    assert [s.tag for s in read_snapshots(run)] == ["second"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key"),
+    [
+        (lambda d: d.pop("tag"), "tag"),
+        (lambda d: d.update(created="yesterday"), "created"),
+        (lambda d: d["devices"].update(cpu_slots=[0, "1"]), "cpu_slots"),
+        (lambda d: d["devices"]["memory"][0].update(kind="ram"), "kind"),
+        (lambda d: d.update(nodes="qvm-state"), "nodes"),
+    ],
+)
+def test_bad_record_is_one_error_naming_the_key(tmp_path: Path, mutate, key: str) -> None:  # noqa: ANN001
+    run = RunDir(tmp_path)
+    data = record().to_json()
+    mutate(data)
+    run.snapshots_file.write_text(json.dumps({"snapshots": [data]}))
+    with pytest.raises(RecordError) as caught:
+        read_snapshots(run)
+    assert str(run.snapshots_file) in str(caught.value) and key in str(caught.value)
+
+
+def test_not_json_is_a_record_error(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    run.snapshots_file.write_text("{")
+    with pytest.raises(RecordError, match="not valid JSON"):
+        read_snapshots(run)
+
+
+def test_device_set_differences() -> None:
+    saved = record().devices
+    assert device_set_differences(saved, saved) == []
+    # forwards are the host's business, not the guest's state
+    assert device_set_differences(saved, saved._replace(forwards=())) == []
+    fewer = saved._replace(cpu_slots=(0,), memory=())
+    assert device_set_differences(saved, fewer) == [
+        "vCPU slots {0,1,2} at save time, {0} now",
+        "dimm dimm0 is gone",
+    ]
+    bigger = saved._replace(memory=(DIMM._replace(size=DIMM.size * 2),))
+    assert device_set_differences(saved, bigger) == ["dimm dimm0 changed"]
+    disk = PluggedDevice("disk1", "disk", file="/x.qcow2", format="qcow2")
+    assert device_set_differences(saved, saved._replace(plugged=(disk,))) == [
+        "disk disk1 was added"
+    ]
+
+
+def test_shape_differences() -> None:
+    assert shape_differences({"a": 1}, {"a": 1}) == []
+    assert shape_differences({"smp": "x", "device:nic0": "e1000"}, {"smp": "y"}) == [
+        "device:nic0: 'e1000' at save time, now unset",
+        "smp: 'x' at save time, now 'y'",
+    ]
+
+
+def _machine(count: int = 1) -> Machine:
+    return Machine(
+        name="vm1",
+        path=Path("/m/vm1.toml"),
+        cpu=CpuSpec(count=count, max=4),
+        memory=MemorySpec(size=256 * 1024**2, max=1024**3, slots=2),
+    )
+
+
+def test_shape_leaves_out_the_device_set_and_host_facts() -> None:
+    run = RunDir(Path("/s/vm1"))
+    plain = build_argv(_machine(), LaunchInputs(accel="tcg", run_dir=run))
+    start = StartFrom(
+        cpu_slots=(0, 1, 3),
+        memory_devices=(MemoryArg("dimm0", "dimm", "mem-dimm0", 256 * 1024**2),),
+        loadvm="booted",
+    )
+    restoring = build_argv(
+        _machine(), LaunchInputs(accel="tcg", run_dir=run, state_disk=True, **start._asdict())
+    )
+    # the restart's argv has the snapshot's devices, the state disk and -loadvm ...
+    joined = " ".join(restoring)
+    assert "id=cpu1," in joined and "id=cpu3," in joined and "id=cpu2," not in joined
+    assert "pc-dimm,id=dimm0,memdev=mem-dimm0" in joined
+    assert "-loadvm booted" in joined and "node-name=qvm-state," in joined
+    # ... and the same shape as a plain boot
+    assert shape_of_argv(plain) == shape_of_argv(restoring)
+    assert shape_of_argv(build_argv(_machine(count=2), LaunchInputs("tcg", run))) == (
+        shape_of_argv(plain)
+    )
+    other = _machine()._replace(cpu=CpuSpec(count=1, max=3))
+    assert shape_differences(
+        shape_of_argv(plain), shape_of_argv(build_argv(other, LaunchInputs("tcg", run)))
+    ) == ["smp: '1,sockets=1,cores=4,threads=1,maxcpus=4' at save time, now "
+          "'1,sockets=1,cores=3,threads=1,maxcpus=3'"]  # fmt: skip
+
+
+def test_start_from_a_record() -> None:
+    start = start_from(record())
+    assert start.cpu_slots == (0, 1, 2) and start.loadvm == "booted"
+    assert start.memory_devices == (MemoryArg("dimm0", "dimm", "mem-dimm0", 256 * 1024**2),)
+
+
+@pytest.mark.parametrize("tag", ["", "-x", "a b", "x/y", "a" * 65, "é"])
+def test_bad_tags(tag: str) -> None:
+    with pytest.raises(TagError):
+        check_tag("vm1", tag)
+
+
+def test_summary() -> None:
+    assert record().devices.summary() == "3 vCPUs, 1 DIMM"
+    assert DeviceSet(cpu_slots=(0,)).summary() == "1 vCPU"
