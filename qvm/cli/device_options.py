@@ -1,17 +1,22 @@
 """What the hotplug commands (cpu, mem, disk, nic) share: the machine file for
---persist, and the one line for an unplug that did not complete."""
+--persist, the one line for an unplug that did not complete, and what ``disk`` and
+``nic`` say alike: their lists, an attached device, the whole of removing one."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qvm.cli.output import abort, fail_all
+from qvm.cli import resolve
+from qvm.cli.output import abort, emit_json, fail_all, say, warn
 from qvm.cli.parsing.declare import Option
 from qvm.errors import EXIT_PENDING
 
 # options the mem, disk and nic commands share
-AS_JSON = Option(False, "--json", help="Print JSON (schema in the README).")
+AS_JSON = Option(
+    False, "--json", help="Print JSON (the schema named below). An error is a JSON object too."
+)
 FORCE = Option(
     False,
     "--force",
@@ -67,3 +72,64 @@ def unplug_problems(name: str, unplug: Any, what: str) -> None:
         abort(pending_text(name, unplug.id, unplug.detail, what), EXIT_PENDING)
     if unplug.cleanup_errors:
         fail_all([f"{name}: {unplug.id} was removed, but {e}" for e in unplug.cleanup_errors])
+
+
+def say_places_and_guest(name: str, places: Any, guest: list[str] | None, words: str) -> None:
+    """The end of ``disk list``/``nic list``: the free PCI places, and what the guest says
+    it has (None: it did not say)."""
+    say(f"{name}: {places.summary()}")
+    if guest is not None:
+        seen = ", ".join(guest) or "none"
+        say(f"{name}: the guest reports {words}: {seen} (its own QVM-STATE line)")
+
+
+def say_plugged(
+    name: str, result: Any, verb: str, dev_id: str, persisted: dict[str, Any] | None
+) -> None:
+    """The end of ``disk attach``/``nic add``: a --force warning, the PCI places left, and
+    the entry --persist added to the machine file."""
+    if result.forced_after_unplug:
+        warn(f"qvm: {name}: {verb} after a vCPU unplug under TCG (--force)")
+    say(f"{name}: {result.places.summary()}")
+    if persisted:
+        say(f"{name}: added a [[{persisted['table']}]] for {dev_id} to {persisted['file']}")
+
+
+def remove_device(
+    name: str,
+    dev_id: str,
+    timeout: float,
+    remove: Callable[..., Any],
+    unpersist: Callable[[Any, Any], dict[str, Any]] | None,
+    as_json: bool,
+    what: str,
+    removed_text: Callable[[Any], str],
+) -> None:
+    """``disk detach`` and ``nic del``: ``remove(run, dev_id, timeout=...)`` (a
+    ``Removal``) while the guest is waited for; once the device is gone, with --persist,
+    ``unpersist(run, device)`` takes its entry out of the machine file. Then the result
+    (``removed_text`` says what went) and the exit ``unplug_problems`` decides."""
+    from qvm.cli.progress import run_waiting
+
+    timeout = resolve.timeout_seconds(timeout)
+    run = resolve.run_dir_of(name)
+    result = run_waiting(
+        f"{name}: waiting for the guest to release {dev_id}", remove, run, dev_id, timeout=timeout
+    )
+    unplug = result.unplug
+    persisted = None
+    if unpersist is not None and unplug.outcome == "removed":
+        persisted = unpersist(run, result.device)
+    if as_json:
+        emit_json({**result.as_json(), "persisted": persisted})
+    elif unplug.outcome == "removed":
+        say(f"{name}: {removed_text(result)}")
+        if persisted is not None:
+            entry = f"[[{result.key}]]"
+            if persisted["action"] == "removed":
+                say(f"{name}: removed its {entry} from {persisted['file']}")
+            else:
+                say(f"{name}: {persisted['file']} has no {entry} for it: nothing to remove")
+    if unpersist is not None and persisted is None:
+        warn(f"qvm: {name}: --persist: not written, the live change did not complete")
+    unplug_problems(name, unplug, what)

@@ -24,43 +24,26 @@ from typing import Any
 
 from qvm.base.jsonfile import read_json
 from qvm.base.record import Record
+from qvm.control import transaction
 from qvm.control.guard import check_device_add
 from qvm.control.guest import guest_report
 from qvm.control.pci import PciPlaces, choose_pci_bus, pci_places
 from qvm.control.qmp_session import QmpSession
-from qvm.control.transaction import (
-    Peripheral,
-    Plug,
-    Removal,
-    Step,
-    boot_device_ids,
-    check_new_id,
-    fresh_id,
-    launch_of,
-    listed_json,
-    opened,
-    origin_of,
-    peripheral_ids,
-    plug,
-    reconcile_devices,
-    remove_hotplugged,
-    taken_ids,
-)
 from qvm.errors import HotplugError
 from qvm.host.holders import describe_holders
 from qvm.layout.rundir import RunDir
 from qvm.store.devices import DeviceRecord
 from qvm.store.launch import LaunchRecord
-from qvm.store.pending import PERIPHERAL, device_state, pending_ids
+from qvm.store.pending import PERIPHERAL, pending_ids
 
 DISK_PREFIX = "disk"
 DEFAULT_UNPLUG_TIMEOUT = 10.0
 LOCK_ERROR = 'Failed to get "write" lock'
 SHARED_LOCK_ERROR = 'Failed to get shared "write" lock'
-DISK = Peripheral("disk")
+DISK = transaction.Peripheral("disk")
 
 
-class DiskInfo(Record):
+class DiskInfo(Record, transaction.ListedDevice):
     id: str
     origin: str  # "boot" (the machine file), "qvm" (attached by qvm), "other" (qvm qmp)
     file: str | None
@@ -71,13 +54,6 @@ class DiskInfo(Record):
     bus: str | None = None  # the root port it sits on (q35, attached by qvm)
     created: bool = False  # made by 'disk attach --new' in the run dir
     pending: bool = False
-
-    @property
-    def state(self) -> str:
-        return device_state(self.pending)
-
-    def as_json(self) -> dict[str, Any]:
-        return listed_json(self)
 
 
 class DiskList(Record):
@@ -127,7 +103,7 @@ def disks_from(
         disks.append(
             DiskInfo(
                 id=dev_id,
-                origin=origin_of(dev_id, record, boot_ids),
+                origin=transaction.origin_of(dev_id, record, boot_ids),
                 file=(record and record.file) or inserted.get("file"),
                 format=inserted.get("drv"),
                 readonly=bool(inserted.get("ro")),
@@ -138,27 +114,26 @@ def disks_from(
                 pending=dev_id in pending,
             )
         )
-    blk = None
-    if guest and guest.get("blk") is not None:
-        blk = [] if guest["blk"] == "-" else guest["blk"].split(",")
-    return DiskList(name, disks, places, blk)
+    return DiskList(name, disks, places, transaction.guest_names(guest, "blk"))
 
 
 def _query(session: QmpSession, run: RunDir, launch: LaunchRecord) -> DiskList:
-    records = reconcile_devices(session, run, peripheral_ids(session), ("disk",))
+    records = transaction.reconcile_devices(
+        session, run, transaction.peripheral_ids(session), ("disk",)
+    )
     return disks_from(
         run.name,
         session.execute("query-block"),
         records,
         pending_ids(run),
-        boot_device_ids(launch.argv),
+        transaction.boot_device_ids(launch.argv),
         pci_places(session, launch),
         guest_report(run),
     )
 
 
 def list_disks(run: RunDir) -> DiskList:
-    with opened(run) as (session, launch):
+    with transaction.opened(run) as (session, launch):
         return _query(session, run, launch)
 
 
@@ -236,7 +211,7 @@ def attach_disk(
 ) -> DiskAttach:
     """Attach ``file`` (or a new qcow2 of ``new_size`` bytes in the run dir) as a
     virtio-blk-pci disk."""
-    launch = launch_of(run)
+    launch = transaction.launch_of(run)
     name = run.name
     if (file is None) == (new_size is None):
         raise HotplugError(f"{name}: disk attach: give an image FILE or --new SIZE (one of them)")
@@ -247,13 +222,15 @@ def attach_disk(
             f"{name}: disk attach --new: the size must be a positive multiple of 512 bytes, "
             f"got {new_size}"
         )
-    with opened(run, launch) as (session, launch):
+    with transaction.opened(run, launch) as (session, launch):
         forced = check_device_add(run, launch, "disk attach", force)
         disks = _query(session, run, launch)
         nodes = {
             n.get("node-name") for n in session.execute("query-named-block-nodes", {"flat": True})
         }
-        taken = taken_ids(session, run, (d.id for d in disks.disks)) | {n for n in nodes if n}
+        taken = transaction.taken_ids(session, run, (d.id for d in disks.disks)) | {
+            n for n in nodes if n
+        }
         created = None
         if new_size is not None:
             dev_id = _new_disk_id(run, dev_id, taken, nodes, new=True)
@@ -285,7 +262,7 @@ def attach_disk(
             created=created is not None,
         )
         try:
-            plug(session, run, _plan(run, record, path, fmt))
+            transaction.plug(session, run, _plan(run, record, path, fmt))
         except BaseException:
             if created is not None:
                 created.unlink(missing_ok=True)  # made a moment ago for this attach only
@@ -304,8 +281,8 @@ def _new_disk_id(
         return not (new and run.new_disk_image(candidate).exists())
 
     if dev_id is None:
-        return fresh_id(DISK_PREFIX, taken, ok=free)[1]
-    check_new_id(
+        return transaction.fresh_id(DISK_PREFIX, taken, ok=free)[1]
+    transaction.check_new_id(
         run,
         dev_id,
         taken | {n[: -len("-file")] for n in nodes if n and n.endswith("-file")},
@@ -330,13 +307,13 @@ def create_image(run: RunDir, path: Path, size: int) -> None:
     qemu_img_create(path, size)
 
 
-def _plan(run: RunDir, record: DeviceRecord, path: Path, fmt: str) -> Plug:
+def _plan(run: RunDir, record: DeviceRecord, path: Path, fmt: str) -> transaction.Plug:
     """A file node, a format node, the device; what was done is undone when a step fails."""
     dev_id, bus, readonly = record.id, record.bus, record.readonly
     file_node = f"{dev_id}-file"
     device = {"driver": "virtio-blk-pci", "id": dev_id, "drive": dev_id}
     steps = [
-        Step(
+        transaction.Step(
             "blockdev-add",
             {
                 "driver": "file",
@@ -346,12 +323,12 @@ def _plan(run: RunDir, record: DeviceRecord, path: Path, fmt: str) -> Plug:
             },
             ("blockdev-del", {"node-name": file_node}),
         ),
-        Step(
+        transaction.Step(
             "blockdev-add",
             {"driver": fmt, "node-name": dev_id, "file": file_node, "read-only": readonly},
             ("blockdev-del", {"node-name": dev_id}),
         ),
-        Step("device_add", device | ({"bus": bus} if bus else {})),
+        transaction.Step("device_add", device | ({"bus": bus} if bus else {})),
     ]
 
     def translate(desc: str) -> tuple[str, str | None] | None:
@@ -363,19 +340,21 @@ def _plan(run: RunDir, record: DeviceRecord, path: Path, fmt: str) -> Plug:
             "detach it there or stop it first",
         )
 
-    return Plug("disk attach", steps, record, translate)
+    return transaction.Plug("disk attach", steps, record, translate)
 
 
 # --- detach ------------------------------------------------------------------------------
 
 
-def detach_disk(run: RunDir, dev_id: str, timeout: float = DEFAULT_UNPLUG_TIMEOUT) -> Removal:
+def detach_disk(
+    run: RunDir, dev_id: str, timeout: float = DEFAULT_UNPLUG_TIMEOUT
+) -> transaction.Removal:
     """Unplug a disk qvm attached, wait for the guest, delete its block nodes. The image
     file stays where it is."""
-    with opened(run) as (session, launch):
+    with transaction.opened(run) as (session, launch):
         disks = _query(session, run, launch)
         known = [d.id for d in disks.disks]
-        return remove_hotplugged(
+        return transaction.remove_hotplugged(
             session, run, launch, DISK, dev_id, disks.find(dev_id), known, timeout
         )
 

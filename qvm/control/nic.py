@@ -17,29 +17,12 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from qvm.base.record import Record
+from qvm.control import transaction
 from qvm.control.forwards import forward_text, hostfwd_rule, resolve_forward
 from qvm.control.guard import check_device_add
 from qvm.control.guest import guest_report
 from qvm.control.pci import PciPlaces, choose_pci_bus, pci_places
 from qvm.control.qmp_session import QmpSession
-from qvm.control.transaction import (
-    Peripheral,
-    Plug,
-    Removal,
-    Step,
-    boot_device_ids,
-    check_new_id,
-    fresh_id,
-    launch_of,
-    listed_json,
-    opened,
-    origin_of,
-    peripheral_types,
-    plug,
-    reconcile_devices,
-    remove_hotplugged,
-    taken_ids,
-)
 from qvm.definition.forwards import ForwardError, parse_forward
 from qvm.definition.schema import NIC_MODELS, PortForward
 from qvm.errors import ControlError, HotplugError
@@ -47,16 +30,16 @@ from qvm.layout.rundir import RunDir
 from qvm.store.devices import DeviceRecord, device_records
 from qvm.store.forwards import forget_forwards, read_forwards, record_forwards
 from qvm.store.launch import Forward, LaunchRecord
-from qvm.store.pending import PERIPHERAL, device_state, pending_ids
+from qvm.store.pending import PERIPHERAL, pending_ids
 
 NIC_PREFIX = "net"
 DEFAULT_UNPLUG_TIMEOUT = 10.0
 NIC_TYPES = (*NIC_MODELS, "virtio-net-device")
 _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
-NIC = Peripheral("NIC")
+NIC = transaction.Peripheral("NIC")
 
 
-class NicInfo(Record):
+class NicInfo(Record, transaction.ListedDevice):
     id: str
     origin: str  # "boot" (the machine file), "qvm" (added by qvm), "other" (qvm qmp)
     model: str
@@ -66,15 +49,11 @@ class NicInfo(Record):
     bus: str | None = None
     pending: bool = False
 
-    @property
-    def state(self) -> str:
-        return device_state(self.pending)
-
     def forwards_text(self) -> list[str]:
         return [forward_text(f) for f in self.forwards]
 
     def as_json(self) -> dict[str, Any]:
-        return {**listed_json(self), "forwards": [f.to_json() for f in self.forwards]}
+        return {**transaction.listed_json(self), "forwards": [f.to_json() for f in self.forwards]}
 
 
 class NicList(Record):
@@ -116,7 +95,7 @@ def nics_from(
         nics.append(
             NicInfo(
                 id=dev_id,
-                origin=origin_of(dev_id, record, boot_ids),
+                origin=transaction.origin_of(dev_id, record, boot_ids),
                 model=dev_type,
                 mac=macs.get(dev_id),
                 forwards=tuple(f for f in forwards if f.nic == dev_id),
@@ -124,15 +103,12 @@ def nics_from(
                 pending=dev_id in pending,
             )
         )
-    net = None
-    if guest and guest.get("net") is not None:
-        net = [] if guest["net"] == "-" else guest["net"].split(",")
-    return NicList(name, nics, places, net)
+    return NicList(name, nics, places, transaction.guest_names(guest, "net"))
 
 
 def _query(session: QmpSession, run: RunDir, launch: LaunchRecord) -> NicList:
-    peripherals = peripheral_types(session)
-    records = reconcile_devices(session, run, set(peripherals), ("nic",))
+    peripherals = transaction.peripheral_types(session)
+    records = transaction.reconcile_devices(session, run, set(peripherals), ("nic",))
     macs = {}
     for dev_id, dev_type in peripherals.items():
         if dev_type in NIC_TYPES:
@@ -156,7 +132,7 @@ def _query(session: QmpSession, run: RunDir, launch: LaunchRecord) -> NicList:
         macs,
         records,
         pending_ids(run),
-        boot_device_ids(launch.argv),
+        transaction.boot_device_ids(launch.argv),
         forwards,
         pci_places(session, launch),
         guest_report(run),
@@ -164,7 +140,7 @@ def _query(session: QmpSession, run: RunDir, launch: LaunchRecord) -> NicList:
 
 
 def list_nics(run: RunDir) -> NicList:
-    with opened(run) as (session, launch):
+    with transaction.opened(run) as (session, launch):
         return _query(session, run, launch)
 
 
@@ -219,7 +195,7 @@ def add_nic(
     """Add a user-mode NIC with these port forwards (``PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT``)."""
     from qvm.definition.naming import stable_mac
 
-    launch = launch_of(run)
+    launch = transaction.launch_of(run)
     name = run.name
     if model not in NIC_MODELS:
         choices = ", ".join(NIC_MODELS)
@@ -227,11 +203,11 @@ def add_nic(
     parsed = parse_forwards(name, list(forwards or []))
     if mac is not None:
         mac = check_mac(name, mac)
-    with opened(run, launch) as (session, launch):
+    with transaction.opened(run, launch) as (session, launch):
         forced = check_device_add(run, launch, "nic add", force)
         nics = _query(session, run, launch)
         bus = choose_pci_bus(nics.places, run, launch, "nic add")
-        taken = taken_ids(session, run, (n.id for n in nics.nics))
+        taken = transaction.taken_ids(session, run, (n.id for n in nics.nics))
         taken |= {r.id for r in device_records(run)}
         macs = {n.mac for n in nics.nics if n.mac}
         boot_count = sum(1 for a in launch.argv if a == "-netdev")
@@ -241,12 +217,12 @@ def add_nic(
             return mac is not None or stable_mac(machine, int(index)) not in macs
 
         if dev_id is None:
-            index, dev_id = fresh_id(
+            index, dev_id = transaction.fresh_id(
                 NIC_PREFIX, taken, start=boot_count, ok=lambda i: fresh_mac(i[len(NIC_PREFIX) :])
             )
         else:
-            check_new_id(run, dev_id, taken, "nic add")
-            index = fresh_id("", [], start=boot_count, ok=fresh_mac)[0]
+            transaction.check_new_id(run, dev_id, taken, "nic add")
+            index = transaction.fresh_id("", [], start=boot_count, ok=fresh_mac)[0]
         mac = mac or stable_mac(machine, index)
         if mac in macs:
             raise HotplugError(
@@ -259,8 +235,8 @@ def add_nic(
             netdev["hostfwd"] = [{"str": hostfwd_rule(f)} for f in resolved]
         device = {"driver": model, "id": dev_id, "netdev": dev_id, "mac": mac}
         steps = [
-            Step("netdev_add", netdev, ("netdev_del", {"id": dev_id})),
-            Step("device_add", device | ({"bus": bus} if bus else {})),
+            transaction.Step("netdev_add", netdev, ("netdev_del", {"id": dev_id})),
+            transaction.Step("device_add", device | ({"bus": bus} if bus else {})),
         ]
 
         def translate(desc: str) -> tuple[str, str | None] | None:
@@ -277,7 +253,7 @@ def add_nic(
             mac=mac,
             index=index,
         )
-        plug(session, run, Plug("nic add", steps, record, translate))
+        transaction.plug(session, run, transaction.Plug("nic add", steps, record, translate))
         record_forwards(run, resolved)
         after = _query(session, run, launch)
         nic = after.find(dev_id) or NicInfo(dev_id, "qvm", model, mac, tuple(resolved), bus)
@@ -287,12 +263,14 @@ def add_nic(
 # --- remove ------------------------------------------------------------------------------
 
 
-def remove_nic(run: RunDir, dev_id: str, timeout: float = DEFAULT_UNPLUG_TIMEOUT) -> Removal:
+def remove_nic(
+    run: RunDir, dev_id: str, timeout: float = DEFAULT_UNPLUG_TIMEOUT
+) -> transaction.Removal:
     """Unplug a NIC qvm added, wait for the guest, then delete its netdev (and forwards)."""
-    with opened(run) as (session, launch):
+    with transaction.opened(run) as (session, launch):
         nics = _query(session, run, launch)
         known = [n.id for n in nics.nics]
-        removal = remove_hotplugged(
+        removal = transaction.remove_hotplugged(
             session, run, launch, NIC, dev_id, nics.find(dev_id), known, timeout
         )
         if removal.unplug.outcome == "removed":

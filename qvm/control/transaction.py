@@ -127,10 +127,33 @@ def origin_of(dev_id: str, record: DeviceRecord | None, boot_ids: Collection[str
 
 
 def listed_json(device: Any) -> dict[str, Any]:
-    """A listed device (a NamedTuple with ``pending``) as JSON: ``pending`` is said by
+    """A listed device (a record with ``pending``) as JSON: ``pending`` is said by
     its ``state``, in the one vocabulary of every list."""
     data = device._asdict()
     return {**data, "state": device_state(data.pop("pending"))}
+
+
+class ListedDevice:
+    """What a listed device record (with a ``pending`` field) says the way every list
+    does: ``class DiskInfo(Record, ListedDevice)``."""
+
+    __slots__ = ()
+    pending: bool
+
+    @property
+    def state(self) -> str:
+        return device_state(self.pending)
+
+    def as_json(self) -> dict[str, Any]:
+        return listed_json(self)
+
+
+def guest_names(guest: dict[str, str] | None, key: str) -> list[str] | None:
+    """A list the guest's ``QVM-STATE`` line gives as ``key=a,b`` (``-``: none); None when
+    the guest did not say."""
+    if not guest or guest.get(key) is None:
+        return None
+    return [] if guest[key] == "-" else guest[key].split(",")
 
 
 def reconcile_devices(

@@ -14,9 +14,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from framework.guest import Serial
 from framework.wait import wait_until
@@ -29,6 +32,21 @@ QVM_BIN = Path(sys.executable).parent / "qvm"
 def short_tmpdir() -> Path:
     # unix socket paths are limited to 107 bytes: pytest's tmp_path is often too long
     return Path(tempfile.mkdtemp(prefix="qvm-t", dir="/tmp"))
+
+
+def build_test_image() -> Path:
+    """The Debian test image's folder: scripts/build-test-image builds it, or takes it
+    from its cache (it prints the folder)."""
+    built = subprocess.run(
+        [str(REPO / "scripts" / "build-test-image")],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    if built.returncode != 0:
+        pytest.fail(f"scripts/build-test-image failed:\n{built.stderr[-3000:]}")
+    return Path(built.stdout.strip())
 
 
 def one_line_error(done: subprocess.CompletedProcess[str], expected: str | None = None) -> str:
@@ -91,6 +109,12 @@ class Qvm:
     def status(self, name: str) -> dict[str, Any]:
         return self.json("status", name)
 
+    def wait_state(self, name: str, state: str, timeout: float) -> dict[str, Any]:
+        """``qvm status NAME --json`` once its state is ``state``."""
+        return wait_until(
+            lambda: (s := self.status(name))["state"] == state and s, timeout, f"{name} {state}"
+        )
+
     def run_dir(self, name: str) -> Path:
         return self.state_dir / name
 
@@ -151,8 +175,8 @@ append = "console=ttyS0 quiet irqaffinity=0"
                 found.append((int(entry.name), cmd))
         return found
 
-    def cleanup(self) -> list[tuple[int, str]]:
-        """Kill everything this test started; return what was still alive afterwards."""
+    def kill_all(self) -> None:
+        """``qvm kill`` every VM of the state dir, then SIGKILL any process of it left."""
         if self.state_dir.exists():
             for run in self.state_dir.iterdir():
                 if run.is_dir():
@@ -160,6 +184,27 @@ append = "console=ttyS0 quiet irqaffinity=0"
         for pid, _ in self.processes():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+    @contextlib.contextmanager
+    def state_on_tmpfs(self, size: str, label: str) -> Iterator[Path]:
+        """The state dir on a tmpfs of ``size`` ("2m"; mounting needs root); at the end
+        every VM is killed, then it is unmounted."""
+        self.state_dir.mkdir(mode=0o700)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", label, str(self.state_dir)],
+            check=True,
+        )
+        try:
+            yield self.state_dir
+        finally:
+            self.kill_all()
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda: not self.processes(), 10, "the test's processes to end")
+            subprocess.run(["umount", "-l", str(self.state_dir)], check=False)
+
+    def cleanup(self) -> list[tuple[int, str]]:
+        """Kill everything this test started; return what was still alive afterwards."""
+        self.kill_all()
         try:
             wait_until(lambda: not self.processes(), 10, "the test's processes to end")
         except AssertionError:

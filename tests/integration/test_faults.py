@@ -284,9 +284,7 @@ def test_sigstopped_qemu_and_killed_qemu(qvm: Qvm, continue_stopped: list[int]) 
     qvm("up", "vm1")
     qemu = qvm.status("vm1")["pid"]
     os.kill(qemu, signal.SIGKILL)
-    status = wait_until(
-        lambda: (s := qvm.status("vm1"))["state"] == "crashed" and s, 15, "the crash recorded"
-    )
+    status = qvm.wait_state("vm1", "crashed", 15)
     assert status["reason"] == "killed by SIGKILL"
     line = one_line_error(qvm("kill", "vm1", check=False))
     assert line.startswith("qvm: vm1: not running"), line
@@ -357,23 +355,8 @@ def tmpfs_state(qvm: Qvm) -> Iterator[Path]:
     this fixture's teardown runs before the ``qvm`` fixture's)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    qvm.state_dir.mkdir(mode=0o700)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "qvm-test", str(qvm.state_dir)],
-        check=True,
-    )
-    try:
-        yield qvm.state_dir
-    finally:
-        for run in qvm.state_dir.iterdir():
-            if run.is_dir():
-                qvm("kill", run.name, check=False, timeout=60)
-        for pid, _ in qvm.processes():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(AssertionError):
-            wait_until(lambda: not qvm.processes(), 10, "the test's processes to end")
-        subprocess.run(["umount", "-l", str(qvm.state_dir)], check=False)
+    with qvm.state_on_tmpfs("2m", "qvm-test") as state:
+        yield state
 
 
 def fill(folder: Path) -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from framework.guest import parse_guest_lines
@@ -43,7 +44,7 @@ def test_up_status_down_by_acpi(qvm: Qvm) -> None:
     for key in ("name", "state", "pid", "qmp_socket", "serial_log", "accel", "vcpus"):
         assert key in status
     assert status["state"] == "running"
-    assert status["vcpus"] == {"present": 1, "max": 4}
+    assert status["vcpus"] == {"present": 1, "max": 4, "boot": 1}
     # QMP is ready when `up` returns, on the user's own socket, while qvm manages the VM
     assert qmp_call(status["qmp_socket"], "query-status")["status"] == "running"
 
@@ -108,9 +109,7 @@ def test_qemu_killed_with_sigkill_is_reported_as_crashed(qvm: Qvm) -> None:
     qvm("up", "vm1")
     pid = qvm.status("vm1")["pid"]
     os.kill(pid, signal.SIGKILL)
-    status = wait_until(
-        lambda: (s := qvm.status("vm1"))["state"] == "crashed" and s, 10, "state crashed"
-    )
+    status = qvm.wait_state("vm1", "crashed", 10)
     assert status["reason"] == "killed by SIGKILL"
     assert status["last_exit"]["signal"] == "SIGKILL"
     assert status["pid"] is None
@@ -141,9 +140,7 @@ def test_guest_power_off_is_not_a_failure_for_on_failure(qvm: Qvm) -> None:
     qvm.serial("vm1").wait_ready()
     # the guest is told to power off from outside qvm, through the user's QMP socket
     qmp_call(str(qvm.run_dir("vm1") / "qmp.sock"), "system_powerdown")
-    status = wait_until(
-        lambda: (s := qvm.status("vm1"))["state"] == "stopped" and s, 20, "state stopped"
-    )
+    status = qvm.wait_state("vm1", "stopped", 20)
     assert status["reason"] == "the guest powered off"
     time.sleep(1)  # longer than the restart delay: no new QEMU came
     assert qvm.status("vm1")["state"] == "stopped"
@@ -156,9 +153,7 @@ def test_killed_supervisor_leaves_state_that_the_next_up_cleans(qvm: Qvm) -> Non
     before = qvm.status("vm1")
     os.kill(before["supervisor_pid"], signal.SIGKILL)
     # QEMU follows its supervisor (parent-death signal), and status says what happened
-    status = wait_until(
-        lambda: (s := qvm.status("vm1"))["state"] == "crashed" and s, 15, "state crashed"
-    )
+    status = qvm.wait_state("vm1", "crashed", 15)
     assert status["reason"] == (
         f"supervisor (pid {before['supervisor_pid']}) ended without its last record "
         "(killed, or the state dir refused the write; see supervisor.log)"
@@ -169,13 +164,16 @@ def test_killed_supervisor_leaves_state_that_the_next_up_cleans(qvm: Qvm) -> Non
     assert qvm.status("vm1")["state"] == "running"
 
 
-def assert_refused_before_start(qvm: Qvm, name: str, stderr: str) -> None:
-    """`qvm up` fails with exactly ``stderr`` and leaves no process and no state behind."""
-    result = qvm("up", name, check=False)
+def refused_before_start(qvm: Qvm, old: str, new: str) -> tuple[Path, str]:
+    """`qvm up vm1` of the test guest's machine file, ``old`` in it replaced by ``new``,
+    fails and leaves no process and no state behind: the file, and what `up` said."""
+    path = qvm.guest_machine("vm1")
+    path.write_text(path.read_text().replace(old, new))
+    result = qvm("up", "vm1", check=False)
     assert result.returncode == 1
-    assert result.stderr == stderr
     assert not qvm.processes()
-    assert not (qvm.run_dir(name) / "state.json").exists()
+    assert not (qvm.run_dir("vm1") / "state.json").exists()
+    return path, result.stderr
 
 
 def test_down_while_the_guest_boots_presses_the_power_button_again(qvm: Qvm) -> None:
@@ -193,14 +191,11 @@ def test_down_while_the_guest_boots_presses_the_power_button_again(qvm: Qvm) -> 
 
 
 def test_unknown_cpu_model_is_refused_before_anything_starts(qvm: Qvm) -> None:
-    path = qvm.guest_machine("vm1")
-    path.write_text(path.read_text().replace("[cpu]", '[cpu]\nmodel = "IvyBrige"'))
-    assert_refused_before_start(
-        qvm,
-        "vm1",
+    path, stderr = refused_before_start(qvm, "[cpu]", '[cpu]\nmodel = "IvyBrige"')
+    assert stderr == (
         f'qvm: {path}: cpu.model: unknown to qemu-system-x86_64, got "IvyBrige" '
         "(hint: did you mean 'IvyBridge', 'IvyBridge-v2', 'IvyBridge-v1'? "
-        "'qemu-system-x86_64 -cpu help' lists them)\n",
+        "'qemu-system-x86_64 -cpu help' lists them)\n"
     )
 
 
@@ -314,9 +309,7 @@ def test_restart_policy_gives_up_after_max_restarts(qvm: Qvm) -> None:
 
         wait_until(restarted, 20, f"restart number {expected_restarts}")
     os.kill(qvm.status("vm1")["pid"], signal.SIGKILL)
-    status = wait_until(
-        lambda: (s := qvm.status("vm1"))["state"] == "crashed" and s, 20, "the policy to give up"
-    )
+    status = qvm.wait_state("vm1", "crashed", 20)
     assert status["reason"] == "killed by SIGKILL; not restarted: 2 restarts in a row"
     assert status["restarts"] == 2
     assert not qvm.processes()
@@ -343,7 +336,7 @@ def test_logs_follow_ends_with_the_vm(qvm: Qvm) -> None:
 
 def test_microvm_boots_the_test_guest(qvm: Qvm) -> None:
     # microvm's stock-kernel boot under TCG can hang in timer calibration; telling the
-    # kernel the TSC frequency avoids it (see README, machine types)
+    # kernel the TSC frequency avoids it (see docs/machines.md, machine types)
     with open("/proc/cpuinfo") as cpuinfo:
         mhz = next(float(line.split(":")[1]) for line in cpuinfo if line.startswith("cpu MHz"))
     qvm.machine(
@@ -363,7 +356,7 @@ append = "console=ttyS0 quiet tsc_early_khz={int(mhz * 1000)}"
     )
     qvm("up", "micro")
     assert qvm.serial("micro").wait_ready()["ncpus"] == "1"
-    assert qvm.status("micro")["vcpus"] == {"present": 1, "max": 1}
+    assert qvm.status("micro")["vcpus"] == {"present": 1, "max": 1, "boot": 1}
     down = qvm("down", "micro", "--timeout", "20")
     assert "the guest powered off after the ACPI power button" in down.stdout
 
@@ -454,11 +447,8 @@ extra_args = ["-bios", "{bios}"]
 def test_cpu_models_that_abort_under_kvm_pvm_are_refused_before_anything_starts(
     qvm: Qvm,
 ) -> None:
-    path = qvm.guest_machine("vm1")
-    path.write_text(path.read_text().replace('accel = "auto"', 'accel = "kvm"'))
-    assert_refused_before_start(
-        qvm,
-        "vm1",
+    path, stderr = refused_before_start(qvm, 'accel = "auto"', 'accel = "kvm"')
+    assert stderr == (
         f'qvm: {path}: cpu.model (unset: defaults to "host"): "host" makes QEMU abort under '
-        'kvm_pvm (failed to set MSR 0x10a) (hint: set a named model such as "qemu64")\n',
+        'kvm_pvm (failed to set MSR 0x10a) (hint: set a named model such as "qemu64")\n'
     )

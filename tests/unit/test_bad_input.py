@@ -46,41 +46,37 @@ def _short_line(done: subprocess.CompletedProcess[str]) -> str:
 
 # --- VM names ---------------------------------------------------------------------------
 
+# the arguments after the VM name that a command needs, where it needs any
+ARGUMENTS = {
+    "new": ["--kernel", "/nonexistent/vmlinuz"],
+    "qmp": ["query-status"],
+    "cpu set": ["2"],
+    "mem add": ["256M"],
+    "mem del": ["dimm0"],
+    "mem resize": ["vmem0", "256M"],
+    "disk attach": ["--new", "1G"],
+    "disk detach": ["disk0"],
+    "nic del": ["net0"],
+    "port add": ["tcp:0:22"],
+    "port del": ["2222"],
+}
+
+
+def with_arguments(*words: str) -> list[tuple[str, list[str]]]:
+    return [(word, ARGUMENTS.get(word, [])) for word in words]
+
+
 # every command that takes a VM name, with the other arguments it needs
 NAMED_COMMANDS = [
-    ("up", []),
-    ("down", []),
-    ("kill", []),
-    ("restart", []),
-    ("status", []),
-    ("logs", []),
-    ("console", []),
-    ("cmdline", []),
-    ("new", ["--kernel", "/nonexistent/vmlinuz"]),
-    ("reset", []),
-    ("rm", []),
+    *with_arguments(
+        "up", "down", "kill", "restart", "status", "logs", "console", "cmdline", "new",
+        "reset", "rm", "ssh", "qmp", "cpu list", "cpu add", "cpu del", "cpu set", "mem list",
+        "mem add", "mem del", "mem resize", "disk list", "disk attach", "disk detach",
+        "nic list", "nic add", "nic del", "port list", "port add", "port del",
+    ),
     ("rm", ["--purge"]),
-    ("ssh", []),
     ("wait", ["--timeout", "1"]),
-    ("qmp", ["query-status"]),
-    ("cpu list", []),
-    ("cpu add", []),
-    ("cpu del", []),
-    ("cpu set", ["2"]),
-    ("mem list", []),
-    ("mem add", ["256M"]),
-    ("mem del", ["dimm0"]),
-    ("mem resize", ["vmem0", "256M"]),
-    ("disk list", []),
-    ("disk attach", ["--new", "1G"]),
-    ("disk detach", ["disk0"]),
-    ("nic list", []),
-    ("nic add", []),
-    ("nic del", ["net0"]),
-    ("port list", []),
-    ("port add", ["tcp:0:22"]),
-    ("port del", ["2222"]),
-]
+]  # fmt: skip
 BAD_NAMES = ["..", ".", "", "a" * 300, "UPPER", "x\ny"]
 
 
@@ -149,20 +145,10 @@ def test_find_machine_refuses_what_cannot_be_a_file_stem(tmp_path: Path) -> None
 
 # --- timeouts ---------------------------------------------------------------------------
 
-TIMED_COMMANDS = [
-    ("down", []),
-    ("restart", []),
-    ("wait", []),
-    ("qmp", ["query-status"]),
-    ("cpu add", []),
-    ("cpu del", []),
-    ("cpu set", ["2"]),
-    ("mem add", ["256M"]),
-    ("mem del", ["dimm0"]),
-    ("mem resize", ["vmem0", "256M"]),
-    ("disk detach", ["disk0"]),
-    ("nic del", ["net0"]),
-]
+TIMED_COMMANDS = with_arguments(
+    "down", "restart", "wait", "qmp", "cpu add", "cpu del", "cpu set", "mem add", "mem del",
+    "mem resize", "disk detach", "nic del",
+)  # fmt: skip
 
 
 def test_every_timeout_must_be_a_number_of_seconds(cli: Qvm) -> None:

@@ -5,18 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from qvm.cmdline.argv import LaunchInputs, build_argv, escape_opt
+from qvm.definition import schema
 from qvm.definition.naming import stable_mac
-from qvm.definition.schema import (
-    BootSpec,
-    CpuSpec,
-    DiskSpec,
-    HotplugSpec,
-    Machine,
-    MemorySpec,
-    NicSpec,
-    PortForward,
-    QemuSpec,
-)
 from qvm.layout.rundir import RunDir
 
 RUN = RunDir(Path("/run/q/vm1"))
@@ -50,12 +40,12 @@ def hotplug_ports(count: int) -> list[str]:
 
 
 def test_demo_like_machine_under_tcg() -> None:
-    machine = Machine(
+    machine = schema.Machine(
         name="vm1",
         path=Path("/m/vm1.toml"),
-        cpu=CpuSpec(count=1, max=4),
-        memory=MemorySpec(size=256 * 1024**2),
-        boot=BootSpec(Path("/g/vmlinuz"), Path("/g/initrd.img"), "console=ttyS0 quiet"),
+        cpu=schema.CpuSpec(count=1, max=4),
+        memory=schema.MemorySpec(size=256 * 1024**2),
+        boot=schema.BootSpec(Path("/g/vmlinuz"), Path("/g/initrd.img"), "console=ttyS0 quiet"),
     )
     assert build_argv(machine, LaunchInputs(accel="tcg", run_dir=RUN)) == [
         "qemu-system-x86_64",
@@ -74,12 +64,12 @@ def test_demo_like_machine_under_tcg() -> None:
 
 
 def test_boot_vcpus_beyond_the_first_are_unpluggable_devices() -> None:
-    machine = Machine(
+    machine = schema.Machine(
         name="vm1",
         path=Path("/m/vm1.toml"),
         type="pc",
-        cpu=CpuSpec(model="IvyBridge-IBRS", count=3, max=8, sockets=2, cores=2, threads=2),
-        memory=MemorySpec(size=2 * 1024**3),
+        cpu=schema.CpuSpec(model="IvyBridge-IBRS", count=3, max=8, sockets=2, cores=2, threads=2),
+        memory=schema.MemorySpec(size=2 * 1024**3),
     )
     argv = build_argv(machine, LaunchInputs(accel="kvm", run_dir=RUN))
     assert argv[argv.index("-smp") + 1] == "1,sockets=2,cores=2,threads=2,maxcpus=8"
@@ -91,10 +81,10 @@ def test_boot_vcpus_beyond_the_first_are_unpluggable_devices() -> None:
 
 
 def test_kvm_defaults_to_host_cpu_and_dies_appear_only_when_several() -> None:
-    machine = Machine(
+    machine = schema.Machine(
         name="vm1",
         path=Path("/m/vm1.toml"),
-        cpu=CpuSpec(count=2, max=4, sockets=1, dies=2, cores=2, threads=1),
+        cpu=schema.CpuSpec(count=2, max=4, sockets=1, dies=2, cores=2, threads=1),
     )
     argv = build_argv(machine, LaunchInputs(accel="kvm", run_dir=RUN))
     assert argv[argv.index("-cpu") + 1] == "host"
@@ -103,24 +93,24 @@ def test_kvm_defaults_to_host_cpu_and_dies_appear_only_when_several() -> None:
 
 
 def test_memory_hotplug_disks_nics_and_extra_args() -> None:
-    machine = Machine(
+    machine = schema.Machine(
         name="vm1",
         path=Path("/m/vm1.toml"),
-        memory=MemorySpec(size=512 * 1024**2, max=4 * 1024**3, slots=4),
+        memory=schema.MemorySpec(size=512 * 1024**2, max=4 * 1024**3, slots=4),
         disks=(
-            DiskSpec(file=Path("/img/a,b.raw"), readonly=True),
-            DiskSpec(base=Path("/img/debian.qcow2")),
-            DiskSpec(file=Path("/img/c.qcow2"), interface="scsi", id="data"),
+            schema.DiskSpec(file=Path("/img/a,b.raw"), readonly=True),
+            schema.DiskSpec(base=Path("/img/debian.qcow2")),
+            schema.DiskSpec(file=Path("/img/c.qcow2"), interface="scsi", id="data"),
         ),
         nics=(
-            NicSpec(
+            schema.NicSpec(
                 forwards=(
-                    PortForward("tcp", "127.0.0.1", 2222, 22),
-                    PortForward("tcp", "0.0.0.0", 0, 80),
+                    schema.PortForward("tcp", "127.0.0.1", 2222, 22),
+                    schema.PortForward("tcp", "0.0.0.0", 0, 80),
                 )
             ),
         ),
-        qemu=QemuSpec(binary="/opt/qemu/bin/qemu-system-x86_64", extra_args=("-s",)),
+        qemu=schema.QemuSpec(binary="/opt/qemu/bin/qemu-system-x86_64", extra_args=("-s",)),
     )
     inputs = LaunchInputs(
         accel="tcg",
@@ -153,7 +143,9 @@ def test_memory_hotplug_disks_nics_and_extra_args() -> None:
 
 
 def test_microvm_has_no_hotplug_topology() -> None:
-    machine = Machine(name="m", path=Path("/m/m.toml"), type="microvm", cpu=CpuSpec(count=2, max=2))
+    machine = schema.Machine(
+        name="m", path=Path("/m/m.toml"), type="microvm", cpu=schema.CpuSpec(count=2, max=2)
+    )
     argv = build_argv(machine, LaunchInputs(accel="tcg", run_dir=RUN))
     assert argv[argv.index("-smp") + 1] == "2"
     assert "pvpanic" not in argv
@@ -161,25 +153,24 @@ def test_microvm_has_no_hotplug_topology() -> None:
 
 
 def test_serial_can_be_disabled() -> None:
-    from qvm.definition.schema import SerialSpec
-
-    machine = Machine(name="vm1", path=Path("/m/vm1.toml"), serial=SerialSpec(enabled=False))
+    serial = schema.SerialSpec(enabled=False)
+    machine = schema.Machine(name="vm1", path=Path("/m/vm1.toml"), serial=serial)
     argv = build_argv(machine, LaunchInputs(accel="tcg", run_dir=RUN))
     assert "-serial" not in argv
 
 
 def test_agent_channel_by_default_on_virtio_mmio_for_microvm_and_none_when_disabled() -> None:
-    from qvm.definition.schema import AgentSpec
-
-    machine = Machine(name="vm1", path=Path("/m/vm,1.toml"))
+    machine = schema.Machine(name="vm1", path=Path("/m/vm,1.toml"))
     argv = build_argv(machine, LaunchInputs(accel="tcg", run_dir=RunDir(Path("/r/a,b"))))
     start = argv.index("-device", argv.index("chardev:serial0"))
     assert argv[start : start + 6] == agent("/r/a,,b")
-    micro = Machine(name="vm1", path=Path("/m/vm1.toml"), type="microvm")
+    micro = schema.Machine(name="vm1", path=Path("/m/vm1.toml"), type="microvm")
     argv = build_argv(micro, LaunchInputs(accel="tcg", run_dir=RUN))
     start = argv.index("-device", argv.index("chardev:serial0"))
     assert argv[start : start + 6] == agent(bus="virtio-serial-device")
-    off = Machine(name="vm1", path=Path("/m/vm1.toml"), agent=AgentSpec(enabled=False))
+    off = schema.Machine(
+        name="vm1", path=Path("/m/vm1.toml"), agent=schema.AgentSpec(enabled=False)
+    )
     argv = build_argv(off, LaunchInputs(accel="tcg", run_dir=RUN))
     assert not any("agent" in a or "virtio-serial" in a or "qga0" in a for a in argv)
 
@@ -195,9 +186,9 @@ def test_escape_opt_doubles_commas() -> None:
 
 
 def test_spare_root_ports_on_q35_after_the_boot_devices_and_none_on_pc() -> None:
-    disk = (DiskSpec(file=Path("/img/a.raw")),)
-    machine = Machine(
-        name="vm1", path=Path("/m/vm1.toml"), disks=disk, hotplug=HotplugSpec(pci_slots=2)
+    disk = (schema.DiskSpec(file=Path("/img/a.raw")),)
+    machine = schema.Machine(
+        name="vm1", path=Path("/m/vm1.toml"), disks=disk, hotplug=schema.HotplugSpec(pci_slots=2)
     )
     argv = build_argv(machine, LaunchInputs(accel="tcg", run_dir=RUN, disk_formats=("raw",)))
     assert argv[argv.index("virtio-blk-pci,drive=disk0,id=disk0") + 1 :] == [
@@ -205,9 +196,11 @@ def test_spare_root_ports_on_q35_after_the_boot_devices_and_none_on_pc() -> None
         "-device", "pcie-root-port,id=hp0,bus=pcie.0,chassis=1,slot=1",
         "-device", "pcie-root-port,id=hp1,bus=pcie.0,chassis=1,slot=2",
     ]  # fmt: skip
-    none = Machine(name="vm1", path=Path("/m/vm1.toml"), hotplug=HotplugSpec(pci_slots=0))
+    none = schema.Machine(
+        name="vm1", path=Path("/m/vm1.toml"), hotplug=schema.HotplugSpec(pci_slots=0)
+    )
     assert not any("pcie-root-port" in a for a in build_argv(none, LaunchInputs("tcg", RUN)))
     for machine_type in ("pc", "microvm"):
-        other = Machine(name="vm1", path=Path("/m/vm1.toml"), type=machine_type)
+        other = schema.Machine(name="vm1", path=Path("/m/vm1.toml"), type=machine_type)
         argv = build_argv(other, LaunchInputs(accel="tcg", run_dir=RUN))
         assert not any("pcie-root-port" in a for a in argv)

@@ -5,23 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from qvm.definition import schema
 from qvm.definition.discovery import find_machine, list_machine_files, machine_search_dirs
 from qvm.definition.forwards import ForwardError, parse_forward
 from qvm.definition.host_checks import check_host
 from qvm.definition.load import load_machine
-from qvm.definition.schema import (
-    KEYS,
-    BootSpec,
-    CpuSpec,
-    DiskSpec,
-    Machine,
-    MemorySpec,
-    NicSpec,
-    PortForward,
-    QemuSpec,
-    SerialSpec,
-    SupervisorSpec,
-)
 from qvm.errors import DefinitionError, Problem, QvmError
 
 MIB = 1024**2
@@ -42,7 +30,7 @@ def write(text: str, path: Path = FILE) -> Path:
     return path
 
 
-def load(text: str) -> Machine:
+def load(text: str) -> schema.Machine:
     return load_machine(write(text))
 
 
@@ -103,7 +91,7 @@ CASES: list[tuple[str, str, str]] = [
         "unknown-table-no-match",
         "[networking]\nx = 1",
         "networking: unknown table (hint: valid keys: name, description, machine, cpu, memory,"
-        " boot, disk, nic, hotplug, serial, agent, supervisor, qemu, cloud_init)",
+        " boot, disk, nic, hotplug, serial, agent, snapshots, supervisor, qemu, cloud_init)",
     ),
     ("unknown-table-close", "[cpus]\ncount = 2", "cpus: unknown table (hint: did you mean 'cpu'?)"),
     (
@@ -552,21 +540,19 @@ def test_case_ids_are_unique() -> None:
     assert len(ids) == len(set(ids))
 
 
-def test_invalid_file_stem_without_name() -> None:
-    message = only_message("", Path("machines/My VM.toml"))
+@pytest.mark.parametrize(
+    ("stem", "hint"),
+    [
+        ("My VM", 'set name = "my-vm" in the file, or rename it to my-vm.toml'),
+        ("__", "set name in the file, or rename it"),  # no name to suggest
+    ],
+)
+def test_invalid_file_stem_without_name(stem: str, hint: str) -> None:
+    message = only_message("", Path(f"machines/{stem}.toml"))
     assert message == (
-        "machines/My VM.toml: name: not set, and the file's name is not a valid machine name"
+        f"machines/{stem}.toml: name: not set, and the file's name is not a valid machine name"
         " (1 to 63 lowercase letters, digits, '_' or '-', starting with a letter or digit),"
-        ' got "My VM" (hint: set name = "my-vm" in the file, or rename it to my-vm.toml)'
-    )
-
-
-def test_invalid_file_stem_with_no_suggestion() -> None:
-    message = only_message("", Path("machines/__.toml"))
-    assert message == (
-        "machines/__.toml: name: not set, and the file's name is not a valid machine name"
-        " (1 to 63 lowercase letters, digits, '_' or '-', starting with a letter or digit),"
-        ' got "__" (hint: set name in the file, or rename it)'
+        f' got "{stem}" (hint: {hint})'
     )
 
 
@@ -633,9 +619,9 @@ def test_invalid_values_do_not_cascade() -> None:
 
 def test_minimal_file_gets_defaults() -> None:
     machine = load("")
-    assert machine == Machine(name="vm1", path=Path.cwd() / "machines" / "vm1.toml")
-    assert machine.memory == MemorySpec(size=512 * MIB, max=None, slots=0)
-    assert machine.cpu == CpuSpec(model=None, count=1, max=1)
+    assert machine == schema.Machine(name="vm1", path=Path.cwd() / "machines" / "vm1.toml")
+    assert machine.memory == schema.MemorySpec(size=512 * MIB, max=None, slots=0)
+    assert machine.cpu == schema.CpuSpec(model=None, count=1, max=1)
 
 
 def test_full_file_round_trips(in_tmp: Path) -> None:
@@ -698,43 +684,45 @@ def test_full_file_round_trips(in_tmp: Path) -> None:
         """
     )
     machines = in_tmp / "machines"
-    assert machine == Machine(
+    assert machine == schema.Machine(
         name="web-1",
         path=machines / "vm1.toml",
         type="pc",
         accel="kvm",
-        cpu=CpuSpec(model="IvyBridge", count=2, max=8, sockets=2, dies=1, cores=2, threads=2),
-        memory=MemorySpec(size=GIB, max=4 * GIB, slots=4),
-        boot=BootSpec(
+        cpu=schema.CpuSpec(
+            model="IvyBridge", count=2, max=8, sockets=2, dies=1, cores=2, threads=2
+        ),
+        memory=schema.MemorySpec(size=GIB, max=4 * GIB, slots=4),
+        boot=schema.BootSpec(
             kernel=in_tmp / "build" / "test-guest" / "bzImage",
             initrd=Path("/srv/initrd.img"),
             append="console=ttyS0",
         ),
         disks=(
-            DiskSpec(
+            schema.DiskSpec(
                 file=machines / "disks" / "data.raw",
                 format="raw",
                 interface="nvme",
                 readonly=True,
                 id="data",
             ),
-            DiskSpec(base=machines / "base.qcow2", size=20 * GIB),
+            schema.DiskSpec(base=machines / "base.qcow2", size=20 * GIB),
         ),
         nics=(
-            NicSpec(
+            schema.NicSpec(
                 model="e1000e",
                 mac="52:54:00:ab:cd:01",
                 forwards=(
-                    PortForward("tcp", "127.0.0.1", 2222, 22),
-                    PortForward("udp", "0.0.0.0", 0, 53),
+                    schema.PortForward("tcp", "127.0.0.1", 2222, 22),
+                    schema.PortForward("udp", "0.0.0.0", 0, 53),
                 ),
                 id="net0",
             ),
-            NicSpec(),
+            schema.NicSpec(),
         ),
-        serial=SerialSpec(enabled=False),
-        supervisor=SupervisorSpec(restart="on-failure", max_restarts=0, restart_delay=2.0),
-        qemu=QemuSpec(
+        serial=schema.SerialSpec(enabled=False),
+        supervisor=schema.SupervisorSpec(restart="on-failure", max_restarts=0, restart_delay=2.0),
+        qemu=schema.QemuSpec(
             binary="/opt/qemu/bin/qemu-system-x86_64",
             extra_args=("-s", "-device", "virtio-rng-pci"),
         ),
@@ -783,7 +771,7 @@ def test_microvm_without_hotplug_is_fine() -> None:
 
 def test_memory_hotplug() -> None:
     memory = load('[memory]\nsize = "1G"\nmax = "1G"\nslots = 1\n').memory
-    assert memory == MemorySpec(size=GIB, max=GIB, slots=1)
+    assert memory == schema.MemorySpec(size=GIB, max=GIB, slots=1)
 
 
 @pytest.mark.parametrize(
@@ -816,13 +804,13 @@ def test_topology_without_sockets_and_cores_sets_both_to_one() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("tcp:2222:22", PortForward("tcp", "127.0.0.1", 2222, 22)),
-        ("udp:0:53", PortForward("udp", "127.0.0.1", 0, 53)),
-        ("TCP:0.0.0.0:8080:80", PortForward("tcp", "0.0.0.0", 8080, 80)),
-        ("tcp:192.168.1.5:65535:65535", PortForward("tcp", "192.168.1.5", 65535, 65535)),
+        ("tcp:2222:22", schema.PortForward("tcp", "127.0.0.1", 2222, 22)),
+        ("udp:0:53", schema.PortForward("udp", "127.0.0.1", 0, 53)),
+        ("TCP:0.0.0.0:8080:80", schema.PortForward("tcp", "0.0.0.0", 8080, 80)),
+        ("tcp:192.168.1.5:65535:65535", schema.PortForward("tcp", "192.168.1.5", 65535, 65535)),
     ],
 )
-def test_parse_forward(text: str, expected: PortForward) -> None:
+def test_parse_forward(text: str, expected: schema.PortForward) -> None:
     assert parse_forward(text) == expected
 
 
@@ -1071,7 +1059,7 @@ def test_list_machine_files(in_tmp: Path) -> None:
 
 
 def test_keys_cover_every_table_and_documented_key() -> None:
-    assert list(KEYS) == [
+    assert list(schema.KEYS) == [
         "",
         "machine",
         "cpu",
@@ -1082,8 +1070,9 @@ def test_keys_cover_every_table_and_documented_key() -> None:
         "hotplug",
         "serial",
         "agent",
+        "snapshots",
         "supervisor",
         "qemu",
         "cloud_init",
     ]
-    assert all(doc for table in KEYS.values() for doc in table.values())
+    assert all(doc for table in schema.KEYS.values() for doc in table.values())

@@ -19,9 +19,11 @@ from qvm.base.jsonfile import RecordWriteError, write_json_atomic
 from qvm.base.proc import identity_problem, process_cmdline, process_start_time
 from qvm.layout.locks import supervisor_lock_held, try_lock_dir
 from qvm.layout.rundir import RunDir, made_by_qvm
+from qvm.store.launch import LaunchRecord
 from qvm.store.state import StateRecord
 from qvm.store.unplugged import cpu_unplugged_this_run, record_cpu_unplug, unplugged_vcpu
 from qvm.supervisor.client import qemu_identity_problem, supervisor_identity_problem
+from qvm.supervisor.spawn import initial_state
 from qvm.supervisor.wire import (
     Accepted,
     ErrorReply,
@@ -62,22 +64,13 @@ def test_a_planted_link_under_the_tmp_name_is_not_written_through(tmp_path: Path
 
 
 def _record(**fields: object) -> StateRecord:
-    base = dict(
-        name="vm1",
-        machine_file=None,
-        accel="tcg",
-        accel_reason="x",
-        supervisor_pid=os.getpid(),
-        supervisor_start_time=process_start_time(os.getpid()),
-        state="running",
-        restarts=0,
-        exit=None,
-        crash_reason=None,
-        qemu_pid=os.getpid(),
-        qemu_start_time=process_start_time(os.getpid()),
+    """vm1's state record, as its supervisor (this process) writes it once its QEMU (this
+    process too) runs; ``fields`` changed."""
+    launch = {"name": "vm1", "argv": ["qemu"], "accel": "tcg", "accel_reason": "x"}
+    running = initial_state(LaunchRecord.from_json(launch, "launch.json"))._replace(
+        state="running", qemu_pid=os.getpid(), qemu_start_time=process_start_time(os.getpid())
     )
-    base.update(fields)
-    return StateRecord(**base)  # type: ignore[arg-type]
+    return running._replace(**fields)
 
 
 def test_identity_needs_pid_start_time_and_a_command_line_of_ours(tmp_path: Path) -> None:

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from qvm.cli import resolve
-from qvm.cli.device_options import (
-    AS_JSON,
-    FORCE,
-    UNPLUG_TIMEOUT,
-    machine_file,
-    persisted_json,
-    unplug_problems,
-)
-from qvm.cli.output import emit_json, ms, say, table, warn
+from qvm.cli import device_options, resolve
+from qvm.cli.output import emit_json, ms, say, table
 from qvm.cli.parsing.declare import Argument, Commands, Option
 
 commands = Commands(help="List, add and remove NICs of a running VM.")
@@ -22,10 +14,13 @@ commands = Commands(help="List, add and remove NICs of a running VM.")
 @commands.command("list")
 def list_cmd(
     name: str = Argument(..., help="Machine name."),
-    as_json: bool = AS_JSON,
+    as_json: bool = device_options.AS_JSON,
 ) -> None:
     """Every NIC (boot, added by qvm, other) with its MAC and port forwards, free PCI
-    places, and the guest's interfaces."""
+    places, and the guest's interfaces.
+
+    JSON: schemas/nic-list.json
+    """
     from qvm.control.nic import list_nics
 
     nics = list_nics(resolve.run_dir_of(name))
@@ -37,10 +32,7 @@ def list_cmd(
         for n in nics.nics
     ]
     say(table(["ID", "ORIGIN", "MODEL", "MAC", "FORWARDS", "BUS", "STATE"], rows))
-    say(f"{name}: {nics.places.summary()}")
-    if nics.guest_net is not None:
-        seen = ", ".join(nics.guest_net) or "none"
-        say(f"{name}: the guest reports interfaces: {seen} (its own QVM-STATE line)")
+    device_options.say_places_and_guest(name, nics.places, nics.guest_net, "interfaces")
 
 
 @commands.command("add")
@@ -60,29 +52,35 @@ def add(
         None, "--mac", help="MAC address (default: stable, from the VM's name and NIC index)."
     ),
     dev_id: str | None = Option(None, "--id", help="Device id (default: netN)."),
-    force: bool = FORCE,
+    force: bool = device_options.FORCE,
     persist: bool = Option(
         False,
         "--persist",
         help="After the add succeeded, add a [[nic]] for it (its MAC and forwards as given) "
         "to the machine's TOML, comments and formatting kept.",
     ),
-    as_json: bool = AS_JSON,
+    as_json: bool = device_options.AS_JSON,
 ) -> None:
     """Hotplug a user-mode NIC (netdev_add user + device_add; undone if a step fails). A
-    host port already in use is refused before anything changes, naming who holds it."""
+    host port already in use is refused before anything changes, naming who holds it.
+
+    JSON: schemas/nic-add.json
+    """
+    from qvm.cli.progress import run_waiting
     from qvm.control.nic import add_nic
 
     run = resolve.run_dir_of(name)
-    result = add_nic(run, list(forward or []), model, mac, dev_id, force)
+    result = run_waiting(
+        f"{name}: adding the NIC", add_nic, run, list(forward or []), model, mac, dev_id, force
+    )
     persisted = None
     if persist:
         from qvm.control.nic import nic_entry
         from qvm.definition.persist import persist_entry
 
-        path = machine_file(run)
+        path = device_options.machine_file(run)
         entry = nic_entry(result.nic, result.forwards_asked, dev_id is not None)
-        persisted = persisted_json(persist_entry(path, "nic", entry))
+        persisted = device_options.persisted_json(persist_entry(path, "nic", entry))
     if as_json:
         emit_json({**result.as_json(), "persisted": persisted})
         return
@@ -92,53 +90,44 @@ def add(
     for text in nic.forwards_text():
         proto, addr, port, guest = text.split(":")
         say(f"{name}: {proto} {addr}:{port} -> guest port {guest}")
-    if result.forced_after_unplug:
-        warn(f"qvm: {name}: added after a vCPU unplug under TCG (--force)")
-    say(f"{name}: {result.places.summary()}")
-    if persisted:
-        say(f"{name}: added a [[nic]] for {nic.id} to {persisted['file']}")
+    device_options.say_plugged(name, result, "added", nic.id, persisted)
 
 
 @commands.command("del")
 def delete(
     name: str = Argument(..., help="Machine name."),
     dev_id: str = Argument(..., metavar="ID", help="The NIC's id (see qvm nic list)."),
-    timeout: float = UNPLUG_TIMEOUT,
+    timeout: float = device_options.UNPLUG_TIMEOUT,
     persist: bool = Option(
         False,
         "--persist",
         help="After the removal succeeded, remove its [[nic]] (same MAC) from the TOML too.",
     ),
-    as_json: bool = AS_JSON,
+    as_json: bool = device_options.AS_JSON,
 ) -> None:
     """Unplug a NIC qvm added (device_del, wait for DEVICE_DELETED, netdev_del, which ends
-    its port forwards). Pending: exit status 3."""
-    timeout = resolve.timeout_seconds(timeout)
+    its port forwards). Pending: exit status 3.
+
+    JSON: schemas/nic-del.json
+    """
     from qvm.control.nic import remove_nic
 
-    run = resolve.run_dir_of(name)
-    result = remove_nic(run, dev_id, timeout=timeout)
-    unplug = result.unplug
-    persisted = None
-    if persist and unplug.outcome == "removed":
-        persisted = _unpersist(run, result.device)
-    if as_json:
-        emit_json({**result.as_json(), "persisted": persisted})
-    elif unplug.outcome == "removed":
-        say(f"{name}: removed {dev_id} in {ms(unplug.seconds)}; its netdev and forwards are gone")
-        if persisted is not None:
-            if persisted["action"] == "removed":
-                say(f"{name}: removed its [[nic]] from {persisted['file']}")
-            else:
-                say(f"{name}: {persisted['file']} has no [[nic]] for it: nothing to remove")
-    if persist and persisted is None:
-        warn(f"qvm: {name}: --persist: not written, the live change did not complete")
-    unplug_problems(name, unplug, "NIC")
+    unpersist = _unpersist if persist else None
+    device_options.remove_device(
+        name, dev_id, timeout, remove_nic, unpersist, as_json, "NIC", _removed_text
+    )
+
+
+def _removed_text(result: Any) -> str:
+    seconds = ms(result.unplug.seconds)
+    return f"removed {result.unplug.id} in {seconds}; its netdev and forwards are gone"
 
 
 def _unpersist(run: Any, nic: Any) -> dict[str, Any]:
     from qvm.control.nic import nic_entry_matches
     from qvm.definition.persist import unpersist_entry
 
-    done = unpersist_entry(machine_file(run), "nic", lambda e: nic_entry_matches(e, nic))
-    return persisted_json(done)
+    done = unpersist_entry(
+        device_options.machine_file(run), "nic", lambda e: nic_entry_matches(e, nic)
+    )
+    return device_options.persisted_json(done)
