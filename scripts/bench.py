@@ -2,7 +2,11 @@
 
 (a) `qvm up --no-wait` and `qvm up` (to QMP ready) vs the same argv started by hand and
     polled until QMP greets; (b) wall time of `qvm status`, `qvm list`, `qvm --help`,
-    against a bare `python -c pass`; (c) the supervisor's RSS.
+    against a bare `python -c pass`; (c) the supervisor's RSS; (d) `qvm exec VM -- true`
+    on the test guest, and against `qvm ssh VM -- true` on one VM of the Debian test image
+    (build/test-image; the comparison is left out, and said so, without it); (e) snapshots:
+    a cold `qvm up` + `wait` against `qvm up --restore TAG` + `wait`, and a clone's first
+    start, on the test guest (--for agent) and on the Debian image (--for ssh), in turn.
 Run it with scripts/bench (which sets up first).
 """
 
@@ -140,6 +144,124 @@ def bench_python(python: str, code: str = "pass", runs: int = 10) -> list[float]
     return samples
 
 
+IMAGE = REPO / "build" / "test-image"
+EXEC_VM = "benchexec"
+
+
+def timed_runs(env: dict[str, str], argv: list[str]) -> float:
+    started = time.monotonic()
+    subprocess.run(argv, env=env, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    return time.monotonic() - started
+
+
+def bench_exec_against_ssh(root: Path, runs: int = 10) -> tuple[float, float] | None:
+    """Medians of `qvm exec VM -- true` and `qvm ssh VM -- true`, taken in turn on one
+    booted VM of the Debian test image (agent and sshd both up); None without the image."""
+    if not (IMAGE / "image.json").exists():
+        return None
+    env = dict(
+        os.environ,
+        QVM_STATE_DIR=str(root / "image-state"),
+        QVM_MACHINES=str(root / "image-machines"),
+        HOME=str(root / "home"),  # no ~/.ssh keys: qvm makes the VM's key pair
+    )
+    qvm(env, "--machines", str(root / "image-machines"), "new", EXEC_VM,
+        "--image", str(IMAGE / "disk.qcow2"), "--kernel", str(IMAGE / "vmlinuz"),
+        "--initrd", str(IMAGE / "initrd.img"), "--append", "root=/dev/vda rw console=ttyS0",
+        "--disk-size", "3G")  # fmt: skip
+    qvm(env, "up", EXEC_VM)
+    try:
+        qvm(env, "wait", EXEC_VM, "--for", "ssh", "--timeout", "900")
+        qvm(env, "wait", EXEC_VM, "--for", "agent", "--timeout", "300")
+        # cloud-init's last stages run just after ssh answers: let the guest go idle
+        subprocess.run([QVM, "exec", EXEC_VM, "--timeout", "300", "--", "cloud-init", "status",
+                        "--wait"], env=env, capture_output=True, check=False)  # fmt: skip
+        exec_runs: list[float] = []
+        ssh_runs: list[float] = []
+        for _ in range(runs):
+            exec_runs.append(timed_runs(env, [QVM, "exec", EXEC_VM, "--", "true"]))
+            ssh_runs.append(timed_runs(env, [QVM, "ssh", EXEC_VM, "--", "true"]))
+        return median_ms(exec_runs), median_ms(ssh_runs)
+    finally:
+        subprocess.run([QVM, "kill", EXEC_VM], env=env, capture_output=True)
+
+
+SNAP_RUNS = int(os.environ.get("QVM_BENCH_SNAPSHOT_RUNS", "3"))
+
+
+def timed(env: dict[str, str], *commands: list[str]) -> float:
+    started = time.monotonic()
+    for argv in commands:
+        subprocess.run([QVM, *argv], env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - started
+
+
+SNAP_GUEST = """
+[cpu]
+count = 1
+max = 4
+[memory]
+size = "256M"
+[boot]
+kernel = "{guest}/vmlinuz"
+initrd = "{guest}/initrd.img"
+append = "console=ttyS0 quiet irqaffinity=0"
+"""
+SNAP_IMAGE = """
+[memory]
+size = "1G"
+[[disk]]
+base = "{image}/disk.qcow2"
+size = "3G"
+[boot]
+kernel = "{image}/vmlinuz"
+initrd = "{image}/initrd.img"
+append = "root=/dev/vda rw console=ttyS0"
+[[nic]]
+forwards = ["tcp:0:22"]
+[cloud_init]
+user = "qvm"
+"""
+
+
+def bench_snapshot_starts(
+    root: Path, machine: str, ready: str, timeout: str = "300", runs: int = SNAP_RUNS
+) -> tuple[float, float, float, float]:
+    """Medians (ms) of a cold `qvm up` + `wait --for READY`, `qvm up --restore` + the same
+    wait, and a clone's first `qvm up` + the same wait, in turn in each round; and the
+    one-off freeze of the snapshot for clones. ``machine``: the TOML text of the VM."""
+    env = dict(os.environ, QVM_STATE_DIR=str(root / "snap-state"),
+               QVM_MACHINES=str(root / "snap-machines"),
+               HOME=str(root / "home"))  # fmt: skip
+    machines = root / "snap-machines"
+    machines.mkdir(parents=True, exist_ok=True)
+    (machines / "snap.toml").write_text(machine)
+    wait = ["wait", "snap", "--for", ready, "--timeout", timeout]
+    cold: list[float] = []
+    restore: list[float] = []
+    clone: list[float] = []
+    try:
+        cold.append(timed(env, ["up", "snap"], wait))
+        timed(env, ["snapshot", "save", "snap", "ready"])
+        freeze = timed(env, ["new", "clone0", "--from", "snap@ready"])
+        for index in range(runs):
+            if index:
+                timed(env, ["kill", "snap"])
+                cold.append(timed(env, ["up", "snap"], wait))
+            timed(env, ["kill", "snap"])
+            restore.append(timed(env, ["up", "snap", "--restore", "ready"], wait))
+            name = f"clone{index}"
+            if index:
+                timed(env, ["new", name, "--from", "snap@ready"])
+            clone.append(timed(env, ["up", name], ["wait", name, "--for", ready, "--timeout",
+                                                  timeout]))  # fmt: skip
+            timed(env, ["kill", name])
+    finally:
+        for vm in ("snap", *(f"clone{i}" for i in range(runs))):
+            subprocess.run([QVM, "kill", vm], env=env, capture_output=True)
+    return median_ms(cold), median_ms(restore), median_ms(clone), freeze * 1000
+
+
 def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="qvm-bench-", dir="/tmp"))
     env = dict(os.environ, QVM_STATE_DIR=str(root / "state"), QVM_MACHINES=str(REPO / "machines"))
@@ -152,6 +274,8 @@ def main() -> int:
             # measure against a booted, idle guest: a TCG boot keeps a core busy for seconds
             wait_guest_ready(root / "state" / "demo" / "serial.log")
             status = median_ms(bench_command(env, "status", "demo"))
+            qvm(env, "wait", "demo", "--for", "agent", "--timeout", "120")
+            exec_guest = median_ms(bench_command(env, "exec", "demo", "--", "true"))
             listing = median_ms(bench_command(env, "list"))
         finally:
             qvm(env, "kill", "demo")
@@ -164,6 +288,15 @@ def main() -> int:
         )
         system_python = shutil.which("python3") or sys.executable
         path_python = median_ms(bench_python(system_python))
+        exec_ssh = bench_exec_against_ssh(root)
+        guest = REPO / "build" / "test-guest"
+        snapshots = bench_snapshot_starts(root / "guest", SNAP_GUEST.format(guest=guest), "agent")
+        image_snapshots = None
+        # one round on the Debian image (about 90 s); QVM_BENCH_IMAGE_SNAPSHOTS=0 skips it
+        if (IMAGE / "image.json").exists() and os.environ.get("QVM_BENCH_IMAGE_SNAPSHOTS") != "0":
+            image_snapshots = bench_snapshot_starts(
+                root / "image", SNAP_IMAGE.format(image=IMAGE), "ssh", "900", runs=1
+            )
     finally:
         subprocess.run([QVM, "kill", "demo"], env=env, capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
@@ -186,6 +319,27 @@ def main() -> int:
     print(f"{'python -c pass (' + system_python + ')':<44} {path_python:8.1f}")
     print(f"{'import typer, GC off (what --help pays)':<44} {typer_floor:8.1f}")
     print(f"{'supervisor RSS':<44} {rss / 2**20:8.1f}  MiB (target: < 20 MiB)")
+    print(f"{'qvm exec VM -- true (test guest)':<44} {exec_guest:8.1f}")
+    if exec_ssh is None:
+        print(f"{'qvm exec VM -- true vs qvm ssh VM -- true':<44} {'-':>8}  missing: no {IMAGE}")
+    else:
+        image_exec, image_ssh = exec_ssh
+        versus = f"x{image_exec / image_ssh:.2f} of ssh, {image_exec - image_ssh:+.0f} ms"
+        print(f"{'qvm exec VM -- true (Debian test image)':<44} {image_exec:8.1f}  {versus}")
+        print(f"{'qvm ssh VM -- true (the same VM, same run)':<44} {image_ssh:8.1f}")
+    for label, figures in (("test guest", snapshots), ("Debian image", image_snapshots)):
+        if figures is None:
+            print(f"{'snapshots on the ' + label:<44} {'-':>8}  missing: no {IMAGE}, "
+                  "or QVM_BENCH_IMAGE_SNAPSHOTS=0")  # fmt: skip
+            continue
+        cold, restore, clone, freeze = figures
+        ready = "agent" if label == "test guest" else "ssh"
+        print(f"{'cold up + wait --for ' + ready + ' (' + label + ')':<44} {cold:8.1f}")
+        print(f"{'up --restore + wait --for ' + ready:<44} {restore:8.1f}  "
+              f"x{restore / cold:.2f} of cold (goal: <= x0.10)")  # fmt: skip
+        print(f"{'clone: first up + wait --for ' + ready:<44} {clone:8.1f}  "
+              f"x{clone / cold:.2f} of cold")  # fmt: skip
+        print(f"{'clone: new --from (freezes the snapshot once)':<44} {freeze:8.1f}")
     return 0
 
 

@@ -87,3 +87,10 @@ def test_only_the_supervisors_client_and_wire_are_public() -> None:
     )
     public = {"qvm.supervisor.client", "qvm.supervisor.wire"}
     assert forbidden == modules("qvm.supervisor") - public
+
+
+def test_no_two_test_files_share_a_name() -> None:
+    """pytest imports test modules by basename (no packages here): two files of one name
+    stop the whole run at collection."""
+    names = [path.name for path in (REPO / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

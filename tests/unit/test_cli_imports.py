@@ -1,5 +1,5 @@
 """Plain command lines run without importing Typer, Click, asyncio or qemu.qmp: those are
-most of a command's start-up time (see the README's "Speed"). Checked for every command
+most of a command's start-up time (see docs/speed.md). Checked for every command
 the CLI declares, by what the interpreter reports it imported, not by timing.
 
 Each command runs for real, against a VM that does not exist in an empty state dir, so it
@@ -30,6 +30,8 @@ VALUES = {
     "size": "128M",
     "dev_id": "dimm0",
     "spec": "tcp:0:22",
+    "source": f"{VM}:/etc/hostname",
+    "tag": "booted",
 }
 
 

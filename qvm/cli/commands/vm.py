@@ -8,7 +8,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qvm.cli import resolve
-from qvm.cli.output import abort, emit_json, human_bytes, human_seconds, say, table, warn
+from qvm.cli.output import (
+    abort,
+    emit_json,
+    error_json,
+    human_bytes,
+    human_seconds,
+    say,
+    table,
+    warn,
+)
 from qvm.cli.parsing.declare import Argument, Commands, Option
 from qvm.errors import EXIT_FAILURE, DefinitionError, QvmError
 
@@ -17,7 +26,7 @@ if TYPE_CHECKING:
     from qvm.ops.stop import StopResult
 
 
-JSON_HELP = "Print JSON (schema in the README)."
+JSON_HELP = "Print JSON (the schema named below). An error is a JSON object too."
 
 
 commands = Commands()
@@ -27,11 +36,23 @@ commands = Commands()
 def up(
     names: list[str] = Argument(..., help="Machine names or TOML files."),
     no_wait: bool = Option(False, "--no-wait", help="Return once QEMU is spawned."),
+    restore: str | None = Option(
+        None, "--restore", metavar="TAG", help="Start from this snapshot (qvm snapshot)."
+    ),
     as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Start VMs under their own supervisors and wait until QMP answers."""
-    from qvm.cli.progress import DownloadBar
+    """Start VMs under their own supervisors and wait until QMP answers.
+
+    JSON: schemas/up.json
+    """
+    if restore is not None:
+        from qvm.cli.commands.snapshot import up_restore
+
+        up_restore(names, restore, as_json)
+        return
+    from qvm.cli.progress import DownloadBar, run_waiting
     from qvm.ops.up import plan_launch, start_vm
+    from qvm.store.forwards import current_forwards
 
     results: list[dict[str, Any]] = []
     failed = 0
@@ -40,10 +61,13 @@ def up(
             machine = resolve.load(name)
             run = resolve.run_dir(machine.name)
             plan = plan_launch(machine, run)
-            result = start_vm(plan, wait=not no_wait, progress=DownloadBar())
+            result = run_waiting(
+                _start_label(machine.name), start_vm, plan, not no_wait, DownloadBar()
+            )
         except QvmError as error:
             failed += 1
             warn(f"qvm: {error}")
+            results.append(_error_entry(name, error))
             continue
         results.append(
             {
@@ -55,12 +79,15 @@ def up(
                 "serial_log": str(result.serial_log),
                 "qmp_socket": str(result.qmp_socket),
                 "qmp_ready": result.ready,
+                # the host ports picked for port 0 too: what this run listens on
+                "forwards": current_forwards(run),
             }
         )
         if as_json:
             continue
         if result.already_running:
             say(f"{result.name}: already running (pid {result.qemu_pid})")
+            _warn_if_changed(run)
             continue
         verb = "running" if result.ready else "starting"
         say(f"{result.name}: {verb}, pid {result.qemu_pid}")
@@ -85,11 +112,24 @@ def down(
     force: bool = Option(False, "--force", help="Skip the ACPI power button."),
     as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Power VMs off: ACPI power button, then QMP quit, then SIGKILL."""
+    """Power VMs off: ACPI power button, then QMP quit, then SIGKILL.
+
+    JSON: schemas/down.json
+    """
     timeout = resolve.timeout_seconds(timeout)
+    from qvm.cli.progress import run_waiting
     from qvm.ops.stop import stop
 
-    _stop_each(names, "stopped", lambda run: stop(run, timeout=timeout, force=force), as_json)
+    def stop_one(run: RunDir) -> StopResult:
+        return run_waiting(_stop_label(run.name, timeout, force), stop, run, timeout, force)
+
+    _stop_each(names, "stopped", stop_one, as_json)
+
+
+def _stop_label(name: str, timeout: float, force: bool) -> str:
+    if force:
+        return f"{name}: waiting for QEMU to quit"
+    return f"{name}: waiting for the guest to power off (ACPI button, up to {timeout:g}s)"
 
 
 @commands.command("kill")
@@ -97,10 +137,17 @@ def kill(
     names: list[str] = Argument(..., help="Machine names."),
     as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Kill QEMU at once (SIGKILL). Not a failure for the restart policy."""
+    """Kill QEMU at once (SIGKILL). Not a failure for the restart policy.
+
+    JSON: schemas/kill.json
+    """
+    from qvm.cli.progress import run_waiting
     from qvm.ops.stop import kill as kill_vm
 
-    _stop_each(names, "killed", kill_vm, as_json)
+    def kill_one(run: RunDir) -> StopResult:
+        return run_waiting(f"{run.name}: waiting for QEMU to end", kill_vm, run)
+
+    _stop_each(names, "killed", kill_one, as_json)
 
 
 def _stop_each(
@@ -115,6 +162,7 @@ def _stop_each(
         except QvmError as error:
             failed += 1
             warn(f"qvm: {error}")
+            results.append(_error_entry(name, error))
             continue
         results.append(
             {"name": result.name, "ended_by": result.ended_by, "message": result.message}
@@ -127,25 +175,60 @@ def _stop_each(
         raise SystemExit(EXIT_FAILURE)
 
 
+def _start_label(name: str) -> str:
+    return f"{name}: starting QEMU, waiting for QMP to answer"
+
+
+def _error_entry(name: str, error: QvmError) -> dict[str, Any]:
+    """One VM of several that failed, in the list the command prints with --json."""
+    return {
+        "name": name,
+        **error_json(str(error), error.exit_code, error.vm, error.key, error.file),
+    }
+
+
 @commands.command("restart")
 def restart(
     name: str = Argument(..., help="Machine name."),
     timeout: float = Option(30.0, "--timeout", help="Seconds to wait for the guest."),
     force: bool = Option(False, "--force", help="Skip the ACPI power button."),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Stop the VM (if it runs) and start it again from its current definition."""
+    """Stop the VM (if it runs) and start it again from its current definition.
+
+    JSON: schemas/restart.json
+    """
     timeout = resolve.timeout_seconds(timeout)
+    from qvm.cli.progress import run_waiting
     from qvm.ops.stop import stop
     from qvm.ops.up import plan_launch, start_vm
+    from qvm.store.forwards import current_forwards
     from qvm.supervisor.client import supervisor_alive
 
     machine = resolve.load(name)
     run = resolve.run_dir(machine.name)
     plan = plan_launch(machine, run)  # a broken definition must not cost the running VM
+    stopped = None
     if supervisor_alive(run):
-        result = stop(run, timeout=timeout, force=force)
-        say(f"{machine.name}: stopped: {result.message}")
-    started = start_vm(plan, wait=True)
+        label = _stop_label(machine.name, timeout, force)
+        result = run_waiting(label, stop, run, timeout, force)
+        stopped = {"ended_by": result.ended_by, "message": result.message}
+        if not as_json:
+            say(f"{machine.name}: stopped: {result.message}")
+    started = run_waiting(_start_label(machine.name), start_vm, plan, True)
+    if as_json:
+        emit_json(
+            {
+                "name": started.name,
+                "stopped": stopped,
+                "pid": started.qemu_pid,
+                "accel": started.accel,
+                "accel_reason": started.accel_reason,
+                "qmp_ready": started.ready,
+                "forwards": current_forwards(run),
+            }
+        )
+        return
     say(f"{started.name}: running, pid {started.qemu_pid}")
 
 
@@ -159,9 +242,25 @@ def _status_record(name: str, definition: str | None = None) -> dict[str, Any]:
         return _status_record(resolve.load(definition).name, definition)
     run = resolve.run_dir(name) if definition else resolve.run_dir_of(name)
     record = vm_status(run)
+    _boot_vcpus_from_launch(record, run)
     if record.get("vcpus") is None or record.get("machine_file") is None:
         _fill_from_definition(record, definition or name)
     return record
+
+
+def _boot_vcpus_from_launch(record: dict[str, Any], run: RunDir) -> None:
+    """``vcpus.boot`` of a running VM: what its launch started with (a stopped one has it
+    from its definition), so that the key is there whatever the state."""
+    vcpus = record.get("vcpus")
+    if vcpus is None or "boot" in vcpus:
+        return
+    from qvm.store.launch import read_launch
+
+    try:
+        launch = read_launch(run.launch_file)
+    except QvmError:
+        launch = None
+    vcpus["boot"] = launch.vcpus_boot if launch is not None else None
 
 
 def _fill_from_definition(record: dict[str, Any], name: str) -> None:
@@ -184,8 +283,13 @@ def status(
     name: str = Argument(..., help="Machine name."),
     as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Show one VM's state, process facts and files."""
-    record = _status_record(name)
+    """Show one VM's state, process facts and files.
+
+    JSON: schemas/status.json
+    """
+    from qvm.ops.status import add_guest_facts
+
+    record = add_guest_facts(_status_record(name))
     if record["state"] == "invalid" and not resolve.run_dir_of(name).path.exists():
         # nothing ran and the definition cannot be read: say why, as `up` would
         resolve.load(name)
@@ -193,6 +297,14 @@ def status(
         emit_json(record)
         return
     say(_status_text(record))
+    if record.get("pid"):
+        _warn_if_changed(resolve.run_dir_of(name))
+
+
+def _warn_if_changed(run: RunDir) -> None:
+    changed = resolve.definition_changed(run)
+    if changed:
+        warn(f"qvm: {changed}")
 
 
 def _status_text(record: dict[str, Any]) -> str:
@@ -239,14 +351,43 @@ def _status_text(record: dict[str, Any]) -> str:
     if last and record["state"] not in ("stopped", "crashed"):
         row("last exit", last.get("reason"))
     row("definition", record.get("machine_file"))
+    for label, value in _guest_rows(record):
+        row(label, value)
     if record.get("error"):
         row("problem", record["error"])
     return "\n".join(lines)
 
 
+def _guest_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """The guest agent's state and what it says (``qvm.ops.status.add_guest_facts``)."""
+    agent = record.get("agent") or {}
+    if agent.get("state") in (None, "not running"):
+        return []
+    state = agent["state"]
+    if state == "not answering" and agent.get("detail"):
+        state += f" ({agent['detail']})"
+    rows = [("agent", state)]
+    guest = record.get("guest") or {}
+    os_info = guest.get("os") or {}
+    if os_info:
+        name = os_info.get("pretty_name") or os_info.get("name") or "unknown OS"
+        kernel = os_info.get("kernel_release")
+        rows.append(("guest os", f"{name}, kernel {kernel}" if kernel else name))
+    if guest.get("hostname"):
+        rows.append(("hostname", guest["hostname"]))
+    for interface in guest.get("interfaces") or []:
+        addresses = [f"{a['address']}/{a['prefix']}" for a in interface["addresses"]]
+        if interface["name"] != "lo":
+            rows.append(("address", f"{interface['name']} {' '.join(addresses) or '(none)'}"))
+    return rows
+
+
 @commands.command("list")
 def list_vms(as_json: bool = Option(False, "--json", help=JSON_HELP)) -> None:
-    """Every defined machine and every VM with a run dir, one line each."""
+    """Every defined machine and every VM with a run dir, one line each.
+
+    JSON: schemas/list.json
+    """
     from qvm.definition.discovery import list_machine_files
     from qvm.layout.rundir import list_run_dirs
 
@@ -292,28 +433,48 @@ def logs(
     follow: bool = Option(False, "--follow", "-f", help="Keep printing new output."),
     qemu: bool = Option(False, "--qemu", help="QEMU's own stderr instead of the serial log."),
     lines: int = Option(0, "--lines", "-n", help="Only the last N lines (0: all)."),
+    raw: bool = Option(
+        False,
+        "--raw",
+        help="Pass the guest's bytes through as they are, terminal control sequences "
+        "included (the default when stdout is not a terminal).",
+    ),
 ) -> None:
-    """Print the serial console log (or QEMU's log)."""
+    """Print the serial console log (or QEMU's log).
+
+    On a terminal, control sequences the guest wrote (ESC, CSI, OSC...) are shown escaped,
+    e.g. ^[[6n, so that they cannot drive your terminal; piped, or with --raw, the log's
+    bytes pass through as they are.
+    """
     from qvm.ops.console import follow_file, read_tail
+    from qvm.ops.files import TerminalSafe
 
     run = resolve.run_dir_of(name)
     path = run.qemu_log if qemu else run.serial_log
     if not path.exists():
         abort(f"{name}: no log yet at {path} (hint: qvm up {name})")
     out = sys.stdout.buffer
-    out.write(read_tail(path, lines))
+    safe = None if raw or not sys.stdout.isatty() else TerminalSafe()
+    out.write(safe.feed(read_tail(path, lines)) if safe else read_tail(path, lines))
     out.flush()
     if follow:
         from qvm.supervisor.client import supervisor_alive
 
         for chunk in follow_file(path, keep_going=lambda: supervisor_alive(run)):
-            out.write(chunk)
+            out.write(safe.feed(chunk) if safe else chunk)
             out.flush()
+    if safe:
+        out.write(safe.flush())
+        out.flush()
 
 
 @commands.command("console")
 def console(name: str = Argument(..., help="Machine name.")) -> None:
-    """Attach to the serial console. Detach with Ctrl-] (the VM keeps running)."""
+    """Attach to the serial console. Detach with Ctrl-] (the VM keeps running).
+
+    Piped input is sent as fast as the guest reads it; at its end, qvm detaches once the
+    guest has taken all of it and gone quiet (its answer is printed).
+    """
     from qvm.ops.console import ESCAPE_NAME, attach
     from qvm.supervisor.client import supervisor_alive
 
@@ -324,14 +485,27 @@ def console(name: str = Argument(..., help="Machine name.")) -> None:
         raise NotRunningError(name)
     if sys.stdin.isatty():
         warn(f"Connected to {name}'s serial console. Detach with {ESCAPE_NAME}.")
-    attach(run.console_socket, sys.stdin.fileno(), sys.stdout.fileno())
+    from qvm.ops.console import DRAIN_TIMEOUT
+
+    unread = attach(run.console_socket, sys.stdin.fileno(), sys.stdout.fileno())
     if sys.stdin.isatty():
         warn("\nDetached.")
+    if unread:
+        abort(
+            f"{name}: the guest did not read the last {unread} bytes of the input within "
+            f"{DRAIN_TIMEOUT:g} s (hint: is its serial console ready? qvm logs {name})"
+        )
 
 
 @commands.command("cmdline")
-def cmdline(name: str = Argument(..., help="Machine name or TOML file.")) -> None:
-    """Print the exact QEMU command line `qvm up` would run. Starts nothing."""
+def cmdline(
+    name: str = Argument(..., help="Machine name or TOML file."),
+    as_json: bool = Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Print the exact QEMU command line `qvm up` would run. Starts nothing.
+
+    JSON: schemas/cmdline.json
+    """
     from qvm.ops.up import plan_launch
 
     machine = resolve.load(name)
@@ -339,6 +513,9 @@ def cmdline(name: str = Argument(..., help="Machine name or TOML file.")) -> Non
         plan = plan_launch(machine, resolve.run_dir(machine.name))
     except DefinitionError:
         raise
+    if as_json:
+        emit_json({"name": machine.name, "argv": list(plan.argv)})
+        return
     say(" \\\n  ".join(_pairs(plan.argv)))
 
 

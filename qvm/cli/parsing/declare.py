@@ -10,7 +10,9 @@ itself, so that `qvm status vm1` does not pay 55-80 ms for importing Typer and C
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
+
+from qvm.base.record import Record
 
 # Top-level command words and the module (qvm/cli/<module>.py) that declares each.
 TOP_LEVEL = {
@@ -20,12 +22,13 @@ TOP_LEVEL = {
     **dict.fromkeys(("new", "reset", "rm", "ssh", "wait"), "dev"),
     "qmp": "qmp",
     "agent": "agent",
+    **dict.fromkeys(("exec", "cp"), "guest"),
 }
 # Command groups (`qvm cpu add`): each is the module of the same name.
-GROUPS = ("cpu", "mem", "disk", "nic", "port")
+GROUPS = ("cpu", "mem", "disk", "nic", "port", "snapshot")
 
 
-class Param(NamedTuple):
+class Param(Record):
     """One command-line parameter: an argument, or an option with its spellings."""
 
     kind: str  # "argument" or "option"
