@@ -14,6 +14,7 @@ restarting QEMU, and what a refusal says.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from qvm.base.jsonfile import write_json_atomic
@@ -125,19 +126,20 @@ class SnapshotRecord(Record):
     tag: str
     created: float  # host time (time.time()) when the job concluded
     disk_only: bool  # no RAM: restored only on a stopped VM, by qemu-img
-    # the guest's own clock at save time (ns since the epoch, from the guest agent); None
-    # when no agent answered
-    guest_time_ns: int | None
-    vm_clock_ns: int | None  # QEMU's virtual clock at save time (how long the guest ran)
-    ram_bytes: int | None  # the VM's RAM at save time, boot memory and devices
-    vmstate_bytes: int | None  # the size of the saved RAM and device state
-    vmstate_node: str | None  # the block node holding the RAM state
-    nodes: tuple[str, ...]  # every block node that holds the snapshot
-    files: tuple[str, ...]  # their image files (for qemu-img on a stopped VM)
+    files: tuple[str, ...]  # the image files that hold it (for qemu-img on a stopped VM)
     devices: DeviceSet
     definition_sha256: str | None  # the machine file's bytes at save time
     shape: dict[str, Any]  # what of the definition a load depends on (see ops.snapshot)
     save_seconds: float | None = None
+    nodes: tuple[str, ...] = ()  # their block nodes, when QEMU saved it
+    # with memory only (None for --disk-only):
+    # the guest's own clock at save time (ns since the epoch, from the guest agent); None
+    # when no agent answered
+    guest_time_ns: int | None = None
+    vm_clock_ns: int | None = None  # QEMU's virtual clock at save time (how long the guest ran)
+    ram_bytes: int | None = None  # the VM's RAM at save time, boot memory and devices
+    vmstate_bytes: int | None = None  # the size of the saved RAM and device state
+    vmstate_node: str | None = None  # the block node holding the RAM state
 
     @classmethod
     def read(cls, f: Fields) -> SnapshotRecord:
@@ -201,6 +203,26 @@ def drop_snapshot(run: RunDir, tag: str) -> None:
 # --- comparisons (pure) -------------------------------------------------------------------
 
 
+def _by_id_differences(
+    saved: Sequence[Any], now: Sequence[Any], compared: Callable[[Any], object]
+) -> list[str]:
+    """Devices (with ``id`` and ``kind``) gone, added or changed by what ``compared`` keeps."""
+    saved_by_id = {d.id: d for d in saved}
+    now_by_id = {d.id: d for d in now}
+    problems = [
+        f"{saved_by_id[i].kind} {i} is gone" for i in sorted(saved_by_id.keys() - now_by_id.keys())
+    ]
+    problems += [
+        f"{now_by_id[i].kind} {i} was added" for i in sorted(now_by_id.keys() - saved_by_id.keys())
+    ]
+    problems += [
+        f"{saved_by_id[i].kind} {i} changed"
+        for i in sorted(saved_by_id.keys() & now_by_id.keys())
+        if compared(saved_by_id[i]) != compared(now_by_id[i])
+    ]
+    return problems
+
+
 def device_set_differences(saved: DeviceSet, now: DeviceSet) -> list[str]:
     """How the device set ``now`` differs from the ``saved`` one, one phrase each; empty
     when a snapshot taken with ``saved`` loads truthfully into a QEMU with ``now``.
@@ -210,25 +232,8 @@ def device_set_differences(saved: DeviceSet, now: DeviceSet) -> list[str]:
         problems.append(
             f"vCPU slots {_slots(saved.cpu_slots)} at save time, {_slots(now.cpu_slots)} now"
         )
-    saved_mem = {m.id: m for m in saved.memory}
-    now_mem = {m.id: m for m in now.memory}
-    for dev_id in sorted(saved_mem.keys() - now_mem.keys()):
-        problems.append(f"{saved_mem[dev_id].kind} {dev_id} is gone")
-    for dev_id in sorted(now_mem.keys() - saved_mem.keys()):
-        problems.append(f"{now_mem[dev_id].kind} {dev_id} was added")
-    for dev_id in sorted(saved_mem.keys() & now_mem.keys()):
-        one, other = saved_mem[dev_id], now_mem[dev_id]
-        if (one.kind, one.backend, one.size) != (other.kind, other.backend, other.size):
-            problems.append(f"{one.kind} {dev_id} changed")
-    saved_plug = {p.id: p for p in saved.plugged}
-    now_plug = {p.id: p for p in now.plugged}
-    for dev_id in sorted(saved_plug.keys() - now_plug.keys()):
-        problems.append(f"{saved_plug[dev_id].kind} {dev_id} is gone")
-    for dev_id in sorted(now_plug.keys() - saved_plug.keys()):
-        problems.append(f"{now_plug[dev_id].kind} {dev_id} was added")
-    for dev_id in sorted(saved_plug.keys() & now_plug.keys()):
-        if saved_plug[dev_id] != now_plug[dev_id]:
-            problems.append(f"{saved_plug[dev_id].kind} {dev_id} changed")
+    problems += _by_id_differences(saved.memory, now.memory, lambda m: (m.kind, m.backend, m.size))
+    problems += _by_id_differences(saved.plugged, now.plugged, lambda p: p)
     return problems
 
 

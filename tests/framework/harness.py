@@ -85,23 +85,34 @@ class Qvm:
     def __call__(
         self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
+        done = self.run_bytes(
+            *args, input=None if input is None else input.encode(), timeout=timeout
+        )
+        text = subprocess.CompletedProcess(
+            done.args, done.returncode, done.stdout.decode(), done.stderr.decode()
+        )
+        if check and text.returncode != 0:
+            raise AssertionError(
+                f"qvm {' '.join(args)} exited {text.returncode}\n"
+                f"stdout:\n{text.stdout}\nstderr:\n{text.stderr}"
+            )
+        return text
+
+    def run_bytes(
+        self, *args: str, input: bytes | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[bytes]:
+        """The real CLI in this state dir, with stdin, stdout and stderr as bytes."""
         if args and args[0] in ("up", "restart"):
             self.started.update(a for a in args[1:] if not a.startswith("-"))
-        done = subprocess.run(
+        return subprocess.run(
             [str(QVM_BIN), *args],
             capture_output=True,
-            text=True,
             timeout=timeout,
             env=self.env(),
             cwd=self.root,
             input=input,
+            check=False,
         )
-        if check and done.returncode != 0:
-            raise AssertionError(
-                f"qvm {' '.join(args)} exited {done.returncode}\n"
-                f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-            )
-        return done
 
     def json(self, *args: str) -> Any:
         return json.loads(self(*args, "--json").stdout)

@@ -18,7 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from framework.harness import GUEST_DIR, QVM_BIN, REPO, Qvm, one_line_error, short_tmpdir
+from framework.harness import (
+    GUEST_DIR,
+    QVM_BIN,
+    Qvm,
+    build_test_image,
+    one_line_error,
+    short_tmpdir,
+)
 from framework.jsonschema_lite import validate
 from framework.wait import wait_until
 
@@ -42,21 +49,6 @@ def vm() -> Iterator[Qvm]:
         survivors = harness.cleanup()
         shutil.rmtree(harness.root, ignore_errors=True)
     assert not survivors, f"processes survived the module's cleanup: {survivors}"
-
-
-def run_bytes(
-    qvm: Qvm, *args: str, input: bytes | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[bytes]:
-    """The real CLI, with stdin, stdout and stderr as bytes."""
-    return subprocess.run(
-        [str(QVM_BIN), *args],
-        input=input,
-        capture_output=True,
-        timeout=timeout,
-        env=qvm.env(),
-        cwd=qvm.root,
-        check=False,
-    )
 
 
 def guest_sha256(qvm: Qvm, path: str) -> str:
@@ -92,15 +84,15 @@ def test_arguments_arrive_exactly_without_a_shell(vm: Qvm) -> None:
 
 def test_large_binary_output_byte_for_byte(vm: Qvm) -> None:
     vm("exec", "vm1", "--", "sh", "-c", "head -c 6291456 /dev/urandom > /tmp/random")
-    done = run_bytes(vm, "exec", "vm1", "--", "cat", "/tmp/random")
+    done = vm.run_bytes("exec", "vm1", "--", "cat", "/tmp/random")
     assert done.returncode == 0, done.stderr
     assert len(done.stdout) == 6 * MiB
     assert hashlib.sha256(done.stdout).hexdigest() == guest_sha256(vm, "/tmp/random")
     # --json carries output that is not text as base64 too
-    done = run_bytes(vm, "exec", "vm1", "--json", "--", "head", "-c", "4096", "/tmp/random")
+    done = vm.run_bytes("exec", "vm1", "--json", "--", "head", "-c", "4096", "/tmp/random")
     result = json.loads(done.stdout)
     validate(result, "exec.json")
-    first = run_bytes(vm, "exec", "vm1", "--", "head", "-c", "4096", "/tmp/random").stdout
+    first = vm.run_bytes("exec", "vm1", "--", "head", "-c", "4096", "/tmp/random").stdout
     assert base64_decode(result["stdout_base64"]) == first
 
 
@@ -125,10 +117,10 @@ def test_env_adds_to_the_agents_environment(vm: Qvm) -> None:
 
 def test_stdin_reaches_the_command(vm: Qvm) -> None:
     data = bytes(range(256)) * 4096  # 1 MiB, every byte value
-    done = run_bytes(vm, "exec", "vm1", "--stdin", "--", "sha256sum", input=data)
+    done = vm.run_bytes("exec", "vm1", "--stdin", "--", "sha256sum", input=data)
     assert done.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
     # without --stdin the command reads /dev/null, and qvm leaves its own stdin alone
-    done = run_bytes(vm, "exec", "vm1", "--", "wc", "-c", input=b"not sent")
+    done = vm.run_bytes("exec", "vm1", "--", "wc", "-c", input=b"not sent")
     assert done.stdout.split()[0] == b"0"
 
 
@@ -265,16 +257,7 @@ def test_a_vm_killed_mid_copy_leaves_nothing_on_the_host(qvm: Qvm) -> None:
 def test_exec_and_cp_in_the_debian_image(qvm: Qvm, tmp_path: Path) -> None:
     """The Debian test image installs qemu-guest-agent (scripts/build-test-image); udev
     starts it when the port appears, and systemd's environment is the one commands get."""
-    built = subprocess.run(
-        [str(REPO / "scripts" / "build-test-image")],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    if built.returncode != 0:
-        pytest.fail(f"scripts/build-test-image failed:\n{built.stderr[-3000:]}")
-    image = Path(built.stdout.strip())
+    image = build_test_image()
     assert "qemu-guest-agent" in json.loads((image / "image.json").read_text())["packages"]
     env_home = tmp_path / "home"  # no ~/.ssh keys: qvm makes the VM's own pair
     qvm.machines_dir.mkdir(parents=True, exist_ok=True)

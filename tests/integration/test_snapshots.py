@@ -12,6 +12,7 @@ import os
 import secrets
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -202,29 +203,12 @@ def test_disk_only_on_a_stopped_vm(qvm: Qvm) -> None:
 
 
 @pytest.fixture
-def small_state(qvm: Qvm):  # noqa: ANN201 - an Iterator[Path]
+def small_state(qvm: Qvm) -> Iterator[Path]:
     """The state dir on a 64 MiB tmpfs: the VM runs, its RAM state (~100 MiB) does not fit."""
-    import contextlib
-    import signal
-
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    qvm.state_dir.mkdir(mode=0o700)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "qvm-snap", str(qvm.state_dir)],
-        check=True,
-    )
-    try:
-        yield qvm.state_dir
-    finally:
-        for run in qvm.state_dir.iterdir():
-            if run.is_dir():
-                qvm("kill", run.name, check=False, timeout=60)
-        for pid, _ in qvm.processes():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
-        subprocess.run(["umount", "-l", str(qvm.state_dir)], check=False)
+    with qvm.state_on_tmpfs("64m", "qvm-snap") as state:
+        yield state
 
 
 def test_full_state_dir_during_save(qvm: Qvm, small_state: Path) -> None:

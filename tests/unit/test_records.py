@@ -34,12 +34,16 @@ from qvm.store.state import ExitRecord, StateRecord, read_state, write_state
 from qvm.supervisor import wire
 from qvm.supervisor.client import ask_supervisor, clean_stale
 
+# what the launch record and the state record of one VM both say
+SAME_VM: dict[str, Any] = {
+    "name": "vm1",
+    "machine_file": "/m/vm1.toml",
+    "accel": "tcg",
+    "accel_reason": "no /dev/kvm",
+}
 LAUNCH = LaunchRecord(
-    name="vm1",
-    machine_file="/m/vm1.toml",
+    **SAME_VM,
     argv=("qemu-system-x86_64", "-m", "256M"),
-    accel="tcg",
-    accel_reason="no /dev/kvm",
     machine_type="q35",
     cpu_model="qemu64",
     vcpus_boot=1,
@@ -68,10 +72,7 @@ EXIT = ExitRecord(
     stderr_tail=("qemu: bad option",),
 )
 STATE = StateRecord(
-    name="vm1",
-    machine_file="/m/vm1.toml",
-    accel="tcg",
-    accel_reason="no /dev/kvm",
+    **SAME_VM,
     supervisor_pid=4321,
     supervisor_start_time=99,
     state="crashed",
@@ -180,18 +181,6 @@ STATE_PROBLEMS = [
 ]
 
 
-@pytest.mark.parametrize(("data", "problem"), STATE_PROBLEMS)
-def test_a_corrupt_state_record_names_the_file(tmp_path: Path, data: Any, problem: str) -> None:
-    path = tmp_path / "state.json"
-    path.write_text(json.dumps(data))
-    with pytest.raises(RecordError) as error:
-        read_state(path)
-    message = str(error.value)
-    assert message.startswith(f"{path}: ")
-    assert problem in message
-    assert "\n" not in message
-
-
 LAUNCH_PROBLEMS = [
     (_launch(argv=...), "argv: missing"),
     (_launch(argv="qemu -m 1G"), "argv: must be a list of strings"),
@@ -208,15 +197,33 @@ LAUNCH_PROBLEMS = [
 ]
 
 
-@pytest.mark.parametrize(("data", "problem"), LAUNCH_PROBLEMS)
-def test_a_corrupt_launch_record_names_the_file(tmp_path: Path, data: Any, problem: str) -> None:
-    path = tmp_path / "launch.json"
+CORRUPT_RECORDS = [
+    *((read_state, "state.json", data, problem, None) for data, problem in STATE_PROBLEMS),
+    *(
+        (read_launch, "launch.json", data, problem, "qvm up writes it anew")
+        for data, problem in LAUNCH_PROBLEMS
+    ),
+]
+
+
+@pytest.mark.parametrize(("reader", "file", "data", "problem", "hint"), CORRUPT_RECORDS)
+def test_a_corrupt_record_names_the_file(
+    tmp_path: Path,
+    reader: Callable[[Path], object],
+    file: str,
+    data: Any,
+    problem: str,
+    hint: str | None,
+) -> None:
+    path = tmp_path / file
     path.write_text(json.dumps(data))
     with pytest.raises(RecordError) as error:
-        read_launch(path)
-    assert str(error.value).startswith(f"{path}: ")
-    assert problem in str(error.value)
-    assert "qvm up writes it anew" in str(error.value)  # the hint
+        reader(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ")
+    assert problem in message
+    assert "\n" not in message
+    assert hint is None or hint in message
 
 
 @pytest.mark.parametrize(

@@ -13,25 +13,14 @@ from qvm.definition.schema import CpuSpec, Machine, MemorySpec
 from qvm.errors import RecordError
 from qvm.layout.rundir import RunDir
 from qvm.ops.snapshot import TagError, check_tag, shape_of_argv, start_from
+from qvm.store import snapshots
 from qvm.store.launch import Forward
-from qvm.store.snapshots import (
-    DeviceSet,
-    MemoryDevice,
-    PluggedDevice,
-    SnapshotRecord,
-    add_snapshot,
-    device_set_differences,
-    drop_snapshot,
-    find_snapshot,
-    read_snapshots,
-    shape_differences,
-)
 
-DIMM = MemoryDevice("dimm0", "dimm", "mem-dimm0", 256 * 1024**2)
+DIMM = snapshots.MemoryDevice("dimm0", "dimm", "mem-dimm0", 256 * 1024**2)
 
 
-def record(tag: str = "booted", **changes: object) -> SnapshotRecord:
-    base = SnapshotRecord(
+def record(tag: str = "booted", **changes: object) -> snapshots.SnapshotRecord:
+    base = snapshots.SnapshotRecord(
         tag=tag,
         created=1.5,
         disk_only=False,
@@ -42,7 +31,7 @@ def record(tag: str = "booted", **changes: object) -> SnapshotRecord:
         vmstate_node="qvm-state",
         nodes=("qvm-state",),
         files=("/run/vm1/state.qcow2",),
-        devices=DeviceSet(
+        devices=snapshots.DeviceSet(
             cpu_slots=(0, 1, 2),
             memory=(DIMM,),
             forwards=(Forward("nic0", "tcp", "127.0.0.1", 2222, 22),),
@@ -56,13 +45,13 @@ def record(tag: str = "booted", **changes: object) -> SnapshotRecord:
 
 def test_record_round_trip(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
-    add_snapshot(run, record())
-    add_snapshot(run, record("second", disk_only=True))
-    assert read_snapshots(run) == (record(), record("second", disk_only=True))
-    add_snapshot(run, record(ram_bytes=1))  # same tag: replaced
-    assert find_snapshot(run, "booted").ram_bytes == 1  # type: ignore[union-attr]
-    drop_snapshot(run, "booted")
-    assert [s.tag for s in read_snapshots(run)] == ["second"]
+    snapshots.add_snapshot(run, record())
+    snapshots.add_snapshot(run, record("second", disk_only=True))
+    assert snapshots.read_snapshots(run) == (record(), record("second", disk_only=True))
+    snapshots.add_snapshot(run, record(ram_bytes=1))  # same tag: replaced
+    assert snapshots.find_snapshot(run, "booted").ram_bytes == 1  # type: ignore[union-attr]
+    snapshots.drop_snapshot(run, "booted")
+    assert [s.tag for s in snapshots.read_snapshots(run)] == ["second"]
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -82,7 +71,7 @@ def test_bad_record_is_one_error_naming_the_key(tmp_path: Path, mutate, key: str
     mutate(data)
     run.snapshots_file.write_text(json.dumps({"snapshots": [data]}))
     with pytest.raises(RecordError) as caught:
-        read_snapshots(run)
+        snapshots.read_snapshots(run)
     assert str(run.snapshots_file) in str(caught.value) and key in str(caught.value)
 
 
@@ -90,30 +79,30 @@ def test_not_json_is_a_record_error(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
     run.snapshots_file.write_text("{")
     with pytest.raises(RecordError, match="not valid JSON"):
-        read_snapshots(run)
+        snapshots.read_snapshots(run)
 
 
 def test_device_set_differences() -> None:
     saved = record().devices
-    assert device_set_differences(saved, saved) == []
+    assert snapshots.device_set_differences(saved, saved) == []
     # forwards are the host's business, not the guest's state
-    assert device_set_differences(saved, saved._replace(forwards=())) == []
+    assert snapshots.device_set_differences(saved, saved._replace(forwards=())) == []
     fewer = saved._replace(cpu_slots=(0,), memory=())
-    assert device_set_differences(saved, fewer) == [
+    assert snapshots.device_set_differences(saved, fewer) == [
         "vCPU slots {0,1,2} at save time, {0} now",
         "dimm dimm0 is gone",
     ]
     bigger = saved._replace(memory=(DIMM._replace(size=DIMM.size * 2),))
-    assert device_set_differences(saved, bigger) == ["dimm dimm0 changed"]
-    disk = PluggedDevice("disk1", "disk", file="/x.qcow2", format="qcow2")
-    assert device_set_differences(saved, saved._replace(plugged=(disk,))) == [
+    assert snapshots.device_set_differences(saved, bigger) == ["dimm dimm0 changed"]
+    disk = snapshots.PluggedDevice("disk1", "disk", file="/x.qcow2", format="qcow2")
+    assert snapshots.device_set_differences(saved, saved._replace(plugged=(disk,))) == [
         "disk disk1 was added"
     ]
 
 
 def test_shape_differences() -> None:
-    assert shape_differences({"a": 1}, {"a": 1}) == []
-    assert shape_differences({"smp": "x", "device:nic0": "e1000"}, {"smp": "y"}) == [
+    assert snapshots.shape_differences({"a": 1}, {"a": 1}) == []
+    assert snapshots.shape_differences({"smp": "x", "device:nic0": "e1000"}, {"smp": "y"}) == [
         "device:nic0: 'e1000' at save time, now unset",
         "smp: 'x' at save time, now 'y'",
     ]
@@ -150,7 +139,7 @@ def test_shape_leaves_out_the_device_set_and_host_facts() -> None:
         shape_of_argv(plain)
     )
     other = _machine()._replace(cpu=CpuSpec(count=1, max=3))
-    assert shape_differences(
+    assert snapshots.shape_differences(
         shape_of_argv(plain), shape_of_argv(build_argv(other, LaunchInputs("tcg", run)))
     ) == ["smp: '1,sockets=1,cores=4,threads=1,maxcpus=4' at save time, now "
           "'1,sockets=1,cores=3,threads=1,maxcpus=3'"]  # fmt: skip
@@ -170,4 +159,4 @@ def test_bad_tags(tag: str) -> None:
 
 def test_summary() -> None:
     assert record().devices.summary() == "3 vCPUs, 1 DIMM"
-    assert DeviceSet(cpu_slots=(0,)).summary() == "1 vCPU"
+    assert snapshots.DeviceSet(cpu_slots=(0,)).summary() == "1 vCPU"
