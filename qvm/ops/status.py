@@ -137,13 +137,16 @@ def add_guest_facts(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` (from ``vm_status``) with ``agent`` (its state: answering, not answering,
     not configured, not running) and ``guest`` (OS, kernel, host name, addresses, from
     the agent; None without one). The agent is asked only while the VM runs, briefly."""
+    if record.get("state") != "running" or not record.get("run_dir"):
+        # as GuestFacts(NOT_RUNNING) says it, without importing the agent's client
+        record["agent"] = {"state": "not running", "detail": None}
+        record["guest"] = None
+        return record
     from pathlib import Path
 
-    from qvm.control.guest_agent_facts import NOT_RUNNING, GuestFacts, guest_facts
+    from qvm.control.guest_agent_facts import guest_facts
 
-    facts = GuestFacts(NOT_RUNNING)
-    if record.get("state") == "running" and record.get("run_dir"):
-        facts = guest_facts(RunDir(Path(record["run_dir"])))
+    facts = guest_facts(RunDir(Path(record["run_dir"])))
     data = facts.as_json()
     record["agent"] = {"state": data.pop("state"), "detail": data.pop("detail")}
     record["guest"] = data if facts.agent == "answering" else None

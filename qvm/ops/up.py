@@ -134,7 +134,7 @@ def plan_launch(machine: Machine, run_dir: RunDir, start: StartFrom | None = Non
         # the RAM state of snapshots: from boot when asked, and always once a save made it
         state_disk=machine.snapshots.enabled or run_dir.state_disk.exists(),
     )
-    if start is None:
+    if start is None and run_dir.clone_file.exists():
         from qvm.ops.clone import clone_start  # a clone's first start: its memory image
 
         start = clone_start(run_dir)

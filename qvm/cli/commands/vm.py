@@ -52,7 +52,6 @@ def up(
         return
     from qvm.cli.progress import DownloadBar, run_waiting
     from qvm.ops.up import plan_launch, start_vm
-    from qvm.store.forwards import current_forwards
 
     results: list[dict[str, Any]] = []
     failed = 0
@@ -69,21 +68,23 @@ def up(
             warn(f"qvm: {error}")
             results.append(_error_entry(name, error))
             continue
-        results.append(
-            {
-                "name": result.name,
-                "already_running": result.already_running,
-                "pid": result.qemu_pid,
-                "accel": result.accel,
-                "accel_reason": result.accel_reason,
-                "serial_log": str(result.serial_log),
-                "qmp_socket": str(result.qmp_socket),
-                "qmp_ready": result.ready,
-                # the host ports picked for port 0 too: what this run listens on
-                "forwards": current_forwards(run),
-            }
-        )
         if as_json:
+            from qvm.store.forwards import current_forwards
+
+            results.append(
+                {
+                    "name": result.name,
+                    "already_running": result.already_running,
+                    "pid": result.qemu_pid,
+                    "accel": result.accel,
+                    "accel_reason": result.accel_reason,
+                    "serial_log": str(result.serial_log),
+                    "qmp_socket": str(result.qmp_socket),
+                    "qmp_ready": result.ready,
+                    # the host ports picked for port 0 too: what this run listens on
+                    "forwards": current_forwards(run),
+                }
+            )
             continue
         if result.already_running:
             say(f"{result.name}: already running (pid {result.qemu_pid})")
