@@ -1,12 +1,13 @@
 """qvm's start-up against another commit of qvm, measured in one run, taken in turn.
 
-    scripts/bench_against REV [ROUNDS]
+    scripts/bench_against REV [ROUNDS [NEW_REV]]
 
-A temporary git worktree of REV runs with this checkout's venv and test guest (so only
-qvm's own code differs); each round runs the command once with each tree, in alternating
-order, and the medians are printed: `qvm up --no-wait` (to QEMU spawned), `qvm status`,
-`qvm list`, `qvm --help`, `qvm cpu --help`, and the supervisor's RSS after `up` and one
-`status`. Both trees must be able to boot machines/demo.toml.
+A temporary git worktree of REV (and of NEW_REV, else this checkout) runs with this
+checkout's venv and test guest, so only qvm's own code differs. Each round runs each
+command once with each tree, in alternating order, and the medians are printed: `qvm up
+--no-wait` (to QEMU spawned), `qvm status`, `qvm list`, `qvm --help`, `qvm cpu --help`,
+and the supervisor's RSS after `up` and one `status`. Both trees must be able to boot
+machines/demo.toml.
 """
 
 from __future__ import annotations
@@ -61,16 +62,24 @@ def supervisor_rss_mib(tree: Path, state: Path) -> float:
         qvm(tree, state, "kill", "demo")
 
 
-def main(rev: str, rounds: int) -> None:
-    work = Path(tempfile.mkdtemp(prefix="qvm-bench-against-"))
-    other = work / "tree"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-f", "--detach", str(other), rev],
+def worktree(rev: str, where: Path) -> Path:
+    """A checkout of ``rev`` that boots this checkout's test guest, byte-compiled."""
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-f", "--detach", str(where), rev],
                    check=True, capture_output=True)  # fmt: skip
+    (where / "build").mkdir(exist_ok=True)
+    (where / "build" / "test-guest").symlink_to(REPO / "build" / "test-guest")
+    subprocess.run([PYTHON, "-m", "compileall", "-q", str(where / "qvm")], check=True)
+    return where
+
+
+def main(rev: str, rounds: int, new_rev: str | None) -> None:
+    work = Path(tempfile.mkdtemp(prefix="qvm-bench-against-"))
+    made: list[Path] = []
     try:
-        (other / "build").mkdir(exist_ok=True)
-        (other / "build" / "test-guest").symlink_to(REPO / "build" / "test-guest")
-        subprocess.run([PYTHON, "-m", "compileall", "-q", str(other / "qvm")], check=True)
-        trees = {rev: other, "this checkout": REPO}
+        made.append(worktree(rev, work / "old"))
+        if new_rev is not None:
+            made.append(worktree(new_rev, work / "new"))
+        trees = {rev: made[0], new_rev or "this checkout": made[1] if new_rev else REPO}
         commands = {
             "up --no-wait": ("up", "demo", "--no-wait"),
             "status (stopped VM)": ("status", "demo"),
@@ -90,17 +99,22 @@ def main(rev: str, rounds: int) -> None:
                         qvm(tree, state, "kill", "demo")
                 if round_ < 3:
                     rss[label].append(supervisor_rss_mib(tree, work / f"rss-{round_}-{label[:4]}"))
-        print(f"medians of {rounds} rounds, taken in turn ({rev} | this checkout):")
+        print(f"medians of {rounds} rounds, taken in turn ({' | '.join(trees)}):")
         for what in commands:
             a, b = (statistics.median(times[(what, label)]) * 1000 for label in trees)
             print(f"  {what:22} {a:6.1f} ms | {b:6.1f} ms  ({b - a:+.1f} ms)")
         a, b = (statistics.median(rss[label]) for label in trees)
         print(f"  {'supervisor RSS':22} {a:6.2f} MiB | {b:6.2f} MiB  ({b - a:+.2f} MiB)")
     finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(other)],
-                       check=False, capture_output=True)  # fmt: skip
+        for tree in made:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
+                           check=False, capture_output=True)  # fmt: skip
         shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 15)
+    main(
+        sys.argv[1],
+        int(sys.argv[2]) if len(sys.argv) > 2 else 15,
+        sys.argv[3] if len(sys.argv) > 3 else None,
+    )
