@@ -36,9 +36,20 @@ def device_ids(kind: str, vm: str | None) -> list[str]:
     return _quietly(lambda: reader(resolve.run_dir_of(vm)))
 
 
+def snapshot_tags(vms: list[str]) -> list[str]:
+    """The tags of the snapshots ``snapshots.json`` records for each of ``vms``, in order."""
+    from qvm.store.snapshots import read_snapshots
+
+    tags: list[str] = []
+    for vm in vms:
+        tags += _quietly(lambda vm=vm: [s.tag for s in read_snapshots(resolve.run_dir_of(vm))])
+    return list(dict.fromkeys(tags))
+
+
 def _cpu_ids(run) -> list[str]:  # noqa: ANN001 - qvm.layout.rundir.RunDir, imported lazily
-    """vCPUs that can be unplugged: every slot but the first has a stable id (cpuN); which
-    of them hold a vCPU now only QEMU knows, so all are offered."""
+    """vCPUs that can be unplugged: every slot but the first has a stable id (cpuN). Which
+    of them hold a vCPU now only QEMU knows (``cpu list`` asks it): no record keeps the
+    vCPUs qvm hotplugged (devices.json holds memory, disks and NICs), so all are offered."""
     launch = _launch(run)
     if launch is None or launch.vcpus_max is None:
         return []

@@ -192,7 +192,7 @@ KEYS: dict[str, dict[str, str]] = {
         "sha256": "hex SHA-256 of the image at a base URL; the download is checked against it",
         "sha512": "hex SHA-512 of the image at a base URL (instead of sha256)",
         "size": "grow the overlay to this size; only with base",
-        "format": '"qcow2" or "raw"; default: qcow2 for a .qcow2 file, else raw',
+        "format": '"qcow2" or "raw"; default: read from the image (qcow2 by its header, else raw)',
         "interface": '"virtio", "ide", "scsi" or "nvme"; default "virtio"',
         "readonly": "true or false; default false",
         "id": "device id, unique among disks and NICs, matching ID_PATTERN; default: generated",

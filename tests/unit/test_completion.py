@@ -2,7 +2,8 @@
 is sourced, the line is set as bash sets it on TAB (COMP_LINE, COMP_POINT, COMP_WORDS,
 COMP_CWORD, with bash's own word breaks), and the completion function runs the real
 `qvm`. Device ids come from run-dir records written here, as qvm writes them; nothing
-starts QEMU. zsh and fish scripts are checked by their own shells where installed.
+starts QEMU. zsh and fish scripts are checked by their own shells: scripts/setup
+installs them as root, and in CI (CI set) a missing one fails the test instead of skipping it.
 """
 
 from __future__ import annotations
@@ -169,6 +170,43 @@ def test_bash_completes_each_commands_device_ids(vms: Path) -> None:
     assert bash_complete("qvm nic del alpha ", vms) == []
 
 
+def save_snapshots(vms: Path, name: str, tags: list[str]) -> None:
+    """``snapshots.json`` in ``name``'s run dir, written by qvm's own store."""
+    from qvm.layout.rundir import run_dir_for
+    from qvm.store.snapshots import DeviceSet, SnapshotRecord, write_snapshots
+
+    run = run_dir_for(vms / "state", name)
+    run.path.mkdir(exist_ok=True, mode=0o700)
+    records = [
+        SnapshotRecord(
+            tag=tag,
+            created=1.0,
+            disk_only=False,
+            files=("disk0.qcow2",),
+            devices=DeviceSet(cpu_slots=(0,)),
+            definition_sha256=None,
+            shape={},
+        )
+        for tag in tags
+    ]
+    write_snapshots(run, records)
+
+
+def test_bash_completes_snapshot_tags_from_the_record(vms: Path) -> None:
+    tags = ["booted", "before-upgrade", "clean"]
+    save_snapshots(vms, "gamma", tags)
+    save_snapshots(vms, "alpha", ["alpha-only"])
+    assert bash_complete("qvm snapshot restore gamma ", vms) == tags
+    assert bash_complete("qvm snapshot rm gamma b", vms) == ["booted", "before-upgrade"]
+    assert bash_complete("qvm up gamma --restore ", vms) == tags
+    assert bash_complete("qvm up gamma alpha --restore c", vms) == ["clean"]
+    assert bash_complete("qvm up alpha gamma --restore ", vms) == ["alpha-only", *tags]
+    # no snapshot record, or a broken one: nothing, and no traceback
+    assert bash_complete("qvm snapshot restore beta ", vms) == []
+    (vms / "state" / "gamma" / "snapshots.json").write_text("{not json")
+    assert bash_complete("qvm snapshot rm gamma ", vms) == []
+
+
 def test_bash_completes_forwards_across_colons(vms: Path) -> None:
     """bash splits `tcp:127.0.0.1:2222:22` at each ":"; the candidates must be the rest."""
     assert bash_complete("qvm port del gamma ", vms) == [
@@ -188,14 +226,23 @@ def run_qvm(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return run_in(tmp_path, [str(QVM), *args])
 
 
+def shell_binary(shell: str) -> str:
+    """The shell's path; where it is missing the test is skipped, but not in CI, whose
+    scripts/setup installs zsh and fish."""
+    binary = shutil.which(shell)
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{shell} is not installed, and scripts/setup installs it in CI")
+        pytest.skip(f"{shell} is not installed (scripts/setup installs it as root)")
+    return binary
+
+
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_each_shells_script_is_produced_and_parses(shell: str, tmp_path: Path) -> None:
     done = run_qvm("--show-completion", shell, tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "_QVM_COMPLETE=complete_" + shell in done.stdout
-    binary = shutil.which(shell)
-    if binary is None:
-        pytest.skip(f"{shell} is not installed: the script is produced, not parsed")
+    binary = shell_binary(shell)
     check = [binary, "-n"] if shell != "fish" else [binary, "--no-execute"]
     script = tmp_path / f"qvm.{shell}"
     script.write_text(done.stdout)
@@ -239,8 +286,7 @@ def test_bare_qvm_prints_help_on_stdout_and_exits_0(tmp_path: Path) -> None:
 
 
 def shell_script(shell: str, tmp_path: Path) -> Path:
-    if shutil.which(shell) is None:
-        pytest.skip(f"{shell} is not installed")
+    shell_binary(shell)
     script = tmp_path / f"qvm.{shell}"
     script.write_text(run_qvm("--show-completion", shell, tmp_path=tmp_path).stdout)
     return script
@@ -258,6 +304,8 @@ def test_fish_completes_with_the_real_fish(vms: Path) -> None:
     assert complete("qvm up ") == ["alpha", "beta", "gamma"]
     assert complete("qvm mem del gamma ") == ["dimm0", "vmem0"]
     assert complete("qvm port del gamma tcp:127.0.0.1:8") == ["tcp:127.0.0.1:8080:80"]
+    save_snapshots(vms, "gamma", ["booted"])
+    assert complete("qvm up gamma --restore ") == ["booted"]
 
 
 def test_zsh_runs_its_completion_function(vms: Path) -> None:

@@ -8,6 +8,7 @@ can; tests/integration/test_json_contract.py checks the commands that need a run
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -33,9 +34,9 @@ from qvm.ops.stop import how_it_ended
 from qvm.store.state import ExitRecord
 from qvm.supervisor import wire
 
-# commands that print no state of their own: the guest's bytes (logs, console) or another
-# program's (ssh becomes ssh)
-NO_JSON = {("logs",), ("console",), ("ssh",)}
+# commands that print no state of their own: the guest's bytes (logs, console); `ssh` becomes
+# ssh, and its --json prints the command line instead
+NO_JSON = {("logs",), ("console",)}
 GUEST = "build/test-guest"
 
 
@@ -306,6 +307,36 @@ def test_ssh_quotes_each_word_for_the_remote_shell() -> None:
     argv = ssh_argv(TARGET, ["sh", "-c", "exit 7"])
     assert argv[-3:] == ["--", "qvm@127.0.0.1", "sh -c 'exit 7'"]
     assert ssh_argv(TARGET)[-2:] == ["--", "qvm@127.0.0.1"]  # no command: a login shell
+
+
+def test_ssh_json_is_the_argv_it_would_run(cli: Qvm) -> None:
+    """`qvm ssh VM --json` runs nothing: the argv as a list, the same as --print's words."""
+    from qvm.base.jsonfile import write_json_atomic
+    from qvm.layout.locks import try_lock
+    from qvm.layout.rundir import run_dir_for
+
+    run = run_dir_for(cli.state_dir, "vm1")
+    run.path.mkdir(parents=True, mode=0o700)
+    forward = {"nic": "net0", "proto": "tcp", "host_addr": "127.0.0.1", "guest_port": 22}
+    launch = {"name": "vm1", "argv": ["qemu"], "ssh": {"user": "dev", "identities": ["/k/id"]}}
+    write_json_atomic(run.launch_file, {**launch, "forwards": [{**forward, "host_port": 2345}]})
+    held = try_lock(run.lock_file)  # as the VM's live supervisor holds it
+    assert held is not None
+    try:
+        command = ["--", "sh", "-c", "exit 7"]
+        data = json.loads(cli("ssh", "vm1", "--json", *command).stdout)
+        validate(data, "ssh.json")
+        assert data["argv"][-3:] == ["--", "dev@127.0.0.1", "sh -c 'exit 7'"]
+        assert (data["host"], data["port"], data["user"]) == ("127.0.0.1", 2345, "dev")
+        printed = cli("ssh", "vm1", "--print", *command).stdout
+        assert shlex.split(printed) == data["argv"]
+        as_root = json.loads(cli("ssh", "vm1", "--print", "--json", "-l", "root").stdout)
+        assert as_root["user"] == "root" and as_root["argv"][-1] == "root@127.0.0.1"
+    finally:
+        os.close(held)
+    stopped = cli("ssh", "vm1", "--json", check=False)
+    assert stopped.returncode != 0
+    validate(json.loads(stopped.stdout), "error.json")
 
 
 @given(

@@ -182,12 +182,17 @@ def ssh(
     print_only: bool = Option(
         False, "--print", help="Print the ssh command line instead of running it."
     ),
+    as_json: bool = Option(
+        False, "--json", help="Print the ssh command line as JSON (implies --print)."
+    ),
 ) -> None:
     """ssh into the VM through its forwarded port; exits with the command's status.
 
     With no command, an interactive login. Each word of the command reaches the guest
     as one argument, spaces and quotes intact (`qvm ssh VM -- sh -c 'exit 7'` exits 7);
     for a pipeline, give it to a shell: `qvm ssh VM -- sh -c 'dmesg | tail'`.
+
+    JSON: schemas/ssh.json
     """
     import shlex
 
@@ -198,7 +203,20 @@ def ssh(
     run = resolve.run_dir_of(name)
     if not supervisor_alive(run):
         raise NotRunningError(name)
-    argv = ssh_argv(ssh_target(run), command or (), user=user)
+    target = ssh_target(run)
+    argv = ssh_argv(target, command or (), user=user)
+    if as_json:
+        login = user or target.user
+        emit_json(
+            {
+                "name": run.name,
+                "argv": argv,
+                "host": target.host,
+                "port": target.port,
+                "user": login,
+            }
+        )
+        return
     if print_only:
         say(shlex.join(argv))
         return

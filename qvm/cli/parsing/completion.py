@@ -167,6 +167,12 @@ DEVICE_PARAMS = {
     (("nic", "del"), "dev_id"): "nic",
     (("port", "del"), "spec"): "port",
 }
+# (command words, parameter) -> the tags of the snapshots of the VMs named on the line
+SNAPSHOT_PARAMS = {
+    (("snapshot", "restore"), "tag"),
+    (("snapshot", "rm"), "tag"),
+    (("up",), "restore"),
+}
 NEW_NAMES = {("new",)}  # names that must not exist yet: nothing to offer
 
 
@@ -181,6 +187,16 @@ def completer(words: tuple[str, ...], parameter: str) -> Callable[..., list[str]
             return _matching(candidates.device_ids(kind, vm), incomplete)
 
         return complete_device
+    if (words, parameter) in SNAPSHOT_PARAMS:
+
+        def complete_tag(ctx: click.Context, incomplete: str) -> list[str]:
+            _configure(ctx)
+            named = ctx.params.get("names") or [ctx.params.get("name")]
+            if not any(named):
+                named = _names_before_option(parameter)
+            return _matching(candidates.snapshot_tags([n for n in named if n]), incomplete)
+
+        return complete_tag
     if parameter in ("name", "names") and words not in NEW_NAMES:
 
         def complete_vm(ctx: click.Context, incomplete: str) -> list[str]:
@@ -189,6 +205,21 @@ def completer(words: tuple[str, ...], parameter: str) -> Callable[..., list[str]
 
         return complete_vm
     return None
+
+
+def _names_before_option(option: str) -> list[str]:
+    """The VM names on the line being completed, for the value of ``--OPTION`` that ends it:
+    Click leaves every parameter unparsed while an option still lacks its value."""
+    from qvm.cli.parsing.fast import split_global_options
+
+    _, rest = split_global_options(completed_words())
+    words = rest[1:]  # after the command word
+    flag = f"--{option}"
+    return [
+        word
+        for index, word in enumerate(words)
+        if not word.startswith("-") and (index == 0 or words[index - 1] != flag)
+    ]
 
 
 def _configure(ctx: click.Context) -> None:
