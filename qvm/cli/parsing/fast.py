@@ -1,6 +1,6 @@
 """Plain command lines, parsed without Typer.
 
-Importing Typer and Click costs 30-80 ms on this project's machine (it drifts), most of the 100 ms
+Importing Typer and Click costs 30-80 ms on this project's machine (it drifts), much of the 100 ms
 that `qvm status` may take in all. Most command lines are plain: a command
 word, its arguments, options spelled out in full. This module parses exactly those, from
 the same declarations Typer reads (``qvm.cli.parsing.declare``), and calls the same functions with
