@@ -1,6 +1,7 @@
 """What TAB offers for a VM name or a device id, read from machine files and run-dir
-records only: completion never starts QEMU, never asks a supervisor, and never fails
-(a broken record offers nothing rather than a traceback in the user's prompt).
+records; only the vCPUs `cpu del` can take are asked of QEMU (through the supervisor,
+within a second), since no record keeps them. Completion never starts QEMU and never
+fails (a broken record offers nothing rather than a traceback in the user's prompt).
 
 The shell side (scripts, Click's completion protocol) is ``qvm.cli.parsing.completion``.
 """
@@ -15,7 +16,6 @@ from qvm.cli import resolve
 # `-device DRIVER,drive=NODE,...,id=ID`: a disk of the machine file (or the cloud-init seed)
 _DISK_DEVICE = re.compile(r"(?:^|,)drive=[^,]+(?:,|$)")
 _DEVICE_ID = re.compile(r"(?:^|,)id=([^,]+)")
-_CPU_DEVICE_ID = re.compile(r"^cpu[0-9]+$")
 
 
 def vm_names() -> list[str]:
@@ -47,15 +47,29 @@ def snapshot_tags(vms: list[str]) -> list[str]:
 
 
 def _cpu_ids(run) -> list[str]:  # noqa: ANN001 - qvm.layout.rundir.RunDir, imported lazily
-    """vCPUs that can be unplugged: every slot but the first has a stable id (cpuN). Which
-    of them hold a vCPU now only QEMU knows (``cpu list`` asks it): no record keeps the
-    vCPUs qvm hotplugged (devices.json holds memory, disks and NICs), so all are offered."""
-    launch = _launch(run)
-    if launch is None or launch.vcpus_max is None:
+    """The vCPUs present now with an id (`cpu del` takes those): only QEMU knows them, so
+    they are asked of it (``query-hotpluggable-cpus``, one second at most). A VM that does
+    not answer in time gets every id a vCPU slot can have (cpuN)."""
+    from qvm.supervisor.client import supervisor_alive
+
+    if not supervisor_alive(run):
         return []
-    booted = [i for i in _argv_device_ids(launch.argv) if _CPU_DEVICE_ID.match(i)]
-    slots = [f"cpu{index}" for index in range(1, launch.vcpus_max)]
-    return list(dict.fromkeys([*booted, *slots]))
+    try:
+        from qvm.control.session import ControlSession
+
+        with ControlSession(run, timeout=1.0, lock_timeout=1.0) as session:
+            slots = session.execute("query-hotpluggable-cpus")
+        prefix = "/machine/peripheral/"
+        return sorted(
+            path.removeprefix(prefix)
+            for slot in slots
+            if (path := slot.get("qom-path") or "").startswith(prefix)
+        )
+    except Exception:  # noqa: BLE001 - not answering: the ids a slot can have
+        launch = _launch(run)
+        if launch is None or launch.vcpus_max is None:
+            return []
+        return [f"cpu{index}" for index in range(1, launch.vcpus_max)]
 
 
 def _memory_ids(run) -> list[str]:  # noqa: ANN001
