@@ -7,7 +7,7 @@
     (build/test-image; the comparison is left out, and said so, without it); (e) snapshots:
     a cold `qvm up` + `wait` against `qvm up --restore TAG` + `wait`, and a clone's first
     start, on the test guest (--for agent) and on the Debian image (--for ssh), in turn.
-Run it with scripts/bench (which sets up first).
+Run it with scripts/bench (which sets up first); `bench.py snapshots` runs (e) alone.
 """
 
 from __future__ import annotations
@@ -225,11 +225,18 @@ user = "qvm"
 
 
 def bench_snapshot_starts(
-    root: Path, machine: str, ready: str, timeout: str = "300", runs: int = SNAP_RUNS
+    root: Path,
+    machine: str,
+    ready: str,
+    timeout: str = "300",
+    runs: int = SNAP_RUNS,
+    settle: list[str] | None = None,
 ) -> tuple[float, float, float, float]:
     """Medians (ms) of a cold `qvm up` + `wait --for READY`, `qvm up --restore` + the same
     wait, and a clone's first `qvm up` + the same wait, in turn in each round; and the
-    one-off freeze of the snapshot for clones. ``machine``: the TOML text of the VM."""
+    one-off freeze of the snapshot for clones. ``machine``: the TOML text of the VM;
+    ``settle``: a qvm command that waits, after the first cold start, until the guest has
+    finished setting itself up, so that the snapshot is of a VM ready for use."""
     env = dict(os.environ, QVM_STATE_DIR=str(root / "snap-state"),
                QVM_MACHINES=str(root / "snap-machines"),
                HOME=str(root / "home"))  # fmt: skip
@@ -242,6 +249,8 @@ def bench_snapshot_starts(
     clone: list[float] = []
     try:
         cold.append(timed(env, ["up", "snap"], wait))
+        if settle is not None:
+            timed(env, settle)
         timed(env, ["snapshot", "save", "snap", "ready"])
         freeze = timed(env, ["new", "clone0", "--from", "snap@ready"])
         for index in range(runs):
@@ -289,14 +298,7 @@ def main() -> int:
         system_python = shutil.which("python3") or sys.executable
         path_python = median_ms(bench_python(system_python))
         exec_ssh = bench_exec_against_ssh(root)
-        guest = REPO / "build" / "test-guest"
-        snapshots = bench_snapshot_starts(root / "guest", SNAP_GUEST.format(guest=guest), "agent")
-        image_snapshots = None
-        # one round on the Debian image (about 90 s); QVM_BENCH_IMAGE_SNAPSHOTS=0 skips it
-        if (IMAGE / "image.json").exists() and os.environ.get("QVM_BENCH_IMAGE_SNAPSHOTS") != "0":
-            image_snapshots = bench_snapshot_starts(
-                root / "image", SNAP_IMAGE.format(image=IMAGE), "ssh", "900", runs=1
-            )
+        snapshots = bench_snapshots(root)
     finally:
         subprocess.run([QVM, "kill", "demo"], env=env, capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
@@ -327,6 +329,32 @@ def main() -> int:
         versus = f"x{image_exec / image_ssh:.2f} of ssh, {image_exec - image_ssh:+.0f} ms"
         print(f"{'qvm exec VM -- true (Debian test image)':<44} {image_exec:8.1f}  {versus}")
         print(f"{'qvm ssh VM -- true (the same VM, same run)':<44} {image_ssh:8.1f}")
+    print_snapshots(snapshots)
+    return 0
+
+
+SnapshotFigures = tuple[float, float, float, float]
+
+
+def bench_snapshots(root: Path) -> tuple[SnapshotFigures, SnapshotFigures | None]:
+    """The snapshot figures on the test guest, and on the Debian image when it is built."""
+    guest = REPO / "build" / "test-guest"
+    snapshots = bench_snapshot_starts(root / "guest", SNAP_GUEST.format(guest=guest), "agent")
+    image_snapshots = None
+    # one round on the Debian image (about 2 min); QVM_BENCH_IMAGE_SNAPSHOTS=0 skips it. The
+    # snapshot is saved once cloud-init has finished (its config and final stages run for
+    # about 8 s of guest CPU after ssh first answers): a snapshot taken at the first ssh
+    # login would resume them, and each restore's first login would compete with them
+    if (IMAGE / "image.json").exists() and os.environ.get("QVM_BENCH_IMAGE_SNAPSHOTS") != "0":
+        settled = ["ssh", "snap", "--", "cloud-init", "status", "--wait"]
+        image_snapshots = bench_snapshot_starts(
+            root / "image", SNAP_IMAGE.format(image=IMAGE), "ssh", "900", 1, settled
+        )
+    return snapshots, image_snapshots
+
+
+def print_snapshots(figures_of: tuple[SnapshotFigures, SnapshotFigures | None]) -> None:
+    snapshots, image_snapshots = figures_of
     for label, figures in (("test guest", snapshots), ("Debian image", image_snapshots)):
         if figures is None:
             print(f"{'snapshots on the ' + label:<44} {'-':>8}  missing: no {IMAGE}, "
@@ -340,8 +368,18 @@ def main() -> int:
         print(f"{'clone: first up + wait --for ' + ready:<44} {clone:8.1f}  "
               f"x{clone / cold:.2f} of cold")  # fmt: skip
         print(f"{'clone: new --from (freezes the snapshot once)':<44} {freeze:8.1f}")
+
+
+def main_snapshots() -> int:
+    """`bench.py snapshots`: the snapshot section (e) alone."""
+    root = Path(tempfile.mkdtemp(prefix="qvm-bench-", dir="/tmp"))
+    try:
+        figures = bench_snapshots(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print_snapshots(figures)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_snapshots() if sys.argv[1:] == ["snapshots"] else main())

@@ -36,11 +36,26 @@ class MemoryArg(Record):
     bus: str | None = None
 
 
+class PluggedArg(Record):
+    """A disk or NIC qvm had hotplugged, started on the command line with the same ids,
+    backends and bus (a snapshot's device set), so that ``-loadvm`` finds it."""
+
+    id: str
+    kind: str  # "disk" or "nic"
+    bus: str | None = None
+    file: str | None = None  # disk
+    format: str | None = None
+    readonly: bool = False
+    model: str | None = None  # nic
+    mac: str | None = None
+
+
 class StartFrom(Record):
     """How a restore or a clone starts QEMU: a snapshot's device set and where from."""
 
     cpu_slots: tuple[int, ...] | None = None
     memory_devices: tuple[MemoryArg, ...] = ()
+    plugged: tuple[PluggedArg, ...] = ()
     loadvm: str | None = None
     incoming: str | None = None
 
@@ -56,6 +71,7 @@ class LaunchInputs(Record):
     # slot 0 (None: the definition's count), and its memory devices
     cpu_slots: tuple[int, ...] | None = None
     memory_devices: tuple[MemoryArg, ...] = ()
+    plugged: tuple[PluggedArg, ...] = ()  # hotplugged disks and NICs, in their plug order
     # the run dir's state.qcow2 as block node qvm-state (RAM state of snapshots)
     state_disk: bool = False
     loadvm: str | None = None  # start from this internal snapshot (-loadvm)
@@ -175,6 +191,8 @@ def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
         argv += _state_disk_args(run)
     for memory_device in inputs.memory_devices:
         argv += _memory_device_args(memory_device)
+    for plugged in inputs.plugged:
+        argv += _plugged_args(plugged)
     if inputs.loadvm is not None:
         argv += ["-loadvm", inputs.loadvm]
     if inputs.incoming is not None:
@@ -291,3 +309,25 @@ def _memory_device_args(device: MemoryArg) -> list[str]:
         if device.bus is not None:
             front += f",bus={device.bus}"
     return ["-object", backend, "-device", front]
+
+
+def _plugged_args(device: PluggedArg) -> list[str]:
+    """The same nodes, backend and device the hotplug made (qvm.control.disk, .nic)."""
+    bus = f",bus={device.bus}" if device.bus else ""
+    if device.kind == "nic":
+        return [
+            "-netdev",
+            f"user,id={device.id}",
+            "-device",
+            f"{device.model},netdev={device.id},mac={device.mac},id={device.id}{bus}",
+        ]
+    readonly = ",read-only=on" if device.readonly else ""
+    filename = escape_opt(str(device.file))
+    return [
+        "-blockdev",
+        f"driver=file,node-name={device.id}-file,filename={filename}{readonly}",
+        "-blockdev",
+        f"driver={device.format},node-name={device.id},file={device.id}-file{readonly}",
+        "-device",
+        f"virtio-blk-pci,drive={device.id},id={device.id}{bus}",
+    ]

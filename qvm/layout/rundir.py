@@ -55,6 +55,10 @@ QVM_FILE_NAMES = frozenset(
         "snapshots.json",
         "state.qcow2",
         "clone.json",
+        # a frozen copy ($STATE/VM@TAG/, qvm.ops.clone): the snapshot's RAM and device
+        # state as a migration stream, and the same while it is being written
+        "memory.bin",
+        "memory.bin.part",
     }
 )
 # disk overlays; temporary files of atomic writes (".NAME.PID.tmp")

@@ -14,9 +14,13 @@ with the snapshot's device set and ``-incoming "exec:cat memory.bin"``, which re
 the guest where the template was (``qvm.ops.up.plan_launch`` asks ``clone_start``).
 Later starts boot the clone's disks cold, as any VM's.
 
-The guest keeps what it had in memory: its MAC as the driver programmed it (each VM has
-its own user-mode network, so two equal MACs never meet), its hostname, its clock until
-the agent sets it.
+The guest keeps what it had in memory: its hostname, its clock until the agent sets it,
+and its NICs' MACs: virtio-net's MAC is part of the migration stream, so QEMU's device and
+the guest's driver both come back with the template's whatever ``-device ...,mac=`` says.
+The first start therefore sets each NIC's address in the guest through the agent
+(``ip link set dev IF address MAC``; the driver passes it on to QEMU's device), and
+``clone.json`` says what happened; without an agent the clone keeps the template's MACs,
+and says so (each VM has its own user-mode network, so two equal MACs never meet there).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 
 from qvm.base.record import Record
 from qvm.cmdline.argv import LaunchInputs, StartFrom, build_argv
-from qvm.definition.naming import overlay_name
+from qvm.definition.naming import nic_id, overlay_name, stable_mac
 from qvm.definition.schema import Machine
 from qvm.errors import ControlError, QvmError, VmStateError
 from qvm.layout.rundir import RunDir
@@ -57,6 +61,61 @@ def parse_source(text: str) -> tuple[str, str]:
 
 def frozen_dir(template: RunDir, tag: str) -> RunDir:
     return RunDir(template.path.parent / f"{template.name}@{tag}")
+
+
+def frozen_copies(template: RunDir) -> list[tuple[str, RunDir]]:
+    """(tag, folder) of every frozen copy of ``template``'s snapshots there is."""
+    import re
+
+    from qvm.store.snapshots import TAG_PATTERN
+
+    prefix = template.name + "@"
+    try:
+        entries = sorted(template.path.parent.iterdir())
+    except OSError:
+        return []
+    return [
+        (entry.name[len(prefix) :], RunDir(entry))
+        for entry in entries
+        if entry.name.startswith(prefix)
+        and re.fullmatch(TAG_PATTERN, entry.name[len(prefix) :])
+        and entry.is_dir()
+        and not entry.is_symlink()
+    ]
+
+
+def clones_of(template: RunDir, tag: str) -> list[str]:
+    """The VMs whose ``clone.json`` names ``template``@``tag``: their disks lie on its
+    frozen copy. A record that does not parse counts as one (rather keep than guess)."""
+    from qvm.errors import RecordError
+    from qvm.layout.rundir import list_run_dirs
+
+    users = []
+    for other in list_run_dirs(template.path.parent):
+        try:
+            record = read_clone(other)
+        except RecordError:
+            users.append(f"{other.name} (its clone.json does not parse)")
+            continue
+        if record is not None and (record.template, record.tag) == (template.name, tag):
+            users.append(other.name)
+    return users
+
+
+def check_unused(template: RunDir, tag: str) -> RunDir | None:
+    """The frozen copy of ``template``@``tag`` when there is one and no clone uses it;
+    None when there is none; refused, naming the clones, when some use it."""
+    frozen = frozen_dir(template, tag)
+    if not frozen.path.is_dir():
+        return None
+    users = clones_of(template, tag)
+    if users:
+        names = [u.split(" ", 1)[0] for u in users]
+        raise VmStateError(
+            f"{template.name}: snapshot {tag!r} has clones on its frozen copy {frozen.path}: "
+            f"{', '.join(users)} (hint: qvm rm {' '.join(names)}, then again)"
+        )
+    return frozen
 
 
 class CloneResult(Record):
@@ -112,7 +171,10 @@ def clone(
     doc = clone_document(template, frozen, clone_name, tag)
     _share_login_key(template_run, template, frozen, doc)
     machine = write_new(doc, clone_path, clone_run)
-    write_clone(clone_run, CloneRecord(template_run.name, tag, str(memory), record.devices))
+    write_clone(
+        clone_run,
+        CloneRecord(template_run.name, tag, str(memory), record.devices, nic_macs(template)),
+    )
     return CloneResult(machine.name, template_run.name, tag, str(machine.path), str(memory), froze)
 
 
@@ -287,16 +349,10 @@ def clone_start(run: RunDir) -> StartFrom | None:
     record = read_clone(run)
     if record is None or not Path(record.memory).exists():
         return None
-    from qvm.cmdline.argv import MemoryArg
+    from qvm.ops.snapshot import device_set_start
 
-    return StartFrom(
-        cpu_slots=record.devices.cpu_slots,
-        memory_devices=tuple(
-            MemoryArg(m.id, m.kind, m.backend, m.size, m.requested_size, m.bus)
-            for m in record.devices.memory
-        ),
-        incoming=f"exec:cat {shlex.quote(record.memory)}",
-    )
+    incoming = f"exec:cat {shlex.quote(record.memory)}"
+    return device_set_start(record.devices)._replace(incoming=incoming)
 
 
 def resume_incoming(run: RunDir, timeout: float = MIGRATE_TIMEOUT) -> None:
@@ -318,3 +374,34 @@ def resume_incoming(run: RunDir, timeout: float = MIGRATE_TIMEOUT) -> None:
             if time.monotonic() > deadline:
                 raise ControlError(f"{run.name}: the memory image took over {timeout:g} s to load")
             time.sleep(0.02)
+
+
+def nic_macs(machine: Machine) -> dict[str, str]:
+    """NIC id -> the MAC QEMU's command line gives it."""
+    return {
+        nic_id(index, nic): nic.mac or stable_mac(machine.name, index)
+        for index, nic in enumerate(machine.nics)
+    }
+
+
+def adopt_own_macs(run: RunDir, machine: Machine) -> str | None:
+    """After the first start: the guest's NICs take the clone's MACs (see the module's
+    docstring); what happened is kept in ``clone.json`` and returned. None: no NIC."""
+    from qvm.control.snapshot import set_guest_macs
+
+    record = read_clone(run)
+    if record is None or not machine.nics:
+        return None
+    changes = {
+        nic: (old, new)
+        for nic, new in nic_macs(machine).items()
+        if (old := record.template_macs.get(nic)) is not None and old.lower() != new.lower()
+    }
+    if changes:
+        note = set_guest_macs(run, changes)
+    elif record.template_macs:
+        note = "the template's: the clone's machine file gives its NICs the same MACs"
+    else:
+        note = "not set: the clone record names no template MACs (made by an older qvm)"
+    write_clone(run, record._replace(mac_note=note))
+    return note

@@ -132,6 +132,7 @@ def remove(run: RunDir, purge: bool) -> Removed:
                         removed.files.append(path)
             else:
                 removed.kept.append((path, "not made by qvm"))
+        _note_frozen_copies(run, removed)
         if not removed.kept or all(p.parent != run.path for p, _ in removed.kept):
             with contextlib.suppress(OSError):  # something new appeared: it stays
                 os.rmdir(run.path)
@@ -139,6 +140,19 @@ def remove(run: RunDir, purge: bool) -> Removed:
                 removed.files = [p for p in removed.files if p.parent != run.path]
                 removed.files.append(run.path)
     return removed
+
+
+def _note_frozen_copies(run: RunDir, removed: Removed) -> None:
+    """A template's frozen copies for clones ($STATE/NAME@TAG) outlive it: say so."""
+    from qvm.ops.clone import clones_of, frozen_copies
+
+    for tag, frozen in frozen_copies(run):
+        users = clones_of(run, tag)
+        used = f"used by {', '.join(users)}" if users else "no clone uses it"
+        removed.kept.append(
+            (frozen.path, f"the frozen copy of {run.name}@{tag} for clones, {used}; "
+                          f"qvm snapshot rm {run.name} {tag} removes it once no clone uses it")
+        )  # fmt: skip
 
 
 def _purge_machine_file(record: NewRecord | None, removed: Removed) -> None:

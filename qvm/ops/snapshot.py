@@ -28,12 +28,20 @@ from typing import Any
 
 from qvm.base.jsonfile import RecordWriteError
 from qvm.base.record import Record
-from qvm.cmdline.argv import STATE_NODE, LaunchInputs, MemoryArg, StartFrom, build_argv
+from qvm.cmdline.argv import (
+    STATE_NODE,
+    LaunchInputs,
+    MemoryArg,
+    PluggedArg,
+    StartFrom,
+    build_argv,
+)
 from qvm.definition.naming import overlay_name
 from qvm.definition.schema import Machine
 from qvm.errors import EXIT_USAGE, ControlError, QvmError, VmStateError
 from qvm.host.qemu_img_snapshots import image_snapshots, qemu_img_snapshot
 from qvm.layout.rundir import RunDir
+from qvm.store.launch import LaunchRecord
 from qvm.store.snapshots import (
     TAG_PATTERN,
     DeviceSet,
@@ -46,6 +54,7 @@ from qvm.store.snapshots import (
     shape_differences,
     shape_of_argv,
 )
+from qvm.supervisor.boot import UpResult
 
 # (bytes done, bytes in all) of a running save
 Progress = Callable[[int, int], None]
@@ -71,13 +80,22 @@ def no_snapshot(run: RunDir, tag: str) -> VmStateError:
 
 def start_from(record: SnapshotRecord) -> StartFrom:
     """The snapshot's device set on QEMU's command line, and ``-loadvm`` of its tag."""
+    return device_set_start(record.devices)._replace(loadvm=record.tag)
+
+
+def device_set_start(devices: DeviceSet) -> StartFrom:
+    """A device set on QEMU's command line: vCPU slots, memory devices, hotplugged disks
+    and NICs with the ids, backends and buses they had."""
     return StartFrom(
-        cpu_slots=record.devices.cpu_slots,
+        cpu_slots=devices.cpu_slots,
         memory_devices=tuple(
             MemoryArg(m.id, m.kind, m.backend, m.size, m.requested_size, m.bus)
-            for m in record.devices.memory
+            for m in devices.memory
         ),
-        loadvm=record.tag,
+        plugged=tuple(
+            PluggedArg(p.id, p.kind, p.bus, p.file, p.format, p.readonly, p.model, p.mac)
+            for p in devices.plugged
+        ),
     )
 
 
@@ -358,19 +376,47 @@ class RemoveResult(Record):
     name: str
     tag: str
     images: tuple[str, ...]
+    frozen: str | None = None  # the frozen copy for clones ($STATE/NAME@TAG) removed with it
+    kept: tuple[tuple[str, str], ...] = ()  # (file, why) left in the frozen copy's folder
 
     def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "tag": self.tag, "images": list(self.images)}
+        return {
+            "name": self.name,
+            "tag": self.tag,
+            "images": list(self.images),
+            "frozen": self.frozen,
+            "kept": [{"file": file, "why": why} for file, why in self.kept],
+        }
 
 
 def remove(run: RunDir, tag: str) -> RemoveResult:
-    """Delete snapshot ``tag`` from every image that holds it, then its record."""
+    """Delete snapshot ``tag`` from every image that holds it, then its record, then its
+    frozen copy for clones; a frozen copy clones use refuses it all, before anything is
+    deleted. With the VM gone (`qvm rm`), its frozen copy alone."""
+    from qvm.ops.clone import check_unused
     from qvm.supervisor.client import supervisor_alive
 
+    check_tag(run.name, tag)
     record = find_snapshot(run, tag)
-    if record is None:
+    frozen = check_unused(run, tag)
+    if record is None and frozen is None:
         raise no_snapshot(run, tag)
-    if supervisor_alive(run):
+    if record is not None:
+        _remove_from_images(run, record, supervisor_alive(run))
+        drop_snapshot(run, tag)
+    images = record.files if record is not None else ()
+    if frozen is None:
+        return RemoveResult(run.name, tag, images)
+    from qvm.ops.files import remove as remove_files
+
+    removed = remove_files(frozen, purge=False)
+    kept = tuple((str(path), why) for path, why in removed.kept)
+    return RemoveResult(run.name, tag, images, str(frozen.path), kept)
+
+
+def _remove_from_images(run: RunDir, record: SnapshotRecord, running: bool) -> None:
+    tag = record.tag
+    if running:
         from qvm.control import snapshot as qmp
         from qvm.control.transaction import opened
 
@@ -383,8 +429,6 @@ def remove(run: RunDir, tag: str) -> RemoveResult:
             path = Path(file)
             if path.exists() and tag in image_snapshots(path):
                 qemu_img_snapshot("-d", tag, path)
-    drop_snapshot(run, tag)
-    return RemoveResult(run.name, tag, record.files)
 
 
 # --- restore -------------------------------------------------------------------------------
@@ -400,9 +444,13 @@ class RestoreResult(Record):
     guest_clock: str | None  # what happened to the guest's clock
     definition_changed: bool  # the file changed since the save (not in a way that matters)
     pid: int | None = None
+    # the VM's QEMU afterwards, as `qvm up` reports it; None when disks were reverted
+    up: UpResult | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return self._asdict()
+        data = self._asdict()
+        del data["up"]
+        return data
 
 
 def restore(run: RunDir, tag: str, machine: Machine) -> RestoreResult:
@@ -484,12 +532,23 @@ def _load_in_place(
     clock = _fix_clock(run, record)
     return RestoreResult(
         run.name, record.tag, "loaded in place", 0, round(time.monotonic() - started, 3),
-        devices.summary(), clock, changed,
+        devices.summary(), clock, changed, None, _running(run, launch),
+    )  # fmt: skip
+
+
+def _running(run: RunDir, launch: LaunchRecord) -> UpResult:
+    """The QEMU a restore in place left running, as `qvm up` reports one already running."""
+    from qvm.store.state import read_state
+
+    state = read_state(run.state_file)
+    return UpResult(
+        run.name, True, state.qemu_pid if state else None, launch.accel, launch.accel_reason,
+        run.serial_log, run.qmp_socket, True,
     )  # fmt: skip
 
 
 def _shape_for(record: SnapshotRecord, argv: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    shape = shape_of_argv(argv)
+    shape = shape_of_argv(argv, record.devices.plugged)
     return _without_accel(shape) if "machine" not in record.shape else shape
 
 
@@ -503,13 +562,6 @@ def _restart(
 ) -> RestoreResult:
     from qvm.ops.up import plan_launch, start_vm
 
-    if record.devices.plugged:
-        kinds = ", ".join(f"{p.kind} {p.id}" for p in record.devices.plugged)
-        raise VmStateError(
-            f"{run.name}: snapshot {record.tag!r} was taken with hotplugged {kinds}: qvm "
-            "restores it only in place, on the VM running with those devices (hint: plug "
-            f"them again, then qvm snapshot restore {run.name} {record.tag})"
-        )
     plan = plan_launch(machine, run, start_from(record))
     differences = shape_differences(record.shape, _shape_for(record, plan.argv))
     if differences:
@@ -529,17 +581,18 @@ def _restart(
 
         kill(run)
     up = start_vm(plan, wait=True)
-    _record_memory_devices(run, record)
+    _record_devices(run, record)
     clock = _fix_clock(run, record)
     replugged = (
         len(record.devices.memory)
+        + len(record.devices.plugged)
         + max(0, len(record.devices.cpu_slots) - 1)
         - max(0, machine.cpu.count - 1)
     )
     return RestoreResult(
         run.name, record.tag, "restarted", max(replugged, 0),
         round(time.monotonic() - started, 3), record.devices.summary(), clock, changed,
-        up.qemu_pid,
+        up.qemu_pid, up,
     )  # fmt: skip
 
 
@@ -553,25 +606,10 @@ def _fix_clock(run: RunDir, record: SnapshotRecord) -> str:
     return qmp.set_guest_time(run)
 
 
-def _record_memory_devices(run: RunDir, record: SnapshotRecord) -> None:
-    """The memory devices started on the command line, as if qvm had hotplugged them, so
-    that `mem list` and `mem del` know them."""
-    if not record.devices.memory:
-        return
-    from qvm.store.devices import DeviceRecord, save_devices
+def _record_devices(run: RunDir, record: SnapshotRecord) -> None:
+    """The memory devices, disks and NICs started on the command line, as if qvm had
+    hotplugged them, so that `mem list`, `disk detach`, `nic del` know them."""
+    if record.devices.memory or record.devices.plugged:
+        from qvm.store.devices import save_devices
 
-    save_devices(
-        run,
-        [
-            DeviceRecord(
-                m.id,
-                m.kind,
-                cleanup=(("object-del", {"id": m.backend}),),
-                bus=m.bus,
-                backend=m.backend,
-                size=m.size,
-                added=time.time(),
-            )
-            for m in record.devices.memory
-        ],
-    )
+        save_devices(run, record.devices.device_records(time.time()))

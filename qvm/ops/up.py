@@ -106,7 +106,19 @@ class LaunchPlan(Record):
             max_restarts=machine.supervisor.max_restarts,
             restart_delay=machine.supervisor.restart_delay,
             created=time.time(),
+            restart_argv=self.cold_argv(),
         )
+
+    def cold_argv(self) -> tuple[str, ...] | None:
+        """What the restart policy runs after a start from a snapshot or a memory image:
+        the definition's cold boot, never the snapshot again; None for a cold start."""
+        inputs = self.inputs
+        if inputs.loadvm is None and inputs.incoming is None:
+            return None
+        cold = inputs._replace(
+            cpu_slots=None, memory_devices=(), plugged=(), loadvm=None, incoming=None
+        )
+        return tuple(build_argv(self.machine, cold))
 
 
 def plan_launch(machine: Machine, run_dir: RunDir, start: StartFrom | None = None) -> LaunchPlan:
@@ -213,9 +225,10 @@ def start_vm(plan: LaunchPlan, wait: bool, progress: FetchProgress | None = None
     prepare_run_dir(plan, progress)
     result = start_supervisor(plan.run_dir, plan.launch_record(), wait=wait)
     if plan.inputs.incoming is not None and wait and not result.already_running:
-        from qvm.ops.clone import resume_incoming  # a clone's first start
+        from qvm.ops.clone import adopt_own_macs, resume_incoming  # a clone's first start
 
         resume_incoming(plan.run_dir)
+        adopt_own_macs(plan.run_dir, plan.machine)
     return result
 
 

@@ -113,6 +113,10 @@ class LaunchRecord(Record):
     max_restarts: int
     restart_delay: float
     created: float | None
+    # what a restart by the policy runs instead of ``argv``: a run started from a snapshot
+    # (-loadvm) or a clone's memory image (-incoming) comes back cold, from its definition,
+    # never silently from the snapshot again; None: ``argv`` itself
+    restart_argv: tuple[str, ...] | None = None
 
     @classmethod
     def from_json(cls, data: Any, source: str) -> LaunchRecord:
@@ -141,11 +145,13 @@ class LaunchRecord(Record):
             max_restarts=f.int("max_restarts", 5),
             restart_delay=f.float("restart_delay", 1.0),
             created=f.float("created", None),
+            restart_argv=f.str_list("restart_argv", None),
         )
 
     def to_json(self) -> dict[str, Any]:
         data = self._asdict()
         data["argv"] = list(self.argv)
+        data["restart_argv"] = list(self.restart_argv) if self.restart_argv is not None else None
         data["nics"] = list(self.nics)
         data["topology"] = self.topology.to_json() if self.topology else None
         data["forwards"] = [forward.to_json() for forward in self.forwards]

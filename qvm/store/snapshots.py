@@ -15,13 +15,16 @@ restarting QEMU, and what a refusal says.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
 from qvm.layout.rundir import RunDir
 from qvm.store.fields import Fields, read_record
 from qvm.store.launch import Forward
+
+if TYPE_CHECKING:
+    from qvm.store.devices import DeviceRecord
 
 SNAPSHOTS_HINT = "it lists qvm's snapshots; remove it to forget them (the disks keep theirs)"
 MEMORY_KINDS = ("dimm", "virtio-mem")
@@ -62,6 +65,8 @@ class PluggedDevice(Record):
     format: str | None = None
     model: str | None = None
     mac: str | None = None
+    bus: str | None = None  # the PCIe root port it sits on (q35): -loadvm finds it there
+    readonly: bool = False
 
     @classmethod
     def read(cls, f: Fields) -> PluggedDevice:
@@ -72,6 +77,8 @@ class PluggedDevice(Record):
             format=f.str("format", None),
             model=f.str("model", None),
             mac=f.str("mac", None),
+            bus=f.str("bus", None),
+            readonly=f.bool("readonly", False),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -107,6 +114,27 @@ class DeviceSet(Record):
             "plugged": [p.to_json() for p in self.plugged],
             "forwards": [f.to_json() for f in self.forwards],
         }
+
+    def device_records(self, now: float) -> list[DeviceRecord]:
+        """Its memory devices, disks and NICs as the records of devices qvm hotplugged
+        (``devices.json``), for a QEMU started with them on its command line."""
+        from qvm.store.devices import DeviceRecord
+
+        memory = [
+            DeviceRecord(m.id, m.kind, cleanup=(("object-del", {"id": m.backend}),), bus=m.bus,
+                         backend=m.backend, size=m.size, added=now)
+            for m in self.memory
+        ]  # fmt: skip
+        plugged = [
+            DeviceRecord(p.id, "disk", cleanup=(("blockdev-del", {"node-name": p.id}),
+                                                ("blockdev-del", {"node-name": f"{p.id}-file"})),
+                         bus=p.bus, file=p.file, format=p.format, readonly=p.readonly, added=now)
+            if p.kind == "disk"
+            else DeviceRecord(p.id, "nic", cleanup=(("netdev_del", {"id": p.id}),), bus=p.bus,
+                              model=p.model, mac=p.mac, added=now)
+            for p in self.plugged
+        ]  # fmt: skip
+        return [*memory, *plugged]
 
     def summary(self) -> str:
         """``3 vCPUs, 1 DIMM`` for people."""
@@ -255,11 +283,15 @@ DEVICE_SET_DRIVERS = ("pc-dimm", "virtio-mem-pci")
 STATE_NODE_PREFIX = "qvm-state"  # the state disk's nodes (qvm.cmdline.argv.STATE_NODE)
 
 
-def shape_of_argv(argv: tuple[str, ...] | list[str]) -> dict[str, Any]:
+def shape_of_argv(
+    argv: tuple[str, ...] | list[str], plugged: Sequence[PluggedDevice] = ()
+) -> dict[str, Any]:
     """What of QEMU's command line a snapshot's state depends on, by key: the machine,
     CPU, topology and memory, and every device and block node by its id. Host-side facts
     (forwarded ports, file logging, sockets, image paths) and the device set a snapshot
-    carries itself (vCPU and memory devices, the state disk) are left out."""
+    carries itself (vCPU and memory devices, the state disk, and the ``plugged`` disks and
+    NICs a restart puts on the command line) are left out."""
+    carried = {p.id for p in plugged} | {f"{p.id}-file" for p in plugged}
     shape: dict[str, Any] = {}
     args = list(argv)
     for option, value in zip(args, args[1:], strict=False):
@@ -269,10 +301,12 @@ def shape_of_argv(argv: tuple[str, ...] | list[str]) -> dict[str, Any]:
             driver = value.split(",", 1)[0]
             if driver.endswith("-x86_64-cpu") or driver in DEVICE_SET_DRIVERS:
                 continue
+            if _prop(value, "id") in carried:
+                continue
             key = "device:" + (_prop(value, "id") or value)
         elif option == "-blockdev":
             node = _prop(value, "node-name") or value
-            if node.startswith(STATE_NODE_PREFIX):
+            if node.startswith(STATE_NODE_PREFIX) or node in carried:
                 continue
             key = "blockdev:" + node
             # where an image lies is the host's business (a clone's lie elsewhere)
@@ -302,20 +336,30 @@ def _shown(value: Any) -> str:
 
 
 class CloneRecord(Record):
-    """``clone.json`` in a clone's run dir: where its first start comes from."""
+    """``clone.json`` in a clone's run dir: where its first start comes from, and what
+    that start did about the NICs' MACs."""
 
     template: str
     tag: str
     memory: str  # the migration stream (QEMU's -incoming) of the template's snapshot
     devices: DeviceSet
+    # NIC id -> the template's MAC, which the guest's driver holds in the memory image
+    template_macs: dict[str, str] = {}
+    # after the first start: how each NIC got the clone's own MAC (or why it did not)
+    mac_note: str | None = None
 
     @classmethod
     def read(cls, f: Fields) -> CloneRecord:
+        macs = f.object("template_macs", None)
+        if macs is not None and not all(isinstance(v, str) for v in macs.data.values()):
+            raise f.fail("template_macs", "must map NIC ids to MACs")
         return cls(
             template=f.str("template"),
             tag=f.str("tag"),
             memory=f.str("memory"),
             devices=DeviceSet.read(f.object("devices")),
+            template_macs=dict(macs.data) if macs is not None else {},
+            mac_note=f.str("mac_note", None),
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -419,6 +419,8 @@ class Supervisor:
             self.consecutive_restarts = 0
         if self.consecutive_restarts >= self.launch.max_restarts:
             return False, f"; not restarted: {self.launch.max_restarts} restarts in a row"
+        if self.launch.restart_argv is not None:
+            return True, "; restarted cold from the definition, not from the snapshot"
         return True, ""
 
     def _classify_exit(self, returncode: int, reached_qmp: bool) -> tuple[bool, str]:
@@ -462,8 +464,22 @@ class Supervisor:
             self.save_state(state="stopped")
             return False
         self.state = self.state._replace(restarts=self.state.restarts + 1, next_restart_at=None)
+        self._restart_cold()
         self.spawn_qemu()
         return True
+
+    def _restart_cold(self) -> None:
+        """A run started from a snapshot or a memory image restarts from its definition
+        (``LaunchRecord.restart_argv``); launch.json says so, for every later command."""
+        if self.launch.restart_argv is None:
+            return
+        from qvm.store.launch import write_launch
+
+        self.launch = self.launch._replace(argv=self.launch.restart_argv, restart_argv=None)
+        try:
+            write_launch(self.run.launch_file, self.launch)
+        except RecordWriteError as error:
+            log_line(f"qvm supervisor: {error}")
 
     # --- stopping ----------------------------------------------------------------------
 

@@ -296,3 +296,124 @@ def test_clone_and_template_side_by_side(qvm: Qvm) -> None:
     qvm("up", "c2")
     assert guest_sh(qvm, "c2", "head -c 8 /dev/vda") == "TEMPLATE"
     assert guest_sh(qvm, "c1", "head -c 8 /dev/vda") == "CLONE---"
+
+
+# --- a clone's own MAC, frozen copies ------------------------------------------------------
+
+NIC = '[[nic]]\nmode = "user"\n'
+
+
+def defined_mac(qvm: Qvm, name: str) -> str:
+    """The MAC the VM's definition gives net0, from the argv qvm would run."""
+    device = next(a for a in qvm.json("cmdline", name)["argv"] if "netdev=net0" in a)
+    return next(p for p in device.split(",") if p.startswith("mac=")).removeprefix("mac=")
+
+
+def guest_mac(qvm: Qvm, name: str) -> str:
+    """The guest's own word: the address of its one virtio-net interface."""
+    return guest_sh(qvm, name, "ip link show eth0 | awk '/link.ether/ {print $2}'").strip()
+
+
+def qemu_mac(qvm: Qvm, name: str) -> str:
+    """QEMU's device: the MAC its receive filter takes."""
+    return qvm.json("qmp", name, "query-rx-filter")[0]["main-mac"]
+
+
+def test_clone_gets_its_own_mac_and_frozen_copy_goes_with_the_last_clone(qvm: Qvm) -> None:
+    boot(qvm, "tpl", extra=NIC)
+    template_mac = defined_mac(qvm, "tpl")
+    assert guest_mac(qvm, "tpl") == template_mac
+    qvm("snapshot", "save", "tpl", "ready")
+    qvm("kill", "tpl")
+    qvm("new", "c1", "--from", "tpl@ready")
+    clone_mac = defined_mac(qvm, "c1")
+    assert clone_mac != template_mac
+
+    started = qvm.json("up", "c1")
+    validate(started, "up.json")
+    clone = started[0]["clone"]
+    assert clone["template"] == "tpl" and clone["tag"] == "ready", clone
+    assert clone["macs"].startswith("set in the guest by its agent: eth0 " + clone_mac), clone
+    qvm("up", "tpl", "--restore", "ready")
+    # side by side: each guest has its own definition's MAC, and so has QEMU's device
+    assert guest_mac(qvm, "c1") == qemu_mac(qvm, "c1") == clone_mac
+    assert guest_mac(qvm, "tpl") == qemu_mac(qvm, "tpl") == template_mac
+
+    # the frozen copy stays while a clone uses it: refused, naming it, nothing removed
+    frozen = qvm.state_dir / "tpl@ready"
+    line = one_line_error(qvm("snapshot", "rm", "tpl", "ready", check=False))
+    assert "has clones on its frozen copy" in line and "c1" in line and "qvm rm c1" in line, line
+    assert [s["tag"] for s in qvm.json("snapshot", "list", "tpl")] == ["ready"]
+    assert (frozen / "memory.bin").exists()
+    # the template's rm says what it leaves
+    qvm("kill", "tpl", "c1")
+    removed = qvm.json("rm", "tpl")
+    kept = {k["file"]: k["why"] for k in removed["kept"]}
+    assert "used by c1" in kept[str(frozen)], kept
+    assert frozen.is_dir()
+    # the last clone gone: the frozen copy goes, qvm's files only
+    qvm("rm", "c1")
+    (frozen / "notes.txt").write_text("mine")
+    gone = qvm.json("snapshot", "rm", "tpl", "ready")
+    validate(gone, "snapshot-rm.json")
+    assert gone["frozen"] == str(frozen) and gone["images"] == [], gone
+    assert [k["file"] for k in gone["kept"]] == [str(frozen / "notes.txt")], gone
+    assert sorted(p.name for p in frozen.iterdir()) == ["notes.txt"]
+
+
+# --- the restart policy after a restore -------------------------------------------------------
+
+
+def test_restored_vm_restarts_cold_after_a_crash(qvm: Qvm) -> None:
+    boot(qvm, "vm1", extra='[supervisor]\nrestart = "on-failure"\nrestart_delay = 0.2\n')
+    guest_sh(qvm, "vm1", f"echo saved > {MARK}")
+    qvm("snapshot", "save", "vm1", "ready")
+    qvm("kill", "vm1")
+    time.sleep(3)  # the guest's clock stands still meanwhile
+    restored = qvm.json("up", "vm1", "--restore", "ready")
+    assert restored[0]["restore"]["guest_clock"].startswith("set to the host's"), restored
+    assert guest_sh(qvm, "vm1", f"cat {MARK}").strip() == "saved"
+    assert abs(int(guest_sh(qvm, "vm1", "date +%s")) - time.time()) < 2  # set, not 3 s behind
+    pid = qvm.status("vm1")["pid"]
+    os.kill(pid, 9)
+    deadline = time.monotonic() + 60
+    while True:
+        status = qvm.status("vm1")
+        if status["state"] == "running" and status["pid"] not in (None, pid):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    assert "restarted cold from the definition" in status["last_exit"]["reason"], status
+    qvm("wait", "vm1", "--for", "agent", "--timeout", "90")
+    # the guest booted: no file from the snapshot, a fresh uptime
+    assert guest_sh(qvm, "vm1", f"cat {MARK} 2>/dev/null || echo gone").strip() == "gone"
+    uptime = float(guest_sh(qvm, "vm1", "cut -d' ' -f1 /proc/uptime"))
+    assert uptime < 60, uptime
+    launch = json.loads((qvm.run_dir("vm1") / "launch.json").read_text())
+    assert "-loadvm" not in launch["argv"] and launch["restart_argv"] is None
+
+
+# --- hotplugged disks in a restart ------------------------------------------------------------
+
+
+def test_hotplugged_disk_restored_into_a_vm_without_it(qvm: Qvm) -> None:
+    boot(qvm, "vm1")
+    attached = qvm.json("disk", "attach", "vm1", "--new", "16M")
+    dev = attached["disk"]["id"]
+    guest_sh(qvm, "vm1", "for i in 1 2 3 4 5 6 7 8 9; do [ -b /dev/vda ] && break; sleep 1; done")
+    guest_sh(qvm, "vm1", "echo HOTPLUG- | dd of=/dev/vda conv=fsync 2>/dev/null")
+    saved = qvm.json("snapshot", "save", "vm1", "withdisk")
+    assert [p["id"] for p in saved["devices"]["plugged"]] == [dev], saved
+    qvm("restart", "vm1", "--force")  # the definition: no such disk
+    qvm("wait", "vm1", "--for", "agent", "--timeout", "90")
+    assert dev not in [d["id"] for d in qvm.json("disk", "list", "vm1")["disks"]]
+
+    restored = qvm.json("up", "vm1", "--restore", "withdisk")
+    validate(restored, "up.json")
+    assert restored[0]["restore"]["how"] == "restarted", restored
+    assert restored[0]["restore"]["replugged"] == 1, restored
+    assert dev in [d["id"] for d in qvm.json("disk", "list", "vm1")["disks"]]
+    # the guest's own word: the disk is there with what it wrote before the save
+    assert guest_sh(qvm, "vm1", "head -c 8 /dev/vda") == "HOTPLUG-"
+    again = qvm.json("snapshot", "restore", "vm1", "withdisk")
+    assert again["how"] == "loaded in place", again

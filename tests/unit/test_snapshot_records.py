@@ -160,3 +160,58 @@ def test_bad_tags(tag: str) -> None:
 def test_summary() -> None:
     assert record().devices.summary() == "3 vCPUs, 1 DIMM"
     assert snapshots.DeviceSet(cpu_slots=(0,)).summary() == "1 vCPU"
+
+
+DISK = snapshots.PluggedDevice("disk1", "disk", "/s/vm1/hotplug-disk1.qcow2", "qcow2", bus="hp0")
+NIC = snapshots.PluggedDevice("net1", "nic", model="virtio-net-pci", mac="52:54:00:00:00:01")
+
+
+def test_plugged_devices_on_the_command_line_keep_their_ids_and_leave_the_shape() -> None:
+    run = RunDir(Path("/s/vm1"))
+    plain = build_argv(_machine(), LaunchInputs(accel="tcg", run_dir=run))
+    start = start_from(record(devices=snapshots.DeviceSet(cpu_slots=(0,), plugged=(DISK, NIC))))
+    restoring = build_argv(_machine(), LaunchInputs("tcg", run, **start._asdict()))
+    joined = " ".join(restoring)
+    assert (
+        "-blockdev driver=file,node-name=disk1-file,filename=/s/vm1/hotplug-disk1.qcow2 "
+        "-blockdev driver=qcow2,node-name=disk1,file=disk1-file "
+        "-device virtio-blk-pci,drive=disk1,id=disk1,bus=hp0"
+    ) in joined
+    assert "-netdev user,id=net1 " in joined
+    assert "virtio-net-pci,netdev=net1,mac=52:54:00:00:00:01,id=net1" in joined
+    # the snapshot carries them: the shape is a plain boot's, as at save time
+    assert shape_of_argv(restoring, (DISK, NIC)) == shape_of_argv(plain)
+    assert shape_of_argv(restoring) != shape_of_argv(plain)
+
+
+def test_a_run_from_a_snapshot_restarts_cold(tmp_path: Path) -> None:
+    from qvm.host.accel import AccelChoice
+    from qvm.ops.up import LaunchPlan
+
+    run = RunDir(tmp_path)
+    machine = _machine()
+    accel = AccelChoice("tcg", "test")
+    cold = LaunchInputs("tcg", run)
+    start = start_from(record(devices=snapshots.DeviceSet(cpu_slots=(0, 1), plugged=(DISK,))))
+    warm = cold._replace(**start._asdict())
+    assert LaunchPlan(machine, run, accel, build_argv(machine, cold), cold).cold_argv() is None
+    plan = LaunchPlan(machine, run, accel, build_argv(machine, warm), warm)
+    assert "-loadvm" in plan.argv
+    assert plan.cold_argv() == tuple(build_argv(machine, cold))
+    assert plan.launch_record().restart_argv == tuple(build_argv(machine, cold))
+
+
+def test_clone_record_keeps_the_template_macs(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    devices = snapshots.DeviceSet(cpu_slots=(0,))
+    macs = {"net0": "52:54:00:aa:bb:cc"}
+    clone = snapshots.CloneRecord("tpl", "ready", "/s/tpl@ready/memory.bin", devices, macs)
+    snapshots.write_clone(run, clone)
+    assert snapshots.read_clone(run) == clone
+    snapshots.write_clone(run, clone._replace(mac_note="set"))
+    assert snapshots.read_clone(run).mac_note == "set"  # type: ignore[union-attr]
+    data = json.loads(run.clone_file.read_text())
+    data["template_macs"] = {"net0": 7}
+    run.clone_file.write_text(json.dumps(data))
+    with pytest.raises(RecordError, match="template_macs"):
+        snapshots.read_clone(run)

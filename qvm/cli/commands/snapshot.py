@@ -104,7 +104,8 @@ def remove(
     tag: str = Argument(..., help="The snapshot's name."),
     as_json: bool = Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Delete a snapshot from the VM's images and forget it.
+    """Delete a snapshot from the VM's images and forget it, and its frozen copy for
+    clones ($STATE/NAME@TAG) when no clone uses it (refused, naming them, otherwise).
 
     JSON: schemas/snapshot-rm.json
     """
@@ -114,7 +115,12 @@ def remove(
     if as_json:
         emit_json(result.as_json())
         return
-    say(f"{result.name}: removed snapshot {tag}")
+    if result.images:
+        say(f"{result.name}: removed snapshot {tag}")
+    if result.frozen is not None:
+        say(f"{result.name}: removed its frozen copy for clones, {result.frozen}")
+    for file, why in result.kept:
+        say(f"{result.name}: kept {file} ({why})")
 
 
 @commands.command("restore")
@@ -148,31 +154,6 @@ def say_restored(result: RestoreResult) -> None:
         say(f"  guest clock {result.guest_clock}")
     if result.definition_changed:
         say("  definition  changed since the save, not in a way the snapshot depends on")
-
-
-def up_restore(names: list[str], tag: str, as_json: bool) -> None:
-    """`qvm up NAME... --restore TAG`: each VM from its snapshot ``tag``."""
-    from qvm.cli.output import warn
-    from qvm.errors import EXIT_FAILURE, QvmError
-    from qvm.ops.snapshot import restore as restore_snapshot
-
-    results = []
-    failed = 0
-    for name in names:
-        try:
-            machine = resolve.load(name)
-            result = restore_snapshot(resolve.run_dir(machine.name), tag, machine)
-        except QvmError as error:
-            failed += 1
-            warn(f"qvm: {error}")
-            continue
-        results.append(result.as_json())
-        if not as_json:
-            say_restored(result)
-    if as_json:
-        emit_json(results)
-    if failed:
-        raise SystemExit(EXIT_FAILURE)
 
 
 def new_clone(name: str, source: str, as_json: bool) -> None:

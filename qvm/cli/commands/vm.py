@@ -45,47 +45,57 @@ def up(
 
     JSON: schemas/up.json
     """
-    if restore is not None:
-        from qvm.cli.commands.snapshot import up_restore
-
-        up_restore(names, restore, as_json)
-        return
     from qvm.cli.progress import DownloadBar, run_waiting
     from qvm.ops.up import plan_launch, start_vm
 
     results: list[dict[str, Any]] = []
     failed = 0
     for name in names:
+        restored = plan = None
         try:
             machine = resolve.load(name)
             run = resolve.run_dir(machine.name)
-            plan = plan_launch(machine, run)
-            result = run_waiting(
-                _start_label(machine.name), start_vm, plan, not no_wait, DownloadBar()
-            )
+            if restore is not None:
+                restored, result = _restore(machine, run, restore)
+            if restored is None or result is None:  # a cold start (after disks reverted)
+                plan = plan_launch(machine, run)
+                result = run_waiting(
+                    _start_label(machine.name), start_vm, plan, not no_wait, DownloadBar()
+                )
         except QvmError as error:
             failed += 1
             warn(f"qvm: {error}")
             results.append(_error_entry(name, error))
             continue
+        resumed = plan is not None and plan.inputs.incoming is not None and not no_wait
+        clone = _clone_start(run, result) if resumed else None
         if as_json:
             from qvm.store.forwards import current_forwards
 
-            results.append(
-                {
-                    "name": result.name,
-                    "already_running": result.already_running,
-                    "pid": result.qemu_pid,
-                    "accel": result.accel,
-                    "accel_reason": result.accel_reason,
-                    "serial_log": str(result.serial_log),
-                    "qmp_socket": str(result.qmp_socket),
-                    "qmp_ready": result.ready,
-                    # the host ports picked for port 0 too: what this run listens on
-                    "forwards": current_forwards(run),
-                }
-            )
+            entry = {
+                "name": result.name,
+                "already_running": result.already_running,
+                "pid": result.qemu_pid,
+                "accel": result.accel,
+                "accel_reason": result.accel_reason,
+                "serial_log": str(result.serial_log),
+                "qmp_socket": str(result.qmp_socket),
+                "qmp_ready": result.ready,
+                # the host ports picked for port 0 too: what this run listens on
+                "forwards": current_forwards(run),
+            }
+            if restored is not None:
+                entry["restore"] = restored.as_json()
+            if clone is not None:
+                entry["clone"] = clone
+            results.append(entry)
             continue
+        if restored is not None:
+            from qvm.cli.commands.snapshot import say_restored
+
+            say_restored(restored)
+            if restored.up is not None:
+                continue
         if result.already_running:
             say(f"{result.name}: already running (pid {result.qemu_pid})")
             _warn_if_changed(run)
@@ -95,6 +105,10 @@ def up(
         say(f"  accel       {result.accel} ({result.accel_reason})")
         say(f"  serial log  {result.serial_log}")
         say(f"  qmp socket  {result.qmp_socket}")
+        if clone is not None:
+            say(f"  clone       resumed {clone['template']}@{clone['tag']}")
+            if clone["macs"] is not None:
+                say(f"  mac         {clone['macs']}")
         for forward in plan.forwards():
             say(
                 f"  forward     {forward.proto}:{forward.host_addr}:{forward.host_port}"
@@ -104,6 +118,27 @@ def up(
         emit_json(results)
     if failed:
         raise SystemExit(EXIT_FAILURE)
+
+
+def _restore(machine: Any, run: RunDir, tag: str) -> tuple[Any, Any]:
+    """`up --restore TAG`: the restore, and the start it made (None: disks reverted,
+    the caller starts the VM cold)."""
+    from qvm.cli.progress import run_waiting
+    from qvm.ops.snapshot import restore as restore_snapshot
+
+    label = f"{machine.name}: restoring snapshot {tag}"
+    restored = run_waiting(label, restore_snapshot, run, tag, machine)
+    return restored, restored.up
+
+
+def _clone_start(run: RunDir, result: Any) -> dict[str, Any] | None:
+    """What a clone's first start did (it resumed its template's memory), else None."""
+    from qvm.store.snapshots import read_clone
+
+    record = None if result.already_running else read_clone(run)
+    if record is None:
+        return None
+    return {"template": record.template, "tag": record.tag, "macs": record.mac_note}
 
 
 @commands.command("down")
