@@ -70,15 +70,12 @@ class PluggedDevice(Record):
 
     @classmethod
     def read(cls, f: Fields) -> PluggedDevice:
+        optional_texts = ("file", "format", "model", "mac", "bus")
         return cls(
             id=f.str("id"),
             kind=f.one_of("kind", ("disk", "nic")),
-            file=f.str("file", None),
-            format=f.str("format", None),
-            model=f.str("model", None),
-            mac=f.str("mac", None),
-            bus=f.str("bus", None),
             readonly=f.bool("readonly", False),
+            **{key: f.str(key, None) for key in optional_texts},
         )
 
     def to_json(self) -> dict[str, Any]:
