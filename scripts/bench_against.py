@@ -102,7 +102,11 @@ def main(rev: str, rounds: int, new_rev: str | None) -> None:
         print(f"medians of {rounds} rounds, taken in turn ({' | '.join(trees)}):")
         for what in commands:
             a, b = (statistics.median(times[(what, label)]) * 1000 for label in trees)
-            print(f"  {what:22} {a:6.1f} ms | {b:6.1f} ms  ({b - a:+.1f} ms)")
+            low_a, low_b = (min(times[(what, label)]) * 1000 for label in trees)
+            print(
+                f"  {what:22} {a:6.1f} ms | {b:6.1f} ms  ({b - a:+.1f} ms;"
+                f" fastest {low_a:.1f} | {low_b:.1f} ms)"
+            )
         a, b = (statistics.median(rss[label]) for label in trees)
         print(f"  {'supervisor RSS':22} {a:6.2f} MiB | {b:6.2f} MiB  ({b - a:+.2f} MiB)")
     finally:

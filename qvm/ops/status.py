@@ -18,7 +18,6 @@ from qvm.supervisor.client import (
     clean_stale,
     supervisor_alive,
 )
-from qvm.supervisor.wire import StatusRequest
 
 # --- status --------------------------------------------------------------------------
 
@@ -88,6 +87,8 @@ def _fill_status(record: dict[str, Any], run: RunDir) -> None:
         if state.orphaned:
             record["reason"] = state.crash_reason
         return
+    from qvm.supervisor.wire import StatusRequest  # only a running VM is asked
+
     try:
         live = ask_supervisor(run, StatusRequest(), timeout=SUPERVISOR_ANSWER_TIMEOUT)
     except QvmError as exc:
