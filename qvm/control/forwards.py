@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from qvm.control.qmp_session import QmpSession
     from qvm.control.session import ControlSession
     from qvm.definition.schema import PortForward
+    from qvm.host.ports import PortPicker
 
 _SHORT_FORM = re.compile(r"(?:(tcp|udp):)?(?:([0-9]{1,3}(?:\.[0-9]{1,3}){3}):)?([0-9]{1,5})")
 
@@ -72,13 +73,24 @@ def add_forward(run: RunDir, text: str, nic: str | None = None) -> Forward:
     return entry
 
 
-def resolve_forward(run: RunDir, fwd: PortForward, nic: str, action: str | None = None) -> Forward:
-    """The forward as recorded, with its host port: 0 gets a free one; a port in use is
-    refused before QEMU is asked, naming who holds it (the qvm VM, when it is one)."""
+def resolve_forward(
+    run: RunDir,
+    fwd: PortForward,
+    nic: str,
+    action: str | None = None,
+    picker: PortPicker | None = None,
+) -> Forward:
+    """The forward as recorded, with its host port: 0 gets a free one (from ``picker``
+    when several are picked at once, so they differ); a port in use is refused before
+    QEMU is asked, naming who holds it (the qvm VM, when it is one)."""
     from qvm.host.ports import pick_free_port, port_in_use
 
     if fwd.host_port == 0:
-        port = pick_free_port(fwd.host_addr, fwd.protocol)
+        port = (
+            picker.pick(fwd.host_addr, fwd.protocol)
+            if picker is not None
+            else pick_free_port(fwd.host_addr, fwd.protocol)
+        )
     elif port_in_use(fwd.host_addr, fwd.host_port, fwd.protocol):
         doing = f"{action}: " if action else ""
         raise HostError(

@@ -26,6 +26,7 @@ from qvm.control.qmp_session import QmpSession
 from qvm.definition.forwards import ForwardError, parse_forward
 from qvm.definition.schema import NIC_MODELS, PortForward
 from qvm.errors import ControlError, HotplugError
+from qvm.host.ports import PortPicker
 from qvm.layout.rundir import RunDir
 from qvm.store.devices import DeviceRecord, device_records
 from qvm.store.forwards import forget_forwards, read_forwards, record_forwards
@@ -229,7 +230,9 @@ def add_nic(
                 f"{name}: nic add: MAC {mac} is already used by another NIC of this VM "
                 f"(hint: qvm nic list {name})"
             )
-        resolved = [resolve_forward(run, fwd, dev_id, "nic add") for fwd in parsed]
+        fixed = [fwd.host_port for fwd in parsed if fwd.host_port]
+        with PortPicker(avoid=fixed) as picker:
+            resolved = [resolve_forward(run, fwd, dev_id, "nic add", picker) for fwd in parsed]
         netdev: dict[str, Any] = {"type": "user", "id": dev_id}
         if resolved:
             netdev["hostfwd"] = [{"str": hostfwd_rule(f)} for f in resolved]

@@ -20,7 +20,7 @@ from qvm.definition.schema import Machine
 from qvm.definition.topology import topology_of
 from qvm.errors import DefinitionError, HostError, Problem
 from qvm.host.accel import AccelChoice, choose_accel, probe_kvm
-from qvm.host.ports import pick_free_port, port_holder, port_in_use
+from qvm.host.ports import PortPicker, port_holder, port_in_use
 from qvm.host.qemu import qemu_capabilities
 from qvm.host.qemu_img import detect_format, ensure_overlay, qemu_img_create
 from qvm.layout.rundir import RunDir
@@ -202,20 +202,23 @@ def _check_model_under_accel(machine: Machine, accel: AccelChoice) -> None:
 
 
 def _resolve_ports(machine: Machine) -> dict[tuple[int, int], int]:
-    """Pick host ports for ``host = 0`` forwards; refuse ports that are taken, naming who."""
+    """Pick distinct host ports for ``host = 0`` forwards; refuse ports that are taken,
+    naming who."""
+    fixed = [fwd.host_port for nic in machine.nics for fwd in nic.forwards if fwd.host_port]
     chosen: dict[tuple[int, int], int] = {}
-    for nic_index, nic in enumerate(machine.nics):
-        for fwd_index, fwd in enumerate(nic.forwards):
-            if fwd.host_port == 0:
-                chosen[(nic_index, fwd_index)] = pick_free_port(fwd.host_addr, fwd.protocol)
-            elif port_in_use(fwd.host_addr, fwd.host_port, fwd.protocol):
-                holder = port_holder(fwd.host_port)
-                held = f" by {holder}" if holder else ""
-                raise HostError(
-                    f"{machine.path}: nic[{nic_index}].forwards[{fwd_index}]: "
-                    f"{fwd.protocol} port {fwd.host_addr}:{fwd.host_port} is already in use{held} "
-                    "(hint: pick another host port, or 0 for any free one)"
-                )
+    with PortPicker(avoid=fixed) as picker:
+        for nic_index, nic in enumerate(machine.nics):
+            for fwd_index, fwd in enumerate(nic.forwards):
+                if fwd.host_port == 0:
+                    chosen[(nic_index, fwd_index)] = picker.pick(fwd.host_addr, fwd.protocol)
+                elif port_in_use(fwd.host_addr, fwd.host_port, fwd.protocol):
+                    holder = port_holder(fwd.host_port)
+                    held = f" by {holder}" if holder else ""
+                    raise HostError(
+                        f"{machine.path}: nic[{nic_index}].forwards[{fwd_index}]: "
+                        f"{fwd.protocol} port {fwd.host_addr}:{fwd.host_port} is already in "
+                        f"use{held} (hint: pick another host port, or 0 for any free one)"
+                    )
     return chosen
 
 

@@ -79,6 +79,25 @@ def test_port_zero_picks_a_free_port_and_a_taken_port_names_its_holder(tmp_path:
     assert not port_in_use("127.0.0.1", pick_free_port("127.0.0.1", "tcp"), "tcp")
 
 
+def test_auto_ports_of_one_launch_are_distinct_and_miss_the_fixed_ones(tmp_path: Path) -> None:
+    """The kernel may hand a just-closed port out again: a CI run got one port for two
+    ``host = 0`` forwards and QEMU refused the second rule. Enough forwards that closing
+    each probe before the next would, with the kernel's random pick, repeat one."""
+    fixed = 2222
+    rules = [f'"tcp:0:{guest}"' for guest in range(1, 400)] + [f'"tcp:{fixed}:9999"']
+    path = tmp_path / "many.toml"
+    path.write_text(f"[[nic]]\nforwards = [{', '.join(rules)}]\n")
+    machine = load_machine(path)
+    if port_in_use("127.0.0.1", fixed, "tcp"):
+        pytest.skip(f"port {fixed} is taken on this host")
+    chosen = list(_resolve_ports(machine).values())
+    assert len(chosen) == 399
+    assert len(set(chosen)) == len(chosen)
+    assert fixed not in chosen
+    # released when the launch's pick is over: QEMU must be able to bind them
+    assert not any(port_in_use("127.0.0.1", port, "tcp") for port in chosen[:20])
+
+
 def _my_name() -> str:
     import psutil
 
