@@ -17,8 +17,6 @@ if TYPE_CHECKING:  # the vCPU commands import this module, and need no TOML pars
     from qvm.definition.schema import CpuSpec
 
 
-
-
 class Topology(Record):
     sockets: int
     dies: int

@@ -37,7 +37,6 @@ class SeedPlan(Record):
     runcmd: tuple[str | tuple[str, ...], ...]
 
 
-
 def default_public_keys(home: Path) -> list[Path]:
     """The user's own public keys: ``~/.ssh/id_*.pub``, sorted."""
     return sorted(p for p in (home / ".ssh").glob("id_*.pub") if p.is_file())

@@ -1,5 +1,4 @@
-"""``qemu-img``: image formats, overlays on base images, new images.
-"""
+"""``qemu-img``: image formats, overlays on base images, new images."""
 
 from __future__ import annotations
 

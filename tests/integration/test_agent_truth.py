@@ -25,9 +25,7 @@ NO_AUTO_ONLINE = "qvm.noautoonline"
 NO_POWER_BUTTON = "qvm.nopowerbutton"
 
 
-def guest_with(
-    qvm: Qvm, name: str, switches: str = "", extra: str = "", memory: str = ""
-) -> None:
+def guest_with(qvm: Qvm, name: str, switches: str = "", extra: str = "", memory: str = "") -> None:
     path = qvm.guest_machine(name, count=1, max=3, extra=extra)
     text = path.read_text()
     text = text.replace('irqaffinity=0"', f'irqaffinity=0 {switches}"')
