@@ -32,7 +32,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from qvm.base.record import Record
@@ -100,6 +100,13 @@ class AgentInfo(Record):
         }
 
 
+def _message(command: str, arguments: dict[str, Any] | None) -> bytes:
+    message: dict[str, Any] = {"execute": command}
+    if arguments:
+        message["arguments"] = arguments
+    return json.dumps(message).encode() + b"\n"
+
+
 def _short(data: Any, limit: int = 200) -> str:
     text = json.dumps(data) if not isinstance(data, bytes) else repr(data)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -114,6 +121,8 @@ class AgentClient:
         self.name = name  # the VM's, for messages
         self._buffer = bytearray()
         self._synced = False
+        # (id, deadline, timeout) of a resync sent and not yet answered
+        self._pending_sync: tuple[int, float, float] | None = None
 
     def close(self) -> None:
         self._sock.close()
@@ -125,8 +134,7 @@ class AgentClient:
     ) -> Any:
         """Run ``command``; return its ``return`` value, or raise AgentCommandError with the
         agent's own message, or AgentNotAnswering after ``timeout`` seconds."""
-        if not self._synced:
-            self.sync()
+        self._ensure_synced()
         self._send(command, arguments)
         seconds = DEFAULT_TIMEOUT if timeout is None else timeout
         deadline = time.monotonic() + seconds
@@ -136,11 +144,46 @@ class AgentClient:
         self._synced = True
         return self._result(reply, command)
 
+    def execute_batch(
+        self, commands: Sequence[tuple[str, dict[str, Any] | None]], timeout: float | None = None
+    ) -> list[Any]:
+        """Send ``commands`` at once (behind a pending resync, if any) and read their
+        replies in order: one round trip through the guest instead of one per command,
+        which under TCG is 5-30 ms each. Each result is the command's ``return`` value, or
+        its AgentCommandError, or AgentNotAnswering for it and every later one when a reply
+        does not come within ``timeout`` seconds (per reply). A resync that gets no answer
+        raises AgentNotAnswering. Batch only commands that may run even then: the agent
+        carries them out whoever reads the replies."""
+        if not self._synced and self._pending_sync is None:
+            self.begin_sync()
+        self._write(b"".join(_message(command, arguments) for command, arguments in commands))
+        if self._pending_sync is not None:
+            self.finish_sync()
+        self._synced = False  # until every reply is in
+        seconds = DEFAULT_TIMEOUT if timeout is None else timeout
+        results: list[Any] = []
+        silent: AgentNotAnswering | None = None
+        for command, _ in commands:
+            if silent is not None:
+                results.append(silent)
+                continue
+            try:
+                line = self._read_line(
+                    time.monotonic() + seconds, f"{command} (no reply within {seconds:g} s)"
+                )
+                results.append(self._result(self._decode(line, command), command))
+            except AgentCommandError as error:
+                results.append(error)
+            except AgentNotAnswering as error:
+                silent = error
+                results.append(error)
+        self._synced = silent is None
+        return results
+
     def send(self, command: str, arguments: dict[str, Any] | None = None) -> None:
         """Send a command that has no reply on success (``guest-shutdown``,
         ``guest-suspend-*``); the connection must be resynchronised before the next one."""
-        if not self._synced:
-            self.sync()
+        self._ensure_synced()
         self._send(command, arguments)
         self._synced = False
 
@@ -154,11 +197,23 @@ class AgentClient:
 
     def sync(self, timeout: float = SYNC_TIMEOUT) -> None:
         """Resynchronise with ``guest-sync-delimited`` (see the module's docstring)."""
-        deadline = time.monotonic() + timeout
+        self.begin_sync(timeout)
+        self.finish_sync()
+
+    def begin_sync(self, timeout: float = SYNC_TIMEOUT) -> None:
+        """Send the resync request; its reply is awaited by ``finish_sync``, or by the next
+        command, which may then travel in the same round trip."""
         sync_id = random.randrange(1, 2**31)
         self._buffer.clear()
+        self._synced = False
         message = {"execute": "guest-sync-delimited", "arguments": {"id": sync_id}}
         self._write(SENTINEL + json.dumps(message).encode() + b"\n")
+        self._pending_sync = (sync_id, time.monotonic() + timeout, timeout)
+
+    def finish_sync(self) -> None:
+        assert self._pending_sync is not None
+        sync_id, deadline, timeout = self._pending_sync
+        self._pending_sync = None
         what = f"guest-sync-delimited (no reply within {timeout:g} s)"
         while True:
             self._skip_to_sentinel(deadline, what)
@@ -172,13 +227,16 @@ class AgentClient:
                 return
             # a sync reply for an earlier client, or an error: keep looking
 
+    def _ensure_synced(self) -> None:
+        if self._pending_sync is not None:
+            self.finish_sync()
+        elif not self._synced:
+            self.sync()
+
     # --- the wire ----------------------------------------------------------------------------
 
     def _send(self, command: str, arguments: dict[str, Any] | None) -> None:
-        message: dict[str, Any] = {"execute": command}
-        if arguments:
-            message["arguments"] = arguments
-        self._write(json.dumps(message).encode() + b"\n")
+        self._write(_message(command, arguments))
 
     def _write(self, data: bytes) -> None:
         try:
@@ -292,9 +350,13 @@ def not_configured(name: str) -> AgentNotConfigured:
 
 @contextlib.contextmanager
 def open_agent(
-    run: RunDir, sync_timeout: float = SYNC_TIMEOUT, lock_timeout: float = LOCK_TIMEOUT
+    run: RunDir,
+    sync_timeout: float = SYNC_TIMEOUT,
+    lock_timeout: float = LOCK_TIMEOUT,
+    defer_sync: bool = False,
 ) -> Iterator[AgentClient]:
-    """A synchronised connection to the VM's agent, held alone (``agent.lock``)."""
+    """A synchronised connection to the VM's agent, held alone (``agent.lock``). With
+    ``defer_sync`` the resync is only sent: its reply comes with the first command's."""
     if not agent_configured(run):
         raise not_configured(run.name)
     lock = _take_lock(run, lock_timeout)
@@ -314,7 +376,10 @@ def open_agent(
             ) from None
         client = AgentClient(sock, run.name)
         try:
-            client.sync(sync_timeout)
+            if defer_sync:
+                client.begin_sync(sync_timeout)
+            else:
+                client.sync(sync_timeout)
             yield client
         finally:
             client.close()

@@ -58,12 +58,14 @@ from qvm.control.cpu_slots import (
 from qvm.control.events import OST_EVENT
 from qvm.control.guard import check_device_add, record_cpu_unplug_request
 from qvm.control.guest_agent_facts import (
+    CPU_VIEW,
     SOURCE_AGENT,
     SOURCE_QEMU,
     STATUS_SYNC_TIMEOUT,
     AgentLink,
     agent_link,
-    guest_apicids,
+    drop_cpu_view,
+    guest_cpu_view,
     guest_vcpus,
     match_vcpus,
     set_vcpus,
@@ -96,7 +98,7 @@ def list_cpus(run: RunDir) -> CpuList:
     """The slots, each present one with the guest's word on it when the agent answers."""
     with opened(run) as (session, launch):
         cpus = _query(session, run, launch)
-        with agent_link(run, STATUS_SYNC_TIMEOUT, STATUS_SYNC_TIMEOUT) as link:
+        with agent_link(run, STATUS_SYNC_TIMEOUT, STATUS_SYNC_TIMEOUT, CPU_VIEW) as link:
             return _with_guest_view(session, cpus, link)
 
 
@@ -107,9 +109,8 @@ def _with_guest_view(session: QmpSession, cpus: CpuList, link: AgentLink) -> Cpu
         return cpus._replace(guest_source=SOURCE_QEMU, guest_detail=link.why_not())
     present = {s.label: s.qom_path for s in cpus.slots if s.present}
     try:
-        matches = match_vcpus(
-            apic_ids(session, present), guest_apicids(client), guest_vcpus(client)
-        )
+        view = guest_cpu_view(client, link.first)
+        matches = match_vcpus(apic_ids(session, present), view.apicids, view.vcpus)
     except AgentError as error:
         return cpus._replace(guest_source=SOURCE_QEMU, guest_detail=str(error))
     slots = []
@@ -458,7 +459,7 @@ def _offline_first(
         return None, link.why_not() if link is not None else None
     try:
         guest = agent_offline(
-            link.client, session, run.name, {t.label: t.qom_path for t in targets}
+            link.client, session, run.name, {t.label: t.qom_path for t in targets}, link.first
         )
     except AgentError as error:
         return None, str(error)
@@ -486,8 +487,12 @@ def remove_cpus(
 ) -> RemoveResult:
     """Unplug the vCPUs named by ``ids`` (or the ``count`` newest) and wait for the guest;
     when the guest agent answers, the guest offlines them first (``agent_offline``)."""
-    with opened(run) as (session, launch), agent_link(run) as link:
-        return _remove(session, run, launch, ids, count, timeout, link)
+    with opened(run) as (session, launch), agent_link(run, first=CPU_VIEW) as link:
+        try:
+            return _remove(session, run, launch, ids, count, timeout, link)
+        except BaseException:
+            drop_cpu_view(link)  # in case it failed before reading it
+            raise
 
 
 # --- set -------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from qvm.base.record import Record
 from qvm.control.agent import AgentClient
 from qvm.control.events import insert_ack
 from qvm.control.guest_agent_facts import (
-    GuestVcpu,
     guest_apicids,
+    guest_cpu_view,
     guest_vcpus,
     match_vcpus,
     set_vcpus,
@@ -304,18 +304,23 @@ class GuestOffline(Record):
 
 
 def agent_offline(
-    client: AgentClient, session: QmpSession, name: str, targets: dict[str, str | None]
+    client: AgentClient,
+    session: QmpSession,
+    name: str,
+    targets: dict[str, str | None],
+    sent: tuple[Any, ...] = (),
 ) -> dict[str, GuestOffline] | None:
     """Offline the vCPUs (label -> QOM path) in the guest before they are unplugged.
+    ``sent``: the results of ``CPU_VIEW`` if it went out with the agent's resync.
 
     None when the agent cannot tell which guest CPU a vCPU is (``/proc/cpuinfo``
     unreadable). A guest that says a vCPU cannot go (``can-offline`` false), or fails
     to offline one, raises HotplugError, with every vCPU back online as it was: QEMU is
     not asked."""
-    apicids = guest_apicids(client)
-    if apicids is None:
+    view = guest_cpu_view(client, sent)
+    if view.apicids is None:
         return None
-    matches = match_vcpus(apic_ids(session, targets), apicids, guest_vcpus(client))
+    matches = match_vcpus(apic_ids(session, targets), view.apicids, view.vcpus)
     refused = [
         f"{label} is guest CPU {m.logical_id}, which the guest says cannot be offlined"
         for label, m in matches.items()
@@ -328,17 +333,14 @@ def agent_offline(
             f"{name} shows which the guest can give up)"
         )
     wanted = {label: m.logical_id for label, m in matches.items() if m.online}
+    logical_ids = sorted(logical for logical in wanted.values() if logical is not None)
     done: list[int] = []
     try:
-        for logical in wanted.values():
-            assert logical is not None
-            if set_vcpus(client, {logical: False}) != 1:
-                raise AgentError(f"guest-set-vcpus did not offline CPU {logical}")
-            done.append(logical)
-        now = guest_vcpus(client)
-        still = [c for c in done if now.get(c, GuestVcpu(c, False, True)).online]
-        if still:
-            raise AgentError(f"guest CPU {still[0]} is still online after guest-set-vcpus")
+        # the agent stops at the first CPU it cannot offline and says how many it did; a
+        # write of 0 to Linux's online file returns once the CPU is down
+        done = logical_ids[: set_vcpus(client, dict.fromkeys(logical_ids, False))]
+        if len(done) < len(logical_ids):
+            raise AgentError(f"guest-set-vcpus did not offline CPU {logical_ids[len(done)]}")
     except AgentError as error:
         with contextlib.suppress(AgentError):
             set_vcpus(client, dict.fromkeys(done, True))

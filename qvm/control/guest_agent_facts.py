@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from qvm.base.record import Record
@@ -32,7 +32,6 @@ from qvm.control.agent import AgentClient, open_agent
 from qvm.errors import (
     AgentCommandError,
     AgentError,
-    AgentNotAnswering,
     AgentNotConfigured,
     NotRunningError,
 )
@@ -63,6 +62,8 @@ class AgentLink(Record):
     client: AgentClient | None
     state: str
     detail: str | None = None
+    # the results of agent_link's ``first`` commands (see AgentClient.execute_batch)
+    first: tuple[Any, ...] = ()
 
     @property
     def source(self) -> str:
@@ -79,15 +80,28 @@ class AgentLink(Record):
 
 @contextlib.contextmanager
 def agent_link(
-    run: RunDir, sync_timeout: float = HOTPLUG_SYNC_TIMEOUT, lock_timeout: float = LOCK_TIMEOUT
+    run: RunDir,
+    sync_timeout: float = HOTPLUG_SYNC_TIMEOUT,
+    lock_timeout: float = LOCK_TIMEOUT,
+    first: Sequence[tuple[str, dict[str, Any] | None]] = (),
+    first_timeout: float | None = None,
 ) -> Iterator[AgentLink]:
     """The VM's agent, held for the ``with`` block, or an ``AgentLink`` without a client
-    that says why there is none. Never raises for an agent that does not answer."""
+    that says why there is none. Never raises for an agent that does not answer.
+    ``first``: commands sent right behind the resync, in its round trip; their results
+    are ``link.first``."""
     with contextlib.ExitStack() as stack:
         link: AgentLink
         try:
-            client = stack.enter_context(open_agent(run, sync_timeout, lock_timeout))
-            link = AgentLink(client, ANSWERING)
+            client = stack.enter_context(
+                open_agent(run, sync_timeout, lock_timeout, defer_sync=True)
+            )
+            if first:
+                results = tuple(client.execute_batch(first, first_timeout))
+            else:
+                client.finish_sync()
+                results = ()
+            link = AgentLink(client, ANSWERING, first=results)
         except AgentNotConfigured as error:
             link = AgentLink(None, NOT_CONFIGURED, str(error))
         except NotRunningError as error:
@@ -158,21 +172,22 @@ def apicids_from_cpuinfo(text: str) -> dict[int, int]:
 
 
 def read_guest_file(client: AgentClient, path: str, limit: int = MAX_FILE) -> bytes:
-    """A small guest file, whole, through ``guest-file-open/read/close``."""
+    """A small guest file, whole (up to ``limit`` bytes), through ``guest-file-*``."""
     handle = client.execute("guest-file-open", {"path": path, "mode": "r"})
-    data = bytearray()
-    try:
-        while len(data) < limit:
-            chunk = client.execute("guest-file-read", {"handle": handle, "count": 65536})
-            if not isinstance(chunk, dict):
-                break
-            data += base64.b64decode(chunk.get("buf-b64") or "")
-            if chunk.get("eof") or not chunk.get("count"):
-                break
-    finally:
-        with contextlib.suppress(AgentError):
-            client.execute("guest-file-close", {"handle": handle})
-    return bytes(data)
+    return _read_and_close(client, handle, limit)
+
+
+def _read_and_close(client: AgentClient, handle: Any, limit: int = MAX_FILE) -> bytes:
+    """One read of up to ``limit`` bytes and the close, in one round trip."""
+    read, _ = client.execute_batch(
+        [
+            ("guest-file-read", {"handle": handle, "count": limit}),
+            ("guest-file-close", {"handle": handle}),
+        ]
+    )
+    if isinstance(read, AgentError):
+        raise read
+    return base64.b64decode(read.get("buf-b64") or "") if isinstance(read, dict) else b""
 
 
 def guest_apicids(client: AgentClient) -> dict[int, int] | None:
@@ -183,6 +198,47 @@ def guest_apicids(client: AgentClient) -> dict[int, int] | None:
     except AgentCommandError:
         return None
     return apicids_from_cpuinfo(text)
+
+
+# what guest_cpu_view asks first: send it behind agent_link's resync (``first``)
+CPU_VIEW = (("guest-get-vcpus", None), ("guest-file-open", {"path": CPUINFO, "mode": "r"}))
+
+
+class CpuView(Record):
+    """The guest's CPUs, and APIC id -> logical CPU of the online ones (None: the agent
+    cannot read ``/proc/cpuinfo``)."""
+
+    vcpus: dict[int, GuestVcpu]
+    apicids: dict[int, int] | None
+
+
+def guest_cpu_view(client: AgentClient, sent: tuple[Any, ...] = ()) -> CpuView:
+    """The guest's CPU view in two round trips; ``sent``: the results of ``CPU_VIEW`` when
+    it already went out (``AgentLink.first``), which saves one."""
+    vcpus_reply, handle = sent or client.execute_batch(CPU_VIEW)
+    if isinstance(vcpus_reply, AgentError):
+        raise vcpus_reply
+    vcpus = parse_vcpus(vcpus_reply)
+    if isinstance(handle, AgentCommandError):
+        return CpuView(vcpus, None)
+    if isinstance(handle, AgentError):
+        raise handle
+    try:
+        text = _read_and_close(client, handle).decode(errors="replace")
+    except AgentCommandError:
+        return CpuView(vcpus, None)
+    return CpuView(vcpus, apicids_from_cpuinfo(text))
+
+
+def drop_cpu_view(link: AgentLink) -> None:
+    """Close the guest file ``CPU_VIEW`` opened if nothing read it (the command failed
+    first); the reply is left to the next client's resync."""
+    if link.client is None or len(link.first) != len(CPU_VIEW):
+        return
+    handle = link.first[1]
+    if isinstance(handle, int) and not isinstance(handle, bool):
+        with contextlib.suppress(AgentError):
+            link.client.send("guest-file-close", {"handle": handle})
 
 
 class CpuMatch(Record):
@@ -370,29 +426,23 @@ class GuestFacts(Record):
         }
 
 
+STATUS_FACTS = (
+    ("guest-get-osinfo", None),
+    ("guest-get-host-name", None),
+    ("guest-network-get-interfaces", None),
+)
+
+
 def guest_facts(run: RunDir) -> GuestFacts:
-    """Ask the agent (briefly) for the guest's OS, host name and addresses; never raises."""
-    with agent_link(run, STATUS_SYNC_TIMEOUT, STATUS_SYNC_TIMEOUT) as link:
-        client = link.client
-        if client is None:
+    """Ask the agent (briefly, one round trip) for the guest's OS, host name and
+    addresses; never raises."""
+    with agent_link(
+        run, STATUS_SYNC_TIMEOUT, STATUS_SYNC_TIMEOUT, STATUS_FACTS, STATUS_COMMAND_TIMEOUT
+    ) as link:
+        if link.client is None:
             return GuestFacts(link.state, link.detail)
-        problems: list[str] = []
-
-        silent: list[bool] = []
-
-        def ask(command: str) -> Any:
-            if silent:
-                return None  # each further command would wait for it again
-            try:
-                return client.execute(command, timeout=STATUS_COMMAND_TIMEOUT)
-            except AgentError as error:
-                problems.append(str(error))
-                silent.extend([True] if isinstance(error, AgentNotAnswering) else [])
-                return None
-
-        os_reply = ask("guest-get-osinfo")
-        host = ask("guest-get-host-name")
-        interfaces = ask("guest-network-get-interfaces")
+        problems = list(dict.fromkeys(str(r) for r in link.first if isinstance(r, AgentError)))
+        os_reply, host, interfaces = (None if isinstance(r, AgentError) else r for r in link.first)
         hostname = host.get("host-name") if isinstance(host, dict) else None
         return GuestFacts(
             ANSWERING,

@@ -43,12 +43,18 @@ class FakeAgent:
     with an error; guest-sync-delimited's reply starts with 0xFF.
 
     ``silent``: never replies. ``stale``: lines waiting before the first reply (what an
-    earlier client left). ``delay``: per command, seconds before its reply."""
+    earlier client left). ``delay``: per command, seconds before its reply. ``hold``:
+    no reply before that many requests are in (a client that waits for each reply before
+    it sends the next request never gets one)."""
 
-    def __init__(self, sock: socket.socket, silent: bool = False, stale: bytes = b"") -> None:
+    def __init__(
+        self, sock: socket.socket, silent: bool = False, stale: bytes = b"", hold: int = 0
+    ) -> None:
         self.sock = sock
         self.silent = silent
         self.stale = stale
+        self.hold = hold
+        self.held = b""
         self.delay: dict[str, float] = {}
         self.received: list[dict] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -58,6 +64,10 @@ class FakeAgent:
         if not self.silent:
             if self.stale:
                 data, self.stale = self.stale + data, b""
+            if len(self.received) < self.hold:
+                self.held += data
+                return
+            data, self.held = self.held + data, b""
             self.sock.sendall(data)
 
     def _serve(self) -> None:
@@ -94,6 +104,8 @@ class FakeAgent:
             reply = json.dumps({"return": INFO}).encode()
         elif command == "guest-shutdown":
             return
+        elif command == "guest-echo":
+            reply = json.dumps({"return": request["arguments"]}).encode()
         else:
             error = {
                 "class": "CommandNotFound",
@@ -186,6 +198,56 @@ def test_a_command_without_reply_then_a_resync(pair) -> None:
         "guest-sync-delimited",
         "guest-ping",
     ]
+
+
+def test_a_batch_travels_behind_the_resync_in_one_round_trip(pair) -> None:
+    """Nothing is answered before the resync and all three commands are in: a client that
+    waited for any reply first would time out. Replies come back in order, an error
+    reply in its place."""
+    client_end, agent_end = pair
+    agent = FakeAgent(agent_end, stale=b'{"return": "late"}\n', hold=4)
+    client = AgentClient(client_end, "vm1")
+    client.begin_sync(timeout=2)
+    echo, missing, info = client.execute_batch(
+        [("guest-echo", {"n": 1}), ("guest-nope", None), ("guest-info", None)], timeout=2
+    )
+    assert echo == {"n": 1}
+    assert isinstance(missing, AgentCommandError)
+    assert missing.agent_class == "CommandNotFound"
+    assert info == INFO
+    assert [r["execute"] for r in agent.received] == [
+        "guest-sync-delimited",
+        "guest-echo",
+        "guest-nope",
+        "guest-info",
+    ]
+    assert client.execute("guest-ping", timeout=2) == {}  # still in step: no resync
+    assert [r["execute"] for r in agent.received][-1] == "guest-ping"
+
+
+def test_a_batch_reply_that_does_not_come_silences_the_rest_and_forces_a_resync(pair) -> None:
+    client_end, agent_end = pair
+    agent = FakeAgent(agent_end)
+    agent.delay["guest-info"] = 0.6
+    client = AgentClient(client_end, "vm1")
+    ping, info, echo = client.execute_batch(
+        [("guest-ping", None), ("guest-info", None), ("guest-echo", {"n": 2})], timeout=0.2
+    )
+    assert ping == {}
+    assert isinstance(info, AgentNotAnswering)
+    assert echo is info
+    # the late replies are dropped by the resync before the next command
+    assert client.execute("guest-echo", {"n": 3}, timeout=3) == {"n": 3}
+    assert [r["execute"] for r in agent.received][-2:] == ["guest-sync-delimited", "guest-echo"]
+
+
+def test_a_batch_whose_resync_gets_no_answer_raises(pair) -> None:
+    client_end, agent_end = pair
+    FakeAgent(agent_end, silent=True)
+    client = AgentClient(client_end, "vm1")
+    with pytest.raises(AgentNotAnswering, match="guest-sync-delimited"):
+        client.begin_sync(timeout=0.2)
+        client.execute_batch([("guest-ping", None)])
 
 
 def test_a_closed_channel_says_so(pair) -> None:

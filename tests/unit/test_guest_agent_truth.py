@@ -112,6 +112,15 @@ class FakeAgent:
             return {}
         raise AssertionError(f"unexpected {command}")
 
+    def execute_batch(self, commands: Any, timeout: float | None = None) -> list[Any]:
+        results = []
+        for command, arguments in commands:
+            try:
+                results.append(self.execute(command, arguments, timeout))
+            except AgentCommandError as error:
+                results.append(error)
+        return results
+
     def commands(self, name: str) -> list[Any]:
         return [args for command, args in self.sent if command == name]
 
