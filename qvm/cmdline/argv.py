@@ -262,10 +262,10 @@ AGENT_PORT_NAME = "org.qemu.guest_agent.0"  # the name qemu-ga looks for
 
 def _agent_args(machine: Machine, run: RunDir) -> list[str]:
     """A virtio-serial controller with one port for the QEMU guest agent, its host end a
-    unix socket in the run dir that qvm's agent client (qvm.control.agent) connects to.
+    unix socket in the run dir that the supervisor holds (qvm.supervisor.agent_proxy).
     On microvm the controller sits on virtio-mmio (the guest needs virtio_mmio)."""
     bus = "virtio-serial-device" if machine.type == "microvm" else "virtio-serial-pci"
-    path = escape_opt(str(run.agent_socket))
+    path = escape_opt(str(run.agent_chardev_socket))
     return [
         "-device",
         f"{bus},id=qvm.agent-serial",

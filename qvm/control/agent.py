@@ -364,7 +364,7 @@ def open_agent(
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(CONNECT_TIMEOUT)
-            sock.connect(str(run.agent_socket))
+            _connect(sock, run)
         except FileNotFoundError:
             sock.close()
             raise NotRunningError(run.name, hint=f"qvm status {run.name}") from None
@@ -385,6 +385,21 @@ def open_agent(
             client.close()
     finally:
         os.close(lock)
+
+
+def _connect(sock: socket.socket, run: RunDir) -> None:
+    """Connect to the supervisor's ``agent.sock``. Right after ``qvm up`` QEMU's end
+    (``qga.sock``) can be there before the supervisor has opened its own: wait for it
+    then, rather than say the VM is not running."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while True:
+        try:
+            sock.connect(str(run.agent_socket))
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            if not run.agent_chardev_socket.exists() or time.monotonic() > deadline:
+                raise FileNotFoundError(str(run.agent_socket)) from None
+            time.sleep(0.01)
 
 
 def _take_lock(run: RunDir, timeout: float) -> int:

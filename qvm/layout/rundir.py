@@ -20,8 +20,9 @@ from qvm.layout.names import check_vm_name, is_vm_name
 # sun_path is 108 bytes including the terminating NUL
 MAX_SOCKET_PATH = 107
 
-QEMU_SOCKET_NAMES = ("qmp.sock", "events.sock", "console.sock", "agent.sock")
-SOCKET_NAMES = (*QEMU_SOCKET_NAMES, "supervisor.sock")
+QEMU_SOCKET_NAMES = ("qmp.sock", "events.sock", "console.sock", "qga.sock")
+# agent.sock: the supervisor's, lending its lasting connection to qga.sock (see agent_socket)
+SOCKET_NAMES = (*QEMU_SOCKET_NAMES, "agent.sock", "supervisor.sock")
 
 
 # Every file qvm makes in a run dir, by exact name (the properties below say what each
@@ -99,11 +100,17 @@ class RunDir(Record):
     def console_socket(self) -> Path:
         return self.path / "console.sock"
 
-    # The guest agent's channel (virtio-serial port org.qemu.guest_agent.0); the agent
-    # answers one client at a time, so qvm's clients take turns on ``agent_lock``.
+    # The guest agent's channel (virtio-serial port org.qemu.guest_agent.0): QEMU's end is
+    # ``agent_chardev_socket``, which the supervisor holds open while QEMU runs and lends to
+    # one client at a time on ``agent_socket`` (qvm.supervisor.agent_proxy says why);
+    # qvm's clients take turns on ``agent_lock``.
     @property
     def agent_socket(self) -> Path:
         return self.path / "agent.sock"
+
+    @property
+    def agent_chardev_socket(self) -> Path:
+        return self.path / "qga.sock"
 
     @property
     def agent_lock(self) -> Path:
@@ -232,8 +239,9 @@ class RunDir(Record):
             )
 
     def remove_qemu_sockets(self) -> None:
-        """QEMU leaves its listening sockets behind when it is killed."""
-        for sock in (self.path / name for name in QEMU_SOCKET_NAMES):
+        """QEMU leaves its listening sockets behind when it is killed (and the
+        supervisor's agent socket goes with them)."""
+        for sock in (self.path / name for name in (*QEMU_SOCKET_NAMES, "agent.sock")):
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
 

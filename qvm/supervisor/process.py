@@ -86,6 +86,7 @@ class Supervisor:
         self.runstate = "unknown"
         self.qmp: Any = None
         self.qmp_ready = False
+        self.agent_proxy: Any = None  # an AgentProxy while QEMU runs, with [agent] enabled
         self.consecutive_restarts = 0
         self.restart_next = False
 
@@ -247,6 +248,7 @@ class Supervisor:
         _, pending = await asyncio.wait({watcher}, timeout=QMP_CALL_TIMEOUT)
         for task in pending:
             task.cancel()
+        await self._detach_agent()
         await self._disconnect_qmp()
         self._record_exit(returncode, reached_qmp=bool(ready), first=first)
         if first and not ready:
@@ -277,6 +279,7 @@ class Supervisor:
         self.qmp = client
         self.qmp_ready = True
         self.qmp_connected.set()
+        await self._attach_agent()
         try:
             status = await asyncio.wait_for(client.execute("query-status"), QMP_CALL_TIMEOUT)
             self.runstate = status.get("status", "unknown")
@@ -292,6 +295,20 @@ class Supervisor:
         except Exception:  # noqa: BLE001 - the connection ends when QEMU does
             pass
         return True
+
+    async def _attach_agent(self) -> None:
+        from qvm.supervisor.agent_shutdown import agent_configured
+
+        if agent_configured(self.launch):
+            from qvm.supervisor.agent_proxy import AgentProxy
+
+            self.agent_proxy = AgentProxy(self.run)
+            await self.agent_proxy.attach()
+
+    async def _detach_agent(self) -> None:
+        if self.agent_proxy is not None:
+            await self.agent_proxy.detach()
+            self.agent_proxy = None
 
     async def _disconnect_qmp(self) -> None:
         import asyncio

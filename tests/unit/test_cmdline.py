@@ -27,7 +27,7 @@ def monitors(run: str = "/run/q/vm1") -> list[str]:
 def agent(run: str = "/run/q/vm1", bus: str = "virtio-serial-pci") -> list[str]:
     return [
         "-device", f"{bus},id=qvm.agent-serial",
-        "-chardev", f"socket,id=qga0,path={run}/agent.sock,server=on,wait=off",
+        "-chardev", f"socket,id=qga0,path={run}/qga.sock,server=on,wait=off",
         "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0,id=qvm.agent",
     ]  # fmt: skip
 
