@@ -214,7 +214,9 @@ def _unusable_state_dirs(root: Path) -> list[Path]:
     ],
 )
 def test_an_unusable_state_dir_is_one_line(cli: Qvm, argv: list[str]) -> None:
-    for state in _unusable_state_dirs(Path(short_tmpdir())):
+    scratch = cli.root / "unusable"  # removed with the fixture's root
+    scratch.mkdir()
+    for state in _unusable_state_dirs(scratch):
         env = cli.env() | {"QVM_STATE_DIR": str(state)}
         done = subprocess.run(
             [str(cli_bin()), *argv], capture_output=True, text=True, env=env, timeout=30
