@@ -9,10 +9,13 @@ the file runs in seconds.
 
 from __future__ import annotations
 
+import shutil
 import string
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,8 +34,16 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
+# one file for every example (hypothesis does not mix with function-scoped tmp_path)
 _FOLDER = Path(tempfile.mkdtemp(prefix="qvm-fuzz-"))
 _FILE = _FOLDER / "fuzz.toml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_folder() -> Iterator[None]:
+    yield
+    shutil.rmtree(_FOLDER, ignore_errors=True)
+
 
 # Values a user might write, and the ones that broke qvm: huge and negative integers,
 # NaN, a NUL, "~nosuchuser", long strings.
