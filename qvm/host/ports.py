@@ -8,11 +8,14 @@ have, a privileged port) is a HostError saying so, not "in use" and not a traceb
 from __future__ import annotations
 
 import errno
-import socket
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from qvm.definition.host_checks import ADDRESS_HINT
 from qvm.errors import HostError
+
+if TYPE_CHECKING:  # socket is imported where a port is bound: `qvm up` without forwards
+    import socket  # has no use for it (2-3 ms)
 
 
 class PortPicker:
@@ -26,6 +29,8 @@ class PortPicker:
         self._avoid = set(avoid)
 
     def pick(self, host_addr: str, protocol: str) -> int:
+        import socket
+
         kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
         for _ in range(_PICK_TRIES):
             sock = socket.socket(socket.AF_INET, kind)
@@ -66,6 +71,8 @@ def pick_free_port(host_addr: str, protocol: str) -> int:
 def port_in_use(host_addr: str, port: int, protocol: str) -> bool:
     """Whether another socket holds ``host_addr:port``; HostError if it cannot be bound
     for another reason."""
+    import socket
+
     kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -21,8 +21,10 @@ from qvm.layout.names import check_vm_name, is_vm_name
 MAX_SOCKET_PATH = 107
 
 QEMU_SOCKET_NAMES = ("qmp.sock", "events.sock", "console.sock", "qga.sock")
-# agent.sock: the supervisor's, lending its lasting connection to qga.sock (see agent_socket)
-SOCKET_NAMES = (*QEMU_SOCKET_NAMES, "agent.sock", "supervisor.sock")
+# the supervisor's, lending its lasting connection to qga.sock (see agent_socket): it lives
+# and goes with QEMU's sockets
+AGENT_SOCKET_NAME = "agent.sock"
+SOCKET_NAMES = (*QEMU_SOCKET_NAMES, AGENT_SOCKET_NAME, "supervisor.sock")
 
 
 # Every file qvm makes in a run dir, by exact name (the properties below say what each
@@ -106,7 +108,7 @@ class RunDir(Record):
     # qvm's clients take turns on ``agent_lock``.
     @property
     def agent_socket(self) -> Path:
-        return self.path / "agent.sock"
+        return self.path / AGENT_SOCKET_NAME
 
     @property
     def agent_chardev_socket(self) -> Path:
@@ -241,7 +243,7 @@ class RunDir(Record):
     def remove_qemu_sockets(self) -> None:
         """QEMU leaves its listening sockets behind when it is killed (and the
         supervisor's agent socket goes with them)."""
-        for sock in (self.path / name for name in (*QEMU_SOCKET_NAMES, "agent.sock")):
+        for sock in (self.path / name for name in (*QEMU_SOCKET_NAMES, AGENT_SOCKET_NAME)):
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
 

@@ -114,3 +114,15 @@ def test_plain_commands_import_no_framework(argv: list[str], tmp_path: Path) -> 
 def test_help_and_mistakes_go_through_typer(argv: list[str], tmp_path: Path) -> None:
     assert plain_call(argv) is None
     assert "typer" in imported_modules(argv, tmp_path)
+
+
+def test_up_without_forwards_imports_no_socket(tmp_path: Path) -> None:
+    """socket costs `qvm up` 2-3 ms and a VM without forwards binds nothing: qvm.host.ports
+    imports it where a port is bound. The machine's kernel is missing, so `up` stops at
+    the host checks, after it has imported its whole path."""
+    (tmp_path / "machines").mkdir()
+    (tmp_path / "machines" / "vm1.toml").write_text('[boot]\nkernel = "/no/such/kernel"\n')
+    modules = imported_modules(["up", "vm1"], tmp_path)
+    assert "qvm.ops.up" in modules
+    assert "qvm.host.ports" in modules
+    assert "socket" not in modules
