@@ -11,6 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from qvm.cli import resolve
+from qvm.cli.parsing import typer_app
 from qvm.cli.parsing.declare import GROUPS, TOP_LEVEL, parameters
 from qvm.cli.parsing.fast import plain_call
 from qvm.cli.parsing.typer_app import add_module, module_commands, typer_command
@@ -80,6 +81,7 @@ def typer_call(argv: list[str]) -> tuple[Any, Any] | int:
     add_module(
         app,
         words[0] if words[0] in GROUPS else TOP_LEVEL[words[0]],
+        words[:2],
         run=lambda **kw: calls.update(values=kw),
     )
     result = CliRunner().invoke(app, argv)
@@ -127,3 +129,21 @@ def test_both_parsers_call_the_same(words: list[str], function: Any) -> None:
 )
 def test_the_fast_path_leaves_the_rest_to_typer(argv: list[str]) -> None:
     assert plain_call(argv) is None
+
+
+@pytest.mark.parametrize(("words", "function"), COMMANDS, ids=[" ".join(w) for w, _ in COMMANDS])
+def test_typer_builds_for_real_the_command_a_line_runs(
+    words: list[str], function: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rest of the app is built for the help listing only: a stand-in the line ran
+    would do nothing."""
+    declared = {name for name, _, _ in parameters(function)}
+    for global_args in ([], GLOBALS, ["--state-dir", "--machines"]):
+        for after in (["vm1"], ["--help"], []):
+            monkeypatch.setattr(typer_app, "app", typer.Typer())
+            typer_app.build([*global_args, *words, *after])
+            command = typer.main.get_command(typer_app.app)
+            for word in words:
+                command = command.get_command(None, word)  # type: ignore[attr-defined]
+            built = {param.name for param in command.params}
+            assert built == declared, (global_args, words, after)

@@ -87,7 +87,7 @@ def click_command() -> object:
 
     from qvm.cli.parsing import typer_app
 
-    typer_app.register(None)
+    typer_app.register(None)  # every command, for real
     return typer.main.get_command(typer_app.app)
 
 

@@ -139,43 +139,71 @@ def module_commands(module: str) -> Commands:
     return importlib.import_module(f"qvm.cli.commands.{module}").commands
 
 
+def listed_only(word: str, function: Callable[..., None]) -> Callable[[], None]:
+    """A stand-in for ``function`` in a help listing: its help text, none of its
+    parameters, which Typer would otherwise inspect and convert for nothing (about 20 ms
+    for the whole of `qvm --help`)."""
+
+    def listed() -> None:
+        # `register` builds the real command for every word Click can run; reaching this
+        # means the two disagree on which word that is
+        raise RuntimeError(f"qvm: {word!r} was registered for help only")
+
+    listed.__doc__ = function.__doc__
+    return listed
+
+
 def add_module(
     target: typer.Typer,
     module: str,
-    only: str | None = None,
+    words: list[str] | None,
     run: Callable[..., None] | None = None,
 ) -> None:
-    """A module's top-level commands (``only``: just that one), or its command group."""
+    """A module's top-level command ``words[0]``, or its command group with the
+    subcommand ``words[1]``, built for real. When the line names none of the module's
+    commands, every one of them, for the help listing only (``listed_only``); ``words``
+    None: every one for real."""
     commands = module_commands(module)
-    if module in GROUPS:
-        group = typer.Typer(help=commands.help, no_args_is_help=True)
-        for word, function in commands.functions.items():
-            group.command(word)(typer_command(function, run, (module, word)))
-        target.add_typer(group, name=module)
-        return
-    for word, function in commands.functions.items():
-        if only in (None, word):
-            target.command(word)(typer_command(function, run, (word,)))
+    grouped = module in GROUPS
+    parent = typer.Typer(help=commands.help, no_args_is_help=True) if grouped else target
+    named = None if words is None else words[1:2] if grouped else words[:1]
+    for name, function in commands.functions.items():
+        if named is None or named == [name]:
+            path = (module, name) if grouped else (name,)
+            parent.command(name)(typer_command(function, run, path))
+        elif not (named and named[0] in commands.functions):  # else another one is named
+            parent.command(name)(listed_only(name, function))
+    if grouped:
+        target.add_typer(parent, name=module)
 
 
-def register(word: str | None) -> None:
+def register(words: list[str] | None) -> None:
     """Build only the command that will run: Typer inspects every registered function at
-    start-up, and `qvm status -h` should not pay for `qvm cpu set`'s signature."""
+    start-up, and `qvm status -h` should not pay for `qvm cpu set`'s signature. Help and
+    unknown words get every command, for listing only; ``words`` None, every command for
+    real (the docs' checks)."""
     app.callback()(root_command())
+    word = words[0] if words else None
     if word in TOP_LEVEL:
-        add_module(app, TOP_LEVEL[word], only=word)
+        add_module(app, TOP_LEVEL[word], words)
     elif word in GROUPS:
-        add_module(app, word)
-    else:  # help, or an unknown command: show them all
+        add_module(app, word, words)
+    else:
         modules = [*HELP_ORDER, *TOP_LEVEL.values(), *GROUPS]
         for module in dict.fromkeys(modules):
-            add_module(app, module)
+            add_module(app, module, None if words is None else [])
 
 
-def command_word(argv: list[str]) -> str | None:
-    """The subcommand named on the command line, after the global options."""
+def command_words(argv: list[str]) -> list[str]:
+    """The command words on the command line, after the global options: up to the
+    first option (a group takes none of its own but --help)."""
     _, rest = split_global_options(argv)
-    return rest[0] if rest else None
+    words: list[str] = []
+    for arg in rest[:2]:
+        if arg.startswith("-"):
+            break
+        words.append(arg)
+    return words
 
 
 def build(argv: list[str]) -> Callable[[], Any]:
@@ -185,9 +213,9 @@ def build(argv: list[str]) -> Callable[[], Any]:
 
     if completion.completing():
         completion.enable()
-        register(command_word(completion.completed_words()))
+        register(command_words(completion.completed_words()))
         return app
-    register(command_word(argv))
+    register(command_words(argv))
     if not argv:
         return lambda: app(args=["--help"], prog_name="qvm")
     return app
