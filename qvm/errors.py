@@ -37,8 +37,6 @@ The exit status of `qvm`, what a script can tell apart without reading stderr:
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2  # the status Click gives its own usage errors
@@ -58,14 +56,28 @@ class QvmError(Exception):
     file: str | None = None
 
 
-class Problem(NamedTuple):
-    """One thing wrong with a machine definition, in Lima's shape."""
+class Problem:
+    """One thing wrong with a machine definition, in Lima's shape. A plain class rather
+    than a ``qvm.base.record.Record``: this module imports nothing of qvm."""
 
-    file: str
-    key: str
-    problem: str
-    got: str | None = None
-    hint: str | None = None
+    __slots__ = ("file", "key", "problem", "got", "hint")
+
+    def __init__(
+        self, file: str, key: str, problem: str, got: str | None = None, hint: str | None = None
+    ) -> None:
+        self.file, self.key, self.problem, self.got, self.hint = file, key, problem, got, hint
+
+    def _values(self) -> tuple[str | None, ...]:
+        return (self.file, self.key, self.problem, self.got, self.hint)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Problem) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return "Problem({})".format(", ".join(repr(value) for value in self._values()))
 
     def __str__(self) -> str:
         where = f"{self.file}: {self.key}: " if self.key else f"{self.file}: "

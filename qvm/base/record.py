@@ -8,8 +8,8 @@ and ``qvm up`` creates some forty record classes before QEMU starts. Here each c
 a tuple subclass whose fields are C-level item getters and whose ``__new__`` is one
 shared function: ~10 µs a class, the same behaviour for qvm's uses
 (``tests/unit/test_record.py`` holds it to that). Frozen dataclasses cost more still
-(~10 ms for the definition's records, measured). ``qvm.errors`` keeps one
-``typing.NamedTuple``: it imports nothing of qvm.
+(~10 ms for the definition's records, measured). ``qvm.errors``, which imports
+nothing of qvm, has its one value class written out by hand.
 """
 
 from __future__ import annotations

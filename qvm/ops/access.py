@@ -20,8 +20,8 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
+from qvm.base.record import Record
 from qvm.errors import HostError, NotRunningError, QvmError, WaitTimeout
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import read_launch
@@ -30,7 +30,7 @@ SSH_PORT = 22
 SSH_POLL_TIMEOUT = 5  # ConnectTimeout of one probe, seconds
 
 
-class SshTarget(NamedTuple):
+class SshTarget(Record):
     name: str
     user: str | None
     host: str

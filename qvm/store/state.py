@@ -10,9 +10,10 @@ only (with ``qvm.store.fields``): the supervisor's spawn code writes the first r
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 from qvm.base.jsonfile import write_json_atomic
+from qvm.base.record import Record
 from qvm.store.fields import Fields, read_record
 
 # the states a supervisor writes; the first five mean "a supervisor should be alive"
@@ -45,7 +46,7 @@ def ending(noted: str | None, signal: str | None, reason: str) -> str | None:
     return None
 
 
-class ExitRecord(NamedTuple):
+class ExitRecord(Record):
     """How one QEMU run ended."""
 
     code: int | None  # QEMU's exit code; None when a signal ended it
@@ -82,7 +83,7 @@ class ExitRecord(NamedTuple):
         return data
 
 
-class StateRecord(NamedTuple):
+class StateRecord(Record):
     name: str
     machine_file: str | None
     accel: str | None
