@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -19,7 +18,6 @@ from typing import TYPE_CHECKING
 from qvm.base.jsonfile import RecordWriteError
 from qvm.base.proc import find_program
 from qvm.store.state import ExitRecord, StateRecord, write_state
-from qvm.supervisor.wire import LineReader
 
 if TYPE_CHECKING:
     import subprocess
@@ -48,6 +46,7 @@ def with_parent_death_signal(
     if setpriv:
         return [setpriv, "--pdeathsig", "TERM", "--", *argv], None
     import ctypes
+    import signal
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl
 
@@ -65,7 +64,11 @@ def wait_qmp_answer(path: str, qemu: subprocess.Popen[bytes], timeout: float) ->
     loop, after start-up. Plain sockets, before asyncio is even imported: the `qvm up`
     waiting on us hears "ready" as soon as a raw client could, not after our own imports.
     """
-    import socket  # after QEMU is spawned: its start hides the import
+    # imported after QEMU is spawned, where its start hides them: this process is a fork
+    # of `qvm up`, which waits for "spawned"
+    import socket
+
+    from qvm.supervisor.wire import LineReader
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
