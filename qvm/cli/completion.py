@@ -14,8 +14,9 @@ from collections.abc import Callable
 from qvm.cli import resolve
 
 # `-device DRIVER,drive=NODE,...,id=ID`: a disk of the machine file (or the cloud-init seed)
-_DISK_DEVICE = re.compile(r"(?:^|,)drive=[^,]+(?:,|$)")
-_DEVICE_ID = re.compile(r"(?:^|,)id=([^,]+)")
+# compiled on a TAB press only: the Typer CLI imports this module for every help
+_DISK_DEVICE = r"(?:^|,)drive=[^,]+(?:,|$)"
+_DEVICE_ID = r"(?:^|,)id=([^,]+)"
 
 
 def vm_names() -> list[str]:
@@ -88,8 +89,8 @@ def _disk_ids(run) -> list[str]:  # noqa: ANN001
         booted = [
             ident
             for flag, value in zip(args, args[1:], strict=False)
-            if flag == "-device" and _DISK_DEVICE.search(value)
-            for ident in _DEVICE_ID.findall(value)
+            if flag == "-device" and re.search(_DISK_DEVICE, value)
+            for ident in re.findall(_DEVICE_ID, value)
         ]
     from qvm.definition.schema import SEED_DEVICE_ID
 
@@ -128,7 +129,7 @@ def _argv_device_ids(argv: tuple[str, ...]) -> list[str]:
         ident
         for flag, value in zip(argv, argv[1:], strict=False)
         if flag == "-device"
-        for ident in _DEVICE_ID.findall(value)
+        for ident in re.findall(_DEVICE_ID, value)
     ]
 
 

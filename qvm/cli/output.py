@@ -11,9 +11,10 @@ from typing import Any, NoReturn
 from qvm.errors import EXIT_FAILURE
 
 # a VM name, as the first word of an error ("vm1: not running") or the one it did not
-# find ("no machine named 'vm1'"); see qvm.layout.names
-_VM_PREFIX = re.compile(r"([a-z0-9][a-z0-9_-]{0,62}): ")
-_VM_NOT_FOUND = re.compile(r"no machine named '([a-z0-9][a-z0-9_-]{0,62})'")
+# find ("no machine named 'vm1'"); see qvm.layout.names. Compiled where an error is
+# reported, never on the way to success.
+_VM_PREFIX = r"([a-z0-9][a-z0-9_-]{0,62}): "
+_VM_NOT_FOUND = r"no machine named '([a-z0-9][a-z0-9_-]{0,62})'"
 
 
 class _Emitted:
@@ -55,7 +56,7 @@ def error_json(
     if file is None and head and ("/" in head or head.endswith((".toml", ".json"))):
         file = head
     if guess and vm is None and file is None:
-        match = _VM_PREFIX.match(first) or _VM_NOT_FOUND.search(first)
+        match = re.match(_VM_PREFIX, first) or re.search(_VM_NOT_FOUND, first)
         vm = match.group(1) if match else None
     for field, value in (("vm", vm), ("key", key), ("file", file)):
         if value:

@@ -8,7 +8,7 @@ import re
 
 from qvm.definition.schema import DEFAULT_HOST_ADDR, FORWARD_PROTOCOLS, PortForward
 
-_PORT = re.compile(r"[0-9]{1,5}")
+_PORT = r"[0-9]{1,5}"
 _FORWARD_FORM = "PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT"
 FORWARD_HINT = 'forwards look like "tcp:2222:22" or "udp:0.0.0.0:5353:53"'
 
@@ -64,6 +64,6 @@ def _parse_host_addr(text: str, addr: str) -> str:
 
 
 def _parse_port(text: str, port: str, what: str, lowest: int) -> int:
-    if _PORT.fullmatch(port) and lowest <= int(port) <= 65535:
+    if re.fullmatch(_PORT, port) and lowest <= int(port) <= 65535:
         return int(port)
     raise ForwardError(text, f"{what} must be a number between {lowest} and 65535")

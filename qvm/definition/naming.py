@@ -18,7 +18,7 @@ from qvm.definition.schema import (
 # form: cpu<N> is vCPU slot N's id whether or not that slot is plugged now (a DIMM called
 # cpu1 would make `qvm cpu add` fail later), and a NIC called dimm0 would read as memory
 # in every list. So ids stay unique across all kinds, now and for what qvm adds next.
-_GENERATED_ID = re.compile(r"(cpu|dimm|vmem|disk|net|hp)[0-9]+")
+_GENERATED_ID = r"(cpu|dimm|vmem|disk|net|hp)[0-9]+"
 _KIND_OF_PREFIX = {
     "cpu": "vCPU",
     "dimm": "memory",
@@ -32,7 +32,7 @@ _KIND_OF_PREFIX = {
 def generated_id_kind(dev_id: str) -> str | None:
     """The kind of device ("vCPU", "memory", "disk", "NIC", "PCIe root port") whose
     generated ids look like ``dev_id``, or None."""
-    match = _GENERATED_ID.fullmatch(dev_id)
+    match = re.fullmatch(_GENERATED_ID, dev_id)
     return None if match is None else _KIND_OF_PREFIX[match[1]]
 
 

@@ -4,6 +4,7 @@ is a link, someone else's or open to others is refused before qvm writes in it."
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qvm.errors import HostError, UnsafeStateError, VmNameError
-from qvm.layout.names import check_vm_name, shown
+from qvm.layout.names import NAME_PATTERN, check_vm_name, is_vm_name, shown
 from qvm.layout.rundir import RunDir, list_run_dirs, run_dir_for
 
 
@@ -33,6 +34,18 @@ def test_any_accepted_name_stays_one_level_below_the_state_root(text: str) -> No
     run = run_dir_for(Path("/state"), name)
     assert run.path.parent == Path("/state")
     assert run.path.name == text not in (".", "..")
+
+
+NAME_ALPHABET = "abcxyz0189_-AZ./ \0é\n"
+
+
+@given(
+    st.text(alphabet=NAME_ALPHABET, max_size=70)
+    | st.text(max_size=70)
+    | st.sampled_from(["a" * 63, "a" * 64, "0", "_", "-a", "a-", "a_b", "a\n"])
+)
+def test_the_name_check_is_the_name_pattern(text: str) -> None:
+    assert is_vm_name(text) == (re.fullmatch(NAME_PATTERN, text) is not None)
 
 
 def test_a_huge_bad_name_is_cut_in_the_message() -> None:
