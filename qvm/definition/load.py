@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from qvm.definition.naming import (
     nic_id,
     pci_ports,
 )
+from qvm.definition.parsed import parse_toml
 from qvm.definition.reader import Report, Table, expand_path, find_nul, is_int, shown
 from qvm.definition.schema import (
     ACCELS,
@@ -58,10 +58,10 @@ from qvm.definition.schema import (
     SupervisorSpec,
 )
 from qvm.errors import DefinitionError, Problem
-from qvm.layout.names import NAME_PATTERN, NAME_RULE
+from qvm.layout.names import NAME_RULE, is_vm_name
 
 _MIB = 1024**2
-_MAC = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
+_MAC = r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}"
 
 
 # --- the sections of a machine file ---------------------------------------------
@@ -69,21 +69,21 @@ _MAC = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 
 def _suggest_name(text: str) -> str | None:
     candidate = re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-_")[:63]
-    return candidate if re.fullmatch(NAME_PATTERN, candidate) else None
+    return candidate if is_vm_name(candidate) else None
 
 
 def _read_name(root: Table, path: Path, override: str | None) -> str:
     in_file = root.string("name", None)
-    if in_file is not None and not re.fullmatch(NAME_PATTERN, in_file):
+    if in_file is not None and not is_vm_name(in_file):
         root.fail("name", f"must be {NAME_RULE}")
     if override is not None:
-        if not re.fullmatch(NAME_PATTERN, override):
+        if not is_vm_name(override):
             root.report.add("name", f"must be {NAME_RULE}", shown(override))
         return override
     if "name" in root.data:
         return in_file or ""
     stem = path.stem
-    if not re.fullmatch(NAME_PATTERN, stem):
+    if not is_vm_name(stem):
         suggestion = _suggest_name(stem)
         hint = (
             f'set name = "{suggestion}" in the file, or rename it to {suggestion}.toml'
@@ -350,7 +350,7 @@ def _read_mac(nic: Table) -> str | None:
     mac = nic.string("mac", None)
     if mac is None:
         return None
-    if not _MAC.fullmatch(mac):
+    if not re.fullmatch(_MAC, mac):
         nic.fail("mac", 'must be a MAC address like "52:54:00:12:34:56"')
         return None
     if int(mac[:2], 16) & 1:
@@ -377,7 +377,7 @@ def _read_forwards(nic: Table) -> list[tuple[str, str, PortForward]]:
     return forwards
 
 
-_KEY_LINE = re.compile(r"(ssh-|ecdsa-|sk-)[a-z0-9@.-]+\s+\S+")
+_KEY_LINE = r"(ssh-|ecdsa-|sk-)[a-z0-9@.-]+\s+\S+"
 
 
 def _read_cloud_init(table: Table, base_dir: Path) -> CloudInitSpec:
@@ -396,7 +396,7 @@ def _read_cloud_init(table: Table, base_dir: Path) -> CloudInitSpec:
             table.report.add(
                 key, "must be a public key line or the path of a .pub file", shown(item)
             )
-        elif _KEY_LINE.match(item.strip()):
+        elif re.match(_KEY_LINE, item.strip()):
             keys.append(item.strip())
         elif item.lstrip().startswith(("ssh-", "ecdsa-", "sk-")):
             table.report.add(
@@ -639,12 +639,15 @@ def _read_toml(path: Path, file: str) -> dict[str, Any]:
         problem = f"invalid TOML: not UTF-8 text (at byte {error.start})"
         raise DefinitionError([Problem(file, "", problem)]) from None
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise DefinitionError([Problem(file, "", f"invalid TOML: {error}")]) from None
+        return parse_toml(text, file)
     except RecursionError:  # tomllib parses nested arrays and tables recursively
         problem = "invalid TOML: arrays or inline tables nested too deeply"
         raise DefinitionError([Problem(file, "", problem)]) from None
-    except ValueError as error:  # Python's limit on the digits of an int (4,300)
+    except ValueError as error:
+        import tomllib  # loaded already: only a text parse_toml had to parse raises
+
+        if isinstance(error, tomllib.TOMLDecodeError):
+            raise DefinitionError([Problem(file, "", f"invalid TOML: {error}")]) from None
+        # Python's limit on the digits of an int (4,300)
         problem = f"invalid TOML: a number too long to read ({error})"
         raise DefinitionError([Problem(file, "", problem[:200])]) from None

@@ -1,5 +1,6 @@
-"""Where downloaded base images live: ``$QVM_CACHE_DIR/images``, default
-``~/.cache/qvm/images``, one file per URL and checksum.
+"""qvm's cache: ``$QVM_CACHE_DIR``, default ``~/.cache/qvm``. Downloaded base images live
+in its ``images`` folder, one file per URL and checksum; parsed machine files in
+``definitions`` (``qvm.definition.parsed``).
 """
 
 from __future__ import annotations
@@ -10,14 +11,23 @@ from collections.abc import Mapping
 from pathlib import Path
 
 
-def default_cache_root(env: Mapping[str, str] | None = None) -> Path:
-    """``$QVM_CACHE_DIR/images``, else ``$XDG_CACHE_HOME/qvm/images`` (~/.cache/qvm/images)."""
+def qvm_cache_home(env: Mapping[str, str] | None = None) -> str | None:
+    """``$QVM_CACHE_DIR``, else ``$XDG_CACHE_HOME/qvm``, else ``~/.cache/qvm``; None when
+    there is no home to put it in."""
     env = os.environ if env is None else env
     if env.get("QVM_CACHE_DIR"):
-        return Path(env["QVM_CACHE_DIR"]) / "images"
+        return env["QVM_CACHE_DIR"]
     xdg = env.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
-    return base / "qvm" / "images"
+    if xdg and os.path.isabs(xdg):
+        return os.path.join(xdg, "qvm")
+    home = os.path.expanduser("~")
+    return None if home == "~" else os.path.join(home, ".cache", "qvm")
+
+
+def default_cache_root(env: Mapping[str, str] | None = None) -> Path:
+    """The images' folder: ``images`` in ``qvm_cache_home``."""
+    home = qvm_cache_home(env)
+    return (Path(home) if home is not None else Path.home() / ".cache" / "qvm") / "images"
 
 
 def cache_key(url: str, algorithm: str, digest: str) -> str:

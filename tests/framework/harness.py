@@ -49,6 +49,29 @@ def build_test_image() -> Path:
     return Path(built.stdout.strip())
 
 
+def imported_modules(
+    argv: list[str], tmp_path: Path, env: dict[str, str] | None = None
+) -> set[str]:
+    """The modules `qvm ARGV` imports, as the interpreter reports them (``-X importtime``),
+    run in ``tmp_path`` with its ``machines`` and ``state`` folders."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "qvm.cli", *argv],
+        env={
+            **os.environ,
+            "QVM_MACHINES": str(tmp_path / "machines"),
+            "QVM_STATE_DIR": str(tmp_path / "state"),
+            "XDG_CONFIG_HOME": str(tmp_path / "config"),
+            **(env or {}),
+        },
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.startswith("import time:")]
+    return {line.rsplit("|", 1)[1].strip() for line in lines}
+
+
 def one_line_error(done: subprocess.CompletedProcess[str], expected: str | None = None) -> str:
     """A failed command printed exactly one line on stderr, and no traceback."""
     assert done.returncode != 0, done.stdout

@@ -9,13 +9,11 @@ fails fast without starting anything: what matters here is what it imported on t
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from framework.harness import imported_modules
 
 from qvm.cli.parsing.declare import GROUPS, TOP_LEVEL, parameters
 from qvm.cli.parsing.fast import plain_call
@@ -59,25 +57,6 @@ def plain_argv(words: tuple[str, ...]) -> list[str]:
         value = VALUES[name]
         argv += [value] if param.kind == "argument" else [param.decls[0], value]
     return argv
-
-
-def imported_modules(argv: list[str], tmp_path: Path) -> set[str]:
-    env = dict(
-        os.environ,
-        QVM_MACHINES=str(tmp_path / "machines"),
-        QVM_STATE_DIR=str(tmp_path / "state"),
-        XDG_CONFIG_HOME=str(tmp_path / "config"),
-    )
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "qvm.cli", *argv],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    lines = [line for line in done.stderr.splitlines() if line.startswith("import time:")]
-    return {line.rsplit("|", 1)[1].strip() for line in lines}
 
 
 def heavy(modules: set[str]) -> set[str]:

@@ -1,0 +1,97 @@
+"""A machine file's TOML, parsed once per text: ``parse_toml``.
+
+Importing ``tomllib`` and parsing a definition costs ~7 ms of every command that reads
+one (`qvm up`, `status`, `list` reads them all), about a sixth of `qvm status`, measured:
+``tomllib`` compiles its regular expressions and imports ``string`` and ``datetime`` on
+import. So the parse of each file is kept as JSON in
+``$QVM_CACHE_DIR/definitions`` (default ``~/.cache/qvm/definitions``) beside the text it
+came from, one entry per file, and reused only while the text is the same, character
+for character: no clock or mtime decides. What cannot be kept (a TOML date, a parse
+error) is parsed every time, and a cache that cannot be read or written only costs time.
+The entries written longest ago go beyond ``MAX_ENTRIES`` (files deleted, test runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import zlib
+from typing import Any
+
+from qvm.layout.cache import qvm_cache_home
+
+MAX_ENTRIES = 200
+
+
+def parse_toml(text: str, path: str) -> dict[str, Any]:
+    """``tomllib.loads(text)``, from the cache entry of ``path`` when its text is ``text``.
+    Raises what ``tomllib.loads`` raises."""
+    entry = _entry(path)
+    if entry is not None:
+        kept = _read(entry)
+        if kept is not None and kept[0] == text:
+            return kept[1]
+    import tomllib  # only for a text not parsed before
+
+    data = tomllib.loads(text)
+    if entry is not None:
+        _write(entry, text, data)
+    return data
+
+
+def _entry(path: str) -> str | None:
+    home = qvm_cache_home()
+    if home is None:
+        return None
+    absolute = os.path.abspath(path)
+    stem = os.path.basename(absolute)[:64]
+    return os.path.join(home, "definitions", f"{stem}-{zlib.crc32(absolute.encode()):08x}.json")
+
+
+def _read(entry: str) -> tuple[str, dict[str, Any]] | None:
+    try:
+        with open(entry, encoding="utf-8") as file:
+            kept = json.load(file)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if (
+        isinstance(kept, dict)
+        and isinstance(kept.get("text"), str)
+        and isinstance(kept.get("toml"), dict)
+    ):
+        return kept["text"], kept["toml"]
+    return None
+
+
+def _write(entry: str, text: str, data: dict[str, Any]) -> None:
+    try:
+        # JSON holds everything TOML parses to but dates and times, which fail here
+        encoded = json.dumps({"text": text, "toml": data}, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        return
+    partial = f"{entry}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(entry), mode=0o700, exist_ok=True)
+        with open(partial, "w", encoding="utf-8") as file:
+            file.write(encoded)
+        os.replace(partial, entry)  # a reader sees the old entry or the new, never half
+    except (OSError, UnicodeEncodeError):
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        return
+    with contextlib.suppress(OSError):
+        _prune(os.path.dirname(entry))
+
+
+def _prune(folder: str) -> None:
+    with os.scandir(folder) as found:
+        entries = [
+            e for e in found if e.name.endswith(".json") and e.is_file(follow_symlinks=False)
+        ]
+    if len(entries) <= MAX_ENTRIES:
+        return
+    entries.sort(key=lambda e: e.stat(follow_symlinks=False).st_mtime_ns)
+    for old in entries[: len(entries) - MAX_ENTRIES]:
+        with contextlib.suppress(OSError):
+            os.unlink(old.path)
