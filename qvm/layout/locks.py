@@ -11,10 +11,13 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Callable
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
-def try_lock(path: Path) -> int | None:
+def try_lock(path: str | os.PathLike[str]) -> int | None:
     """Take an exclusive flock without waiting; return the fd, or None if someone holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     return _flock_or_close(fd)

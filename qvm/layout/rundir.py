@@ -1,4 +1,5 @@
-"""One folder per VM, and every file in it named here.
+"""One folder per VM, and every file in it as a ``Path`` (their names are in
+``qvm.layout.runfiles``).
 
 The folder outlives the VM: its logs and ``state.json`` say how the last run ended.
 Sockets exist only while QEMU runs. ``supervisor.lock`` is held (flock) for exactly as
@@ -8,23 +9,49 @@ kernel may have handed to another process.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from pathlib import Path
 
 from qvm.base.record import Record
 from qvm.errors import HostError, UnsafeStateError
+from qvm.layout import runfiles
 from qvm.layout.names import check_vm_name, is_vm_name
+from qvm.layout.runfiles import (
+    AGENT_CHARDEV_SOCKET,
+    AGENT_LOCK,
+    AGENT_SOCKET,
+    CLONE_FILE,
+    CONSOLE_SOCKET,
+    CONTROL_LOCK,
+    CPU_UNPLUGGED_FILE,
+    DEVICES_FILE,
+    EVENTS_SOCKET,
+    FORWARDS_FILE,
+    KNOWN_HOSTS,
+    LAUNCH_FILE,
+    META_DATA,
+    NEW_RECORD,
+    PENDING_FILE,
+    QEMU_LOG,
+    QEMU_SOCKETS,
+    QMP_SOCKET,
+    SEED_IMAGE,
+    SERIAL_LOG,
+    SNAPSHOTS_FILE,
+    SPACE_RESERVE_FILE,
+    STATE_DISK,
+    STATE_FILE,
+    SUPERVISOR_LOCK,
+    SUPERVISOR_LOG,
+    SUPERVISOR_SOCKET,
+    USER_DATA,
+)
 
 # sun_path is 108 bytes including the terminating NUL
 MAX_SOCKET_PATH = 107
 
-QEMU_SOCKET_NAMES = ("qmp.sock", "events.sock", "console.sock", "qga.sock")
-# the supervisor's, lending its lasting connection to qga.sock (see agent_socket): it lives
-# and goes with QEMU's sockets
-AGENT_SOCKET_NAME = "agent.sock"
-SOCKET_NAMES = (*QEMU_SOCKET_NAMES, AGENT_SOCKET_NAME, "supervisor.sock")
+SOCKET_NAMES = (*QEMU_SOCKETS, AGENT_SOCKET, SUPERVISOR_SOCKET)
 
 
 # Every file qvm makes in a run dir, by exact name (the properties below say what each
@@ -33,31 +60,31 @@ SOCKET_NAMES = (*QEMU_SOCKET_NAMES, AGENT_SOCKET_NAME, "supervisor.sock")
 QVM_FILE_NAMES = frozenset(
     {
         *SOCKET_NAMES,
-        "agent.lock",
-        "serial.log",
+        AGENT_LOCK,
+        SERIAL_LOG,
         "serial.log.1",
-        "qemu.log",
+        QEMU_LOG,
         "qemu.log.1",
-        "supervisor.log",
-        "state.json",
-        "launch.json",
-        "supervisor.lock",
-        "space.reserve",
-        "control.lock",
-        "pending.json",
-        "cpu-unplugged.json",
-        "devices.json",
-        "seed.iso",
-        "user-data",
-        "meta-data",
-        "known_hosts",
-        "forwards.json",
-        "new.json",
+        SUPERVISOR_LOG,
+        STATE_FILE,
+        LAUNCH_FILE,
+        SUPERVISOR_LOCK,
+        SPACE_RESERVE_FILE,
+        CONTROL_LOCK,
+        PENDING_FILE,
+        CPU_UNPLUGGED_FILE,
+        DEVICES_FILE,
+        SEED_IMAGE,
+        USER_DATA,
+        META_DATA,
+        KNOWN_HOSTS,
+        FORWARDS_FILE,
+        NEW_RECORD,
         "id_ed25519",  # the key pair qvm makes (qvm.host.cloudinit.GENERATED_KEY)
         "id_ed25519.pub",
-        "snapshots.json",
-        "state.qcow2",
-        "clone.json",
+        SNAPSHOTS_FILE,
+        STATE_DISK,
+        CLONE_FILE,
         # a frozen copy ($STATE/VM@TAG/, qvm.ops.clone): the snapshot's RAM and device
         # state as a migration stream, and the same while it is being written
         "memory.bin",
@@ -86,21 +113,21 @@ class RunDir(Record):
     # QMP monitor for the user's own clients (qmp-shell, scripts); qvm never holds it.
     @property
     def qmp_socket(self) -> Path:
-        return self.path / "qmp.sock"
+        return self.path / QMP_SOCKET
 
     # QMP monitor the supervisor keeps open: events, and qvm's commands (qvm.supervisor.relay).
     @property
     def events_socket(self) -> Path:
-        return self.path / "events.sock"
+        return self.path / EVENTS_SOCKET
 
     # The supervisor's own request socket (status, stop, kill, control sessions).
     @property
     def supervisor_socket(self) -> Path:
-        return self.path / "supervisor.sock"
+        return self.path / SUPERVISOR_SOCKET
 
     @property
     def console_socket(self) -> Path:
-        return self.path / "console.sock"
+        return self.path / CONSOLE_SOCKET
 
     # The guest agent's channel (virtio-serial port org.qemu.guest_agent.0): QEMU's end is
     # ``agent_chardev_socket``, which the supervisor holds open while QEMU runs and lends to
@@ -108,65 +135,65 @@ class RunDir(Record):
     # qvm's clients take turns on ``agent_lock``.
     @property
     def agent_socket(self) -> Path:
-        return self.path / AGENT_SOCKET_NAME
+        return self.path / AGENT_SOCKET
 
     @property
     def agent_chardev_socket(self) -> Path:
-        return self.path / "qga.sock"
+        return self.path / AGENT_CHARDEV_SOCKET
 
     @property
     def agent_lock(self) -> Path:
-        return self.path / "agent.lock"
+        return self.path / AGENT_LOCK
 
     @property
     def serial_log(self) -> Path:
-        return self.path / "serial.log"
+        return self.path / SERIAL_LOG
 
     @property
     def qemu_log(self) -> Path:
-        return self.path / "qemu.log"
+        return self.path / QEMU_LOG
 
     @property
     def supervisor_log(self) -> Path:
-        return self.path / "supervisor.log"
+        return self.path / SUPERVISOR_LOG
 
     @property
     def state_file(self) -> Path:
-        return self.path / "state.json"
+        return self.path / STATE_FILE
 
     @property
     def launch_file(self) -> Path:
-        return self.path / "launch.json"
+        return self.path / LAUNCH_FILE
 
     @property
     def lock_file(self) -> Path:
-        return self.path / "supervisor.lock"
+        return self.path / SUPERVISOR_LOCK
 
     # Space the supervisor sets aside and frees when the state dir is full, so that its
     # last record still gets written (qvm.supervisor.process.SPACE_RESERVE_BYTES).
     @property
     def space_reserve_file(self) -> Path:
-        return self.path / "space.reserve"
+        return self.path / SPACE_RESERVE_FILE
 
     @property
     def control_lock_file(self) -> Path:
-        return self.path / "control.lock"
+        return self.path / CONTROL_LOCK
 
     @property
     def pending_file(self) -> Path:
-        return self.path / "pending.json"
+        return self.path / PENDING_FILE
 
     # A vCPU unplug was requested in this QEMU run under TCG, where QEMU 7.2 crashes on
     # the next device_add (of any device); the file names the QEMU run (pid, start time)
     # it is about.
     @property
     def cpu_unplugged_file(self) -> Path:
-        return self.path / "cpu-unplugged.json"
+        return self.path / CPU_UNPLUGGED_FILE
 
     # What qvm hotplugged in this QEMU run (memory, disks, NICs): ids, files, forwards.
     @property
     def devices_file(self) -> Path:
-        return self.path / "devices.json"
+        return self.path / DEVICES_FILE
 
     # An empty image made by `qvm disk attach --new` for the device ``dev_id``. Not
     # disk*.qcow2: those are [[disk]] base overlays, which `up` reuses and `reset` deletes.
@@ -180,40 +207,40 @@ class RunDir(Record):
     # cloud-init NoCloud seed (ISO 9660, label cidata) and the texts it holds, for people
     @property
     def seed_image(self) -> Path:
-        return self.path / "seed.iso"
+        return self.path / SEED_IMAGE
 
     @property
     def user_data(self) -> Path:
-        return self.path / "user-data"
+        return self.path / USER_DATA
 
     @property
     def meta_data(self) -> Path:
-        return self.path / "meta-data"
+        return self.path / META_DATA
 
     # The snapshots qvm took (qvm.store.snapshots), and the small qcow2 that holds their
     # RAM state when the VM has no writable qcow2 disk of its own (block node qvm-state).
     @property
     def snapshots_file(self) -> Path:
-        return self.path / "snapshots.json"
+        return self.path / SNAPSHOTS_FILE
 
     @property
     def state_disk(self) -> Path:
-        return self.path / "state.qcow2"
+        return self.path / STATE_DISK
 
     # A clone (`qvm new CLONE --from VM@TAG`): its first start is from this memory image.
     @property
     def clone_file(self) -> Path:
-        return self.path / "clone.json"
+        return self.path / CLONE_FILE
 
     # `qvm ssh`: this VM's host keys only (the guest makes new ones after a reset)
     @property
     def known_hosts(self) -> Path:
-        return self.path / "known_hosts"
+        return self.path / KNOWN_HOSTS
 
     # port forwards added or removed at run time, for the QEMU run (pid, start time) named
     @property
     def forwards_file(self) -> Path:
-        return self.path / "forwards.json"
+        return self.path / FORWARDS_FILE
 
     def overlays(self) -> list[Path]:
         """The copy-on-write overlays qvm made for ``[[disk]] base`` images."""
@@ -226,7 +253,7 @@ class RunDir(Record):
     # that file only while it is unchanged
     @property
     def new_record(self) -> Path:
-        return self.path / "new.json"
+        return self.path / NEW_RECORD
 
     def create(self) -> None:
         """Make the run dir (and the state root) private to this user, or refuse one that
@@ -241,11 +268,7 @@ class RunDir(Record):
             )
 
     def remove_qemu_sockets(self) -> None:
-        """QEMU leaves its listening sockets behind when it is killed (and the
-        supervisor's agent socket goes with them)."""
-        for sock in (self.path / name for name in (*QEMU_SOCKET_NAMES, AGENT_SOCKET_NAME)):
-            with contextlib.suppress(FileNotFoundError):
-                sock.unlink()
+        runfiles.RunFiles(str(self.path)).remove_qemu_sockets()
 
 
 def default_state_dir() -> Path:

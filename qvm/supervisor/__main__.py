@@ -9,6 +9,7 @@ import os
 import sys
 
 from qvm.errors import RecordError
+from qvm.layout.runfiles import LAUNCH_FILE
 from qvm.store.launch import read_launch
 from qvm.supervisor.spawn import AdoptedQemu
 
@@ -22,7 +23,7 @@ def main(argv: list[str]) -> int:
         qemu.returncode = int(argv[2].removeprefix("exited="))
     ready_fd = int(os.environ["QVM_READY_FD"]) if "QVM_READY_FD" in os.environ else None
     # the inherited lock fd stays open for our whole life: it is what says we are alive
-    path = os.path.join(run_path, "launch.json")
+    path = os.path.join(run_path, LAUNCH_FILE)
     try:
         launch = read_launch(path)
     except RecordError as error:  # `qvm up` wrote it just before: someone changed it since

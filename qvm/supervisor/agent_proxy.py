@@ -21,14 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from qvm.layout.rundir import RunDir
+from qvm.layout.runfiles import AGENT_CHARDEV_SOCKET, AGENT_SOCKET, RunFiles
 from qvm.supervisor.spawn import log_line
 
 CHUNK = 256 * 1024  # guest-file-read and guest-exec-status replies run to megabytes
 
 
 class AgentProxy:
-    def __init__(self, run: RunDir) -> None:
+    def __init__(self, run: RunFiles) -> None:
         self.run = run
         self._upstream: asyncio.StreamWriter | None = None
         self._client: asyncio.StreamWriter | None = None
@@ -40,19 +40,19 @@ class AgentProxy:
         """Connect to QEMU's agent chardev (it listens once QMP answers) and open
         ``agent.sock``; a failure is logged, and the VM runs without the channel."""
         try:
-            reader, writer = await asyncio.open_unix_connection(str(self.run.agent_chardev_socket))
+            reader, writer = await asyncio.open_unix_connection(self.run.file(AGENT_CHARDEV_SOCKET))
         except OSError as error:
             log_line(f"qvm supervisor: guest agent channel: {error.strerror or error}")
             return
         self._upstream = writer
         self._pump = asyncio.create_task(self._to_client(reader))
-        self.run.agent_socket.unlink(missing_ok=True)  # a killed supervisor's
+        self.run.remove(AGENT_SOCKET)  # a killed supervisor's
         try:
             self._server = await asyncio.start_unix_server(
-                self._serve, path=str(self.run.agent_socket)
+                self._serve, path=self.run.file(AGENT_SOCKET)
             )
         except OSError as error:
-            log_line(f"qvm supervisor: {self.run.agent_socket}: {error.strerror or error}")
+            log_line(f"qvm supervisor: {self.run.file(AGENT_SOCKET)}: {error.strerror or error}")
             await self.detach()
 
     async def detach(self) -> None:
@@ -60,7 +60,7 @@ class AgentProxy:
         if self._server is not None:
             self._server.close()
             self._server = None
-        self.run.agent_socket.unlink(missing_ok=True)
+        self.run.remove(AGENT_SOCKET)
         for writer in (self._client, self._upstream):
             if writer is not None:
                 writer.close()

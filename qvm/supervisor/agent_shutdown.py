@@ -18,7 +18,7 @@ import socket
 import time
 
 from qvm.layout.locks import try_lock
-from qvm.layout.rundir import RunDir
+from qvm.layout.runfiles import AGENT_LOCK, AGENT_SOCKET, RunFiles
 from qvm.store.launch import LaunchRecord
 
 AGENT_PORT_NAME = "org.qemu.guest_agent.0"  # as in qvm.cmdline.argv
@@ -32,7 +32,7 @@ def agent_configured(launch: LaunchRecord) -> bool:
     return any(f"name={AGENT_PORT_NAME}" in arg for arg in launch.argv)
 
 
-def agent_shutdown(run: RunDir) -> str | None:
+def agent_shutdown(run: RunFiles) -> str | None:
     """Send ``guest-shutdown`` (power down); None once the agent took it, else why not."""
     deadline = time.monotonic() + LOCK_TIMEOUT
     while (lock := _try_lock(run)) is None:
@@ -42,7 +42,7 @@ def agent_shutdown(run: RunDir) -> str | None:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
             sock.settimeout(SYNC_TIMEOUT)
-            sock.connect(str(run.agent_socket))
+            sock.connect(run.file(AGENT_SOCKET))
             if not _sync(sock, time.monotonic() + SYNC_TIMEOUT):
                 return f"the guest agent did not answer within {SYNC_TIMEOUT:g} s"
             message = {"execute": "guest-shutdown", "arguments": {"mode": "powerdown"}}
@@ -55,9 +55,9 @@ def agent_shutdown(run: RunDir) -> str | None:
             os.close(lock)
 
 
-def _try_lock(run: RunDir) -> int | None:
+def _try_lock(run: RunFiles) -> int | None:
     try:
-        return try_lock(run.agent_lock)
+        return try_lock(run.file(AGENT_LOCK))
     except OSError:
         return -1  # no lock file can be made: go on without one, QEMU is what matters
 

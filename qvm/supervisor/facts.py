@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 from qvm.base.proc import CLOCK_TICKS, process_start_time, process_state, process_usage
 from qvm.supervisor.spawn import LOG_MARKER
@@ -64,10 +63,11 @@ def _age(pid: int, started_at: float | None) -> float:
     return max(time.time() - (started_at or 0), 0.0)
 
 
-def qemu_log_tail(path: Path, lines: int = 10) -> list[str]:
+def qemu_log_tail(path: str | os.PathLike[str], lines: int = 10) -> list[str]:
     """The last lines QEMU wrote in its latest run (after qvm's start marker)."""
     try:
-        text = path.read_text(errors="replace")
+        with open(path, errors="replace") as log:
+            text = log.read()
     except OSError:
         return []
     latest = text.rsplit(LOG_MARKER, 1)[-1].split("\n", 1)[-1]

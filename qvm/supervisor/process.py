@@ -17,13 +17,20 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qvm.base.jsonfile import RecordWriteError
 from qvm.base.proc import process_start_time
 from qvm.errors import RecordError
-from qvm.layout.rundir import RunDir
+from qvm.layout.runfiles import (
+    EVENTS_SOCKET,
+    LAUNCH_FILE,
+    QEMU_LOG,
+    SPACE_RESERVE_FILE,
+    STATE_FILE,
+    SUPERVISOR_SOCKET,
+    RunFiles,
+)
 from qvm.store.launch import LaunchRecord
 from qvm.store.state import ExitRecord, StateRecord, write_state
 from qvm.supervisor.facts import (
@@ -49,6 +56,9 @@ from qvm.supervisor.wire import (
     expired,
 )
 
+if TYPE_CHECKING:
+    from qvm.layout.rundir import RunDir
+
 QMP_CONNECT_TIMEOUT = 60.0
 
 POWER_BUTTON_REPEAT = 5.0  # seconds between presses during `qvm down`
@@ -70,7 +80,7 @@ SPACE_RESERVE_BYTES = 64 * 1024
 
 
 class Supervisor:
-    def __init__(self, run: RunDir, launch: LaunchRecord, ready_fd: int | None) -> None:
+    def __init__(self, run: RunFiles, launch: LaunchRecord, ready_fd: int | None) -> None:
         self.run = run
         self.launch = launch
         self.ready_fd = ready_fd
@@ -92,17 +102,26 @@ class Supervisor:
 
     # --- files -------------------------------------------------------------------------
 
+    def run_dir(self) -> RunDir:
+        """The run dir as the records of unplugs take it; imports pathlib, which the
+        supervisor otherwise does without (``qvm.layout.runfiles``), only then."""
+        from pathlib import Path
+
+        from qvm.layout.rundir import RunDir
+
+        return RunDir(Path(self.run.path))
+
     def save_state(self, **changes: Any) -> None:
         """Record a change. The state lives in memory first: a state dir that is full or
         failing costs the file, never the supervisor (status answers from memory); the
         next change writes the whole record again."""
         self.state = self.state._replace(**changes)
         try:
-            write_state(self.run.state_file, self.state)
+            write_state(self.run.file(STATE_FILE), self.state)
         except RecordWriteError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT) and self.release_space_reserve():
                 try:
-                    write_state(self.run.state_file, self.state)
+                    write_state(self.run.file(STATE_FILE), self.state)
                     return
                 except RecordWriteError as again:
                     error = again
@@ -110,7 +129,7 @@ class Supervisor:
 
     def make_space_reserve(self) -> None:
         """Set SPACE_RESERVE_BYTES aside (see there); without room, do without."""
-        path = self.run.space_reserve_file
+        path = self.run.file(SPACE_RESERVE_FILE)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         except OSError:
@@ -126,7 +145,7 @@ class Supervisor:
     def release_space_reserve(self) -> bool:
         """Give the reserved space back; False if there was none."""
         try:
-            os.unlink(self.run.space_reserve_file)
+            os.unlink(self.run.file(SPACE_RESERVE_FILE))
         except OSError:
             return False
         log_line("qvm supervisor: state dir full: used the space set aside for state.json")
@@ -156,7 +175,7 @@ class Supervisor:
         """Start (or restart) QEMU and record it."""
         from qvm.supervisor.spawn import spawn_qemu
 
-        self.adopt_qemu(spawn_qemu(self.launch.argv, str(self.run.path)))
+        self.adopt_qemu(spawn_qemu(self.launch.argv, self.run.path))
 
     def adopt_qemu(self, qemu: subprocess.Popen[bytes] | AdoptedQemu) -> None:
         """Take charge of a QEMU just spawned (the first one is spawned before we exist)."""
@@ -189,7 +208,7 @@ class Supervisor:
         # before any request can come in: `stop` and `kill` wait on it
         self._watch_exit()
         server = await asyncio.start_unix_server(
-            self._serve_client, path=str(self.run.supervisor_socket), limit=MAX_LINE
+            self._serve_client, path=self.run.file(SUPERVISOR_SOCKET), limit=MAX_LINE
         )
         self.make_space_reserve()
         first = True
@@ -205,8 +224,8 @@ class Supervisor:
         finally:
             server.close()
             self.run.remove_qemu_sockets()
-            self.run.supervisor_socket.unlink(missing_ok=True)
-            self.run.space_reserve_file.unlink(missing_ok=True)
+            self.run.remove(SUPERVISOR_SOCKET)
+            self.run.remove(SPACE_RESERVE_FILE)
             self.close_notify()
 
     def _watch_exit(self) -> None:
@@ -268,7 +287,7 @@ class Supervisor:
             if exited.done():
                 return False
             try:
-                await client.connect(str(self.run.events_socket))
+                await client.connect(self.run.file(EVENTS_SOCKET))
                 break
             except Exception:  # noqa: BLE001 - QEMU has not created the socket yet
                 if time.monotonic() > deadline:
@@ -362,7 +381,7 @@ class Supervisor:
             return
         current = {"qemu_pid": self.qemu.pid, "qemu_start_time": self.state.qemu_start_time}
         try:
-            record_cpu_unplug(self.run, [dev_id], current)
+            record_cpu_unplug(self.run_dir(), [dev_id], current)
         except RecordWriteError as error:
             log_line(f"qvm supervisor: vCPU {dev_id} unplugged, but {error}")
 
@@ -380,7 +399,7 @@ class Supervisor:
 
         from qvm.store.pending import complete_pending
 
-        for dev_id, cleanup in complete_pending(self.run, data):
+        for dev_id, cleanup in complete_pending(self.run_dir(), data):
             for command, arguments in cleanup:
                 try:
                     await asyncio.wait_for(self.qmp.execute(command, arguments), QMP_CALL_TIMEOUT)
@@ -410,7 +429,9 @@ class Supervisor:
             # the step of a stop that ended it, where only the supervisor knows it
             ended_by="agent" if reason.startswith(AGENT_POWER_OFF) else self.intent,
             stderr_tail=(
-                tuple(qemu_log_tail(self.run.qemu_log)) if failed and not reached_qmp else None
+                tuple(qemu_log_tail(self.run.file(QEMU_LOG)))
+                if failed and not reached_qmp
+                else None
             ),
         )
         final = "crashed" if failed else "stopped"
@@ -494,7 +515,7 @@ class Supervisor:
 
         self.launch = self.launch._replace(argv=self.launch.restart_argv, restart_argv=None)
         try:
-            write_launch(self.run.launch_file, self.launch)
+            write_launch(self.run.file(LAUNCH_FILE), self.launch)
         except RecordWriteError as error:
             log_line(f"qvm supervisor: {error}")
 
@@ -709,7 +730,7 @@ def run_supervisor(
     """Supervise a QEMU that ``qvm.supervisor.spawn`` has just spawned, to the end."""
     import asyncio
 
-    supervisor = Supervisor(RunDir(Path(run_path)), launch, ready_fd)
+    supervisor = Supervisor(RunFiles(run_path), launch, ready_fd)
     supervisor.adopt_qemu(qemu)
     if qmp_answered:
         supervisor.notify_ready()

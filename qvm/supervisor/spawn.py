@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from qvm.base.jsonfile import RecordWriteError
 from qvm.base.proc import find_program
+from qvm.layout.runfiles import EVENTS_SOCKET, QEMU_LOG, STATE_FILE
 from qvm.store.state import ExitRecord, StateRecord, write_state
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ def spawn_qemu(argv: tuple[str, ...], run_path: str) -> subprocess.Popen[bytes]:
     import subprocess
 
     spawn_argv, preexec = with_parent_death_signal(argv)
-    with open(os.path.join(run_path, "qemu.log"), "ab") as log:
+    with open(os.path.join(run_path, QEMU_LOG), "ab") as log:
         log.write(f"{LOG_MARKER} {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
         log.flush()
         return subprocess.Popen(
@@ -135,7 +136,7 @@ def record_spawned(run_path: str, launch: LaunchRecord, qemu: subprocess.Popen[b
         qemu_pid=qemu.pid, qemu_start_time=process_start_time(qemu.pid), started_at=time.time()
     )
     try:
-        write_state(os.path.join(run_path, "state.json"), state)
+        write_state(os.path.join(run_path, STATE_FILE), state)
     except RecordWriteError as error:
         # a full or failing state dir must not cost the VM: the supervisor keeps its
         # state in memory, answers status from it, and writes again at the next change
@@ -153,7 +154,7 @@ def record_spawn_failure(run_path: str, launch: LaunchRecord, error: OSError) ->
     )
     state = initial_state(launch)._replace(state="crashed", exit=ended)
     try:
-        write_state(os.path.join(run_path, "state.json"), state)
+        write_state(os.path.join(run_path, STATE_FILE), state)
     except RecordWriteError as error:
         log_line(f"qvm supervisor: {error}")
 
@@ -218,7 +219,7 @@ def start(
         os._exit(1)
     record_spawned(run_path, launch, qemu)
     notify(ready_fd, f"spawned {qemu.pid}")
-    answered = wait_qmp_answer(os.path.join(run_path, "events.sock"), qemu, QMP_ANSWER_TIMEOUT)
+    answered = wait_qmp_answer(os.path.join(run_path, EVENTS_SOCKET), qemu, QMP_ANSWER_TIMEOUT)
     env = dict(os.environ)
     for fd in lock_fds:  # held open for the supervisor's life: "alive"
         os.set_inheritable(fd, True)

@@ -9,6 +9,7 @@ import asyncio
 from pathlib import Path
 
 from qvm.layout.rundir import RunDir
+from qvm.layout.runfiles import RunFiles
 from qvm.supervisor.agent_proxy import AgentProxy
 
 
@@ -50,7 +51,7 @@ def test_clients_take_turns_on_one_lasting_connection(tmp_path: Path) -> None:
         run = _run_dir(tmp_path)
         chardev = Chardev()
         server = await asyncio.start_unix_server(chardev.serve, str(run.agent_chardev_socket))
-        proxy = AgentProxy(run)
+        proxy = AgentProxy(RunFiles(str(run.path)))
         await proxy.attach()
         assert run.agent_socket.exists()
 
@@ -95,7 +96,7 @@ def test_clients_take_turns_on_one_lasting_connection(tmp_path: Path) -> None:
 def test_no_chardev_no_agent_socket(tmp_path: Path) -> None:
     async def scenario() -> None:
         run = _run_dir(tmp_path)
-        proxy = AgentProxy(run)
+        proxy = AgentProxy(RunFiles(str(run.path)))
         await proxy.attach()  # nothing listens on qga.sock: logged, no socket offered
         assert not run.agent_socket.exists()
         await proxy.detach()

@@ -94,3 +94,22 @@ def test_no_two_test_files_share_a_name() -> None:
     stop the whole run at collection."""
     names = [path.name for path in (REPO / "tests").rglob("test_*.py")]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_the_supervisor_runs_without_pathlib() -> None:
+    """pathlib would be 0.67 MiB of the supervisor's RSS (qvm.layout.runfiles): every
+    module it imports to start and to answer, by the same path the supervisor takes."""
+    code = (
+        "import sys\n"
+        "from qvm.supervisor.__main__ import load_asyncio_without_tls\n"
+        "load_asyncio_without_tls()\n"
+        "import qvm.supervisor.process, qvm.supervisor.relay, qvm.supervisor.agent_proxy\n"
+        "import qvm.supervisor.agent_shutdown\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pathlib', 'qvm')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "'qvm.supervisor.relay'" in done.stdout
+    assert "pathlib" not in done.stdout

@@ -29,6 +29,7 @@ from qvm.control.guest_agent_facts import (
 from qvm.control.memory_blocks import BlockSize, agent_online_blocks, check_block_multiple
 from qvm.errors import AgentCommandError, HotplugError
 from qvm.layout.rundir import RunDir
+from qvm.layout.runfiles import RunFiles
 from qvm.store.state import ending
 from qvm.supervisor import agent_shutdown as shutdown
 from qvm.supervisor.facts import cpu_percent
@@ -334,7 +335,7 @@ def fake_agent_server(path: Path, answer_error: bool) -> tuple[threading.Thread,
 def test_the_supervisor_sends_guest_shutdown(tmp_path: Path, answer_error: bool) -> None:
     run = RunDir(tmp_path)
     thread, received = fake_agent_server(run.agent_socket, answer_error)
-    problem = shutdown.agent_shutdown(run)
+    problem = shutdown.agent_shutdown(RunFiles(str(tmp_path)))
     thread.join(5)
     assert received[0]["execute"] == "guest-sync-delimited"
     assert received[1] == {"execute": "guest-shutdown", "arguments": {"mode": "powerdown"}}
@@ -342,7 +343,7 @@ def test_the_supervisor_sends_guest_shutdown(tmp_path: Path, answer_error: bool)
 
 
 def test_no_agent_socket_is_a_reason_not_an_error(tmp_path: Path) -> None:
-    problem = shutdown.agent_shutdown(RunDir(tmp_path))
+    problem = shutdown.agent_shutdown(RunFiles(str(tmp_path)))
     assert problem is not None and problem.startswith("the guest agent's channel")
 
 
