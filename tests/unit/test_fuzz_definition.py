@@ -9,6 +9,7 @@ the file runs in seconds.
 
 from __future__ import annotations
 
+import os
 import shutil
 import string
 import tempfile
@@ -34,13 +35,16 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-# one file for every example (hypothesis does not mix with function-scoped tmp_path)
-_FOLDER = Path(tempfile.mkdtemp(prefix="qvm-fuzz-"))
+# one file for every example (hypothesis does not mix with function-scoped tmp_path),
+# in a folder made when the module's tests run: made at import, it stayed behind whenever
+# the module was collected and not run
+_FOLDER = Path(tempfile.gettempdir()) / f"qvm-fuzz-{os.getpid()}"
 _FILE = _FOLDER / "fuzz.toml"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _remove_folder() -> Iterator[None]:
+def _folder() -> Iterator[None]:
+    _FOLDER.mkdir(mode=0o700)  # never an existing one, nor a link planted in its place
     yield
     shutil.rmtree(_FOLDER, ignore_errors=True)
 
