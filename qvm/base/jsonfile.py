@@ -36,10 +36,15 @@ class RecordWriteError(HostError):
 def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
     """Readers see the old file or the new one, never half of one; a failure (ENOSPC,
     EIO, EROFS...) leaves the old file and no temporary one, and is a RecordWriteError."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str, durable: bool = True) -> None:
+    """``write_json_atomic`` for a text already made; ``durable`` False for a cache, which
+    a crash may lose: no fsync."""
     path = os.fspath(path)
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     try:
         # a leftover of an earlier process with our pid, or a link planted under this
         # name: never written through (O_EXCL | O_NOFOLLOW after removing it)
@@ -51,7 +56,8 @@ def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> Non
             with open(fd, "w", closefd=True) as handle:
                 handle.write(text)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if durable:
+                    os.fsync(handle.fileno())
             os.replace(tmp, path)
         except BaseException:
             _unlink_quietly(tmp)
@@ -70,7 +76,7 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     try:
         with open(path) as handle:
             data = json.load(handle)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

@@ -19,6 +19,7 @@ import os
 import zlib
 from typing import Any
 
+from qvm.base.jsonfile import RecordWriteError, read_json, write_text_atomic
 from qvm.layout.cache import qvm_cache_home
 
 MAX_ENTRIES = 200
@@ -46,17 +47,13 @@ def _entry(path: str) -> str | None:
         return None
     absolute = os.path.abspath(path)
     stem = os.path.basename(absolute)[:64]
-    return os.path.join(home, "definitions", f"{stem}-{zlib.crc32(absolute.encode()):08x}.json")
+    return os.path.join(home, "definitions", f"{stem}-{zlib.crc32(os.fsencode(absolute)):08x}.json")
 
 
 def _read(entry: str) -> tuple[str, dict[str, Any]] | None:
-    try:
-        with open(entry, encoding="utf-8") as file:
-            kept = json.load(file)
-    except (OSError, ValueError, RecursionError):
-        return None
+    kept = read_json(entry)
     if (
-        isinstance(kept, dict)
+        kept is not None
         and isinstance(kept.get("text"), str)
         and isinstance(kept.get("toml"), dict)
     ):
@@ -67,20 +64,12 @@ def _read(entry: str) -> tuple[str, dict[str, Any]] | None:
 def _write(entry: str, text: str, data: dict[str, Any]) -> None:
     try:
         # JSON holds everything TOML parses to but dates and times, which fail here
-        encoded = json.dumps({"text": text, "toml": data}, ensure_ascii=False)
+        encoded = json.dumps({"text": text, "toml": data})
     except (TypeError, ValueError, RecursionError):
         return
-    partial = f"{entry}.{os.getpid()}.tmp"
-    try:
+    with contextlib.suppress(OSError, RecordWriteError):
         os.makedirs(os.path.dirname(entry), mode=0o700, exist_ok=True)
-        with open(partial, "w", encoding="utf-8") as file:
-            file.write(encoded)
-        os.replace(partial, entry)  # a reader sees the old entry or the new, never half
-    except (OSError, UnicodeEncodeError):
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
-        return
-    with contextlib.suppress(OSError):
+        write_text_atomic(entry, encoded, durable=False)
         _prune(os.path.dirname(entry))
 
 

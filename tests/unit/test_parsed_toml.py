@@ -95,6 +95,15 @@ def test_the_entries_written_longest_ago_go(
     assert sorted(p.name.split(".")[0] for p in cache.iterdir()) == ["vm3", "vm4", "vm5"]
 
 
+def test_a_file_name_that_is_not_utf8_has_its_entry(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = os.fsdecode(bytes(tmp_path) + b"/vm\xff.toml")  # as Python names such a file
+    assert parsed.parse_toml("a = 1\n", path) == {"a": 1}
+    refuse_to_parse(monkeypatch)
+    assert parsed.parse_toml("a = 1\n", path) == {"a": 1}
+
+
 def test_two_files_with_one_name_keep_their_own_entries(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
