@@ -1,14 +1,11 @@
 """Definition in, QEMU argv out. A pure function: no probing, no disk, no clock.
 
 Everything the builder cannot know from the definition (which accelerator this host can
-use, image formats read from disk, host ports picked at start) arrives resolved in
-``LaunchInputs``, so ``qvm cmdline`` and ``qvm up`` print and run the same argv.
+use, image formats read from disk) arrives resolved in ``LaunchInputs``, so ``qvm cmdline``
+and ``qvm up`` print and run the same argv. A forward's host port 0 stays 0: QEMU binds it.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from types import MappingProxyType
 
 from qvm.base.record import Record
 from qvm.base.sizes import format_size
@@ -65,8 +62,6 @@ class LaunchInputs(Record):
     run_dir: RunDir
     # per [[disk]]: the format QEMU should open; an overlay is always qcow2
     disk_formats: tuple[str, ...] = ()
-    # (nic index, forward index) -> host port, for forwards whose host port was 0
-    host_ports: Mapping[tuple[int, int], int] = MappingProxyType({})
     # a snapshot's device set instead of the definition's: the vCPU slots present besides
     # slot 0 (None: the definition's count), and its memory devices
     cpu_slots: tuple[int, ...] | None = None
@@ -173,7 +168,7 @@ def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
 
     # Network
     for index, nic in enumerate(machine.nics):
-        argv += _nic_args(machine, index, nic, inputs)
+        argv += _nic_args(machine, index, nic)
 
     # Guest agent channel, after the boot disks and NICs so that it takes none of their
     # PCI addresses
@@ -245,12 +240,13 @@ def _seed_args(machine: Machine, run: RunDir) -> list[str]:
     ]
 
 
-def _nic_args(machine: Machine, index: int, nic: NicSpec, inputs: LaunchInputs) -> list[str]:
+def _nic_args(machine: Machine, index: int, nic: NicSpec) -> list[str]:
     ident = nic_id(index, nic)
     netdev = f"user,id={ident}"
-    for fwd_index, fwd in enumerate(nic.forwards):
-        host_port = fwd.host_port or inputs.host_ports.get((index, fwd_index), 0)
-        netdev += f",hostfwd={fwd.protocol}:{fwd.host_addr}:{host_port}-:{fwd.guest_port}"
+    # host port 0 stays 0: QEMU binds a port the kernel picks, read back from `info usernet`
+    # (qvm.host.usernet), so two VMs started at once never race for one port
+    for fwd in nic.forwards:
+        netdev += f",hostfwd={fwd.protocol}:{fwd.host_addr}:{fwd.host_port}-:{fwd.guest_port}"
     model = "virtio-net-device" if machine.type == "microvm" else nic.model
     mac = nic.mac or stable_mac(machine.name, index)
     return ["-netdev", netdev, "-device", f"{model},netdev={ident},mac={mac},id={ident}"]

@@ -12,16 +12,21 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from qvm.definition.forwards import ForwardError, parse_forward
 from qvm.errors import ControlError, HostError, NotRunningError, QvmError
+from qvm.host.ports import check_address, port_holder, port_in_use
+from qvm.host.usernet import USERNET_COMMAND, bind_ports, parse_usernet, unbound
 from qvm.layout.rundir import RunDir
 from qvm.store.forwards import read_forwards, record_forwards, save
 from qvm.store.launch import Forward, read_launch
+from qvm.supervisor.client import supervisor_alive
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
     from qvm.control.qmp_session import QmpSession
     from qvm.control.session import ControlSession
     from qvm.definition.schema import PortForward
-    from qvm.host.ports import PortPicker
 
 _SHORT_FORM = re.compile(r"(?:(tcp|udp):)?(?:([0-9]{1,3}(?:\.[0-9]{1,3}){3}):)?([0-9]{1,5})")
 
@@ -46,20 +51,20 @@ def _hmp(session: QmpSession, command_line: str) -> str:
 def _session(run: RunDir) -> ControlSession:
     """The control session, held across the HMP command and the forwards.json update so
     that two `qvm port` commands at once cannot lose each other's record."""
-    from qvm.control.session import ControlSession
+    # completion imports this module for forward_text: the relay client (~4 ms) only here
+    from qvm.control.session import ControlSession  # noqa: PLC0415 -- see the comment above
 
     return ControlSession(run)
 
 
 def _require_running(run: RunDir) -> None:
-    from qvm.supervisor.client import supervisor_alive
-
     if not supervisor_alive(run):
         raise NotRunningError(run.name)
 
 
 def add_forward(run: RunDir, text: str, nic: str | None = None) -> Forward:
-    """Add ``PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT`` (host port 0 or "auto": a free one)."""
+    """Add ``PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT`` (host port 0 or "auto": QEMU binds a
+    port the kernel picks, read back from ``info usernet``)."""
     _require_running(run)
     fwd = parse_spec(text)
     netdev = _nic_for(run, nic)
@@ -69,28 +74,17 @@ def add_forward(run: RunDir, text: str, nic: str | None = None) -> Forward:
         reply = _hmp(session, f"hostfwd_add {netdev} {rule}").strip()
         if reply:  # HMP says nothing on success
             raise ControlError(f"{run.name}: hostfwd_add {netdev} {rule}: {reply}")
+        (entry,) = read_back_ports(session, run, [entry], known=read_forwards(run))
         record_forwards(run, [entry])
     return entry
 
 
-def resolve_forward(
-    run: RunDir,
-    fwd: PortForward,
-    nic: str,
-    action: str | None = None,
-    picker: PortPicker | None = None,
-) -> Forward:
-    """The forward as recorded, with its host port: 0 gets a free one (from ``picker``
-    when several are picked at once, so they differ); a port in use is refused before
-    QEMU is asked, naming who holds it (the qvm VM, when it is one)."""
-    from qvm.host.ports import pick_free_port, port_in_use
-
+def resolve_forward(run: RunDir, fwd: PortForward, nic: str, action: str | None = None) -> Forward:
+    """The forward as QEMU is asked for it. A fixed port in use is refused before QEMU is
+    asked, naming who holds it (the qvm VM, when it is one); port 0 is QEMU's to bind,
+    with no probe before (``read_back_ports`` tells which port it got)."""
     if fwd.host_port == 0:
-        port = (
-            picker.pick(fwd.host_addr, fwd.protocol)
-            if picker is not None
-            else pick_free_port(fwd.host_addr, fwd.protocol)
-        )
+        check_address(fwd.host_addr, fwd.protocol)
     elif port_in_use(fwd.host_addr, fwd.host_port, fwd.protocol):
         doing = f"{action}: " if action else ""
         raise HostError(
@@ -98,14 +92,30 @@ def resolve_forward(
             f"in use{_held_by(run, fwd.host_port)} (hint: pick another host port, or 0 for any "
             "free one)"
         )
-    else:
-        port = fwd.host_port
-    return Forward(nic, fwd.protocol, fwd.host_addr, port, fwd.guest_port)
+    return Forward(nic, fwd.protocol, fwd.host_addr, fwd.host_port, fwd.guest_port)
+
+
+def read_back_ports(
+    session: QmpSession, run: RunDir, entries: Sequence[Forward], known: Iterable[Forward] = ()
+) -> tuple[Forward, ...]:
+    """``entries``, just given to QEMU, with each host port 0 replaced by the port QEMU
+    bound (``info usernet``, one HMP round trip; none when no port is 0). ``known``: the
+    forwards QEMU had before, whose ports are not the new ones."""
+    if not unbound(entries):
+        return tuple(entries)
+    resolved = bind_ports(entries, parse_usernet(_hmp(session, USERNET_COMMAND)), known)
+    missing = unbound(resolved)
+    if missing:
+        raise ControlError(
+            f"{run.name}: QEMU added {forward_text(missing[0])} on {missing[0].nic} but "
+            f"did not list the port it bound (hint: qvm qmp {run.name} "
+            "human-monitor-command command-line='info usernet')"
+        )
+    return resolved
 
 
 def _held_by(run: RunDir, port: int) -> str:
-    from qvm.host.holders import vm_of_qemu_pid
-    from qvm.host.ports import port_holder
+    from qvm.host.holders import vm_of_qemu_pid  # noqa: PLC0415 -- only when a port is taken
 
     holder = port_holder(port)
     if holder is None:
@@ -125,10 +135,6 @@ def _host_side(forward: Forward) -> str:
 
 
 def parse_spec(text: str) -> PortForward:
-    # qvm.definition is imported here, not at the top: `qvm status` reads forwards through
-    # this module and should not pay for loading the TOML schema
-    from qvm.definition.forwards import ForwardError, parse_forward
-
     spec = text.replace(":auto:", ":0:")
     try:
         return parse_forward(spec)
@@ -159,10 +165,14 @@ def remove_forward(run: RunDir, text: str, nic: str | None = None) -> list[Forwa
     return removed
 
 
-def _matches(forward: Forward | dict[str, object], text: str, nic: str | None) -> bool:
-    """Whether ``text`` (as ``qvm port del`` takes it) names ``forward``."""
-    if isinstance(forward, dict):  # the JSON form (tests/unit/test_access.py passes it)
-        forward = Forward(**forward)  # type: ignore[arg-type]
+def _matches(given: Forward | dict[str, object], text: str, nic: str | None) -> bool:
+    """Whether ``text`` (as ``qvm port del`` takes it) names the forward ``given``."""
+    # the JSON form too (tests/unit/test_access.py passes it)
+    forward: Forward = (
+        Forward(**given)  # type: ignore[arg-type,unused-ignore]
+        if isinstance(given, dict)
+        else given
+    )
     if nic is not None and forward.nic != nic:
         return False
     short = _SHORT_FORM.fullmatch(text)

@@ -3,9 +3,9 @@
 Add is ``netdev_add user`` (with its ``hostfwd`` port forwards) and ``device_add`` of the
 NIC (virtio-net-pci by default) on a free PCIe root port (q35) or ``pci.0`` (pc), with a
 stable MAC (``qvm.cmdline.stable_mac`` of the machine's name and a fresh NIC index, as the
-boot NICs get). A host port already in use is refused before QEMU is asked, naming the
-process (or the qvm VM) that holds it. Remove is ``device_del``, ``DEVICE_DELETED`` of
-the device itself, then ``netdev_del``.
+boot NICs get). A fixed host port already in use is refused before QEMU is asked, naming
+the process (or the qvm VM) that holds it; host port 0 is bound by QEMU and read back.
+Remove is ``device_del``, ``DEVICE_DELETED`` of the device itself, then ``netdev_del``.
 
 Nothing here prints.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 from qvm.base.record import Record
 from qvm.control import transaction
-from qvm.control.forwards import forward_text, hostfwd_rule, resolve_forward
+from qvm.control.forwards import forward_text, hostfwd_rule, read_back_ports, resolve_forward
 from qvm.control.guard import check_device_add
 from qvm.control.guest import guest_report
 from qvm.control.pci import PciPlaces, choose_pci_bus, pci_places
@@ -26,7 +26,6 @@ from qvm.control.qmp_session import QmpSession
 from qvm.definition.forwards import ForwardError, parse_forward
 from qvm.definition.schema import NIC_MODELS, PortForward
 from qvm.errors import ControlError, HotplugError
-from qvm.host.ports import PortPicker
 from qvm.layout.rundir import RunDir
 from qvm.store.devices import DeviceRecord, device_records
 from qvm.store.forwards import forget_forwards, read_forwards, record_forwards
@@ -230,9 +229,7 @@ def add_nic(
                 f"{name}: nic add: MAC {mac} is already used by another NIC of this VM "
                 f"(hint: qvm nic list {name})"
             )
-        fixed = [fwd.host_port for fwd in parsed if fwd.host_port]
-        with PortPicker(avoid=fixed) as picker:
-            resolved = [resolve_forward(run, fwd, dev_id, "nic add", picker) for fwd in parsed]
+        resolved = [resolve_forward(run, fwd, dev_id, "nic add") for fwd in parsed]
         netdev: dict[str, Any] = {"type": "user", "id": dev_id}
         if resolved:
             netdev["hostfwd"] = [{"str": hostfwd_rule(f)} for f in resolved]
@@ -257,9 +254,10 @@ def add_nic(
             index=index,
         )
         transaction.plug(session, run, transaction.Plug("nic add", steps, record, translate))
-        record_forwards(run, resolved)
+        bound = read_back_ports(session, run, resolved)  # a new netdev: nothing known on it
+        record_forwards(run, bound)
         after = _query(session, run, launch)
-        nic = after.find(dev_id) or NicInfo(dev_id, "qvm", model, mac, tuple(resolved), bus)
+        nic = after.find(dev_id) or NicInfo(dev_id, "qvm", model, mac, bound, bus)
         return NicAdd(name, nic, after.places, tuple(forwards or ()), forced)
 
 

@@ -1,5 +1,7 @@
-"""Host ports for forwards: is one free, pick a free one, who holds it (psutil: the only
-portable way to map a socket to its process).
+"""Host ports for forwards: is a fixed one free, who holds it (psutil: the only portable
+way to map a socket to its process). qvm picks no port itself: host port 0 goes to QEMU,
+which binds a port the kernel picks (``qvm.host.usernet`` reads it back), so two ``up``s
+at once cannot race between a probe and QEMU's bind.
 
 A bind that fails for another reason than a taken port (an address this host does not
 have, a privileged port) is a HostError saying so, not "in use" and not a traceback.
@@ -8,70 +10,25 @@ have, a privileged port) is a HostError saying so, not "in use" and not a traceb
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
-from qvm.definition.host_checks import ADDRESS_HINT
+from qvm.definition.host_checks import ADDRESS_HINT, address_problem
 from qvm.errors import HostError
 
-if TYPE_CHECKING:  # socket is imported where a port is bound: `qvm up` without forwards
-    import socket  # has no use for it (2-3 ms)
 
-
-class PortPicker:
-    """Picks free host ports that stay distinct: each stays bound until the picker closes,
-    so the kernel cannot hand the same port to two forwards of one launch (it did, and
-    QEMU refused the second rule). Ports in ``avoid`` (the definition's fixed ones) are
-    never returned."""
-
-    def __init__(self, avoid: Iterable[int] = ()) -> None:
-        self._held: list[socket.socket] = []
-        self._avoid = set(avoid)
-
-    def pick(self, host_addr: str, protocol: str) -> int:
-        import socket
-
-        kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
-        for _ in range(_PICK_TRIES):
-            sock = socket.socket(socket.AF_INET, kind)
-            self._held.append(sock)
-            try:
-                sock.bind((host_addr, 0))
-            except OSError as error:
-                raise _bind_error(host_addr, 0, protocol, error) from None
-            port = int(sock.getsockname()[1])
-            if port not in self._avoid:
-                self._avoid.add(port)
-                return port
-        raise HostError(
-            f"forward {protocol}:{host_addr}:0: no free port found in {_PICK_TRIES} tries "
-            "(hint: name a host port)"
-        )
-
-    def close(self) -> None:
-        for sock in self._held:
-            sock.close()
-        self._held.clear()
-
-    def __enter__(self) -> PortPicker:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-
-_PICK_TRIES = 50
-
-
-def pick_free_port(host_addr: str, protocol: str) -> int:
-    with PortPicker() as picker:
-        return picker.pick(host_addr, protocol)
+def check_address(host_addr: str, protocol: str) -> None:
+    """A forward with host port 0, which QEMU binds: HostError, before QEMU is asked, if
+    this host has no such address (QEMU would only say "Could not set up host forwarding
+    rule"). Binds port 0 for a moment, which takes no port for good."""
+    problem = address_problem(host_addr, protocol)
+    if problem is not None:
+        raise HostError(f"forward {protocol}:{host_addr}:0: {problem} (hint: {ADDRESS_HINT})")
 
 
 def port_in_use(host_addr: str, port: int, protocol: str) -> bool:
     """Whether another socket holds ``host_addr:port``; HostError if it cannot be bound
     for another reason."""
-    import socket
+    # `qvm up` without fixed ports has no use for socket (2-3 ms)
+    import socket  # noqa: PLC0415 -- see the comment above
 
     kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as sock:
@@ -99,7 +56,7 @@ def _bind_error(host_addr: str, port: int, protocol: str, error: OSError) -> Hos
 
 def port_holder(port: int) -> str | None:
     """Which process listens on a port, when this user may know (only asked on error)."""
-    import psutil
+    import psutil  # noqa: PLC0415 -- only on an error: psutil costs ~16 ms
 
     try:
         for conn in psutil.net_connections(kind="inet"):

@@ -20,7 +20,7 @@ from qvm.definition.schema import Machine
 from qvm.definition.topology import topology_of
 from qvm.errors import DefinitionError, HostError, Problem
 from qvm.host.accel import AccelChoice, choose_accel, probe_kvm
-from qvm.host.ports import PortPicker, port_holder, port_in_use
+from qvm.host.ports import port_holder, port_in_use
 from qvm.host.qemu import qemu_capabilities
 from qvm.host.qemu_img import detect_format, ensure_overlay, qemu_img_create
 from qvm.layout.rundir import RunDir
@@ -45,17 +45,18 @@ class LaunchPlan(Record):
     seed: SeedPlan | None = None  # the cloud-init seed, with [cloud_init]
 
     def forwards(self) -> tuple[Forward, ...]:
-        """Every port forward of this launch, with the host ports picked for port 0."""
+        """Every port forward of this launch, as QEMU is asked for it: host port 0 is
+        bound by QEMU, and the supervisor records the real port (``forwards.json``)."""
         return tuple(
             Forward(
                 nic=nic_id(nic_index, nic),
                 proto=fwd.protocol,
                 host_addr=fwd.host_addr,
-                host_port=fwd.host_port or self.inputs.host_ports.get((nic_index, fwd_index), 0),
+                host_port=fwd.host_port,
                 guest_port=fwd.guest_port,
             )
             for nic_index, nic in enumerate(self.machine.nics)
-            for fwd_index, fwd in enumerate(nic.forwards)
+            for fwd in nic.forwards
         )
 
     def images(self) -> tuple[Image, ...]:
@@ -130,6 +131,7 @@ def plan_launch(machine: Machine, run_dir: RunDir, start: StartFrom | None = Non
     accel = choose_accel(machine.accel, probe_kvm())
     _check_model_under_accel(machine, accel)
     _check_images_free(machine, run_dir)
+    _check_fixed_ports(machine)
     seed = None
     if machine.cloud_init is not None:
         from qvm.host.cloudinit import plan_seed
@@ -142,7 +144,6 @@ def plan_launch(machine: Machine, run_dir: RunDir, start: StartFrom | None = Non
             disk.format or detect_format(disk.file) if disk.file is not None else "qcow2"
             for disk in machine.disks
         ),
-        host_ports=_resolve_ports(machine),
         # the RAM state of snapshots: from boot when asked, and always once a save made it
         state_disk=machine.snapshots.enabled or run_dir.state_disk.exists(),
     )
@@ -201,25 +202,20 @@ def _check_model_under_accel(machine: Machine, accel: AccelChoice) -> None:
         )
 
 
-def _resolve_ports(machine: Machine) -> dict[tuple[int, int], int]:
-    """Pick distinct host ports for ``host = 0`` forwards; refuse ports that are taken,
-    naming who."""
-    fixed = [fwd.host_port for nic in machine.nics for fwd in nic.forwards if fwd.host_port]
-    chosen: dict[tuple[int, int], int] = {}
-    with PortPicker(avoid=fixed) as picker:
-        for nic_index, nic in enumerate(machine.nics):
-            for fwd_index, fwd in enumerate(nic.forwards):
-                if fwd.host_port == 0:
-                    chosen[(nic_index, fwd_index)] = picker.pick(fwd.host_addr, fwd.protocol)
-                elif port_in_use(fwd.host_addr, fwd.host_port, fwd.protocol):
-                    holder = port_holder(fwd.host_port)
-                    held = f" by {holder}" if holder else ""
-                    raise HostError(
-                        f"{machine.path}: nic[{nic_index}].forwards[{fwd_index}]: "
-                        f"{fwd.protocol} port {fwd.host_addr}:{fwd.host_port} is already in "
-                        f"use{held} (hint: pick another host port, or 0 for any free one)"
-                    )
-    return chosen
+def _check_fixed_ports(machine: Machine) -> None:
+    """Refuse a fixed host port that is taken, naming who holds it: QEMU would only say
+    "Could not set up host forwarding rule". Port 0 is QEMU's to bind (``qvm.host.usernet``):
+    no probe here, so nothing for two ``up``s at once to race on."""
+    for nic_index, nic in enumerate(machine.nics):
+        for fwd_index, fwd in enumerate(nic.forwards):
+            if fwd.host_port and port_in_use(fwd.host_addr, fwd.host_port, fwd.protocol):
+                holder = port_holder(fwd.host_port)
+                held = f" by {holder}" if holder else ""
+                raise HostError(
+                    f"{machine.path}: nic[{nic_index}].forwards[{fwd_index}]: "
+                    f"{fwd.protocol} port {fwd.host_addr}:{fwd.host_port} is already in "
+                    f"use{held} (hint: pick another host port, or 0 for any free one)"
+                )
 
 
 def start_vm(plan: LaunchPlan, wait: bool, progress: FetchProgress | None = None) -> UpResult:

@@ -1,11 +1,14 @@
 """``forwards.json``: the forwards of the current QEMU run after a change at run time,
 stamped with that run, so a restarted QEMU (which has only its argv's forwards) is never
 described by a stale list. Each forward is a ``qvm.store.launch.Forward``.
+
+The supervisor writes it too, at each QEMU start with forwards whose host port is 0: with
+the ports QEMU bound for them (``qvm.host.usernet``), which launch.json cannot know.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from qvm.base.jsonfile import write_json_atomic
@@ -29,10 +32,13 @@ def current_forwards(run: RunDir) -> list[dict[str, Any]]:
     return [forward.to_json() for forward in read_forwards(run)]
 
 
-def save(run: RunDir, forwards: Iterable[Forward]) -> None:
-    write_json_atomic(
-        run.forwards_file, {**qemu_run(run), "forwards": [f.to_json() for f in forwards]}
-    )
+def save(
+    run: RunDir, forwards: Iterable[Forward], stamp: Mapping[str, object] | None = None
+) -> None:
+    """Write the forwards of the QEMU run ``stamp`` names (pid and start time; by default
+    the run ``state.json`` names)."""
+    stamp = qemu_run(run) if stamp is None else stamp
+    write_json_atomic(run.forwards_file, {**stamp, "forwards": [f.to_json() for f in forwards]})
 
 
 def record_forwards(run: RunDir, entries: Iterable[Forward]) -> None:

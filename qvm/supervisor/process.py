@@ -39,7 +39,7 @@ from qvm.supervisor.facts import (
     process_facts,
     qemu_log_tail,
 )
-from qvm.supervisor.spawn import AdoptedQemu, initial_state, log_line
+from qvm.supervisor.spawn import AdoptedQemu, forwards_recorder, initial_state, log_line
 from qvm.supervisor.wire import (
     EXPIRED,
     MAX_LINE,
@@ -304,6 +304,8 @@ class Supervisor:
             self.runstate = status.get("status", "unknown")
         except Exception:  # noqa: BLE001 - readiness is the connection, the status is extra
             pass
+        if self.state.restarts and any(f.host_port == 0 for f in self.launch.forwards):
+            await self._read_back_ports()  # the first run's: qvm.supervisor.spawn.start
         # the STOP of an internal error can come before this connection exists
         self._end_after_internal_error()
         self.save_state(state=self._live_state())
@@ -314,6 +316,22 @@ class Supervisor:
         except Exception:  # noqa: BLE001 - the connection ends when QEMU does
             pass
         return True
+
+    async def _read_back_ports(self) -> None:
+        """A restarted QEMU bound new host ports for the forwards with port 0: record
+        them, as ``qvm.supervisor.spawn.start`` does for the first run."""
+        from qvm.host.usernet import USERNET_COMMAND  # noqa: PLC0415 -- only on restarts
+
+        assert self.qemu is not None
+        try:
+            usernet = await self._qmp_call(
+                "human-monitor-command", {"command-line": USERNET_COMMAND}
+            )
+        except Exception as error:  # noqa: BLE001 - the ports stay 0 in the records; the log says why
+            log_line(f"qvm supervisor: info usernet: {error}")
+            usernet = None
+        record = forwards_recorder(self.run.path, self.launch, self.qemu.pid)
+        record(usernet if isinstance(usernet, str) else None)
 
     async def _attach_agent(self) -> None:
         from qvm.supervisor.agent_shutdown import agent_configured

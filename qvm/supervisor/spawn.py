@@ -21,11 +21,13 @@ from qvm.layout.runfiles import EVENTS_SOCKET, QEMU_LOG, STATE_FILE
 from qvm.store.state import ExitRecord, StateRecord, write_state
 
 if TYPE_CHECKING:
+    import socket
     import subprocess
     from collections.abc import Callable
     from typing import NoReturn
 
     from qvm.store.launch import LaunchRecord
+    from qvm.supervisor.wire import LineReader
 
 QMP_ANSWER_TIMEOUT = 60.0
 # QEMU must not outlive a supervisor that is killed outright: SIGTERM makes it quit
@@ -57,8 +59,15 @@ def with_parent_death_signal(
     return list(argv), set_signal
 
 
-def wait_qmp_answer(path: str, qemu: subprocess.Popen[bytes], timeout: float) -> bool:
+def wait_qmp_answer(
+    path: str,
+    qemu: subprocess.Popen[bytes],
+    timeout: float,
+    then: Callable[[Callable[[str], str | None]], None] | None = None,
+) -> bool:
     """Block until QEMU's monitor on ``path`` answers a command (QMP is ready), or QEMU dies.
+    ``then`` is called once it answers, with a function that runs an HMP command on the
+    same connection (its reply, or None): one more round trip, not one more connection.
 
     The greeting alone is not enough: QEMU greets before it has created the devices on
     its command line, and may still fail on one. Commands are only answered from the main
@@ -67,6 +76,7 @@ def wait_qmp_answer(path: str, qemu: subprocess.Popen[bytes], timeout: float) ->
     """
     # imported after QEMU is spawned, where its start hides them: this process is a fork
     # of `qvm up`, which waits for "spawned"
+    import functools
     import socket
 
     from qvm.supervisor.wire import LineReader
@@ -84,11 +94,65 @@ def wait_qmp_answer(path: str, qemu: subprocess.Popen[bytes], timeout: float) ->
                     continue
                 probe.sendall(b'{"execute": "qmp_capabilities"}\n')
                 if b'"return"' in lines.line():
+                    if then is not None:
+                        then(functools.partial(_hmp, probe, lines))
                     return True
         except OSError:
             pass  # not listening yet, or QEMU went away: poll() above tells which
         time.sleep(0.002)
     return False
+
+
+def _hmp(probe: socket.socket, lines: LineReader, command: str) -> str | None:
+    """An HMP command's reply on a QMP connection, events skipped; None if it failed."""
+    import json  # noqa: PLC0415 -- as socket in wait_qmp_answer: after QEMU is spawned
+
+    request = {"execute": "human-monitor-command", "arguments": {"command-line": command}}
+    try:
+        probe.sendall(json.dumps(request).encode() + b"\n")
+        while line := lines.line():
+            reply = json.loads(line)
+            if isinstance(reply, dict) and "event" not in reply:
+                answer = reply.get("return")
+                return answer if isinstance(answer, str) else None
+    except (OSError, ValueError):
+        pass  # QEMU went away, or said something that is not QMP: no reply
+    return None
+
+
+def forwards_recorder(
+    run_path: str, launch: LaunchRecord, qemu_pid: int
+) -> Callable[[str | None], None]:
+    """What records ``forwards.json`` for this QEMU run from an ``info usernet`` reply:
+    launch.json's forwards with the host ports QEMU bound for port 0 (``qvm.host.usernet``).
+    Its imports (~3 ms) happen here, which ``start`` calls while QEMU starts. The recorder
+    never raises: a port that cannot be read back stays 0, and supervisor.log says why."""
+    # only where a forward has host port 0: the supervisor proper does without pathlib
+    # (qvm.layout.runfiles) until a restart needs it
+    from pathlib import Path  # noqa: PLC0415 -- see the comment above
+
+    from qvm.base.proc import process_start_time  # noqa: PLC0415 -- see the comment above
+    from qvm.host.usernet import bind_ports, parse_usernet  # noqa: PLC0415 -- see above
+    from qvm.layout.rundir import RunDir  # noqa: PLC0415 -- see the comment above
+    from qvm.store.forwards import save  # noqa: PLC0415 -- see the comment above
+
+    run = RunDir(Path(run_path))
+
+    def record(usernet: str | None) -> None:
+        forwards = bind_ports(launch.forwards, parse_usernet(usernet or ""))
+        for forward in (f for f in forwards if f.host_port == 0):
+            log_line(
+                f"qvm supervisor: {forward.proto}:{forward.host_addr}:0:{forward.guest_port} "
+                f"({forward.nic}): QEMU did not list the port it bound "
+                f"(info usernet: {usernet!r})"
+            )
+        stamp = {"qemu_pid": qemu_pid, "qemu_start_time": process_start_time(qemu_pid)}
+        try:
+            save(run, forwards, stamp)
+        except (RecordWriteError, OSError) as error:
+            log_line(f"qvm supervisor: {error}")
+
+    return record
 
 
 def spawn_qemu(argv: tuple[str, ...], run_path: str) -> subprocess.Popen[bytes]:
@@ -219,7 +283,21 @@ def start(
         os._exit(1)
     record_spawned(run_path, launch, qemu)
     notify(ready_fd, f"spawned {qemu.pid}")
-    answered = wait_qmp_answer(os.path.join(run_path, EVENTS_SOCKET), qemu, QMP_ANSWER_TIMEOUT)
+    read_back: Callable[[Callable[[str], str | None]], None] | None = None
+    if any(f.host_port == 0 for f in launch.forwards):
+        # the ports QEMU binds for host port 0 are read back before "ready": `qvm up`
+        # prints them, and so may the command a script runs next
+        from qvm.host.usernet import USERNET_COMMAND  # noqa: PLC0415 -- QEMU is spawned first
+
+        record = forwards_recorder(run_path, launch, qemu.pid)
+
+        def read_back_ports(hmp: Callable[[str], str | None]) -> None:
+            record(hmp(USERNET_COMMAND))
+
+        read_back = read_back_ports
+    answered = wait_qmp_answer(
+        os.path.join(run_path, EVENTS_SOCKET), qemu, QMP_ANSWER_TIMEOUT, then=read_back
+    )
     env = dict(os.environ)
     for fd in lock_fds:  # held open for the supervisor's life: "alive"
         os.set_inheritable(fd, True)

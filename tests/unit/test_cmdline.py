@@ -116,7 +116,6 @@ def test_memory_hotplug_disks_nics_and_extra_args() -> None:
         accel="tcg",
         run_dir=RUN,
         disk_formats=("raw", "qcow2", "qcow2"),
-        host_ports={(0, 1): 40123},
     )
     argv = build_argv(machine, inputs)
     assert argv[0] == "/opt/qemu/bin/qemu-system-x86_64"
@@ -134,7 +133,8 @@ def test_memory_hotplug_disks_nics_and_extra_args() -> None:
         "-blockdev", "driver=qcow2,node-name=data,file=data-file",
         "-device", "scsi-hd,drive=data,id=data,bus=scsi0.0",
         "-netdev",
-        "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:40123-:80",
+        # host port 0 stays 0: QEMU binds it, no probe before (qvm.host.usernet)
+        "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:0-:80",
         "-device", f"virtio-net-pci,netdev=net0,mac={stable_mac('vm1', 0)},id=net0",
         *agent(),
         *hotplug_ports(4),

@@ -109,7 +109,10 @@ def up(
             say(f"  clone       resumed {clone['template']}@{clone['tag']}")
             if clone["macs"] is not None:
                 say(f"  mac         {clone['macs']}")
-        for forward in plan.forwards():
+        from qvm.store.forwards import read_forwards
+
+        # the ports QEMU bound for port 0, as the supervisor read them back (0: not yet)
+        for forward in read_forwards(run):
             say(
                 f"  forward     {forward.proto}:{forward.host_addr}:{forward.host_port}"
                 f" -> guest port {forward.guest_port} ({forward.nic})"
