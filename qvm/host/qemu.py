@@ -9,6 +9,7 @@ import os
 import zlib
 from pathlib import Path
 
+from qvm.base.proc import find_program
 from qvm.base.record import Record
 from qvm.errors import HostError
 
@@ -21,8 +22,6 @@ class QemuCapabilities(Record):
 
 
 def resolve_binary(binary: str) -> str:
-    from qvm.base.proc import find_program
-
     found = find_program(binary)
     if not found:
         raise HostError(
@@ -60,7 +59,7 @@ def qemu_capabilities(binary: str, cache_dir: Path | None = None) -> QemuCapabil
 
 
 def _run_help(path: str, *args: str) -> str:
-    import subprocess  # only when QEMU's lists are not cached yet
+    import subprocess  # noqa: PLC0415 -- only when QEMU's lists are not cached yet (~8 ms)
 
     try:
         done = subprocess.run(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import array
+import fcntl
 import os
 import select
 import socket
@@ -47,9 +49,6 @@ def unread_bytes(sock: socket.socket) -> int:
     Unix stream socket, Linux charges sent data to the sender until the receiver reads it
     (SIOCOUTQ). QEMU reads from the console socket only as the guest's UART takes bytes,
     so 0 means the guest has been given all of the input."""
-    import array
-    import fcntl
-
     pending = array.array("i", [0])
     fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, pending, True)
     return pending[0]

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qvm.base.urls import is_url
 from qvm.definition.load import load_machine
 from qvm.definition.new import render
 from qvm.definition.schema import Machine
@@ -74,8 +75,6 @@ def check_image(image: str, cwd: Path) -> None:
     """``qvm new --image``: a local file must exist and look like a disk image (checked
     from its first bytes, as ``file`` would), before any file is written. A URL is checked
     by ``new_document`` (it needs a checksum) and when it is downloaded."""
-    from qvm.base.urls import is_url
-
     if is_url(image):
         return
     path = Path(image).expanduser()

@@ -20,6 +20,7 @@ from qvm.definition.schema import Machine
 from qvm.definition.topology import topology_of
 from qvm.errors import DefinitionError, HostError, Problem
 from qvm.host.accel import AccelChoice, choose_accel, probe_kvm
+from qvm.host.holders import image_conflicts
 from qvm.host.ports import port_holder, port_in_use
 from qvm.host.qemu import qemu_capabilities
 from qvm.host.qemu_img import detect_format, ensure_overlay, qemu_img_create
@@ -134,7 +135,8 @@ def plan_launch(machine: Machine, run_dir: RunDir, start: StartFrom | None = Non
     _check_fixed_ports(machine)
     seed = None
     if machine.cloud_init is not None:
-        from qvm.host.cloudinit import plan_seed
+        # only with [cloud_init]; pycdlib comes with it
+        from qvm.host.cloudinit import plan_seed  # noqa: PLC0415 -- see the comment above
 
         seed = plan_seed(machine, run_dir)
     inputs = LaunchInputs(
@@ -158,8 +160,6 @@ def plan_launch(machine: Machine, run_dir: RunDir, start: StartFrom | None = Non
 
 def _check_images_free(machine: Machine, run_dir: RunDir) -> None:
     """Refuse, before QEMU starts, images another QEMU holds in a conflicting way."""
-    from qvm.host.holders import image_conflicts
-
     images = []
     for index, disk in enumerate(machine.disks):
         if disk.file is not None:
@@ -246,13 +246,13 @@ def prepare_run_dir(plan: LaunchPlan, progress: FetchProgress | None = None) -> 
     if plan.inputs.state_disk and not plan.run_dir.state_disk.exists():
         qemu_img_create(plan.run_dir.state_disk, STATE_DISK_SIZE)
     if plan.seed is not None:
-        from qvm.host.cloudinit import write_seed
+        from qvm.host.cloudinit import write_seed  # noqa: PLC0415 -- only with [cloud_init]
 
         write_seed(plan.machine, plan.seed, plan.run_dir)
 
 
 def _fetch(plan: LaunchPlan, index: int, progress: FetchProgress | None) -> None:
-    from qvm.host.images import fetch_image
+    from qvm.host.images import fetch_image  # noqa: PLC0415 -- only a disk given by URL
 
     disk = plan.machine.disks[index]
     assert disk.url is not None and disk.base is not None
