@@ -111,10 +111,12 @@ def up(
                 say(f"  mac         {clone['macs']}")
         from qvm.store.forwards import read_forwards
 
-        # the ports QEMU bound for port 0, as the supervisor read them back (0: not yet)
+        # the ports QEMU bound for port 0, as the supervisor read them back; 0 until QMP
+        # answers, which `--no-wait` does not wait for
         for forward in read_forwards(run):
+            port = forward.host_port or f"(QEMU binds it: qvm port list {result.name})"
             say(
-                f"  forward     {forward.proto}:{forward.host_addr}:{forward.host_port}"
+                f"  forward     {forward.proto}:{forward.host_addr}:{port}"
                 f" -> guest port {forward.guest_port} ({forward.nic})"
             )
     if as_json:
