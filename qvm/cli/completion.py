@@ -12,6 +12,15 @@ import re
 from collections.abc import Callable
 
 from qvm.cli import resolve
+from qvm.layout.kinds import (
+    BOOT_IDS_DRIVES,
+    BOOT_IDS_NICS,
+    BOOT_IDS_NONE,
+    BOOT_IDS_QEMU,
+    Kind,
+    group_kinds,
+    kind_named,
+)
 
 # `-device DRIVER,drive=NODE,...,id=ID`: a disk of the machine file (or the cloud-init seed)
 # compiled on a TAB press only: the Typer CLI imports this module for every help
@@ -29,12 +38,33 @@ def vm_names() -> list[str]:
     return sorted(names)
 
 
-def device_ids(kind: str, vm: str | None) -> list[str]:
-    """The ids ``qvm KIND del`` (``disk detach``, ``port del``) takes for ``vm``."""
-    reader = DEVICE_READERS.get(kind)
-    if reader is None or not vm:
+def device_ids(key: str, vm: str | None) -> list[str]:
+    """The ids ``qvm KIND del`` (``disk detach``, ``port del``) takes for ``vm``: ``key`` is
+    a command group (``mem``: every kind of it), one kind's name (``virtio-mem``, for
+    ``mem resize``) or ``port``; the kinds are ``qvm.layout.kinds``'."""
+    if not vm:
         return []
-    return _quietly(lambda: reader(resolve.run_dir_of(vm)))
+    if key == "port":
+        return _quietly(lambda: _forwards(resolve.run_dir_of(vm)))
+    kinds = device_kinds(key)
+    if not kinds:
+        return []
+    return _quietly(lambda: _kind_ids(resolve.run_dir_of(vm), kinds))
+
+
+def device_kinds(key: str) -> tuple[Kind, ...]:
+    """The kinds a completion key stands for: a group's, or the one kind of that name."""
+    named = kind_named(key)
+    return group_kinds(key) or ((named,) if named is not None else ())
+
+
+def _kind_ids(run, kinds: tuple[Kind, ...]) -> list[str]:  # noqa: ANN001 - RunDir, lazily
+    """Each kind's boot devices (``boot_ids``), then those qvm hotplugged (its records)."""
+    ids = [ident for kind in kinds for ident in BOOT_IDS[kind.boot_ids](run)]
+    recorded = {kind.name for kind in kinds if kind.recorded}
+    if recorded:
+        ids += [d.id for d in _hotplugged(run) if d.kind in recorded]
+    return list(dict.fromkeys(ids))
 
 
 def snapshot_tags(vms: list[str]) -> list[str]:
@@ -73,35 +103,29 @@ def _cpu_ids(run) -> list[str]:  # noqa: ANN001 - qvm.layout.rundir.RunDir, impo
         return [f"cpu{index}" for index in range(1, launch.vcpus_max)]
 
 
-def _memory_ids(run) -> list[str]:  # noqa: ANN001
-    return [d.id for d in _hotplugged(run) if d.kind in ("dimm", "virtio-mem")]
-
-
-def _virtio_mem_ids(run) -> list[str]:  # noqa: ANN001
-    return [d.id for d in _hotplugged(run) if d.kind == "virtio-mem"]
-
-
-def _disk_ids(run) -> list[str]:  # noqa: ANN001
+def _boot_disk_ids(run) -> list[str]:  # noqa: ANN001
     launch = _launch(run)
-    booted = []
-    if launch is not None:
-        args = launch.argv
-        booted = [
-            ident
-            for flag, value in zip(args, args[1:], strict=False)
-            if flag == "-device" and re.search(_DISK_DEVICE, value)
-            for ident in re.findall(_DEVICE_ID, value)
-        ]
+    if launch is None:
+        return []
+    args = launch.argv
+    booted = [
+        ident
+        for flag, value in zip(args, args[1:], strict=False)
+        if flag == "-device" and re.search(_DISK_DEVICE, value)
+        for ident in re.findall(_DEVICE_ID, value)
+    ]
     from qvm.definition.schema import SEED_DEVICE_ID
 
-    booted = [ident for ident in booted if ident != SEED_DEVICE_ID]  # cloud-init's, not a disk
-    return list(dict.fromkeys([*booted, *(d.id for d in _hotplugged(run) if d.kind == "disk")]))
+    return [ident for ident in booted if ident != SEED_DEVICE_ID]  # cloud-init's, not a disk
 
 
-def _nic_ids(run) -> list[str]:  # noqa: ANN001
+def _boot_nic_ids(run) -> list[str]:  # noqa: ANN001
     launch = _launch(run)
-    booted = list(launch.nics) if launch is not None else []
-    return list(dict.fromkeys([*booted, *(d.id for d in _hotplugged(run) if d.kind == "nic")]))
+    return list(launch.nics) if launch is not None else []
+
+
+def _no_boot_ids(run) -> list[str]:  # noqa: ANN001
+    return []
 
 
 def _forwards(run) -> list[str]:  # noqa: ANN001
@@ -124,22 +148,12 @@ def _hotplugged(run):  # noqa: ANN001, ANN202 - tuple[DeviceRecord, ...]
     return device_records(run)
 
 
-def _argv_device_ids(argv: tuple[str, ...]) -> list[str]:
-    return [
-        ident
-        for flag, value in zip(argv, argv[1:], strict=False)
-        if flag == "-device"
-        for ident in re.findall(_DEVICE_ID, value)
-    ]
-
-
-DEVICE_READERS: dict[str, Callable[..., list[str]]] = {
-    "cpu": _cpu_ids,
-    "mem": _memory_ids,
-    "virtio-mem": _virtio_mem_ids,
-    "disk": _disk_ids,
-    "nic": _nic_ids,
-    "port": _forwards,
+# where each kind's boot devices are found (qvm.layout.kinds.Kind.boot_ids)
+BOOT_IDS: dict[str, Callable[..., list[str]]] = {
+    BOOT_IDS_QEMU: _cpu_ids,
+    BOOT_IDS_DRIVES: _boot_disk_ids,
+    BOOT_IDS_NICS: _boot_nic_ids,
+    BOOT_IDS_NONE: _no_boot_ids,
 }
 
 

@@ -19,6 +19,7 @@ from qvm.definition.naming import (
 )
 from qvm.definition.schema import SEED_DEVICE_ID, DiskSpec, Machine, NicSpec
 from qvm.definition.topology import cpu_device_id, cpu_driver, slot_props, topology_of
+from qvm.layout.kinds import DIMM, DISK, NIC, VIRTIO_MEM
 from qvm.layout.rundir import RunDir
 
 
@@ -296,8 +297,10 @@ def _state_disk_args(run: RunDir) -> list[str]:
 
 def _memory_device_args(device: MemoryArg) -> list[str]:
     backend = f"memory-backend-ram,id={device.backend},size={device.size}"
-    if device.kind == "dimm":
+    if device.kind == DIMM.name:
         front = f"pc-dimm,id={device.id},memdev={device.backend}"
+    elif device.kind != VIRTIO_MEM.name:  # a kind of qvm.layout.kinds this does not know
+        raise ValueError(f"{device.id}: no command line for a {device.kind} device")
     else:
         front = f"virtio-mem-pci,id={device.id},memdev={device.backend}"
         if device.requested_size is not None:
@@ -310,7 +313,9 @@ def _memory_device_args(device: MemoryArg) -> list[str]:
 def _plugged_args(device: PluggedArg) -> list[str]:
     """The same nodes, backend and device the hotplug made (qvm.control.disk, .nic)."""
     bus = f",bus={device.bus}" if device.bus else ""
-    if device.kind == "nic":
+    if device.kind not in (NIC.name, DISK.name):  # a kind of qvm.layout.kinds this does not know
+        raise ValueError(f"{device.id}: no command line for a {device.kind} device")
+    if device.kind == NIC.name:
         return [
             "-netdev",
             f"user,id={device.id}",

@@ -31,16 +31,18 @@ from qvm.control.pci import PciPlaces, choose_pci_bus, pci_places
 from qvm.control.qmp_session import QmpSession
 from qvm.errors import HotplugError
 from qvm.host.holders import describe_holders
+from qvm.layout import kinds
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import DeviceRecord
+from qvm.store.devices import Command, DeviceRecord
 from qvm.store.launch import LaunchRecord
 from qvm.store.pending import PERIPHERAL, pending_ids
+from qvm.store.snapshots import PluggedDevice
 
-DISK_PREFIX = "disk"
+DISK_PREFIX = kinds.DISK.id_prefix
 DEFAULT_UNPLUG_TIMEOUT = 10.0
 LOCK_ERROR = 'Failed to get "write" lock'
 SHARED_LOCK_ERROR = 'Failed to get shared "write" lock'
-DISK = transaction.Peripheral("disk")
+DISK = transaction.Peripheral(kinds.DISK.noun)
 
 
 class DiskInfo(Record, transaction.ListedDevice):
@@ -119,7 +121,7 @@ def disks_from(
 
 def _query(session: QmpSession, run: RunDir, launch: LaunchRecord) -> DiskList:
     records = transaction.reconcile_devices(
-        session, run, transaction.peripheral_ids(session), ("disk",)
+        session, run, transaction.peripheral_ids(session), (kinds.DISK.name,)
     )
     return disks_from(
         run.name,
@@ -250,11 +252,8 @@ def attach_disk(
                 fmt = detect_format(path)
         record = DeviceRecord(
             dev_id,
-            "disk",
-            cleanup=(
-                ("blockdev-del", {"node-name": dev_id}),
-                ("blockdev-del", {"node-name": f"{dev_id}-file"}),
-            ),
+            kinds.DISK.name,
+            cleanup=node_cleanup(dev_id),
             bus=bus,
             file=str(path),
             format=fmt,
@@ -270,6 +269,29 @@ def attach_disk(
         after = _query(session, run, launch)
         disk = after.find(dev_id) or DiskInfo(dev_id, "qvm", str(path), fmt, readonly, dev_id, None)
         return DiskAttach(name, disk, after.places, created, forced)
+
+
+def node_cleanup(dev_id: str) -> tuple[Command, ...]:
+    """What deletes a hotplugged disk's block nodes once the device is gone."""
+    return (
+        ("blockdev-del", {"node-name": dev_id}),
+        ("blockdev-del", {"node-name": f"{dev_id}-file"}),
+    )
+
+
+def restored_record(saved: PluggedDevice, now: float) -> DeviceRecord:
+    """The record of a disk a snapshot's start put on QEMU's command line, as if qvm had
+    hotplugged it (``disk list``, ``disk detach`` know it)."""
+    return DeviceRecord(
+        saved.id,
+        kinds.DISK.name,
+        cleanup=node_cleanup(saved.id),
+        bus=saved.bus,
+        file=saved.file,
+        format=saved.format,
+        readonly=saved.readonly,
+        added=now,
+    )
 
 
 def _new_disk_id(

@@ -60,20 +60,22 @@ from qvm.control.transaction import (
     unplug_one,
 )
 from qvm.errors import HotplugError
+from qvm.layout import kinds
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import DeviceRecord, update_device_record
+from qvm.store.devices import Command, DeviceRecord, update_device_record
 from qvm.store.launch import LaunchRecord
 from qvm.store.pending import device_state, pending_ids
+from qvm.store.snapshots import MemoryDevice as SavedMemory
 
-DIMM_PREFIX = "dimm"
-VIRTIO_MEM_PREFIX = "vmem"
+DIMM_PREFIX = kinds.DIMM.id_prefix
+VIRTIO_MEM_PREFIX = kinds.VIRTIO_MEM.id_prefix
 BACKEND_PREFIX = "mem-"
 # sizes of memory devices are whole multiples of this (virtio-mem's block size on x86)
 SIZE_STEP = 2 * 1024**2
 DEFAULT_GUEST_TIMEOUT = 10.0
 SIZE_CHANGE = "MEMORY_DEVICE_SIZE_CHANGE"
-MEMORY_KINDS = ("dimm", "virtio-mem")
-DIMM = Peripheral("DIMM")
+MEMORY_KINDS = tuple(k.name for k in kinds.group_kinds("mem"))  # "dimm", "virtio-mem"
+DIMM = Peripheral(kinds.DIMM.noun)
 
 
 class MemoryDevice(Record):
@@ -427,11 +429,30 @@ def _record(dev_id: str, kind: str, size: int, **facts: Any) -> DeviceRecord:
     return DeviceRecord(
         dev_id,
         kind,
-        cleanup=(("object-del", {"id": backend}),),
+        cleanup=backend_cleanup(backend),
         backend=backend,
         size=size,
         added=time.time(),
         **facts,
+    )
+
+
+def backend_cleanup(backend: str) -> tuple[Command, ...]:
+    """What deletes a memory device's backend once the device is gone."""
+    return (("object-del", {"id": backend}),)
+
+
+def restored_record(saved: SavedMemory, now: float) -> DeviceRecord:
+    """The record of a memory device a snapshot's start put on QEMU's command line, as
+    if qvm had hotplugged it (``mem list``, ``mem del`` know it)."""
+    return DeviceRecord(
+        saved.id,
+        saved.kind,
+        cleanup=backend_cleanup(saved.backend),
+        bus=saved.bus,
+        backend=saved.backend,
+        size=saved.size,
+        added=now,
     )
 
 

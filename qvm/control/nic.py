@@ -26,17 +26,19 @@ from qvm.control.qmp_session import QmpSession
 from qvm.definition.forwards import ForwardError, parse_forward
 from qvm.definition.schema import NIC_MODELS, PortForward
 from qvm.errors import ControlError, HotplugError
+from qvm.layout import kinds
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import DeviceRecord, device_records
+from qvm.store.devices import Command, DeviceRecord, device_records
 from qvm.store.forwards import forget_forwards, read_forwards, record_forwards
 from qvm.store.launch import Forward, LaunchRecord
 from qvm.store.pending import PERIPHERAL, pending_ids
+from qvm.store.snapshots import PluggedDevice
 
-NIC_PREFIX = "net"
+NIC_PREFIX = kinds.NIC.id_prefix
 DEFAULT_UNPLUG_TIMEOUT = 10.0
 NIC_TYPES = (*NIC_MODELS, "virtio-net-device")
 _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
-NIC = transaction.Peripheral("NIC")
+NIC = transaction.Peripheral(kinds.NIC.noun)
 
 
 class NicInfo(Record, transaction.ListedDevice):
@@ -108,7 +110,7 @@ def nics_from(
 
 def _query(session: QmpSession, run: RunDir, launch: LaunchRecord) -> NicList:
     peripherals = transaction.peripheral_types(session)
-    records = transaction.reconcile_devices(session, run, set(peripherals), ("nic",))
+    records = transaction.reconcile_devices(session, run, set(peripherals), (kinds.NIC.name,))
     macs = {}
     for dev_id, dev_type in peripherals.items():
         if dev_type in NIC_TYPES:
@@ -246,8 +248,8 @@ def add_nic(
 
         record = DeviceRecord(
             dev_id,
-            "nic",
-            cleanup=(("netdev_del", {"id": dev_id}),),
+            kinds.NIC.name,
+            cleanup=netdev_cleanup(dev_id),
             bus=bus,
             model=model,
             mac=mac,
@@ -259,6 +261,25 @@ def add_nic(
         after = _query(session, run, launch)
         nic = after.find(dev_id) or NicInfo(dev_id, "qvm", model, mac, bound, bus)
         return NicAdd(name, nic, after.places, tuple(forwards or ()), forced)
+
+
+def netdev_cleanup(dev_id: str) -> tuple[Command, ...]:
+    """What deletes a hotplugged NIC's netdev once the device is gone."""
+    return (("netdev_del", {"id": dev_id}),)
+
+
+def restored_record(saved: PluggedDevice, now: float) -> DeviceRecord:
+    """The record of a NIC a snapshot's start put on QEMU's command line, as if qvm had
+    hotplugged it (``nic list``, ``nic del`` know it)."""
+    return DeviceRecord(
+        saved.id,
+        kinds.NIC.name,
+        cleanup=netdev_cleanup(saved.id),
+        bus=saved.bus,
+        model=saved.model,
+        mac=saved.mac,
+        added=now,
+    )
 
 
 # --- remove ------------------------------------------------------------------------------

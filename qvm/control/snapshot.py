@@ -31,6 +31,14 @@ from qvm.control.qmp_session import QmpSession
 from qvm.control.transaction import peripheral_ids, reconcile_devices
 from qvm.definition.topology import Topology, slot_index
 from qvm.errors import ControlError, QmpTimeoutError, VmStateError
+from qvm.layout.kinds import (
+    DIMM,
+    SNAPSHOT_MEMORY,
+    SNAPSHOT_PLUGGED,
+    SNAPSHOT_REFUSED,
+    VIRTIO_MEM,
+    kind_named,
+)
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import LaunchRecord
 from qvm.store.snapshots import DeviceSet, MemoryDevice, PluggedDevice
@@ -154,34 +162,56 @@ def device_set(
     else:
         slots = tuple(sorted(slot_index(e.get("props") or {}, topology) for e in present))
     records = reconcile_devices(session, run, peripheral_ids(session))
+    plugged = []
+    for record in records.values():
+        kind = kind_named(record.kind)
+        part = kind.snapshot if kind is not None else None
+        if part == SNAPSHOT_PLUGGED:
+            plugged.append(
+                PluggedDevice(
+                    id=record.id,
+                    kind=record.kind,
+                    file=record.file,
+                    format=record.format,
+                    model=record.model,
+                    mac=record.mac,
+                    bus=record.bus,
+                    readonly=record.readonly,
+                )
+            )
+        elif part == SNAPSHOT_REFUSED and kind is not None:
+            raise VmStateError(
+                f"{run.name}: {kind.noun} {record.id} cannot be kept in a snapshot (hint: "
+                f"qvm {kind.group} del {run.name} {record.id}, then save)"
+            )
+        elif part != SNAPSHOT_MEMORY:  # memory devices: QEMU's list below, qvm's or not
+            # never silently left out: a kind the table gives no place in a snapshot
+            raise ControlError(f"{run.name}: {record.kind} {record.id}: no place in a snapshot")
     memory = []
     for entry in session.execute("query-memory-devices"):
         data = entry.get("data") or {}
         dev_id = str(data.get("id") or "")
-        kind = "virtio-mem" if entry.get("type") == "virtio-mem" else "dimm"
+        kind_name = VIRTIO_MEM.name if entry.get("type") == VIRTIO_MEM.name else DIMM.name
         record = records.get(dev_id)
         memory.append(
             (
                 int(data.get("addr", data.get("memaddr", 0)) or 0),
                 MemoryDevice(
                     id=dev_id,
-                    kind=kind,
+                    kind=kind_name,
                     backend=str(data.get("memdev") or "").rsplit("/", 1)[-1],
                     size=int(data.get("max-size", data.get("size", 0)) or 0),
-                    requested_size=data.get("requested-size") if kind == "virtio-mem" else None,
+                    requested_size=(
+                        data.get("requested-size") if kind_name == VIRTIO_MEM.name else None
+                    ),
                     bus=record.bus if record is not None else None,
                 ),
             )
         )
-    plugged = tuple(
-        PluggedDevice(r.id, r.kind, r.file, r.format, r.model, r.mac, r.bus, r.readonly)
-        for r in records.values()
-        if r.kind in ("disk", "nic")
-    )
     return DeviceSet(
         cpu_slots=slots,
         memory=tuple(device for _, device in sorted(memory)),
-        plugged=plugged,
+        plugged=tuple(plugged),
         forwards=launch.forwards,
     )
 

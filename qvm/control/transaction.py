@@ -34,7 +34,10 @@ from qvm.base.text import display_path
 from qvm.control.events import UNPLUG_EVENTS, match_unplug_event
 from qvm.control.qmp_session import Events, QmpSession
 from qvm.control.session import ControlSession
+from qvm.definition.naming import generated_id_kind
+from qvm.definition.schema import ID_PATTERN
 from qvm.errors import ControlError, HotplugError, NotRunningError
+from qvm.layout.kinds import group_kinds
 from qvm.layout.rundir import RunDir
 from qvm.store.devices import (
     Command,
@@ -190,16 +193,10 @@ def fresh_id(
     return index, f"{prefix}{index}"
 
 
-# which kind each adding command makes: its own generated form is allowed as an --id
-_KIND_OF_ACTION = {"mem add": "memory", "disk attach": "disk", "nic add": "NIC"}
-
-
 def check_new_id(run: RunDir, dev_id: str, taken: Iterable[str], what: str) -> None:
     """A user-chosen id must match the definition's id rule, not be another kind's
-    generated id, and be free."""
-    from qvm.definition.naming import generated_id_kind
-    from qvm.definition.schema import ID_PATTERN
-
+    generated id, and be free. ``what``: the command ("mem add"), whose group's kinds
+    may take their own generated form."""
     if not re.fullmatch(ID_PATTERN, dev_id):
         shown = dev_id if len(dev_id) <= 40 else dev_id[:37] + "..."
         raise HotplugError(
@@ -207,7 +204,7 @@ def check_new_id(run: RunDir, dev_id: str, taken: Iterable[str], what: str) -> N
             f"'-', got {shown!r}"
         )
     owner = generated_id_kind(dev_id)
-    if owner is not None and owner != _KIND_OF_ACTION.get(what):
+    if owner is not None and owner not in {k.family for k in group_kinds(what.split(" ")[0])}:
         # ids are unique across kinds: see qvm.definition.naming.generated_id_kind
         raise HotplugError(
             f"{run.name}: {what}: id {dev_id!r} has the form of a {owner} id, which qvm "

@@ -13,20 +13,17 @@ from qvm.definition.schema import (
     HotplugSpec,
     NicSpec,
 )
+from qvm.layout.kinds import KINDS
 
-# The ids qvm makes, by kind: <prefix><N>. One kind's id may not take another kind's
-# form: cpu<N> is vCPU slot N's id whether or not that slot is plugged now (a DIMM called
-# cpu1 would make `qvm cpu add` fail later), and a NIC called dimm0 would read as memory
-# in every list. So ids stay unique across all kinds, now and for what qvm adds next.
-_GENERATED_ID = r"(cpu|dimm|vmem|disk|net|hp)[0-9]+"
-_KIND_OF_PREFIX = {
-    "cpu": "vCPU",
-    "dimm": "memory",
-    "vmem": "memory",
-    "disk": "disk",
-    "net": "NIC",
-    HOTPLUG_PORT_PREFIX: "PCIe root port",
+# The ids qvm makes, by kind (qvm.layout.kinds): <prefix><N>. One kind's id may not take
+# another kind's form: cpu<N> is vCPU slot N's id whether or not that slot is plugged now
+# (a DIMM called cpu1 would make `qvm cpu add` fail later), and a NIC called dimm0 would
+# read as memory in every list. So ids stay unique across all kinds, now and for what qvm
+# adds next.
+_KIND_OF_PREFIX = {kind.id_prefix: kind.family for kind in KINDS} | {
+    HOTPLUG_PORT_PREFIX: "PCIe root port"
 }
+_GENERATED_ID = "(" + "|".join(map(re.escape, _KIND_OF_PREFIX)) + ")[0-9]+"
 
 
 def generated_id_kind(dev_id: str) -> str | None:

@@ -33,22 +33,32 @@ from pathlib import Path
 from typing import Any
 
 from qvm.base.record import Record
-from qvm.cmdline.argv import LaunchInputs, StartFrom, build_argv
-from qvm.definition.naming import nic_id, overlay_name, stable_mac
+from qvm.cmdline.argv import LaunchInputs, build_argv
+from qvm.control.qmp_session import QmpSession
+from qvm.control.session import ControlSession
+from qvm.definition.naming import overlay_name
 from qvm.definition.schema import Machine
 from qvm.errors import ControlError, QvmError, VmStateError
+from qvm.host.accel import choose_accel, probe_kvm
+from qvm.host.qemu_img_snapshots import image_snapshots, qemu_img_snapshot
 from qvm.layout.rundir import RunDir
+from qvm.ops.frozen import frozen_dir
+from qvm.ops.incoming import MIGRATE_TIMEOUT, nic_macs
+from qvm.ops.new import write_new
+from qvm.ops.snapshot import check_tag, no_snapshot, start_from
+from qvm.ops.stop import kill
+from qvm.ops.up import LaunchPlan
 from qvm.store.snapshots import (
     CloneRecord,
     SnapshotRecord,
     find_snapshot,
-    read_clone,
     shape_differences,
+    shape_of_argv,
     write_clone,
 )
+from qvm.supervisor.boot import start_supervisor
 
 MEMORY_IMAGE = "memory.bin"
-MIGRATE_TIMEOUT = 600.0
 
 
 def parse_source(text: str) -> tuple[str, str]:
@@ -57,65 +67,6 @@ def parse_source(text: str) -> tuple[str, str]:
     if not sep or not name or not tag:
         raise VmStateError(f"--from {text}: expected VM@TAG, e.g. vm1@booted")
     return name, tag
-
-
-def frozen_dir(template: RunDir, tag: str) -> RunDir:
-    return RunDir(template.path.parent / f"{template.name}@{tag}")
-
-
-def frozen_copies(template: RunDir) -> list[tuple[str, RunDir]]:
-    """(tag, folder) of every frozen copy of ``template``'s snapshots there is."""
-    import re
-
-    from qvm.store.snapshots import TAG_PATTERN
-
-    prefix = template.name + "@"
-    try:
-        entries = sorted(template.path.parent.iterdir())
-    except OSError:
-        return []
-    return [
-        (entry.name[len(prefix) :], RunDir(entry))
-        for entry in entries
-        if entry.name.startswith(prefix)
-        and re.fullmatch(TAG_PATTERN, entry.name[len(prefix) :])
-        and entry.is_dir()
-        and not entry.is_symlink()
-    ]
-
-
-def clones_of(template: RunDir, tag: str) -> list[str]:
-    """The VMs whose ``clone.json`` names ``template``@``tag``: their disks lie on its
-    frozen copy. A record that does not parse counts as one (rather keep than guess)."""
-    from qvm.errors import RecordError
-    from qvm.layout.rundir import list_run_dirs
-
-    users = []
-    for other in list_run_dirs(template.path.parent):
-        try:
-            record = read_clone(other)
-        except RecordError:
-            users.append(f"{other.name} (its clone.json does not parse)")
-            continue
-        if record is not None and (record.template, record.tag) == (template.name, tag):
-            users.append(other.name)
-    return users
-
-
-def check_unused(template: RunDir, tag: str) -> RunDir | None:
-    """The frozen copy of ``template``@``tag`` when there is one and no clone uses it;
-    None when there is none; refused, naming the clones, when some use it."""
-    frozen = frozen_dir(template, tag)
-    if not frozen.path.is_dir():
-        return None
-    users = clones_of(template, tag)
-    if users:
-        names = [u.split(" ", 1)[0] for u in users]
-        raise VmStateError(
-            f"{template.name}: snapshot {tag!r} has clones on its frozen copy {frozen.path}: "
-            f"{', '.join(users)} (hint: qvm rm {' '.join(names)}, then again)"
-        )
-    return frozen
 
 
 class CloneResult(Record):
@@ -135,9 +86,6 @@ def clone(
     clone_run: RunDir,
 ) -> CloneResult:  # fmt: skip
     """Freeze ``template``'s snapshot ``tag`` (once) and write the clone's machine file."""
-    from qvm.ops.new import write_new
-    from qvm.ops.snapshot import check_tag, no_snapshot, shape_of_argv
-
     check_tag(template_run.name, tag)
     record = find_snapshot(template_run, tag)
     if record is None:
@@ -204,9 +152,6 @@ def _frozen_machine(template: Machine) -> Machine:
 
 
 def _frozen_argv(template: Machine, frozen: RunDir, record: SnapshotRecord) -> list[str]:
-    from qvm.host.accel import choose_accel, probe_kvm
-    from qvm.ops.snapshot import start_from
-
     accel = choose_accel(template.accel, probe_kvm()).accel
     inputs = LaunchInputs(
         accel=accel,
@@ -222,12 +167,6 @@ def _freeze(
     argv: list[str],
 ) -> float:  # fmt: skip
     """Copies of the snapshot's images at its state, and its memory image."""
-    from qvm.control.session import ControlSession
-    from qvm.host.accel import choose_accel, probe_kvm
-    from qvm.ops.stop import kill
-    from qvm.ops.up import LaunchPlan
-    from qvm.supervisor.boot import start_supervisor
-
     started = time.monotonic()
     frozen.create()
     for file in record.files:
@@ -262,7 +201,7 @@ def _freeze(
     return round(time.monotonic() - started, 3)
 
 
-def _wait_migration(session: Any, record: SnapshotRecord) -> None:
+def _wait_migration(session: QmpSession, record: SnapshotRecord) -> None:
     deadline = time.monotonic() + MIGRATE_TIMEOUT
     while True:
         status = session.execute("query-migrate")
@@ -280,8 +219,6 @@ def _wait_migration(session: Any, record: SnapshotRecord) -> None:
 
 
 def _drop_snapshots(path: Path) -> None:
-    from qvm.host.qemu_img_snapshots import image_snapshots, qemu_img_snapshot
-
     if not path.exists():
         return
     for tag in image_snapshots(path):
@@ -337,71 +274,3 @@ def clone_document(template: Machine, frozen: RunDir, clone_name: str, tag: str)
         if spec.ssh_authorized_keys is not None:
             cloud["ssh_authorized_keys"] = [str(k) for k in spec.ssh_authorized_keys]
     return data
-
-
-# --- the clone's first start ---------------------------------------------------------------
-
-
-def clone_start(run: RunDir) -> StartFrom | None:
-    """A clone that never ran starts from its template's memory image; None otherwise."""
-    if run.state_file.exists() or not run.clone_file.exists():
-        return None
-    record = read_clone(run)
-    if record is None or not Path(record.memory).exists():
-        return None
-    from qvm.ops.snapshot import device_set_start
-
-    incoming = f"exec:cat {shlex.quote(record.memory)}"
-    return device_set_start(record.devices)._replace(incoming=incoming)
-
-
-def resume_incoming(run: RunDir, timeout: float = MIGRATE_TIMEOUT) -> None:
-    """Wait until QEMU has read the memory image, then run the guest: the stream carries
-    the helper's paused state, so QEMU does not start it by itself."""
-    from qvm.control.session import ControlSession
-
-    deadline = time.monotonic() + timeout
-    with ControlSession(run) as session:
-        while True:
-            status = session.execute("query-status").get("status")
-            if status == "running":
-                return
-            if status in ("paused", "postmigrate", "prelaunch"):
-                session.execute("cont")
-                return
-            if status != "inmigrate":
-                raise ControlError(f"{run.name}: QEMU is {status} after reading its memory image")
-            if time.monotonic() > deadline:
-                raise ControlError(f"{run.name}: the memory image took over {timeout:g} s to load")
-            time.sleep(0.02)
-
-
-def nic_macs(machine: Machine) -> dict[str, str]:
-    """NIC id -> the MAC QEMU's command line gives it."""
-    return {
-        nic_id(index, nic): nic.mac or stable_mac(machine.name, index)
-        for index, nic in enumerate(machine.nics)
-    }
-
-
-def adopt_own_macs(run: RunDir, machine: Machine) -> str | None:
-    """After the first start: the guest's NICs take the clone's MACs (see the module's
-    docstring); what happened is kept in ``clone.json`` and returned. None: no NIC."""
-    from qvm.control.snapshot import set_guest_macs
-
-    record = read_clone(run)
-    if record is None or not machine.nics:
-        return None
-    changes = {
-        nic: (old, new)
-        for nic, new in nic_macs(machine).items()
-        if (old := record.template_macs.get(nic)) is not None and old.lower() != new.lower()
-    }
-    if changes:
-        note = set_guest_macs(run, changes)
-    elif record.template_macs:
-        note = "the template's: the clone's machine file gives its NICs the same MACs"
-    else:
-        note = "not set: the clone record names no template MACs (made by an older qvm)"
-    write_clone(run, record._replace(mac_note=note))
-    return note

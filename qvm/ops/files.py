@@ -144,7 +144,7 @@ def remove(run: RunDir, purge: bool) -> Removed:
 
 def _note_frozen_copies(run: RunDir, removed: Removed) -> None:
     """A template's frozen copies for clones ($STATE/NAME@TAG) outlive it: say so."""
-    from qvm.ops.clone import clones_of, frozen_copies
+    from qvm.ops.frozen import clones_of, frozen_copies  # noqa: PLC0415 -- not for `qvm logs`
 
     for tag, frozen in frozen_copies(run):
         users = clones_of(run, tag)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import time
 from collections.abc import Callable
@@ -28,19 +29,18 @@ from typing import Any
 
 from qvm.base.jsonfile import RecordWriteError
 from qvm.base.record import Record
-from qvm.cmdline.argv import (
-    STATE_NODE,
-    LaunchInputs,
-    MemoryArg,
-    PluggedArg,
-    StartFrom,
-    build_argv,
-)
+from qvm.base.sizes import human_size
+from qvm.cmdline.argv import STATE_NODE, LaunchInputs, StartFrom, build_argv
 from qvm.definition.naming import overlay_name
 from qvm.definition.schema import Machine
 from qvm.errors import EXIT_USAGE, ControlError, QvmError, VmStateError
+from qvm.host.qemu_img import qemu_img_create
 from qvm.host.qemu_img_snapshots import image_snapshots, qemu_img_snapshot
 from qvm.layout.rundir import RunDir
+from qvm.ops.files import remove as remove_files
+from qvm.ops.frozen import check_unused
+from qvm.ops.stop import kill
+from qvm.store.devices import save_devices
 from qvm.store.launch import LaunchRecord
 from qvm.store.snapshots import (
     TAG_PATTERN,
@@ -54,7 +54,9 @@ from qvm.store.snapshots import (
     shape_differences,
     shape_of_argv,
 )
+from qvm.store.state import read_state
 from qvm.supervisor.boot import UpResult
+from qvm.supervisor.client import supervisor_alive
 
 # (bytes done, bytes in all) of a running save
 Progress = Callable[[int, int], None]
@@ -80,23 +82,9 @@ def no_snapshot(run: RunDir, tag: str) -> VmStateError:
 
 def start_from(record: SnapshotRecord) -> StartFrom:
     """The snapshot's device set on QEMU's command line, and ``-loadvm`` of its tag."""
+    from qvm.control.kinds import device_set_start  # noqa: PLC0415 -- QMP: not for `snapshot list`
+
     return device_set_start(record.devices)._replace(loadvm=record.tag)
-
-
-def device_set_start(devices: DeviceSet) -> StartFrom:
-    """A device set on QEMU's command line: vCPU slots, memory devices, hotplugged disks
-    and NICs with the ids, backends and buses they had."""
-    return StartFrom(
-        cpu_slots=devices.cpu_slots,
-        memory_devices=tuple(
-            MemoryArg(m.id, m.kind, m.backend, m.size, m.requested_size, m.bus)
-            for m in devices.memory
-        ),
-        plugged=tuple(
-            PluggedArg(p.id, p.kind, p.bus, p.file, p.format, p.readonly, p.model, p.mac)
-            for p in devices.plugged
-        ),
-    )
 
 
 def definition_sha256(path: str | None) -> str | None:
@@ -169,8 +157,6 @@ def save(
 ) -> SaveResult:
     """Save snapshot ``tag`` of the VM: with memory on a running VM, the disks only
     (``disk_only``) on a running or stopped one (``machine``: its definition)."""
-    from qvm.supervisor.client import supervisor_alive
-
     check_tag(run.name, tag)
     if find_snapshot(run, tag) is not None:
         raise VmStateError(
@@ -190,10 +176,9 @@ def save(
 
 
 def _save_running(run: RunDir, tag: str, disk_only: bool, progress: Progress | None) -> SaveResult:
-    from qvm.control import snapshot as qmp
-    from qvm.control.cpu_slots import topology_from_launch
-    from qvm.control.transaction import opened
-    from qvm.host.qemu_img import qemu_img_create
+    from qvm.control import snapshot as qmp  # noqa: PLC0415 -- QMP: not for `snapshot list`
+    from qvm.control.cpu_slots import topology_from_launch  # noqa: PLC0415 -- as above
+    from qvm.control.transaction import opened  # noqa: PLC0415 -- as above
 
     with opened(run) as (session, launch):
         nodes = qmp.block_nodes(session)
@@ -266,8 +251,6 @@ def _save_running(run: RunDir, tag: str, disk_only: bool, progress: Progress | N
 
 def _with_space_hint(error: ControlError, image: Path, ram: int) -> ControlError:
     """QEMU says "Input/output error" when the RAM state does not fit: say where."""
-    import os
-
     if error.qemu_exited:
         return error
     try:
@@ -276,8 +259,6 @@ def _with_space_hint(error: ControlError, image: Path, ram: int) -> ControlError
         return error
     if free >= ram:
         return error
-    from qvm.base.sizes import human_size
-
     return ControlError(
         f"{error} (hint: {image.parent} has {human_size(free)} free, and the RAM state needs "
         f"up to {human_size(ram)}: free some space there)",
@@ -393,9 +374,6 @@ def remove(run: RunDir, tag: str) -> RemoveResult:
     """Delete snapshot ``tag`` from every image that holds it, then its record, then its
     frozen copy for clones; a frozen copy clones use refuses it all, before anything is
     deleted. With the VM gone (`qvm rm`), its frozen copy alone."""
-    from qvm.ops.clone import check_unused
-    from qvm.supervisor.client import supervisor_alive
-
     check_tag(run.name, tag)
     record = find_snapshot(run, tag)
     frozen = check_unused(run, tag)
@@ -407,8 +385,6 @@ def remove(run: RunDir, tag: str) -> RemoveResult:
     images = record.files if record is not None else ()
     if frozen is None:
         return RemoveResult(run.name, tag, images)
-    from qvm.ops.files import remove as remove_files
-
     removed = remove_files(frozen, purge=False)
     kept = tuple((str(path), why) for path, why in removed.kept)
     return RemoveResult(run.name, tag, images, str(frozen.path), kept)
@@ -417,8 +393,8 @@ def remove(run: RunDir, tag: str) -> RemoveResult:
 def _remove_from_images(run: RunDir, record: SnapshotRecord, running: bool) -> None:
     tag = record.tag
     if running:
-        from qvm.control import snapshot as qmp
-        from qvm.control.transaction import opened
+        from qvm.control import snapshot as qmp  # noqa: PLC0415 -- QMP: not for `snapshot list`
+        from qvm.control.transaction import opened  # noqa: PLC0415 -- as above
 
         with opened(run) as (session, _launch):
             holding = [n.node for n in qmp.block_nodes(session) if tag in n.snapshots]
@@ -456,8 +432,6 @@ class RestoreResult(Record):
 def restore(run: RunDir, tag: str, machine: Machine) -> RestoreResult:
     """Bring the VM back to snapshot ``tag``: in place when it runs with the snapshot's
     device set and shape, else by starting QEMU with them and ``-loadvm``."""
-    from qvm.supervisor.client import supervisor_alive
-
     check_tag(run.name, tag)
     record = find_snapshot(run, tag)
     if record is None:
@@ -510,9 +484,9 @@ def _load_in_place(
 ) -> RestoreResult | None:
     """``snapshot-load`` when the running QEMU has the snapshot's device set and shape;
     None when it does not (the caller restarts QEMU)."""
-    from qvm.control import snapshot as qmp
-    from qvm.control.cpu_slots import topology_from_launch
-    from qvm.control.transaction import opened
+    from qvm.control import snapshot as qmp  # noqa: PLC0415 -- QMP: not for `snapshot list`
+    from qvm.control.cpu_slots import topology_from_launch  # noqa: PLC0415 -- as above
+    from qvm.control.transaction import opened  # noqa: PLC0415 -- as above
 
     with opened(run) as (session, launch):
         if shape_differences(record.shape, _shape_for(record, launch.argv)):
@@ -538,8 +512,6 @@ def _load_in_place(
 
 def _running(run: RunDir, launch: LaunchRecord) -> UpResult:
     """The QEMU a restore in place left running, as `qvm up` reports one already running."""
-    from qvm.store.state import read_state
-
     state = read_state(run.state_file)
     return UpResult(
         run.name, True, state.qemu_pid if state else None, launch.accel, launch.accel_reason,
@@ -560,7 +532,7 @@ def _restart(
     started: float,
     changed: bool,
 ) -> RestoreResult:
-    from qvm.ops.up import plan_launch, start_vm
+    from qvm.ops.up import plan_launch, start_vm  # noqa: PLC0415 -- host checks: not `snapshot list`
 
     plan = plan_launch(machine, run, start_from(record))
     differences = shape_differences(record.shape, _shape_for(record, plan.argv))
@@ -577,8 +549,6 @@ def _restart(
     images |= {run.path / overlay_name(i) for i, d in enumerate(machine.disks) if d.base}
     _check_images(run, record, sorted(images))
     if running:
-        from qvm.ops.stop import kill
-
         kill(run)
     up = start_vm(plan, wait=True)
     _record_devices(run, record)
@@ -601,7 +571,7 @@ def _fix_clock(run: RunDir, record: SnapshotRecord) -> str:
     answered at save time (and so runs in the restored guest)."""
     if record.guest_time_ns is None:
         return "not set: no guest agent answered at save time"
-    from qvm.control import snapshot as qmp
+    from qvm.control import snapshot as qmp  # noqa: PLC0415 -- QMP: not for `snapshot list`
 
     return qmp.set_guest_time(run)
 
@@ -610,6 +580,6 @@ def _record_devices(run: RunDir, record: SnapshotRecord) -> None:
     """The memory devices, disks and NICs started on the command line, as if qvm had
     hotplugged them, so that `mem list`, `disk detach`, `nic del` know them."""
     if record.devices.memory or record.devices.plugged:
-        from qvm.store.devices import save_devices
+        from qvm.control.kinds import restored_records  # noqa: PLC0415 -- QMP: not for `snapshot list`
 
-        save_devices(run, record.devices.device_records(time.time()))
+        save_devices(run, restored_records(record.devices, time.time()))

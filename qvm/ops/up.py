@@ -150,7 +150,7 @@ def plan_launch(machine: Machine, run_dir: RunDir, start: StartFrom | None = Non
         state_disk=machine.snapshots.enabled or run_dir.state_disk.exists(),
     )
     if start is None and run_dir.clone_file.exists():
-        from qvm.ops.clone import clone_start  # a clone's first start: its memory image
+        from qvm.ops.incoming import clone_start  # noqa: PLC0415 -- a clone's first start only
 
         start = clone_start(run_dir)
     if start is not None:
@@ -224,7 +224,7 @@ def start_vm(plan: LaunchPlan, wait: bool, progress: FetchProgress | None = None
     prepare_run_dir(plan, progress)
     result = start_supervisor(plan.run_dir, plan.launch_record(), wait=wait)
     if plan.inputs.incoming is not None and wait and not result.already_running:
-        from qvm.ops.clone import adopt_own_macs, resume_incoming  # a clone's first start
+        from qvm.ops.incoming import adopt_own_macs, resume_incoming  # noqa: PLC0415 -- as above
 
         resume_incoming(plan.run_dir)
         adopt_own_macs(plan.run_dir, plan.machine)

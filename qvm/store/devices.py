@@ -14,12 +14,13 @@ from typing import Any
 
 from qvm.base.jsonfile import read_json, write_json_atomic
 from qvm.base.record import Record
+from qvm.layout.kinds import recorded_kinds
 from qvm.layout.rundir import RunDir
 from qvm.store.fields import Fields, read_record
 
 # One QMP command: (name, arguments)
 Command = tuple[str, dict[str, Any]]
-DEVICE_KINDS = ("dimm", "virtio-mem", "disk", "nic")
+DEVICE_KINDS = recorded_kinds()  # qvm.layout.kinds: the kinds qvm records
 _HINT = "qvm restart rewrites it"
 
 

@@ -15,19 +15,25 @@ restarting QEMU, and what a refusal says.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
+from qvm.layout.kinds import (
+    CPU,
+    KINDS,
+    SNAPSHOT_MEMORY,
+    SNAPSHOT_PLUGGED,
+    count_text,
+    snapshot_kinds,
+)
 from qvm.layout.rundir import RunDir
 from qvm.store.fields import Fields, read_record
 from qvm.store.launch import Forward
 
-if TYPE_CHECKING:
-    from qvm.store.devices import DeviceRecord
-
 SNAPSHOTS_HINT = "it lists qvm's snapshots; remove it to forget them (the disks keep theirs)"
-MEMORY_KINDS = ("dimm", "virtio-mem")
+MEMORY_KINDS = snapshot_kinds(SNAPSHOT_MEMORY)  # "dimm", "virtio-mem"
+PLUGGED_KINDS = snapshot_kinds(SNAPSHOT_PLUGGED)  # "disk", "nic"
 TAG_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 
 
@@ -57,10 +63,11 @@ class MemoryDevice(Record):
 
 
 class PluggedDevice(Record):
-    """A disk or NIC qvm hotplugged, present at save time."""
+    """A disk or NIC qvm hotplugged, present at save time: what the command line needs
+    to recreate it (a kind of PLUGGED_KINDS uses the fields it needs)."""
 
     id: str
-    kind: str  # "disk" or "nic"
+    kind: str  # one of PLUGGED_KINDS
     file: str | None = None
     format: str | None = None
     model: str | None = None
@@ -73,7 +80,7 @@ class PluggedDevice(Record):
         optional_texts = ("file", "format", "model", "mac", "bus")
         return cls(
             id=f.str("id"),
-            kind=f.one_of("kind", ("disk", "nic")),
+            kind=f.one_of("kind", PLUGGED_KINDS),
             readonly=f.bool("readonly", False),
             **{key: f.str(key, None) for key in optional_texts},
         )
@@ -112,38 +119,16 @@ class DeviceSet(Record):
             "forwards": [f.to_json() for f in self.forwards],
         }
 
-    def device_records(self, now: float) -> list[DeviceRecord]:
-        """Its memory devices, disks and NICs as the records of devices qvm hotplugged
-        (``devices.json``), for a QEMU started with them on its command line."""
-        from qvm.store.devices import DeviceRecord
-
-        memory = [
-            DeviceRecord(m.id, m.kind, cleanup=(("object-del", {"id": m.backend}),), bus=m.bus,
-                         backend=m.backend, size=m.size, added=now)
-            for m in self.memory
-        ]  # fmt: skip
-        plugged = [
-            DeviceRecord(p.id, "disk", cleanup=(("blockdev-del", {"node-name": p.id}),
-                                                ("blockdev-del", {"node-name": f"{p.id}-file"})),
-                         bus=p.bus, file=p.file, format=p.format, readonly=p.readonly, added=now)
-            if p.kind == "disk"
-            else DeviceRecord(p.id, "nic", cleanup=(("netdev_del", {"id": p.id}),), bus=p.bus,
-                              model=p.model, mac=p.mac, added=now)
-            for p in self.plugged
-        ]  # fmt: skip
-        return [*memory, *plugged]
-
     def summary(self) -> str:
-        """``3 vCPUs, 1 DIMM`` for people."""
-        parts = [f"{len(self.cpu_slots)} vCPU{'s' if len(self.cpu_slots) != 1 else ''}"]
-        for kind, label in (("dimm", "DIMM"), ("virtio-mem", "virtio-mem")):
-            count = sum(1 for m in self.memory if m.kind == kind)
+        """``3 vCPUs, 1 DIMM`` for people: every kind it holds, in the table's order."""
+        parts = [count_text(CPU, len(self.cpu_slots))]
+        for kind in KINDS:
+            devices = {SNAPSHOT_MEMORY: self.memory, SNAPSHOT_PLUGGED: self.plugged}.get(
+                kind.snapshot, ()
+            )
+            count = sum(1 for d in devices if d.kind == kind.name)
             if count:
-                parts.append(f"{count} {label}{'s' if count != 1 and kind == 'dimm' else ''}")
-        for kind, label in (("disk", "hotplugged disk"), ("nic", "hotplugged NIC")):
-            count = sum(1 for p in self.plugged if p.kind == kind)
-            if count:
-                parts.append(f"{count} {label}{'s' if count != 1 else ''}")
+                parts.append(count_text(kind, count))
         return ", ".join(parts)
 
 

@@ -1,0 +1,96 @@
+"""The behaviour of each device kind of ``qvm.layout.kinds``, by reference to its own
+module: how it is listed, added and removed on a running VM, and, for a start from a
+snapshot (``-loadvm``, or a clone's ``-incoming``), how a saved device goes on QEMU's
+command line and is recorded again (``devices.json``), as if qvm had hotplugged it.
+
+The plain facts (id prefix, record name, where a snapshot keeps it, status, completion)
+are ``qvm.layout.kinds``, which the CLI's fast paths read without importing this module
+and every kind's code. ``tests/unit/test_kinds.py`` holds the two tables to the same
+kinds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from qvm.base.record import Record
+from qvm.cmdline.argv import MemoryArg, PluggedArg, StartFrom
+from qvm.control import cpu, disk, memory, nic
+from qvm.layout.kinds import CPU, DIMM, DISK, NIC, VIRTIO_MEM, Kind
+from qvm.store.devices import DeviceRecord
+from qvm.store.snapshots import DeviceSet, MemoryDevice, PluggedDevice
+
+
+class KindBehaviour(Record):
+    kind: Kind
+    list: Callable[..., Any]  # (run) -> the kind's listing (its CLI group's `list`)
+    add: Callable[..., Any]  # (run, ...) -> what was added
+    remove: Callable[..., Any]  # (run, ids or id, ...) -> what was removed
+    # (the saved device, now) -> its devices.json record after a start from a snapshot;
+    # None: never recorded (vCPUs: the snapshot keeps their slots)
+    restored: Callable[[Any, float], DeviceRecord] | None = None
+
+
+BEHAVIOURS: dict[str, KindBehaviour] = {
+    CPU.name: KindBehaviour(CPU, cpu.list_cpus, cpu.add_cpus, cpu.remove_cpus),
+    DIMM.name: KindBehaviour(
+        DIMM, memory.list_memory, memory.add_memory, memory.remove_memory, memory.restored_record
+    ),
+    VIRTIO_MEM.name: KindBehaviour(
+        VIRTIO_MEM,
+        memory.list_memory,
+        memory.add_memory,
+        memory.remove_memory,
+        memory.restored_record,
+    ),
+    DISK.name: KindBehaviour(
+        DISK, disk.list_disks, disk.attach_disk, disk.detach_disk, disk.restored_record
+    ),
+    NIC.name: KindBehaviour(NIC, nic.list_nics, nic.add_nic, nic.remove_nic, nic.restored_record),
+}
+
+
+def restored_records(devices: DeviceSet, now: float) -> list[DeviceRecord]:
+    """The devices a snapshot's device set put on QEMU's command line (memory devices,
+    hotplugged disks and NICs), as records of devices qvm hotplugged."""
+    saved: list[MemoryDevice | PluggedDevice] = [*devices.memory, *devices.plugged]
+    records = []
+    for device in saved:
+        restored = BEHAVIOURS[device.kind].restored
+        if restored is None:
+            raise ValueError(f"{device.kind} {device.id}: a kind never recorded in devices.json")
+        records.append(restored(device, now))
+    return records
+
+
+def device_set_start(devices: DeviceSet) -> StartFrom:
+    """A snapshot's device set on QEMU's command line: vCPU slots, memory devices,
+    hotplugged disks and NICs with the ids, backends and buses they had."""
+    return StartFrom(
+        cpu_slots=devices.cpu_slots,
+        memory_devices=tuple(
+            MemoryArg(
+                id=m.id,
+                kind=m.kind,
+                backend=m.backend,
+                size=m.size,
+                requested_size=m.requested_size,
+                bus=m.bus,
+            )
+            for m in devices.memory
+        ),
+        plugged=tuple(
+            PluggedArg(
+                id=p.id,
+                kind=p.kind,
+                bus=p.bus,
+                file=p.file,
+                format=p.format,
+                readonly=p.readonly,
+                model=p.model,
+                mac=p.mac,
+            )
+            for p in devices.plugged
+        ),
+    )
