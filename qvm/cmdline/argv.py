@@ -21,6 +21,7 @@ from qvm.definition.schema import SEED_DEVICE_ID, DiskSpec, Machine, NicSpec
 from qvm.definition.topology import cpu_device_id, cpu_driver, slot_props, topology_of
 from qvm.layout.kinds import DIMM, DISK, NIC, VIRTIO_MEM
 from qvm.layout.rundir import RunDir
+from qvm.layout.runfiles import AGENT_PORT_NAME
 
 
 class MemoryArg(Record):
@@ -254,7 +255,6 @@ def _nic_args(machine: Machine, index: int, nic: NicSpec) -> list[str]:
 
 
 AGENT_CHARDEV = "qga0"
-AGENT_PORT_NAME = "org.qemu.guest_agent.0"  # the name qemu-ga looks for
 
 
 def _agent_args(machine: Machine, run: RunDir) -> list[str]:

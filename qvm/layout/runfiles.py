@@ -16,6 +16,8 @@ QMP_SOCKET = "qmp.sock"
 EVENTS_SOCKET = "events.sock"  # the supervisor's own QMP connection
 CONSOLE_SOCKET = "console.sock"
 AGENT_CHARDEV_SOCKET = "qga.sock"  # QEMU's end of the guest agent's channel
+# the virtio-serial port of that channel in the guest: the name qemu-ga looks for
+AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 # the supervisor's, lending its lasting connection to qga.sock to one client at a time:
 # it lives and goes with QEMU's sockets
 AGENT_SOCKET = "agent.sock"

@@ -10,9 +10,10 @@ lifetime for the same reason.
 
 So QEMU's end is ``qga.sock``, which only the supervisor connects to, once QMP answers;
 ``agent.sock`` is the supervisor's, and lends that connection to one client at a time,
-byte for byte. The protocol is the client's (``qvm.control.agent``): each client
-resynchronises first, so a reply that was meant for an earlier client, dropped here while
-no client is attached or read by the next one, is never taken for an answer. The socket
+byte for byte. The protocol is ``qvm.supervisor.agent_wire``, which every client speaks:
+each client resynchronises first, so a reply that was meant for an earlier client,
+dropped here while no client is attached or read by the next one, is never taken for an
+answer. The socket
 exists exactly while the connection does: no ``agent.sock`` means no QEMU to talk to.
 """
 

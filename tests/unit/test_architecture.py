@@ -85,7 +85,12 @@ def test_only_the_supervisors_client_and_wire_are_public() -> None:
             "forbidden_modules"
         ]
     )
-    public = {"qvm.supervisor.client", "qvm.supervisor.wire"}
+    public = {
+        "qvm.supervisor.client",
+        "qvm.supervisor.wire",
+        "qvm.supervisor.agent_wire",
+        "qvm.supervisor.qmp_replies",
+    }
     assert forbidden == modules("qvm.supervisor") - public
 
 
