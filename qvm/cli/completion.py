@@ -87,14 +87,15 @@ def _cpu_ids(run) -> list[str]:  # noqa: ANN001 - qvm.layout.rundir.RunDir, impo
         return []
     try:
         from qvm.control.session import ControlSession
+        from qvm.supervisor.qmp_replies import hotpluggable_cpus
 
         with ControlSession(run, timeout=1.0, lock_timeout=1.0) as session:
-            slots = session.execute("query-hotpluggable-cpus")
+            slots = hotpluggable_cpus(session.execute("query-hotpluggable-cpus"))
         prefix = "/machine/peripheral/"
         return sorted(
             path.removeprefix(prefix)
             for slot in slots
-            if (path := slot.get("qom-path") or "").startswith(prefix)
+            if (path := slot.qom_path or "").startswith(prefix)
         )
     except Exception:  # noqa: BLE001 - not answering: the ids a slot can have
         launch = _launch(run)

@@ -35,6 +35,7 @@ from qvm.control.transaction import since
 from qvm.errors import AgentError, ControlError, HotplugError
 from qvm.layout.rundir import RunDir
 from qvm.store.pending import PERIPHERAL
+from qvm.supervisor.qmp_replies import cpus_fast
 
 # how often --wait-guest reads the registers of a new vCPU
 ONLINE_POLL = 0.015
@@ -123,7 +124,8 @@ def started_by_guest(cr0: int) -> bool:
 
 def _cpu_indexes(session: QmpSession, ids: list[str]) -> dict[str, int]:
     """device id -> QEMU's cpu-index, matched by QOM path in ``query-cpus-fast``."""
-    by_path = {c.get("qom-path"): c.get("cpu-index") for c in session.execute("query-cpus-fast")}
+    running = cpus_fast(session.execute("query-cpus-fast"))
+    by_path = {c.qom_path: c.cpu_index for c in running}
     found = {dev_id: by_path.get(f"{PERIPHERAL}{dev_id}") for dev_id in ids}
     return {dev_id: index for dev_id, index in found.items() if isinstance(index, int)}
 

@@ -19,6 +19,8 @@ from qvm.errors import HotplugError
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import LaunchRecord
 from qvm.store.pending import PERIPHERAL, device_state
+from qvm.supervisor.qmp_replies import cpus_fast as parse_cpus_fast
+from qvm.supervisor.qmp_replies import hotpluggable_cpus
 
 SLOT_KEYS = ("node-id", "drawer-id", "book-id", "socket-id", "die-id", "cluster-id", "core-id")
 
@@ -148,24 +150,25 @@ def merge_slots(
     """One ``CpuSlot`` per entry of ``query-hotpluggable-cpus``, in topology order,
     completed from ``query-cpus-fast`` (cpu index, host thread) and the pending marks."""
     pending = set(pending_ids)
-    by_path = {c.get("qom-path"): c for c in cpus_fast}
-    ordered = sorted(hotpluggable, key=lambda h: slot_order_key(h.get("props", {}), topo))
+    by_path = {c.qom_path: c for c in parse_cpus_fast(cpus_fast) if c.qom_path}
+    slots_of_qemu = hotpluggable_cpus(hotpluggable)
+    ordered = sorted(slots_of_qemu, key=lambda h: slot_order_key(h.props, topo))
     slots = []
     for position, entry in enumerate(ordered):
-        props = dict(entry.get("props", {}))
-        qom_path = entry.get("qom-path")
-        running = by_path.get(qom_path, {}) if qom_path else {}
+        props = dict(entry.props)
+        qom_path = entry.qom_path
+        running = by_path.get(qom_path) if qom_path else None
         dev_id = peripheral_id(qom_path)
         index = slot_index(props, topo) if topo is not None else position
         slots.append(
             CpuSlot(
                 index=index,
                 props=props,
-                type=entry.get("type", ""),
-                vcpus_count=int(entry.get("vcpus-count", 1)),
+                type=entry.type,
+                vcpus_count=entry.vcpus_count,
                 qom_path=qom_path,
-                cpu_index=running.get("cpu-index"),
-                thread_id=running.get("thread-id"),
+                cpu_index=running.cpu_index if running else None,
+                thread_id=running.thread_id if running else None,
                 id=dev_id,
                 removable=dev_id is not None or (qom_path or "").startswith(PERIPHERAL_ANON),
                 pending=dev_id is not None and dev_id in pending,

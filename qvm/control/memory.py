@@ -66,6 +66,7 @@ from qvm.store.devices import Command, DeviceRecord, update_device_record
 from qvm.store.launch import LaunchRecord
 from qvm.store.pending import device_state, pending_ids
 from qvm.store.snapshots import MemoryDevice as SavedMemory
+from qvm.supervisor.qmp_replies import memory_devices, memory_summary
 
 DIMM_PREFIX = kinds.DIMM.id_prefix
 VIRTIO_MEM_PREFIX = kinds.VIRTIO_MEM.id_prefix
@@ -78,7 +79,7 @@ MEMORY_KINDS = tuple(k.name for k in kinds.group_kinds("mem"))  # "dimm", "virti
 DIMM = Peripheral(kinds.DIMM.noun)
 
 
-class MemoryDevice(Record):
+class MemoryInfo(Record):
     id: str
     kind: str  # "dimm" or "virtio-mem"
     size: int  # bytes plugged now
@@ -110,7 +111,7 @@ class MemoryState(Record):
     boot: int  # boot memory (memory.size)
     max: int | None  # memory.max; None: no memory hotplug
     slots: int  # memory.slots
-    devices: Sequence[MemoryDevice] = ()
+    devices: Sequence[MemoryInfo] = ()
     plugged: int = 0  # QEMU's plugged-memory
     guest_kb: int | None = None  # the guest's own MemTotal, from its serial console
 
@@ -132,7 +133,7 @@ class MemoryState(Record):
     def slots_used(self) -> int:
         return sum(1 for d in self.devices if d.kind == "dimm")
 
-    def find(self, dev_id: str) -> MemoryDevice | None:
+    def find(self, dev_id: str) -> MemoryInfo | None:
         return next((d for d in self.devices if d.id == dev_id), None)
 
     def summary(self) -> str:
@@ -166,8 +167,8 @@ class MemoryState(Record):
 def memory_state_from(
     name: str,
     launch: LaunchRecord,
-    devices: list[dict[str, Any]],
-    summary: dict[str, Any],
+    devices: Any,
+    summary: Any,
     records: Iterable[DeviceRecord],
     pending: set[str],
     guest: dict[str, str] | None = None,
@@ -175,38 +176,34 @@ def memory_state_from(
     """``MemoryState`` from ``query-memory-devices``, ``query-memory-size-summary``,
     qvm's records and pending marks, and the guest's own report."""
     ours = {r.id: r for r in records if r.kind in MEMORY_KINDS}
-    found = []
-    for entry in devices:
-        data = entry.get("data") or {}
-        dev_id = data.get("id") or ""
-        kind = "virtio-mem" if entry.get("type") == "virtio-mem" else str(entry.get("type"))
-        memdev = str(data.get("memdev") or "")
-        found.append(
-            MemoryDevice(
-                id=dev_id,
-                kind=kind,
-                size=int(data.get("size", 0)),
-                backend=memdev.rsplit("/", 1)[-1] or None,
-                slot=data.get("slot"),
-                max_size=data.get("max-size"),
-                requested_size=data.get("requested-size"),
-                block_size=data.get("block-size"),
-                addr=data.get("addr", data.get("memaddr")),
-                bus=ours[dev_id].bus if dev_id in ours else None,
-                by_qvm=dev_id in ours,
-                pending=dev_id in pending,
-            )
+    found = [
+        MemoryInfo(
+            id=device.id,
+            kind=device.type,
+            size=device.size,
+            backend=device.backend,
+            slot=device.slot,
+            max_size=device.max_size,
+            requested_size=device.requested_size,
+            block_size=device.block_size,
+            addr=device.addr,
+            bus=ours[device.id].bus if device.id in ours else None,
+            by_qvm=device.id in ours,
+            pending=device.id in pending,
         )
+        for device in memory_devices(devices)
+    ]
+    sizes = memory_summary(summary)
     guest_kb = None
     if guest and str(guest.get("mem_kb", "")).isdigit():
         guest_kb = int(guest["mem_kb"])
     return MemoryState(
         name=name,
-        boot=int(summary.get("base-memory") or launch.memory_size or 0),
+        boot=sizes.base or launch.memory_size or 0,
         max=launch.memory_max,
         slots=launch.memory_slots or 0,
         devices=found,
-        plugged=int(summary.get("plugged-memory") or 0),
+        plugged=sizes.plugged,
         guest_kb=guest_kb,
     )
 
@@ -282,7 +279,7 @@ def _file(launch: LaunchRecord) -> str:
 
 class MemoryAdd(Record):
     name: str
-    device: MemoryDevice
+    device: MemoryInfo
     state: MemoryState  # after the add
     # virtio-mem: what the guest plugged within the timeout, and when
     plugged: int | None = None
@@ -353,7 +350,7 @@ def add_memory(
             record = _record(dev_id, "dimm", size)
             plug(session, run, _plan(run, launch, record, size, {"driver": "pc-dimm"}))
             after = _query(session, run, launch)
-            device = after.find(dev_id) or MemoryDevice(
+            device = after.find(dev_id) or MemoryInfo(
                 dev_id, "dimm", size, record.backend, by_qvm=True
             )
             blocks, source, why = dimm_blocks_online(
@@ -410,7 +407,7 @@ def _add_virtio_mem(
     reached = plug(session, run, plan, plugged)
     assert reached is not None
     after = _query(session, run, launch)
-    added = after.find(dev_id) or MemoryDevice(dev_id, "virtio-mem", 0, record.backend, by_qvm=True)
+    added = after.find(dev_id) or MemoryInfo(dev_id, "virtio-mem", 0, record.backend, by_qvm=True)
     return MemoryAdd(name, added, after, *reached, forced)
 
 
@@ -508,11 +505,8 @@ def _wait_size(
 
 
 def _current_size(session: QmpSession, dev_id: str) -> int:
-    for entry in session.execute("query-memory-devices"):
-        data = entry.get("data") or {}
-        if data.get("id") == dev_id:
-            return int(data.get("size", 0))
-    return 0
+    devices = memory_devices(session.execute("query-memory-devices"))
+    return next((d.size for d in devices if d.id == dev_id), 0)
 
 
 # --- remove ------------------------------------------------------------------------------
@@ -520,7 +514,7 @@ def _current_size(session: QmpSession, dev_id: str) -> int:
 
 class MemoryRemove(Record):
     name: str
-    device: MemoryDevice
+    device: MemoryInfo
     unplug: DeviceUnplug
     state: MemoryState  # after
 
@@ -533,7 +527,7 @@ class MemoryRemove(Record):
         }
 
 
-def find_device(state: MemoryState, run: RunDir, dev_id: str) -> MemoryDevice:
+def find_device(state: MemoryState, run: RunDir, dev_id: str) -> MemoryInfo:
     device = state.find(dev_id)
     if device is None:
         known = ", ".join(d.id for d in state.devices) or "none"

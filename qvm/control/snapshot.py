@@ -42,6 +42,7 @@ from qvm.layout.kinds import (
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import LaunchRecord
 from qvm.store.snapshots import DeviceSet, MemoryDevice, PluggedDevice
+from qvm.supervisor.qmp_replies import hotpluggable_cpus, memory_devices, memory_summary
 
 JOB_EVENT = "JOB_STATUS_CHANGE"
 JOB_TIMEOUT = 600.0  # a save of many GiB of RAM to a slow disk
@@ -156,11 +157,12 @@ def device_set(
     session: QmpSession, run: RunDir, launch: LaunchRecord, topology: Topology | None
 ) -> DeviceSet:
     """The device set QEMU has now, as a snapshot records it."""
-    present = [e for e in session.execute("query-hotpluggable-cpus") if e.get("qom-path")]
+    cpus = hotpluggable_cpus(session.execute("query-hotpluggable-cpus"))
+    present = [slot for slot in cpus if slot.qom_path]
     if topology is None:
         slots = tuple(range(len(present)))
     else:
-        slots = tuple(sorted(slot_index(e.get("props") or {}, topology) for e in present))
+        slots = tuple(sorted(slot_index(slot.props, topology) for slot in present))
     records = reconcile_devices(session, run, peripheral_ids(session))
     plugged = []
     for record in records.values():
@@ -188,22 +190,18 @@ def device_set(
             # never silently left out: a kind the table gives no place in a snapshot
             raise ControlError(f"{run.name}: {record.kind} {record.id}: no place in a snapshot")
     memory = []
-    for entry in session.execute("query-memory-devices"):
-        data = entry.get("data") or {}
-        dev_id = str(data.get("id") or "")
-        kind_name = VIRTIO_MEM.name if entry.get("type") == VIRTIO_MEM.name else DIMM.name
-        record = records.get(dev_id)
+    for device in memory_devices(session.execute("query-memory-devices")):
+        kind_name = VIRTIO_MEM.name if device.type == VIRTIO_MEM.name else DIMM.name
+        record = records.get(device.id)
         memory.append(
             (
-                int(data.get("addr", data.get("memaddr", 0)) or 0),
+                device.addr or 0,
                 MemoryDevice(
-                    id=dev_id,
+                    id=device.id,
                     kind=kind_name,
-                    backend=str(data.get("memdev") or "").rsplit("/", 1)[-1],
-                    size=int(data.get("max-size", data.get("size", 0)) or 0),
-                    requested_size=(
-                        data.get("requested-size") if kind_name == VIRTIO_MEM.name else None
-                    ),
+                    backend=device.backend or "",
+                    size=device.backend_size,
+                    requested_size=device.requested_size if kind_name == VIRTIO_MEM.name else None,
                     bus=record.bus if record is not None else None,
                 ),
             )
@@ -217,8 +215,7 @@ def device_set(
 
 
 def ram_bytes(session: QmpSession) -> int:
-    summary = session.execute("query-memory-size-summary")
-    return int(summary.get("base-memory") or 0) + int(summary.get("plugged-memory") or 0)
+    return memory_summary(session.execute("query-memory-size-summary")).total
 
 
 # --- jobs --------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from qvm.definition.schema import Machine
 from qvm.errors import ControlError
 from qvm.layout.rundir import RunDir
 from qvm.store.snapshots import read_clone, write_clone
+from qvm.supervisor.qmp_replies import runstate
 
 MIGRATE_TIMEOUT = 600.0
 
@@ -40,7 +41,7 @@ def resume_incoming(run: RunDir, timeout: float = MIGRATE_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     with ControlSession(run) as session:
         while True:
-            status = session.execute("query-status").get("status")
+            status = runstate(session.execute("query-status"))
             if status == "running":
                 return
             if status in ("paused", "postmigrate", "prelaunch"):

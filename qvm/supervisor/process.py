@@ -39,6 +39,7 @@ from qvm.supervisor.facts import (
     process_facts,
     qemu_log_tail,
 )
+from qvm.supervisor.qmp_replies import memory_summary, runstate
 from qvm.supervisor.spawn import AdoptedQemu, forwards_recorder, initial_state, log_line
 from qvm.supervisor.wire import (
     EXPIRED,
@@ -301,7 +302,7 @@ class Supervisor:
         await self._attach_agent()
         try:
             status = await asyncio.wait_for(client.execute("query-status"), QMP_CALL_TIMEOUT)
-            self.runstate = status.get("status", "unknown")
+            self.runstate = runstate(status)
         except Exception:  # noqa: BLE001 - readiness is the connection, the status is extra
             pass
         if self.state.restarts and any(f.host_port == 0 for f in self.launch.forwards):
@@ -380,7 +381,7 @@ class Supervisor:
                     status = await asyncio.wait_for(
                         self.qmp.execute("query-status"), QMP_CALL_TIMEOUT
                     )
-                    self.runstate = status.get("status", "paused")
+                    self.runstate = runstate(status, "paused")
                 except Exception:  # noqa: BLE001 - keep the event's word for it
                     pass
                 self._end_after_internal_error()
@@ -725,12 +726,12 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001 - report what happened instead of hanging
             reply = StatusReply(live, qmp_error=describe_qmp_failure(exc, pid))
         else:
-            self.runstate = status.get("status", self.runstate)
+            self.runstate = runstate(status, self.runstate)
             reply = StatusReply(
                 live._replace(state=self._live_state()),
                 runstate=self.runstate,
                 vcpus_present=len(cpus),
-                memory_bytes=memory.get("base-memory", 0) + memory.get("plugged-memory", 0),
+                memory_bytes=memory_summary(memory).total,
             )
         usage = process_facts(pid, self.state.started_at)
         if usage is None:
