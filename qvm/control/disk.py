@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qvm.base.jsonfile import read_json
 from qvm.base.record import Record
@@ -30,13 +30,15 @@ from qvm.control.guest import guest_report
 from qvm.control.pci import PciPlaces, choose_pci_bus, pci_places
 from qvm.control.qmp_session import QmpSession
 from qvm.errors import HotplugError
-from qvm.host.holders import describe_holders
+from qvm.host.holders import describe_holders, locked_by_someone, users_of
 from qvm.layout import kinds
 from qvm.layout.rundir import RunDir
 from qvm.store.devices import Command, DeviceRecord
 from qvm.store.launch import LaunchRecord
 from qvm.store.pending import PERIPHERAL, pending_ids
-from qvm.store.snapshots import PluggedDevice
+
+if TYPE_CHECKING:
+    from qvm.store.snapshots import PluggedDevice
 
 DISK_PREFIX = kinds.DISK.id_prefix
 DEFAULT_UNPLUG_TIMEOUT = 10.0
@@ -144,8 +146,6 @@ def list_disks(run: RunDir) -> DiskList:
 
 def check_image(run: RunDir, path: Path, readonly: bool, disks: DiskList) -> None:
     """Refuse an image this VM already has, or another QEMU holds, before QEMU is asked."""
-    from qvm.host.holders import locked_by_someone, users_of
-
     name = run.name
     real = os.path.realpath(path)
     if not path.exists():
@@ -247,7 +247,7 @@ def attach_disk(
             dev_id = _new_disk_id(run, dev_id, taken, nodes, new=False)
             bus = choose_pci_bus(disks.places, run, launch, "disk attach")
             if fmt is None:
-                from qvm.host.qemu_img import detect_format
+                from qvm.host.qemu_img import detect_format  # noqa: PLC0415 -- not `disk list`
 
                 fmt = detect_format(path)
         record = DeviceRecord(
@@ -322,7 +322,7 @@ def _new_disk_id(
 
 def create_image(run: RunDir, path: Path, size: int) -> None:
     """``qemu-img create -f qcow2 PATH SIZE``, never over an existing file."""
-    from qvm.host.qemu_img import qemu_img_create
+    from qvm.host.qemu_img import qemu_img_create  # noqa: PLC0415 -- not for `disk list`
 
     if path.exists():
         raise HotplugError(f"{run.name}: disk attach --new: {path} exists already")

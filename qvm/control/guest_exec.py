@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -151,8 +152,6 @@ def run_to_end(
 ) -> ExecStatus | None:
     """Start ``argv`` and poll it on this connection until it ends; None if it is still
     running after ``timeout`` seconds. For qvm's own short helpers (stat, chmod)."""
-    import time
-
     pid = start(client, argv)
     deadline = time.monotonic() + timeout
     for delay in poll_delays():

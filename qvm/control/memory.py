@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qvm.base.record import Record
 from qvm.base.sizes import human_size
+from qvm.base.text import display_path
 from qvm.control.guard import check_device_add
 from qvm.control.guest import guest_report
 from qvm.control.guest_agent_facts import SOURCE_QEMU, SOURCE_SERIAL, agent_link
@@ -65,8 +66,10 @@ from qvm.layout.rundir import RunDir
 from qvm.store.devices import Command, DeviceRecord, update_device_record
 from qvm.store.launch import LaunchRecord
 from qvm.store.pending import device_state, pending_ids
-from qvm.store.snapshots import MemoryDevice as SavedMemory
 from qvm.supervisor.qmp_replies import memory_devices, memory_summary
+
+if TYPE_CHECKING:
+    from qvm.store.snapshots import MemoryDevice as SavedMemory
 
 DIMM_PREFIX = kinds.DIMM.id_prefix
 VIRTIO_MEM_PREFIX = kinds.VIRTIO_MEM.id_prefix
@@ -268,8 +271,6 @@ def check_slot(state: MemoryState, run: RunDir, launch: LaunchRecord) -> None:
 
 
 def _file(launch: LaunchRecord) -> str:
-    from qvm.base.text import display_path
-
     file = launch.machine_file
     return display_path(file) if file else "the machine file"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qvm.base.record import Record
 from qvm.control import transaction
@@ -24,6 +24,7 @@ from qvm.control.guest import guest_report
 from qvm.control.pci import PciPlaces, choose_pci_bus, pci_places
 from qvm.control.qmp_session import QmpSession
 from qvm.definition.forwards import ForwardError, parse_forward
+from qvm.definition.naming import stable_mac
 from qvm.definition.schema import NIC_MODELS, PortForward
 from qvm.errors import ControlError, HotplugError
 from qvm.layout import kinds
@@ -32,7 +33,9 @@ from qvm.store.devices import Command, DeviceRecord, device_records
 from qvm.store.forwards import forget_forwards, read_forwards, record_forwards
 from qvm.store.launch import Forward, LaunchRecord
 from qvm.store.pending import PERIPHERAL, pending_ids
-from qvm.store.snapshots import PluggedDevice
+
+if TYPE_CHECKING:
+    from qvm.store.snapshots import PluggedDevice
 
 NIC_PREFIX = kinds.NIC.id_prefix
 DEFAULT_UNPLUG_TIMEOUT = 10.0
@@ -195,8 +198,6 @@ def add_nic(
     force: bool = False,
 ) -> NicAdd:
     """Add a user-mode NIC with these port forwards (``PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT``)."""
-    from qvm.definition.naming import stable_mac
-
     launch = transaction.launch_of(run)
     name = run.name
     if model not in NIC_MODELS:

@@ -31,6 +31,7 @@ from qvm.errors import ControlError, NotRunningError, QmpTimeoutError, RecordErr
 from qvm.layout.locks import try_lock
 from qvm.layout.rundir import RunDir
 from qvm.store.state import read_state
+from qvm.supervisor.client import connect_supervisor, supervisor_alive
 from qvm.supervisor.wire import (
     MAX_LINE,
     ControlRequest,
@@ -128,8 +129,6 @@ class ControlSession:
         self.close()
 
     def open(self) -> None:
-        from qvm.supervisor.client import supervisor_alive
-
         if not supervisor_alive(self.run):
             raise NotRunningError(self.name)
         self._take_lock()
@@ -154,8 +153,6 @@ class ControlSession:
             time.sleep(0.01)
 
     def _connect(self) -> None:
-        from qvm.supervisor.client import connect_supervisor
-
         deadline = time.monotonic() + CONNECT_TIMEOUT
         try:
             self._sock = connect_supervisor(self.run, deadline)

@@ -20,6 +20,7 @@ Nothing here prints: every operation returns a record for the caller.
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,9 @@ from typing import Any
 
 from qvm.base.record import Record
 from qvm.cmdline.argv import STATE_NODE
+from qvm.control.agent import AgentError, open_agent
+from qvm.control.guest_agent_facts import parse_interfaces
+from qvm.control.guest_exec import run_to_end
 from qvm.control.qmp_session import QmpSession
 from qvm.control.transaction import peripheral_ids, reconcile_devices
 from qvm.definition.topology import Topology, slot_index
@@ -322,8 +326,6 @@ AGENT_WAIT = 1.0  # a snapshot never waits long for an agent that may not be the
 
 def guest_time_ns(run: RunDir) -> int | None:
     """The guest's clock by its agent, or None when no agent answers at once."""
-    from qvm.control.agent import AgentError, open_agent
-
     try:
         with open_agent(run, sync_timeout=AGENT_WAIT, lock_timeout=AGENT_WAIT) as client:
             value = client.execute("guest-get-time", timeout=AGENT_WAIT)
@@ -341,8 +343,6 @@ def set_guest_time(run: RunDir, timeout: float = 3.0) -> str:
     when the restored guest is busy, when a blocking wait said "not set" of a clock that
     was set. So the command goes once the agent has answered the sync, and its reply is
     not waited for; the next command on the channel resynchronises past it."""
-    from qvm.control.agent import AgentError, open_agent
-
     try:
         with open_agent(run, sync_timeout=timeout, lock_timeout=timeout) as client:
             client.send("guest-set-time", {"time": time.time_ns()})
@@ -373,12 +373,6 @@ def set_guest_macs(run: RunDir, macs: dict[str, tuple[str, str]]) -> str:
     through the agent changes the guest's, and the driver hands it to QEMU's device
     (VIRTIO_NET_CTRL_MAC_ADDR_SET), so both say the clone's after it. What happened,
     for people; nothing is raised."""
-    import shlex
-
-    from qvm.control.agent import AgentError, open_agent
-    from qvm.control.guest_agent_facts import parse_interfaces
-    from qvm.control.guest_exec import run_to_end
-
     if not macs:
         return "no NICs"
     try:

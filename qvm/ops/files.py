@@ -21,6 +21,7 @@ Both refuse a running VM, and a run dir that is a link or not the user's own.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import os
@@ -42,7 +43,10 @@ class Removed:
 
 
 def _require_stopped(run: RunDir, verb: str) -> None:
-    from qvm.supervisor.client import qemu_identity_problem, supervisor_alive
+    from qvm.supervisor.client import (  # noqa: PLC0415 -- not for `qvm logs`
+        qemu_identity_problem,
+        supervisor_alive,
+    )
 
     if supervisor_alive(run):
         raise VmStateError(
@@ -67,7 +71,7 @@ def _exclusive(run: RunDir, verb: str) -> Iterator[bool]:
     """The run dir checked (a link or someone else's folder is refused before anything
     in it is touched) and stopped, and its locks held meanwhile, so that no `up` starts a
     QEMU on files being removed. Yields whether the run dir exists."""
-    from qvm.supervisor.client import release_run_locks, take_run_locks
+    from qvm.supervisor.client import release_run_locks, take_run_locks  # noqa: PLC0415 -- as above
 
     if not check_private_dir(run.path, "run dir"):
         yield False
@@ -171,8 +175,8 @@ def _purge_machine_file(record: NewRecord | None, removed: Removed) -> None:
 
 
 def _purge_downloads(run: RunDir, launch: LaunchRecord | None, removed: Removed) -> None:
-    from qvm.host.images import remove_cached
-    from qvm.layout.cache import default_cache_root
+    from qvm.host.images import remove_cached  # noqa: PLC0415 -- rm --purge only
+    from qvm.layout.cache import default_cache_root  # noqa: PLC0415 -- rm --purge only
 
     cache = os.path.realpath(default_cache_root())
     mine = {os.path.realpath(image.path) for image in launch.images} if launch else set()
@@ -218,8 +222,6 @@ class TerminalSafe:
     """
 
     def __init__(self) -> None:
-        import codecs
-
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
         self._pending_cr = False
 

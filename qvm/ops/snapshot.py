@@ -34,13 +34,9 @@ from qvm.cmdline.argv import STATE_NODE, LaunchInputs, StartFrom, build_argv
 from qvm.definition.naming import overlay_name
 from qvm.definition.schema import Machine
 from qvm.errors import EXIT_USAGE, ControlError, QvmError, VmStateError
-from qvm.host.qemu_img import qemu_img_create
 from qvm.host.qemu_img_snapshots import image_snapshots, qemu_img_snapshot
 from qvm.layout.rundir import RunDir
-from qvm.ops.files import remove as remove_files
 from qvm.ops.frozen import check_unused
-from qvm.ops.stop import kill
-from qvm.store.devices import save_devices
 from qvm.store.launch import LaunchRecord
 from qvm.store.snapshots import (
     TAG_PATTERN,
@@ -201,6 +197,8 @@ def _save_running(run: RunDir, tag: str, disk_only: bool, progress: Progress | N
         state = None if disk_only else qmp.vmstate_node(targets)
         if not disk_only and not targets:
             if not run.state_disk.exists():
+                from qvm.host.qemu_img import qemu_img_create  # noqa: PLC0415 -- 1st save only
+
                 qemu_img_create(run.state_disk, 1024**2)
             qmp.add_state_node(session, run)
             added = True
@@ -385,6 +383,8 @@ def remove(run: RunDir, tag: str) -> RemoveResult:
     images = record.files if record is not None else ()
     if frozen is None:
         return RemoveResult(run.name, tag, images)
+    from qvm.ops.files import remove as remove_files  # noqa: PLC0415 -- not `snapshot list`
+
     removed = remove_files(frozen, purge=False)
     kept = tuple((str(path), why) for path, why in removed.kept)
     return RemoveResult(run.name, tag, images, str(frozen.path), kept)
@@ -549,6 +549,8 @@ def _restart(
     images |= {run.path / overlay_name(i) for i, d in enumerate(machine.disks) if d.base}
     _check_images(run, record, sorted(images))
     if running:
+        from qvm.ops.stop import kill  # noqa: PLC0415 -- not for `snapshot list`
+
         kill(run)
     up = start_vm(plan, wait=True)
     _record_devices(run, record)
@@ -581,5 +583,6 @@ def _record_devices(run: RunDir, record: SnapshotRecord) -> None:
     hotplugged them, so that `mem list`, `disk detach`, `nic del` know them."""
     if record.devices.memory or record.devices.plugged:
         from qvm.control.kinds import restored_records  # noqa: PLC0415 -- QMP: not for `snapshot list`
+        from qvm.store.devices import save_devices  # noqa: PLC0415 -- as above
 
         save_devices(run, restored_records(record.devices, time.time()))
