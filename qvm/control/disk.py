@@ -35,7 +35,8 @@ from qvm.layout import kinds
 from qvm.layout.rundir import RunDir
 from qvm.store.devices import Command, DeviceRecord
 from qvm.store.launch import LaunchRecord
-from qvm.store.pending import PERIPHERAL, pending_ids
+from qvm.store.pending import pending_ids
+from qvm.supervisor.qmp_replies import block_devices, named_block_nodes
 
 if TYPE_CHECKING:
     from qvm.store.snapshots import PluggedDevice
@@ -78,16 +79,9 @@ class DiskList(Record):
         }
 
 
-def device_of_qdev(qdev: str) -> str | None:
-    """``/machine/peripheral/disk1/virtio-backend`` -> ``disk1``."""
-    if not qdev.startswith(PERIPHERAL):
-        return None
-    return qdev[len(PERIPHERAL) :].split("/", 1)[0] or None
-
-
 def disks_from(
     name: str,
-    block: list[dict[str, Any]],
+    block: Any,
     records: Mapping[str, DeviceRecord],
     pending: Collection[str],
     boot_ids: Collection[str],
@@ -97,22 +91,21 @@ def disks_from(
     """``DiskList`` from ``query-block``, qvm's records (of disks) by id and the boot
     ``-device`` ids."""
     disks = []
-    for entry in block:
-        dev_id = device_of_qdev(str(entry.get("qdev") or ""))
-        inserted = entry.get("inserted") or {}
-        if dev_id is None or not inserted:
+    for entry in block_devices(block):
+        dev_id = entry.device_id
+        inserted = entry.inserted
+        if dev_id is None or inserted is None:
             continue
         record = records.get(dev_id)
-        image = inserted.get("image") or {}
         disks.append(
             DiskInfo(
                 id=dev_id,
                 origin=transaction.origin_of(dev_id, record, boot_ids),
-                file=(record and record.file) or inserted.get("file"),
-                format=inserted.get("drv"),
-                readonly=bool(inserted.get("ro")),
-                node=inserted.get("node-name"),
-                size=image.get("virtual-size"),
+                file=(record and record.file) or inserted.file or None,
+                format=inserted.driver or None,
+                readonly=inserted.readonly,
+                node=inserted.node or None,
+                size=inserted.virtual_size,
                 bus=record.bus if record else None,
                 created=bool(record and record.created),
                 pending=dev_id in pending,
@@ -227,12 +220,9 @@ def attach_disk(
     with transaction.opened(run, launch) as (session, launch):
         forced = check_device_add(run, launch, "disk attach", force)
         disks = _query(session, run, launch)
-        nodes = {
-            n.get("node-name") for n in session.execute("query-named-block-nodes", {"flat": True})
-        }
-        taken = transaction.taken_ids(session, run, (d.id for d in disks.disks)) | {
-            n for n in nodes if n
-        }
+        named = named_block_nodes(session.execute("query-named-block-nodes", {"flat": True}))
+        nodes = {n.node for n in named if n.node}
+        taken = transaction.taken_ids(session, run, (d.id for d in disks.disks)) | nodes
         created = None
         if new_size is not None:
             dev_id = _new_disk_id(run, dev_id, taken, nodes, new=True)

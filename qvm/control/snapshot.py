@@ -46,7 +46,15 @@ from qvm.layout.kinds import (
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import LaunchRecord
 from qvm.store.snapshots import DeviceSet, MemoryDevice, PluggedDevice
-from qvm.supervisor.qmp_replies import hotpluggable_cpus, memory_devices, memory_summary
+from qvm.supervisor.qmp_replies import (
+    BlockNodeInfo,
+    ImageSnapshot,
+    block_devices,
+    hotpluggable_cpus,
+    memory_devices,
+    memory_summary,
+    named_block_nodes,
+)
 
 JOB_EVENT = "JOB_STATUS_CHANGE"
 JOB_TIMEOUT = 600.0  # a save of many GiB of RAM to a slow disk
@@ -65,43 +73,31 @@ class BlockNode(Record):
     driver: str
     readonly: bool
     snapshots: tuple[str, ...]  # the tags of its internal snapshots
-    snapshot_info: tuple[dict[str, Any], ...] = ()
+    snapshot_info: tuple[ImageSnapshot, ...] = ()
 
 
-def _device_of_qdev(qdev: str) -> str | None:
-    """``/machine/peripheral/disk0/virtio-backend`` -> ``disk0``."""
-    parts = qdev.split("/")
-    if len(parts) >= 4 and parts[1:3] == ["machine", "peripheral"]:
-        return parts[3]
-    return qdev or None
-
-
-def _node(node: str, device: str | None, inserted: dict[str, Any]) -> BlockNode:
-    image = inserted.get("image") or {}
-    infos = tuple(image.get("snapshots") or ())
+def _node(device: str | None, info: BlockNodeInfo) -> BlockNode:
     return BlockNode(
-        node=node,
+        node=info.node,
         device=device,
-        file=str(inserted.get("file") or image.get("filename") or ""),
-        driver=str(inserted.get("drv") or image.get("format") or ""),
-        readonly=bool(inserted.get("ro")),
-        snapshots=tuple(str(s.get("name")) for s in infos),
-        snapshot_info=infos,
+        file=info.file,
+        driver=info.driver,
+        readonly=info.readonly,
+        snapshots=tuple(s.name for s in info.snapshots),
+        snapshot_info=info.snapshots,
     )
 
 
 def block_nodes(session: QmpSession) -> list[BlockNode]:
     """Every guest disk's top node, and the state disk's node when QEMU has one."""
     nodes = []
-    for entry in session.execute("query-block"):
-        inserted = entry.get("inserted")
-        if not inserted:
+    for block in block_devices(session.execute("query-block")):
+        if block.inserted is None:
             continue
-        device = _device_of_qdev(str(entry.get("qdev") or "")) or entry.get("device") or None
-        nodes.append(_node(str(inserted.get("node-name") or ""), device, inserted))
-    for entry in session.execute("query-named-block-nodes", {"flat": True}):
-        if entry.get("node-name") == STATE_NODE:
-            nodes.append(_node(STATE_NODE, None, entry))
+        device = block.device_id or block.qdev or block.device or None
+        nodes.append(_node(device, block.inserted))
+    named = named_block_nodes(session.execute("query-named-block-nodes", {"flat": True}))
+    nodes += [_node(None, info) for info in named if info.node == STATE_NODE]
     return nodes
 
 
@@ -313,9 +309,8 @@ def vm_clock_ns(nodes: list[BlockNode], node: str, tag: str) -> tuple[int | None
         if block.node != node:
             continue
         for info in block.snapshot_info:
-            if info.get("name") == tag:
-                clock = int(info.get("vm-clock-sec", 0)) * 10**9 + int(info.get("vm-clock-nsec", 0))
-                return clock, int(info.get("vm-state-size", 0))
+            if info.name == tag:
+                return info.vm_clock_ns, info.vm_state_size
     return None, None
 
 

@@ -131,6 +131,84 @@ def cpus_fast(reply: Any) -> list[RunningCpu]:
     ]
 
 
+# --- query-block, query-named-block-nodes ---------------------------------------------------
+
+
+class ImageSnapshot(Record):
+    """An internal snapshot a qcow2 node holds (``image.snapshots``)."""
+
+    name: str
+    vm_clock_ns: int  # QEMU's virtual clock when it was taken
+    vm_state_size: int  # bytes of RAM and device state (0: disk only)
+
+
+class BlockNodeInfo(Record):
+    """A block node as QEMU describes it: ``inserted`` of ``query-block``, or an entry of
+    ``query-named-block-nodes``."""
+
+    node: str
+    file: str  # the image's file name
+    driver: str  # "qcow2", "raw", ...
+    readonly: bool
+    virtual_size: int | None = None
+    snapshots: tuple[ImageSnapshot, ...] = ()
+
+
+class BlockDevice(Record):
+    """One entry of ``query-block``: a guest device's drive."""
+
+    qdev: str  # the device's QOM path (``/machine/peripheral/disk1/virtio-backend``)
+    device: str  # the legacy drive name ("" for -blockdev drives)
+    inserted: BlockNodeInfo | None  # its top node; None when no medium is inserted
+
+    @property
+    def device_id(self) -> str | None:
+        """The guest device's id, for a device with one (``/machine/peripheral/ID/...``)."""
+        parts = self.qdev.split("/")
+        if len(parts) >= 4 and parts[1:3] == ["machine", "peripheral"]:
+            return parts[3] or None
+        return None
+
+
+def _node_info(data: dict[str, Any]) -> BlockNodeInfo:
+    image = data.get("image") if isinstance(data.get("image"), dict) else {}
+    snapshots = tuple(
+        ImageSnapshot(
+            name=str(info.get("name") or ""),
+            vm_clock_ns=(_int_or_none(info.get("vm-clock-sec")) or 0) * 10**9
+            + (_int_or_none(info.get("vm-clock-nsec")) or 0),
+            vm_state_size=_int_or_none(info.get("vm-state-size")) or 0,
+        )
+        for info in _entries(image.get("snapshots"))
+    )
+    return BlockNodeInfo(
+        node=str(data.get("node-name") or ""),
+        file=str(data.get("file") or image.get("filename") or ""),
+        driver=str(data.get("drv") or image.get("format") or ""),
+        readonly=bool(data.get("ro")),
+        virtual_size=_int_or_none(image.get("virtual-size")),
+        snapshots=snapshots,
+    )
+
+
+def block_devices(reply: Any) -> list[BlockDevice]:
+    devices = []
+    for entry in _entries(reply):
+        inserted = entry.get("inserted")
+        devices.append(
+            BlockDevice(
+                qdev=str(entry.get("qdev") or ""),
+                device=str(entry.get("device") or ""),
+                inserted=_node_info(inserted) if isinstance(inserted, dict) and inserted else None,
+            )
+        )
+    return devices
+
+
+def named_block_nodes(reply: Any) -> list[BlockNodeInfo]:
+    return [_node_info(entry) for entry in _entries(reply)]
+
+
 # --- query-status ------------------------------------------------------------------------------
 
 

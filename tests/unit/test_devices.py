@@ -11,7 +11,6 @@ from framework.fake_qmp import FakeQmp
 
 from qvm.control.disk import (
     DiskInfo,
-    device_of_qdev,
     disk_entry,
     disk_entry_matches,
     disks_from,
@@ -24,6 +23,7 @@ from qvm.errors import ControlError, HotplugError
 from qvm.layout.rundir import RunDir
 from qvm.store.devices import DeviceRecord
 from qvm.store.launch import Forward
+from qvm.supervisor.qmp_replies import BlockDevice
 
 RUN = RunDir(Path("/s/vm1"))
 ARGV = [
@@ -56,8 +56,8 @@ def block_entry(dev: str, node: str, file: str, ro: bool = False) -> dict[str, A
 
 
 def test_qdev_paths_and_boot_ids() -> None:
-    assert device_of_qdev("/machine/peripheral/disk1/virtio-backend") == "disk1"
-    assert device_of_qdev("/machine/unattached/device[3]") is None
+    assert BlockDevice("/machine/peripheral/disk1/virtio-backend", "", None).device_id == "disk1"
+    assert BlockDevice("/machine/unattached/device[3]", "", None).device_id is None
     assert boot_device_ids(ARGV) == {"disk0", "net0", "hp0"}
 
 

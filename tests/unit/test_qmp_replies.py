@@ -84,6 +84,57 @@ def test_vcpu_slots_and_running_vcpus() -> None:
     assert (cpu.cpu_index, cpu.qom_path, cpu.thread_id) == (0, "/machine/x", 77)
 
 
+def test_block_devices_and_named_nodes() -> None:
+    image = {
+        "filename": "/s/vm1/disk0.qcow2",
+        "format": "qcow2",
+        "virtual-size": 1024**3,
+        "snapshots": [
+            {"name": "booted", "vm-clock-sec": 2, "vm-clock-nsec": 5, "vm-state-size": 9}
+        ],
+    }
+    disk, cdrom = replies.block_devices(
+        [
+            {
+                "device": "",
+                "qdev": "/machine/peripheral/disk0/virtio-backend",
+                "inserted": {
+                    "node-name": "disk0",
+                    "file": "/s/vm1/disk0.qcow2",
+                    "drv": "qcow2",
+                    "ro": False,
+                    "image": image,
+                },
+            },
+            {"device": "ide1-cd0", "qdev": "/machine/unattached/device[23]"},
+        ]
+    )
+    assert disk.device_id == "disk0" and cdrom.device_id is None and cdrom.inserted is None
+    assert disk.inserted is not None
+    assert (disk.inserted.node, disk.inserted.driver, disk.inserted.virtual_size) == (
+        "disk0",
+        "qcow2",
+        1024**3,
+    )
+    (snapshot,) = disk.inserted.snapshots
+    assert (snapshot.name, snapshot.vm_clock_ns, snapshot.vm_state_size) == (
+        "booted",
+        2 * 10**9 + 5,
+        9,
+    )
+    (state,) = replies.named_block_nodes(
+        [
+            {
+                "node-name": "qvm-state",
+                "drv": "qcow2",
+                "ro": False,
+                "image": {"filename": "/s/vm1/state.qcow2"},
+            }
+        ]
+    )
+    assert (state.node, state.file, state.readonly) == ("qvm-state", "/s/vm1/state.qcow2", False)
+
+
 def test_runstate() -> None:
     assert replies.runstate({"status": "inmigrate", "running": False}) == "inmigrate"
     assert replies.runstate({}, "paused") == "paused"
