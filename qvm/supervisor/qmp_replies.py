@@ -18,6 +18,10 @@ def _entries(reply: Any) -> list[dict[str, Any]]:
     return [e for e in reply if isinstance(e, dict)] if isinstance(reply, list) else []
 
 
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -47,7 +51,7 @@ class QemuMemoryDevice(Record):
 def memory_devices(reply: Any) -> list[QemuMemoryDevice]:
     devices = []
     for entry in _entries(reply):
-        data = entry.get("data") if isinstance(entry.get("data"), dict) else {}
+        data = _object(entry.get("data"))
         memdev = str(data.get("memdev") or "")
         devices.append(
             QemuMemoryDevice(
@@ -77,7 +81,7 @@ class MemorySummary(Record):
 
 
 def memory_summary(reply: Any) -> MemorySummary:
-    data = reply if isinstance(reply, dict) else {}
+    data = _object(reply)
     return MemorySummary(
         base=_int_or_none(data.get("base-memory")) or None,
         plugged=_int_or_none(data.get("plugged-memory")) or 0,
@@ -99,7 +103,7 @@ class HotpluggableCpu(Record):
 def hotpluggable_cpus(reply: Any) -> list[HotpluggableCpu]:
     slots = []
     for entry in _entries(reply):
-        props = entry.get("props") if isinstance(entry.get("props"), dict) else {}
+        props = _object(entry.get("props"))
         qom_path = entry.get("qom-path")
         slots.append(
             HotpluggableCpu(
@@ -171,7 +175,7 @@ class BlockDevice(Record):
 
 
 def _node_info(data: dict[str, Any]) -> BlockNodeInfo:
-    image = data.get("image") if isinstance(data.get("image"), dict) else {}
+    image = _object(data.get("image"))
     snapshots = tuple(
         ImageSnapshot(
             name=str(info.get("name") or ""),
