@@ -18,7 +18,8 @@ from qvm.base.record import Record
 from qvm.base.sizes import SizeError, parse_size
 from qvm.definition.forwards import ForwardError, parse_forward
 from qvm.definition.schema import USER_PATTERN
-from qvm.errors import QvmError
+from qvm.definition.sshkeys import key_file_problem, key_line_problem
+from qvm.errors import DefinitionError, Problem, QvmError
 from qvm.layout.names import NAME_PATTERN, NAME_RULE, shown
 
 DEFAULT_MEMORY = "1G"  # cloud-init runs Python at first boot: 512M is tight
@@ -97,6 +98,8 @@ def new_document(options: NewOptions, cwd: Path) -> dict[str, Any]:
         problems.append("--user-data is used as is: it excludes --ssh-key, --package and --runcmd")
     if problems:
         raise QvmError("qvm new: " + "; ".join(problems))
+    if options.cloud_init:
+        check_ssh_keys(options, cwd)
 
     doc: dict[str, Any] = {}
     if options.machine_type:
@@ -133,7 +136,7 @@ def new_document(options: NewOptions, cwd: Path) -> dict[str, Any]:
         cloud: dict[str, Any] = {"user": options.user or "qvm"}
         if options.ssh_keys:
             cloud["ssh_authorized_keys"] = [
-                key if key.startswith(("ssh-", "ecdsa-", "sk-")) else _absolute(key, cwd)
+                key.strip() if _is_key_line(key) else _absolute(key, cwd)
                 for key in options.ssh_keys
             ]
         if options.packages:
@@ -144,6 +147,34 @@ def new_document(options: NewOptions, cwd: Path) -> dict[str, Any]:
             cloud["user_data"] = _absolute(options.user_data, cwd)
         doc["cloud_init"] = cloud
     return doc
+
+
+def _is_key_line(text: str) -> bool:
+    return text.lstrip().startswith(("ssh-", "ecdsa-", "sk-"))
+
+
+def check_ssh_keys(options: NewOptions, cwd: Path) -> None:
+    """Each --ssh-key a public key line or a file of them: a private key named by
+    mistake would reach the guest through the seed (DefinitionError, exit 2, naming it)."""
+    for key in options.ssh_keys:
+        if _is_key_line(key):
+            problem = key_line_problem(key)
+            if problem is not None:
+                where = f"qvm new {options.name}"
+                raise DefinitionError([Problem(where, "--ssh-key", problem, shown(key))])
+            continue
+        path = _absolute(key, cwd)
+        try:
+            text = Path(path).read_bytes().decode(errors="replace")
+        except OSError as exc:
+            problem = f"cannot read it: {exc.strerror or exc}"
+        else:
+            problem = key_file_problem(text, path)
+        if problem is not None:
+            raise DefinitionError([Problem(path, "", problem, hint=_KEY_HINT)])
+
+
+_KEY_HINT = "--ssh-key takes a public key line or a .pub file"
 
 
 def _to_guest_ssh(forward: str) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 
 from qvm.base.record import Record
 from qvm.definition.schema import CloudInitSpec, Machine
+from qvm.definition.sshkeys import NO_PUBLIC_KEY, key_file_problem, key_line_problem
 from qvm.errors import DefinitionError, HostError, Problem
 from qvm.host.tools import run_tool
 from qvm.layout.rundir import RunDir
@@ -60,6 +61,10 @@ def plan_seed(machine: Machine, run: RunDir, home: Path | None = None) -> SeedPl
     identities: list[Path] = []
     for index, source in enumerate(sources):
         if isinstance(source, str):
+            problem = key_line_problem(source)
+            if problem is not None:
+                key = f"cloud_init.ssh_authorized_keys[{index}]"
+                raise DefinitionError([Problem(str(machine.path), key, problem)])
             keys.append(source)
             continue
         keys.extend(_read_public_keys(machine, index, source, spec.ssh_authorized_keys is None))
@@ -80,20 +85,24 @@ def plan_seed(machine: Machine, run: RunDir, home: Path | None = None) -> SeedPl
 
 
 def _read_public_keys(machine: Machine, index: int, path: Path, default: bool) -> list[str]:
+    """The key lines of ``path``: public keys only, never a private key's lines, which
+    would reach the guest, and every snapshot and clone of it, through the seed."""
     key = "cloud_init" if default else f"cloud_init.ssh_authorized_keys[{index}]"
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode(errors="replace")
     except OSError as exc:
         raise DefinitionError(
             [Problem(str(machine.path), key, f"cannot read {path}: {exc.strerror}")]
         ) from exc
-    lines = [line.strip() for line in text.splitlines()]
-    keys = [line for line in lines if line and not line.startswith("#")]
-    if not keys:
+    problem = key_file_problem(text, str(path))
+    if problem == NO_PUBLIC_KEY:
         raise DefinitionError(
             [Problem(str(machine.path), key, f"no public key in {path}", hint="check the file")]
         )
-    return keys
+    if problem is not None:
+        raise DefinitionError([Problem(str(machine.path), key, f"{path}: {problem}")])
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 # --- the texts ---------------------------------------------------------------------------

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from qvm.cmdline.argv import LaunchInputs, build_argv
 from qvm.definition.load import load_machine
+from qvm.definition.sshkeys import key_line_problem
 from qvm.errors import DefinitionError
 from qvm.host.cloudinit import (
     instance_id,
@@ -22,7 +25,17 @@ from qvm.host.cloudinit import (
 )
 from qvm.layout.rundir import RunDir
 
-KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFake me@host"
+
+def public_key(kind: str, comment: str) -> str:
+    """A well-formed public key line: TYPE, then its wire format in base64 (the type's
+    name and a key field, each length-prefixed), then a comment."""
+    fields = [kind.encode(), bytes(range(32))]
+    blob = b"".join(len(field).to_bytes(4, "big") + field for field in fields)
+    return f"{kind} {base64.b64encode(blob).decode()} {comment}"
+
+
+KEY = public_key("ssh-ed25519", "me@host")
+RSA = public_key("ssh-rsa", "other@host")
 
 
 def machine(tmp_path: Path, body: str, name: str = "vm1"):  # noqa: ANN201
@@ -36,10 +49,10 @@ def test_default_keys_are_the_users_id_pub_files(tmp_path: Path) -> None:
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh" / "id_ed25519.pub").write_text(KEY + "\n")
     (home / ".ssh" / "id_ed25519").write_text("private")
-    (home / ".ssh" / "id_rsa.pub").write_text("ssh-rsa AAAAB3 other@host\n")
+    (home / ".ssh" / "id_rsa.pub").write_text(RSA + "\n")
     vm = machine(tmp_path, "[cloud_init]\n")
     plan = plan_seed(vm, RunDir(tmp_path / "run"), home=home)
-    assert plan.keys == (KEY, "ssh-rsa AAAAB3 other@host")
+    assert plan.keys == (KEY, RSA)
     assert plan.identities == (home / ".ssh" / "id_ed25519",)  # id_rsa has no private half
     assert not plan.generate_key
     assert plan.user == "qvm"
@@ -58,10 +71,10 @@ def test_explicit_keys_lines_and_files(tmp_path: Path) -> None:
     (tmp_path / "k").write_text("private")
     vm = machine(
         tmp_path,
-        '[cloud_init]\nuser = "dev"\nssh_authorized_keys = ["ssh-rsa AAAAB3 x@y", "k.pub"]\n',
+        f'[cloud_init]\nuser = "dev"\nssh_authorized_keys = ["{RSA}", "k.pub"]\n',
     )
     plan = plan_seed(vm, RunDir(tmp_path / "run"), home=tmp_path)
-    assert plan.keys == ("ssh-rsa AAAAB3 x@y", KEY)
+    assert plan.keys == (RSA, KEY)
     assert plan.identities == (tmp_path / "k",)
     assert plan.user == "dev"
 
@@ -75,6 +88,67 @@ def test_a_key_file_without_a_key_is_an_error(tmp_path: Path) -> None:
         f"{tmp_path}/vm1.toml: cloud_init.ssh_authorized_keys[0]: no public key in "
         f"{tmp_path}/k.pub (hint: check the file)"
     )
+
+
+def test_a_private_key_never_goes_into_the_seed(tmp_path: Path) -> None:
+    """`qvm up` refuses a private key named for a public one: its lines would reach the
+    guest, and every snapshot and clone of it, through the seed."""
+    private = tmp_path / "id_ed25519"
+    private.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEA\n")
+    vm = machine(tmp_path, '[cloud_init]\nssh_authorized_keys = ["id_ed25519"]\n')
+    with pytest.raises(DefinitionError) as error:
+        plan_seed(vm, RunDir(tmp_path / "run"), home=tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path}/vm1.toml: cloud_init.ssh_authorized_keys[0]: {private}: this is a "
+        f"private key; pass {private}.pub"
+    )
+    assert error.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("ssh-rsa AAAAB3 x@y\n", "line 1: the key after ssh-rsa is cut or mangled"),
+        (f"{KEY}\nhello\n", "line 2: not a public key line"),
+        (KEY[:40] + "\n", "line 1: the key after ssh-ed25519 is cut or mangled"),
+        ("ssh-ed25519\n", "line 1: no key after ssh-ed25519"),
+    ],
+)
+def test_a_malformed_key_line_is_refused_at_up(tmp_path: Path, text: str, problem: str) -> None:
+    (tmp_path / "k.pub").write_text(text)
+    vm = machine(tmp_path, '[cloud_init]\nssh_authorized_keys = ["k.pub"]\n')
+    with pytest.raises(DefinitionError) as error:
+        plan_seed(vm, RunDir(tmp_path / "run"), home=tmp_path)
+    assert str(error.value).startswith(
+        f"{tmp_path}/vm1.toml: cloud_init.ssh_authorized_keys[0]: {tmp_path}/k.pub: {problem}"
+    )
+
+
+def test_a_default_key_file_that_is_not_a_public_key_is_refused(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519.pub").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    vm = machine(tmp_path, "[cloud_init]\n")
+    with pytest.raises(DefinitionError, match="this is a private key"):
+        plan_seed(vm, RunDir(tmp_path / "run"), home=home)
+
+
+def test_an_inline_key_line_cut_short_is_refused_at_up(tmp_path: Path) -> None:
+    vm = machine(tmp_path, f'[cloud_init]\nssh_authorized_keys = ["{KEY[:44]}"]\n')
+    with pytest.raises(DefinitionError, match=r"ssh_authorized_keys\[0\]: the key after"):
+        plan_seed(vm, RunDir(tmp_path / "run"), home=tmp_path)
+
+
+def test_keys_with_options_and_real_keys_pass(tmp_path: Path) -> None:
+    assert key_line_problem(f'no-pty,from="10.0.0.1" {KEY}') is None
+    private = tmp_path / "id"
+    make_key_pair(private, "t@h")
+    for kind in ("rsa", "ecdsa"):
+        other = tmp_path / f"id_{kind}"
+        run = ["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(other)]
+        subprocess.run(run, check=True)
+        assert key_line_problem(other.with_suffix(".pub").read_text()) is None
+    assert key_line_problem((tmp_path / "id.pub").read_text()) is None
 
 
 def test_user_data_text_is_exact(tmp_path: Path) -> None:

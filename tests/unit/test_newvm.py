@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from qvm.definition.load import load_machine
 from qvm.definition.new import NewOptions, new_document, render
-from qvm.errors import QvmError
+from qvm.errors import DefinitionError, QvmError
 from qvm.layout.rundir import RunDir
 from qvm.ops.new import write_new
 
@@ -38,7 +39,19 @@ def test_minimal_image_gets_memory_ssh_forward_and_cloud_init(tmp_path: Path) ->
     )
 
 
+def public_key(comment: str) -> str:
+    """A well-formed ed25519 public key line (its wire format: type name, key bytes)."""
+    kind = b"ssh-ed25519"
+    blob = len(kind).to_bytes(4, "big") + kind + (32).to_bytes(4, "big") + bytes(32)
+    return f"ssh-ed25519 {base64.b64encode(blob).decode()} {comment}"
+
+
+KEY = public_key("me@host")
+
+
 def test_every_flag(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "id.pub").write_text(public_key("other@host") + "\n")
     options = NewOptions(
         "dev",
         image="https://example.org/debian-12.qcow2",
@@ -52,7 +65,7 @@ def test_every_flag(tmp_path: Path) -> None:
         initrd="initrd.img",
         append="root=/dev/vda rw console=ttyS0",
         user="dev",
-        ssh_keys=("ssh-ed25519 AAAAC3Nza me@host", "keys/id.pub"),
+        ssh_keys=(KEY, "keys/id.pub"),
         packages=("curl",),
         runcmd=("echo hi > /tmp/hi",),
         machine_type="pc",
@@ -88,7 +101,7 @@ def test_every_flag(tmp_path: Path) -> None:
         "[cloud_init]\n"
         'user = "dev"\n'
         "ssh_authorized_keys = [\n"
-        '    "ssh-ed25519 AAAAC3Nza me@host",\n'
+        f'    "{KEY}",\n'
         f'    "{tmp_path}/keys/id.pub",\n'
         "]\n"
         'packages = [\n    "curl",\n]\n'
@@ -162,3 +175,39 @@ def test_cli_new_writes_into_machines_dir(tmp_path: Path) -> None:
     again = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert again.returncode == 1
     assert again.stderr.startswith(f"qvm: {tmp_path}/m/box.toml: already exists")
+
+
+def test_new_refuses_a_private_key_and_malformed_key_lines(tmp_path: Path) -> None:
+    """The private half named by mistake would reach the guest, its snapshots and clones."""
+    private = tmp_path / "id_ed25519"
+    private.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEA\n")
+    with pytest.raises(DefinitionError) as error:
+        new_document(NewOptions("vm1", image="x.raw", ssh_keys=("id_ed25519",)), tmp_path)
+    assert str(error.value) == (
+        f"{private}: this is a private key; pass {private}.pub"
+        " (hint: --ssh-key takes a public key line or a .pub file)"
+    )
+    assert error.value.exit_code == 2
+    with pytest.raises(DefinitionError, match="^qvm new vm1: --ssh-key: the key after"):
+        new_document(NewOptions("vm1", image="x.raw", ssh_keys=(KEY[:40],)), tmp_path)
+    (tmp_path / "junk.pub").write_text("hello\n")
+    with pytest.raises(DefinitionError, match="junk.pub: line 1: not a public key line"):
+        new_document(NewOptions("vm1", image="x.raw", ssh_keys=("junk.pub",)), tmp_path)
+    with pytest.raises(DefinitionError, match="gone.pub: cannot read it: No such file"):
+        new_document(NewOptions("vm1", image="x.raw", ssh_keys=("gone.pub",)), tmp_path)
+
+
+def test_cli_new_with_a_private_key_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    env = dict(os.environ, QVM_STATE_DIR=str(tmp_path / "state"))
+    (tmp_path / "disk.qcow2").write_bytes(b"QFI\xfb" + bytes(508))
+    (tmp_path / "id_rsa").write_text("-----BEGIN RSA PRIVATE KEY-----\n")
+    argv = [*QVM, "--machines", str(tmp_path / "m"), "new", "box", "--image", "disk.qcow2"]
+    done = subprocess.run(
+        [*argv, "--ssh-key", "id_rsa"], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"qvm: {tmp_path}/id_rsa: this is a private key; pass {tmp_path}/id_rsa.pub"
+        " (hint: --ssh-key takes a public key line or a .pub file)\n"
+    )
+    assert not (tmp_path / "m" / "box.toml").exists()
