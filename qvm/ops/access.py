@@ -84,8 +84,12 @@ def ssh_argv(
         argv += ["-i", str(identity)]
     if target.identities:
         argv += ["-o", "IdentitiesOnly=yes"]
+    if batch or command:
+        # a command line runs without a person at the keyboard: a key the guest refuses
+        # fails at once rather than asking for a password the user never set
+        argv += ["-o", "BatchMode=yes"]
     if batch:
-        argv += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_POLL_TIMEOUT}"]
+        argv += ["-o", f"ConnectTimeout={SSH_POLL_TIMEOUT}"]
     argv += list(extra)
     login = user or target.user
     # "--" ends ssh's options; what follows the destination is the remote command line

@@ -142,6 +142,8 @@ def test_ssh_argv_has_port_user_key_and_per_vm_known_hosts() -> None:
         "/s/vm1/id_ed25519",
         "-o",
         "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",  # a command: no password prompts, a refused key fails at once
         "--",
         "qvm@127.0.0.1",
         "uname -r",  # one line for the remote shell, each word quoted (test_json_schemas.py)
@@ -151,6 +153,7 @@ def test_ssh_argv_has_port_user_key_and_per_vm_known_hosts() -> None:
     assert "IdentitiesOnly=yes" not in argv and "-i" not in argv
     assert argv[-2:] == ["--", "root@127.0.0.1"]
     assert "BatchMode=yes" in argv
+    assert "BatchMode=yes" not in ssh_argv(bare)  # an interactive login may ask
 
 
 def test_ssh_target_uses_the_forward_to_port_22(tmp_path: Path) -> None:

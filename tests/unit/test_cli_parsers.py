@@ -147,3 +147,30 @@ def test_typer_builds_for_real_the_command_a_line_runs(
                 command = command.get_command(None, word)  # type: ignore[attr-defined]
             built = {param.name for param in command.params}
             assert built == declared, (global_args, words, after)
+
+
+@pytest.mark.parametrize(
+    ("argv", "command", "options"),
+    [
+        (["ssh", "vm1", "ls", "-l", "/etc/hostname"], ["ls", "-l", "/etc/hostname"], {}),
+        (["ssh", "vm1", "--user", "root", "ls", "-l"], ["ls", "-l"], {"user": "root"}),
+        (["ssh", "vm1", "-l", "root", "id", "-u"], ["id", "-u"], {"user": "root"}),
+        (["ssh", "vm1", "tool", "--json", "--print"], ["tool", "--json", "--print"], {}),
+        (["exec", "vm1", "ls", "-l"], ["ls", "-l"], {}),
+        (["exec", "vm1", "--timeout", "5", "ls", "--env", "x"], ["ls", "--env", "x"], {}),
+        (["exec", "vm1", "--", "ls", "-l"], ["ls", "-l"], {}),
+        (["exec", "vm1", "ls", "--", "-l"], ["ls", "--", "-l"], {}),
+        (["exec", "--stdin", "vm1", "cat", "-"], ["cat", "-"], {"stdin": True}),
+    ],
+)
+def test_a_guest_command_line_keeps_its_options(
+    argv: list[str], command: list[str], options: dict[str, Any]
+) -> None:
+    """From the guest command's first word on, no option is qvm's: `qvm ssh VM ls -l`
+    must not log in as user "/etc/hostname", nor `qvm exec VM ls -l` fail on "-l"."""
+    fast = plain_call(argv)
+    assert fast is not None, argv
+    assert fast.values["command"] == command
+    for name, value in options.items():
+        assert fast.values[name] == value
+    assert typer_call(argv) == (fast.global_values, fast.values), argv

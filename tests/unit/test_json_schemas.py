@@ -332,6 +332,14 @@ def test_ssh_json_is_the_argv_it_would_run(cli: Qvm) -> None:
         assert shlex.split(printed) == data["argv"]
         as_root = json.loads(cli("ssh", "vm1", "--print", "--json", "-l", "root").stdout)
         assert as_root["user"] == "root" and as_root["argv"][-1] == "root@127.0.0.1"
+        # the guest command's options are its own, and --user is a user name
+        listed = json.loads(cli("ssh", "vm1", "--json", "ls", "-l", "/etc/hostname").stdout)
+        assert listed["user"] == "dev" and listed["argv"][-1] == "ls -l /etc/hostname"
+        wrong = cli("ssh", "vm1", "--print", "--user", "/etc/hostname", check=False)
+        assert (wrong.returncode, wrong.stderr) == (
+            2,
+            "qvm: --user: must be a user name like 'qvm', got '/etc/hostname'\n",
+        )
     finally:
         os.close(held)
     stopped = cli("ssh", "vm1", "--json", check=False)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from qvm.cli import resolve
-from qvm.cli.output import emit_json, say
+from qvm.cli.output import abort, emit_json, say
 from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.errors import EXIT_USAGE
+from qvm.layout.names import shown
 
 commands = Commands()
+
+# a login name as POSIX has it portable (and Samba's machine accounts' final $): never a
+# path, an option or a host, which a mistaken command line would otherwise make of it
+LOGIN_NAME = r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?"
 
 JSON_HELP = "Print JSON (the schema named below). An error is a JSON object too."
 
@@ -176,7 +183,10 @@ def rm(
 def ssh(
     name: str = Argument(..., help="Machine name."),
     command: list[str] | None = Argument(
-        None, help="Command to run in the guest (after --); none: an interactive shell."
+        None,
+        help="Command to run in the guest; every word from its first on is its own, "
+        "options too (-- before it is optional); none: an interactive shell.",
+        command_line=True,
     ),
     user: str | None = Option(None, "--user", "-l", help="Log in as this user."),
     print_only: bool = Option(
@@ -188,9 +198,12 @@ def ssh(
 ) -> None:
     """ssh into the VM through its forwarded port; exits with the command's status.
 
-    With no command, an interactive login. Each word of the command reaches the guest
-    as one argument, spaces and quotes intact (`qvm ssh VM -- sh -c 'exit 7'` exits 7);
-    for a pipeline, give it to a shell: `qvm ssh VM -- sh -c 'dmesg | tail'`.
+    With no command, an interactive login. From the command's first word on, every word
+    is the guest's, options too (`qvm ssh VM ls -l /etc`); qvm's options go before it.
+    Each word reaches the guest as one argument, spaces and quotes intact
+    (`qvm ssh VM sh -c 'exit 7'` exits 7); for a pipeline, give it to a shell:
+    `qvm ssh VM sh -c 'dmesg | tail'`. A command runs with ssh's BatchMode: a key the
+    guest refuses fails at once, with no password prompt.
 
     JSON: schemas/ssh.json
     """
@@ -200,6 +213,8 @@ def ssh(
     from qvm.ops.access import exec_ssh, ssh_argv, ssh_target
     from qvm.supervisor.client import supervisor_alive
 
+    if user is not None and not re.fullmatch(LOGIN_NAME, user):
+        abort(f"--user: must be a user name like 'qvm', got {shown(user)}", EXIT_USAGE)
     run = resolve.run_dir_of(name)
     if not supervisor_alive(run):
         raise NotRunningError(name)

@@ -21,8 +21,10 @@ def exec_(
     name: str = Argument(..., help="Machine name."),
     command: list[str] | None = Argument(
         None,
-        help="The program and its arguments, after --; run as they are, without a shell "
+        help="The program and its arguments (-- before them is optional): every word "
+        "from the program on is its own, options too; run as they are, without a shell "
         "(write sh -c '...' for one).",
+        command_line=True,
     ),
     timeout: float = Option(
         0.0, "--timeout", help="Seconds before giving up (exit 4); 0, the default: no limit."
@@ -37,7 +39,9 @@ def exec_(
 ) -> None:
     """Run a program in the VM through the guest agent; exit with its status.
 
-    qvm exec NAME [--timeout S] [--env K=V]... [--stdin] -- PROGRAM [ARG...]
+    qvm exec NAME [--timeout S] [--env K=V]... [--stdin] [--] PROGRAM [ARG...]
+
+    From PROGRAM on, every word is the program's, options too (`qvm exec VM ls -l`).
 
     The exit status is the program's, or 128 + the signal that ended it. Its stdout and
     stderr go to qvm's, byte for byte, once it has ended: QEMU 7.2's agent hands the

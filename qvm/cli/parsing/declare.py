@@ -36,6 +36,9 @@ class Param(Record):
     decls: tuple[str, ...]
     help: str | None
     metavar: str | None
+    # a guest's command line: from its first word on, every word is the guest's, options
+    # too (`qvm ssh VM ls -l`), as `limactl shell` has it
+    command_line: bool = False
 
     @property
     def required(self) -> bool:
@@ -43,9 +46,13 @@ class Param(Record):
 
 
 def Argument(  # noqa: N802 - reads like the Typer call it stands for
-    default: Any = ..., *, help: str | None = None, metavar: str | None = None
+    default: Any = ...,
+    *,
+    help: str | None = None,
+    metavar: str | None = None,
+    command_line: bool = False,
 ) -> Any:
-    return Param("argument", default, (), help, metavar)
+    return Param("argument", default, (), help, metavar, command_line)
 
 
 def Option(  # noqa: N802 - reads like the Typer call it stands for
@@ -67,6 +74,16 @@ class Commands:
             return function
 
         return declare
+
+
+def fixed_arguments(function: Callable[..., Any]) -> int | None:
+    """How many arguments come before ``function``'s guest command line (`qvm exec VM
+    PROGRAM ARG...`: 1), or None when it takes none."""
+    arguments = [param for _, _, param in parameters(function) if param.kind == "argument"]
+    for index, param in enumerate(arguments):
+        if param.command_line:
+            return index
+    return None
 
 
 def parameters(function: Callable[..., Any]) -> list[tuple[str, str, Param]]:

@@ -6,9 +6,11 @@ word, its arguments, options spelled out in full. This module parses exactly tho
 the same declarations Typer reads (``qvm.cli.parsing.declare``), and calls the same functions with
 the same values (``tests/unit/test_cli_parsers.py`` holds it to that, command by command).
 
-Anything else is declined, not guessed at: help, a mistake, a short option with its value
-attached, ``--`` (except before a command line: `qvm exec VM -- CMD ARG...`), a value that
-starts with "-". Typer then parses the command line and gives its usual help or error.
+A guest's command line (`qvm exec VM ls -l`) is the guest's from its first word on: no
+option after it is qvm's. Anything else is declined, not guessed at: help, a mistake, a
+short option with its value attached, ``--`` (except before the last argument's words:
+`qvm exec VM -- CMD ARG...`), a value that starts with "-". Typer then parses the command
+line and gives its usual help or error.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from qvm.base.record import Record
 from qvm.cli import resolve
-from qvm.cli.parsing.declare import GROUPS, TOP_LEVEL, parameters
+from qvm.cli.parsing.declare import GROUPS, TOP_LEVEL, fixed_arguments, parameters
 
 # annotation text -> (convert one value, repeatable); other annotations are not parsed here
 CONVERTERS: dict[str, tuple[Callable[[str], Any], bool]] = {
@@ -103,16 +105,21 @@ def parse(function: Callable[..., Any], args: list[str]) -> dict[str, Any] | Non
     }
     values: dict[str, Any] = {}
     positional: list[str] = []
-    # `qvm exec VM -- CMD ARG...`: after "--" every word is the command line's, as Click has it
+    # `qvm up VM1 -- VM2`: after "--" every word is an argument, as Click has it
     arguments = [annotation for _, annotation, param in declared if param.kind == "argument"]
-    takes_command_line = bool(arguments) and CONVERTERS[arguments[-1]][1]
+    takes_many = bool(arguments) and CONVERTERS[arguments[-1]][1]
+    # `qvm exec VM ls -l`: from the program on, every word is the guest's
+    guest_line_at = fixed_arguments(function)
     pending = iter(args)
     for arg in pending:
-        if arg == "--" and takes_command_line:
+        if arg == "--" and takes_many:
             positional.extend(pending)
             break
         if not arg.startswith("-") or arg == "-":
             positional.append(arg)
+            if guest_line_at is not None and len(positional) > guest_line_at:
+                positional.extend(pending)
+                break
             continue
         decl, has_inline, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
         if decl not in options:

@@ -14,11 +14,13 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+import click
 import typer
+from typer.core import TyperCommand
 
 from qvm.cli import resolve
 from qvm.cli.parsing.completion import INSTALL, SHOW, completer
-from qvm.cli.parsing.declare import GROUPS, TOP_LEVEL, Commands, Param
+from qvm.cli.parsing.declare import GROUPS, TOP_LEVEL, Commands, Param, fixed_arguments
 from qvm.cli.parsing.fast import split_global_options
 
 app = typer.Typer(
@@ -73,6 +75,42 @@ def _typer_param(param: Param, complete: Callable[..., list[str]] | None = None)
         metavar=param.metavar,
         autocompletion=complete,
     )
+
+
+def guest_command_class(fixed: int) -> type[TyperCommand]:
+    """A command whose arguments after the first ``fixed`` are a guest's command line:
+    from its first word on no option is qvm's (`qvm ssh VM ls -l` runs ``ls -l``), as
+    `limactl shell` has it. Click reads options anywhere; a ``--`` put before that word
+    tells it otherwise."""
+
+    class GuestCommand(TyperCommand):
+        def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+            return super().parse_args(ctx, _end_options_at_guest_line(self, args, fixed))
+
+    return GuestCommand
+
+
+def _end_options_at_guest_line(command: click.Command, args: list[str], fixed: int) -> list[str]:
+    takes_value = {
+        name
+        for param in command.params
+        if isinstance(param, click.Option) and not param.is_flag and not param.count
+        for name in param.opts
+    }
+    seen = 0
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":
+            return args
+        if arg.startswith("-") and arg != "-":
+            index += 2 if arg in takes_value else 1
+            continue
+        if seen == fixed:
+            return [*args[:index], "--", *args[index:]]
+        seen += 1
+        index += 1
+    return args
 
 
 def _print_version(value: bool) -> None:
@@ -170,7 +208,9 @@ def add_module(
     for name, function in commands.functions.items():
         if named is None or named == [name]:
             path = (module, name) if grouped else (name,)
-            parent.command(name)(typer_command(function, run, path))
+            fixed = fixed_arguments(function)
+            cls = None if fixed is None else guest_command_class(fixed)
+            parent.command(name, cls=cls)(typer_command(function, run, path))
         elif not (named and named[0] in commands.functions):  # else another one is named
             parent.command(name)(listed_only(name, function))
     if grouped:
