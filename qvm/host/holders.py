@@ -21,6 +21,7 @@ from pathlib import Path
 from qvm.errors import RecordError
 from qvm.layout.locks import supervisor_lock_held
 from qvm.layout.rundir import RunDir, list_run_dirs
+from qvm.store.devices import device_records
 from qvm.store.launch import Image, LaunchRecord, read_launch
 from qvm.store.state import read_state
 
@@ -56,8 +57,6 @@ def users_of(path: Path, state_root: Path, exclude: str) -> list[tuple[str, bool
         except RecordError:  # QEMU's own image locks, probed next, still catch a conflict
             launch = None
         images = list(image_records(launch)) if launch is not None else []
-        from qvm.store.devices import device_records  # only with another VM running
-
         try:  # attached since it started (qvm disk attach)
             attached = device_records(run)
         except RecordError:
@@ -92,7 +91,8 @@ def locked_by_someone(path: Path, write: bool) -> bool:
         return False
     finally:
         os.close(fd)
-    return struct.unpack(_FLOCK, reply)[0] != fcntl.F_UNLCK
+    held: int = struct.unpack(_FLOCK, reply)[0]
+    return held != fcntl.F_UNLCK
 
 
 def image_conflicts(
@@ -104,17 +104,50 @@ def image_conflicts(
     """
     conflicts = []
     state_root = run.path.parent
+    own_qemu = _own_qemu_pid(run)
     for key, path, write in images:
         users = users_of(path, state_root, exclude=run.name)
         blocking = [name for name, writes in users if write or writes]
         if blocking:
             names = ", ".join(f"VM {name}" for name in blocking)
             conflicts.append((key, path, f"{names} (hint: qvm down {blocking[0]})"))
+        elif own_qemu is not None and _has_open(own_qemu, path):
+            # this VM's own QEMU (`qvm restart` plans before it stops it; a disk attached
+            # with --persist is in the definition now): its locks go with it
+            continue
         elif locked_by_someone(path, write):
             conflicts.append(
                 (key, path, "another process (hint: 'lslocks' or 'fuser' shows which)")
             )
     return conflicts
+
+
+def _own_qemu_pid(run: RunDir) -> int | None:
+    """The pid of this VM's QEMU while its supervisor runs, else None."""
+    if not supervisor_lock_held(run.path, run.lock_file):
+        return None
+    try:
+        state = read_state(run.state_file)
+    except RecordError:
+        return None
+    return state.qemu_pid if state is not None else None
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open (as far as this user may see)."""
+    wanted = _real(path)
+    try:
+        fds = os.scandir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    with fds:
+        for fd in fds:
+            try:
+                if os.readlink(fd.path) == wanted:
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 # --- who holds a file --------------------------------------------------------------------
@@ -126,24 +159,10 @@ def _real(path: str | Path) -> str:
 
 def file_holders(path: Path) -> list[tuple[int, str]]:
     """(pid, command name) of every process with ``path`` open (that this user may see)."""
-    wanted = _real(path)
     holders = []
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fds = os.scandir(f"/proc/{entry.name}/fd")
-        except OSError:
-            continue
-        with fds:
-            for fd in fds:
-                try:
-                    target = os.readlink(fd.path)
-                except OSError:
-                    continue
-                if target == wanted:
-                    holders.append((int(entry.name), _comm(int(entry.name))))
-                    break
+        if entry.name.isdigit() and _has_open(int(entry.name), path):
+            holders.append((int(entry.name), _comm(int(entry.name))))
     return holders
 
 

@@ -4,10 +4,12 @@ the image-lock pre-flight: everything around reaching a test VM that needs no QE
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -318,9 +320,6 @@ def test_base_images_may_be_shared_by_readers(tmp_path: Path) -> None:
 
 
 def test_qemu_style_lock_held_outside_qvm_is_seen(tmp_path: Path) -> None:
-    import fcntl
-    import struct
-
     image = tmp_path / "busy.raw"
     image.write_bytes(b"")
     mine = RunDir(tmp_path / "state" / "vm1")
@@ -337,3 +336,37 @@ def test_qemu_style_lock_held_outside_qvm_is_seen(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert image_conflicts([("disk[0].file", image, True)], mine) == []
+
+
+def test_this_vms_own_qemu_is_left_out_of_the_lock_check(tmp_path: Path) -> None:
+    """`qvm disk attach --persist`, then `qvm restart`: the restart plans (and checks
+    the images) while the VM still runs, and its own QEMU holds the attached image."""
+    image = tmp_path / "data.qcow2"
+    image.write_bytes(b"")
+    mine = make_run(tmp_path)
+    state = {
+        "name": "vm1",
+        "machine_file": None,
+        "accel": "tcg",
+        "accel_reason": None,
+        "supervisor_pid": os.getpid(),
+        "supervisor_start_time": None,
+        "state": "running",
+        "restarts": 0,
+        "exit": None,
+        "crash_reason": None,
+        "qemu_pid": os.getpid(),  # this process stands for the VM's QEMU
+    }
+    write_json_atomic(mine.state_file, state)
+    fd = os.open(image, os.O_RDWR)  # as QEMU holds a disk it writes
+    try:
+        lock = struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, 101, 1, 0)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
+        with running(mine):
+            assert image_conflicts([("disk[1].file", image, True)], mine) == []
+        # the same lock when this VM is not running: someone else's
+        assert image_conflicts([("disk[1].file", image, True)], mine) == [
+            ("disk[1].file", image, "another process (hint: 'lslocks' or 'fuser' shows which)")
+        ]
+    finally:
+        os.close(fd)
