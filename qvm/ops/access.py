@@ -5,10 +5,11 @@ to guest port 22, possibly added at run time); ``ssh_argv`` is a pure function o
 Host keys go to a known_hosts file in the VM's run dir under a per-VM alias, so a port
 that moves (host port 0) or another VM on the same port never trips a key mismatch.
 
-``wait_ready`` polls one condition until a deadline, calling ``tick`` between polls
-(the CLI draws a spinner with it): ``qmp`` (QEMU answers a command), ``ssh`` (a real
-login running ``true`` succeeds), ``agent`` (the guest agent answers ``guest-ping``) or
-``serial:REGEX`` (the serial log of this run).
+``wait_ready`` polls one condition until a deadline, calling ``tick`` with the last
+probe's problem between polls (the CLI draws a spinner or progress lines with it):
+``qmp`` (QEMU answers a command), ``ssh`` (a real login running ``true`` succeeds),
+``agent`` (the guest agent answers ``guest-ping``) or ``serial:REGEX`` (the serial log of
+this run).
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qvm.base.record import Record
-from qvm.errors import HostError, NotRunningError, QvmError, WaitTimeout
+from qvm.errors import AgentNotConfigured, HostError, NotRunningError, QvmError, WaitTimeout
 from qvm.layout.rundir import RunDir
+from qvm.store.forwards import read_forwards
 from qvm.store.launch import read_launch
+from qvm.supervisor.client import supervisor_alive
 
 SSH_PORT = 22
 SSH_POLL_TIMEOUT = 5  # ConnectTimeout of one probe, seconds
@@ -40,8 +44,6 @@ class SshTarget(Record):
 
 
 def ssh_target(run: RunDir) -> SshTarget:
-    from qvm.store.forwards import read_forwards
-
     launch = read_launch(run.launch_file)
     if launch is None:
         raise NotRunningError(run.name)
@@ -58,7 +60,7 @@ def ssh_target(run: RunDir) -> SshTarget:
     host = forward.host_addr or "127.0.0.1"
     if host == "0.0.0.0":
         host = "127.0.0.1"
-    return SshTarget(
+    target: SshTarget = SshTarget(
         name=run.name,
         user=ssh.user if ssh is not None else None,
         host=host,
@@ -66,6 +68,7 @@ def ssh_target(run: RunDir) -> SshTarget:
         identities=tuple(Path(p) for p in ssh.identities) if ssh is not None else (),
         known_hosts=run.known_hosts,
     )
+    return target
 
 
 def ssh_argv(
@@ -106,8 +109,6 @@ def remote_command(command: Sequence[str]) -> str:
     `ssh vm sh -c 'exit 7'` runs `sh -c exit 7` (status 0). Each word quoted keeps its
     boundaries, spaces and quotes; a pipeline or redirection needs a shell of its own
     (`qvm ssh VM -- sh -c 'a | b'`)."""
-    import shlex
-
     return " ".join(shlex.quote(word) for word in command)
 
 
@@ -147,11 +148,12 @@ def wait_ready(
     kind: str,
     pattern: str | None,
     timeout: float,
-    tick: Callable[[], None] | None = None,
+    tick: Callable[[str], None] | None = None,
 ) -> float:
-    """Block until the VM is ready in the sense of ``kind``; return the seconds it took."""
-    from qvm.supervisor.client import supervisor_alive
-
+    """Block until the VM is ready in the sense of ``kind``; return the seconds it took.
+    ``tick`` is called between probes with the last probe's problem ("" when none said
+    why). A question with a known answer fails at once: ``ssh`` on a VM that has no
+    forward to guest port 22."""
     if not (math.isfinite(timeout) and timeout >= 0):
         # NaN compares false with everything: its deadline would never come
         raise QvmError(f"{run.name}: timeout: must be a number of seconds >= 0, got {timeout:g}")
@@ -176,7 +178,7 @@ def wait_ready(
         pause_until = min(time.monotonic() + 0.5, deadline)
         while time.monotonic() < pause_until:
             if tick:
-                tick()
+                tick(last_problem)
             time.sleep(0.1)
 
 
@@ -192,7 +194,7 @@ def _checker(run: RunDir, kind: str, pattern: str | None) -> Callable[[], tuple[
 
 
 def _qmp_answers(run: RunDir) -> tuple[bool, str]:
-    from qvm.control.session import ControlSession
+    from qvm.control.session import ControlSession  # noqa: PLC0415 -- QMP only for --for qmp
 
     try:
         with ControlSession(run, timeout=2, lock_timeout=2) as session:
@@ -204,7 +206,7 @@ def _qmp_answers(run: RunDir) -> tuple[bool, str]:
 
 def _agent_answers(run: RunDir) -> tuple[bool, str]:
     """A channel that is not configured never answers: that fails at once."""
-    from qvm.control.agent import AgentNotConfigured, open_agent
+    from qvm.control.agent import open_agent  # noqa: PLC0415 -- the agent only for --for agent
 
     try:
         with open_agent(run, sync_timeout=2, lock_timeout=2) as agent:
@@ -227,7 +229,7 @@ def _serial_matches(run: RunDir, regex: re.Pattern[str]) -> tuple[bool, str]:
 def _ssh_logs_in(run: RunDir) -> tuple[bool, str]:
     try:
         target = ssh_target(run)
-    except QvmError as exc:
+    except NotRunningError as exc:  # not launched yet; anything else will not change
         return False, str(exc)
     argv = ssh_argv(target, ["true"], batch=True)
     try:

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from qvm.host.holders import image_conflicts, image_records
 from qvm.host.ports import port_in_use
 from qvm.layout.locks import try_lock
 from qvm.layout.rundir import RunDir
-from qvm.ops.access import SshTarget, parse_condition, ssh_argv, ssh_target
+from qvm.ops.access import SshTarget, parse_condition, ssh_argv, ssh_target, wait_ready
 from qvm.ops.files import remove, reset
 from qvm.ops.up import _check_fixed_ports
 from qvm.store.forwards import current_forwards
@@ -370,3 +371,38 @@ def test_this_vms_own_qemu_is_left_out_of_the_lock_check(tmp_path: Path) -> None
         ]
     finally:
         os.close(fd)
+
+
+# --- qvm wait -------------------------------------------------------------------------------
+
+
+def test_waiting_for_ssh_without_a_forward_to_port_22_fails_at_once(tmp_path: Path) -> None:
+    """The README's demo VM has no forward to guest port 22: no login can ever work."""
+    run = make_run(tmp_path, forwards=[{**FWD22, "guest_port": 80}])
+    started = time.monotonic()
+    with running(run), pytest.raises(HostError, match="no port forward to guest port 22"):
+        wait_ready(run, "ssh", None, timeout=20)
+    assert time.monotonic() - started < 5
+
+
+def test_wait_shows_the_last_probe_problem_and_progress_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from qvm.cli.commands.dev import WaitReport
+    from qvm.cli.progress import Spinner
+
+    spinner = Spinner("vm1: waiting for an SSH login")
+    spinner.enabled = False  # not a terminal: a CI log
+    report = WaitReport(spinner, every=0.0)
+    report.tick("qvm@127.0.0.1: Permission denied (publickey).")
+    assert capsys.readouterr().err == (
+        "vm1: waiting for an SSH login: still waiting after 0 s"
+        " (last: qvm@127.0.0.1: Permission denied (publickey).)\n"
+    )
+    report.every = 3600.0
+    report.tick("")
+    report.tick("")
+    assert capsys.readouterr().err.count("still waiting") == 1  # then not before an hour
+    spinner.enabled = True  # a terminal: the spinner's own line says it
+    report.tick("x" * 200)
+    assert spinner.label == "vm1: waiting for an SSH login (last: " + "x" * 77 + "...)"

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qvm.cli import resolve
-from qvm.cli.output import abort, emit_json, say
+from qvm.cli.output import abort, emit_json, say, warn
 from qvm.cli.parsing.declare import Argument, Commands, Option
 from qvm.errors import EXIT_USAGE
 from qvm.layout.names import shown
+
+if TYPE_CHECKING:
+    from qvm.cli.progress import Spinner
 
 commands = Commands()
 
@@ -260,12 +265,43 @@ def wait(
 
     run = resolve.run_dir_of(name)
     kind, pattern = parse_condition(for_)
-    spinner = Spinner(f"{name}: waiting for {describe_condition(kind, pattern, run)}")
+    report = WaitReport(Spinner(f"{name}: waiting for {describe_condition(kind, pattern, run)}"))
     try:
-        seconds = wait_ready(run, kind, pattern, timeout, tick=spinner.tick)
+        seconds = wait_ready(run, kind, pattern, timeout, tick=report.tick)
     finally:
-        spinner.done()
+        report.spinner.done()
     if as_json:
         emit_json({"name": name, "for": for_, "seconds": round(seconds, 3)})
     else:
         say(f"{name}: ready ({for_}) after {seconds:.1f} s")
+
+
+PROGRESS_EVERY = 15.0  # seconds between `qvm wait`'s progress lines without a terminal
+PROBLEM_SHOWN = 80  # characters of the last probe's problem on the spinner's line
+
+
+class WaitReport:
+    """What `qvm wait` says while it waits: on a terminal, a spinner that shows the last
+    probe's problem (`Permission denied (publickey)`); elsewhere (a CI log) a line on
+    stderr every ``PROGRESS_EVERY`` seconds, so a long wait is not silent."""
+
+    def __init__(self, spinner: Spinner, every: float = PROGRESS_EVERY) -> None:
+        self.spinner = spinner
+        self.label = spinner.label
+        self.every = every
+        self.started = time.monotonic()
+        self.next_line = self.started + every
+
+    def tick(self, problem: str) -> None:
+        problem = " ".join(problem.split())
+        if len(problem) > PROBLEM_SHOWN:
+            problem = problem[: PROBLEM_SHOWN - 3] + "..."
+        last = f" (last: {problem})" if problem else ""
+        if self.spinner.enabled:
+            self.spinner.label = self.label + last
+            self.spinner.tick()
+            return
+        now = time.monotonic()
+        if now >= self.next_line:
+            self.next_line = now + self.every
+            warn(f"{self.label}: still waiting after {now - self.started:.0f} s{last}")
