@@ -4,6 +4,8 @@ differently depending on which of the two parsed it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -174,3 +176,27 @@ def test_a_guest_command_line_keeps_its_options(
     for name, value in options.items():
         assert fast.values[name] == value
     assert typer_call(argv) == (fast.global_values, fast.values), argv
+
+
+@pytest.mark.parametrize(
+    ("argv", "ours"),
+    [
+        (["start", "vm1"], "up"),  # Click's own guess was 'restart'
+        (["stop", "vm1"], "down"),
+        (["ls"], "list"),  # Click's own guess was 'logs'
+        (["shell", "vm1"], "ssh"),
+        (["delete", "vm1"], "rm"),
+        (["info", "vm1"], "status"),
+        (["disk", "delete", "vm1", "disk1"], "detach"),
+        (["snapshot", "ls", "vm1"], "list"),
+    ],
+)
+def test_the_words_users_bring_suggest_qvms_word(argv: list[str], ours: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qvm.cli", *argv], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2
+    word = argv[1] if argv[0] in GROUPS else argv[0]
+    assert f"No such command '{word}'." in result.stderr
+    assert f"Did you mean '{ours}'?" in result.stderr
+    assert plain_call(argv) is None  # and none of them runs

@@ -16,15 +16,66 @@ from typing import Any
 
 import click
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 from qvm.cli import resolve
 from qvm.cli.parsing.completion import INSTALL, SHOW, completer
 from qvm.cli.parsing.declare import GROUPS, TOP_LEVEL, Commands, Param, fixed_arguments
 from qvm.cli.parsing.fast import split_global_options
 
+# The words users bring from other tools (virsh, limactl, docker, multipass), and the
+# word qvm has for each: offered when one is typed, never run in its place. Aliases would
+# give one action two names in the help, the docs and TAB, and `delete` or `stop` would
+# do qvm's exact thing, which may not be what the other tool's word does (rm keeps the
+# machine file; down is ACPI first); a suggestion teaches the word and costs nothing
+# until the mistake is made.
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "start": ("up",),
+    "boot": ("up",),
+    "stop": ("down",),
+    "shutdown": ("down",),
+    "halt": ("down",),
+    "ls": ("list",),
+    "ps": ("list",),
+    "shell": ("ssh", "console"),
+    "login": ("ssh",),
+    "delete": ("rm", "del", "detach"),
+    "remove": ("rm", "del", "detach"),
+    "destroy": ("kill",),
+    "info": ("status",),
+    "show": ("status", "list"),
+    "inspect": ("status",),
+    "create": ("new",),
+    "init": ("new",),
+    "reboot": ("restart",),
+    "log": ("logs",),
+    "copy": ("cp",),
+    "revert": ("restore",),
+    "rollback": ("restore",),
+    "plug": ("add", "attach"),
+    "unplug": ("del", "detach"),
+}
+
+
+class QvmGroup(TyperGroup):
+    """A command group whose "No such command" also knows ``SYNONYMS``."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as error:
+            word = args[0] if args else ""
+            ours = [w for w in SYNONYMS.get(word.lower(), ()) if w in self.commands]
+            if ours:
+                error.message = f"No such command {word!r}. Did you mean {ours[0]!r}?"
+            raise
+
+
 app = typer.Typer(
     name="qvm",
+    cls=QvmGroup,
     help="Launch, supervise and hotplug QEMU/KVM test VMs defined in TOML files.",
     no_args_is_help=True,
     add_completion=False,
@@ -203,7 +254,9 @@ def add_module(
     None: every one for real."""
     commands = module_commands(module)
     grouped = module in GROUPS
-    parent = typer.Typer(help=commands.help, no_args_is_help=True) if grouped else target
+    parent = (
+        typer.Typer(cls=QvmGroup, help=commands.help, no_args_is_help=True) if grouped else target
+    )
     named = None if words is None else words[1:2] if grouped else words[:1]
     for name, function in commands.functions.items():
         if named is None or named == [name]:
