@@ -7,11 +7,15 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qvm.cli.parsing.declare import Option
 from qvm.errors import EXIT_USAGE, QvmError
-from qvm.layout.names import check_vm_name, is_vm_name
+from qvm.layout.names import check_vm_name, is_vm_name, shown
 from qvm.layout.rundir import RunDir, check_private_dir, default_state_dir, run_dir_for
+
+if TYPE_CHECKING:
+    from qvm.definition.schema import Machine
 
 
 class Settings:
@@ -65,7 +69,7 @@ def search_dirs() -> list[Path]:
     return machine_search_dirs(settings.machines_dir, os.environ, Path.cwd())
 
 
-def load(name_or_path: str):  # noqa: ANN201 - returns qvm.definition.Machine, imported lazily
+def load(name_or_path: str) -> Machine:
     """The machine a name or a path on the command line means. A name is looked up in
     ``search_dirs()``, then in the VM's run dir, which records the file it was last
     started from (or that `qvm new` wrote): so a VM is found by name from any folder."""
@@ -74,11 +78,53 @@ def load(name_or_path: str):  # noqa: ANN201 - returns qvm.definition.Machine, i
 
     try:
         path = find_machine(name_or_path, search_dirs())
-    except QvmError as not_found:
+    except QvmError:
         if is_path(name_or_path) or not is_vm_name(name_or_path):
             raise
-        path = recorded_definition(name_or_path, not_found)
+        path = recorded_definition(name_or_path, no_such_vm(name_or_path))
     return load_machine(path)
+
+
+class NoSuchVm(QvmError):
+    """A VM name no machine file and no run dir knows: most often a typo."""
+
+
+def no_such_vm(name: str) -> NoSuchVm:
+    """``no VM named 'dmeo' (did you mean 'demo'?) (looked in: ...)``: the closest name
+    qvm knows, and every folder it looked in, absolute or from ~, so the line says where
+    wherever it is read."""
+    from difflib import get_close_matches  # only on the way to this error
+
+    from qvm.definition.discovery import list_machine_files
+    from qvm.layout.rundir import list_run_dirs
+
+    dirs = search_dirs()
+    known = {path.stem for path in list_machine_files(dirs)}
+    try:
+        root = state_root()
+    except QvmError:  # an unsafe state dir: its own error comes when a command reads it
+        root = settings.state_root or default_state_dir()
+    else:
+        known |= {run.name for run in list_run_dirs(root)}
+    close = get_close_matches(name, sorted(known), n=1)
+    guess = f" (did you mean {close[0]!r}?)" if close else ""
+    looked = ", ".join(_from_home(d) for d in dirs)
+    runs = _from_home(root)
+    hint = "" if close else f" (hint: qvm new {name} --image FILE, or pass --machines DIR)"
+    error = NoSuchVm(
+        f"no VM named {shown(name)}{guess} (looked in: {looked}; run dirs in {runs}){hint}"
+    )
+    error.vm = name
+    return error
+
+
+def _from_home(path: Path) -> str:
+    """``path`` absolute, or from ``~`` when it is under the home folder."""
+    path = Path(os.path.abspath(path))
+    home = Path.home()
+    return (
+        f"~/{path.relative_to(home)}" if path.is_relative_to(home) and path != home else str(path)
+    )
 
 
 def new_machines_dir() -> Path:
@@ -163,7 +209,8 @@ def run_dir(name: str) -> RunDir:
 def run_dir_of(name_or_path: str) -> RunDir:
     """The run dir of a VM named on the command line, by name or by its TOML file.
 
-    A VM whose definition was deleted while it ran is still found by name.
+    A VM whose definition was deleted while it ran is still found by name; a name
+    nothing knows is NoSuchVm (``no_such_vm``).
     """
     if is_path(name_or_path):
         return run_dir(load(name_or_path).name)
@@ -173,7 +220,9 @@ def run_dir_of(name_or_path: str) -> RunDir:
         return candidate
     try:
         return run_dir(load(name_or_path).name)
-    except QvmError:
+    except NoSuchVm:
+        raise  # a typo must not read as "not running", nor `qvm rm dmeo` as done
+    except QvmError:  # a machine file that does not load: its run dir all the same
         return candidate
 
 

@@ -35,7 +35,7 @@ def test_a_started_vm_is_found_by_name_from_any_folder(qvm: Qvm) -> None:
 
     # not found from another folder before it ever ran: nothing records it yet
     missing = one_line_error(run_in(qvm, elsewhere, "up", "far"))
-    assert missing.startswith("qvm: no machine named 'far'")
+    assert missing.startswith("qvm: no VM named 'far'")
 
     up = run_in(qvm, project, "up", "far")
     assert up.returncode == 0, up.stderr

@@ -104,7 +104,7 @@ def test_every_command_refuses_a_name_that_is_not_a_vm_name(cli: Qvm) -> None:
         line = _short_line(done)
         # up, restart and cmdline look a name up as a file's stem first (NAME.toml may set
         # another name inside): one that is no file's is then not found
-        refused = ("not a VM name", "NAME: must be", "no machine named")
+        refused = ("not a VM name", "NAME: must be", "no machine named", "no VM named")
         assert any(text in line for text in refused), (argv, line)
         assert "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" not in line, argv
     assert _tree_digest(cli.root) == before

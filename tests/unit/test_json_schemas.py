@@ -166,7 +166,7 @@ def test_cmdline_new_reset_rm(cli: Qvm, tmp_path: Path) -> None:
 def test_errors_are_json_objects_with_a_nonzero_exit(cli: Qvm) -> None:
     missing = run_json(cli, "status", "nope", code=1)
     validate(missing, "error.json")
-    assert missing["vm"] == "nope" and missing["error"].startswith("no machine named 'nope'")
+    assert missing["vm"] == "nope" and missing["error"].startswith("no VM named 'nope'")
     down = run_json(cli, "down", "vm1", code=1)
     validate(down, "down.json")
     assert down == [
@@ -190,7 +190,7 @@ def test_errors_are_json_objects_with_a_nonzero_exit(cli: Qvm) -> None:
     assert invalid["key"] == "cpu.count"
     # without --json: one line on stderr, nothing on stdout
     plain = cli("status", "nope", check=False)
-    assert plain.stdout == "" and plain.stderr.startswith("qvm: no machine named 'nope'")
+    assert plain.stdout == "" and plain.stderr.startswith("qvm: no VM named 'nope'")
 
 
 def test_new_checks_the_image_before_writing(cli: Qvm, tmp_path: Path) -> None:

@@ -80,4 +80,25 @@ def test_names_from_anywhere(tmp_path: Path) -> None:
 
     unknown = qvm(elsewhere, tmp_path, "cmdline", "nobody")
     assert unknown.returncode == 1
-    assert unknown.stderr.startswith("qvm: no machine named 'nobody'")
+    assert unknown.stderr.startswith("qvm: no VM named 'nobody'")
+
+
+def test_a_mistyped_name_is_not_found_by_any_command(tmp_path: Path) -> None:
+    """`qvm status dmeo` said "dmeo: not running" and `qvm rm dmeo` exited 0; every
+    command now says the name is unknown, the closest one it knows, and where it looked,
+    absolute (a relative folder means nothing in a log read elsewhere)."""
+    project = tmp_path / "project"
+    (project / "machines").mkdir(parents=True)
+    (project / "machines" / "demo.toml").write_text('[memory]\nsize = "128M"\n')
+    for argv in (["status", "dmeo"], ["rm", "dmeo"], ["down", "dmeo"], ["ssh", "dmeo"]):
+        done = qvm(project, tmp_path, *argv)
+        assert done.returncode != 0, argv
+        assert done.stderr.startswith(
+            f"qvm: no VM named 'dmeo' (did you mean 'demo'?) (looked in: {project}/machines,"
+            f" {tmp_path}/cfg/qvm/machines; run dirs in {tmp_path}/state)"
+        ), (argv, done.stderr)
+    unknown = qvm(project, tmp_path, "rm", "zzzz")
+    assert unknown.returncode != 0
+    assert "did you mean" not in unknown.stderr
+    assert unknown.stderr.endswith("(hint: qvm new zzzz --image FILE, or pass --machines DIR)\n")
+    assert qvm(project, tmp_path, "rm", "demo").returncode == 0  # known, never started
