@@ -53,6 +53,16 @@ def parse_forward(text: str) -> PortForward:
     )
 
 
+def expand_shorthand(text: str) -> str:
+    """The command line's shorthands for a forward of one port to the same port:
+    ``8080`` is "tcp:8080:8080", ``udp:5353`` is "udp:5353:5353"; anything else as it is
+    (machine files spell every forward out)."""
+    protocol, colon, port = text.rpartition(":")
+    if re.fullmatch(_PORT, port) and (not colon or protocol.lower() in FORWARD_PROTOCOLS):
+        return f"{protocol or 'tcp'}:{port}:{port}"
+    return text
+
+
 def _parse_host_addr(text: str, addr: str) -> str:
     try:
         import ipaddress

@@ -18,6 +18,7 @@ import pytest
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.control.forwards import _matches
+from qvm.definition.forwards import expand_shorthand
 from qvm.definition.load import load_machine
 from qvm.errors import HostError, QvmError, VmStateError
 from qvm.host.holders import image_conflicts, image_records
@@ -406,3 +407,12 @@ def test_wait_shows_the_last_probe_problem_and_progress_lines(
     spinner.enabled = True  # a terminal: the spinner's own line says it
     report.tick("x" * 200)
     assert spinner.label == "vm1: waiting for an SSH login (last: " + "x" * 77 + "...)"
+
+
+def test_port_add_shorthands_forward_one_port_to_the_same_port() -> None:
+    """`qvm port add VM 8080` and `tcp:8080`, as users type them."""
+    assert expand_shorthand("8080") == "tcp:8080:8080"
+    assert expand_shorthand("tcp:8080") == "tcp:8080:8080"
+    assert expand_shorthand("UDP:5353") == "UDP:5353:5353"
+    for spelled_out in ("tcp:0:22", "tcp:127.0.0.1:2222:22", "http:80", "x", "tcp:auto:22"):
+        assert expand_shorthand(spelled_out) == spelled_out

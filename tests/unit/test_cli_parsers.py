@@ -200,3 +200,18 @@ def test_the_words_users_bring_suggest_qvms_word(argv: list[str], ours: str) -> 
     assert f"No such command '{word}'." in result.stderr
     assert f"Did you mean '{ours}'?" in result.stderr
     assert plain_call(argv) is None  # and none of them runs
+
+
+def test_help_lists_each_commands_first_sentence_whole() -> None:
+    """Click cut each one-liner at about 45 characters ("...wait until QMP...")."""
+    for argv in (["--help"], ["mem", "--help"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "qvm.cli", *argv], capture_output=True, text=True, check=True
+        )
+        listing = result.stdout.split("Commands:\n", 1)[1]
+        assert "..." not in listing, listing
+    assert "  up        Start VMs under their own supervisors and wait until QMP answers.\n" in (
+        subprocess.run(
+            [sys.executable, "-m", "qvm.cli", "--help"], capture_output=True, text=True, check=True
+        ).stdout
+    )

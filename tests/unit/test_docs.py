@@ -389,3 +389,13 @@ def test_the_readme_command_table_names_every_command() -> None:
         for word in re.split(r"[/|]", span.split()[0])
     }
     assert set(TOP_LEVEL) | set(GROUPS) <= named
+
+
+def test_the_readme_tour_shows_neutral_paths_and_where_it_runs_from() -> None:
+    """The sample output showed the folder it was written in (/work/main/...): a reader
+    took it for a path qvm needs. It runs from the clone's root, and says so."""
+    text = (REPO / "README.md").read_text()
+    tour = text[text.index("## Quick tour") : text.index("## Commands")]
+    assert "runs from the clone's root" in tour
+    for foreign in ("/work/", "/root/"):
+        assert foreign not in tour, foreign

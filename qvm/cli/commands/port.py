@@ -37,7 +37,8 @@ def add(
         ...,
         metavar="PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT",
         help="e.g. tcp:8080:80; host port 0 (or auto) picks a free one; HOSTADDR "
-        "defaults to 127.0.0.1.",
+        "defaults to 127.0.0.1. PORT or PROTO:PORT: that port on both sides (8080 is "
+        "tcp:8080:8080).",
     ),
     nic: str | None = Option(None, "--nic", help="NIC id (default: the first NIC)."),
     as_json: bool = Option(False, "--json", help=AS_JSON_HELP),
@@ -47,8 +48,9 @@ def add(
     JSON: schemas/port-add.json
     """
     from qvm.control.forwards import add_forward, forward_text
+    from qvm.definition.forwards import expand_shorthand
 
-    entry = add_forward(resolve.run_dir_of(name), spec, nic)
+    entry = add_forward(resolve.run_dir_of(name), expand_shorthand(spec), nic)
     if as_json:
         emit_json(entry.to_json())
         return

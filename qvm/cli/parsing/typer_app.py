@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import re
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -228,6 +229,16 @@ def module_commands(module: str) -> Commands:
     return importlib.import_module(f"qvm.cli.commands.{module}").commands
 
 
+def one_liner(text: str | None) -> str | None:
+    """The first sentence of a help text, whole: what `qvm --help` lists for a command
+    (wrapped where it is long). Click would cut it at about 45 characters, mid-phrase:
+    "Start VMs under their own supervisors and wait until QMP..."."""
+    if not text:
+        return None
+    paragraph = " ".join(inspect.cleandoc(text).split("\n\n", 1)[0].split())
+    return re.split(r"(?<=[.!?]) (?=[A-Z`])", paragraph, maxsplit=1)[0]
+
+
 def listed_only(word: str, function: Callable[..., None]) -> Callable[[], None]:
     """A stand-in for ``function`` in a help listing: its help text, none of its
     parameters, which Typer would otherwise inspect and convert for nothing (about 20 ms
@@ -263,11 +274,14 @@ def add_module(
             path = (module, name) if grouped else (name,)
             fixed = fixed_arguments(function)
             cls = None if fixed is None else guest_command_class(fixed)
-            parent.command(name, cls=cls)(typer_command(function, run, path))
+            short = one_liner(function.__doc__)
+            parent.command(name, cls=cls, short_help=short)(typer_command(function, run, path))
         elif not (named and named[0] in commands.functions):  # else another one is named
-            parent.command(name)(listed_only(name, function))
+            parent.command(name, short_help=one_liner(function.__doc__))(
+                listed_only(name, function)
+            )
     if grouped:
-        target.add_typer(parent, name=module)
+        target.add_typer(parent, name=module, short_help=one_liner(commands.help))
 
 
 def register(words: list[str] | None) -> None:
