@@ -50,11 +50,10 @@ def machine_file(run: Any) -> Path:
 
 
 def persisted_json(done: Any) -> dict[str, Any]:
-    """A ``[[disk]]``/``[[nic]]`` written or removed, for output."""
-    from qvm.base.text import display_path
-
+    """A ``[[disk]]``/``[[nic]]`` written or removed, for output: the file absolute,
+    as it is wherever the output is read."""
     return {
-        "file": display_path(done.path),
+        "file": str(Path(done.path).absolute()),
         "table": done.table,
         "action": done.action,
         "entry": done.entry,

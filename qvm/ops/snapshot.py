@@ -92,6 +92,11 @@ def definition_sha256(path: str | None) -> str | None:
         return None
 
 
+def _made_by_qvm(run: RunDir, image: Path) -> bool:
+    """An image `disk attach --new` made in this run dir (a ``file =`` after --persist)."""
+    return os.path.realpath(image) in {os.path.realpath(p) for p in run.new_disk_images()}
+
+
 def stopped_disks(run: RunDir, machine: Machine) -> list[Path]:
     """The images a disk-only snapshot of a stopped VM goes into: every ``base`` disk's
     overlay. Refused, naming the disk: ``file =`` disks and read-only ones."""
@@ -103,6 +108,9 @@ def stopped_disks(run: RunDir, machine: Machine) -> list[Path]:
                 f"{where} is read-only: qvm cannot record its state, and could not vouch at "
                 "restore that it is unchanged (hint: set readonly = false, or remove it)"
             )
+        if disk.file is not None and _made_by_qvm(run, disk.file):
+            files.append(disk.file)  # made by `disk attach --new`, then persisted: qvm's own
+            continue
         if disk.file is not None:
             raise VmStateError(
                 f"{where}.file: {disk.file} is used as is: a snapshot would be written into "

@@ -177,7 +177,9 @@ def test_q35_memory_disks_and_nics_through_root_ports(qvm: Qvm, tmp_path: Path) 
         f"vm1: attached disk0 ({image}, qcow2, read-write) on hp1",
     ]
     serial.wait_state(blk="vda")
-    assert toml.read_text() == original + f'\n[[disk]]\nfile = "{image}"\nformat = "qcow2"\n'
+    assert toml.read_text() == original + (
+        f'\n[[disk]]\nfile = "{image}"\nformat = "qcow2"\nid = "disk0"\n'  # it boots as disk0
+    )
     assert block_nodes(qvm, "vm1") == ["disk0", "disk0-file"]
 
     # --- no free root port for a NIC ----------------------------------------------------------
@@ -205,7 +207,7 @@ def test_q35_memory_disks_and_nics_through_root_ports(qvm: Qvm, tmp_path: Path) 
 
     detached = qvm("disk", "detach", "vm1", "disk0", "--persist").stdout.splitlines()
     assert re.fullmatch(rf"vm1: detached disk0 in \d+ ms; the image stays at {image}", detached[0])
-    assert detached[1] == "vm1: removed its [[disk]] from machines/vm1.toml"
+    assert detached[1] == f"vm1: removed its [[disk]] from {toml}"
     serial.wait_state(blk="-")
     assert image.exists() and toml.read_text() == original
     assert block_nodes(qvm, "vm1") == []

@@ -6,8 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from qvm.definition.persist import persist_cpu_count, set_cpu_count_text
-from qvm.errors import DefinitionError
+from qvm.cli.device_options import persisted_json
+from qvm.definition.load import load_machine
+from qvm.definition.persist import persist_cpu_count, persist_entry, set_cpu_count_text
+from qvm.errors import DefinitionError, VmStateError
+from qvm.layout.rundir import RunDir
+from qvm.ops.snapshot import stopped_disks
 
 COMMENTED = """\
 # My build VM. Keep these comments!
@@ -65,3 +69,33 @@ def test_never_writes_a_count_above_the_files_max() -> None:
     assert str(error.value).startswith(
         "machines/vm1.toml: cpu.count: not written: 3 vCPUs would exceed cpu.max (2) in the file"
     )
+
+
+def test_a_persisted_entry_names_its_file_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`persisted.file` was relative to the caller's folder: meaningless in a log."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "machines").mkdir()
+    path = tmp_path / "machines" / "vm1.toml"
+    path.write_text('[memory]\nsize = "256M"\n')
+    done = persist_entry(Path("machines/vm1.toml"), "disk", {"file": "/x.qcow2", "id": "disk1"})
+    assert persisted_json(done)["file"] == str(path)
+    assert load_machine(path).disks[0].id == "disk1"  # the id written is the one it boots with
+
+
+def test_a_persisted_new_disk_is_qvms_own_image_for_snapshots(tmp_path: Path) -> None:
+    """`disk attach --new --persist` writes `file = RUNDIR/hotplug-disk1.qcow2`: qvm made
+    that image, so a snapshot of the stopped VM takes it, as it takes an overlay."""
+    run = RunDir(tmp_path / "state" / "vm1")
+    run.path.mkdir(parents=True)
+    made = run.new_disk_image("disk1")
+    made.write_bytes(b"")
+    path = tmp_path / "vm1.toml"
+    path.write_text(f'[memory]\nsize = "256M"\n\n[[disk]]\nfile = "{made}"\nid = "disk1"\n')
+    assert stopped_disks(run, load_machine(path)) == [made]
+    mine = tmp_path / "mine.qcow2"
+    mine.write_bytes(b"")
+    path.write_text(f'[memory]\nsize = "256M"\n\n[[disk]]\nfile = "{mine}"\n')
+    with pytest.raises(VmStateError, match="used as is: a snapshot would be written into your"):
+        stopped_disks(run, load_machine(path))

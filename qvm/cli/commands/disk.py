@@ -84,7 +84,7 @@ def attach(
     result = run_waiting(
         f"{name}: attaching the disk", attach_disk, run, file, size, fmt, readonly, dev_id, force
     )
-    persisted = _persist_attach(run, result, dev_id is not None) if persist else None
+    persisted = _persist_attach(run, result, True) if persist else None  # disk1 stays disk1
     if as_json:
         emit_json({**result.as_json(), "persisted": persisted})
         return

@@ -79,7 +79,7 @@ def add(
         from qvm.definition.persist import persist_entry
 
         path = device_options.machine_file(run)
-        entry = nic_entry(result.nic, result.forwards_asked, dev_id is not None)
+        entry = nic_entry(result.nic, result.forwards_asked, with_id=True)  # net1 stays net1
         persisted = device_options.persisted_json(persist_entry(path, "nic", entry))
     if as_json:
         emit_json({**result.as_json(), "persisted": persisted})
