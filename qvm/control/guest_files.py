@@ -1,6 +1,7 @@
 """Files in the guest through the agent: ``guest-file-open/read/write/close`` (data in
-base64, a chunk per request), and the file's mode through ``guest-exec`` of ``stat`` and
-``chmod``, the only way QEMU 7.2's agent has to see or set it.
+base64, a chunk per request), and the file's mode, owner and name through ``guest-exec``
+of ``stat``, ``chmod``, ``chown``, ``mv``, ``rm`` and ``mkdir``, the only way QEMU 7.2's
+agent has to see or set them.
 
 Measured in the test guest under TCG: reads run at about 13 MB/s whatever the chunk size
 from 1 MiB up; writes at about 3 MB/s (the agent parses each request's JSON string a
@@ -67,20 +68,55 @@ def stat(client: AgentClient, path: str) -> GuestStat | None:
 
 def chmod(client: AgentClient, path: str, mode: int) -> bool:
     """Set the guest file's permission bits; whether that worked."""
+    return _helper(client, ["chmod", f"{mode & 0o7777:o}", "--", path])
+
+
+def chown(client: AgentClient, path: str, owner: str) -> bool:
+    """Give the guest file to ``owner`` (``USER``, ``USER:GROUP`` or ``USER:``, its login
+    group); whether that worked."""
+    return _helper(client, ["chown", "--", owner, path])
+
+
+def rename(client: AgentClient, source: str, target: str) -> bool:
+    """``mv -f`` in the guest: within one folder, an atomic rename over ``target``."""
+    return _helper(client, ["mv", "-f", "--", source, target])
+
+
+def remove(client: AgentClient, path: str) -> bool:
+    return _helper(client, ["rm", "-f", "--", path])
+
+
+def make_dirs(client: AgentClient, path: str) -> bool:
+    return _helper(client, ["mkdir", "-p", "--", path])
+
+
+def can_run_helpers(client: AgentClient) -> bool:
+    """Whether the agent runs programs (``guest-exec``; an agent may have it disabled):
+    without it qvm cannot set a mode or an owner, nor rename."""
     try:
-        result = run_to_end(client, ["chmod", f"{mode & 0o7777:o}", "--", path], HELPER_TIMEOUT)
+        return client.info(timeout=HELPER_TIMEOUT).supports("guest-exec")
+    except AgentError:
+        return False
+
+
+def _helper(client: AgentClient, argv: list[str]) -> bool:
+    """Run one of qvm's short helpers (coreutils or busybox) in the guest; whether it
+    exited 0."""
+    try:
+        result = run_to_end(client, argv, HELPER_TIMEOUT)
     except AgentCommandError:
         return False
     return result is not None and result.status == 0
 
 
-def open_file(client: AgentClient, path: str, mode: str) -> int:
+def open_file(client: AgentClient, path: str, mode: str, shown: str | None = None) -> int:
     """A handle for ``path`` opened with fopen's ``mode`` ("r", "w"); the agent's error
-    (as ``open_error`` words it) when it cannot."""
+    (as ``open_error`` words it, naming ``shown`` when given: the target of a part file)
+    when it cannot."""
     try:
         handle = client.execute("guest-file-open", {"path": path, "mode": mode})
     except AgentCommandError as error:
-        raise open_error(client.name, path, error) from None
+        raise open_error(client.name, shown or path, error) from None
     if not isinstance(handle, int):
         raise AgentError(f"{client.name}: guest-file-open: unexpected reply {handle!r:.200}")
     return handle

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from qvm.control.guest_exec import ExecStatus
 from qvm.errors import AgentCommandError, AgentError, QvmError
 from qvm.layout.names import is_vm_name
 from qvm.layout.rundir import RunDir
+from qvm.store.launch import read_launch
 
 HOLD_SECONDS = 1.0
 # the environment a command gets with --env when the agent's own cannot be read
@@ -191,43 +193,162 @@ def copy_from_guest(
 
 
 def copy_to_guest(
-    run: RunDir, local: Path, guest_path: str, progress: Progress | None = None
+    run: RunDir,
+    local: Path,
+    guest_path: str,
+    progress: Progress | None = None,
+    owner: str | None = None,
+    recursive: bool = False,
 ) -> CopyOutcome:
     """``local`` into the guest at ``guest_path`` (a folder there: the file keeps its
-    name), then its permission bits through ``chmod`` in the guest."""
+    name; with ``recursive``, a folder and all in it), with its permission bits, owned by
+    ``owner`` (``USER[:GROUP]``; None: ``default_owner``).
+
+    Each file is written to a hidden part file beside its target, made 0600 before any
+    data goes in, and renamed over the target only once complete: a copy that fails or is
+    interrupted removes its part file and leaves the target as it was. An agent that runs
+    no programs (``guest-exec`` disabled) gets the file written in place, as is."""
+    try:
+        info = os.stat(local)
+    except OSError as error:
+        raise QvmError(f"{local}: cannot read: {error.strerror or error}") from None
+    if stat.S_ISDIR(info.st_mode) and not recursive:
+        raise QvmError(f"{local}: is a folder (hint: qvm cp -r copies a folder)")
+    if not stat.S_ISDIR(info.st_mode) and not stat.S_ISREG(info.st_mode):
+        raise QvmError(f"{local}: not a regular file (qvm cp copies files and folders)")
+    started = time.monotonic()
+    parts: list[str] = []  # the part file being written, for the cleanup
+    try:
+        with open_agent(run) as client:
+            if owner is None:
+                owner = default_owner(run, guest_path)
+            helpers = guest_files.can_run_helpers(client)
+            target = _guest_target(client, local, guest_path, helpers)
+            if stat.S_ISDIR(info.st_mode):
+                done, mode = _put_tree(client, local, target, owner, helpers, parts, progress)
+            else:
+                done, mode = _put_file(client, local, target, owner, helpers, parts, progress)
+    except BaseException:
+        for part in parts:
+            _remove_quietly(run, part)
+        raise
+    return CopyOutcome(str(local), f"{run.name}:{target}", done, time.monotonic() - started, mode)
+
+
+def default_owner(run: RunDir, guest_path: str) -> str | None:
+    """Whom a copy belongs to when --owner is not given: the cloud-init user (with their
+    login group) for a path under their home, which they could not read otherwise;
+    else None, the agent's own user (root)."""
+    try:
+        launch = read_launch(run.launch_file)
+    except QvmError:
+        return None
+    user = launch.ssh.user if launch is not None and launch.ssh is not None else None
+    if user and posixpath.normpath(guest_path).startswith(f"/home/{user}/"):
+        return f"{user}:"
+    return None
+
+
+def _guest_target(client: AgentClient, local: Path, guest_path: str, helpers: bool) -> str:
+    """Where ``local`` goes: ``guest_path``, or ``guest_path/NAME`` when that is a folder
+    (``cp`` and ``cp -r`` have it so)."""
+    if guest_path.endswith("/"):
+        return guest_path + local.name
+    info = guest_files.stat(client, guest_path) if helpers else None
+    if info is not None and info.kind == "directory":
+        return posixpath.join(guest_path, local.name)
+    return guest_path
+
+
+def _put_tree(
+    client: AgentClient,
+    local: Path,
+    target: str,
+    owner: str | None,
+    helpers: bool,
+    parts: list[str],
+    progress: Progress | None,
+) -> tuple[int, int | None]:
+    if not helpers:
+        raise QvmError(
+            f"{client.name}: the guest agent runs no programs (guest-exec): qvm cp -r cannot"
+            " make folders there"
+        )
+    done = 0
+    for folder, names, files in os.walk(local):
+        names.sort()
+        relative = os.path.relpath(folder, local)
+        guest_folder = target if relative == "." else posixpath.join(target, relative)
+        if not guest_files.make_dirs(client, guest_folder):
+            raise QvmError(f"{client.name}:{guest_folder}: cannot make this folder (in the guest)")
+        mode = os.stat(folder).st_mode & 0o777
+        guest_files.chmod(client, guest_folder, mode)
+        if owner is not None:
+            guest_files.chown(client, guest_folder, owner)
+        for name in sorted(files):
+            path = Path(folder) / name
+            if path.is_symlink() or not path.is_file():
+                continue  # links and special files are not copied, as `cp -r` would not
+            written, _ = _put_file(
+                client, path, posixpath.join(guest_folder, name), owner, helpers, parts, progress
+            )
+            done += written
+    return done, os.stat(local).st_mode & 0o777
+
+
+def _put_file(
+    client: AgentClient,
+    local: Path,
+    target: str,
+    owner: str | None,
+    helpers: bool,
+    parts: list[str],
+    progress: Progress | None,
+) -> tuple[int, int | None]:
+    """One file to ``target`` by way of a 0600 part file; (bytes, mode set or None)."""
     try:
         source = open(local, "rb")  # noqa: SIM115 - closed below, after the guest's side
     except OSError as error:
         raise QvmError(f"{local}: cannot read: {error.strerror or error}") from None
     with source:
         info = os.fstat(source.fileno())
-        if not _is_regular(info.st_mode):
-            raise QvmError(f"{local}: not a regular file (qvm cp copies one file)")
-        name = local.name
-        if guest_path.endswith("/"):
-            guest_path += name
-        started = time.monotonic()
-        with open_agent(run) as client:
-            try:
-                handle = guest_files.open_file(client, guest_path, "w")
-            except AgentCommandError as error:
-                if not guest_files.is_directory_error(error):
-                    raise
-                guest_path = posixpath.join(guest_path, name)
-                handle = guest_files.open_file(client, guest_path, "w")
-            with _closing(client, handle), _failing(f"; {guest_path} in the guest is incomplete"):
-                done = 0
-                while data := source.read(guest_files.WRITE_CHUNK):
-                    guest_files.write_chunk(client, handle, data)
-                    done += len(data)
-                    if progress is not None:
-                        progress(done, info.st_size)
-            mode = info.st_mode & 0o777
-            kept = guest_files.chmod(client, guest_path, mode)
-    return CopyOutcome(
-        str(local), f"{run.name}:{guest_path}", done, time.monotonic() - started,
-        mode if kept else None,
-    )  # fmt: skip
+        folder, name = posixpath.split(target)
+        part = posixpath.join(folder, f".{name}.{os.getpid()}.qvm-part") if helpers else target
+        handle = guest_files.open_file(client, part, "w", shown=target)
+        if helpers:
+            parts.append(part)
+            guest_files.chmod(client, part, 0o600)  # before any byte is in it
+        consequence = "; the partial copy was removed" if helpers else f"; {target} is incomplete"
+        with _closing(client, handle), _failing(consequence):
+            done = 0
+            while data := source.read(guest_files.WRITE_CHUNK):
+                guest_files.write_chunk(client, handle, data)
+                done += len(data)
+                if progress is not None:
+                    progress(done, info.st_size)
+    if not helpers:
+        return done, None
+    if owner is not None and not guest_files.chown(client, part, owner):
+        raise QvmError(
+            f"{client.name}:{target}: cannot give it to {owner} (no such user or group in"
+            " the guest?); the partial copy was removed"
+        )
+    mode = info.st_mode & 0o777
+    kept = guest_files.chmod(client, part, mode)  # after chown, which clears setuid bits
+    if not guest_files.rename(client, part, target):
+        raise QvmError(
+            f"{client.name}:{target}: cannot put the copy in place (mv {part} failed in the"
+            " guest); the partial copy was removed"
+        )
+    parts.remove(part)
+    return done, mode if kept else None
+
+
+def _remove_quietly(run: RunDir, part: str) -> None:
+    """Remove a part file a failed or interrupted copy left, on a fresh connection (the
+    one the copy used may be mid-request); a guest that is gone keeps it."""
+    with contextlib.suppress(QvmError, OSError), open_agent(run, lock_timeout=5) as client:
+        guest_files.remove(client, part)
 
 
 def local_target(local: Path, guest_path: str, vm: str) -> Path:
@@ -242,12 +363,6 @@ def local_target(local: Path, guest_path: str, vm: str) -> Path:
     if not parent.is_dir():
         raise QvmError(f"{local}: no such folder {parent} on this host")
     return local
-
-
-def _is_regular(mode: int) -> bool:
-    import stat
-
-    return stat.S_ISREG(mode)
 
 
 @contextlib.contextmanager

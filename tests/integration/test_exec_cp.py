@@ -82,6 +82,12 @@ def test_arguments_arrive_exactly_without_a_shell(vm: Qvm) -> None:
     assert done.stdout.splitlines() == [f"[{w}]" for w in words]
 
 
+def test_the_programs_options_are_its_own(vm: Qvm) -> None:
+    """`qvm exec VM ls -l` failed with "No such option: -l": no -- needed."""
+    listed = vm("exec", "vm1", "ls", "-ld", "/tmp")
+    assert listed.stdout.startswith("d"), listed.stdout
+
+
 def test_large_binary_output_byte_for_byte(vm: Qvm) -> None:
     vm("exec", "vm1", "--", "sh", "-c", "head -c 6291456 /dev/urandom > /tmp/random")
     done = vm.run_bytes("exec", "vm1", "--", "cat", "/tmp/random")
@@ -177,6 +183,51 @@ def test_cp_round_trip_byte_for_byte_with_mode(vm: Qvm) -> None:
 
     vm("cp", "vm1:/tmp/data.bin", str(back / "renamed"))
     assert (back / "renamed").read_bytes() == local.read_bytes()
+
+
+def guest_listing(vm: Qvm, folder: str) -> list[str]:
+    return sorted(vm("exec", "vm1", "--", "ls", "-a", folder).stdout.split())
+
+
+def test_cp_into_the_guest_through_a_part_file_with_an_owner(vm: Qvm) -> None:
+    """The copy is written to a hidden part file and renamed into place: one that fails
+    leaves no part file and the old target as it was; --owner gives it away."""
+    vm("exec", "vm1", "--", "mkdir", "-p", "/tmp/own")
+    local = vm.root / "notes.txt"
+    local.write_text("new\n")
+    local.chmod(0o640)
+    vm("exec", "vm1", "--", "sh", "-c", "echo old > /tmp/own/notes.txt")
+    refused = vm("cp", "--owner", "nobody-here", str(local), "vm1:/tmp/own/", check=False)
+    assert refused.returncode == 1
+    assert one_line_error(refused) == (
+        "qvm: vm1:/tmp/own/notes.txt: cannot give it to nobody-here (no such user or group"
+        " in the guest?); the partial copy was removed"
+    )
+    assert guest_listing(vm, "/tmp/own") == [".", "..", "notes.txt"]  # no part file left
+    assert vm("exec", "vm1", "--", "cat", "/tmp/own/notes.txt").stdout == "old\n"
+    vm("cp", "--owner", "65534:65534", str(local), "vm1:/tmp/own/notes.txt")
+    owned = vm("exec", "vm1", "--", "stat", "-c", "%u:%g %a", "/tmp/own/notes.txt").stdout
+    assert owned.strip() == "65534:65534 640"
+    assert vm("exec", "vm1", "--", "cat", "/tmp/own/notes.txt").stdout == "new\n"
+    bad = vm("cp", "--owner", "-x", str(local), "vm1:/tmp/own/", check=False)
+    assert bad.returncode == 2 and "--owner: must be USER or USER:GROUP" in bad.stderr
+
+
+def test_cp_r_copies_a_folder_into_the_guest(vm: Qvm) -> None:
+    tree = vm.root / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.txt").write_text("a\n")
+    (tree / "sub" / "b.bin").write_bytes(os.urandom(1000))
+    (tree / "sub" / "b.bin").chmod(0o600)
+    plain = vm("cp", str(tree), "vm1:/tmp/", check=False)
+    assert plain.returncode == 1 and "(hint: qvm cp -r copies a folder)" in plain.stderr
+    vm("cp", "-r", str(tree), "vm1:/tmp/")  # an existing folder: the tree goes into it
+    assert vm("exec", "vm1", "--", "cat", "/tmp/tree/a.txt").stdout == "a\n"
+    digest = hashlib.sha256((tree / "sub" / "b.bin").read_bytes()).hexdigest()
+    assert guest_sha256(vm, "/tmp/tree/sub/b.bin") == digest
+    mode = vm("exec", "vm1", "--", "stat", "-c", "%a", "/tmp/tree/sub/b.bin").stdout.strip()
+    assert mode == "600"
+    assert guest_listing(vm, "/tmp/tree/sub") == [".", "..", "b.bin"]
 
 
 def test_cp_of_a_guest_path_that_does_not_exist(vm: Qvm) -> None:

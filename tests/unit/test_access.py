@@ -27,6 +27,7 @@ from qvm.layout.locks import try_lock
 from qvm.layout.rundir import RunDir
 from qvm.ops.access import SshTarget, parse_condition, ssh_argv, ssh_target, wait_ready
 from qvm.ops.files import remove, reset
+from qvm.ops.guest import default_owner
 from qvm.ops.up import _check_fixed_ports
 from qvm.store.forwards import current_forwards
 from qvm.store.launch import Image, LaunchRecord
@@ -416,3 +417,13 @@ def test_port_add_shorthands_forward_one_port_to_the_same_port() -> None:
     assert expand_shorthand("UDP:5353") == "UDP:5353:5353"
     for spelled_out in ("tcp:0:22", "tcp:127.0.0.1:2222:22", "http:80", "x", "tcp:auto:22"):
         assert expand_shorthand(spelled_out) == spelled_out
+
+
+def test_a_copy_into_the_login_users_home_is_theirs_by_default(tmp_path: Path) -> None:
+    """`qvm cp` wrote as the agent's root: the login user could not read a 0640 copy."""
+    run = make_run(tmp_path, ssh={"user": "dev", "identities": []})
+    assert default_owner(run, "/home/dev/notes.txt") == "dev:"
+    assert default_owner(run, "/home/dev/a/b/") == "dev:"
+    for elsewhere in ("/tmp/x", "/home/devil/x", "/home/dev/../root/x", "/root/x"):
+        assert default_owner(run, elsewhere) is None, elsewhere
+    assert default_owner(make_run(tmp_path, name="vm2"), "/home/dev/x") is None  # no user

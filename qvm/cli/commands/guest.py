@@ -3,6 +3,7 @@ QEMU guest agent (qvm.ops.guest)."""
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -10,10 +11,15 @@ from qvm.cli import resolve
 from qvm.cli.output import abort, emit_json, warn
 from qvm.cli.parsing.declare import Argument, Commands, Option
 from qvm.errors import EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_USAGE
+from qvm.layout.names import shown
 
 commands = Commands()
 
 BAR_FROM = 8 * 1024**2  # a progress bar for files from this size, on a terminal only
+# --owner: a user and optional group as chown takes them (names or numeric ids), never
+# an option or a path
+_NAME = r"[A-Za-z_0-9][A-Za-z0-9_.-]{0,31}\$?"
+OWNER = rf"{_NAME}(:({_NAME})?)?"
 
 
 @commands.command("exec")
@@ -131,16 +137,25 @@ def cp(
     target: str = Argument(
         ..., help="A local file or folder, or NAME:PATH (a file or folder in the VM)."
     ),
+    owner: str | None = Option(
+        None,
+        "--owner",
+        metavar="USER[:GROUP]",
+        help="Into the VM: whom the copy belongs to (default: the cloud-init user under "
+        "their home folder, else root).",
+    ),
+    recursive: bool = Option(False, "-r", "--recursive", help="Into the VM: a whole folder."),
     as_json: bool = Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Copy one file into or out of the VM through the guest agent.
+    """Copy a file into or out of the VM through the guest agent (-r: a folder, into it).
 
-    qvm cp NAME:PATH LOCAL    qvm cp LOCAL NAME:PATH
+    qvm cp NAME:PATH LOCAL    qvm cp [-r] [--owner USER[:GROUP]] LOCAL NAME:PATH
 
     A folder as the target keeps the file's name. The copy gets the source's permission
-    bits (read and set with stat and chmod in the guest). On the host the copy is written
-    beside the target and renamed into place when complete: a copy that fails leaves the
-    target as it was.
+    bits (read and set with stat and chmod in the guest). Either way the copy is written
+    to a hidden part file beside the target (0600 in the guest) and renamed into place
+    when complete: a copy that fails or is interrupted removes it and leaves the target
+    as it was.
 
     JSON: schemas/cp.json
     """
@@ -148,7 +163,12 @@ def cp(
 
     from qvm.ops.guest import copy_from_guest, copy_to_guest, split_remote
 
+    if owner is not None and not re.fullmatch(OWNER, owner):
+        abort(f"--owner: must be USER or USER:GROUP, got {shown(owner)}", EXIT_USAGE)
     remote_source, remote_target = split_remote(source), split_remote(target)
+    if remote_source and (owner is not None or recursive):
+        abort(f"qvm cp {source} {target}: --owner and -r are for copies into the VM",
+              EXIT_USAGE)  # fmt: skip
     if remote_source and remote_target:
         abort(f"qvm cp {source} {target}: copying between VMs is not supported (copy through"
               " a local file)", EXIT_USAGE)  # fmt: skip
@@ -162,7 +182,13 @@ def cp(
     elif remote_target:
         vm, path = remote_target
         run = resolve.run_dir_of(vm)
-        outcome = copy_to_guest(run, Path(source), path, _progress_bar(source))
+        try:
+            outcome = copy_to_guest(
+                run, Path(source), path, _progress_bar(source), owner, recursive
+            )
+        except KeyboardInterrupt:
+            abort(f"{target}: interrupted; the partial copy was removed, the target is as it"
+                  " was", EXIT_INTERRUPTED)  # fmt: skip
         if outcome.mode is None:
             warn(f"qvm: {outcome.target}: its mode could not be set in the guest (no chmod?)")
     else:
