@@ -65,7 +65,7 @@ def expand_shorthand(text: str) -> str:
 
 def _parse_host_addr(text: str, addr: str) -> str:
     try:
-        import ipaddress
+        import ipaddress  # noqa: PLC0415 -- only for a forward with a host address
 
         return str(ipaddress.IPv4Address(addr))
     except ValueError:

@@ -16,6 +16,7 @@ from typing import Any
 
 from qvm.base.record import Record
 from qvm.base.sizes import SizeError, parse_size
+from qvm.base.urls import is_url
 from qvm.definition.forwards import ForwardError, parse_forward
 from qvm.definition.schema import USER_PATTERN
 from qvm.definition.sshkeys import key_file_problem, key_line_problem
@@ -50,8 +51,6 @@ class NewOptions(Record):
 
 def _absolute(text: str, cwd: Path) -> str:
     """Paths on the command line are the shell's: relative to the current folder."""
-    from qvm.base.urls import is_url
-
     if is_url(text):
         return text
     try:
@@ -85,8 +84,6 @@ def new_document(options: NewOptions, cwd: Path) -> dict[str, Any]:
         problems.append(f"--cpus: must be >= 1, got {options.cpus}")
     if options.max_cpus is not None and options.max_cpus < (options.cpus or 1):
         problems.append(f"--max-cpus: must be >= --cpus, got {options.max_cpus}")
-    from qvm.base.urls import is_url
-
     url = options.image is not None and is_url(options.image)
     if url and not (options.sha256 or options.sha512):
         problems.append("--image URL needs --sha256 or --sha512 (the image's published checksum)")
@@ -185,7 +182,7 @@ def _to_guest_ssh(forward: str) -> bool:
 def render(doc: dict[str, Any]) -> str:
     """TOML text of ``doc``, tables in its order; arrays of tables always as [[name]]
     (tomli-w would write a short one inline, ``disk = [{...}]``, which reads worse)."""
-    import tomli_w
+    import tomli_w  # noqa: PLC0415 -- only to write the file, after every check passed
 
     chunks = []
     for key, value in doc.items():

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import re
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qvm.base.record import Record
+from qvm.definition.reader import render
 from qvm.errors import DefinitionError, Problem
 
 
@@ -29,8 +31,8 @@ class PersistResult(Record):
 
 def set_cpu_count_text(text: str, count: int, file: str = "<toml>") -> tuple[str, int | None]:
     """``text`` with ``[cpu] count`` set to ``count`` (table and key created if missing)."""
-    import tomlkit
-    from tomlkit.exceptions import TOMLKitError
+    import tomlkit  # noqa: PLC0415 -- 20+ ms, only for cpu --persist
+    from tomlkit.exceptions import TOMLKitError  # noqa: PLC0415 -- with tomlkit
 
     try:
         doc = tomlkit.parse(text)
@@ -134,8 +136,6 @@ def _own_end(lines: list[str], start: int, next_header: int) -> int:
 
 
 def entry_lines(table: str, entry: dict[str, Any]) -> list[str]:
-    from qvm.definition.reader import render
-
     return [f"[[{table}]]"] + [f"{key} = {render(value)}" for key, value in entry.items()]
 
 
@@ -200,8 +200,6 @@ def remove_entry_text(
 
 
 def _load(text: str, file: str) -> dict[str, Any]:
-    import tomllib
-
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

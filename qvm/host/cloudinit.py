@@ -12,6 +12,8 @@ finds by its label on any block device.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -111,8 +113,6 @@ def _read_public_keys(machine: Machine, index: int, path: Path, default: bool) -
 def instance_id(machine_name: str, user_data: str) -> str:
     """From the VM's name, and changing with the user-data: cloud-init applies its per-
     instance settings (user, keys, packages, runcmd) again when the config changed."""
-    import hashlib
-
     return f"{machine_name}-{hashlib.sha256(user_data.encode()).hexdigest()[:8]}"
 
 
@@ -219,9 +219,7 @@ def write_seed(machine: Machine, plan: SeedPlan, run: RunDir) -> bool:
 
 def build_iso(path: Path, files: dict[str, bytes], label: str = SEED_LABEL) -> None:
     """An ISO 9660 image (Rock Ridge + Joliet names) holding ``files`` at its root."""
-    import io
-
-    import pycdlib
+    import pycdlib  # noqa: PLC0415 -- 10+ ms, only when a seed is written
 
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=label)
@@ -236,9 +234,7 @@ def build_iso(path: Path, files: dict[str, bytes], label: str = SEED_LABEL) -> N
 
 def read_iso(path: Path) -> tuple[str, dict[str, bytes]]:
     """The volume id and the files (by Rock Ridge name) of an ISO image (for tests)."""
-    import io
-
-    import pycdlib
+    import pycdlib  # noqa: PLC0415 -- 10+ ms, only when a seed is read back (tests)
 
     iso = pycdlib.PyCdlib()
     iso.open(str(path))

@@ -401,7 +401,7 @@ class _Sink:
 def _replacing(target: Path, mode: int | None) -> Iterator[_Sink]:
     """A temporary file next to ``target``, renamed over it when the block completes,
     removed when it does not."""
-    import tempfile  # 7 ms of imports (shutil, lzma, ...) that `qvm exec` does not need
+    import tempfile  # noqa: PLC0415 -- 7 ms (shutil, lzma, ...) `qvm exec` does not need
 
     try:
         fd, temp = tempfile.mkstemp(
