@@ -313,3 +313,21 @@ def test_pc_hotplug_then_the_tcg_guard_after_a_vcpu_unplug(qvm: Qvm, tmp_path: P
     assert objects(qvm, "vm1") == ["pc.ram", "type"] and block_nodes(qvm, "vm1") == []
     # (--force is not tried here: QEMU then dies a moment after device_add returned, by
     # SIGSEGV, in 9 of 11 tries here, but not always, so a test of it could only be flaky)
+
+
+def test_a_persisted_disk_survives_a_restart_as_itself(qvm: Qvm) -> None:
+    """`disk attach --persist` then `qvm restart` failed: the lock check before the start
+    found the VM's own QEMU holding the image ("in use by another process"). After the
+    restart the disk keeps its id, and a snapshot takes the image qvm made."""
+    toml = machine(qvm, "vm1", "q35", 1, 'size = "256M"', "\n[hotplug]\npci_slots = 1\n")
+    qvm("up", "vm1")
+    qvm.serial("vm1").wait_ready()
+    qvm("disk", "attach", "vm1", "--new", "16M", "--persist")
+    image = qvm.run_dir("vm1") / "hotplug-disk0.qcow2"
+    assert f'file = "{image}"' in toml.read_text() and 'id = "disk0"' in toml.read_text()
+    restarted = qvm("restart", "vm1", "--force", check=False)
+    assert restarted.returncode == 0, restarted.stderr
+    assert [d["id"] for d in qvm.json("disk", "list", "vm1")["disks"]] == ["disk0"]
+    qvm("down", "vm1", "--force")
+    saved = qvm("snapshot", "save", "vm1", "cold", "--disk-only", check=False)
+    assert saved.returncode == 0, saved.stderr  # not refused as "your image"
