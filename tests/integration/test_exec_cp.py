@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import time
@@ -302,6 +303,38 @@ def test_a_vm_killed_mid_copy_leaves_nothing_on_the_host(qvm: Qvm) -> None:
     assert lines[0].startswith("qvm: dying: guest agent channel closed")
     assert lines[0].endswith(f"; {out / 'big'} not written")
     assert list(out.iterdir()) == []
+
+
+def test_ctrl_c_mid_copy_into_the_guest_leaves_the_old_target(vm: Qvm) -> None:
+    """Ctrl-C left a partial, world-writable file over the old one and said only
+    "interrupted": the part file is removed, and the target is as it was."""
+    vm("exec", "vm1", "--", "sh", "-c", "mkdir -p /tmp/cut && echo old > /tmp/cut/big")
+    local = vm.root / "big"
+    local.write_bytes(os.urandom(24 * MiB))  # ~8 s at the ~3 MB/s the agent writes
+    copy = subprocess.Popen(
+        [str(QVM_BIN), "cp", str(local), "vm1:/tmp/cut/big"],
+        env=vm.env(),
+        cwd=vm.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(3)  # under way: the agent is the copy's, nothing else can look
+        copy.send_signal(signal.SIGINT)
+        _, stderr = copy.communicate(timeout=60)
+    finally:
+        if copy.poll() is None:
+            copy.kill()
+            copy.wait()
+    assert copy.returncode == 130
+    assert stderr == (
+        "qvm: vm1:/tmp/cut/big: interrupted; the partial copy was removed, the target is as"
+        " it was\n"
+    )
+    listing = vm("exec", "vm1", "--", "ls", "-a", "/tmp/cut").stdout.split()
+    assert sorted(listing) == [".", "..", "big"]
+    assert vm("exec", "vm1", "--", "cat", "/tmp/cut/big").stdout == "old\n"
 
 
 @pytest.mark.timeout(1200)
