@@ -22,6 +22,7 @@ READ_CHUNK = 4 * 1024**2
 WRITE_CHUNK = 1024**2
 CHUNK_TIMEOUT = 60.0  # seconds for one chunk: a busy TCG guest is slow, a dead one says so
 HELPER_TIMEOUT = 30.0  # stat, chmod
+FIND_TIMEOUT = 120.0  # find over a large folder tree
 
 
 class GuestStat(Record):
@@ -88,6 +89,19 @@ def remove(client: AgentClient, path: str) -> bool:
 
 def make_dirs(client: AgentClient, path: str) -> bool:
     return _helper(client, ["mkdir", "-p", "--", path])
+
+
+def find(client: AgentClient, folder: str, kind: str) -> list[str]:
+    """Every path of ``kind`` ("f": regular files, "d": folders) under ``folder`` in the
+    guest (``find -print0``), sorted; AgentError when the guest cannot list it."""
+    try:
+        result = run_to_end(client, ["find", folder, "-type", kind, "-print0"], FIND_TIMEOUT)
+    except AgentCommandError as error:
+        raise AgentError(f"{client.name}:{folder}: cannot list it in the guest: {error}") from None
+    if result is None or result.status != 0:
+        why = "" if result is None else result.stderr.decode(errors="replace").strip()
+        raise AgentError(f"{client.name}:{folder}: cannot list it in the guest: {why or 'find'}")
+    return sorted(p for p in result.stdout.decode(errors="surrogateescape").split("\0") if p)
 
 
 def can_run_helpers(client: AgentClient) -> bool:

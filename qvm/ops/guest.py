@@ -163,33 +163,101 @@ def split_remote(spec: str) -> tuple[str, str] | None:
 
 
 def copy_from_guest(
-    run: RunDir, guest_path: str, local: Path, progress: Progress | None = None
+    run: RunDir,
+    guest_path: str,
+    local: Path,
+    progress: Progress | None = None,
+    recursive: bool = False,
 ) -> CopyOutcome:
-    """``guest_path`` into ``local`` (a folder: the file keeps its name), by way of a
-    temporary file renamed into place at the end."""
-    target = local_target(local, guest_path, run.name)
+    """``guest_path`` into ``local`` (a folder: the file keeps its name; with
+    ``recursive``, a guest folder and every file in it), each by way of a temporary file
+    renamed into place at the end."""
     started = time.monotonic()
+    mode: int | None
     with open_agent(run) as client:
-        handle = guest_files.open_file(client, guest_path, "r")
-        with _closing(client, handle):
-            info = guest_files.stat(client, guest_path)
-            if info is not None and info.kind == "directory":
-                raise QvmError(f"{run.name}:{guest_path}: is a directory (qvm cp copies one file)")
-            mode = None if info is None else info.mode & 0o777
-            total = None if info is None else info.size
-            with _replacing(target, mode) as out, _failing(f"; {target} not written"):
-                done = 0
-                while True:
-                    data, eof = guest_files.read_chunk(client, handle)
-                    out.write(data)
-                    done += len(data)
-                    if progress is not None:
-                        progress(done, total)
-                    if eof or not data:
-                        break
+        info = guest_files.stat(client, guest_path)
+        if info is not None and info.kind == "directory":
+            if not recursive:
+                raise QvmError(
+                    f"{run.name}:{guest_path}: is a folder (hint: qvm cp -r copies a folder)"
+                )
+            target = _local_tree_target(local, guest_path, run.name)
+            done = _get_tree(client, guest_path, target, progress)
+            mode = info.mode & 0o777
+            with contextlib.suppress(OSError):
+                os.chmod(target, mode)
+        else:
+            target = local_target(local, guest_path, run.name)
+            done, mode = _get_file(client, guest_path, target, progress, info)
     return CopyOutcome(
         f"{run.name}:{guest_path}", str(target), done, time.monotonic() - started, mode
     )
+
+
+def _get_file(
+    client: AgentClient,
+    guest_path: str,
+    target: Path,
+    progress: Progress | None,
+    info: guest_files.GuestStat | None,
+) -> tuple[int, int | None]:
+    handle = guest_files.open_file(client, guest_path, "r")
+    with _closing(client, handle):
+        mode = None if info is None else info.mode & 0o777
+        total = None if info is None else info.size
+        with _replacing(target, mode) as out, _failing(f"; {target} not written"):
+            done = 0
+            while True:
+                data, eof = guest_files.read_chunk(client, handle)
+                out.write(data)
+                done += len(data)
+                if progress is not None:
+                    progress(done, total)
+                if eof or not data:
+                    break
+    return done, mode
+
+
+def _local_tree_target(local: Path, guest_path: str, vm: str) -> Path:
+    """Where a guest folder goes: ``local`` when it does not exist yet, else a folder of
+    the guest folder's name inside it (as `cp -r` has it)."""
+    if not local.exists():
+        if not local.parent.is_dir():
+            raise QvmError(f"{local}: no such folder {local.parent} on this host")
+        return local
+    if not local.is_dir():
+        raise QvmError(f"{local}: is a file: a folder cannot be copied over it")
+    name = posixpath.basename(posixpath.normpath(guest_path))
+    if name in ("", ".", "..", "/"):
+        raise QvmError(f"{vm}:{guest_path}: names no folder to copy into {local}")
+    return local / name
+
+
+def _get_tree(client: AgentClient, guest_dir: str, target: Path, progress: Progress | None) -> int:
+    """Every folder and regular file under ``guest_dir`` into ``target``, as ``find``
+    in the guest lists them (links and special files are left out, as `cp -r` of files
+    would)."""
+    folders = guest_files.find(client, guest_dir, "d")
+    files = guest_files.find(client, guest_dir, "f")
+    base = guest_dir.rstrip("/") or "/"
+    done = 0
+    for folder in folders:
+        relative = posixpath.relpath(folder, base)
+        local = target if relative == "." else target / relative
+        _check_inside(local, target)
+        local.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        local = target / posixpath.relpath(file, base)
+        _check_inside(local, target)
+        written, _ = _get_file(client, file, local, progress, guest_files.stat(client, file))
+        done += written
+    return done
+
+
+def _check_inside(path: Path, folder: Path) -> None:
+    """A name from the guest must not lead out of the folder it is copied into."""
+    if path != folder and ".." in path.relative_to(folder).parts:
+        raise QvmError(f"{path}: a guest path that leads out of {folder}; nothing more copied")
 
 
 def copy_to_guest(

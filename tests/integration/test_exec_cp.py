@@ -214,7 +214,7 @@ def test_cp_into_the_guest_through_a_part_file_with_an_owner(vm: Qvm) -> None:
     assert bad.returncode == 2 and "--owner: must be USER or USER:GROUP" in bad.stderr
 
 
-def test_cp_r_copies_a_folder_into_the_guest(vm: Qvm) -> None:
+def test_cp_r_copies_a_folder_into_the_guest_and_back(vm: Qvm) -> None:
     tree = vm.root / "tree"
     (tree / "sub").mkdir(parents=True)
     (tree / "a.txt").write_text("a\n")
@@ -229,6 +229,16 @@ def test_cp_r_copies_a_folder_into_the_guest(vm: Qvm) -> None:
     mode = vm("exec", "vm1", "--", "stat", "-c", "%a", "/tmp/tree/sub/b.bin").stdout.strip()
     assert mode == "600"
     assert guest_listing(vm, "/tmp/tree/sub") == [".", "..", "b.bin"]
+
+    back = vm.root / "back-tree"
+    plain_out = vm("cp", "vm1:/tmp/tree", str(back), check=False)
+    assert plain_out.returncode == 1 and "(hint: qvm cp -r copies a folder)" in plain_out.stderr
+    vm("cp", "-r", "vm1:/tmp/tree", str(back))  # not there yet: the folder becomes it
+    assert (back / "a.txt").read_text() == "a\n"
+    assert (back / "sub" / "b.bin").read_bytes() == (tree / "sub" / "b.bin").read_bytes()
+    assert stat.S_IMODE((back / "sub" / "b.bin").stat().st_mode) == 0o600
+    vm("cp", "-r", "vm1:/tmp/tree/sub", str(back))  # there: a folder of its name inside
+    assert (back / "sub" / "b.bin").is_file() and sorted(os.listdir(back)) == ["a.txt", "sub"]
 
 
 def test_cp_of_a_guest_path_that_does_not_exist(vm: Qvm) -> None:

@@ -144,12 +144,12 @@ def cp(
         help="Into the VM: whom the copy belongs to (default: the cloud-init user under "
         "their home folder, else root).",
     ),
-    recursive: bool = Option(False, "-r", "--recursive", help="Into the VM: a whole folder."),
+    recursive: bool = Option(False, "-r", "--recursive", help="A whole folder, either way."),
     as_json: bool = Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Copy a file into or out of the VM through the guest agent (-r: a folder, into it).
+    """Copy a file (-r: a folder) into or out of the VM through the guest agent.
 
-    qvm cp NAME:PATH LOCAL    qvm cp [-r] [--owner USER[:GROUP]] LOCAL NAME:PATH
+    qvm cp [-r] NAME:PATH LOCAL    qvm cp [-r] [--owner USER[:GROUP]] LOCAL NAME:PATH
 
     A folder as the target keeps the file's name. The copy gets the source's permission
     bits (read and set with stat and chmod in the guest). Either way the copy is written
@@ -166,16 +166,15 @@ def cp(
     if owner is not None and not re.fullmatch(OWNER, owner):
         abort(f"--owner: must be USER or USER:GROUP, got {shown(owner)}", EXIT_USAGE)
     remote_source, remote_target = split_remote(source), split_remote(target)
-    if remote_source and (owner is not None or recursive):
-        abort(f"qvm cp {source} {target}: --owner and -r are for copies into the VM",
-              EXIT_USAGE)  # fmt: skip
+    if remote_source and owner is not None:
+        abort(f"qvm cp {source} {target}: --owner is for copies into the VM", EXIT_USAGE)
     if remote_source and remote_target:
         abort(f"qvm cp {source} {target}: copying between VMs is not supported (copy through"
               " a local file)", EXIT_USAGE)  # fmt: skip
     if remote_source:
         vm, path = remote_source
         run = resolve.run_dir_of(vm)
-        outcome = copy_from_guest(run, path, Path(target), _progress_bar(source))
+        outcome = copy_from_guest(run, path, Path(target), _progress_bar(source), recursive)
         if outcome.mode is None:
             warn(f"qvm: {source}: its mode could not be read in the guest (no stat?); the"
                  " copy has the default mode")  # fmt: skip
