@@ -22,7 +22,6 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qvm.base.jsonfile import read_json
 from qvm.base.record import Record
 from qvm.control import transaction
 from qvm.control.guard import check_device_add
@@ -33,7 +32,7 @@ from qvm.errors import HotplugError
 from qvm.host.holders import describe_holders, locked_by_someone, users_of
 from qvm.layout import kinds
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import Command, DeviceRecord
+from qvm.store.devices import Command, DeviceRecord, qemu_run
 from qvm.store.launch import LaunchRecord
 from qvm.store.pending import pending_ids
 from qvm.supervisor.qmp_replies import block_devices, named_block_nodes
@@ -171,9 +170,7 @@ def check_image(run: RunDir, path: Path, readonly: bool, disks: DiskList) -> Non
 
 
 def _qemu_pid(run: RunDir) -> int | None:
-    state = read_json(run.state_file) or {}
-    pid = state.get("qemu_pid")
-    return pid if isinstance(pid, int) else None
+    return qemu_run(run).pid
 
 
 # --- attach ------------------------------------------------------------------------------

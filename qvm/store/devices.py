@@ -12,11 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qvm.base.jsonfile import read_json, write_json_atomic
+from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
 from qvm.layout.kinds import recorded_kinds
 from qvm.layout.rundir import RunDir
 from qvm.store.fields import Fields, read_record
+from qvm.store.state import QemuRun, current_qemu_run
 
 # One QMP command: (name, arguments)
 Command = tuple[str, dict[str, Any]]
@@ -24,17 +25,16 @@ DEVICE_KINDS = recorded_kinds()  # qvm.layout.kinds: the kinds qvm records
 _HINT = "qvm restart rewrites it"
 
 
-def qemu_run(run: RunDir) -> dict[str, Any]:
-    """Which QEMU process a run dir's records are about now (pid and start time)."""
-    state = read_json(run.state_file) or {}
-    return {"qemu_pid": state.get("qemu_pid"), "qemu_start_time": state.get("qemu_start_time")}
+def qemu_run(run: RunDir) -> QemuRun:
+    """Which QEMU run a run dir's records are about now (``state.json``'s; corrupt:
+    RecordError)."""
+    return current_qemu_run(run.state_file)
 
 
-def same_run(record: dict[str, Any], current: dict[str, Any]) -> bool:
-    """True if ``record`` (pending marks, devices.json, ...) is about the ``current`` QEMU."""
-    return bool(current.get("qemu_pid")) and all(
-        record.get(k) == current.get(k) for k in ("qemu_pid", "qemu_start_time")
-    )
+def same_run(record: Fields, current: QemuRun) -> bool:
+    """True if ``record`` (devices.json, forwards.json, ...) is stamped with the
+    ``current`` QEMU run; a stamp of the wrong type is a RecordError naming the file."""
+    return QemuRun.stamp_of(record).is_current(current)
 
 
 def read_fields(path: Path, hint: str | None = None) -> Fields | None:
@@ -111,14 +111,14 @@ def device_records(run: RunDir) -> tuple[DeviceRecord, ...]:
     """What qvm hotplugged into the VM's current QEMU (an earlier run's record means
     nothing)."""
     f = read_fields(run.devices_file, _HINT)
-    if f is None or not same_run(f.data, qemu_run(run)):
+    if f is None or not same_run(f, qemu_run(run)):
         return ()
     return f.records("devices", DeviceRecord.read, ())
 
 
 def save_devices(run: RunDir, devices: tuple[DeviceRecord, ...] | list[DeviceRecord]) -> None:
     write_json_atomic(
-        run.devices_file, {**qemu_run(run), "devices": [d.to_json() for d in devices]}
+        run.devices_file, {**qemu_run(run).stamp(), "devices": [d.to_json() for d in devices]}
     )
 
 

@@ -8,19 +8,20 @@ the ports QEMU bound for them (``qvm.host.usernet``), which launch.json cannot k
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.layout.rundir import RunDir
 from qvm.store.devices import qemu_run, read_fields, same_run
 from qvm.store.launch import Forward
+from qvm.store.state import QemuRun
 
 
 def read_forwards(run: RunDir) -> tuple[Forward, ...]:
     """The forwards of the VM's current (or last) QEMU run."""
     record = read_fields(run.forwards_file, "qvm restart rewrites it")
-    if record is not None and same_run(record.data, qemu_run(run)):
+    if record is not None and same_run(record, qemu_run(run)):
         return record.records("forwards", Forward.read, ())
     # only the forwards of launch.json: the rest of it is not this module's business
     launch = read_fields(run.launch_file)
@@ -32,13 +33,13 @@ def current_forwards(run: RunDir) -> list[dict[str, Any]]:
     return [forward.to_json() for forward in read_forwards(run)]
 
 
-def save(
-    run: RunDir, forwards: Iterable[Forward], stamp: Mapping[str, object] | None = None
-) -> None:
-    """Write the forwards of the QEMU run ``stamp`` names (pid and start time; by default
-    the run ``state.json`` names)."""
+def save(run: RunDir, forwards: Iterable[Forward], stamp: QemuRun | None = None) -> None:
+    """Write the forwards of the QEMU run ``stamp`` (by default the run ``state.json``
+    names)."""
     stamp = qemu_run(run) if stamp is None else stamp
-    write_json_atomic(run.forwards_file, {**stamp, "forwards": [f.to_json() for f in forwards]})
+    write_json_atomic(
+        run.forwards_file, {**stamp.stamp(), "forwards": [f.to_json() for f in forwards]}
+    )
 
 
 def record_forwards(run: RunDir, entries: Iterable[Forward]) -> None:

@@ -21,15 +21,9 @@ from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
 from qvm.errors import RecordError
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import (
-    Command,
-    commands_json,
-    qemu_run,
-    read_commands,
-    read_fields,
-    same_run,
-)
+from qvm.store.devices import Command, commands_json, qemu_run, read_commands, read_fields
 from qvm.store.fields import Fields
+from qvm.store.state import QemuRun
 
 PERIPHERAL = "/machine/peripheral/"
 _HINT = "qvm restart ends every pending unplug"
@@ -38,8 +32,7 @@ _HINT = "qvm restart ends every pending unplug"
 class PendingMark(Record):
     """An unplug request of one device that the guest has not completed."""
 
-    qemu_pid: int | None = None  # None: a mark from before marks were stamped
-    qemu_start_time: float | None = None
+    run: QemuRun = QemuRun(None, None)  # pid None: a mark from before marks were stamped
     since: float | None = None
     exact: bool = False  # ended only by DEVICE_DELETED of the device itself
     cleanup: tuple[Command, ...] = ()
@@ -47,27 +40,22 @@ class PendingMark(Record):
     @classmethod
     def read(cls, f: Fields) -> PendingMark:
         return cls(
-            qemu_pid=f.int("qemu_pid", None),
-            qemu_start_time=f.float("qemu_start_time", None),
+            run=QemuRun.stamp_of(f),
             since=f.float("since", None),
             exact=f.bool("exact", False),
             cleanup=read_commands(f, "cleanup"),
         )
 
     def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "qemu_pid": self.qemu_pid,
-            "qemu_start_time": self.qemu_start_time,
-            "since": self.since,
-        }
+        data: dict[str, Any] = {**self.run.stamp(), "since": self.since}
         if self.exact:
             data["exact"] = True
         if self.cleanup:
             data["cleanup"] = commands_json(self.cleanup)
         return data
 
-    def of_run(self, current: dict[str, Any]) -> bool:
-        return self.qemu_pid is None or same_run(self.to_json(), current)
+    def of_run(self, current: QemuRun) -> bool:
+        return self.run.pid is None or self.run.is_current(current)
 
 
 def device_state(pending: bool) -> str:
@@ -106,10 +94,7 @@ def pending_ids(run: RunDir) -> set[str]:
 def mark_pending(
     run: RunDir, ids: Iterable[str], exact: bool = False, cleanup: Sequence[Command] = ()
 ) -> None:
-    current = qemu_run(run)
-    mark = PendingMark(
-        current.get("qemu_pid"), current.get("qemu_start_time"), time.time(), exact, tuple(cleanup)
-    )
+    mark = PendingMark(qemu_run(run), time.time(), exact, tuple(cleanup))
     _save(run, {**_all_marks(run), **dict.fromkeys(ids, mark)})
 
 

@@ -142,6 +142,40 @@ class StateRecord(Record):
         return self.exit.reason if self.exit is not None else None
 
 
+class QemuRun(Record):
+    """Which QEMU run a run dir's records are about: QEMU's pid and its start time (a pid
+    alone may be reused). Records of hotplugged devices, pending unplugs, vCPU unplugs and
+    forwards carry it as a stamp (``qemu_pid``, ``qemu_start_time``); a stamp of an
+    earlier run means nothing for the current one."""
+
+    pid: int | None  # None when no QEMU runs
+    start_time: int | None
+
+    @classmethod
+    def of_state(cls, state: StateRecord | None) -> QemuRun:
+        """The run ``state.json`` names (no run without one)."""
+        if state is None:
+            return cls(None, None)
+        return cls(state.qemu_pid, state.qemu_start_time)
+
+    @classmethod
+    def stamp_of(cls, f: Fields) -> QemuRun:
+        """The stamp in a record, checked."""
+        return cls(f.int("qemu_pid", None), f.int("qemu_start_time", None))
+
+    def stamp(self) -> dict[str, int | None]:
+        return {"qemu_pid": self.pid, "qemu_start_time": self.start_time}
+
+    def is_current(self, current: QemuRun) -> bool:
+        """This stamp is about ``current``, a QEMU that runs."""
+        return current.pid is not None and self == current
+
+
+def current_qemu_run(path: str | os.PathLike[str]) -> QemuRun:
+    """The QEMU run the state record at ``path`` names. Corrupt: RecordError."""
+    return QemuRun.of_state(read_state(path))
+
+
 def read_state(path: str | os.PathLike[str]) -> StateRecord | None:
     """The state record at ``path``; None when there is none. Corrupt: RecordError."""
     return read_record(path, StateRecord.from_json, STATE_HINT)

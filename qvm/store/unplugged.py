@@ -14,12 +14,32 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from qvm.base.jsonfile import read_json, write_json_atomic
+from qvm.base.jsonfile import write_json_atomic
+from qvm.base.record import Record
+from qvm.errors import RecordError
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import qemu_run, same_run
+from qvm.store.devices import qemu_run, read_fields
+from qvm.store.fields import Fields
+from qvm.store.state import QemuRun
 
 # QEMU 7.2 reports a vCPU's removal only for its LAPIC child (see qemu-facts.md)
 _VCPU_LAPIC = re.compile(r"/machine/peripheral(?:-anon)?/(?P<id>[^/]+)/lapic")
+_HINT = "qvm restart starts a QEMU run that ignores it"
+
+
+class CpuUnplugRecord(Record):
+    """The vCPUs that left one QEMU run."""
+
+    run: QemuRun
+    ids: tuple[str, ...]
+    at: float | None = None
+
+    @classmethod
+    def read(cls, f: Fields) -> CpuUnplugRecord:
+        return cls(QemuRun.stamp_of(f), f.str_list("ids", ()), f.float("at", None))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.run.stamp(), "ids": list(self.ids), "at": self.at}
 
 
 def unplugged_vcpu(event_data: dict[str, Any]) -> str | None:
@@ -29,21 +49,26 @@ def unplugged_vcpu(event_data: dict[str, Any]) -> str | None:
     return match["id"] if match else None
 
 
+def _read(run: RunDir) -> CpuUnplugRecord | None:
+    f = read_fields(run.cpu_unplugged_file, _HINT)
+    return CpuUnplugRecord.read(f) if f is not None else None
+
+
 def cpu_unplugged_this_run(run: RunDir) -> bool:
-    record = read_json(run.cpu_unplugged_file)
-    return record is not None and same_run(record, qemu_run(run))
+    """A vCPU left the current QEMU run. A corrupt record: RecordError naming it."""
+    record = _read(run)
+    return record is not None and record.run.is_current(qemu_run(run))
 
 
-def record_cpu_unplug(
-    run: RunDir, ids: Sequence[str], current: dict[str, Any] | None = None
-) -> None:
+def record_cpu_unplug(run: RunDir, ids: Sequence[str], current: QemuRun | None = None) -> None:
     """Add ``ids`` to the record of the QEMU run ``current`` (default: the one state.json
-    names). RecordWriteError if the file cannot be written."""
+    names). RecordWriteError if the file cannot be written; a corrupt record is replaced
+    (the supervisor calls this for every vCPU unplug it sees, and must go on watching)."""
     current = current if current is not None else qemu_run(run)
-    record = read_json(run.cpu_unplugged_file)
-    if record is None or not same_run(record, current):
-        record = {**current, "ids": []}
-    known = record.get("ids")
-    record["ids"] = sorted(set(known if isinstance(known, list) else []) | set(ids))
-    record["at"] = time.time()
-    write_json_atomic(run.cpu_unplugged_file, record)
+    try:
+        record = _read(run)
+    except RecordError:
+        record = None
+    known = record.ids if record is not None and record.run.is_current(current) else ()
+    updated = CpuUnplugRecord(current, tuple(sorted({*known, *ids})), time.time())
+    write_json_atomic(run.cpu_unplugged_file, updated.to_json())

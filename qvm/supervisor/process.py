@@ -32,7 +32,7 @@ from qvm.layout.runfiles import (
     RunFiles,
 )
 from qvm.store.launch import LaunchRecord
-from qvm.store.state import ExitRecord, StateRecord, write_state
+from qvm.store.state import ExitRecord, QemuRun, StateRecord, write_state
 from qvm.supervisor.facts import (
     QMP_CALL_TIMEOUT,
     describe_qmp_failure,
@@ -398,7 +398,7 @@ class Supervisor:
         dev_id = unplugged_vcpu(data)
         if dev_id is None or self.qemu is None:
             return
-        current = {"qemu_pid": self.qemu.pid, "qemu_start_time": self.state.qemu_start_time}
+        current = QemuRun(self.qemu.pid, self.state.qemu_start_time)
         try:
             record_cpu_unplug(self.run_dir(), [dev_id], current)
         except RecordWriteError as error:

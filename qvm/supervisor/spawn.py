@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from qvm.base.jsonfile import RecordWriteError
 from qvm.base.proc import find_program
 from qvm.layout.runfiles import EVENTS_SOCKET, QEMU_LOG, STATE_FILE
-from qvm.store.state import ExitRecord, StateRecord, write_state
+from qvm.store.state import ExitRecord, QemuRun, StateRecord, write_state
 
 if TYPE_CHECKING:
     import socket
@@ -146,9 +146,8 @@ def forwards_recorder(
                 f"({forward.nic}): QEMU did not list the port it bound "
                 f"(info usernet: {usernet!r})"
             )
-        stamp = {"qemu_pid": qemu_pid, "qemu_start_time": process_start_time(qemu_pid)}
         try:
-            save(run, forwards, stamp)
+            save(run, forwards, QemuRun(qemu_pid, process_start_time(qemu_pid)))
         except (RecordWriteError, OSError) as error:
             log_line(f"qvm supervisor: {error}")
 

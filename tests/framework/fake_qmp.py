@@ -108,3 +108,23 @@ def launch_record(**fields: Any) -> LaunchRecord:
         **fields,
     }
     return LaunchRecord.from_json(data, "launch.json")
+
+
+def state_json(qemu_pid: int | None = 100, qemu_start_time: int | None = 5, **fields: Any) -> Any:
+    """A state.json of a running VM as its supervisor writes it, naming one QEMU run."""
+    data: dict[str, Any] = {
+        "name": "vm1",
+        "machine_file": None,
+        "accel": "tcg",
+        "accel_reason": None,
+        "supervisor_pid": 99,
+        "supervisor_start_time": 1,
+        "state": "running",
+        "restarts": 0,
+        "exit": None,
+        "crash_reason": None,
+        "qemu_pid": qemu_pid,
+        "qemu_start_time": qemu_start_time,
+        **fields,
+    }
+    return data

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from framework.fake_qmp import state_json
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.control.forwards import _matches
@@ -92,15 +93,15 @@ def _my_name() -> str:
 
 def test_forwards_record_belongs_to_one_qemu_run(tmp_path: Path) -> None:
     run = make_run(tmp_path, forwards=[FWD22])
-    write_json_atomic(run.state_file, {"qemu_pid": 10, "qemu_start_time": 5.0})
+    write_json_atomic(run.state_file, state_json(10, 5))
     assert current_forwards(run) == [FWD22]
     extra = {**FWD22, "host_port": 40124, "guest_port": 80}
     write_json_atomic(
-        run.forwards_file, {"qemu_pid": 10, "qemu_start_time": 5.0, "forwards": [FWD22, extra]}
+        run.forwards_file, {"qemu_pid": 10, "qemu_start_time": 5, "forwards": [FWD22, extra]}
     )
     assert current_forwards(run) == [FWD22, extra]
     # QEMU restarted (another start time): only its argv's forwards hold
-    write_json_atomic(run.state_file, {"qemu_pid": 10, "qemu_start_time": 6.0})
+    write_json_atomic(run.state_file, state_json(10, 6))
     assert current_forwards(run) == [FWD22]
 
 

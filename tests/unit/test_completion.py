@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from framework.completion import BASH_DRIVER
+from framework.fake_qmp import state_json
 
 QVM = Path(sys.executable).parent / "qvm"
 
@@ -62,8 +63,8 @@ def vms(tmp_path: Path) -> Path:
     run = tmp_path / "state" / "gamma"
     run.mkdir(parents=True, mode=0o700)
     os.chmod(tmp_path / "state", 0o700)
-    this_run = {"qemu_pid": 4242, "qemu_start_time": 1234.5}
-    (run / "state.json").write_text(json.dumps(this_run))
+    this_run = {"qemu_pid": 4242, "qemu_start_time": 1234}
+    (run / "state.json").write_text(json.dumps(state_json(4242, 1234, name="gamma")))
     argv = [
         "qemu-system-x86_64",
         "-smp", "1,sockets=1,cores=4,threads=1,maxcpus=4",

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from framework.fake_qmp import FakeQmp, device_deleted, launch_record
+from framework.fake_qmp import FakeQmp, device_deleted, launch_record, state_json
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.cli.commands.cpu import _add_problems, _say_added
@@ -328,7 +328,7 @@ def test_topology_from_launch() -> None:
 
 def _state(run: RunDir, pid: int, start: int) -> None:
     run.path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run.state_file, {"qemu_pid": pid, "qemu_start_time": start})
+    write_json_atomic(run.state_file, state_json(pid, start))
 
 
 def test_pending_marks_belong_to_one_qemu_run(tmp_path: Path) -> None:

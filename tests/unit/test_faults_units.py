@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from framework.fake_qmp import state_json
 
 from qvm.base import jsonfile
 from qvm.base.jsonfile import RecordWriteError, write_json_atomic
@@ -20,7 +21,7 @@ from qvm.base.proc import identity_problem, process_cmdline, process_start_time
 from qvm.layout.locks import supervisor_lock_held, try_lock_dir
 from qvm.layout.rundir import RunDir, made_by_qvm
 from qvm.store.launch import LaunchRecord
-from qvm.store.state import StateRecord
+from qvm.store.state import QemuRun, StateRecord
 from qvm.store.unplugged import cpu_unplugged_this_run, record_cpu_unplug, unplugged_vcpu
 from qvm.supervisor.client import qemu_identity_problem, supervisor_identity_problem
 from qvm.supervisor.spawn import initial_state
@@ -137,10 +138,10 @@ def test_a_vcpus_lapic_path_names_the_vcpu_whoever_unplugged_it(tmp_path: Path) 
     assert unplugged_vcpu({"device": "dimm1", "path": "/machine/peripheral/dimm1"}) is None
     assert unplugged_vcpu({"path": 7}) is None
     run = RunDir(tmp_path)
-    (tmp_path / "state.json").write_text(json.dumps({"qemu_pid": 100, "qemu_start_time": 5}))
-    record_cpu_unplug(run, ["cpu1"], {"qemu_pid": 100, "qemu_start_time": 5})
+    (tmp_path / "state.json").write_text(json.dumps(state_json(100, 5)))
+    record_cpu_unplug(run, ["cpu1"], QemuRun(100, 5))
     assert cpu_unplugged_this_run(run)
-    (tmp_path / "state.json").write_text(json.dumps({"qemu_pid": 101, "qemu_start_time": 9}))
+    (tmp_path / "state.json").write_text(json.dumps(state_json(101, 9)))
     assert not cpu_unplugged_this_run(run)  # a later QEMU run
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from framework.fake_qmp import FakeQmp, device_deleted, launch_record
+from framework.fake_qmp import FakeQmp, device_deleted, launch_record, state_json
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.control.events import match_unplug_event
@@ -39,7 +39,7 @@ LAUNCH = launch_record()
 def _run(tmp_path: Path, pid: int = 100, start: int = 5) -> RunDir:
     run = RunDir(tmp_path / "vm1")
     run.path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run.state_file, {"qemu_pid": pid, "qemu_start_time": start})
+    write_json_atomic(run.state_file, state_json(pid, start))
     return run
 
 
@@ -291,7 +291,7 @@ def test_unplug_the_guest_does_not_complete_is_pending_with_its_cleanup(tmp_path
         "the guest has not released it within 0.5 s",
     )
     mark = pending_marks(run)["disk1"]
-    assert (mark.exact, mark.cleanup, mark.qemu_pid) == (True, DISK1.cleanup, 100)
+    assert (mark.exact, mark.cleanup, mark.run.pid) == (True, DISK1.cleanup, 100)
     assert device_records(run) == (DISK1,)  # the device is still there
     # DEVICE_DELETED came just after the wait: the second look finds it gone
     late = FakeQmp(replies={"qom-list": []})

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from framework.fake_qmp import FakeQmp, launch_record
+from framework.fake_qmp import FakeQmp, launch_record, state_json
 from framework.jsonschema_lite import SCHEMAS
 
 from qvm.cli import completion
@@ -85,7 +85,7 @@ def test_the_ids_of_a_kind_are_kept_for_it(kind: Kind) -> None:
 def _run(tmp_path: Path) -> RunDir:
     run = RunDir(tmp_path / "vm1")
     run.path.mkdir()
-    run.state_file.write_text(json.dumps({"qemu_pid": 4242, "qemu_start_time": 7}))
+    run.state_file.write_text(json.dumps(state_json(4242, 7)))
     return run
 
 

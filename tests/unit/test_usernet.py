@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from framework.fake_qmp import state_json
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.proc import process_start_time
@@ -131,7 +132,7 @@ def test_the_supervisor_records_the_bound_ports_for_its_qemu_run(
     )
     write_launch(run.launch_file, launch)
     pid = os.getpid()
-    write_json_atomic(run.state_file, {"qemu_pid": pid, "qemu_start_time": process_start_time(pid)})
+    write_json_atomic(run.state_file, state_json(pid, process_start_time(pid)))
     assert [f.host_port for f in read_forwards(run)] == [0, 5555, 0]  # before the read-back
     forwards_recorder(str(run.path), launch, pid)(USERNET_7_2)
     assert [f.host_port for f in read_forwards(run)] == [41753, 5555, 0]
@@ -139,5 +140,5 @@ def test_the_supervisor_records_the_bound_ports_for_its_qemu_run(
         "tcp:127.0.0.1:0:99 (net0): QEMU did not list the port it bound" in capfd.readouterr().err
     )
     # another QEMU run (a restart) is not described by this one's ports
-    write_json_atomic(run.state_file, {"qemu_pid": pid, "qemu_start_time": 1.0})
+    write_json_atomic(run.state_file, state_json(pid, 1))
     assert [f.host_port for f in read_forwards(run)] == [0, 5555, 0]
