@@ -33,6 +33,7 @@ from qvm.layout.runfiles import (
 )
 from qvm.store.launch import LaunchRecord
 from qvm.store.state import ExitRecord, QemuRun, StateRecord, write_state
+from qvm.supervisor.exits import ExitFacts, classify_exit
 from qvm.supervisor.facts import (
     QMP_CALL_TIMEOUT,
     describe_qmp_failure,
@@ -66,7 +67,6 @@ POWER_BUTTON_REPEAT = 5.0  # seconds between presses during `qvm down`
 # after the power button: the guest agent's guest-shutdown, and this long for the guest
 # to power off (the exchange itself takes up to 3 s + 3 s, qvm.supervisor.agent_shutdown)
 AGENT_SHUTDOWN_WAIT = 10.0
-AGENT_POWER_OFF = "the guest powered off after guest-shutdown (guest agent)"
 QUIT_WAIT = 5.0
 KILL_WAIT = 5.0
 MAX_RESTART_DELAY = 60.0
@@ -94,6 +94,7 @@ class Supervisor:
         self.agent_shutdown_sent = False
         self.shutdown_event: dict[str, Any] | None = None
         self.crash_reason: str | None = None
+        self.vcpu_unplugged = False  # a vCPU left this QEMU run (qvm.supervisor.exits)
         self.runstate = "unknown"
         self.qmp: Any = None
         self.qmp_ready = False
@@ -185,6 +186,8 @@ class Supervisor:
         self.intent = None
         self.shutdown_event = None
         self.crash_reason = None
+        self.vcpu_unplugged = False
+        self.agent_shutdown_sent = False
         self.runstate = "unknown"
         self.qmp_ready = False
         self.save_state(
@@ -398,6 +401,7 @@ class Supervisor:
         dev_id = unplugged_vcpu(data)
         if dev_id is None or self.qemu is None:
             return
+        self.vcpu_unplugged = True
         current = QemuRun(self.qemu.pid, self.state.qemu_start_time)
         try:
             record_cpu_unplug(self.run_dir(), [dev_id], current)
@@ -428,34 +432,43 @@ class Supervisor:
                         f"{command} {arguments} failed: {exc}"
                     )
 
+    def exit_facts(self, returncode: int, reached_qmp: bool) -> ExitFacts:
+        return ExitFacts(
+            returncode=returncode,
+            reached_qmp=reached_qmp,
+            intent=self.intent,
+            shutdown_reason=(self.shutdown_event or {}).get("reason"),
+            crash_reason=self.crash_reason,
+            agent_shutdown_sent=self.agent_shutdown_sent,
+            vcpu_unplugged=self.vcpu_unplugged,
+            tcg=self.launch.accel == "tcg",
+        )
+
     def _record_exit(self, returncode: int, reached_qmp: bool, first: bool) -> None:
         """Record how QEMU ended and what happens next, in one write: a reader never sees
         a "crashed" that is about to become "restarting", or a reason about to grow."""
-        failed, reason = self._classify_exit(returncode, reached_qmp)
-        code = returncode if returncode >= 0 else None
-        sig = -returncode if returncode < 0 else None
+        verdict = classify_exit(self.exit_facts(returncode, reached_qmp))
+        failed = verdict.failed
         ran_seconds = round(time.time() - self.run_started, 3)
         self.restart_next, note = self._restart_verdict(
             failed, ran_seconds, start_failed=first and not reached_qmp
         )
         ended = ExitRecord(
-            code=code,
-            signal=signal.Signals(sig).name if sig else None,
-            reason=reason + note,
+            code=verdict.code,
+            signal=verdict.signal,
+            reason=verdict.reason + note,
             failed=failed,
             at=time.time(),
             ran_seconds=ran_seconds,
-            # the step of a stop that ended it, where only the supervisor knows it
-            ended_by="agent" if reason.startswith(AGENT_POWER_OFF) else self.intent,
+            ended_by=verdict.ended_by,
             stderr_tail=(
                 tuple(qemu_log_tail(self.run.file(QEMU_LOG)))
                 if failed and not reached_qmp
                 else None
             ),
         )
-        final = "crashed" if failed else "stopped"
         self.save_state(
-            state="restarting" if self.restart_next else final,
+            state="restarting" if self.restart_next else verdict.state,
             exit=ended,
             qemu_pid=None,
             crash_reason=ended.reason if failed else None,
@@ -479,32 +492,6 @@ class Supervisor:
         if self.launch.restart_argv is not None:
             return True, "; restarted cold from the definition, not from the snapshot"
         return True, ""
-
-    def _classify_exit(self, returncode: int, reached_qmp: bool) -> tuple[bool, str]:
-        deliberate = self.intent in ("stop", "kill")
-        if self.crash_reason:
-            return True, self.crash_reason
-        if returncode < 0:
-            name = signal.Signals(-returncode).name
-            if deliberate:
-                return False, f"killed by {name} (qvm {self.intent})"
-            return True, f"killed by {name}"
-        if returncode > 0:
-            if not reached_qmp:
-                return True, f"QEMU exited with code {returncode} while starting"
-            return (not deliberate), f"QEMU exited with code {returncode}"
-        reason = (self.shutdown_event or {}).get("reason")
-        if reason == "guest-shutdown" and self.agent_shutdown_sent:
-            return False, AGENT_POWER_OFF
-        if reason == "guest-shutdown":
-            return False, "the guest powered off"
-        if reason == "host-qmp-quit":
-            return False, "quit over QMP"
-        if reason == "host-signal":
-            return False, "QEMU stopped by a signal"
-        if reason == "guest-panic":
-            return True, "guest panic"
-        return False, f"QEMU exited ({reason})" if reason else "QEMU exited"
 
     async def _restart_after_backoff(self) -> bool:
         import asyncio
