@@ -36,7 +36,17 @@ from qvm.supervisor.wire import (
     MAX_LINE,
     ControlRequest,
     ErrorReply,
-    decode,
+    RelayEvent,
+    RelayExecute,
+    RelayExpired,
+    RelayGone,
+    RelayListen,
+    RelayRefused,
+    RelayReply,
+    RelayReturn,
+    RelayTimedOut,
+    RelayUnlisten,
+    decode_relay_message,
     decode_reply,
     encode,
 )
@@ -159,7 +169,7 @@ class ControlSession:
         except OSError as exc:
             raise NotRunningError(self.name) from exc
         request = ControlRequest()
-        self._send(request.to_json())
+        self._send(request)
         try:
             line = self._read_line(deadline)
         except EOFError as exc:  # the supervisor went away as we came
@@ -182,9 +192,9 @@ class ControlSession:
 
     # --- the line protocol (qvm.supervisor.relay is the other end) -----------------------
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: ControlRequest | RelayExecute | RelayListen | RelayUnlisten) -> None:
         assert self._sock is not None, "session is not open"
-        line = encode(message)
+        line = encode(message.to_json())
         if len(line) > MAX_LINE:
             raise ControlError(
                 f"{self.name}: a QMP request of {len(line)} bytes: QEMU takes at most "
@@ -194,12 +204,12 @@ class ControlSession:
         with contextlib.suppress(OSError):
             self._sock.sendall(line)
 
-    def _read_message(self, deadline: float) -> dict[str, Any] | None:
+    def _read_message(self, deadline: float) -> RelayReply | RelayEvent | None:
         """The next message, None when the deadline passed; EOFError when the supervisor
-        closed the session (QEMU and its supervisor ended); RecordError if it is not a
-        JSON object."""
+        closed the session (QEMU and its supervisor ended); RecordError if it is not one
+        of the relay's."""
         line = self._read_line(deadline)
-        return None if line is None else decode(line, self._source).data
+        return None if line is None else decode_relay_message(line, self._source)
 
     def _read_line(self, deadline: float) -> bytes | None:
         assert self._sock is not None, "session is not open"
@@ -223,27 +233,29 @@ class ControlSession:
         del self._buffer[: end + 1]
         return line
 
-    def _request(self, message: dict[str, Any], wait: float) -> dict[str, Any] | None:
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _request(self, request: RelayExecute | RelayListen, wait: float) -> RelayReply | None:
         """Send one request; its reply, or None if none came within ``wait`` seconds.
         Events that arrive meanwhile are kept for their listeners."""
-        self._next_id += 1
-        request_id = self._next_id
-        self._send({"id": request_id, **message})
+        self._send(request)
         deadline = time.monotonic() + wait
         while True:
             reply = self._read_message(deadline)
             if reply is None:
                 return None
-            if "listener" in reply:
+            if isinstance(reply, RelayEvent):
                 self._keep_event(reply)
-            elif reply.get("id") == request_id:
+            elif reply.id == request.id:
                 return reply
             # else: the late reply to a command we stopped waiting for
 
-    def _keep_event(self, message: dict[str, Any]) -> None:
-        queue = self._events.get(message["listener"])
+    def _keep_event(self, message: RelayEvent) -> None:
+        queue = self._events.get(message.listener)
         if queue is not None:
-            queue.append(message["event"])
+            queue.append(message.event)
 
     # --- commands and events -----------------------------------------------------------
 
@@ -253,32 +265,26 @@ class ControlSession:
         """Run one QMP command and return its ``return`` value."""
         limit = self.timeout if timeout is None else timeout
         # past the deadline the supervisor does not send it: we have stopped waiting
-        message: dict[str, Any] = {
-            "execute": command,
-            "timeout": limit,
-            "deadline": time.time() + limit,
-        }
-        if arguments is not None:
-            message["arguments"] = arguments
+        request = RelayExecute(self._new_id(), command, arguments, limit, time.time() + limit)
         try:
             # a little longer than the supervisor's own limit, whose answer is clearer
-            reply = self._request(message, limit + 1.0)
+            reply = self._request(request, limit + 1.0)
         except EOFError as exc:
             raise self._gone(command) from exc
-        if reply is None or reply.get("timeout") or reply.get("expired"):
+        if reply is None or isinstance(reply, (RelayTimedOut, RelayExpired)):
             raise QmpTimeoutError(
                 f"{self.name}: QEMU did not answer {command} within {limit:g} s "
                 f"(hint: qvm status {self.name})"
             )
-        if "error" in reply:
-            error = reply["error"]
-            desc = error.get("desc", "")
+        if isinstance(reply, RelayRefused):
             raise ControlError(
-                f"{self.name}: {command}: {desc}", qemu_class=error.get("class"), qemu_desc=desc
+                f"{self.name}: {command}: {reply.desc}",
+                qemu_class=reply.error_class,
+                qemu_desc=reply.desc,
             )
-        if reply.get("gone"):
+        if isinstance(reply, RelayGone):
             raise self._gone(command)
-        return reply.get("return")
+        return reply.value
 
     def _gone(self, command: str) -> ControlError:
         how = describe_exit(self.run)
@@ -292,15 +298,14 @@ class ControlSession:
     def listen(self, names: Iterable[str] | None = None) -> Iterator[EventStream]:
         """Collect events from now (before sending the command they answer) until the
         ``with`` block ends: ``with session.listen(NAMES) as events: ...``."""
+        request = RelayListen(self._new_id(), tuple(names) if names is not None else None)
         try:
-            reply = self._request(
-                {"listen": list(names) if names is not None else None}, self.timeout
-            )
+            reply = self._request(request, self.timeout)
         except EOFError as exc:
             raise self._gone("listen") from exc
-        if reply is None or "return" not in reply:
+        if not isinstance(reply, RelayReturn):
             raise QmpTimeoutError(f"{self.name}: the supervisor did not start listening")
-        listener_id = reply["id"]
+        listener_id = request.id
         self._events[listener_id] = collections.deque()
         events = EventStream(self, listener_id)
         try:
@@ -318,15 +323,14 @@ class ControlSession:
                 return None  # QEMU ended: no more events; the caller's next command says so
             if message is None:
                 return None
-            if "listener" in message:
+            if isinstance(message, RelayEvent):
                 self._keep_event(message)
         return queue.popleft()
 
     def _unlisten(self, listener_id: int) -> None:
         self._events.pop(listener_id, None)
         if self._sock is not None:
-            self._next_id += 1
-            self._send({"id": self._next_id, "unlisten": listener_id})
+            self._send(RelayUnlisten(self._new_id(), listener_id))
 
 
 def describe_exit(run: RunDir, wait: float = EXIT_RECORD_WAIT) -> str:

@@ -41,6 +41,7 @@ from qvm.supervisor.facts import (
     qemu_log_tail,
 )
 from qvm.supervisor.qmp_replies import memory_summary, runstate
+from qvm.supervisor.relay import serve_control
 from qvm.supervisor.spawn import AdoptedQemu, forwards_recorder, initial_state, log_line
 from qvm.supervisor.wire import (
     EXPIRED,
@@ -657,8 +658,6 @@ class Supervisor:
         try:
             request = decode_request(await reader.readline())
             if isinstance(request, ControlRequest):
-                from qvm.supervisor.relay import serve_control
-
                 await serve_control(self, reader, writer)
                 return
             if expired(request, time.time()):

@@ -22,24 +22,39 @@ line, matched by ``id``::
         -> {"id": 2, "return": {}}, then {"listener": 2, "event": {...}} for each event
     {"id": 3, "unlisten": 2}                  -> {"id": 3, "return": {}}
 
-Commands run concurrently (a client that timed out may send the next one); a listener is
-registered before its reply is written, so an event caused by any later command reaches it.
+The lines are records of ``qvm.supervisor.wire`` (``RelayExecute``..., ``RelayReturn``...),
+read and checked at both ends. Commands run concurrently (a client that timed out may send
+the next one); a listener is registered before its reply is written, so an event caused by
+any later command reaches it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
-from qemu.qmp import EventListener, ExecuteError
+from qemu.qmp import EventListener, ExecuteError, QMPClient
 
-from qvm.supervisor.wire import MAX_LINE, ControlReady, ErrorReply
-
-if TYPE_CHECKING:
-    from qvm.supervisor.process import Supervisor
+from qvm.supervisor.wire import (
+    MAX_LINE,
+    ControlReady,
+    ErrorReply,
+    RelayEvent,
+    RelayExecute,
+    RelayExpired,
+    RelayGone,
+    RelayListen,
+    RelayRefused,
+    RelayReply,
+    RelayRequest,
+    RelayReturn,
+    RelayTimedOut,
+    RelayUnlisten,
+    decode_relay_request,
+    encode,
+)
 
 # how long a control client waits for the supervisor's own QMP connection (QEMU starting
 # or restarting) before it is told the VM is not running
@@ -47,28 +62,50 @@ CONNECTION_WAIT = 5.0
 DEFAULT_COMMAND_TIMEOUT = 10.0
 
 
-async def serve_control(supervisor: Supervisor, reader: Any, writer: Any) -> None:
+class QmpHolder(Protocol):
+    """What the relay needs of the supervisor (``qvm.supervisor.process.Supervisor``): its
+    QMP connection, None while QEMU does not run."""
+
+    qmp: QMPClient | None
+
+    async def qmp_connection(self, timeout: float) -> QMPClient | None: ...
+
+
+class LineWriter(Protocol):
+    """The writing half of the client's stream (``asyncio.StreamWriter``)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LineSource(Protocol):
+    """The reading half of the client's stream (``asyncio.StreamReader``)."""
+
+    async def readline(self) -> bytes: ...
+
+
+async def serve_control(holder: QmpHolder, reader: LineSource, writer: LineWriter) -> None:
     """Serve one control client until it closes its end."""
-    relay = _Relay(supervisor, writer)
+    relay = _Relay(holder, writer)
     try:
         if not await relay.wait_connection():
-            relay.send(ErrorReply("QEMU is not running").to_json())
+            relay.send(ErrorReply("QEMU is not running"))
             return
-        relay.send(ControlReady().to_json())
+        relay.send(ControlReady())
         while True:
             try:
                 line = await reader.readline()
             except ValueError:  # longer than MAX_LINE: the client checks, so not one of ours
-                relay.send(ErrorReply(f"a request longer than {MAX_LINE} bytes").to_json())
+                relay.send(ErrorReply(f"a request longer than {MAX_LINE} bytes"))
+                return
+            except OSError:  # the client went away while a reply was being written
                 return
             if not line:
                 return
-            try:
-                request = json.loads(line)
-            except ValueError:
-                relay.send({"error": "not JSON"})
-                continue
-            relay.handle(request)
+            relay.handle(decode_relay_request(line))
     finally:
         relay.close()
         with contextlib.suppress(Exception):
@@ -77,79 +114,79 @@ async def serve_control(supervisor: Supervisor, reader: Any, writer: Any) -> Non
 
 
 class _Relay:
-    def __init__(self, supervisor: Supervisor, writer: Any) -> None:
-        self.supervisor = supervisor
+    def __init__(self, holder: QmpHolder, writer: LineWriter) -> None:
+        self.holder = holder
         self.writer = writer
-        self.client: Any = None  # the QMPClient this session's listeners are on
-        self.listeners: dict[int, tuple[Any, asyncio.Task[None]]] = {}
+        self.client: QMPClient | None = None  # the connection this session's listeners are on
+        self.listeners: dict[int, tuple[EventListener, asyncio.Task[None]]] = {}
         self.commands: set[asyncio.Task[None]] = set()
 
     async def wait_connection(self) -> bool:
-        self.client = await self.supervisor.qmp_connection(CONNECTION_WAIT)
+        self.client = await self.holder.qmp_connection(CONNECTION_WAIT)
         return self.client is not None
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: RelayReply | RelayEvent | ErrorReply | ControlReady) -> None:
         with contextlib.suppress(Exception):  # the client went away: nothing to tell
-            self.writer.write(json.dumps(message).encode() + b"\n")
+            self.writer.write(encode(message.to_json()))
 
-    def handle(self, request: dict[str, Any]) -> None:
-        request_id = request.get("id")
-        if "execute" in request:
+    def handle(self, request: RelayRequest) -> None:
+        if isinstance(request, RelayExecute):
             task = asyncio.create_task(self._execute(request))
             self.commands.add(task)
             task.add_done_callback(self.commands.discard)
-        elif "listen" in request:
-            self._listen(request_id, request["listen"])
-        elif "unlisten" in request:
-            self._unlisten(request["unlisten"])
-            self.send({"id": request_id, "return": {}})
+        elif isinstance(request, RelayListen):
+            self._listen(request)
+        elif isinstance(request, RelayUnlisten):
+            self._unlisten(request.listener)
+            self.send(RelayReturn(request.id, {}))
         else:
-            self.send({"id": request_id, "error": {"class": "qvm", "desc": "unknown request"}})
+            self.send(RelayRefused(request.id, "qvm", request.problem))
 
-    async def _execute(self, request: dict[str, Any]) -> None:
-        request_id = request.get("id")
-        client = self.supervisor.qmp
+    async def _execute(self, request: RelayExecute) -> None:
+        client = self.holder.qmp
         if client is None or client is not self.client:
-            self.send({"id": request_id, "gone": True})  # QEMU ended (or was restarted)
+            self.send(RelayGone(request.id))  # QEMU ended (or was restarted)
             return
-        deadline = request.get("deadline")
-        if isinstance(deadline, (int, float)) and time.time() > deadline:
+        if request.deadline is not None and time.time() > request.deadline:
             # the supervisor was stopped or stuck while this waited: its user has been
             # told it timed out, so it must not reach QEMU now
-            self.send({"id": request_id, "expired": True})
+            self.send(RelayExpired(request.id))
             return
-        timeout = float(request.get("timeout") or DEFAULT_COMMAND_TIMEOUT)
+        timeout = request.timeout or DEFAULT_COMMAND_TIMEOUT
         try:
             result = await asyncio.wait_for(
-                client.execute(request["execute"], request.get("arguments")), timeout
+                client.execute(request.execute, request.arguments), timeout
             )
         except TimeoutError:
-            self.send({"id": request_id, "timeout": True})
+            self.send(RelayTimedOut(request.id))
         except ExecuteError as exc:
             error = exc.error.error
-            self.send({"id": request_id, "error": {"class": error.class_, "desc": error.desc}})
+            self.send(RelayRefused(request.id, error.class_, error.desc))
         except Exception:  # noqa: BLE001 - the connection ended: QEMU exited or crashed
-            self.send({"id": request_id, "gone": True})
+            self.send(RelayGone(request.id))
         else:
-            self.send({"id": request_id, "return": result})
+            self.send(RelayReturn(request.id, result))
 
-    def _listen(self, listener_id: int, names: list[str] | None) -> None:
-        listener = EventListener(names)
+    def _listen(self, request: RelayListen) -> None:
+        assert self.client is not None  # wait_connection came first
+        listener = EventListener(request.names)
         self.client.register_listener(listener)
-        task = asyncio.create_task(self._forward(listener_id, listener))
-        self.listeners[listener_id] = (listener, task)
-        self.send({"id": listener_id, "return": {}})
+        task = asyncio.create_task(self._forward(request.id, listener))
+        self.listeners[request.id] = (listener, task)
+        self.send(RelayReturn(request.id, {}))
 
-    async def _forward(self, listener_id: int, listener: Any) -> None:
+    async def _forward(self, listener_id: int, listener: EventListener) -> None:
         while True:
             event = await listener.get()
-            self.send({"listener": listener_id, "event": dict(event)})
+            self.send(RelayEvent(listener_id, dict(event)))
 
     def _unlisten(self, listener_id: int) -> None:
-        listener, task = self.listeners.pop(listener_id, (None, None))
-        if task is not None:
-            task.cancel()
-        if listener is not None:
+        entry = self.listeners.pop(listener_id, None)
+        if entry is None:
+            return
+        listener, task = entry
+        task.cancel()
+        if self.client is not None:
             with contextlib.suppress(Exception):  # already gone with its connection
                 self.client.remove_listener(listener)
 

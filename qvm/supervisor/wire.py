@@ -269,3 +269,166 @@ def decode_reply(
     if "error" in f.data:
         return ErrorReply(str(f.str("error")))
     return request.read_reply(f)
+
+
+# --- the control relay's lines, after ControlReady ------------------------------------
+# (the lines are drawn in qvm.supervisor.relay; the client is qvm.control.session)
+
+RELAY_REQUEST_SOURCE = "control request"
+
+
+class RelayExecute(Record):
+    """Run one QMP command; not sent to QEMU if read after ``deadline`` (time.time())."""
+
+    id: int
+    execute: str
+    arguments: dict[str, Any] | None = None
+    timeout: float | None = None  # None: the relay's default
+    deadline: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"id": self.id, "execute": self.execute}
+        for key in ("arguments", "timeout", "deadline"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        return data
+
+
+class RelayListen(Record):
+    """Forward events of these names (None: every event) from now on."""
+
+    id: int
+    names: tuple[str, ...] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "listen": list(self.names) if self.names is not None else None}
+
+
+class RelayUnlisten(Record):
+    id: int
+    listener: int  # the id of the RelayListen that opened it
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "unlisten": self.listener}
+
+
+class RelayUnreadable(Record):
+    """A line that is not one of the requests above: answered with a RelayRefused."""
+
+    id: int | None  # None when even the id could not be read
+    problem: str
+
+
+RelayRequest = RelayExecute | RelayListen | RelayUnlisten | RelayUnreadable
+
+
+def decode_relay_request(line: bytes) -> RelayRequest:
+    """The relay's side: never raises, a bad line is a ``RelayUnreadable``."""
+    try:
+        f = decode(line, RELAY_REQUEST_SOURCE)
+    except RecordError as error:
+        return RelayUnreadable(None, str(error))
+    try:
+        request_id: int = f.int("id")
+        if "execute" in f.data:
+            arguments = f.object("arguments", None)
+            timeout = f.float("timeout", None)
+            return RelayExecute(
+                id=request_id,
+                execute=f.str("execute"),
+                arguments=dict(arguments.data) if arguments is not None else None,
+                timeout=timeout if timeout else None,  # 0 (or none): the default
+                deadline=f.float("deadline", None),
+            )
+        if "listen" in f.data:
+            return RelayListen(request_id, f.str_list("listen", None))
+        if "unlisten" in f.data:
+            return RelayUnlisten(request_id, f.int("unlisten"))
+        raise f.fail("", "neither execute, listen nor unlisten")
+    except RecordError as error:
+        known = f.data.get("id")  # to match the refusal to its request, if it can be
+        return RelayUnreadable(known if type(known) is int else None, str(error))
+
+
+class RelayReturn(Record):
+    id: int
+    value: Any  # QEMU's "return", read by the command's caller
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "return": self.value}
+
+
+class RelayRefused(Record):
+    """QEMU refused the command (``error_class`` is QEMU's, e.g. "GenericError"), or the
+    relay could not read the request (``error_class`` "qvm")."""
+
+    id: int | None
+    error_class: str
+    desc: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "error": {"class": self.error_class, "desc": self.desc}}
+
+
+class RelayTimedOut(Record):
+    """QEMU did not answer within the request's timeout."""
+
+    id: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "timeout": True}
+
+
+class RelayGone(Record):
+    """QEMU (and the supervisor's connection to it) ended, or was restarted."""
+
+    id: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "gone": True}
+
+
+class RelayExpired(Record):
+    """Read after its deadline: the client had given up, so QEMU never saw it."""
+
+    id: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "expired": True}
+
+
+class RelayEvent(Record):
+    """One QMP event for the listener ``listener``, as QEMU sent it."""
+
+    listener: int
+    event: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"listener": self.listener, "event": self.event}
+
+
+RelayReply = RelayReturn | RelayRefused | RelayTimedOut | RelayGone | RelayExpired
+_FLAGS: tuple[tuple[str, type[RelayTimedOut | RelayGone | RelayExpired]], ...] = (
+    ("timeout", RelayTimedOut),
+    ("gone", RelayGone),
+    ("expired", RelayExpired),
+)
+
+
+def decode_relay_message(line: bytes, source: str) -> RelayReply | RelayEvent:
+    """The client's side: a reply or an event; anything else a RecordError naming
+    ``source``."""
+    f = decode(line, source, REPLY_HINT)
+    if "listener" in f.data:
+        return RelayEvent(f.int("listener"), f.object("event").data)
+    error = f.object("error", None)
+    if error is not None:  # maybe without an id: a line the relay could not read
+        request_id = f.int("id", None)
+        return RelayRefused(request_id, error.str("class", "qvm"), error.str("desc", ""))
+    request_id = f.int("id")
+    if "return" in f.data:
+        return RelayReturn(request_id, f.any("return"))
+    for key, kind in _FLAGS:
+        if f.bool(key, False):
+            return kind(request_id)
+    raise f.fail("", "neither return, error, timeout, gone, expired nor an event")
