@@ -9,11 +9,14 @@ only (with ``qvm.store.fields``): the supervisor's spawn code writes the first r
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from typing import Any
 
-from qvm.base.jsonfile import write_json_atomic
+from qvm.base.jsonfile import RecordWriteError, write_json_atomic
 from qvm.base.record import Record
+from qvm.errors import RecordError
 from qvm.store.fields import Fields, read_record
 
 # the states a supervisor writes; the first five mean "a supervisor should be alive"
@@ -101,6 +104,9 @@ class StateRecord(Record):
     # never written: said by ``clean_stale`` of a record whose supervisor died and whose
     # QEMU still runs
     orphaned: bool = False
+    # where this record was kept because state.json could not be written (EIO, EROFS,
+    # ENOSPC): the supervisor's fallback file (``keep_elsewhere``); None: state.json
+    kept_in: str | None = None
 
     @classmethod
     def from_json(cls, data: Any, source: str, hint: str | None = STATE_HINT) -> StateRecord:
@@ -122,6 +128,7 @@ class StateRecord(Record):
             started_at=f.float("started_at", None),
             next_restart_at=f.float("next_restart_at", None),
             orphaned=f.bool("orphaned", False),
+            kept_in=f.str("kept_in", None),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -130,6 +137,8 @@ class StateRecord(Record):
         if self.next_restart_at is None:
             del data["next_restart_at"]
         del data["orphaned"]
+        if self.kept_in is None:
+            del data["kept_in"]
         return data
 
     @property
@@ -183,3 +192,83 @@ def read_state(path: str | os.PathLike[str]) -> StateRecord | None:
 
 def write_state(path: str | os.PathLike[str], record: StateRecord) -> None:
     write_json_atomic(path, record.to_json())
+
+
+# --- when state.json cannot be written ---------------------------------------------------
+# The supervisor's last record (how QEMU ended) must survive a state dir that fails (EIO),
+# turned read-only (EROFS) or is full (ENOSPC) even after the space set aside for it: it is
+# then kept in a folder of this user's on another file system, named after the run dir,
+# and the next command that finds the supervisor gone takes it from there
+# (``qvm.supervisor.client.clean_stale``).
+
+
+def fallback_folders() -> list[str]:
+    """Where a record is kept, most likely writable first: the user's runtime dir (tmpfs),
+    /dev/shm, /tmp."""
+    uid = os.getuid()
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    folders = [os.path.join(runtime, "qvm")] if runtime else []
+    return [*folders, f"/dev/shm/qvm-{uid}", f"/tmp/qvm-{uid}"]
+
+
+def _fallback_name(run_path: str | os.PathLike[str]) -> str:
+    """The VM's name and a hash of its run dir's path (FNV-1a: no import on the path of
+    every command that reads a state record)."""
+    absolute = os.path.abspath(run_path)
+    key = 0x811C9DC5
+    for byte in os.fsencode(absolute):
+        key = ((key ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return f"{os.path.basename(absolute)}-{key:08x}.state.json"
+
+
+def _ours(folder: str) -> bool:
+    """A folder of this user's that no one else can write (not a link planted in /tmp)."""
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+def keep_elsewhere(run_path: str | os.PathLike[str], record: StateRecord) -> str | None:
+    """Write ``record`` to the first fallback folder that takes it; its path, or None when
+    none does."""
+    name = _fallback_name(run_path)
+    for folder in fallback_folders():
+        with contextlib.suppress(OSError):
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        if not _ours(folder):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            write_json_atomic(path, record._replace(kept_in=path).to_json())
+        except RecordWriteError:
+            continue
+        return path
+    return None
+
+
+def kept_record(run_path: str | os.PathLike[str], state: StateRecord) -> StateRecord | None:
+    """The record the supervisor of ``state`` kept elsewhere, or None. A file of another
+    supervisor (an earlier run of this run dir), or one that does not parse, is ignored."""
+    name = _fallback_name(run_path)
+    for folder in fallback_folders():
+        if not _ours(folder):
+            continue
+        try:
+            kept = read_state(os.path.join(folder, name))
+        except RecordError:
+            continue
+        if kept is not None and (kept.name, kept.supervisor_pid, kept.supervisor_start_time) == (
+            state.name,
+            state.supervisor_pid,
+            state.supervisor_start_time,
+        ):
+            return kept
+    return None
+
+
+def forget_kept(path: str) -> None:
+    """state.json has the record now: the kept copy must not speak for it later."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)

@@ -19,7 +19,14 @@ from qvm.base.proc import identity_problem
 from qvm.errors import VmStateError
 from qvm.layout.locks import supervisor_lock_held, try_lock, try_lock_dir
 from qvm.layout.rundir import RunDir
-from qvm.store.state import ExitRecord, StateRecord, read_state, write_state
+from qvm.store.state import (
+    ExitRecord,
+    StateRecord,
+    forget_kept,
+    kept_record,
+    read_state,
+    write_state,
+)
 
 if TYPE_CHECKING:
     import socket
@@ -194,6 +201,10 @@ def clean_stale(run: RunDir) -> StateRecord | None:
     Returns the (possibly updated) state. Must be called without the lock held by us.
     A corrupt state.json is a RecordError; a record that cannot be written (full disk) is
     not an error here: the returned state says what the file would.
+
+    A supervisor whose state.json refused its last record kept it elsewhere
+    (``qvm.store.state.keep_elsewhere``): that record is the truth then, put back into
+    state.json when it takes it, and ``kept_in`` says where it came from.
     """
     state = read_state(run.state_file)
     if state is None or not state.live:
@@ -205,9 +216,26 @@ def clean_stale(run: RunDir) -> StateRecord | None:
     if locks is None:
         return state  # a supervisor is alive: nothing is stale
     try:
-        return _mark_supervisor_died(run, state)
+        kept = kept_record(run.path, state)
+        if kept is not None and not kept.live:
+            return _restore_kept(run, kept)
+        return _mark_supervisor_died(run, kept or state)
     finally:
         release_run_locks(locks)
+
+
+def _restore_kept(run: RunDir, kept: StateRecord) -> StateRecord:
+    """The supervisor's last record, kept elsewhere, back in state.json if it takes it
+    now; the kept file goes once it has."""
+    try:
+        write_state(run.state_file, kept)
+    except RecordWriteError:
+        return kept  # still said from where it is kept, next time too
+    if kept.kept_in is not None:
+        forget_kept(kept.kept_in)
+    run.remove_qemu_sockets()
+    run.supervisor_socket.unlink(missing_ok=True)
+    return kept
 
 
 def _mark_supervisor_died(run: RunDir, state: StateRecord) -> StateRecord:

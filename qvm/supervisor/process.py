@@ -32,7 +32,14 @@ from qvm.layout.runfiles import (
     RunFiles,
 )
 from qvm.store.launch import LaunchRecord
-from qvm.store.state import ExitRecord, QemuRun, StateRecord, write_state
+from qvm.store.state import (
+    ExitRecord,
+    QemuRun,
+    StateRecord,
+    forget_kept,
+    keep_elsewhere,
+    write_state,
+)
 from qvm.supervisor.exits import ExitFacts, classify_exit
 from qvm.supervisor.facts import (
     QMP_CALL_TIMEOUT,
@@ -96,6 +103,7 @@ class Supervisor:
         self.shutdown_event: dict[str, Any] | None = None
         self.crash_reason: str | None = None
         self.vcpu_unplugged = False  # a vCPU left this QEMU run (qvm.supervisor.exits)
+        self.kept_in: str | None = None  # the file the record is kept in, state.json failing
         self.runstate = "unknown"
         self.qmp: Any = None
         self.qmp_ready = False
@@ -117,18 +125,35 @@ class Supervisor:
     def save_state(self, **changes: Any) -> None:
         """Record a change. The state lives in memory first: a state dir that is full or
         failing costs the file, never the supervisor (status answers from memory); the
-        next change writes the whole record again."""
+        next change writes the whole record again. What state.json does not take (after
+        a second try) is kept elsewhere (``qvm.store.state.keep_elsewhere``), so that the
+        last record, how QEMU ended, outlives the supervisor."""
         self.state = self.state._replace(**changes)
+        error = self._write_state()
+        if error is None:
+            if self.kept_in is not None:
+                forget_kept(self.kept_in)
+                self.kept_in = None
+            return
+        self.kept_in = keep_elsewhere(self.run.path, self.state)
+        where = f"kept in {self.kept_in}" if self.kept_in else "kept nowhere else either"
+        log_line(f"qvm supervisor: {error}; the record is {where}")
+
+    def _write_state(self) -> RecordWriteError | None:
+        """Write state.json, once more after a failure (EIO can be passing; for ENOSPC,
+        with the space set aside given back); the error if both failed."""
         try:
             write_state(self.run.file(STATE_FILE), self.state)
+            return None
         except RecordWriteError as error:
-            if error.errno in (errno.ENOSPC, errno.EDQUOT) and self.release_space_reserve():
-                try:
-                    write_state(self.run.file(STATE_FILE), self.state)
-                    return
-                except RecordWriteError as again:
-                    error = again
-            log_line(f"qvm supervisor: {error}")
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.release_space_reserve()
+            log_line(f"qvm supervisor: {error}; trying again")
+        try:
+            write_state(self.run.file(STATE_FILE), self.state)
+            return None
+        except RecordWriteError as again:
+            return again
 
     def make_space_reserve(self) -> None:
         """Set SPACE_RESERVE_BYTES aside (see there); without room, do without."""
