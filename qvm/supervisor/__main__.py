@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 
 from qvm.errors import RecordError
 from qvm.layout.runfiles import LAUNCH_FILE
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> int:
         return 1
 
     load_asyncio_without_tls()
-    from qvm.supervisor.process import run_supervisor
+    from qvm.supervisor.process import run_supervisor  # noqa: PLC0415 -- after that
 
     return run_supervisor(run_path, launch, ready_fd, qemu, answered)
 
@@ -45,15 +46,13 @@ def load_asyncio_without_tls() -> None:
     unix sockets). asyncio runs without TLS support when ``import ssl`` fails; qemu.qmp
     only names ``ssl.SSLContext`` in signatures, so it gets a stand-in for that name.
     """
-    import types
-
     sys.modules["ssl"] = None  # type: ignore[assignment]  # makes `import ssl` fail
-    import asyncio  # noqa: F401
+    import asyncio  # noqa: F401, PLC0415 -- only once ssl cannot be imported
 
     stand_in = types.ModuleType("ssl", "qvm's supervisor runs without TLS")
     stand_in.SSLContext = type("SSLContext", (), {})  # type: ignore[attr-defined]
     sys.modules["ssl"] = stand_in
-    import qemu.qmp  # noqa: F401
+    import qemu.qmp  # noqa: F401, PLC0415 -- only with the stand-in for ssl
 
 
 if __name__ == "__main__":

@@ -19,7 +19,14 @@ from qvm.errors import HostError, LaunchError, QvmError, VmStateError
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import LaunchRecord, write_launch
 from qvm.store.state import read_state
-from qvm.supervisor.client import ask_supervisor, clean_stale, release_run_locks, take_run_locks
+from qvm.supervisor.client import (
+    ACCEPT_TIMEOUT,
+    ask_supervisor,
+    clean_stale,
+    release_run_locks,
+    take_run_locks,
+)
+from qvm.supervisor.spawn import start
 
 DEFAULT_READY_TIMEOUT = 60.0
 
@@ -123,12 +130,10 @@ def _become_supervisor(
         os.dup2(log, 2)
         os.close(null)
         os.close(log)
-        from qvm.supervisor.spawn import start
-
         # absolute: the supervisor's command line is how clients recognise it
         start(os.path.abspath(run.path), launch, ready_write, locks)
     except BaseException:  # noqa: BLE001 - whatever happens, never run the CLI twice
-        import traceback
+        import traceback  # noqa: PLC0415 -- only when the child failed
 
         traceback.print_exc()  # into supervisor.log; `qvm up` sees the pipe close
     os._exit(1)
@@ -192,10 +197,8 @@ def _launch_failure(
 
 
 def _try_kill(run: RunDir) -> str:
-    from qvm.supervisor.client import ACCEPT_TIMEOUT
-
     try:
-        from qvm.supervisor.wire import KillRequest  # only when a start went wrong
+        from qvm.supervisor.wire import KillRequest  # noqa: PLC0415 -- a start went wrong
 
         request = KillRequest(deadline=time.time() + ACCEPT_TIMEOUT)
         ask_supervisor(run, request, timeout=10, accept_timeout=ACCEPT_TIMEOUT)

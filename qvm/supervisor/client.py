@@ -93,7 +93,13 @@ def ask_supervisor(
     With ``accept_timeout`` (a request that carries a deadline and ``ack``), the
     supervisor must say "accepted" within it, and then reply within ``timeout``."""
     # not at the top: `qvm up` and `qvm list` of stopped VMs never ask (0.5 ms of records)
-    from qvm.supervisor.wire import EXPIRED, Accepted, ErrorReply, LineReader, encode
+    from qvm.supervisor.wire import (  # noqa: PLC0415
+        EXPIRED,
+        Accepted,
+        ErrorReply,
+        LineReader,
+        encode,
+    )
 
     name = run.name
     first_wait = accept_timeout + ACCEPT_MARGIN if accept_timeout is not None else timeout
@@ -123,7 +129,7 @@ def ask_supervisor(
 
 
 def _decode(run: RunDir, request: Request[_Reply], data: bytes) -> Any:
-    from qvm.supervisor.wire import decode_reply
+    from qvm.supervisor.wire import decode_reply  # noqa: PLC0415 -- as in ask_supervisor
 
     if not data.strip():
         raise VmStateError(f"{run.name}: the supervisor gave no answer")
@@ -132,7 +138,7 @@ def _decode(run: RunDir, request: Request[_Reply], data: bytes) -> Any:
 
 def connect_supervisor(run: RunDir, deadline: float) -> socket.socket:
     """Connect, waiting while a live supervisor is still starting its request socket."""
-    import socket  # not at the top: `qvm up` has no use for it (2-3 ms)
+    import socket  # noqa: PLC0415 -- `qvm up` has no use for it (2-3 ms)
 
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

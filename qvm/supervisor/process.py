@@ -11,6 +11,7 @@ request line, one JSON reply line (``qvm.supervisor.wire``); or, after an
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -18,6 +19,8 @@ import signal
 import subprocess
 import time
 from typing import TYPE_CHECKING, Any
+
+from qemu.qmp import QMPClient
 
 from qvm.base.jsonfile import RecordWriteError
 from qvm.base.proc import process_start_time
@@ -31,7 +34,7 @@ from qvm.layout.runfiles import (
     SUPERVISOR_SOCKET,
     RunFiles,
 )
-from qvm.store.launch import LaunchRecord
+from qvm.store.launch import LaunchRecord, write_launch
 from qvm.store.state import (
     ExitRecord,
     QemuRun,
@@ -40,6 +43,8 @@ from qvm.store.state import (
     keep_elsewhere,
     write_state,
 )
+from qvm.supervisor.agent_proxy import AgentProxy
+from qvm.supervisor.agent_shutdown import agent_configured, agent_shutdown
 from qvm.supervisor.exits import ExitFacts, classify_exit
 from qvm.supervisor.facts import (
     QMP_CALL_TIMEOUT,
@@ -49,7 +54,13 @@ from qvm.supervisor.facts import (
 )
 from qvm.supervisor.qmp_replies import memory_summary, runstate
 from qvm.supervisor.relay import serve_control
-from qvm.supervisor.spawn import AdoptedQemu, forwards_recorder, initial_state, log_line
+from qvm.supervisor.spawn import (
+    AdoptedQemu,
+    forwards_recorder,
+    initial_state,
+    log_line,
+    spawn_qemu,
+)
 from qvm.supervisor.wire import (
     EXPIRED,
     MAX_LINE,
@@ -107,7 +118,7 @@ class Supervisor:
         self.runstate = "unknown"
         self.qmp: Any = None
         self.qmp_ready = False
-        self.agent_proxy: Any = None  # an AgentProxy while QEMU runs, with [agent] enabled
+        self.agent_proxy: AgentProxy | None = None  # while QEMU runs, with [agent] enabled
         self.consecutive_restarts = 0
         self.restart_next = False
 
@@ -116,9 +127,9 @@ class Supervisor:
     def run_dir(self) -> RunDir:
         """The run dir as the records of unplugs take it; imports pathlib, which the
         supervisor otherwise does without (``qvm.layout.runfiles``), only then."""
-        from pathlib import Path
+        from pathlib import Path  # noqa: PLC0415 -- 0.67 MiB of RSS, only on an unplug
 
-        from qvm.layout.rundir import RunDir
+        from qvm.layout.rundir import RunDir  # noqa: PLC0415 -- imports pathlib
 
         return RunDir(Path(self.run.path))
 
@@ -201,8 +212,6 @@ class Supervisor:
 
     def spawn_qemu(self) -> None:
         """Start (or restart) QEMU and record it."""
-        from qvm.supervisor.spawn import spawn_qemu
-
         self.adopt_qemu(spawn_qemu(self.launch.argv, self.run.path))
 
     def adopt_qemu(self, qemu: subprocess.Popen[bytes] | AdoptedQemu) -> None:
@@ -229,8 +238,6 @@ class Supervisor:
     # --- main loop ---------------------------------------------------------------------
 
     async def main(self) -> int:
-        import asyncio
-
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal)
@@ -261,8 +268,6 @@ class Supervisor:
     def _watch_exit(self) -> None:
         """``self.exited`` resolves once the current QEMU has exited: a pidfd is readable
         then, so there is no SIGCHLD handling and no polling."""
-        import asyncio
-
         assert self.qemu is not None
         loop = asyncio.get_running_loop()
         exited = loop.create_future()
@@ -276,8 +281,6 @@ class Supervisor:
 
     async def _run_qemu_once(self, first: bool) -> bool:
         """Run one QEMU to its end; False if it died before QMP answered."""
-        import asyncio
-
         assert self.qemu is not None
         watcher = asyncio.create_task(self._watch_qmp(self.exited))
         try:
@@ -307,10 +310,6 @@ class Supervisor:
 
     async def _watch_qmp(self, exited: Any) -> bool:
         """Connect to the events monitor, announce readiness, then follow events."""
-        import asyncio
-
-        from qemu.qmp import QMPClient
-
         deadline = time.monotonic() + QMP_CONNECT_TIMEOUT
         client = QMPClient(self.state.name, readbuflen=MAX_LINE)
         while True:
@@ -364,11 +363,7 @@ class Supervisor:
         record(usernet if isinstance(usernet, str) else None)
 
     async def _attach_agent(self) -> None:
-        from qvm.supervisor.agent_shutdown import agent_configured
-
         if agent_configured(self.launch):
-            from qvm.supervisor.agent_proxy import AgentProxy
-
             self.agent_proxy = AgentProxy(self.run)
             await self.agent_proxy.attach()
 
@@ -378,8 +373,6 @@ class Supervisor:
             self.agent_proxy = None
 
     async def _disconnect_qmp(self) -> None:
-        import asyncio
-
         if self.qmp is not None:
             # QEMU is gone, and so is the connection: nothing to report
             with contextlib.suppress(Exception):
@@ -395,8 +388,6 @@ class Supervisor:
         return "running"
 
     async def _on_event(self, event: dict[str, Any]) -> None:
-        import asyncio
-
         name = event.get("event")
         data = event.get("data") or {}
         if name == "SHUTDOWN":
@@ -422,7 +413,8 @@ class Supervisor:
     def _note_vcpu_unplug(self, data: dict[str, Any]) -> None:
         """A vCPU left, whoever asked (events reach every monitor): the TCG guard must
         know before the next vCPU device_add, which would crash QEMU 7.2 under TCG."""
-        from qvm.store.unplugged import record_cpu_unplug, unplugged_vcpu
+        # not at the top: it imports pathlib (qvm.layout.rundir), for unplugs only
+        from qvm.store.unplugged import record_cpu_unplug, unplugged_vcpu  # noqa: PLC0415
 
         dev_id = unplugged_vcpu(data)
         if dev_id is None or self.qemu is None:
@@ -444,9 +436,7 @@ class Supervisor:
     async def _finish_pending_unplug(self, data: dict[str, Any]) -> None:
         """An unplug that the CLI gave up waiting for has completed: drop its mark, and
         delete what the device used (memory backend, block nodes, netdev)."""
-        import asyncio
-
-        from qvm.store.pending import complete_pending
+        from qvm.store.pending import complete_pending  # noqa: PLC0415 -- imports pathlib
 
         for dev_id, cleanup in complete_pending(self.run_dir(), data):
             for command, arguments in cleanup:
@@ -520,8 +510,6 @@ class Supervisor:
         return True, ""
 
     async def _restart_after_backoff(self) -> bool:
-        import asyncio
-
         if not self.restart_next:
             return False
         delay = min(self.launch.restart_delay * 2**self.consecutive_restarts, MAX_RESTART_DELAY)
@@ -543,8 +531,6 @@ class Supervisor:
         (``LaunchRecord.restart_argv``); launch.json says so, for every later command."""
         if self.launch.restart_argv is None:
             return
-        from qvm.store.launch import write_launch
-
         self.launch = self.launch._replace(argv=self.launch.restart_argv, restart_argv=None)
         try:
             write_launch(self.run.file(LAUNCH_FILE), self.launch)
@@ -554,8 +540,6 @@ class Supervisor:
     # --- stopping ----------------------------------------------------------------------
 
     def _on_stop_signal(self) -> None:
-        import asyncio
-
         asyncio.get_running_loop().create_task(self.stop(timeout=30.0, force=False))
 
     def _signal_qemu(self, signum: int) -> None:
@@ -565,8 +549,6 @@ class Supervisor:
                 self.qemu.send_signal(signum)
 
     async def _wait_exit(self, timeout: float) -> bool:
-        import asyncio
-
         if not self.qemu_alive():
             return True
         try:
@@ -576,8 +558,6 @@ class Supervisor:
         return True
 
     async def _qmp_call(self, command: str, args: dict[str, Any] | None = None) -> Any:
-        import asyncio
-
         # a `qvm down` right after `qvm up` must still press the power button, not skip to quit
         qmp = await self.qmp_connection(QMP_CALL_TIMEOUT)
         if qmp is None:
@@ -589,8 +569,6 @@ class Supervisor:
 
         `qvm up` returns when QMP first answers, before this connection is up: whatever a
         command asks right then waits for it rather than failing or answering half."""
-        import asyncio
-
         if self.qmp is None and self.qemu_alive():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.qmp_connected.wait(), timeout)
@@ -641,10 +619,6 @@ class Supervisor:
     async def _agent_power_off(self) -> bool:
         """The guest ignored the power button: ask its agent (``guest-shutdown``), if the
         VM has one. True once QEMU has exited."""
-        import asyncio
-
-        from qvm.supervisor.agent_shutdown import agent_configured, agent_shutdown
-
         if not self.qemu_alive() or not agent_configured(self.launch):
             return False
         self.agent_shutdown_sent = True
@@ -716,8 +690,6 @@ class Supervisor:
         return await self.kill()
 
     async def live_status(self) -> StatusReply:
-        import asyncio
-
         live = self.state._replace(
             state=self._live_state() if self.qemu_alive() else self.state.state
         )
@@ -758,8 +730,6 @@ def run_supervisor(
     qmp_answered: bool,
 ) -> int:
     """Supervise a QEMU that ``qvm.supervisor.spawn`` has just spawned, to the end."""
-    import asyncio
-
     supervisor = Supervisor(RunFiles(run_path), launch, ready_fd)
     supervisor.adopt_qemu(qemu)
     if qmp_answered:

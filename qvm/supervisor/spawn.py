@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from qvm.base.jsonfile import RecordWriteError
-from qvm.base.proc import find_program
+from qvm.base.proc import find_program, process_start_time
 from qvm.layout.runfiles import EVENTS_SOCKET, QEMU_LOG, STATE_FILE
 from qvm.store.state import ExitRecord, QemuRun, StateRecord, write_state
 
@@ -48,8 +48,9 @@ def with_parent_death_signal(
     setpriv = find_program("setpriv")
     if setpriv:
         return [setpriv, "--pdeathsig", "TERM", "--", *argv], None
-    import ctypes
-    import signal
+    # rarely needed (no setpriv); this runs in the forked child of `qvm up`
+    import ctypes  # noqa: PLC0415
+    import signal  # noqa: PLC0415
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl
 
@@ -76,10 +77,10 @@ def wait_qmp_answer(
     """
     # imported after QEMU is spawned, where its start hides them: this process is a fork
     # of `qvm up`, which waits for "spawned"
-    import functools
-    import socket
+    import functools  # noqa: PLC0415
+    import socket  # noqa: PLC0415
 
-    from qvm.supervisor.wire import LineReader
+    from qvm.supervisor.wire import LineReader  # noqa: PLC0415
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -131,7 +132,6 @@ def forwards_recorder(
     # (qvm.layout.runfiles) until a restart needs it
     from pathlib import Path  # noqa: PLC0415 -- see the comment above
 
-    from qvm.base.proc import process_start_time  # noqa: PLC0415 -- see the comment above
     from qvm.host.usernet import bind_ports, parse_usernet  # noqa: PLC0415 -- see above
     from qvm.layout.rundir import RunDir  # noqa: PLC0415 -- see the comment above
     from qvm.store.forwards import save  # noqa: PLC0415 -- see the comment above
@@ -156,7 +156,8 @@ def forwards_recorder(
 
 def spawn_qemu(argv: tuple[str, ...], run_path: str) -> subprocess.Popen[bytes]:
     """Start QEMU with its output appended to qemu.log after a start marker."""
-    import subprocess
+    # the supervisor proper imports this module, and needs subprocess only for a restart
+    import subprocess  # noqa: PLC0415
 
     spawn_argv, preexec = with_parent_death_signal(argv)
     with open(os.path.join(run_path, QEMU_LOG), "ab") as log:
@@ -174,8 +175,6 @@ def spawn_qemu(argv: tuple[str, ...], run_path: str) -> subprocess.Popen[bytes]:
 
 def initial_state(launch: LaunchRecord) -> StateRecord:
     """The first state record of a supervisor, before it has a QEMU."""
-    from qvm.base.proc import process_start_time
-
     return StateRecord(
         name=launch.name,
         machine_file=launch.machine_file,
@@ -193,8 +192,6 @@ def initial_state(launch: LaunchRecord) -> StateRecord:
 def record_spawned(run_path: str, launch: LaunchRecord, qemu: subprocess.Popen[bytes]) -> None:
     """state.json names this QEMU before `qvm up` returns: the commands a script runs next
     (status, cpu add) must not read the previous run's record, or none."""
-    from qvm.base.proc import process_start_time
-
     state = initial_state(launch)._replace(
         qemu_pid=qemu.pid, qemu_start_time=process_start_time(qemu.pid), started_at=time.time()
     )
