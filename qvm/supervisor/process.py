@@ -20,7 +20,7 @@ import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import QMPClient, Runstate
 
 from qvm.base.jsonfile import RecordWriteError
 from qvm.base.proc import process_start_time
@@ -87,6 +87,8 @@ POWER_BUTTON_REPEAT = 5.0  # seconds between presses during `qvm down`
 # to power off (the exchange itself takes up to 3 s + 3 s, qvm.supervisor.agent_shutdown)
 AGENT_SHUTDOWN_WAIT = 10.0
 QUIT_WAIT = 5.0
+# after QEMU exited, how long its last events may take to be read (``_take_last_events``)
+LAST_EVENTS_WAIT = 0.5
 KILL_WAIT = 5.0
 MAX_RESTART_DELAY = 60.0
 # a run that lasted this long resets the consecutive-restart counter
@@ -114,6 +116,7 @@ class Supervisor:
         self.shutdown_event: dict[str, Any] | None = None
         self.crash_reason: str | None = None
         self.vcpu_unplugged = False  # a vCPU left this QEMU run (qvm.supervisor.exits)
+        self.power_button = False  # the ACPI power button was pressed in this run
         self.kept_in: str | None = None  # the file the record is kept in, state.json failing
         self.runstate = "unknown"
         self.qmp: Any = None
@@ -222,6 +225,7 @@ class Supervisor:
         self.shutdown_event = None
         self.crash_reason = None
         self.vcpu_unplugged = False
+        self.power_button = False
         self.agent_shutdown_sent = False
         self.runstate = "unknown"
         self.qmp_ready = False
@@ -293,6 +297,7 @@ class Supervisor:
                 self.pidfd = None
         ready = self.qmp_ready
         if self.qmp is not None:
+            await self._take_last_events(self.qmp)
             watcher.cancel()  # it follows events, which never end by themselves
         # else it is still connecting and returns once it sees QEMU has exited: cancelling
         # qemu.qmp's connect midway was seen to leave the task stuck, and the process
@@ -307,6 +312,19 @@ class Supervisor:
             self.notify("failed")
             return False
         return True
+
+    async def _take_last_events(self, client: QMPClient) -> None:
+        """QEMU has exited, but what it sent just before may still be unread: QEMU 7.2
+        under TCG sends SHUTDOWN for the guest's power-off and then aborts, within
+        milliseconds. Wait, briefly, until the connection has read to its end and every
+        event has been handled, or the guest's power-off would read as a crash."""
+        deadline = time.monotonic() + LAST_EVENTS_WAIT
+        while client.runstate == Runstate.RUNNING or not client.events.empty():
+            if time.monotonic() > deadline:
+                log_line("qvm supervisor: QEMU's last events were not read in time")
+                break
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0)  # the watcher handles the event it has just taken
 
     async def _watch_qmp(self, exited: Any) -> bool:
         """Connect to the events monitor, announce readiness, then follow events."""
@@ -392,6 +410,8 @@ class Supervisor:
         data = event.get("data") or {}
         if name == "SHUTDOWN":
             self.shutdown_event = data
+        elif name == "POWERDOWN":
+            self.power_button = True
         elif name == "GUEST_PANICKED":
             self.crash_reason = "guest panic"
         elif name in ("STOP", "RESUME"):
@@ -457,6 +477,7 @@ class Supervisor:
             crash_reason=self.crash_reason,
             agent_shutdown_sent=self.agent_shutdown_sent,
             vcpu_unplugged=self.vcpu_unplugged,
+            power_button=self.power_button,
             tcg=self.launch.accel == "tcg",
         )
 

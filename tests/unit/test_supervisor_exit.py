@@ -120,7 +120,48 @@ TABLE: list[tuple[int, dict[str, object], tuple[bool, str, str, str | None, str 
     (
         -11,
         {"shutdown_reason": GUEST_OFF, **AFTER_UNPLUG},
+        (
+            False,
+            OFF + "; QEMU 7.2 then died of SIGSEGV on exit (likely the TCG bug after a vCPU "
+            "unplug)",
+            "stopped",
+            None,
+            "SIGSEGV",
+        ),
+    ),
+    (
+        -11,
+        {"shutdown_reason": GUEST_OFF},
         (False, OFF + "; QEMU then died of SIGSEGV on exit", "stopped", None, "SIGSEGV"),
+    ),
+    # the same abort as measured: QEMU's SHUTDOWN event is lost, the power button was
+    # pressed (POWERDOWN) after a vCPU unplug under TCG
+    (
+        -6,
+        {**STOP, "power_button": True, **AFTER_UNPLUG},
+        (False, TCG_ABORT, "stopped", "acpi", "SIGABRT"),
+    ),
+    (-6, {"power_button": True, **AFTER_UNPLUG}, (False, TCG_ABORT, "stopped", None, "SIGABRT")),
+    # ... but not without the unplug, under KVM, or before the button
+    (
+        -6,
+        {**STOP, "power_button": True},
+        (False, "killed by SIGABRT (qvm stop)", "stopped", None, "SIGABRT"),
+    ),
+    (
+        -6,
+        {"power_button": True, "vcpu_unplugged": True},
+        (True, "killed by SIGABRT", "crashed", None, "SIGABRT"),
+    ),
+    (
+        -6,
+        {**STOP, **AFTER_UNPLUG},
+        (False, "killed by SIGABRT (qvm stop)", "stopped", None, "SIGABRT"),
+    ),
+    (
+        -9,
+        {**STOP, "power_button": True, **AFTER_UNPLUG},
+        (False, "killed by SIGKILL (qvm stop)", "stopped", "kill", "SIGKILL"),
     ),
     # SIGKILL after the guest's power-off is someone's kill, not a crash on exit
     (
@@ -156,8 +197,9 @@ def test_ended_by_reads_back_the_same_from_the_exit_record() -> None:
 def test_the_supervisor_hands_what_it_saw_to_the_classification(tmp_path: Path) -> None:
     sup = Supervisor(RunDir(tmp_path), launch_record(accel="tcg"), ready_fd=None)
     sup.intent, sup.shutdown_event, sup.vcpu_unplugged = "stop", {"reason": GUEST_OFF}, True
+    sup.power_button = True
     assert sup.exit_facts(-6, reached_qmp=True) == ExitFacts(
-        -6, True, "stop", GUEST_OFF, vcpu_unplugged=True, tcg=True
+        -6, True, "stop", GUEST_OFF, vcpu_unplugged=True, power_button=True, tcg=True
     )
 
 
