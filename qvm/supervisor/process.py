@@ -43,7 +43,6 @@ from qvm.store.state import (
     keep_elsewhere,
     write_state,
 )
-from qvm.supervisor.agent_proxy import AgentProxy
 from qvm.supervisor.agent_shutdown import agent_configured, agent_shutdown
 from qvm.supervisor.exits import ExitFacts, classify_exit
 from qvm.supervisor.facts import (
@@ -53,7 +52,6 @@ from qvm.supervisor.facts import (
     qemu_log_tail,
 )
 from qvm.supervisor.qmp_replies import memory_summary, runstate
-from qvm.supervisor.relay import serve_control
 from qvm.supervisor.spawn import (
     AdoptedQemu,
     forwards_recorder,
@@ -79,6 +77,7 @@ from qvm.supervisor.wire import (
 
 if TYPE_CHECKING:
     from qvm.layout.rundir import RunDir
+    from qvm.supervisor.agent_proxy import AgentProxy
 
 QMP_CONNECT_TIMEOUT = 60.0
 
@@ -382,6 +381,9 @@ class Supervisor:
 
     async def _attach_agent(self) -> None:
         if agent_configured(self.launch):
+            # only the supervisors of VMs with an agent hold its proxy (RSS)
+            from qvm.supervisor.agent_proxy import AgentProxy  # noqa: PLC0415
+
             self.agent_proxy = AgentProxy(self.run)
             await self.agent_proxy.attach()
 
@@ -678,6 +680,9 @@ class Supervisor:
         try:
             request = decode_request(await reader.readline())
             if isinstance(request, ControlRequest):
+                # the supervisor's RSS is a target: the relay only once a client asks
+                from qvm.supervisor.relay import serve_control  # noqa: PLC0415
+
                 await serve_control(self, reader, writer)
                 return
             if expired(request, time.time()):
