@@ -158,11 +158,13 @@ def test_the_real_abort_after_a_vcpu_unplug_is_named_for_the_tcg_bug(qvm: Qvm) -
         status = qvm.status("vm1")
         if status["last_exit"]["signal"] == "SIGABRT":
             break
-        assert status["reason"] == "the guest powered off", status
+        # no abort this time (or QEMU's other crash at exit): the guest's end, all the same
+        assert status["reason"].startswith("the guest powered off"), status
     else:
         pytest.skip("QEMU did not abort in 8 downs")
-    assert "double free or corruption" in (qvm.run_dir("vm1") / "qemu.log").read_text()
-    assert serial.guest().powered_off  # the guest's own word
+    log = (qvm.run_dir("vm1") / "qemu.log").read_text()
+    assert "double free or corruption" in log, (status, log[-2000:])
+    assert serial.guest().powered_off, status  # the guest's own word
     assert down.stdout.strip() == "vm1: stopped: the guest powered off after the ACPI power button"
     assert (status["state"], status["reason"], status["last_exit"]["ended_by"]) == (
         "stopped",
