@@ -47,13 +47,38 @@ EXIT_INTERRUPTED = 130
 
 class QvmError(Exception):
     """An error the user can act on. ``str(error)`` is the complete message; ``vm``,
-    ``key`` and ``file`` name what it is about, where it knows (the JSON form of an error
-    carries them)."""
+    ``file``, ``key`` and ``hint`` name what it is about and what to do, where the raiser
+    knows (the JSON form of an error carries them, ``schemas/error.json``).
+
+    Given as fields, they make the one line ``<file or VM>: <key>: <problem> (hint: ...)``;
+    a raiser that passes the whole text as ``problem`` (and no fields) keeps it as it is.
+    """
 
     exit_code = EXIT_FAILURE
-    vm: str | None = None
-    key: str | None = None
-    file: str | None = None
+
+    def __init__(
+        self,
+        problem: str = "",
+        *,
+        vm: str | None = None,
+        file: str | None = None,
+        key: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.problem = problem
+        self.vm = vm
+        self.file = file
+        self.key = key or None
+        self.hint = hint
+        super().__init__(one_line(file or vm, key, problem, hint))
+
+
+def one_line(subject: str | None, key: str | None, problem: str, hint: str | None) -> str:
+    """``<subject>: <key>: <problem> (hint: <hint>)``, each part only where given."""
+    text = f"{key}: {problem}" if key else problem
+    if subject:
+        text = f"{subject}: {text}"
+    return text + (f" (hint: {hint})" if hint else "")
 
 
 class Problem:
@@ -94,9 +119,10 @@ class DefinitionError(QvmError):
 
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = list(problems)
-        if self.problems:
-            self.file, self.key = self.problems[0].file, self.problems[0].key or None
-        super().__init__("\n".join(str(p) for p in self.problems))
+        super().__init__("\n".join(str(p) for p in self.problems))  # a line per problem
+        if self.problems:  # the fields: the first problem's
+            first = self.problems[0]
+            self.file, self.key, self.hint = first.file, first.key or None, first.hint
 
 
 class HostError(QvmError):
@@ -117,10 +143,8 @@ class VmStateError(QvmError):
 
 class NotRunningError(VmStateError):
     def __init__(self, name: str, hint: str | None = None) -> None:
-        self.name = self.vm = name
-        message = f"{name}: not running"
-        message += f" (hint: {hint})" if hint else f" (hint: start it with 'qvm up {name}')"
-        super().__init__(message)
+        self.name = name
+        super().__init__("not running", vm=name, hint=hint or f"start it with 'qvm up {name}'")
 
 
 class RecordError(QvmError):
@@ -129,9 +153,9 @@ class RecordError(QvmError):
 
     def __init__(self, source: str, key: str, problem: str, hint: str | None = None) -> None:
         self.source = source
-        self.key = key or None
-        text = f"{source}: {key}: {problem}" if key else f"{source}: {problem}"
-        super().__init__(text + (f" (hint: {hint})" if hint else ""))
+        super().__init__(problem, file=source, key=key, hint=hint)
+        if "/" not in source:  # not a file's path: what a message was ("vm1: supervisor reply")
+            self.file = None
 
 
 class LaunchError(QvmError):
@@ -154,8 +178,11 @@ class ControlError(QvmError):
         qemu_class: str | None = None,
         qemu_desc: str | None = None,
         qemu_exited: bool = False,
+        *,
+        vm: str | None = None,
+        hint: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, vm=vm, hint=hint)
         self.qemu_class = qemu_class
         self.qemu_desc = qemu_desc
         self.qemu_exited = qemu_exited
@@ -184,7 +211,9 @@ class AgentNotAnswering(AgentError):
 class AgentCommandError(AgentError):
     """``agent_class``/``agent_desc``: the agent's own error reply."""
 
-    def __init__(self, message: str, agent_class: str, agent_desc: str) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, agent_class: str, agent_desc: str, *, vm: str | None = None
+    ) -> None:
+        super().__init__(message, vm=vm)
         self.agent_class = agent_class
         self.agent_desc = agent_desc

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
-from qvm.errors import EXIT_FAILURE
-
-# a VM name, as the first word of an error ("vm1: not running") or the one it did not
-# find ("no machine named 'vm1'"); see qvm.layout.names. Compiled where an error is
-# reported, never on the way to success.
-_VM_PREFIX = r"([a-z0-9][a-z0-9_-]{0,62}): "
-_VM_NOT_FOUND = r"no machine named '([a-z0-9][a-z0-9_-]{0,62})'"
+from qvm.errors import EXIT_FAILURE, QvmError
 
 
 class _Emitted:
@@ -44,21 +37,14 @@ def error_json(
     vm: str | None = None,
     key: str | None = None,
     file: str | None = None,
-    guess: bool = True,
+    hint: str | None = None,
 ) -> dict[str, Any]:
     """The JSON form of an error (schemas/error.json): the message's first line as
-    ``error``, the exit status, and the VM, key and file it names where they are known;
-    a VM or file the message starts with counts when the error does not say (``guess``)."""
+    ``error``, the exit status, and the VM, key, file and hint where they are known."""
     first = message.strip().splitlines()[0] if message.strip() else "error"
     first = first.removeprefix("qvm: ")
     data: dict[str, Any] = {"error": first, "exit_code": code}
-    head = first.split(": ", 1)[0] if guess and ": " in first else ""
-    if file is None and head and ("/" in head or head.endswith((".toml", ".json"))):
-        file = head
-    if guess and vm is None and file is None:
-        match = re.match(_VM_PREFIX, first) or re.search(_VM_NOT_FOUND, first)
-        vm = match.group(1) if match else None
-    for field, value in (("vm", vm), ("key", key), ("file", file)):
+    for field, value in (("vm", vm), ("key", key), ("file", file), ("hint", hint)):
         if value:
             data[field] = value
     if message.strip().count("\n"):
@@ -66,20 +52,21 @@ def error_json(
     return data
 
 
-def report_error(error: BaseException, code: int) -> None:
+def error_fields(error: QvmError, code: int, vm: str | None = None) -> dict[str, Any]:
+    """``error_json`` of a QvmError, from its fields; ``vm``: the VM the command was
+    about, when the error does not name one."""
+    return error_json(str(error), code, error.vm or vm, error.key, error.file, error.hint)
+
+
+def report_error(error: QvmError, code: int) -> None:
     """A QvmError the command did not handle: one line (or the lines of every problem)
-    on stderr, and with ``--json`` its JSON form on stdout too."""
+    on stderr, and with ``--json`` its JSON form on stdout too, naming the VM the error
+    names, else the one VM the command looked up (``qvm.cli.resolve.only_vm``)."""
     sys.stderr.write(f"qvm: {error}\n")
     if json_mode() and not _Emitted.json:
-        emit_json(
-            error_json(
-                str(error),
-                code,
-                vm=getattr(error, "vm", None),
-                key=getattr(error, "key", None),
-                file=getattr(error, "file", None),
-            )
-        )
+        from qvm.cli.resolve import only_vm
+
+        emit_json(error_fields(error, code, only_vm()))
 
 
 def say(text: str = "") -> None:
@@ -94,7 +81,7 @@ class _StderrTail:
     """stderr as it is, remembering the last "Error: ..." line Click writes there, so that
     a usage error can be given in JSON too (only installed with ``--json``)."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.last_error: str | None = None
 
@@ -117,13 +104,15 @@ def report_usage_error(code: int) -> None:
     if not json_mode() or _Emitted.json:
         return
     said = sys.stderr.last_error if isinstance(sys.stderr, _StderrTail) else None
-    emit_json(error_json(said or "usage error (see stderr)", code, guess=False))
+    emit_json(error_json(said or "usage error (see stderr)", code))
 
 
 def abort(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     sys.stderr.write(f"qvm: {message}\n" if "\n" not in message else message + "\n")
     if json_mode() and not _Emitted.json:
-        emit_json(error_json(message, code))
+        from qvm.cli.resolve import only_vm
+
+        emit_json(error_json(message, code, only_vm()))
     raise SystemExit(code)
 
 
@@ -132,7 +121,9 @@ def fail_all(problems: list[str], code: int = EXIT_FAILURE) -> NoReturn:
     for problem in problems[:-1]:
         warn(f"qvm: {problem}")
     if len(problems) > 1 and json_mode() and not _Emitted.json:
-        emit_json({**error_json(problems[-1], code), "problems": problems})
+        from qvm.cli.resolve import only_vm
+
+        emit_json({**error_json(problems[-1], code, only_vm()), "problems": problems})
     abort(problems[-1], code)
 
 

@@ -22,12 +22,13 @@ class Settings:
     """What the global options say; ``configure`` sets it. A plain class, not a dataclass:
     every command imports this module, and importing ``dataclasses`` costs start-up time."""
 
-    __slots__ = ("machines_dir", "state_root", "checked_root")
+    __slots__ = ("machines_dir", "state_root", "checked_root", "vms")
 
     def __init__(self, machines_dir: Path | None = None, state_root: Path | None = None) -> None:
         self.machines_dir = machines_dir
         self.state_root = state_root
         self.checked_root: Path | None = None  # the state root once it passed its check
+        self.vms: dict[str, None] = {}  # every VM whose run dir was looked up, in order
 
 
 settings = Settings()
@@ -203,7 +204,15 @@ def is_path(name_or_path: str) -> bool:
 def run_dir(name: str) -> RunDir:
     """The run dir of the VM ``name``: VmNameError (one line) unless ``name`` is a VM
     name, so ``..``, ``.``, ``''`` or a 300-character name never become a path."""
-    return run_dir_for(state_root(), name)
+    run = run_dir_for(state_root(), name)
+    settings.vms[name] = None
+    return run
+
+
+def only_vm() -> str | None:
+    """The VM this command is about, if it looked up exactly one: an error that names no
+    VM of its own is about it (``qvm.cli.output.report_error``)."""
+    return next(iter(settings.vms)) if len(settings.vms) == 1 else None
 
 
 def run_dir_of(name_or_path: str) -> RunDir:

@@ -9,6 +9,7 @@ CLI asks the VM's run dir which file it was started from: ``qvm.cli.resolve.load
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,7 +30,15 @@ def find_machine(name_or_path: str, search_dirs: Sequence[Path]) -> Path:
         except RuntimeError:  # ~nosuchuser/...: pathlib cannot find that home folder
             path = Path(name_or_path)
         if not _is_file(path):
-            raise QvmError(f"no machine file at {shown(name_or_path)} (hint: check the path)")
+            why = _not_a_file(path)
+            if why is None:
+                error = QvmError(f"no machine file at {shown(name_or_path)}", hint="check the path")
+            else:  # it is there: said plainly, unless it is not fit to print
+                plain = name_or_path.isprintable() and len(name_or_path) <= 1024
+                where = name_or_path if plain else shown(name_or_path)
+                error = QvmError(why, file=where, hint="check the path")
+            error.file = name_or_path
+            raise error
         return path
     if name_or_path in ("", ".", "..") or "\0" in name_or_path or len(name_or_path) > 250:
         # not a file's stem: never looked up, never joined to a folder
@@ -42,7 +51,26 @@ def find_machine(name_or_path: str, search_dirs: Sequence[Path]) -> Path:
     named = is_vm_name(name_or_path)  # else it is not echoed into a file name to create
     create = _for_display(search_dirs[0] / f"{name_or_path}.toml") if search_dirs else None
     hint = f"create {create} or pass --machines DIR" if create and named else "pass --machines DIR"
-    raise QvmError(f"no machine named {shown(name_or_path)} (looked in: {looked}) (hint: {hint})")
+    if named:
+        raise QvmError(f"no such machine (looked in: {looked})", vm=name_or_path, hint=hint)
+    raise QvmError(f"no machine named {shown(name_or_path)} (looked in: {looked})", hint=hint)
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` is no machine file to read: a folder, a broken link, a file it may
+    not look at...; None when there is nothing there."""
+    try:
+        mode = path.stat().st_mode
+    except (OSError, ValueError) as error:
+        if isinstance(error, FileNotFoundError) and path.is_symlink():
+            return "a symbolic link to nothing"
+        if isinstance(error, FileNotFoundError):
+            return None
+        strerror = getattr(error, "strerror", None)
+        return f"cannot read: {strerror or error}"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a machine file"
+    return "not a regular file"
 
 
 def _is_file(path: Path) -> bool:
@@ -112,11 +140,15 @@ def _absolute(text: str, home: Path, cwd: Path) -> Path:
 
 
 def list_machine_files(search_dirs: Sequence[Path]) -> list[Path]:
-    """Every machine file in ``search_dirs``, sorted by name; an earlier folder wins a tie."""
+    """Every machine file in ``search_dirs``, sorted by name; an earlier folder wins a tie.
+
+    Every ``*.toml`` entry counts, readable or not (a folder, a broken link, a file it
+    may not read): it is listed, and reading it says what is wrong, rather than the
+    entry being left out without a word. A folder that cannot be read lists nothing."""
     found: dict[str, Path] = {}
     for directory in search_dirs:
         for path in sorted(directory.glob("*.toml")):
             # Editors leave dotted lock and backup files next to the real ones.
-            if not path.name.startswith(".") and path.is_file():
+            if not path.name.startswith("."):
                 found.setdefault(path.stem, path)
     return [found[stem] for stem in sorted(found)]

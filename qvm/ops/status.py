@@ -1,17 +1,23 @@
 """`qvm status` and `qvm list`: facts about one VM's current or last run. A live
-supervisor answers; otherwise the records it left behind speak. Never raises for a VM in
-a bad state: the problem rides along in the result.
+supervisor answers; otherwise the records it left behind speak, completed from the
+definition for a VM that is not running. Never raises for a VM in a bad state: the
+problems ride along in the record (``VmStatus.problems``), and the state says what is
+known: ``invalid`` (the definition does not load, and nothing ran) or ``unknown`` (its
+records do not parse). The CLI only renders a ``VmStatus``, as text or JSON.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
+from qvm.base.record import Record
 from qvm.errors import QvmError, RecordError
+from qvm.layout.names import is_vm_name
 from qvm.layout.rundir import RunDir
-from qvm.store.launch import read_launch
-from qvm.store.state import StateRecord, read_state
+from qvm.store.launch import Forward, LaunchRecord, read_launch
+from qvm.store.state import ExitRecord, StateRecord, read_state
 from qvm.supervisor.client import (
     SUPERVISOR_ANSWER_TIMEOUT,
     ask_supervisor,
@@ -19,136 +25,238 @@ from qvm.supervisor.client import (
     supervisor_alive,
 )
 
+if TYPE_CHECKING:
+    from qvm.control.guest_agent_facts import GuestFacts
+    from qvm.definition.schema import Machine
+
+# the states with a QEMU to show: its pid, uptime, sockets
+ACTIVE_STATES = ("running", "paused")
+
+
+class Vcpus(Record):
+    present: int  # 0 while the VM does not run
+    max: int | None
+    boot: int | None  # how many it started with (stopped: its definition's)
+
+
+class Memory(Record):
+    bytes: int
+    max: int | None
+
+
+class VmStatus(Record):
+    """One VM's state and why, its process facts and files (``schemas/status.json``)."""
+
+    name: str
+    state: str  # a supervisor's state (qvm.store.state.STATES), "invalid" or "unknown"
+    run: RunDir | None  # None: no VM can have this name (a machine file named "a b.toml")
+    reason: str | None = None  # why it stopped or crashed
+    pid: int | None = None  # QEMU's
+    supervisor_pid: int | None = None
+    uptime: float | None = None  # seconds
+    accel: str | None = None
+    accel_reason: str | None = None
+    vcpus: Vcpus | None = None
+    memory: Memory | None = None
+    rss_bytes: int | None = None
+    cpu_percent: float | None = None
+    restarts: int = 0
+    last_exit: ExitRecord | None = None
+    machine_file: str | None = None
+    forwards: tuple[Forward, ...] = ()
+    problems: tuple[str, ...] = ()  # each one line, naming its file or VM
+    # the guest agent's word (``with_guest_facts``); None: not asked, or not running
+    guest: GuestFacts | None = None
+
+    @property
+    def error(self) -> str | None:
+        return "; ".join(self.problems) or None
+
+    def but(self, **changes: object) -> VmStatus:
+        """``_replace``, typed."""
+        changed: VmStatus = self._replace(**changes)
+        return changed
+
+    def with_problem(self, problem: str) -> VmStatus:
+        return self.but(problems=(*self.problems, problem))
+
+
+Load = Callable[[], "Machine"]
+
+
 # --- status --------------------------------------------------------------------------
 
 
-def vm_status(run: RunDir) -> dict[str, Any]:
-    """Facts about one VM's current or last run, as a JSON-ready dict (never raises for
-    a VM in a bad state: the problem is in the dict)."""
-    record: dict[str, Any] = {
-        "name": run.name,
-        "state": "stopped",
-        "reason": None,
-        "pid": None,
-        "supervisor_pid": None,
-        "uptime": None,
-        "accel": None,
-        "accel_reason": None,
-        "vcpus": None,
-        "memory": None,
-        "rss_bytes": None,
-        "cpu_percent": None,
-        "restarts": 0,
-        "last_exit": None,
-        "qmp_socket": str(run.qmp_socket),
-        "serial_log": str(run.serial_log),
-        "qemu_log": str(run.qemu_log),
-        "console_socket": str(run.console_socket),
-        "run_dir": str(run.path),
-        "machine_file": None,
-        "forwards": [],
-        "error": None,
-    }
+def vm_status(run: RunDir, definition: Load | None = None) -> VmStatus:
+    """Facts about one VM's current or last run; ``definition`` loads its machine file
+    (raising QvmError), asked only for what the records of a VM that is not running
+    cannot say. Never raises for a VM in a bad state."""
+    status: VmStatus = VmStatus(run.name, "stopped", run)
     try:
-        _fill_status(record, run)
-    except RecordError as error:  # state.json does not parse: say which file, never fail
-        record.update(state="unknown", error=str(error))
-    return record
+        status = _from_records(status, run)
+    except RecordError as error:
+        status = _unreadable(status, run, error)
+    if definition is not None and (status.vcpus is None or status.machine_file is None):
+        status = _from_definition(status, definition)
+    return status
 
 
-def _fill_status(record: dict[str, Any], run: RunDir) -> None:
-    launch_problem = None
+def _unreadable(status: VmStatus, run: RunDir, error: RecordError) -> VmStatus:
+    """A record that does not parse. A corrupt state.json of a VM that provably runs
+    nothing is a stopped VM (`qvm up` moves the file aside); else the state is unknown."""
+    from qvm.ops.corrupt_state import (  # noqa: PLC0415 -- rare: `status` starts without it
+        still_running,
+        unusable,
+    )
+
+    if error.file == str(run.state_file) and still_running(run) is None:
+        return status.with_problem(str(unusable(run, error)))
+    return status.but(state="unknown", problems=(str(error),))
+
+
+def _from_records(status: VmStatus, run: RunDir) -> VmStatus:
+    launch_problem: tuple[str, ...] = ()
     try:
         launch = read_launch(run.launch_file)
     except RecordError as error:  # the state record can still tell the most
-        launch, launch_problem = None, str(error)
+        launch, launch_problem = None, (str(error),)
     state = read_state(run.state_file)
     if state is None:
-        record["error"] = launch_problem
-        return
+        return status.but(problems=launch_problem)
     alive = supervisor_alive(run)
     if not alive:
         state = clean_stale(run) or state
-    record.update(
+    status = status.but(
         accel=state.accel,
         accel_reason=state.accel_reason,
         restarts=state.restarts,
-        last_exit=_exit_json(state),
+        last_exit=state.exit,
         machine_file=state.machine_file,
         supervisor_pid=state.supervisor_pid if alive else None,
-        error=launch_problem,
+        problems=launch_problem,
     )
     if not alive:
-        record["state"] = state.state
-        if state.live:  # orphaned QEMU
-            record["state"] = "crashed"
-            record["pid"] = state.qemu_pid
-        record["reason"] = state.ended_reason or state.crash_reason
         if state.orphaned:
-            record["reason"] = state.crash_reason
-        return
-    from qvm.supervisor.wire import StatusRequest  # only a running VM is asked
+            return status.but(state="crashed", pid=state.qemu_pid, reason=state.crash_reason)
+        return status.but(
+            state="crashed" if state.live else state.state,
+            pid=state.qemu_pid if state.live else None,
+            reason=state.ended_reason or state.crash_reason,
+        )
+    return _asked(status, run, state, launch)
+
+
+def _asked(
+    status: VmStatus, run: RunDir, state: StateRecord, launch: LaunchRecord | None
+) -> VmStatus:
+    """A live supervisor's answer, or what its record says when it does not answer."""
+    from qvm.supervisor.wire import StatusRequest  # noqa: PLC0415 -- only a running VM is asked
 
     try:
         live = ask_supervisor(run, StatusRequest(), timeout=SUPERVISOR_ANSWER_TIMEOUT)
     except QvmError as exc:
         state = read_state(run.state_file) or state
-        record["state"] = state.state
         if state.state in ("stopped", "crashed"):
             # a supervisor on its way out after QEMU ended: its record is complete
-            record["reason"] = state.ended_reason
-            record["last_exit"] = _exit_json(state)
-            record["supervisor_pid"] = None
-            return
-        record["pid"] = state.qemu_pid
-        record["error"] = str(exc)
-        return
+            return status.but(
+                state=state.state,
+                reason=state.ended_reason,
+                last_exit=state.exit,
+                supervisor_pid=None,
+            )
+        return status.but(state=state.state, pid=state.qemu_pid, problems=(str(exc),))
+    from qvm.store.forwards import read_forwards  # noqa: PLC0415 -- a running VM's only
+
     now = live.record
-    record["state"] = now.state
-    record["pid"] = now.qemu_pid
-    # the live answer, not state.json read a moment earlier: a restart may lie between them
-    record["restarts"] = now.restarts
-    record["last_exit"] = _exit_json(now)
-    if now.state in ("stopped", "crashed") or now.qemu_pid is None:
-        record["reason"] = now.ended_reason
-    if now.started_at and now.qemu_pid:
-        record["uptime"] = round(time.time() - now.started_at, 1)
+    ended = now.state in ("stopped", "crashed") or now.qemu_pid is None
+    vcpus = memory = None
     if live.vcpus_present is not None:
-        vcpus_max = launch.vcpus_max if launch is not None else None
-        record["vcpus"] = {"present": live.vcpus_present, "max": vcpus_max}
+        vcpus = Vcpus(
+            live.vcpus_present,
+            launch.vcpus_max if launch is not None else None,
+            launch.vcpus_boot if launch is not None else None,
+        )
     if live.memory_bytes is not None:
-        memory_max = launch.memory_max if launch is not None else None
-        record["memory"] = {"bytes": live.memory_bytes, "max": memory_max}
-    from qvm.store.forwards import current_forwards
+        memory = Memory(live.memory_bytes, launch.memory_max if launch is not None else None)
+    return status.but(
+        state=now.state,
+        pid=now.qemu_pid,
+        # the live answer, not state.json read a moment earlier: a restart may lie between
+        restarts=now.restarts,
+        last_exit=now.exit,
+        reason=now.ended_reason if ended else None,
+        uptime=(
+            round(time.time() - now.started_at, 1) if now.started_at and now.qemu_pid else None
+        ),
+        vcpus=vcpus,
+        memory=memory,
+        forwards=read_forwards(run),
+        rss_bytes=live.rss_bytes,
+        cpu_percent=live.cpu_percent,
+        problems=(live.qmp_error,) if live.qmp_error else status.problems,
+    )
 
-    record["forwards"] = current_forwards(run)
-    record["rss_bytes"] = live.rss_bytes
-    record["cpu_percent"] = live.cpu_percent
-    record["error"] = live.qmp_error or launch_problem
+
+def _from_definition(status: VmStatus, definition: Load) -> VmStatus:
+    """What only the definition says of a VM that is not running: its file, its vCPUs
+    and memory. One that does not load makes a VM that never ran ``invalid``."""
+    try:
+        machine = definition()
+    except QvmError as error:
+        if status.state == "stopped" and status.last_exit is None:
+            first = str(error).splitlines()[0]
+            return status.but(state="invalid", problems=(*status.problems, first))
+        return status
+    return status.but(
+        machine_file=status.machine_file or str(machine.path),
+        vcpus=status.vcpus or Vcpus(0, machine.cpu.max, machine.cpu.count),
+        memory=status.memory or Memory(machine.memory.size, machine.memory.max),
+    )
 
 
-def _exit_json(state: StateRecord) -> dict[str, Any] | None:
-    return state.exit.to_json() if state.exit is not None else None
+# --- list --------------------------------------------------------------------------------
+
+
+def list_status(
+    definitions: Iterable[tuple[str, str | None]],
+    run_dir: Callable[[str], RunDir],
+    load: Callable[[str], Machine],
+) -> list[VmStatus]:
+    """Every VM of ``definitions`` (its name and machine file, or None for a VM known
+    only by its run dir), sorted by name: one that cannot be looked at at all (a name no
+    VM can have, an entry that cannot be read) is there with its state and why."""
+    listed = []
+    for name, file in sorted(definitions):
+        try:
+            listed.append(_entry_status(name, file, run_dir, load))
+        except QvmError as error:
+            state = "invalid" if file else "unknown"
+            listed.append(VmStatus(name, state, None, problems=(str(error).splitlines()[0],)))
+        except Exception as error:  # noqa: BLE001 - one broken VM never breaks the list
+            listed.append(VmStatus(name, "unknown", None, problems=(str(error)[:300],)))
+    return listed
+
+
+def _entry_status(
+    name: str, file: str | None, run_dir: Callable[[str], RunDir], load: Callable[[str], Machine]
+) -> VmStatus:
+    if file is not None and not is_vm_name(name):
+        # a file whose stem is not a VM name: its own name key says which VM it is
+        name = load(file).name
+    return vm_status(run_dir(name), lambda: load(file or name))
 
 
 # --- the guest's own word --------------------------------------------------------------
 
 
-def add_guest_facts(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` (from ``vm_status``) with ``agent`` (its state: answering, not answering,
-    not configured, not running) and ``guest`` (OS, kernel, host name, addresses, from
-    the agent; None without one). The agent is asked only while the VM runs, briefly."""
-    if record.get("state") != "running" or not record.get("run_dir"):
-        # as GuestFacts(NOT_RUNNING) says it, without importing the agent's client
-        record["agent"] = {"state": "not running", "detail": None}
-        record["guest"] = None
-        return record
-    from pathlib import Path
+def with_guest_facts(status: VmStatus) -> VmStatus:
+    """``status`` with what the guest agent says (answering or not, not configured; the
+    guest's OS, host name, addresses), asked briefly; a VM that is not running is left
+    as it is (``guest`` None: no agent to ask)."""
+    if status.state != "running" or status.run is None:
+        return status
+    from qvm.control.guest_agent_facts import (  # noqa: PLC0415 -- a running VM's only
+        guest_facts,
+    )
 
-    from qvm.control.guest_agent_facts import guest_facts
-
-    facts = guest_facts(RunDir(Path(record["run_dir"])))
-    data = facts.as_json()
-    record["agent"] = {"state": data.pop("state"), "detail": data.pop("detail")}
-    record["guest"] = data if facts.agent == "answering" else None
-    return record
+    return status.but(guest=guest_facts(status.run))

@@ -22,6 +22,7 @@ from qvm.base.proc import same_process_alive
 from qvm.base.record import Record
 from qvm.errors import NotRunningError, VmStateError
 from qvm.layout.rundir import RunDir
+from qvm.ops.corrupt_state import corrupt_state, still_running
 from qvm.store.state import ExitRecord, StateRecord, ending, read_state, write_state
 from qvm.supervisor.client import (
     ACCEPT_TIMEOUT,
@@ -65,6 +66,7 @@ ENDED_BY_TEXT = {
 
 
 def stop(run: RunDir, timeout: float, force: bool) -> StopResult:
+    _check_state_record(run)
     if not _supervisor_present(run):
         return _stop_without_supervisor(run, kill=False)
     asked_at = time.time()
@@ -80,6 +82,7 @@ def stop(run: RunDir, timeout: float, force: bool) -> StopResult:
 
 
 def kill(run: RunDir) -> StopResult:
+    _check_state_record(run)
     if not _supervisor_present(run):
         return _stop_without_supervisor(run, kill=True)
     asked_at = time.time()
@@ -90,6 +93,30 @@ def kill(run: RunDir) -> StopResult:
     except SupervisorUnresponsive as error:
         return _end_unresponsive(run, "kill", error)
     return _result(run, reply, asked_at)
+
+
+def _check_state_record(run: RunDir) -> None:
+    """A corrupt state.json names no process to end: with proof that nothing of the VM
+    runs, it is not running (NotRunningError, as for any stopped VM); else the error names
+    the file. A live supervisor is asked as ever: it needs no record to end its QEMU."""
+    if supervisor_alive(run):
+        return
+    error = corrupt_state(run)
+    if error is None:
+        return
+    running = still_running(run)
+    if running is None:
+        hint = (
+            f"{run.state_file} does not parse ({error.problem}): qvm up {run.name} moves "
+            "it aside and starts the VM"
+        )
+        raise NotRunningError(run.name, hint=hint)
+    raise VmStateError(
+        f"{error.problem}; not signalled: {running}",
+        file=str(run.state_file),
+        key=error.key,
+        hint="end that process yourself, then qvm up " + run.name,
+    )
 
 
 def _supervisor_present(run: RunDir) -> bool:

@@ -25,6 +25,7 @@ from qvm.host.ports import port_holder, port_in_use
 from qvm.host.qemu import qemu_capabilities
 from qvm.host.qemu_img import detect_format, ensure_overlay, qemu_img_create
 from qvm.layout.rundir import RunDir
+from qvm.ops.corrupt_state import set_aside_corrupt_state
 from qvm.store.launch import Forward, Image, LaunchRecord, SshFacts, Topology
 from qvm.supervisor.boot import UpResult, start_supervisor
 
@@ -221,6 +222,7 @@ def _check_fixed_ports(machine: Machine) -> None:
 def start_vm(plan: LaunchPlan, wait: bool, progress: FetchProgress | None = None) -> UpResult:
     """Prepare the run dir and start the VM's supervisor (unless one runs): what both
     `qvm up` and `qvm restart` do. ``wait``: until QMP answers, not only QEMU spawned."""
+    set_aside_corrupt_state(plan.run_dir)  # `qvm up` did, and said so; others start too
     prepare_run_dir(plan, progress)
     result = start_supervisor(plan.run_dir, plan.launch_record(), wait=wait)
     if plan.inputs.incoming is not None and wait and not result.already_running:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import time
 from typing import Any
 
 from qvm.base.jsonfile import RecordWriteError, write_json_atomic
@@ -272,3 +273,17 @@ def forget_kept(path: str) -> None:
     """state.json has the record now: the kept copy must not speak for it later."""
     with contextlib.suppress(OSError):
         os.unlink(path)
+
+
+def set_aside(path: str) -> str:
+    """Move a corrupt record out of the way, kept as ``NAME.corrupt-<UTC time>`` (never
+    over an earlier one); only once nothing of its VM runs (``qvm.ops.corrupt_state``).
+    Paths as strings: the supervisor imports this module, and never pathlib."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = f"{path}.corrupt-{stamp}"
+    for again in range(2, 100):
+        if not os.path.lexists(target):
+            break
+        target = f"{path}.corrupt-{stamp}-{again}"
+    os.rename(path, target)
+    return target

@@ -436,3 +436,28 @@ def test_outside_vcpu_unplug_is_known_to_the_tcg_guard(qvm: Qvm) -> None:
         "(hint: qvm restart vm1 first, or pass --force to try anyway)",
     )
     assert alive(qemu) and qvm.status("vm1")["state"] == "running"
+
+
+def test_a_corrupt_state_record_of_a_stopped_vm_is_moved_aside_by_up(qvm: Qvm) -> None:
+    """Issue 19: a stopped VM whose state.json is corrupt could be neither started nor
+    killed. With nothing running, status says stopped and why, kill says not running, and
+    up keeps the file as state.json.corrupt-TIME and starts."""
+    qvm.guest_machine("vm1", **MACHINE)
+    run = qvm.run_dir("vm1")
+    run.mkdir(mode=0o700, parents=True)
+    qvm.state_dir.chmod(0o700)
+    planted = b'{"name": "vm1", "state": "runn'
+    (run / "state.json").write_bytes(planted)
+    status = qvm.status("vm1")
+    assert status["state"] == "stopped", status
+    assert status["problems"][0].startswith(f"{run / 'state.json'}: not valid JSON")
+    line = one_line_error(qvm("kill", "vm1", check=False))
+    assert line.startswith("qvm: vm1: not running (hint: "), line
+    assert (run / "state.json").read_bytes() == planted
+    up = qvm("up", "vm1")
+    (kept,) = run.glob("state.json.corrupt-*")
+    assert kept.read_bytes() == planted
+    assert f"moved aside to {kept}" in up.stderr, up.stderr
+    assert qvm.status("vm1")["state"] == "running"
+    qvm("kill", "vm1")
+    assert kept.read_bytes() == planted  # kept, never deleted

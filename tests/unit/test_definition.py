@@ -1023,7 +1023,7 @@ def test_find_machine_name_missing(in_tmp: Path, monkeypatch: pytest.MonkeyPatch
     with pytest.raises(QvmError) as caught:
         find_machine("vm1", dirs)
     assert str(caught.value) == (
-        "no machine named 'vm1' (looked in: machines, ~/.config/qvm/machines)"
+        "vm1: no such machine (looked in: machines, ~/.config/qvm/machines)"
         " (hint: create machines/vm1.toml or pass --machines DIR)"
     )
 
@@ -1036,7 +1036,7 @@ def test_find_machine_name_missing_outside_cwd_and_home(
     with pytest.raises(QvmError) as caught:
         find_machine("vm1", [Path("/nonexistent/qvm")])
     assert str(caught.value) == (
-        "no machine named 'vm1' (looked in: /nonexistent/qvm)"
+        "vm1: no such machine (looked in: /nonexistent/qvm)"
         " (hint: create /nonexistent/qvm/vm1.toml or pass --machines DIR)"
     )
 
@@ -1050,9 +1050,9 @@ def test_list_machine_files(in_tmp: Path) -> None:
         folder.mkdir()
         for name in names:
             (folder / name).write_text("")
-    (first / "dir.toml").mkdir()
+    (first / "dir.toml").mkdir()  # listed: reading it says what is wrong
     found = list_machine_files([first, in_tmp / "missing", second])
-    assert found == [first / "a.toml", first / "b.toml", second / "c.toml"]
+    assert found == [first / "a.toml", first / "b.toml", second / "c.toml", first / "dir.toml"]
 
 
 # --- the key reference --------------------------------------------------------------

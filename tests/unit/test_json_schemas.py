@@ -24,10 +24,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qvm.cli.commands.mem import in_bytes
-from qvm.cli.output import error_json, json_mode
+from qvm.cli.output import error_fields, error_json, json_mode
 from qvm.cli.parsing.declare import GROUPS, TOP_LEVEL
 from qvm.cli.parsing.typer_app import module_commands
-from qvm.errors import DefinitionError, NotRunningError, Problem, QvmError
+from qvm.errors import DefinitionError, NotRunningError, Problem, QvmError, RecordError
 from qvm.ops.access import SshTarget, remote_command, ssh_argv
 from qvm.ops.new import check_image
 from qvm.ops.stop import how_it_ended
@@ -175,6 +175,7 @@ def test_errors_are_json_objects_with_a_nonzero_exit(cli: Qvm) -> None:
             "error": "vm1: not running (hint: start it with 'qvm up vm1')",
             "exit_code": 1,
             "vm": "vm1",
+            "hint": "start it with 'qvm up vm1'",
         }
     ]
     broken = run_json(cli, "up", "broken", code=1)
@@ -273,22 +274,42 @@ def test_guest_memory_is_given_in_bytes() -> None:
 
 
 def test_error_json_names_what_the_error_knows() -> None:
-    assert error_json("vm1: not running", 1) == {
-        "error": "vm1: not running",
+    error = QvmError("no free vCPU slot", vm="vm1", hint="raise cpu.max")
+    assert str(error) == "vm1: no free vCPU slot (hint: raise cpu.max)"
+    assert error_fields(error, 1) == {
+        "error": "vm1: no free vCPU slot (hint: raise cpu.max)",
         "exit_code": 1,
         "vm": "vm1",
+        "hint": "raise cpu.max",
     }
-    path = "/m/vm1.toml: cpu.count: must be an integer"
-    assert error_json(path, 2)["file"] == "/m/vm1.toml"
-    assert error_json("vm1: x", 1, guess=False) == {"error": "vm1: x", "exit_code": 1}
+    record = RecordError("/run/vm1/state.json", "qemu_pid", "must be a process id", "delete it")
+    assert str(record) == "/run/vm1/state.json: qemu_pid: must be a process id (hint: delete it)"
+    assert error_fields(record, 1, vm="vm1") == {
+        "error": str(record),
+        "exit_code": 1,
+        "vm": "vm1",  # the VM the command was about
+        "key": "qemu_pid",
+        "file": "/run/vm1/state.json",
+        "hint": "delete it",
+    }
+    reply = RecordError("vm1: supervisor reply", "", "not valid JSON")
+    assert (str(reply), reply.file) == ("vm1: supervisor reply: not valid JSON", None)
+    # the fields say it, never the text: a message that starts like a VM's name names none
+    assert error_json("vm1: x", 1) == {"error": "vm1: x", "exit_code": 1}
     problems = DefinitionError(
-        [Problem("/m/a.toml", "cpu.max", "too small"), Problem("/m/a.toml", "", "x")]
+        [
+            Problem("/m/a.toml", "cpu.max", "too small", hint="raise it"),
+            Problem("/m/a.toml", "", "x"),
+        ]
     )
-    assert (problems.file, problems.key) == ("/m/a.toml", "cpu.max")
-    data = error_json(str(problems), 2, None, problems.key, problems.file)
-    assert data["problems"] == ["/m/a.toml: cpu.max: too small", "/m/a.toml: x"]
-    assert NotRunningError("vm2").vm == "vm2"
-    for value in (data, error_json("vm1: x", 1)):
+    assert (problems.file, problems.key, problems.hint) == ("/m/a.toml", "cpu.max", "raise it")
+    data = error_fields(problems, 2)
+    assert data["problems"] == ["/m/a.toml: cpu.max: too small (hint: raise it)", "/m/a.toml: x"]
+    assert (data["file"], data["key"]) == ("/m/a.toml", "cpu.max")
+    stopped = NotRunningError("vm2")
+    assert (stopped.vm, stopped.hint) == ("vm2", "start it with 'qvm up vm2'")
+    assert str(stopped) == "vm2: not running (hint: start it with 'qvm up vm2')"
+    for value in (data, error_fields(error, 1), error_fields(record, 1)):
         validate(value, "error.json")
 
 

@@ -11,7 +11,7 @@ from qvm.cli import resolve
 from qvm.cli.output import (
     abort,
     emit_json,
-    error_json,
+    error_fields,
     human_bytes,
     human_seconds,
     say,
@@ -22,7 +22,11 @@ from qvm.cli.parsing.declare import Argument, Commands, Option
 from qvm.errors import EXIT_FAILURE, DefinitionError, QvmError
 
 if TYPE_CHECKING:
+    from qvm.control.guest_agent_facts import GuestFacts
+    from qvm.definition.schema import Machine
     from qvm.layout.rundir import RunDir
+    from qvm.ops.snapshot import RestoreResult
+    from qvm.ops.status import VmStatus
     from qvm.ops.stop import StopResult
 
 
@@ -55,8 +59,10 @@ def up(
         try:
             machine = resolve.load(name)
             run = resolve.run_dir(machine.name)
+            _set_aside_corrupt_state(run)
             if restore is not None:
-                restored, result = _restore(machine, run, restore)
+                restored = _restore(machine, run, restore)
+                result = restored.up
             if restored is None or result is None:  # a cold start (after disks reverted)
                 plan = plan_launch(machine, run)
                 result = run_waiting(
@@ -68,7 +74,7 @@ def up(
             results.append(_error_entry(name, error))
             continue
         resumed = plan is not None and plan.inputs.incoming is not None and not no_wait
-        clone = _clone_start(run, result) if resumed else None
+        clone = _clone_start(run, result.already_running) if resumed else None
         if as_json:
             from qvm.store.forwards import current_forwards
 
@@ -125,22 +131,35 @@ def up(
         raise SystemExit(EXIT_FAILURE)
 
 
-def _restore(machine: Any, run: RunDir, tag: str) -> tuple[Any, Any]:
-    """`up --restore TAG`: the restore, and the start it made (None: disks reverted,
-    the caller starts the VM cold)."""
+def _set_aside_corrupt_state(run: RunDir) -> None:
+    """A state.json that does not parse, of a VM in which provably nothing runs, is moved
+    aside before the start (``qvm.ops.corrupt_state``): say where it is kept."""
+    from qvm.ops.corrupt_state import set_aside_corrupt_state
+
+    kept = set_aside_corrupt_state(run)
+    if kept is not None:
+        warn(
+            f"qvm: {run.name}: {run.state_file.name} did not parse and nothing of "
+            f"{run.name} runs: moved aside to {kept}"
+        )
+
+
+def _restore(machine: Machine, run: RunDir, tag: str) -> RestoreResult:
+    """`up --restore TAG`: the restore, with the start it made (``up`` None: disks
+    reverted, the caller starts the VM cold)."""
     from qvm.cli.progress import run_waiting
     from qvm.ops.snapshot import restore as restore_snapshot
 
     label = f"{machine.name}: restoring snapshot {tag}"
-    restored = run_waiting(label, restore_snapshot, run, tag, machine)
-    return restored, restored.up
+    restored: RestoreResult = run_waiting(label, restore_snapshot, run, tag, machine)
+    return restored
 
 
-def _clone_start(run: RunDir, result: Any) -> dict[str, Any] | None:
+def _clone_start(run: RunDir, already_running: bool) -> dict[str, Any] | None:
     """What a clone's first start did (it resumed its template's memory), else None."""
     from qvm.store.snapshots import read_clone
 
-    record = None if result.already_running else read_clone(run)
+    record = None if already_running else read_clone(run)
     if record is None:
         return None
     return {"template": record.template, "tag": record.tag, "macs": record.mac_note}
@@ -222,10 +241,10 @@ def _start_label(name: str) -> str:
 
 def _error_entry(name: str, error: QvmError) -> dict[str, Any]:
     """One VM of several that failed, in the list the command prints with --json."""
-    return {
-        "name": name,
-        **error_json(str(error), error.exit_code, error.vm, error.key, error.file),
-    }
+    from qvm.layout.names import is_vm_name
+
+    vm = name if is_vm_name(name) else None  # else a machine file's path
+    return {"name": name, **error_fields(error, error.exit_code, vm)}
 
 
 @commands.command("restart")
@@ -256,6 +275,7 @@ def restart(
         stopped = {"ended_by": result.ended_by, "message": result.message}
         if not as_json:
             say(f"{machine.name}: stopped: {result.message}")
+    _set_aside_corrupt_state(run)
     started = run_waiting(_start_label(machine.name), start_vm, plan, True)
     if as_json:
         emit_json(
@@ -273,52 +293,6 @@ def restart(
     say(f"{started.name}: running, pid {started.qemu_pid}")
 
 
-def _status_record(name: str, definition: str | None = None) -> dict[str, Any]:
-    """Live or last-run facts, completed from the definition (``definition``: its path)."""
-    from qvm.layout.names import is_vm_name
-    from qvm.ops.status import vm_status
-
-    if definition and not is_vm_name(name):
-        # a file whose stem is not a VM name: its own name key says which VM it is
-        return _status_record(resolve.load(definition).name, definition)
-    run = resolve.run_dir(name) if definition else resolve.run_dir_of(name)
-    record = vm_status(run)
-    _boot_vcpus_from_launch(record, run)
-    if record.get("vcpus") is None or record.get("machine_file") is None:
-        _fill_from_definition(record, definition or name)
-    return record
-
-
-def _boot_vcpus_from_launch(record: dict[str, Any], run: RunDir) -> None:
-    """``vcpus.boot`` of a running VM: what its launch started with (a stopped one has it
-    from its definition), so that the key is there whatever the state."""
-    vcpus = record.get("vcpus")
-    if vcpus is None or "boot" in vcpus:
-        return
-    from qvm.store.launch import read_launch
-
-    try:
-        launch = read_launch(run.launch_file)
-    except QvmError:
-        launch = None
-    vcpus["boot"] = launch.vcpus_boot if launch is not None else None
-
-
-def _fill_from_definition(record: dict[str, Any], name: str) -> None:
-    try:
-        machine = resolve.load(name)
-    except QvmError as error:
-        if record.get("state") == "stopped" and record.get("last_exit") is None:
-            record["state"] = "invalid"
-            record["error"] = str(error).splitlines()[0]
-        return
-    record["machine_file"] = record.get("machine_file") or str(machine.path)
-    if record.get("vcpus") is None:
-        record["vcpus"] = {"present": 0, "max": machine.cpu.max, "boot": machine.cpu.count}
-    if record.get("memory") is None:
-        record["memory"] = {"bytes": machine.memory.size, "max": machine.memory.max}
-
-
 @commands.command("status")
 def status(
     name: str = Argument(..., help="Machine name."),
@@ -328,18 +302,19 @@ def status(
 
     JSON: schemas/status.json
     """
-    from qvm.ops.status import add_guest_facts
+    from qvm.ops.status import vm_status, with_guest_facts
 
-    record = add_guest_facts(_status_record(name))
-    if record["state"] == "invalid" and not resolve.run_dir_of(name).path.exists():
+    run = resolve.run_dir_of(name)
+    facts = with_guest_facts(vm_status(run, lambda: resolve.load(name)))
+    if facts.state == "invalid" and not run.path.exists():
         # nothing ran and the definition cannot be read: say why, as `up` would
         resolve.load(name)
     if as_json:
-        emit_json(record)
+        emit_json(_status_json(facts, with_agent=True))
         return
-    say(_status_text(record))
-    if record.get("pid"):
-        _warn_if_changed(resolve.run_dir_of(name))
+    say(_status_text(facts))
+    if facts.pid:
+        _warn_if_changed(run)
 
 
 def _warn_if_changed(run: RunDir) -> None:
@@ -348,78 +323,130 @@ def _warn_if_changed(run: RunDir) -> None:
         warn(f"qvm: {changed}")
 
 
-def _status_text(record: dict[str, Any]) -> str:
-    head = f"{record['name']}: {record['state']}"
-    if record.get("reason") and record["state"] not in ("running", "paused"):
-        head += f" ({record['reason']})"
+def _status_json(facts: VmStatus, with_agent: bool = False) -> dict[str, Any]:
+    """``schemas/status.json``; for a name no VM can have, only its name, state and why
+    (``schemas/list.json``)."""
+    run = facts.run
+    if run is None:
+        return {"name": facts.name, "state": facts.state, "error": facts.error or facts.state}
+    data: dict[str, Any] = {
+        "name": facts.name,
+        "state": facts.state,
+        "reason": facts.reason,
+        "pid": facts.pid,
+        "supervisor_pid": facts.supervisor_pid,
+        "uptime": facts.uptime,
+        "accel": facts.accel,
+        "accel_reason": facts.accel_reason,
+        "vcpus": facts.vcpus._asdict() if facts.vcpus is not None else None,
+        "memory": facts.memory._asdict() if facts.memory is not None else None,
+        "rss_bytes": facts.rss_bytes,
+        "cpu_percent": facts.cpu_percent,
+        "restarts": facts.restarts,
+        "last_exit": facts.last_exit.to_json() if facts.last_exit is not None else None,
+        "qmp_socket": str(run.qmp_socket),
+        "serial_log": str(run.serial_log),
+        "qemu_log": str(run.qemu_log),
+        "console_socket": str(run.console_socket),
+        "run_dir": str(run.path),
+        "machine_file": facts.machine_file,
+        "forwards": [forward.to_json() for forward in facts.forwards],
+        "error": facts.error,
+        "problems": list(facts.problems),
+    }
+    if with_agent:
+        guest = facts.guest
+        answering = guest is not None and guest.agent == "answering"
+        data["agent"] = {
+            "state": guest.agent if guest is not None else "not running",
+            "detail": guest.detail if guest is not None else None,
+        }
+        data["guest"] = (
+            {
+                "os": guest.os._asdict() if guest.os is not None else None,
+                "hostname": guest.hostname,
+                "interfaces": [interface.as_json() for interface in guest.interfaces],
+            }
+            if guest is not None and answering
+            else None
+        )
+    return data
+
+
+def _status_text(facts: VmStatus) -> str:
+    from qvm.ops.status import ACTIVE_STATES
+
+    active = facts.state in ACTIVE_STATES
+    head = f"{facts.name}: {facts.state}"
+    if facts.reason and not active:
+        head += f" ({facts.reason})"
     lines = [head]
 
-    def row(label: str, value: Any) -> None:
+    def row(label: str, value: object) -> None:
         if value not in (None, ""):
             lines.append(f"  {label:<11} {value}")
 
-    if record.get("pid"):
-        extra = [f"up {human_seconds(record.get('uptime'))}"]
-        if record.get("restarts"):
-            extra.append(f"{record['restarts']} restarts")
-        row("pid", f"{record['pid']} ({', '.join(extra)})")
-    if record.get("accel"):
-        row("accel", f"{record['accel']} ({record.get('accel_reason')})")
-    vcpus = record.get("vcpus") or {}
-    if vcpus and record.get("pid"):
-        row("vcpus", f"{vcpus.get('present')} of {vcpus.get('max')}")
-    elif vcpus:
-        row("vcpus", f"{vcpus.get('boot', '?')} at boot, up to {vcpus.get('max')}")
-    memory = record.get("memory") or {}
-    if memory:
-        text = human_bytes(memory.get("bytes"))
-        if memory.get("max"):
-            text += f" (max {human_bytes(memory['max'])})"
+    if facts.pid:
+        extra = [f"up {human_seconds(facts.uptime)}"]
+        if facts.restarts:
+            extra.append(f"{facts.restarts} restarts")
+        row("pid", f"{facts.pid} ({', '.join(extra)})")
+    if facts.accel:
+        row("accel", f"{facts.accel} ({facts.accel_reason})")
+    vcpus = facts.vcpus
+    if vcpus is not None and facts.pid:
+        row("vcpus", f"{vcpus.present} of {vcpus.max}")
+    elif vcpus is not None:
+        boot = "?" if vcpus.boot is None else vcpus.boot
+        row("vcpus", f"{boot} at boot, up to {vcpus.max}")
+    memory = facts.memory
+    if memory is not None:
+        text = human_bytes(memory.bytes)
+        if memory.max:
+            text += f" (max {human_bytes(memory.max)})"
         row("memory", text)
-    if record.get("rss_bytes") is not None:
-        row("host", f"rss {human_bytes(record['rss_bytes'])}, cpu {record.get('cpu_percent')}%")
-    if record.get("pid"):
-        row("qmp", record.get("qmp_socket"))
-        row("console", record.get("console_socket"))
-    row("serial log", record.get("serial_log"))
-    for forward in record.get("forwards") or []:
+    if facts.rss_bytes is not None:
+        row("host", f"rss {human_bytes(facts.rss_bytes)}, cpu {facts.cpu_percent}%")
+    if facts.pid and facts.run is not None:
+        row("qmp", facts.run.qmp_socket)
+        row("console", facts.run.console_socket)
+    if facts.run is not None:
+        row("serial log", facts.run.serial_log)
+    for forward in facts.forwards:
         row(
             "forward",
-            f"{forward['proto']}:{forward['host_addr']}:{forward['host_port']}"
-            f" -> guest port {forward['guest_port']} ({forward['nic']})",
+            f"{forward.proto}:{forward.host_addr}:{forward.host_port}"
+            f" -> guest port {forward.guest_port} ({forward.nic})",
         )
-    last = record.get("last_exit")
-    if last and record["state"] not in ("stopped", "crashed"):
-        row("last exit", last.get("reason"))
-    row("definition", record.get("machine_file"))
-    for label, value in _guest_rows(record):
+    if facts.last_exit is not None and facts.state not in ("stopped", "crashed"):
+        row("last exit", facts.last_exit.reason)
+    row("definition", facts.machine_file)
+    for label, value in _guest_rows(facts.guest):
         row(label, value)
-    if record.get("error"):
-        row("problem", record["error"])
+    for problem in facts.problems:
+        row("problem", problem)
     return "\n".join(lines)
 
 
-def _guest_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
-    """The guest agent's state and what it says (``qvm.ops.status.add_guest_facts``)."""
-    agent = record.get("agent") or {}
-    if agent.get("state") in (None, "not running"):
+def _guest_rows(guest: GuestFacts | None) -> list[tuple[str, str]]:
+    """The guest agent's state and what it says (``qvm.ops.status.with_guest_facts``)."""
+    if guest is None or guest.agent == "not running":
         return []
-    state = agent["state"]
-    if state == "not answering" and agent.get("detail"):
-        state += f" ({agent['detail']})"
+    state = guest.agent
+    if state == "not answering" and guest.detail:
+        state += f" ({guest.detail})"
     rows = [("agent", state)]
-    guest = record.get("guest") or {}
-    os_info = guest.get("os") or {}
-    if os_info:
-        name = os_info.get("pretty_name") or os_info.get("name") or "unknown OS"
-        kernel = os_info.get("kernel_release")
+    os_info = guest.os
+    if os_info is not None:
+        name = os_info.pretty_name or os_info.name or "unknown OS"
+        kernel = os_info.kernel_release
         rows.append(("guest os", f"{name}, kernel {kernel}" if kernel else name))
-    if guest.get("hostname"):
-        rows.append(("hostname", guest["hostname"]))
-    for interface in guest.get("interfaces") or []:
-        addresses = [f"{a['address']}/{a['prefix']}" for a in interface["addresses"]]
-        if interface["name"] != "lo":
-            rows.append(("address", f"{interface['name']} {' '.join(addresses) or '(none)'}"))
+    if guest.hostname:
+        rows.append(("hostname", guest.hostname))
+    for interface in guest.interfaces:
+        if interface.name != "lo":
+            addresses = " ".join(f"{a.address}/{a.prefix}" for a in interface.addresses)
+            rows.append(("address", f"{interface.name} {addresses or '(none)'}"))
     return rows
 
 
@@ -431,38 +458,30 @@ def list_vms(as_json: bool = Option(False, "--json", help=JSON_HELP)) -> None:
     """
     from qvm.definition.discovery import list_machine_files
     from qvm.layout.rundir import list_run_dirs
+    from qvm.ops.status import list_status
 
     definitions: dict[str, str | None] = {}
     for path in list_machine_files(resolve.search_dirs()):
         definitions.setdefault(path.stem, str(path))
     for run in list_run_dirs(resolve.state_root()):
         definitions.setdefault(run.name, None)
-    records = []
-    for name, definition in sorted(definitions.items()):
-        try:
-            records.append(_status_record(name, definition))
-        except QvmError as error:
-            state = "invalid" if definition else "unknown"
-            records.append({"name": name, "state": state, "error": str(error).splitlines()[0]})
-        except Exception as error:  # noqa: BLE001 - one broken VM never breaks the list
-            records.append({"name": name, "state": "unknown", "error": str(error)[:300]})
+    listed = list_status(definitions.items(), resolve.run_dir, resolve.load)
     if as_json:
-        emit_json(records)
+        emit_json([_status_json(facts) for facts in listed])
         return
     rows = []
-    for r in records:
-        vcpus = r.get("vcpus") or {}
-        memory = (r.get("memory") or {}).get("bytes")
+    for facts in listed:
+        vcpus, memory = facts.vcpus, facts.memory
         rows.append(
             [
-                r["name"],
-                r["state"],
-                r.get("pid"),
-                r.get("accel"),
-                f"{vcpus.get('present', '-')}/{vcpus.get('max', '-')}" if vcpus else None,
-                human_bytes(memory) if memory else None,
-                human_seconds(r.get("uptime")) if r.get("uptime") is not None else None,
-                r.get("error") or r.get("reason") if r["state"] not in ("running",) else None,
+                facts.name,
+                facts.state,
+                facts.pid,
+                facts.accel,
+                f"{vcpus.present}/{vcpus.max}" if vcpus is not None else None,
+                human_bytes(memory.bytes) if memory is not None and memory.bytes else None,
+                human_seconds(facts.uptime) if facts.uptime is not None else None,
+                facts.error or facts.reason if facts.state != "running" else None,
             ]
         )
     say(table(["NAME", "STATE", "PID", "ACCEL", "VCPUS", "MEMORY", "UPTIME", "NOTE"], rows))
