@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qvm.base.proc import process_cmdline
 from qvm.errors import HostError, RecordError, VmStateError
-from qvm.layout.rundir import RunDir
+from qvm.layout.rundir import RunDir, check_private_dir
 from qvm.store.state import read_state, set_aside
 from qvm.supervisor.client import release_run_locks, supervisor_alive, take_run_locks
 
@@ -74,6 +74,8 @@ def set_aside_corrupt_state(run: RunDir) -> Path | None:
     """Before a start: a corrupt state.json moved aside (kept, and returned) once nothing
     of the VM provably runs; None when the record is sound or absent. Something running:
     VmStateError naming the file, which stays where it is."""
+    if not check_private_dir(run.path, "run dir"):  # a link or someone else's: refused
+        return None
     error = corrupt_state(run)
     if error is None:
         return None

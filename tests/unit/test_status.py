@@ -18,7 +18,7 @@ from framework.jsonschema_lite import validate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qvm.errors import NotRunningError, RecordError, VmStateError
+from qvm.errors import NotRunningError, RecordError, UnsafeStateError, VmStateError
 from qvm.layout.rundir import RunDir
 from qvm.ops import stop
 from qvm.ops.corrupt_state import qemu_naming, set_aside_corrupt_state
@@ -138,6 +138,18 @@ def test_nothing_is_moved_while_the_lock_is_held(tmp_path: Path) -> None:
     assert str(refused.value).startswith(f"{run.state_file}: ")
     assert "not moved aside: a supervisor of vm1 holds its lock" in str(refused.value)
     assert run.state_file.read_bytes() == CORRUPT["truncated"] and kept(run) == []
+
+
+def test_a_run_dir_that_is_a_link_is_refused_and_nothing_moved(tmp_path: Path) -> None:
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "state.json").write_text('{"not": "qvm\'s"}')
+    (tmp_path / "state").mkdir(mode=0o700)
+    run = RunDir(tmp_path / "state" / "vm1")
+    run.path.symlink_to(decoy)
+    with pytest.raises(UnsafeStateError, match="is a symbolic link"):
+        set_aside_corrupt_state(run)
+    assert sorted(p.name for p in decoy.iterdir()) == ["state.json"]
 
 
 @pytest.fixture
