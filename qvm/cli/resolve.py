@@ -148,9 +148,9 @@ def recorded_definition(name: str, not_found: QvmError) -> Path:
     path = Path(file)
     if not path.is_file():
         raise QvmError(
-            f"{name}: its machine file {file} is gone (it was there when {name} was last "
-            f"started or made) (hint: put it back, or qvm up path/to/{name}.toml; "
-            f"qvm rm {name} forgets the VM)"
+            f"its machine file {file} is gone (it was there when {name} was last started or made)",
+            vm=name,
+            hint=f"put it back, or qvm up path/to/{name}.toml; qvm rm {name} forgets the VM",
         )
     return path
 

@@ -175,8 +175,9 @@ def _stop_without_supervisor(run: RunDir, kill: bool) -> StopResult:
         if gone(problem):
             raise NotRunningError(name)
         raise VmStateError(
-            f"{name}: not signalled: {problem} (hint: {run.state_file} is stale or not "
-            "qvm's; no process of this VM runs)"
+            f"not signalled: {problem}",
+            vm=name,
+            hint=f"{run.state_file} is stale or not qvm's; no process of this VM runs",
         )
     pid = state.qemu_pid
     _sigkill(pid)
