@@ -210,7 +210,11 @@ def _end_unresponsive(run: RunDir, verb: str, error: SupervisorUnresponsive) -> 
         if gone(supervisor_problem) and gone(qemu_problem):
             clean_stale(run)
             raise NotRunningError(name)
-        raise VmStateError(f"{error}; qvm did not end it itself: {supervisor_problem}")
+        raise VmStateError(
+            f"the supervisor {error.what}; qvm did not end it itself: {supervisor_problem}",
+            vm=name,
+            hint=f"see {run.supervisor_log}",
+        )
     if supervisor_problem is None:
         _wait_gone(state.supervisor_pid, state.supervisor_start_time, KILL_WAIT)
     if qemu_problem is None and state.qemu_pid is not None:
