@@ -81,8 +81,8 @@ class _StderrTail:
     """stderr as it is, remembering the last "Error: ..." line Click writes there, so that
     a usage error can be given in JSON too (only installed with ``--json``)."""
 
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
+    def __init__(self, stream: Any) -> None:
+        self.stream: TextIO = stream
         self.last_error: str | None = None
 
     def write(self, text: str) -> int:

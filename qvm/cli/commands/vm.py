@@ -23,9 +23,7 @@ from qvm.errors import EXIT_FAILURE, DefinitionError, QvmError
 
 if TYPE_CHECKING:
     from qvm.control.guest_agent_facts import GuestFacts
-    from qvm.definition.schema import Machine
     from qvm.layout.rundir import RunDir
-    from qvm.ops.snapshot import RestoreResult
     from qvm.ops.status import VmStatus
     from qvm.ops.stop import StopResult
 
@@ -61,8 +59,7 @@ def up(
             run = resolve.run_dir(machine.name)
             _set_aside_corrupt_state(run)
             if restore is not None:
-                restored = _restore(machine, run, restore)
-                result = restored.up
+                restored, result = _restore(machine, run, restore)
             if restored is None or result is None:  # a cold start (after disks reverted)
                 plan = plan_launch(machine, run)
                 result = run_waiting(
@@ -74,7 +71,7 @@ def up(
             results.append(_error_entry(name, error))
             continue
         resumed = plan is not None and plan.inputs.incoming is not None and not no_wait
-        clone = _clone_start(run, result.already_running) if resumed else None
+        clone = _clone_start(run, result) if resumed else None
         if as_json:
             from qvm.store.forwards import current_forwards
 
@@ -144,22 +141,22 @@ def _set_aside_corrupt_state(run: RunDir) -> None:
         )
 
 
-def _restore(machine: Machine, run: RunDir, tag: str) -> RestoreResult:
-    """`up --restore TAG`: the restore, with the start it made (``up`` None: disks
-    reverted, the caller starts the VM cold)."""
+def _restore(machine: Any, run: RunDir, tag: str) -> tuple[Any, Any]:
+    """`up --restore TAG`: the restore, and the start it made (None: disks reverted,
+    the caller starts the VM cold)."""
     from qvm.cli.progress import run_waiting
     from qvm.ops.snapshot import restore as restore_snapshot
 
     label = f"{machine.name}: restoring snapshot {tag}"
-    restored: RestoreResult = run_waiting(label, restore_snapshot, run, tag, machine)
-    return restored
+    restored = run_waiting(label, restore_snapshot, run, tag, machine)
+    return restored, restored.up
 
 
-def _clone_start(run: RunDir, already_running: bool) -> dict[str, Any] | None:
+def _clone_start(run: RunDir, result: Any) -> dict[str, Any] | None:
     """What a clone's first start did (it resumed its template's memory), else None."""
     from qvm.store.snapshots import read_clone
 
-    record = None if already_running else read_clone(run)
+    record = None if result.already_running else read_clone(run)
     if record is None:
         return None
     return {"template": record.template, "tag": record.tag, "macs": record.mac_note}
