@@ -199,13 +199,14 @@ def _asked(
 
 def _from_definition(status: VmStatus, definition: Load) -> VmStatus:
     """What only the definition says of a VM that is not running: its file, its vCPUs
-    and memory. One that does not load makes a VM that never ran ``invalid``."""
+    and memory. One that does not load makes a VM that never ran ``invalid``; for one
+    that ran, its problem rides along."""
     try:
         machine = definition()
     except QvmError as error:
+        status = status.with_problem(str(error).splitlines()[0])
         if status.state == "stopped" and status.last_exit is None:
-            first = str(error).splitlines()[0]
-            return status.but(state="invalid", problems=(*status.problems, first))
+            return status.but(state="invalid")
         return status
     return status.but(
         machine_file=status.machine_file or str(machine.path),

@@ -18,12 +18,20 @@ from framework.jsonschema_lite import validate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qvm.errors import NotRunningError, RecordError, UnsafeStateError, VmStateError
+from qvm.definition.schema import Machine
+from qvm.errors import (
+    DefinitionError,
+    NotRunningError,
+    Problem,
+    RecordError,
+    UnsafeStateError,
+    VmStateError,
+)
 from qvm.layout.rundir import RunDir
 from qvm.ops import stop
 from qvm.ops.corrupt_state import qemu_naming, set_aside_corrupt_state
 from qvm.ops.status import VmStatus, vm_status
-from qvm.store.state import read_state
+from qvm.store.state import ExitRecord, StateRecord, read_state, write_state
 from qvm.supervisor.client import release_run_locks, take_run_locks
 
 # each kind of corrupt record named in issue 19, and one whose fields are wrong
@@ -269,3 +277,42 @@ def test_list_shows_a_file_it_may_not_read_as_invalid(
     assert by_name["secret"]["state"] == "invalid"
     assert "cannot read: Permission denied" in by_name["secret"]["error"]
     assert by_name["good"]["state"] == "stopped"
+
+
+# --- the definition ---------------------------------------------------------------------------
+
+
+def broken_definition() -> Machine:
+    raise DefinitionError([Problem("/m/vm1.toml", "cpu.count", "must be an integer")])
+
+
+def test_a_vm_that_never_ran_with_a_broken_definition_is_invalid(tmp_path: Path) -> None:
+    status = vm_status(RunDir(tmp_path / "vm1"), broken_definition)
+    assert status.state == "invalid"
+    assert status.problems == ("/m/vm1.toml: cpu.count: must be an integer",)
+
+
+def test_a_vm_that_ran_keeps_its_state_and_says_its_definition_is_broken(
+    tmp_path: Path,
+) -> None:
+    run = RunDir(tmp_path / "vm1")
+    run.create()
+    ended = ExitRecord(code=0, signal=None, reason="the guest powered off", failed=False, at=1.0)
+    write_state(
+        run.state_file,
+        StateRecord(
+            name="vm1",
+            machine_file="/m/vm1.toml",
+            accel="tcg",
+            accel_reason="no KVM",
+            supervisor_pid=os.getpid(),
+            supervisor_start_time=None,
+            state="stopped",
+            restarts=0,
+            exit=ended,
+            crash_reason=None,
+        ),
+    )
+    status = vm_status(run, broken_definition)
+    assert (status.state, status.reason) == ("stopped", "the guest powered off")
+    assert status.problems == ("/m/vm1.toml: cpu.count: must be an integer",)
