@@ -81,8 +81,9 @@ def set_aside_corrupt_state(run: RunDir) -> Path | None:
         return None
     try:
         locks = take_run_locks(run)
-    except OSError:
-        locks = None
+    except OSError as cannot:
+        problem = f"cannot lock run dir {run.path}: {cannot.strerror or cannot}"
+        raise HostError(problem, vm=run.name) from cannot
     if locks is None:
         running, hint = f"a supervisor of {run.name} holds its lock", f"qvm kill {run.name}"
         raise _refused(run, error, running, hint)
