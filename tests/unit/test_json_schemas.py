@@ -313,6 +313,28 @@ def test_error_json_names_what_the_error_knows() -> None:
         validate(value, "error.json")
 
 
+def test_an_error_naming_no_vm_is_about_the_one_vm_the_command_looked_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qvm.cli import output, resolve
+
+    monkeypatch.setattr(output, "json_mode", lambda argv=None: True)
+    monkeypatch.setattr(output._Emitted, "json", False)
+    monkeypatch.setattr(resolve, "settings", resolve.Settings(state_root=tmp_path))
+    resolve.run_dir("vm1")
+    output.report_error(QvmError("qemu-img not found", hint="install qemu-utils"), 1)
+    assert json.loads(capsys.readouterr().out) == {
+        "error": "qemu-img not found (hint: install qemu-utils)",
+        "exit_code": 1,
+        "vm": "vm1",
+        "hint": "install qemu-utils",
+    }
+    resolve.run_dir("vm2")  # two VMs: the error is about neither in particular
+    monkeypatch.setattr(output._Emitted, "json", False)
+    output.report_error(QvmError("qemu-img not found"), 1)
+    assert "vm" not in json.loads(capsys.readouterr().out)
+
+
 def test_json_mode_is_an_option_of_qvm_not_of_the_guest_command() -> None:
     assert json_mode(["status", "vm1", "--json"])
     assert not json_mode(["ssh", "vm1", "--", "tool", "--json"])
