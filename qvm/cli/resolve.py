@@ -111,11 +111,11 @@ def no_such_vm(name: str) -> NoSuchVm:
     guess = f" (did you mean {close[0]!r}?)" if close else ""
     looked = ", ".join(_from_home(d) for d in dirs)
     runs = _from_home(root)
-    hint = "" if close else f" (hint: qvm new {name} --image FILE, or pass --machines DIR)"
+    hint = None if close else f"qvm new {name} --image FILE, or pass --machines DIR"
     error = NoSuchVm(
-        f"no VM named {shown(name)}{guess} (looked in: {looked}; run dirs in {runs}){hint}"
+        f"no VM named {shown(name)}{guess} (looked in: {looked}; run dirs in {runs})", hint=hint
     )
-    error.vm = name
+    error.vm = name  # a field only: the line names it already
     return error
 
 

@@ -167,6 +167,7 @@ def test_errors_are_json_objects_with_a_nonzero_exit(cli: Qvm) -> None:
     missing = run_json(cli, "status", "nope", code=1)
     validate(missing, "error.json")
     assert missing["vm"] == "nope" and missing["error"].startswith("no VM named 'nope'")
+    assert missing["hint"] == "qvm new nope --image FILE, or pass --machines DIR"
     down = run_json(cli, "down", "vm1", code=1)
     validate(down, "down.json")
     assert down == [
