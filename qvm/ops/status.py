@@ -65,6 +65,9 @@ class VmStatus(Record):
     machine_file: str | None = None
     forwards: tuple[Forward, ...] = ()
     problems: tuple[str, ...] = ()  # each one line, naming its file or VM
+    # where the supervisor's last record was kept when state.json could not take it
+    # (EIO, EROFS, ENOSPC: ``qvm.store.state.keep_elsewhere``); None: state.json
+    record_kept_in: str | None = None
     # the guest agent's word (``with_guest_facts``); None: not asked, or not running
     guest: GuestFacts | None = None
 
@@ -134,6 +137,7 @@ def _from_records(status: VmStatus, run: RunDir) -> VmStatus:
         machine_file=state.machine_file,
         supervisor_pid=state.supervisor_pid if alive else None,
         problems=launch_problem,
+        record_kept_in=state.kept_in,
     )
     if not alive:
         if state.orphaned:

@@ -292,6 +292,41 @@ def test_a_vm_that_never_ran_with_a_broken_definition_is_invalid(tmp_path: Path)
     assert status.problems == ("/m/vm1.toml: cpu.count: must be an integer",)
 
 
+def test_status_says_where_a_last_record_kept_elsewhere_came_from(tmp_path: Path) -> None:
+    from qvm.cli.commands.vm import _status_json, _status_text
+
+    run = RunDir(tmp_path / "vm1")
+    run.create()
+    ended = ExitRecord(code=0, signal=None, reason="the guest powered off", failed=False, at=1.0)
+    kept = "/dev/shm/qvm-0/vm1-0123abcd.state.json"
+    write_state(run.state_file, stopped_record(ended)._replace(kept_in=kept))
+    status = vm_status(run)
+    assert status.record_kept_in == kept
+    data = _status_json(status)
+    assert data["record_kept_in"] == kept
+    validate(data, "status.json")
+    assert f"  last record kept in {kept} (state.json refused it)" in _status_text(status)
+    write_state(run.state_file, stopped_record(ended))
+    assert vm_status(run).record_kept_in is None
+    assert "last record" not in _status_text(vm_status(run))
+
+
+def stopped_record(ended: ExitRecord) -> StateRecord:
+    record: StateRecord = StateRecord(
+        name="vm1",
+        machine_file="/m/vm1.toml",
+        accel="tcg",
+        accel_reason="no KVM",
+        supervisor_pid=os.getpid(),
+        supervisor_start_time=None,
+        state="stopped",
+        restarts=0,
+        exit=ended,
+        crash_reason=None,
+    )
+    return record
+
+
 def test_a_vm_that_ran_keeps_its_state_and_says_its_definition_is_broken(
     tmp_path: Path,
 ) -> None:

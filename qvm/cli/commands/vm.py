@@ -350,6 +350,7 @@ def _status_json(facts: VmStatus, with_agent: bool = False) -> dict[str, Any]:
         "forwards": [forward.to_json() for forward in facts.forwards],
         "error": facts.error,
         "problems": list(facts.problems),
+        "record_kept_in": facts.record_kept_in,
     }
     if with_agent:
         guest = facts.guest
@@ -418,6 +419,8 @@ def _status_text(facts: VmStatus) -> str:
     if facts.last_exit is not None and facts.state not in ("stopped", "crashed"):
         row("last exit", facts.last_exit.reason)
     row("definition", facts.machine_file)
+    if facts.record_kept_in is not None:
+        row("last record", f"kept in {facts.record_kept_in} (state.json refused it)")
     for label, value in _guest_rows(facts.guest):
         row(label, value)
     for problem in facts.problems:
