@@ -68,6 +68,7 @@ def test_the_last_record_of_a_full_state_dir_is_kept_elsewhere(
     status = qvm.status("vm1")
     assert (status["state"], status["reason"]) == ("stopped", "quit over QMP"), status
     assert status["last_exit"]["ended_by"] == "quit"
+    assert status["record_kept_in"] == str(kept)  # status says where it came from
     # the state dir takes it again: state.json gets the record, which says where it was
     filler.unlink()
     assert qvm.status("vm1")["state"] == "stopped"
