@@ -14,9 +14,11 @@ with the snapshot's device set and ``-incoming "exec:cat memory.bin"``, which re
 the guest where the template was (``qvm.ops.up.plan_launch`` asks ``clone_start``).
 Later starts boot the clone's disks cold, as any VM's.
 
-The guest keeps what it had in memory: its hostname, its clock until the agent sets it,
-and its NICs' MACs: virtio-net's MAC is part of the migration stream, so QEMU's device and
-the guest's driver both come back with the template's whatever ``-device ...,mac=`` says.
+The guest keeps what it had in memory: its hostname, its clock (which stood still since
+the save: the first start sets it to the host's through the agent, as a restore does,
+when an agent answered at the save), and its NICs' MACs: virtio-net's MAC is part of the
+migration stream, so QEMU's device and the guest's driver both come back with the
+template's whatever ``-device ...,mac=`` says.
 The first start therefore sets each NIC's address in the guest through the agent
 (``ip link set dev IF address MAC``; the driver passes it on to QEMU's device), and
 ``clone.json`` says what happened; without an agent the clone keeps the template's MACs,
@@ -121,8 +123,11 @@ def clone(
     machine = write_new(doc, clone_path, clone_run)
     write_clone(
         clone_run,
-        CloneRecord(template_run.name, tag, str(memory), record.devices, nic_macs(template)),
-    )
+        CloneRecord(
+            template_run.name, tag, str(memory), record.devices, nic_macs(template),
+            guest_time_ns=record.guest_time_ns,
+        ),
+    )  # fmt: skip
     return CloneResult(machine.name, template_run.name, tag, str(machine.path), str(memory), froze)
 
 

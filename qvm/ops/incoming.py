@@ -1,7 +1,8 @@
 """A clone's first start (``qvm.ops.clone``): QEMU with the snapshot's device set and
 ``-incoming`` of the template's memory image, then the guest resumed and given the
-clone's own MACs. ``qvm.ops.up`` asks here when it plans and starts any VM, so this
-module sits below the clone use case, which freezes snapshots by starting a helper QEMU.
+clone's own MACs and the host's time. ``qvm.ops.up`` asks here when it plans and starts
+any VM, so this module sits below the clone use case, which freezes snapshots by starting
+a helper QEMU.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from qvm.cmdline.argv import StartFrom
 from qvm.control.kinds import device_set_start
 from qvm.control.session import ControlSession
-from qvm.control.snapshot import set_guest_macs
+from qvm.control.snapshot import set_guest_macs, set_guest_time
 from qvm.definition.naming import nic_id, stable_mac
 from qvm.definition.schema import Machine
 from qvm.errors import ControlError
@@ -80,4 +81,19 @@ def adopt_own_macs(run: RunDir, machine: Machine) -> str | None:
     else:
         note = "not set: the clone record names no template MACs (made by an older qvm)"
     write_clone(run, record._replace(mac_note=note))
+    return note
+
+
+def set_clock(run: RunDir) -> str | None:
+    """After the first start: the guest's clock stood still since the template's save, so
+    it is set to the host's, as a restore sets it; what happened is kept in ``clone.json``
+    and returned. None: not a clone."""
+    record = read_clone(run)
+    if record is None:
+        return None
+    if record.guest_time_ns is None:
+        note = "not set: no guest agent answered at the template's save"
+    else:
+        note = set_guest_time(run)
+    write_clone(run, record._replace(clock_note=note))
     return note

@@ -226,10 +226,15 @@ def start_vm(plan: LaunchPlan, wait: bool, progress: FetchProgress | None = None
     prepare_run_dir(plan, progress)
     result = start_supervisor(plan.run_dir, plan.launch_record(), wait=wait)
     if plan.inputs.incoming is not None and wait and not result.already_running:
-        from qvm.ops.incoming import adopt_own_macs, resume_incoming  # noqa: PLC0415 -- as above
+        from qvm.ops.incoming import (  # noqa: PLC0415 -- as above
+            adopt_own_macs,
+            resume_incoming,
+            set_clock,
+        )
 
         resume_incoming(plan.run_dir)
         adopt_own_macs(plan.run_dir, plan.machine)
+        set_clock(plan.run_dir)
     return result
 
 

@@ -329,6 +329,12 @@ class CloneRecord(Record):
     template_macs: dict[str, str] = {}
     # after the first start: how each NIC got the clone's own MAC (or why it did not)
     mac_note: str | None = None
+    # the template's clock at the save (its agent's answer); None: no agent answered then,
+    # or a clone made by an older qvm
+    guest_time_ns: int | None = None
+    # after the first start: what happened to the guest's clock, which stood still since
+    # the save, as a restore says it
+    clock_note: str | None = None
 
     @classmethod
     def read(cls, f: Fields) -> CloneRecord:
@@ -342,6 +348,8 @@ class CloneRecord(Record):
             devices=DeviceSet.read(f.object("devices")),
             template_macs=dict(macs.data) if macs is not None else {},
             mac_note=f.str("mac_note", None),
+            guest_time_ns=f.int("guest_time_ns", None),
+            clock_note=f.str("clock_note", None),
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -326,6 +326,7 @@ def test_clone_gets_its_own_mac_and_frozen_copy_goes_with_the_last_clone(qvm: Qv
     qvm("snapshot", "save", "tpl", "ready")
     qvm("kill", "tpl")
     qvm("new", "c1", "--from", "tpl@ready")
+    time.sleep(3)  # the template's clock, in the memory image, stands still meanwhile
     clone_mac = defined_mac(qvm, "c1")
     assert clone_mac != template_mac
 
@@ -334,6 +335,8 @@ def test_clone_gets_its_own_mac_and_frozen_copy_goes_with_the_last_clone(qvm: Qv
     clone = started[0]["clone"]
     assert clone["template"] == "tpl" and clone["tag"] == "ready", clone
     assert clone["macs"].startswith("set in the guest by its agent: eth0 " + clone_mac), clone
+    assert clone["clock"].startswith("set to the host's"), clone
+    assert abs(int(guest_sh(qvm, "c1", "date +%s")) - time.time()) < 2  # not the save's time
     qvm("up", "tpl", "--restore", "ready")
     # side by side: each guest has its own definition's MAC, and so has QEMU's device
     assert guest_mac(qvm, "c1") == qemu_mac(qvm, "c1") == clone_mac

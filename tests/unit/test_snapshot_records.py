@@ -215,3 +215,30 @@ def test_clone_record_keeps_the_template_macs(tmp_path: Path) -> None:
     run.clone_file.write_text(json.dumps(data))
     with pytest.raises(RecordError, match="template_macs"):
         snapshots.read_clone(run)
+
+
+def test_clone_first_start_sets_the_guest_clock_as_a_restore_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clone's guest resumes with the template's clock at the save: its first start
+    sets it through the agent when one answered at the save, and says so."""
+    from qvm.ops import incoming
+
+    run = RunDir(tmp_path)
+    devices = snapshots.DeviceSet(cpu_slots=(0,))
+    asked: list[str] = []
+
+    def set_guest_time(asked_run: RunDir) -> str:
+        asked.append(asked_run.name)
+        return "set to the host's by the guest agent"
+
+    monkeypatch.setattr(incoming, "set_guest_time", set_guest_time)
+    with_agent = snapshots.CloneRecord("tpl", "ready", "/m", devices, guest_time_ns=1)
+    snapshots.write_clone(run, with_agent)
+    assert incoming.set_clock(run) == "set to the host's by the guest agent"
+    record = snapshots.read_clone(run)
+    assert record is not None and record.clock_note == "set to the host's by the guest agent"
+    assert asked == [run.name]
+    snapshots.write_clone(run, with_agent._replace(guest_time_ns=None))
+    assert incoming.set_clock(run) == "not set: no guest agent answered at the template's save"
+    assert asked == [run.name]  # no agent at the save: none asked now

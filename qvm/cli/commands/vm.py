@@ -112,6 +112,8 @@ def up(
             say(f"  clone       resumed {clone['template']}@{clone['tag']}")
             if clone["macs"] is not None:
                 say(f"  mac         {clone['macs']}")
+            if clone["clock"] is not None:
+                say(f"  guest clock {clone['clock']}")
         from qvm.store.forwards import read_forwards
 
         # the ports QEMU bound for port 0, as the supervisor read them back; 0 until QMP
@@ -159,7 +161,12 @@ def _clone_start(run: RunDir, result: Any) -> dict[str, Any] | None:
     record = None if result.already_running else read_clone(run)
     if record is None:
         return None
-    return {"template": record.template, "tag": record.tag, "macs": record.mac_note}
+    return {
+        "template": record.template,
+        "tag": record.tag,
+        "macs": record.mac_note,
+        "clock": record.clock_note,
+    }
 
 
 @commands.command("down")
