@@ -263,10 +263,17 @@ def check_room(state: MemoryState, run: RunDir, launch: LaunchRecord, size: int)
 
 def check_slot(state: MemoryState, run: RunDir, launch: LaunchRecord) -> None:
     if state.slots_used >= state.slots:
+        # a virtio-mem device without --max takes all the room left: said, not a surprise
+        virtio_mem = (
+            f"add --virtio-mem (it needs no slot; without --max it reserves all the "
+            f"{human_size(state.room)} left below memory.max), "
+            if state.room >= SIZE_STEP
+            else ""
+        )
         raise HotplugError(
             f"{run.name}: mem add: no free memory slot: {state.slots_used} of {state.slots} "
-            f"DIMM slots used (hint: remove a DIMM with qvm mem del, add --virtio-mem "
-            f"(it needs no slot), or {restart_hint(run, launch, 'memory.slots')})"
+            f"DIMM slots used (hint: remove a DIMM with qvm mem del, {virtio_mem}"
+            f"or {restart_hint(run, launch, 'memory.slots')})"
         )
 
 

@@ -109,8 +109,9 @@ def test_q35_memory_disks_and_nics_through_root_ports(qvm: Qvm, tmp_path: Path) 
     one_line_error(
         qvm("mem", "add", "vm1", "64M", check=False),
         "qvm: vm1: mem add: no free memory slot: 2 of 2 DIMM slots used (hint: remove a DIMM "
-        "with qvm mem del, add --virtio-mem (it needs no slot), or raise memory.slots in "
-        "machines/vm1.toml, then qvm restart vm1)",
+        "with qvm mem del, add --virtio-mem (it needs no slot; without --max it reserves all "
+        "the 128 MiB left below memory.max), or raise memory.slots in machines/vm1.toml, "
+        "then qvm restart vm1)",
     )
     assert objects(qvm, "vm1") == ["mem-dimm0", "mem-dimm1", "pc.ram", "type"]
 

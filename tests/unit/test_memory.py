@@ -111,10 +111,16 @@ def test_no_free_slot_says_slots_used_of_total() -> None:
         check_slot(state(two), RUN, LAUNCH)
     assert str(error.value) == (
         "vm1: mem add: no free memory slot: 2 of 2 DIMM slots used (hint: remove a DIMM "
-        "with qvm mem del, add --virtio-mem (it needs no slot), or raise memory.slots in "
+        "with qvm mem del, add --virtio-mem (it needs no slot; without --max it reserves "
+        "all the 256 MiB left below memory.max), or raise memory.slots in "
         "/nowhere/machines/vm1.toml, then qvm restart vm1)"
     )
     check_slot(state(), RUN, LAUNCH)
+    # no room left: a virtio-mem device would not fit either, so it is not offered
+    full = [{**d, "data": {**d["data"], "size": 384 * MIB}} for d in two]
+    with pytest.raises(HotplugError) as error:
+        check_slot(state(full), RUN, LAUNCH)
+    assert "virtio-mem" not in str(error.value), error.value
 
 
 def test_memory_hotplug_off() -> None:
