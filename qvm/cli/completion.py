@@ -1,7 +1,8 @@
-"""What TAB offers for a VM name or a device id, read from machine files and run-dir
-records; only the vCPUs `cpu del` can take are asked of QEMU (through the supervisor,
-within a second), since no record keeps them. Completion never starts QEMU and never
-fails (a broken record offers nothing rather than a traceback in the user's prompt).
+"""What TAB offers for a VM name, a device id or a `cp` end (``NAME:``, local files),
+read from machine files and run-dir records; only the vCPUs `cpu del` can take are asked
+of QEMU (through the supervisor, within a second), since no record keeps them.
+Completion never starts QEMU and never fails (a broken record offers nothing rather than
+a traceback in the user's prompt).
 
 The shell side (scripts, Click's completion protocol) is ``qvm.cli.parsing.completion``.
 """
@@ -75,6 +76,30 @@ def snapshot_tags(vms: list[str]) -> list[str]:
     for vm in vms:
         tags += _quietly(lambda vm=vm: [s.tag for s in read_snapshots(resolve.run_dir_of(vm))])
     return list(dict.fromkeys(tags))
+
+
+def copy_ends(incomplete: str) -> list[str]:
+    """What `qvm cp`'s SOURCE and TARGET take: ``NAME:`` for each VM (the guest's side),
+    then the local files and folders (a folder with its "/"), as bash's own file completion
+    would offer them: an answer replaces it. Nothing for a guest path (after ``NAME:``):
+    the guest's files are not asked on a TAB press."""
+    if ":" in incomplete:
+        return []
+    vms = [] if "/" in incomplete else [f"{name}:" for name in vm_names()]
+    return vms + sorted(_quietly(lambda: _local_paths(incomplete)))
+
+
+def _local_paths(incomplete: str) -> list[str]:
+    import os
+
+    head = incomplete[: incomplete.rfind("/") + 1]  # as typed, "~/" kept
+    prefix = incomplete[len(head) :]
+    found = []
+    with os.scandir(os.path.expanduser(head) if head else ".") as entries:
+        for entry in entries:
+            if entry.name.startswith(prefix) and (prefix or not entry.name.startswith(".")):
+                found.append(head + entry.name + ("/" if entry.is_dir() else ""))
+    return found
 
 
 def _cpu_ids(run) -> list[str]:  # noqa: ANN001 - qvm.layout.rundir.RunDir, imported lazily

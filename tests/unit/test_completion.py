@@ -191,6 +191,28 @@ def test_bash_completes_forwards_across_colons(vms: Path) -> None:
     assert bash_complete("qvm port del gamma tcp:127.0.0.1:8", vms) == ["8080:80"]
 
 
+def test_cp_offers_name_colon_and_local_paths(vms: Path) -> None:
+    """Either end of `qvm cp` is NAME:PATH or a local path: both are offered, and a lone
+    "NAME:" or "folder/" takes no space after it, so that the path goes on."""
+    (vms / "notes.txt").write_text("")
+    (vms / "backup").mkdir()
+    assert bash_complete("qvm cp ", vms) == [
+        "alpha:", "beta:", "gamma:", "backup/", "machines/", "notes.txt", "state/",
+    ]  # fmt: skip
+    assert bash_complete("qvm cp g", vms) == ["gamma:"]
+    assert bash_complete("qvm cp b", vms) == ["beta:", "backup/"]
+    assert bash_complete("qvm cp notes.txt ", vms)[:3] == ["alpha:", "beta:", "gamma:"]
+    assert bash_complete("qvm cp gamma:/etc/hostname m", vms) == ["machines/"]
+    assert bash_complete("qvm cp -r machines/", vms) == [
+        "machines/alpha.toml",
+        "machines/beta.toml",
+    ]
+    # a guest path is not listed: bash falls back to its own completion
+    assert bash_complete("qvm cp gamma:/et", vms) == []
+    script = run_qvm("--show-completion", "bash", tmp_path=vms).stdout
+    assert "compopt -o nospace" in script
+
+
 def test_a_broken_record_offers_nothing(vms: Path) -> None:
     (vms / "state" / "gamma" / "launch.json").write_text("{not json")
     assert bash_complete("qvm disk detach gamma ", vms) == []

@@ -5,7 +5,8 @@ installs it where Typer does (bash: ~/.bash_completions/qvm.sh, sourced from ~/.
 zsh: ~/.zfunc/_qvm; fish: ~/.config/fish/completions/qvm.fish); SHELL defaults to the
 shell qvm runs under. On TAB the script runs `qvm` with ``_QVM_COMPLETE`` set, and Click
 answers from the full Typer CLI: command words, options, and for the arguments the
-candidates of ``qvm.cli.completion`` (VM names, per command the VM's device ids).
+candidates of ``qvm.cli.completion`` (VM names, per command the VM's device ids, for
+`cp` ``NAME:`` and local paths).
 
 bash gets its own script: Typer's passes ``COMP_WORDS``, which bash has already split at
 every ":" (``tcp:127.0.0.1:2222:22`` arrives as seven words); this one passes the line
@@ -39,6 +40,10 @@ _qvm_completion() {
     COMPREPLY=( $( env COMP_LINE="$COMP_LINE" COMP_POINT="$COMP_POINT" \\
                    _QVM_COMP_WORDBREAKS="$COMP_WORDBREAKS" \\
                    _QVM_COMPLETE=complete_bash "$1" 2>/dev/null ) )
+    # `qvm cp deb<TAB>` gives "deb:", a folder "dir/": the word goes on, no space after it
+    if [[ ${#COMPREPLY[@]} -eq 1 && ${COMPREPLY[0]} == *[:/] ]]; then
+        compopt -o nospace 2>/dev/null
+    fi
     return 0
 }
 
@@ -174,6 +179,8 @@ SNAPSHOT_PARAMS = {
     (("up",), "restore"),
 }
 NEW_NAMES = {("new",)}  # names that must not exist yet: nothing to offer
+# (command words, parameter): NAME:PATH in a VM or a local path
+COPY_PARAMS = {(("cp",), "source"), (("cp",), "target")}
 
 
 def completer(words: tuple[str, ...], parameter: str) -> Callable[..., list[str]] | None:
@@ -197,6 +204,13 @@ def completer(words: tuple[str, ...], parameter: str) -> Callable[..., list[str]
             return _matching(candidates.snapshot_tags([n for n in named if n]), incomplete)
 
         return complete_tag
+    if (words, parameter) in COPY_PARAMS:
+
+        def complete_copy_end(ctx: click.Context, incomplete: str) -> list[str]:
+            _configure(ctx)
+            return _matching(candidates.copy_ends(incomplete), incomplete)
+
+        return complete_copy_end
     if parameter in ("name", "names") and words not in NEW_NAMES:
 
         def complete_vm(ctx: click.Context, incomplete: str) -> list[str]:
