@@ -49,9 +49,18 @@ def machine_file(run: Any) -> Path:
     return Path(file)
 
 
-def persisted_json(done: Any) -> dict[str, Any]:
-    """A ``[[disk]]``/``[[nic]]`` written or removed, for output: the file absolute,
-    as it is wherever the output is read."""
+def follow_persist(run: Any, done: Any) -> None:
+    """The running VM's record takes the machine file qvm's own ``--persist`` wrote: the
+    file describes the VM as it runs, not a change for its next start."""
+    from qvm.store.launch import follow_persist as follow
+
+    follow(run.launch_file, done.sha256_before, done.sha256_after)
+
+
+def persisted_json(run: Any, done: Any) -> dict[str, Any]:
+    """A ``[[disk]]``/``[[nic]]`` written or removed (the run's record follows it), for
+    output: the file absolute, as it is wherever the output is read."""
+    follow_persist(run, done)
     return {
         "file": str(Path(done.path).absolute()),
         "table": done.table,

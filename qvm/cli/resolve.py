@@ -170,26 +170,21 @@ def recorded_file(run: RunDir) -> str | None:
 
 def definition_changed(run: RunDir) -> str | None:
     """One line if the machine file VM ``run`` was started from changed since (or is
-    gone); None if it is as it was, or nothing records it."""
+    gone), by its contents; None if it is as it was, or nothing records it."""
+    from qvm.store.launch import definition_changed as changed
     from qvm.store.launch import read_launch
 
     try:
         launch = read_launch(run.launch_file)
     except QvmError:
         return None
-    if launch is None or not launch.machine_file or launch.created is None:
+    if launch is None or not launch.machine_file or not changed(launch):
         return None
-    try:
-        modified = os.stat(launch.machine_file).st_mtime
-    except FileNotFoundError:
+    if not os.path.lexists(launch.machine_file):
         return (
             f"{run.name}: its machine file {launch.machine_file} is gone since it was "
             f"started (hint: put it back before qvm restart {run.name})"
         )
-    except OSError:
-        return None
-    if modified <= launch.created:
-        return None
     return (
         f"{run.name}: {launch.machine_file} changed since {run.name} was started "
         f"(hint: qvm restart {run.name} runs the new definition)"

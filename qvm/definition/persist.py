@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qvm.base.digest import file_sha256
 from qvm.base.record import Record
 from qvm.definition.reader import render
 from qvm.errors import DefinitionError, Problem
@@ -23,6 +24,9 @@ class PersistResult(Record):
     key: str
     old: int | None  # None: the key was not in the file
     new: int
+    # the file's sha256 before and after: a running VM's record follows qvm's own write
+    sha256_before: str | None = None
+    sha256_after: str | None = None
 
     @property
     def changed(self) -> bool:
@@ -67,11 +71,12 @@ def set_cpu_count_text(text: str, count: int, file: str = "<toml>") -> tuple[str
 
 def persist_cpu_count(path: Path, count: int) -> PersistResult:
     """Write ``[cpu] count = count`` into the machine file; nothing else changes."""
+    before = file_sha256(path)
     text = _read_for(path, "cpu.count")
     new_text, old = set_cpu_count_text(text, count, str(path))
     if new_text != text:
         _write_keeping_mode(path, new_text)
-    return PersistResult(path=path, key="cpu.count", old=old, new=count)
+    return PersistResult(path, "cpu.count", old, count, before, file_sha256(path))
 
 
 def _write_keeping_mode(path: Path, text: str) -> None:
@@ -101,6 +106,8 @@ class EntryPersistResult(Record):
     table: str  # "disk" or "nic"
     action: str  # "added", "removed" or "absent" (nothing matched: nothing written)
     entry: dict[str, Any] | None
+    sha256_before: str | None = None  # as PersistResult's
+    sha256_after: str | None = None
 
     @property
     def changed(self) -> bool:
@@ -208,16 +215,18 @@ def _load(text: str, file: str) -> dict[str, Any]:
 
 def persist_entry(path: Path, table: str, entry: dict[str, Any]) -> EntryPersistResult:
     """Append a ``[[table]]`` entry to the machine file; nothing else changes."""
+    before = file_sha256(path)
     text = _read_for(path, f"a [[{table}]]")
     _load(text, str(path))
     _write_keeping_mode(path, add_entry_text(text, table, entry))
-    return EntryPersistResult(path, table, "added", entry)
+    return EntryPersistResult(path, table, "added", entry, before, file_sha256(path))
 
 
 def unpersist_entry(
     path: Path, table: str, match: Callable[[dict[str, Any]], bool]
 ) -> EntryPersistResult:
     """Remove the first ``[[table]]`` entry ``match`` likes from the machine file."""
+    before = file_sha256(path)
     text = _read_for(path, f"a [[{table}]]")
     first: list[bool] = []
 
@@ -231,7 +240,7 @@ def unpersist_entry(
     if not gone:
         return EntryPersistResult(path, table, "absent", None)
     _write_keeping_mode(path, new_text)
-    return EntryPersistResult(path, table, "removed", gone[0])
+    return EntryPersistResult(path, table, "removed", gone[0], before, file_sha256(path))
 
 
 def _read_for(path: Path, what: str) -> str:

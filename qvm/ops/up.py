@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qvm.base.digest import file_sha256
 from qvm.base.record import Record
 from qvm.cmdline.argv import LaunchInputs, StartFrom, build_argv, cpu_model, default_cpu_model
 from qvm.definition.host_checks import check_host
@@ -110,6 +111,7 @@ class LaunchPlan(Record):
             restart_delay=machine.supervisor.restart_delay,
             created=time.time(),
             restart_argv=self.cold_argv(),
+            definition_sha256=file_sha256(machine.path),
         )
 
     def cold_argv(self) -> tuple[str, ...] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from qvm.base.digest import file_sha256
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
 from qvm.store.fields import Fields, read_record
@@ -117,6 +118,10 @@ class LaunchRecord(Record):
     # (-loadvm) or a clone's memory image (-incoming) comes back cold, from its definition,
     # never silently from the snapshot again; None: ``argv`` itself
     restart_argv: tuple[str, ...] | None = None
+    # the machine file's sha256 as this run started it (and as qvm's own --persist left it
+    # since): "changed since started" compares contents, not file times; None: a record
+    # from an older qvm
+    definition_sha256: str | None = None
 
     @classmethod
     def from_json(cls, data: Any, source: str) -> LaunchRecord:
@@ -146,6 +151,7 @@ class LaunchRecord(Record):
             restart_delay=f.float("restart_delay", 1.0),
             created=f.float("created", None),
             restart_argv=f.str_list("restart_argv", None),
+            definition_sha256=f.str("definition_sha256", None),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -167,3 +173,37 @@ def read_launch(path: str | os.PathLike[str]) -> LaunchRecord | None:
 
 def write_launch(path: str | os.PathLike[str], record: LaunchRecord) -> None:
     write_json_atomic(path, record.to_json())
+
+
+def definition_changed(launch: LaunchRecord) -> bool | None:
+    """Whether the machine file's contents differ from those this run was started from (a
+    file that is gone differs); None when nothing can say: no machine file, or one that
+    cannot be read. A record from before the sha256 compares the file's time, as qvm did."""
+    file = launch.machine_file
+    if not file:
+        return None
+    if launch.definition_sha256 is None:
+        if launch.created is None:
+            return None
+        try:
+            return os.stat(file).st_mtime > launch.created
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return None
+    if not os.path.lexists(file):
+        return True
+    now = file_sha256(file)
+    return None if now is None else now != launch.definition_sha256
+
+
+def follow_persist(path: str | os.PathLike[str], before: str | None, after: str | None) -> None:
+    """qvm's own ``--persist`` wrote the running VM's change into its machine file, whose
+    sha256 was ``before`` and is ``after``: when the file was as the run knew it, the
+    record at ``path`` takes the new contents, which describe the running VM. A file
+    edited by hand since the start stays "changed"."""
+    launch = read_launch(path)
+    if launch is None or launch.definition_sha256 is None or before == after:
+        return
+    if launch.definition_sha256 == before:
+        write_launch(path, launch._replace(definition_sha256=after))

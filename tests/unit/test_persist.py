@@ -80,7 +80,7 @@ def test_a_persisted_entry_names_its_file_absolute(
     path = tmp_path / "machines" / "vm1.toml"
     path.write_text('[memory]\nsize = "256M"\n')
     done = persist_entry(Path("machines/vm1.toml"), "disk", {"file": "/x.qcow2", "id": "disk1"})
-    assert persisted_json(done)["file"] == str(path)
+    assert persisted_json(RunDir(tmp_path / "vm1"), done)["file"] == str(path)
     assert load_machine(path).disks[0].id == "disk1"  # the id written is the one it boots with
 
 
@@ -99,3 +99,52 @@ def test_a_persisted_new_disk_is_qvms_own_image_for_snapshots(tmp_path: Path) ->
     path.write_text(f'[memory]\nsize = "256M"\n\n[[disk]]\nfile = "{mine}"\n')
     with pytest.raises(VmStateError, match="used as is: a snapshot would be written into your"):
         stopped_disks(run, load_machine(path))
+
+
+def test_changed_since_started_compares_contents_not_times(tmp_path: Path) -> None:
+    """ "Definition changed since started" fired after a save of an unchanged file, after a
+    reverted edit and after qvm's own --persist: it compared the file's time."""
+    import os
+    import time
+
+    from framework.fake_qmp import launch_record
+
+    from qvm.base.digest import file_sha256
+    from qvm.cli import resolve
+    from qvm.cli.device_options import follow_persist
+    from qvm.store.launch import read_launch, write_launch
+
+    path = tmp_path / "vm1.toml"
+    path.write_text("[cpu]\ncount = 1\nmax = 4\n")
+    run = RunDir(tmp_path / "vm1")
+    run.path.mkdir()
+    started = time.time() - 60
+    os.utime(path, (started - 1, started - 1))
+    launch = launch_record(
+        machine_file=str(path), created=started, definition_sha256=file_sha256(path)
+    )
+    write_launch(run.launch_file, launch)
+    assert resolve.definition_changed(run) is None
+    path.write_text(path.read_text())  # saved, unchanged: a newer time
+    assert resolve.definition_changed(run) is None
+    path.write_text("[cpu]\ncount = 2\nmax = 4\n")
+    assert "changed since vm1 was started" in (resolve.definition_changed(run) or "")
+    path.write_text("[cpu]\ncount = 1\nmax = 4\n")  # the edit reverted
+    assert resolve.definition_changed(run) is None
+    # qvm's own --persist of the live change: the record follows the file
+    follow_persist(run, persist_cpu_count(path, 2))
+    assert resolve.definition_changed(run) is None
+    record = read_launch(run.launch_file)
+    assert record is not None and record.definition_sha256 == file_sha256(path)
+    # an edit by hand, then a --persist: still changed, the hand's edit is not running
+    path.write_text(path.read_text() + "# mine\n")
+    follow_persist(run, persist_cpu_count(path, 3))
+    assert resolve.definition_changed(run) is not None
+    path.unlink()
+    assert "is gone since it was started" in (resolve.definition_changed(run) or "")
+    # a record from an older qvm, without the sha256: the file's time, as before
+    path.write_text("[cpu]\ncount = 1\nmax = 4\n")
+    write_launch(run.launch_file, launch._replace(definition_sha256=None))
+    assert resolve.definition_changed(run) is not None
+    os.utime(path, (started - 1, started - 1))
+    assert resolve.definition_changed(run) is None

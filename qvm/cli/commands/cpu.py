@@ -404,10 +404,11 @@ def _present_line(name: str, present: int, maximum: int, removed: Any) -> str:
 
 def _persist(run: Any, count: int) -> dict[str, Any] | None:
     from qvm.base.text import display_path
-    from qvm.cli.device_options import machine_file
+    from qvm.cli.device_options import follow_persist, machine_file
     from qvm.definition.persist import persist_cpu_count
 
     done = persist_cpu_count(machine_file(run), count)
+    follow_persist(run, done)
     return {"file": display_path(done.path), "key": done.key, "old": done.old, "new": done.new}
 
 

@@ -103,7 +103,7 @@ def _persist_attach(run: Any, result: Any, with_id: bool) -> dict[str, Any]:
 
     path = device_options.machine_file(run)
     done = persist_entry(path, "disk", disk_entry(result.disk, path, with_id))
-    return device_options.persisted_json(done)
+    return device_options.persisted_json(run, done)
 
 
 @commands.command("detach")
@@ -142,4 +142,4 @@ def _persist_detach(run: Any, disk: Any) -> dict[str, Any]:
 
     path = device_options.machine_file(run)
     done = unpersist_entry(path, "disk", lambda entry: disk_entry_matches(entry, disk, path))
-    return device_options.persisted_json(done)
+    return device_options.persisted_json(run, done)

@@ -80,7 +80,7 @@ def add(
 
         path = device_options.machine_file(run)
         entry = nic_entry(result.nic, result.forwards_asked, with_id=True)  # net1 stays net1
-        persisted = device_options.persisted_json(persist_entry(path, "nic", entry))
+        persisted = device_options.persisted_json(run, persist_entry(path, "nic", entry))
     if as_json:
         emit_json({**result.as_json(), "persisted": persisted})
         return
@@ -130,4 +130,4 @@ def _unpersist(run: Any, nic: Any) -> dict[str, Any]:
     done = unpersist_entry(
         device_options.machine_file(run), "nic", lambda e: nic_entry_matches(e, nic)
     )
-    return device_options.persisted_json(done)
+    return device_options.persisted_json(run, done)
