@@ -3,6 +3,7 @@
     QvmError                 one line for the user; the CLI prints it and exits non-zero
      ├── DefinitionError     a machine file is unusable; carries every problem found
      ├── HostError           this host or this QEMU cannot do what was asked
+     ├── UsageError          a value on the command line that qvm checks itself: exit 2
      ├── VmNameError         a name that cannot be a VM's (checked before any path is built)
      ├── UnsafeStateError    a state dir or run dir that is a link, foreign, or open to others
      ├── VmStateError        the VM is not in a state that allows the operation
@@ -17,6 +18,7 @@
           ├── AgentNotConfigured  the VM has no agent channel ([agent] enabled = false)
           ├── AgentNotAnswering   no reply in time: no agent in the guest (yet), or busy
           └── AgentCommandError   the agent's own error reply (a path or program not found)
+               └── ProgramNotStarted  `qvm exec`: the program could not be started
 
 Anything else escaping the core is a bug, and the CLI shows it as one.
 
@@ -28,9 +30,20 @@ The exit status of `qvm`, what a script can tell apart without reading stderr:
                            usage errors), a DefinitionError, a VmNameError
     EXIT_PENDING      3    a hotplug/unplug request stands, but the guest has not
                            completed it (yet)
-    EXIT_TIMEOUT      4    `qvm wait`: not ready in time (``WaitTimeout``); `qvm exec`: the
-                           command outlived --timeout
+    EXIT_TIMEOUT      4    `qvm wait`: not ready in time (``WaitTimeout``)
     EXIT_INTERRUPTED  130  Ctrl-C (128 + SIGINT, as shells report it)
+
+Group commands (`up a b`, `down a b`) exit with the highest status of their VMs. Usage
+errors are 2 everywhere: the parser's own and the values qvm checks itself (``UsageError``).
+
+`qvm exec` exits with the program's status (0-255; 128 + N when signal N ended it), so its
+own outcomes take the numbers `env`, `timeout` and `docker run` use, out of most programs'
+way:
+
+    EXIT_EXEC_TIMEOUT    124  the program outlived --timeout (it runs on; as timeout(1))
+    EXIT_EXEC_FAILED     125  qvm failed: no such VM, not running, no agent, ...
+    EXIT_CANNOT_RUN      126  the program was found but could not be run
+    EXIT_NOT_FOUND       127  no such program in the guest
 
 `qvm ssh` and `qvm qmp --shell` become ssh and qmp-shell: theirs is the status.
 """
@@ -43,6 +56,10 @@ EXIT_USAGE = 2  # the status Click gives its own usage errors
 EXIT_PENDING = 3
 EXIT_TIMEOUT = 4
 EXIT_INTERRUPTED = 130
+EXIT_EXEC_TIMEOUT = 124
+EXIT_EXEC_FAILED = 125
+EXIT_CANNOT_RUN = 126
+EXIT_NOT_FOUND = 127
 
 
 class QvmError(Exception):
@@ -127,6 +144,13 @@ class DefinitionError(QvmError):
 
 class HostError(QvmError):
     pass
+
+
+class UsageError(QvmError):
+    """What the command line asks cannot be meant (``--memory 1X``, ``--for http``): exit
+    status 2, as the parser's own usage errors."""
+
+    exit_code = EXIT_USAGE
 
 
 class VmNameError(QvmError):
@@ -217,3 +241,12 @@ class AgentCommandError(AgentError):
         super().__init__(message, vm=vm)
         self.agent_class = agent_class
         self.agent_desc = agent_desc
+
+
+class ProgramNotStarted(AgentCommandError):
+    """`qvm exec`: the agent could not start the program: 127 when there is no such
+    program, else 126, as shells say it."""
+
+    def __init__(self, message: str, agent_class: str, agent_desc: str, not_found: bool) -> None:
+        super().__init__(message, agent_class, agent_desc)
+        self.exit_code = EXIT_NOT_FOUND if not_found else EXIT_CANNOT_RUN

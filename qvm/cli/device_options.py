@@ -11,7 +11,7 @@ from typing import Any
 from qvm.cli import resolve
 from qvm.cli.output import abort, emit_json, fail_all, say, warn
 from qvm.cli.parsing.declare import Option
-from qvm.errors import EXIT_PENDING
+from qvm.errors import EXIT_PENDING, EXIT_USAGE
 
 # options the mem, disk and nic commands share
 AS_JSON = Option(
@@ -35,7 +35,7 @@ def size_argument(name: str, option: str, text: str) -> int:
     try:
         return parse_size(text)
     except SizeError as error:
-        abort(f"{name}: {option}: {error}")
+        abort(f"{name}: {option}: {error}", EXIT_USAGE)
 
 
 def machine_file(run: Any) -> Path:

@@ -50,6 +50,7 @@ from qvm.control.cpu_online import (
 from qvm.control.cpu_slots import (
     CpuList,
     CpuSlot,
+    check_count,
     choose_free_slots,
     choose_removals,
     merge_slots,
@@ -302,6 +303,7 @@ def add_cpus(
     else the vCPU's registers; ``serial_pattern`` waits for a line the guest prints on
     its serial console.
     """
+    check_count(run.name, count)  # said first, running or not
     with opened(run) as (session, launch), _maybe_agent(run, wait_guest) as link:
         return _add(
             session,

@@ -15,7 +15,7 @@ from typing import Any
 from qvm.base.record import Record
 from qvm.control.transaction import PERIPHERAL_ANON, restart_hint
 from qvm.definition.topology import Topology, cpu_device_id, slot_index
-from qvm.errors import HotplugError
+from qvm.errors import HotplugError, UsageError
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import LaunchRecord
 from qvm.store.pending import PERIPHERAL, device_state
@@ -195,6 +195,12 @@ def topology_from_launch(launch: LaunchRecord) -> Topology | None:
     return Topology(*launch.topology) if launch.topology is not None else None
 
 
+def check_count(name: str, count: int) -> None:
+    """``--count`` of `cpu add`/`cpu del`: a usage error, said before the VM is asked."""
+    if count < 1:
+        raise UsageError(f"{name}: --count must be at least 1, got {count}")
+
+
 def choose_free_slots(
     cpus: CpuList,
     count: int,
@@ -204,11 +210,10 @@ def choose_free_slots(
 ) -> list[CpuSlot]:
     """The slots ``cpu add`` will fill: the lowest free ones, or the one asked for."""
     name = run.name
-    if count < 1:
-        raise HotplugError(f"{name}: --count must be at least 1, got {count}")
+    check_count(name, count)
     if slot is not None:
         if count != 1:
-            raise HotplugError(f"{name}: --slot names one slot; use it with --count 1")
+            raise UsageError(f"{name}: --slot names one slot; use it with --count 1")
         matches = [s for s in cpus.slots if all(s.props.get(k) == v for k, v in slot.items())]
         spec = props_text(slot)
         if len(matches) != 1:
@@ -276,8 +281,7 @@ def choose_removals(
             )
         return chosen
     wanted_count = 1 if count is None else count
-    if wanted_count < 1:
-        raise HotplugError(f"{name}: --count must be at least 1, got {wanted_count}")
+    check_count(name, wanted_count)
     candidates = [s for s in removable if not s.pending]
     if wanted_count > len(candidates):
         names = ", ".join(s.label for s in candidates)

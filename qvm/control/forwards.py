@@ -13,7 +13,7 @@ import re
 from typing import TYPE_CHECKING
 
 from qvm.definition.forwards import ForwardError, parse_forward
-from qvm.errors import ControlError, HostError, NotRunningError, QvmError
+from qvm.errors import ControlError, HostError, NotRunningError, QvmError, UsageError
 from qvm.host.ports import check_address, port_holder, port_in_use
 from qvm.host.usernet import USERNET_COMMAND, bind_ports, parse_usernet, unbound
 from qvm.layout.rundir import RunDir
@@ -65,8 +65,8 @@ def _require_running(run: RunDir) -> None:
 def add_forward(run: RunDir, text: str, nic: str | None = None) -> Forward:
     """Add ``PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT`` (host port 0 or "auto": QEMU binds a
     port the kernel picks, read back from ``info usernet``)."""
+    fwd = parse_spec(text)  # a mistake is said first, running or not
     _require_running(run)
-    fwd = parse_spec(text)
     netdev = _nic_for(run, nic)
     with _session(run) as session:
         entry = resolve_forward(run, fwd, netdev)
@@ -139,7 +139,7 @@ def parse_spec(text: str) -> PortForward:
     try:
         return parse_forward(spec)
     except ForwardError as exc:
-        raise QvmError(
+        raise UsageError(
             f'{exc} (hint: forwards look like "tcp:2222:22", "tcp:0:22" or "tcp:0.0.0.0:8080:80")'
         ) from None
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from qvm.base.record import Record
 from qvm.control.agent import AgentClient
-from qvm.errors import AgentCommandError, AgentError
+from qvm.errors import AgentCommandError, AgentError, ProgramNotStarted
 
 FIRST_POLL = 0.005  # seconds; `true` is over in about 10 ms under TCG
 POLL_GROWTH = 1.5
@@ -97,6 +97,7 @@ def exec_arguments(
     return arguments
 
 
+NOT_FOUND = "No such file or directory"  # the spawn failure of a program not there (ENOENT)
 SPAWN_FAILED = re.compile(r"Failed to execute child process .(?P<program>.*). \((?P<why>.*)\)")
 
 
@@ -126,14 +127,16 @@ def start(
     stdin: bytes | None = None,
 ) -> int:
     """Start ``argv`` in the guest; its pid there. A program that cannot be started is
-    the agent's AgentCommandError (its message names the program and why)."""
+    ProgramNotStarted (its message names the program and why)."""
     try:
         reply = client.execute("guest-exec", exec_arguments(argv, env, stdin))
     except AgentCommandError as error:
-        raise AgentCommandError(
-            f"{client.name}: cannot run {argv[0]} in the guest: {spawn_failure(error.agent_desc)}",
+        why = spawn_failure(error.agent_desc)
+        raise ProgramNotStarted(
+            f"{client.name}: cannot run {argv[0]} in the guest: {why}",
             error.agent_class,
             error.agent_desc,
+            not_found=why == NOT_FOUND,
         ) from None
     pid = reply.get("pid") if isinstance(reply, dict) else None
     if not isinstance(pid, int):

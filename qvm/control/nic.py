@@ -26,7 +26,7 @@ from qvm.control.qmp_session import QmpSession
 from qvm.definition.forwards import ForwardError, parse_forward
 from qvm.definition.naming import stable_mac
 from qvm.definition.schema import NIC_MODELS, PortForward
-from qvm.errors import ControlError, HotplugError
+from qvm.errors import ControlError, HotplugError, UsageError
 from qvm.layout import kinds
 from qvm.layout.rundir import RunDir
 from qvm.store.devices import Command, DeviceRecord, device_records
@@ -158,7 +158,7 @@ def parse_forwards(name: str, texts: list[str]) -> list[PortForward]:
         try:
             forwards.append(parse_forward(text))
         except ForwardError as error:
-            raise HotplugError(
+            raise UsageError(
                 f'{name}: nic add: --forward: {error} (hint: forwards look like "tcp:2222:22", '
                 '"tcp:0:22" for any free host port, or "udp:0.0.0.0:5353:53")'
             ) from None
@@ -168,7 +168,7 @@ def parse_forwards(name: str, texts: list[str]) -> list[PortForward]:
 def check_mac(name: str, mac: str) -> str:
     mac = mac.lower()
     if not _MAC.fullmatch(mac) or int(mac[:2], 16) & 1:
-        raise HotplugError(
+        raise UsageError(
             f"{name}: nic add: --mac must be a unicast MAC address like 52:54:00:12:34:56 "
             f"(an even first byte), got {mac!r}"
         )

@@ -20,7 +20,7 @@ from qvm.base.urls import is_url
 from qvm.definition.forwards import ForwardError, parse_forward
 from qvm.definition.schema import USER_PATTERN
 from qvm.definition.sshkeys import key_file_problem, key_line_problem
-from qvm.errors import DefinitionError, Problem, QvmError
+from qvm.errors import DefinitionError, Problem, UsageError
 from qvm.layout.names import NAME_PATTERN, NAME_RULE, shown
 
 DEFAULT_MEMORY = "1G"  # cloud-init runs Python at first boot: 512M is tight
@@ -94,7 +94,7 @@ def new_document(options: NewOptions, cwd: Path) -> dict[str, Any]:
     if options.user_data is not None and (options.ssh_keys or options.packages or options.runcmd):
         problems.append("--user-data is used as is: it excludes --ssh-key, --package and --runcmd")
     if problems:
-        raise QvmError("qvm new: " + "; ".join(problems))
+        raise UsageError("qvm new: " + "; ".join(problems))
     if options.cloud_init:
         check_ssh_keys(options, cwd)
 

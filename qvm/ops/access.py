@@ -24,7 +24,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qvm.base.record import Record
-from qvm.errors import AgentNotConfigured, HostError, NotRunningError, QvmError, WaitTimeout
+from qvm.errors import (
+    AgentNotConfigured,
+    HostError,
+    NotRunningError,
+    QvmError,
+    UsageError,
+    WaitTimeout,
+)
 from qvm.layout.rundir import RunDir
 from qvm.store.forwards import read_forwards
 from qvm.store.launch import read_launch
@@ -126,7 +133,7 @@ def parse_condition(text: str) -> tuple[str, str | None]:
         except re.error as exc:
             raise QvmError(f"--for {text}: not a regular expression: {exc}") from None
         return "serial", pattern
-    raise QvmError(f"--for must be ssh, qmp, agent or serial:REGEX, got {text!r}")
+    raise UsageError(f"--for must be ssh, qmp, agent or serial:REGEX, got {text!r}")
 
 
 def describe_condition(kind: str, pattern: str | None, run: RunDir) -> str:

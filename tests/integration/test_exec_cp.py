@@ -137,13 +137,19 @@ def test_a_program_that_does_not_exist(vm: Qvm) -> None:
         "qvm: vm1: cannot run no-such-program in the guest: No such file or directory"
     )
     assert done.stdout == ""
+    assert done.returncode == 127  # as shells say it, not the 1 a program may exit with
+    done = vm("exec", "vm1", "--", "/etc/hostname", check=False)  # there, not executable
+    assert done.returncode == 126, done.stderr
+    # the program's own codes pass through, whatever they are
+    for code in (1, 2, 124, 125):
+        assert vm("exec", "vm1", "--", "sh", "-c", f"exit {code}", check=False).returncode == code
 
 
 def test_a_command_that_outlives_the_timeout_is_reported_still_running(vm: Qvm) -> None:
     started = time.monotonic()
     done = vm("exec", "vm1", "--timeout", "1", "--", "sleep", "30", check=False)
     assert time.monotonic() - started < 25  # not the 30 s of the sleep
-    assert done.returncode == 4
+    assert done.returncode == 124  # as timeout(1): out of the way of the program's own 4
     line = one_line_error(done)
     assert line.startswith("qvm: vm1: sleep still running in the guest after 1 s (--timeout)")
     pid = line.split("as pid ")[1].split()[0]

@@ -399,3 +399,25 @@ def test_the_readme_tour_shows_neutral_paths_and_where_it_runs_from() -> None:
     assert "runs from the clone's root" in tour
     for foreign in ("/work/", "/root/"):
         assert foreign not in tour, foreign
+
+
+def test_the_exit_status_table_is_in_the_readme_and_qvm_help() -> None:
+    """One contract, three places: qvm.errors' codes, the README's table, `qvm --help`."""
+    import subprocess
+    import sys
+
+    from qvm import errors
+    from qvm.cli.parsing.typer_app import EXIT_STATUS
+
+    defined = {v for k, v in vars(errors).items() if k.startswith("EXIT_")}
+    assert {code for code, _ in EXIT_STATUS} == defined
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("Exit status (also at the end of `qvm --help`)") :]
+    table = section.split("\n\n")[1]
+    assert {int(code) for code in re.findall(r"^\| (\d+) \|", table, re.M)} == defined
+    shown = subprocess.run(
+        [sys.executable, "-m", "qvm.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    listing = shown[shown.index("Exit status:") :]
+    for code, meaning in EXIT_STATUS:
+        assert f"  {code:<4} {meaning}\n" in listing, (code, listing)

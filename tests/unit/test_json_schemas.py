@@ -179,9 +179,10 @@ def test_errors_are_json_objects_with_a_nonzero_exit(cli: Qvm) -> None:
             "hint": "start it with 'qvm up vm1'",
         }
     ]
-    broken = run_json(cli, "up", "broken", code=1)
+    broken = run_json(cli, "up", "broken", code=2)  # its JSON's exit_code, as the process's
     validate(broken, "up.json")
     assert broken[0]["key"] == "cpu.count" and broken[0]["file"].endswith("broken.toml")
+    assert broken[0]["exit_code"] == 2
     bad_timeout = run_json(cli, "down", "vm1", "--timeout", "nan", code=2)
     validate(bad_timeout, "error.json")
     usage = run_json(cli, "status", "vm1", "--bogus", code=2)

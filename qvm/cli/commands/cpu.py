@@ -8,7 +8,7 @@ from typing import Any
 from qvm.cli import resolve
 from qvm.cli.output import abort, emit_json, fail_all, ms, say, table, warn
 from qvm.cli.parsing.declare import Argument, Commands, Option
-from qvm.errors import EXIT_FAILURE, EXIT_PENDING
+from qvm.errors import EXIT_FAILURE, EXIT_PENDING, EXIT_USAGE
 
 commands = Commands(help="List, add and remove vCPUs of a running VM.")
 
@@ -118,7 +118,7 @@ def add(
         try:
             props = parse_slot_spec(slot)
         except ValueError as error:
-            abort(f"{name}: --slot: {error}")
+            abort(f"{name}: --slot: {error}", EXIT_USAGE)
     pattern = _compile(name, wait_serial)
     result = run_waiting(
         f"{name}: adding vCPUs, waiting for the guest to bring them online",
@@ -172,7 +172,7 @@ def delete(
     from qvm.control.cpu import remove_cpus
 
     if ids and count is not None:
-        abort(f"{name}: give vCPU ids or --count, not both")
+        abort(f"{name}: give vCPU ids or --count, not both", EXIT_USAGE)
     run = resolve.run_dir_of(name)
     result = run_waiting(
         f"{name}: waiting for the guest to release the vCPUs",
@@ -269,7 +269,7 @@ def _compile(name: str, pattern: str | None) -> re.Pattern[str] | None:
     try:
         return re.compile(pattern)
     except re.error as error:
-        abort(f"{name}: --wait-serial: not a regular expression: {error}")
+        abort(f"{name}: --wait-serial: not a regular expression: {error}", EXIT_USAGE)
 
 
 def _say_added(result: Any) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from qvm.cli import device_options, resolve
 from qvm.cli.output import abort, emit_json, human_bytes, ms, say, table
 from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.errors import EXIT_USAGE
 
 commands = Commands(help="List, attach and detach disks of a running VM.")
 
@@ -78,7 +79,7 @@ def attach(
     from qvm.control.disk import attach_disk
 
     if fmt is not None and fmt not in ("qcow2", "raw"):
-        abort(f'{name}: --format must be "qcow2" or "raw", got {fmt!r}')
+        abort(f'{name}: --format must be "qcow2" or "raw", got {fmt!r}', EXIT_USAGE)
     size = device_options.size_argument(name, "--new", new) if new is not None else None
     run = resolve.run_dir_of(name)
     result = run_waiting(

@@ -10,7 +10,15 @@ from typing import Any
 from qvm.cli import resolve
 from qvm.cli.output import abort, emit_json, warn
 from qvm.cli.parsing.declare import Argument, Commands, Option
-from qvm.errors import EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_USAGE
+from qvm.errors import (
+    EXIT_CANNOT_RUN,
+    EXIT_EXEC_FAILED,
+    EXIT_EXEC_TIMEOUT,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    QvmError,
+)
 from qvm.layout.names import shown
 
 commands = Commands()
@@ -33,7 +41,7 @@ def exec_(
         command_line=True,
     ),
     timeout: float = Option(
-        0.0, "--timeout", help="Seconds before giving up (exit 4); 0, the default: no limit."
+        0.0, "--timeout", help="Seconds before giving up (exit 124); 0, the default: no limit."
     ),
     env: list[str] | None = Option(
         None, "--env", help="NAME=VALUE added to the command's environment (repeatable)."
@@ -49,7 +57,9 @@ def exec_(
 
     From PROGRAM on, every word is the program's, options too (`qvm exec VM ls -l`).
 
-    The exit status is the program's, or 128 + the signal that ended it. Its stdout and
+    The exit status is the program's, or 128 + the signal that ended it; qvm's own are
+    124 (--timeout), 125 (qvm failed), 126 (cannot run it), 127 (no such program), and 2
+    for a mistake on the command line. Its stdout and
     stderr go to qvm's, byte for byte, once it has ended: QEMU 7.2's agent hands the
     output over only then (up to 16 MiB per stream; beyond, it is cut and qvm says so).
     Without --stdin the program reads /dev/null.
@@ -65,11 +75,15 @@ def exec_(
         extra = None if env is None else parse_env(env)
     except ValueError as error:
         abort(str(error), EXIT_USAGE)
-    run = resolve.run_dir_of(name)
     data = sys.stdin.buffer.read() if stdin else None
     pid: list[int] = []
     try:
+        run = resolve.run_dir_of(name)
         outcome = run_command(run, command, extra, data, timeout or None, on_started=pid.append)
+    except QvmError as error:
+        if error.exit_code not in (EXIT_USAGE, EXIT_CANNOT_RUN, EXIT_NOT_FOUND):
+            error.exit_code = EXIT_EXEC_FAILED  # out of the way of the program's own codes
+        raise
     except KeyboardInterrupt:
         where = f" as pid {pid[0]}" if pid else ""
         abort(f"{name}: interrupted; {command[0]} may still be running in the guest{where}",
@@ -87,7 +101,7 @@ def exec_(
             f"qvm: {name}: {command[0]} still running in the guest after {timeout:g} s"
             f" (--timeout), as pid {outcome.pid} (hint: qvm exec {name} -- kill {outcome.pid})"
         )
-        raise SystemExit(EXIT_TIMEOUT)
+        raise SystemExit(EXIT_EXEC_TIMEOUT)
     cut = [
         s
         for s, c in (("stdout", status.stdout_truncated), ("stderr", status.stderr_truncated))

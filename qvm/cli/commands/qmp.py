@@ -8,6 +8,7 @@ import sys
 from qvm.cli import resolve
 from qvm.cli.output import abort, emit_json
 from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.errors import EXIT_USAGE
 from qvm.layout.rundir import RunDir
 
 commands = Commands()
@@ -49,16 +50,16 @@ def qmp(
     run = resolve.run_dir_of(name)
     if shell:
         if command is not None:
-            abort(f"{name}: --shell takes no command")
+            abort(f"{name}: --shell takes no command", EXIT_USAGE)
         _exec_shell(run)
     if command is None:
-        abort(f"{name}: name a QMP command (e.g. query-status), or use --shell")
+        abort(f"{name}: name a QMP command (e.g. query-status), or use --shell", EXIT_USAGE)
     from qvm.control.session import ControlSession, parse_kv_args
 
     try:
         args = {**_read_args_file(args_file), **parse_kv_args(arguments or [])}
     except ValueError as error:
-        abort(f"{name}: {error}")
+        abort(f"{name}: {error}", EXIT_USAGE)
     with ControlSession(run, timeout=timeout) as session:
         reply = session.execute(command, args or None)
     emit_json(reply)

@@ -19,7 +19,7 @@ from qvm.cli.output import (
     warn,
 )
 from qvm.cli.parsing.declare import Argument, Commands, Option
-from qvm.errors import EXIT_FAILURE, DefinitionError, QvmError
+from qvm.errors import EXIT_OK, DefinitionError, QvmError
 
 if TYPE_CHECKING:
     from qvm.control.guest_agent_facts import GuestFacts
@@ -51,7 +51,7 @@ def up(
     from qvm.ops.up import plan_launch, start_vm
 
     results: list[dict[str, Any]] = []
-    failed = 0
+    code = EXIT_OK  # a group command exits with the highest status of its VMs
     for name in names:
         restored = plan = None
         try:
@@ -66,7 +66,7 @@ def up(
                     _start_label(machine.name), start_vm, plan, not no_wait, DownloadBar()
                 )
         except QvmError as error:
-            failed += 1
+            code = max(code, error.exit_code)
             warn(f"qvm: {error}")
             results.append(_error_entry(name, error))
             continue
@@ -126,8 +126,8 @@ def up(
             )
     if as_json:
         emit_json(results)
-    if failed:
-        raise SystemExit(EXIT_FAILURE)
+    if code:
+        raise SystemExit(code)
 
 
 def _set_aside_corrupt_state(run: RunDir) -> None:
@@ -218,13 +218,13 @@ def _stop_each(
     names: list[str], verb: str, action: Callable[[RunDir], StopResult], as_json: bool
 ) -> None:
     """Stop every VM named, reporting each; one failure does not spare the others."""
-    failed = 0
+    code = EXIT_OK  # a group command exits with the highest status of its VMs
     results = []
     for name in names:
         try:
             result = action(resolve.run_dir_of(name))
         except QvmError as error:
-            failed += 1
+            code = max(code, error.exit_code)
             warn(f"qvm: {error}")
             results.append(_error_entry(name, error))
             continue
@@ -235,8 +235,8 @@ def _stop_each(
             say(f"{result.name}: {verb}: {result.message}")
     if as_json:
         emit_json(results)
-    if failed:
-        raise SystemExit(EXIT_FAILURE)
+    if code:
+        raise SystemExit(code)
 
 
 def _start_label(name: str) -> str:

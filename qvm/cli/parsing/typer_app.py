@@ -23,6 +23,18 @@ from qvm.cli import resolve
 from qvm.cli.parsing.completion import INSTALL, SHOW, completer
 from qvm.cli.parsing.declare import GROUPS, TOP_LEVEL, Commands, Param, fixed_arguments
 from qvm.cli.parsing.fast import split_global_options
+from qvm.errors import (
+    EXIT_CANNOT_RUN,
+    EXIT_EXEC_FAILED,
+    EXIT_EXEC_TIMEOUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_PENDING,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+)
 
 # The words users bring from other tools (virsh, limactl, docker, multipass), and the
 # word qvm has for each: offered when one is typed, never run in its place. Aliases would
@@ -74,10 +86,31 @@ class QvmGroup(TyperGroup):
             raise
 
 
+# `qvm --help` ends with it, the README has it as a table (tests/unit/test_docs.py)
+EXIT_STATUS = (
+    (EXIT_OK, "done"),
+    (EXIT_FAILURE, "failed: one line on stderr says why"),
+    (EXIT_USAGE, "a usage error: the command line, a machine file, a VM name"),
+    (EXIT_PENDING, "an unplug stands: the guest has not completed it (yet)"),
+    (EXIT_TIMEOUT, "qvm wait: not ready in time"),
+    (EXIT_EXEC_TIMEOUT, "qvm exec: the program outlived --timeout (it runs on)"),
+    (EXIT_EXEC_FAILED, "qvm exec: qvm failed (no such VM, not running, no agent)"),
+    (EXIT_CANNOT_RUN, "qvm exec: the program could not be run"),
+    (EXIT_NOT_FOUND, "qvm exec: no such program in the guest"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+)
+# "\b": Click prints the paragraph as it is, not rewrapped
+EXIT_STATUS_HELP = "\b\nExit status:\n{}\n{}".format(
+    "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_STATUS),
+    "A command about several VMs exits with the highest of their statuses; qvm exec\n"
+    "otherwise with the program's (128 + N for signal N), qvm ssh with ssh's.",
+)
+
 app = typer.Typer(
     name="qvm",
     cls=QvmGroup,
     help="Launch, supervise and hotplug QEMU/KVM test VMs defined in TOML files.",
+    epilog=EXIT_STATUS_HELP,
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,  # plain help: rich costs start-up time on every command
