@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 
 from qvm.base.jsonfile import RecordWriteError
 from qvm.base.proc import same_process_alive
@@ -65,16 +66,18 @@ ENDED_BY_TEXT = {
 }
 
 
-def stop(run: RunDir, timeout: float, force: bool) -> StopResult:
+def stop(
+    run: RunDir, timeout: float, force: bool, on_accepted: Callable[[], None] | None = None
+) -> StopResult:
+    """End the VM as `qvm down` does. ``on_accepted``: called once the supervisor has
+    taken the request, which it then carries out even if this process is interrupted."""
     _check_state_record(run)
     if not _supervisor_present(run):
         return _stop_without_supervisor(run, kill=False)
     asked_at = time.time()
     request = StopRequest(timeout, force, deadline=asked_at + ACCEPT_TIMEOUT)
     try:
-        reply = ask_supervisor(
-            run, request, timeout=timeout + STOP_ESCALATION, accept_timeout=ACCEPT_TIMEOUT
-        )
+        reply = ask_supervisor(run, request, timeout + STOP_ESCALATION, ACCEPT_TIMEOUT, on_accepted)
         _wait_supervisor_gone(run, SUPERVISOR_EXIT_WAIT)
     except SupervisorUnresponsive as error:
         return _end_unresponsive(run, "down", error)

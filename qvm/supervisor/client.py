@@ -30,6 +30,7 @@ from qvm.store.state import (
 
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Callable
 
     from qvm.supervisor.wire import Request
 
@@ -86,12 +87,15 @@ def ask_supervisor(
     request: Request[_Reply],
     timeout: float,
     accept_timeout: float | None = None,
+    on_accepted: Callable[[], None] | None = None,
 ) -> _Reply:
     """One request, its reply; raises QvmError naming the VM on any failure (a reply that
     does not parse: RecordError; no answer in time: SupervisorUnresponsive).
 
     With ``accept_timeout`` (a request that carries a deadline and ``ack``), the
-    supervisor must say "accepted" within it, and then reply within ``timeout``."""
+    supervisor must say "accepted" within it, and then reply within ``timeout``; from
+    then on it carries the request out whether or not its asker waits (``on_accepted``
+    is called then)."""
     # not at the top: `qvm up` and `qvm list` of stopped VMs never ask (0.5 ms of records)
     from qvm.supervisor.wire import (  # noqa: PLC0415
         EXPIRED,
@@ -112,6 +116,8 @@ def ask_supervisor(
             lines = LineReader(sock)
             reply = _decode(run, request, lines.line())
             if isinstance(reply, Accepted):
+                if on_accepted is not None:
+                    on_accepted()
                 waited = timeout
                 sock.settimeout(timeout)
                 reply = _decode(run, request, lines.line())

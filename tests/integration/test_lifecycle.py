@@ -273,12 +273,17 @@ def test_console_and_logs(qvm: Qvm) -> None:
 
 
 def test_kill_and_restart(qvm: Qvm) -> None:
-    qvm.guest_machine("vm1", extra='[supervisor]\nrestart = "always"\n')
+    forward = '[[nic]]\nmode = "user"\nforwards = ["tcp:0:22"]\n'
+    qvm.guest_machine("vm1", extra=f'[supervisor]\nrestart = "always"\n\n{forward}')
     qvm("up", "vm1")
     first = qvm.status("vm1")["pid"]
-    qvm("restart", "vm1", "--timeout", "20")
+    said = qvm("restart", "vm1", "--timeout", "20").stdout
     second = qvm.status("vm1")
     assert second["state"] == "running" and second["pid"] != first
+    # what `up` says, above all the host port QEMU picked anew for port 0
+    port = second["forwards"][0]["host_port"]
+    assert f"  forward     tcp:127.0.0.1:{port} -> guest port 22 (net0)\n" in said, said
+    assert "  serial log  " in said, said
     killed = qvm("kill", "vm1")
     assert killed.stdout.strip() == "vm1: killed: QEMU was killed (SIGKILL)"
     status = qvm.status("vm1")

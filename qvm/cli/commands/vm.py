@@ -19,7 +19,7 @@ from qvm.cli.output import (
     warn,
 )
 from qvm.cli.parsing.declare import Argument, Commands, Option
-from qvm.errors import EXIT_OK, DefinitionError, QvmError
+from qvm.errors import EXIT_INTERRUPTED, EXIT_OK, DefinitionError, QvmError
 
 if TYPE_CHECKING:
     from qvm.control.guest_agent_facts import GuestFacts
@@ -103,27 +103,7 @@ def up(
             say(f"{result.name}: already running (pid {result.qemu_pid})")
             _warn_if_changed(run)
             continue
-        verb = "running" if result.ready else "starting"
-        say(f"{result.name}: {verb}, pid {result.qemu_pid}")
-        say(f"  accel       {result.accel} ({result.accel_reason})")
-        say(f"  serial log  {result.serial_log}")
-        say(f"  qmp socket  {result.qmp_socket}")
-        if clone is not None:
-            say(f"  clone       resumed {clone['template']}@{clone['tag']}")
-            if clone["macs"] is not None:
-                say(f"  mac         {clone['macs']}")
-            if clone["clock"] is not None:
-                say(f"  guest clock {clone['clock']}")
-        from qvm.store.forwards import read_forwards
-
-        # the ports QEMU bound for port 0, as the supervisor read them back; 0 until QMP
-        # answers, which `--no-wait` does not wait for
-        for forward in read_forwards(run):
-            port = forward.host_port or f"(QEMU binds it: qvm port list {result.name})"
-            say(
-                f"  forward     {forward.proto}:{forward.host_addr}:{port}"
-                f" -> guest port {forward.guest_port} ({forward.nic})"
-            )
+        _say_started(result, run, clone)
     if as_json:
         emit_json(results)
     if code:
@@ -140,6 +120,32 @@ def _set_aside_corrupt_state(run: RunDir) -> None:
         warn(
             f"qvm: {run.name}: {run.state_file.name} did not parse and nothing of "
             f"{run.name} runs: moved aside to {kept}"
+        )
+
+
+def _say_started(result: Any, run: RunDir, clone: dict[str, Any] | None = None) -> None:
+    """A started VM, as `up` and `restart` say it: above all the host ports of its
+    forwards, which a start with host port 0 picks anew."""
+    verb = "running" if result.ready else "starting"
+    say(f"{result.name}: {verb}, pid {result.qemu_pid}")
+    say(f"  accel       {result.accel} ({result.accel_reason})")
+    say(f"  serial log  {result.serial_log}")
+    say(f"  qmp socket  {result.qmp_socket}")
+    if clone is not None:
+        say(f"  clone       resumed {clone['template']}@{clone['tag']}")
+        if clone["macs"] is not None:
+            say(f"  mac         {clone['macs']}")
+        if clone["clock"] is not None:
+            say(f"  guest clock {clone['clock']}")
+    from qvm.store.forwards import read_forwards
+
+    # the ports QEMU bound for port 0, as the supervisor read them back; 0 until QMP
+    # answers, which `--no-wait` does not wait for
+    for forward in read_forwards(run):
+        port = forward.host_port or f"(QEMU binds it: qvm port list {result.name})"
+        say(
+            f"  forward     {forward.proto}:{forward.host_addr}:{port}"
+            f" -> guest port {forward.guest_port} ({forward.nic})"
         )
 
 
@@ -185,7 +191,19 @@ def down(
     from qvm.ops.stop import stop
 
     def stop_one(run: RunDir) -> StopResult:
-        return run_waiting(_stop_label(run.name, timeout, force), stop, run, timeout, force)
+        accepted: list[bool] = []
+        label = _stop_label(run.name, timeout, force)
+        try:
+            return run_waiting(label, stop, run, timeout, force, lambda: accepted.append(True))
+        except KeyboardInterrupt:
+            if not accepted:
+                raise
+            abort(
+                f"{run.name}: interrupted; the supervisor goes on stopping it in the "
+                f"background (hint: qvm status {run.name} says when it is stopped; "
+                f"qvm kill {run.name} ends it at once)",
+                EXIT_INTERRUPTED,
+            )
 
     _stop_each(names, "stopped", stop_one, as_json)
 
@@ -294,7 +312,7 @@ def restart(
             }
         )
         return
-    say(f"{started.name}: running, pid {started.qemu_pid}")
+    _say_started(started, run)
 
 
 @commands.command("status")
