@@ -37,6 +37,7 @@ def cli() -> Iterator[Qvm]:
         ["mem", "add", "deb", "1X"],
         ["wait", "deb", "--for", "http"],
         ["cpu", "add", "deb", "--count", "-1"],
+        ["cpu", "del", "deb", "--count", "0"],
         ["port", "add", "deb", "tcp:x:80"],
         ["port", "add", "deb", "foo"],
         ["cpu", "del", "deb", "1", "--count", "2"],

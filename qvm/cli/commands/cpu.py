@@ -173,6 +173,10 @@ def delete(
 
     if ids and count is not None:
         abort(f"{name}: give vCPU ids or --count, not both", EXIT_USAGE)
+    if count is not None:
+        from qvm.control.cpu_slots import check_count
+
+        check_count(name, count)  # said first, running or not
     run = resolve.run_dir_of(name)
     result = run_waiting(
         f"{name}: waiting for the guest to release the vCPUs",
