@@ -16,7 +16,7 @@ from qvm.base.record import Record
 from qvm.errors import QvmError, RecordError
 from qvm.layout.names import is_vm_name
 from qvm.layout.rundir import RunDir
-from qvm.store.launch import Forward, LaunchRecord, read_launch
+from qvm.store.launch import Forward, LaunchRecord, definition_changed, read_launch
 from qvm.store.state import ExitRecord, StateRecord, read_state
 from qvm.supervisor.client import (
     SUPERVISOR_ANSWER_TIMEOUT,
@@ -63,6 +63,9 @@ class VmStatus(Record):
     restarts: int = 0
     last_exit: ExitRecord | None = None
     machine_file: str | None = None
+    # a running VM's: its machine file's contents differ from those it started from
+    # (``qvm.store.launch.definition_changed``); None: not running, or nothing can tell
+    definition_changed: bool | None = None
     forwards: tuple[Forward, ...] = ()
     problems: tuple[str, ...] = ()  # each one line, naming its file or VM
     # where the supervisor's last record was kept when state.json could not take it
@@ -195,6 +198,7 @@ def _asked(
         vcpus=vcpus,
         memory=memory,
         forwards=read_forwards(run),
+        definition_changed=definition_changed(launch) if launch is not None else None,
         rss_bytes=live.rss_bytes,
         cpu_percent=live.cpu_percent,
         problems=(live.qmp_error,) if live.qmp_error else status.problems,

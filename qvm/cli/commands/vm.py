@@ -372,6 +372,7 @@ def _status_json(facts: VmStatus, with_agent: bool = False) -> dict[str, Any]:
         "console_socket": str(run.console_socket),
         "run_dir": str(run.path),
         "machine_file": facts.machine_file,
+        "definition_changed": facts.definition_changed,
         "forwards": [forward.to_json() for forward in facts.forwards],
         "error": facts.error,
         "problems": list(facts.problems),
@@ -443,7 +444,8 @@ def _status_text(facts: VmStatus) -> str:
         )
     if facts.last_exit is not None and facts.state not in ("stopped", "crashed"):
         row("last exit", facts.last_exit.reason)
-    row("definition", facts.machine_file)
+    changed = " (changed since it started)" if facts.definition_changed else ""
+    row("definition", facts.machine_file and f"{facts.machine_file}{changed}")
     if facts.record_kept_in is not None:
         row("last record", f"kept in {facts.record_kept_in} (state.json refused it)")
     for label, value in _guest_rows(facts.guest):
