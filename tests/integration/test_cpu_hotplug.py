@@ -62,6 +62,10 @@ def test_seed_scenario_on_the_test_guest(qvm: Qvm) -> None:
     serial.wait_state(ncpus=4, cpus="0-3")
     # --persist: only cpu.count changed in the machine file
     assert toml.read_text() == original.replace("count = 1\n", "count = 4\n")
+    # qvm's own write describes the running VM: not "changed since started"
+    after = qvm("status", "vm1")
+    assert after.stderr == "" and "changed since" not in after.stdout, after
+    assert qvm.status("vm1")["definition_changed"] is False
 
     full = qvm("cpu", "add", "vm1", check=False)
     one_line_error(
