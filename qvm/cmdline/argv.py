@@ -7,6 +7,8 @@ and ``qvm up`` print and run the same argv. A forward's host port 0 stays 0: QEM
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from qvm.base.record import Record
 from qvm.base.sizes import format_size
 from qvm.definition.naming import (
@@ -23,38 +25,18 @@ from qvm.layout.kinds import DIMM, DISK, NIC, VIRTIO_MEM
 from qvm.layout.rundir import RunDir
 from qvm.layout.runfiles import AGENT_PORT_NAME
 
-
-class MemoryArg(Record):
-    """A DIMM or virtio-mem device started on the command line (a snapshot's device set)."""
-
-    id: str
-    kind: str  # "dimm" or "virtio-mem"
-    backend: str
-    size: int
-    requested_size: int | None = None
-    bus: str | None = None
-
-
-class PluggedArg(Record):
-    """A disk or NIC qvm had hotplugged, started on the command line with the same ids,
-    backends and bus (a snapshot's device set), so that ``-loadvm`` finds it."""
-
-    id: str
-    kind: str  # "disk" or "nic"
-    bus: str | None = None
-    file: str | None = None  # disk
-    format: str | None = None
-    readonly: bool = False
-    model: str | None = None  # nic
-    mac: str | None = None
+if TYPE_CHECKING:  # only read here; the store's module is not on every command's path
+    from qvm.store.snapshots import MemoryDevice, PluggedDevice
 
 
 class StartFrom(Record):
     """How a restore or a clone starts QEMU: a snapshot's device set and where from."""
 
     cpu_slots: tuple[int, ...] | None = None
-    memory_devices: tuple[MemoryArg, ...] = ()
-    plugged: tuple[PluggedArg, ...] = ()
+    # a snapshot's device set (qvm.store.snapshots.DeviceSet), started with the same ids,
+    # backends and buses, so that -loadvm finds them
+    memory_devices: tuple[MemoryDevice, ...] = ()
+    plugged: tuple[PluggedDevice, ...] = ()
     loadvm: str | None = None
     incoming: str | None = None
 
@@ -67,8 +49,8 @@ class LaunchInputs(Record):
     # a snapshot's device set instead of the definition's: the vCPU slots present besides
     # slot 0 (None: the definition's count), and its memory devices
     cpu_slots: tuple[int, ...] | None = None
-    memory_devices: tuple[MemoryArg, ...] = ()
-    plugged: tuple[PluggedArg, ...] = ()  # hotplugged disks and NICs, in their plug order
+    memory_devices: tuple[MemoryDevice, ...] = ()
+    plugged: tuple[PluggedDevice, ...] = ()  # hotplugged disks and NICs, in their plug order
     # the run dir's state.qcow2 as block node qvm-state (RAM state of snapshots)
     state_disk: bool = False
     loadvm: str | None = None  # start from this internal snapshot (-loadvm)
@@ -295,7 +277,7 @@ def _state_disk_args(run: RunDir) -> list[str]:
     ]
 
 
-def _memory_device_args(device: MemoryArg) -> list[str]:
+def _memory_device_args(device: MemoryDevice) -> list[str]:
     backend = f"memory-backend-ram,id={device.backend},size={device.size}"
     if device.kind == DIMM.name:
         front = f"pc-dimm,id={device.id},memdev={device.backend}"
@@ -310,7 +292,7 @@ def _memory_device_args(device: MemoryArg) -> list[str]:
     return ["-object", backend, "-device", front]
 
 
-def _plugged_args(device: PluggedArg) -> list[str]:
+def _plugged_args(device: PluggedDevice) -> list[str]:
     """The same nodes, backend and device the hotplug made (qvm.control.disk, .nic)."""
     bus = f",bus={device.bus}" if device.bus else ""
     if device.kind not in (NIC.name, DISK.name):  # a kind of qvm.layout.kinds this does not know

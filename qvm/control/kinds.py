@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qvm.base.record import Record
-from qvm.cmdline.argv import MemoryArg, PluggedArg, StartFrom
+from qvm.cmdline.argv import StartFrom
 from qvm.control import cpu, disk, memory, nic
 from qvm.layout.kinds import CPU, DIMM, DISK, NIC, VIRTIO_MEM, Kind
 from qvm.store.devices import DeviceRecord
@@ -68,29 +68,5 @@ def device_set_start(devices: DeviceSet) -> StartFrom:
     """A snapshot's device set on QEMU's command line: vCPU slots, memory devices,
     hotplugged disks and NICs with the ids, backends and buses they had."""
     return StartFrom(
-        cpu_slots=devices.cpu_slots,
-        memory_devices=tuple(
-            MemoryArg(
-                id=m.id,
-                kind=m.kind,
-                backend=m.backend,
-                size=m.size,
-                requested_size=m.requested_size,
-                bus=m.bus,
-            )
-            for m in devices.memory
-        ),
-        plugged=tuple(
-            PluggedArg(
-                id=p.id,
-                kind=p.kind,
-                bus=p.bus,
-                file=p.file,
-                format=p.format,
-                readonly=p.readonly,
-                model=p.model,
-                mac=p.mac,
-            )
-            for p in devices.plugged
-        ),
+        cpu_slots=devices.cpu_slots, memory_devices=devices.memory, plugged=devices.plugged
     )

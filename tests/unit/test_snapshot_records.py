@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qvm.cmdline.argv import LaunchInputs, MemoryArg, StartFrom, build_argv
+from qvm.cmdline.argv import LaunchInputs, StartFrom, build_argv
 from qvm.definition.schema import CpuSpec, Machine, MemorySpec
 from qvm.errors import RecordError
 from qvm.layout.rundir import RunDir
@@ -122,7 +122,7 @@ def test_shape_leaves_out_the_device_set_and_host_facts() -> None:
     plain = build_argv(_machine(), LaunchInputs(accel="tcg", run_dir=run))
     start = StartFrom(
         cpu_slots=(0, 1, 3),
-        memory_devices=(MemoryArg("dimm0", "dimm", "mem-dimm0", 256 * 1024**2),),
+        memory_devices=(DIMM,),
         loadvm="booted",
     )
     restoring = build_argv(
@@ -148,7 +148,7 @@ def test_shape_leaves_out_the_device_set_and_host_facts() -> None:
 def test_start_from_a_record() -> None:
     start = start_from(record())
     assert start.cpu_slots == (0, 1, 2) and start.loadvm == "booted"
-    assert start.memory_devices == (MemoryArg("dimm0", "dimm", "mem-dimm0", 256 * 1024**2),)
+    assert start.memory_devices == (DIMM,)
 
 
 @pytest.mark.parametrize("tag", ["", "-x", "a b", "x/y", "a" * 65, "é"])
