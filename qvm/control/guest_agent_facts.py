@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from qvm.base.record import Record
 from qvm.control.agent import AgentClient, open_agent
@@ -117,6 +117,26 @@ def unsupported(error: AgentCommandError) -> bool:
     return error.agent_class == "CommandNotFound" or "disabled" in desc or "not found" in desc
 
 
+_State = TypeVar("_State", bound=Record)
+
+
+def _online_states(
+    data: Any, index_key: str, state: Callable[[int, bool, bool], _State]
+) -> dict[int, _State]:
+    """The agent's list of vCPUs or memory blocks, each ``online`` and ``can-offline``
+    under its number ``index_key``, by that number."""
+    found: dict[int, _State] = {}
+    for item in data if isinstance(data, list) else []:
+        if not isinstance(item, dict):
+            continue
+        index = item.get(index_key)
+        if isinstance(index, int) and not isinstance(index, bool) and index >= 0:
+            found[index] = state(
+                index, bool(item.get("online")), bool(item.get("can-offline", False))
+            )
+    return found
+
+
 # --- vCPUs ---------------------------------------------------------------------------------
 
 
@@ -128,16 +148,7 @@ class GuestVcpu(Record):
 
 def parse_vcpus(data: Any) -> dict[int, GuestVcpu]:
     """``guest-get-vcpus`` -> logical id -> its state (entries that make no sense go)."""
-    found: dict[int, GuestVcpu] = {}
-    for item in data if isinstance(data, list) else []:
-        if not isinstance(item, dict):
-            continue
-        logical = item.get("logical-id")
-        if isinstance(logical, int) and not isinstance(logical, bool) and logical >= 0:
-            found[logical] = GuestVcpu(
-                logical, bool(item.get("online")), bool(item.get("can-offline", False))
-            )
-    return found
+    return _online_states(data, "logical-id", GuestVcpu)
 
 
 def guest_vcpus(client: AgentClient) -> dict[int, GuestVcpu]:
@@ -285,16 +296,8 @@ class MemoryBlock(Record):
 
 
 def parse_memory_blocks(data: Any) -> dict[int, MemoryBlock]:
-    found: dict[int, MemoryBlock] = {}
-    for item in data if isinstance(data, list) else []:
-        if not isinstance(item, dict):
-            continue
-        index = item.get("phys-index")
-        if isinstance(index, int) and not isinstance(index, bool) and index >= 0:
-            found[index] = MemoryBlock(
-                index, bool(item.get("online")), bool(item.get("can-offline", False))
-            )
-    return found
+    """``guest-get-memory-blocks`` -> phys index -> its state (entries that make no sense go)."""
+    return _online_states(data, "phys-index", MemoryBlock)
 
 
 def blocks_of(addr: int, size: int, block_size: int) -> range:
