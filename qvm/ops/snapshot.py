@@ -293,16 +293,11 @@ def _save_stopped(run: RunDir, tag: str, machine: Machine) -> SaveResult:
                 qemu_img_snapshot("-d", tag, path)
         raise
     argv = build_argv(machine, LaunchInputs(accel="tcg", run_dir=run))
+    # no RAM, no guest clock, no QEMU block nodes: the record's defaults say none
     record = SnapshotRecord(
         tag=tag,
         created=time.time(),
         disk_only=True,
-        guest_time_ns=None,
-        vm_clock_ns=None,
-        ram_bytes=None,
-        vmstate_bytes=None,
-        vmstate_node=None,
-        nodes=(),
         files=tuple(str(p) for p in files),
         devices=DeviceSet(cpu_slots=tuple(range(machine.cpu.count))),
         definition_sha256=definition_sha256(str(machine.path)),
