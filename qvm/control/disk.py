@@ -67,7 +67,7 @@ class DiskList(Record):
     guest_blk: list[str] | None = None  # what the guest says it has (/sys/block)
 
     def find(self, dev_id: str) -> DiskInfo | None:
-        return next((d for d in self.disks if d.id == dev_id), None)
+        return transaction.find_listed(self.disks, dev_id)
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -44,12 +44,13 @@ from qvm.control.pci import choose_pci_bus, pci_places
 from qvm.control.qmp_session import Events, QmpSession
 from qvm.control.transaction import (
     DeviceUnplug,
+    ListedDevice,
     Peripheral,
     Plug,
     Step,
     already_pending,
+    find_listed,
     launch_of,
-    listed_json,
     new_device_id,
     opened,
     peripheral_ids,
@@ -65,7 +66,7 @@ from qvm.layout import kinds
 from qvm.layout.rundir import RunDir
 from qvm.store.devices import Command, DeviceRecord, update_device_record
 from qvm.store.launch import LaunchRecord
-from qvm.store.pending import device_state, pending_ids
+from qvm.store.pending import pending_ids
 from qvm.supervisor.qmp_replies import memory_devices, memory_summary
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ MEMORY_KINDS = tuple(k.name for k in kinds.group_kinds("mem"))  # "dimm", "virti
 DIMM = Peripheral(kinds.DIMM.noun)
 
 
-class MemoryInfo(Record):
+class MemoryInfo(Record, ListedDevice):
     id: str
     kind: str  # "dimm" or "virtio-mem"
     size: int  # bytes plugged now
@@ -100,13 +101,6 @@ class MemoryInfo(Record):
     def reserved(self) -> int:
         """What it takes of memory.max: a virtio-mem device reserves its maximum."""
         return self.max_size if self.kind == "virtio-mem" and self.max_size else self.size
-
-    @property
-    def state(self) -> str:
-        return device_state(self.pending)
-
-    def as_json(self) -> dict[str, Any]:
-        return listed_json(self)
 
 
 class MemoryState(Record):
@@ -137,7 +131,7 @@ class MemoryState(Record):
         return sum(1 for d in self.devices if d.kind == "dimm")
 
     def find(self, dev_id: str) -> MemoryInfo | None:
-        return next((d for d in self.devices if d.id == dev_id), None)
+        return find_listed(self.devices, dev_id)
 
     def summary(self) -> str:
         if self.max is None:

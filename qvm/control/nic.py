@@ -68,7 +68,7 @@ class NicList(Record):
     guest_net: list[str] | None = None  # the guest's interfaces, from its serial console
 
     def find(self, dev_id: str) -> NicInfo | None:
-        return next((n for n in self.nics if n.id == dev_id), None)
+        return transaction.find_listed(self.nics, dev_id)
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -141,6 +141,7 @@ class ListedDevice:
     does: ``class DiskInfo(Record, ListedDevice)``."""
 
     __slots__ = ()
+    id: str
     pending: bool
 
     @property
@@ -149,6 +150,14 @@ class ListedDevice:
 
     def as_json(self) -> dict[str, Any]:
         return listed_json(self)
+
+
+_Listed = TypeVar("_Listed", bound=ListedDevice)
+
+
+def find_listed(devices: Iterable[_Listed], dev_id: str) -> _Listed | None:
+    """The device of a listing with this id, if it lists one."""
+    return next((device for device in devices if device.id == dev_id), None)
 
 
 def guest_names(guest: dict[str, str] | None, key: str) -> list[str] | None:
