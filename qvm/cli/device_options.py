@@ -13,7 +13,7 @@ from qvm.cli.output import abort, emit_json, fail_all, say, warn
 from qvm.cli.parsing.declare import Option
 from qvm.errors import EXIT_PENDING, EXIT_USAGE
 
-# options the mem, disk and nic commands share
+# options the cpu, mem, disk and nic commands share
 AS_JSON = Option(
     False, "--json", help="Print JSON (the schema named below). An error is a JSON object too."
 )

@@ -6,23 +6,25 @@ import re
 from typing import Any
 
 from qvm.cli import resolve
+from qvm.cli.device_options import AS_JSON, FORCE
 from qvm.cli.output import abort, emit_json, fail_all, ms, say, table, warn
 from qvm.cli.parsing.declare import Argument, Commands, Option
 from qvm.errors import EXIT_FAILURE, EXIT_PENDING, EXIT_USAGE
 
 commands = Commands(help="List, add and remove vCPUs of a running VM.")
 
-JSON_HELP = "Print JSON (the schema named below). An error is a JSON object too."
-PERSIST_HELP = (
-    "After the live change succeeded, write the new vCPU count into the machine's TOML "
-    "([cpu] count), keeping its comments and formatting."
+PERSIST = Option(
+    False,
+    "--persist",
+    help="After the live change succeeded, write the new vCPU count into the machine's TOML "
+    "([cpu] count), keeping its comments and formatting.",
 )
 
 
 @commands.command("list")
 def list_cmd(
     name: str = Argument(..., help="Machine name."),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Every vCPU slot: present, free or unplug-pending, with QEMU's topology props, and
     (when the guest agent answers) the guest's CPU number and whether it is online.
@@ -95,13 +97,9 @@ def add(
         help="Wait until the guest prints a line matching REGEX on its serial console.",
     ),
     timeout: float = Option(10.0, "--timeout", help="Seconds to wait for the guest."),
-    force: bool = Option(
-        False,
-        "--force",
-        help="Add even after a vCPU unplug in this QEMU run under TCG (QEMU 7.2 crashes).",
-    ),
-    persist: bool = Option(False, "--persist", help=PERSIST_HELP),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
+    force: bool = FORCE,
+    persist: bool = PERSIST,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Hotplug vCPUs into free slots (the lowest first), with stable ids cpu<slot>.
 
@@ -156,8 +154,8 @@ def delete(
     timeout: float = Option(
         5.0, "--timeout", help="Seconds to wait for the guest to release each vCPU."
     ),
-    persist: bool = Option(False, "--persist", help=PERSIST_HELP),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
+    persist: bool = PERSIST,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Unplug vCPUs and wait until the guest released them.
 
@@ -213,11 +211,9 @@ def set_cmd(
     no_online: bool = Option(
         False, "--no-online", help="With --wait-guest: do not online what the guest left offline."
     ),
-    force: bool = Option(
-        False, "--force", help="Add even after a vCPU unplug in this QEMU run under TCG."
-    ),
-    persist: bool = Option(False, "--persist", help=PERSIST_HELP),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
+    force: bool = FORCE,
+    persist: bool = PERSIST,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Add or remove vCPUs until N are present, reporting each step.
 
