@@ -361,11 +361,8 @@ def detach_disk(
     """Unplug a disk qvm attached, wait for the guest, delete its block nodes. The image
     file stays where it is."""
     with transaction.opened(run) as (session, launch):
-        disks = _query(session, run, launch)
-        known = [d.id for d in disks.disks]
-        return transaction.remove_hotplugged(
-            session, run, launch, DISK, dev_id, disks.find(dev_id), known, timeout
-        )
+        disks = _query(session, run, launch).disks
+        return transaction.remove_hotplugged(session, run, launch, DISK, dev_id, disks, timeout)
 
 
 # --- the machine file ----------------------------------------------------------------------

@@ -291,11 +291,8 @@ def remove_nic(
 ) -> transaction.Removal:
     """Unplug a NIC qvm added, wait for the guest, then delete its netdev (and forwards)."""
     with transaction.opened(run) as (session, launch):
-        nics = _query(session, run, launch)
-        known = [n.id for n in nics.nics]
-        removal = transaction.remove_hotplugged(
-            session, run, launch, NIC, dev_id, nics.find(dev_id), known, timeout
-        )
+        nics = _query(session, run, launch).nics
+        removal = transaction.remove_hotplugged(session, run, launch, NIC, dev_id, nics, timeout)
         if removal.unplug.outcome == "removed":
             forget_forwards(run, dev_id)
         return removal

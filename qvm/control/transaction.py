@@ -537,12 +537,13 @@ def remove_hotplugged(
     launch: LaunchRecord,
     kind: Peripheral,
     dev_id: str,
-    found: Any,
-    known: list[str],
+    listed: Sequence[ListedDevice],
     timeout: float,
 ) -> Removal:
-    """Unplug a device qvm hotplugged (``found``, as listed), with its recorded cleanup."""
-    check_removable(run, launch, dev_id, found, kind.noun, known)
+    """Unplug a device qvm hotplugged, one of ``listed`` (its kind's listing), with its
+    recorded cleanup."""
+    found = find_listed(listed, dev_id)
+    check_removable(run, launch, dev_id, found, kind.noun, [device.id for device in listed])
     unplugged = unplug_one(session, run, kind, dev_id, timeout)
     return Removal(run.name, kind.noun.lower(), found, unplugged)
 
