@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qvm.cli.parsing.declare import Option
-from qvm.errors import EXIT_USAGE, QvmError
+from qvm.errors import QvmError, UsageError
 from qvm.layout.names import check_vm_name, is_vm_name, shown
 from qvm.layout.rundir import RunDir, check_private_dir, default_state_dir, run_dir_for
 
@@ -240,9 +240,6 @@ def timeout_seconds(value: float, option: str = "--timeout") -> float:
     compares false with everything, so a deadline of NaN would never come."""
     if math.isfinite(value) and 0 <= value <= MAX_TIMEOUT:
         return value
-    from qvm.cli.output import abort
-
-    abort(
-        f"{option}: must be a number of seconds from 0 to {MAX_TIMEOUT}, got {value:g}",
-        EXIT_USAGE,
+    raise UsageError(
+        f"{option}: must be a number of seconds from 0 to {MAX_TIMEOUT}, got {value:g}"
     )

@@ -20,7 +20,15 @@ from pathlib import Path
 import pytest
 from framework.harness import Qvm, one_line_error, short_tmpdir
 
-from qvm.errors import DefinitionError, HostError, HotplugError, QvmError, VmNameError
+from qvm.errors import (
+    EXIT_USAGE,
+    DefinitionError,
+    HostError,
+    HotplugError,
+    QvmError,
+    UsageError,
+    VmNameError,
+)
 from qvm.layout.rundir import RunDir
 
 # an address from TEST-NET-1 (RFC 5737): no host has it
@@ -172,8 +180,9 @@ def test_timeout_seconds() -> None:
     assert timeout_seconds(0.0) == 0.0
     assert timeout_seconds(2.5) == 2.5
     for bad in (math.nan, math.inf, -math.inf, -0.5, 1e300):
-        with pytest.raises(SystemExit):
+        with pytest.raises(UsageError, match="--timeout: must be a number of seconds") as raised:
             timeout_seconds(bad)
+        assert raised.value.exit_code == EXIT_USAGE
 
 
 def test_wait_ready_refuses_nan_instead_of_waiting_forever(tmp_path: Path) -> None:
