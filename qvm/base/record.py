@@ -7,7 +7,7 @@ qvm's records (definitions, run-dir records, the supervisor's messages) are
 and ``qvm up`` creates some forty record classes before QEMU starts. Here each class is
 a tuple subclass whose fields are C-level item getters and whose ``__new__`` is one
 shared function: ~10 µs a class, the same behaviour for qvm's uses
-(``tests/unit/test_record.py`` holds it to that). Frozen dataclasses cost more still
+(``tests/unit/base/test_record.py`` holds it to that). Frozen dataclasses cost more still
 (~10 ms for the definition's records, measured). ``qvm.errors``, which imports
 nothing of qvm, has its one value class written out by hand.
 """

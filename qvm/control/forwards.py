@@ -167,7 +167,7 @@ def remove_forward(run: RunDir, text: str, nic: str | None = None) -> list[Forwa
 
 def _matches(given: Forward | dict[str, object], text: str, nic: str | None) -> bool:
     """Whether ``text`` (as ``qvm port del`` takes it) names the forward ``given``."""
-    # the JSON form too (tests/unit/test_access.py passes it)
+    # the JSON form too (tests/unit/ops/test_access.py passes it)
     forward: Forward = (
         Forward(**given)  # type: ignore[arg-type,unused-ignore]
         if isinstance(given, dict)

@@ -5,7 +5,7 @@ command line and is recorded again (``devices.json``), as if qvm had hotplugged 
 
 The plain facts (id prefix, record name, where a snapshot keeps it, status, completion)
 are ``qvm.layout.kinds``, which the CLI's fast paths read without importing this module
-and every kind's code. ``tests/unit/test_kinds.py`` holds the two tables to the same
+and every kind's code. ``tests/unit/layout/test_kinds.py`` holds the two tables to the same
 kinds.
 """
 

@@ -4,7 +4,7 @@ reads (cheap to import: completion and status read it; it imports only ``Record`
 A kind's behaviour (how it is listed, added, removed, and recorded again after a start
 from a snapshot) is its own module's in ``qvm.control``, collected by
 ``qvm.control.kinds``. Who reads this table, and so must know every kind in it
-(``tests/unit/test_kinds.py`` walks it against each of them):
+(``tests/unit/layout/test_kinds.py`` walks it against each of them):
 
 - ids: ``qvm.definition.naming`` keeps each kind's ``<id_prefix><N>`` for that kind;
 - hotplug: ``qvm.control.kinds`` (one entry per kind), the CLI group of ``group``;

@@ -14,7 +14,7 @@ NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
 NAME_RULE = "1 to 63 lowercase letters, digits, '_' or '-', starting with a letter or digit"
 
 # NAME_PATTERN as sets: every command checks a name, and compiling the pattern would
-# cost it ~0.3 ms (tests/unit/test_layout.py holds the two to the same answers)
+# cost it ~0.3 ms (tests/unit/layout/test_layout.py holds the two to the same answers)
 _FIRST = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 _LATER = _FIRST | {"_", "-"}
 _SHOWN = 40  # characters of a bad name quoted back

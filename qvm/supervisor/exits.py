@@ -5,7 +5,7 @@
 whether the guest agent was asked to power off and whether a vCPU left this run. The
 verdict is whether it failed, the reason ``status`` shows, the state word and
 ``ended_by`` (``qvm.store.state.ending``'s vocabulary). No I/O, no clock: a table test
-(``tests/unit/test_supervisor_exit.py``) holds every row.
+(``tests/unit/supervisor/test_supervisor_exit.py``) holds every row.
 """
 
 from __future__ import annotations

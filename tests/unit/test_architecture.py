@@ -101,6 +101,16 @@ def test_no_two_test_files_share_a_name() -> None:
     assert sorted({n for n in names if names.count(n) > 1}) == []
 
 
+def test_the_unit_tests_mirror_qvms_packages() -> None:
+    """tests/unit/PACKAGE/ holds the tests of qvm/PACKAGE/; what spans the layers (the
+    linters, the docs, the JSON contract, bad input through the CLI) stays in tests/unit."""
+    unit = REPO / "tests" / "unit"
+    folders = {p.name for p in unit.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    packages = {p.name for p in (REPO / "qvm").iterdir() if (p / "__init__.py").exists()}
+    assert folders == packages
+    assert all(any((unit / name).glob("test_*.py")) for name in folders)
+
+
 def test_the_supervisor_runs_without_pathlib() -> None:
     """pathlib would be 0.67 MiB of the supervisor's RSS (qvm.layout.runfiles): every
     module it imports to start and to answer, by the same path the supervisor takes."""

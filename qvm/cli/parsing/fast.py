@@ -4,7 +4,7 @@ Importing Typer and Click costs 30-80 ms on this project's machine (it drifts), 
 that `qvm status` may take in all. Most command lines are plain: a command
 word, its arguments, options spelled out in full. This module parses exactly those, from
 the same declarations Typer reads (``qvm.cli.parsing.declare``), and calls the same functions with
-the same values (``tests/unit/test_cli_parsers.py`` holds it to that, command by command).
+the same values (``tests/unit/cli/test_cli_parsers.py`` holds it to that, command by command).
 
 A guest's command line (`qvm exec VM ls -l`) is the guest's from its first word on: no
 option after it is qvm's. Anything else is declined, not guessed at: help, a mistake, a

@@ -281,7 +281,7 @@ def test_status_of_a_vm_with_a_corrupt_state_record_says_so(tmp_path: Path) -> N
     run.create()
     write_json_atomic(run.state_file, _state(qemu_pid="123"))
     status = vm_status(run)
-    assert status.state == "stopped"  # nothing of it runs (tests/unit/test_status.py)
+    assert status.state == "stopped"  # nothing of it runs (tests/unit/ops/test_status.py)
     assert status.error.startswith(f"{run.state_file}: qemu_pid: must be a process id")
 
 

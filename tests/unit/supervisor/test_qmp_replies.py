@@ -142,7 +142,7 @@ def test_runstate() -> None:
 
 def test_the_replies_keys_are_read_in_one_module() -> None:
     """A second parse of these queries would read their keys again somewhere else."""
-    qvm = Path(__file__).resolve().parents[2] / "qvm"
+    qvm = Path(__file__).resolve().parents[3] / "qvm"
     keys = (
         '"plugged-memory"',
         '"base-memory"',

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from qvm.cli.parsing.fast import plain_call
 from qvm.control.guest_exec import (
     FIRST_POLL,
     LONGEST_POLL,
@@ -190,29 +189,6 @@ def test_agent_errors_live_in_qvm_errors_and_agent_still_exports_them() -> None:
     assert agent.AgentCommandError is AgentCommandError
     assert issubclass(AgentNotConfigured, AgentError) and issubclass(AgentError, QvmError)
     assert EXIT_TIMEOUT == 4
-
-
-def test_the_fast_path_takes_a_command_line_after_double_dash() -> None:
-    call = plain_call(["exec", "vm1", "--timeout", "5", "--", "sh", "-c", "exit 7", "--"])
-    assert call is not None
-    assert call.values["command"] == ["sh", "-c", "exit 7", "--"]
-    assert call.values["timeout"] == 5.0
-    # where no command line follows, "--" is still Typer's to read
-    assert plain_call(["status", "--", "vm1"]) is None
-
-
-def test_both_parsers_read_exec_alike() -> None:
-    from test_cli_parsers import typer_call  # tests/unit is on sys.path (pytest's rootdir import)
-
-    for argv in (
-        ["exec", "vm1", "--", "sh", "-c", "kill -9 $$"],
-        ["exec", "--json", "vm1", "--env", "A=1", "--env", "B=2", "--", "printf", "--", "-x"],
-        ["exec", "vm1", "--stdin", "--", "cat"],
-        ["ssh", "vm1", "--", "ls", "-l"],
-    ):
-        fast = plain_call(argv)
-        assert fast is not None, argv
-        assert typer_call(argv) == (fast.global_values, fast.values), argv
 
 
 def test_exec_prints_output_then_says_what_the_agent_cut(

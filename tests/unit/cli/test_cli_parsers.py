@@ -215,3 +215,24 @@ def test_help_lists_each_commands_first_sentence_whole() -> None:
             [sys.executable, "-m", "qvm.cli", "--help"], capture_output=True, text=True, check=True
         ).stdout
     )
+
+
+def test_the_fast_path_takes_a_command_line_after_double_dash() -> None:
+    call = plain_call(["exec", "vm1", "--timeout", "5", "--", "sh", "-c", "exit 7", "--"])
+    assert call is not None
+    assert call.values["command"] == ["sh", "-c", "exit 7", "--"]
+    assert call.values["timeout"] == 5.0
+    # where no command line follows, "--" is still Typer's to read
+    assert plain_call(["status", "--", "vm1"]) is None
+
+
+def test_both_parsers_read_exec_alike() -> None:
+    for argv in (
+        ["exec", "vm1", "--", "sh", "-c", "kill -9 $$"],
+        ["exec", "--json", "vm1", "--env", "A=1", "--env", "B=2", "--", "printf", "--", "-x"],
+        ["exec", "vm1", "--stdin", "--", "cat"],
+        ["ssh", "vm1", "--", "ls", "-l"],
+    ):
+        fast = plain_call(argv)
+        assert fast is not None, argv
+        assert typer_call(argv) == (fast.global_values, fast.values), argv

@@ -365,7 +365,7 @@ def test_wait_for_agent(run) -> None:
 def test_the_agent_protocol_is_written_once() -> None:
     """The resync and the port's name live in one module each, which both the commands
     (qvm.control.agent) and the supervisor's guest-shutdown use."""
-    qvm = Path(__file__).resolve().parents[2] / "qvm"
+    qvm = Path(__file__).resolve().parents[3] / "qvm"
     holding = {
         text: sorted(str(p.relative_to(qvm)) for p in qvm.rglob("*.py") if text in p.read_text())
         for text in ('"guest-sync-delimited"', '"org.qemu.guest_agent.0"', "SENTINEL = ")
