@@ -15,7 +15,7 @@ nothing of qvm, has its one value class written out by hand.
 from __future__ import annotations
 
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Self, dataclass_transform
 
 _NO_DEFAULT = object()
 
@@ -23,7 +23,7 @@ _NO_DEFAULT = object()
 class _RecordMeta(type):
     def __new__(mcs, name: str, bases: tuple[type, ...], namespace: dict[str, Any]) -> type:
         if namespace.get("__module__") == __name__ and name == "Record":
-            return super().__new__(mcs, name, (tuple,), namespace)
+            return super().__new__(mcs, name, bases, namespace)
         fields = tuple(namespace.get("__annotations__", {}))
         defaults = {}
         for index, field in enumerate(fields):
@@ -40,33 +40,41 @@ class _RecordMeta(type):
         return super().__new__(mcs, name, bases, namespace)
 
 
-class Record(metaclass=_RecordMeta):
+# The type checker sees what a record's class is: a tuple (unpacked and indexed as one)
+# whose constructor takes the annotated fields in order, with their defaults, and whose
+# fields are read-only; it checks every construction against that synthesized `__init__`.
+@dataclass_transform(frozen_default=True)
+class Record(tuple[Any, ...], metaclass=_RecordMeta):
     """Subclass with annotated fields, as with ``typing.NamedTuple``."""
 
     __slots__ = ()
-    _fields: tuple[str, ...] = ()
-    _field_defaults: dict[str, Any] = {}
+    _fields: ClassVar[tuple[str, ...]] = ()
+    _field_defaults: ClassVar[dict[str, Any]] = {}
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        fields = cls._fields
-        if len(args) == len(fields) and not kwargs:
-            return tuple.__new__(cls, args)
-        if len(args) > len(fields):
-            raise TypeError(f"{cls.__name__}: {len(args)} values for {len(fields)} fields")
-        values = list(args)
-        defaults = cls._field_defaults
-        for field in fields[len(args) :]:
-            if field in kwargs:
-                values.append(kwargs.pop(field))
-            elif field in defaults:
-                values.append(defaults[field])
-            else:
-                raise TypeError(f"{cls.__name__}: missing field {field!r}")
-        if kwargs:
-            raise TypeError(f"{cls.__name__}: no field {next(iter(kwargs))!r}")
-        return tuple.__new__(cls, values)
+    # hidden from the type checker, which checks calls against the `__init__` that
+    # dataclass_transform synthesizes from the fields instead of this catch-all
+    if not TYPE_CHECKING:
 
-    def _replace(self, **changes: Any) -> Any:
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            fields = cls._fields
+            if len(args) == len(fields) and not kwargs:
+                return tuple.__new__(cls, args)
+            if len(args) > len(fields):
+                raise TypeError(f"{cls.__name__}: {len(args)} values for {len(fields)} fields")
+            values = list(args)
+            defaults = cls._field_defaults
+            for field in fields[len(args) :]:
+                if field in kwargs:
+                    values.append(kwargs.pop(field))
+                elif field in defaults:
+                    values.append(defaults[field])
+                else:
+                    raise TypeError(f"{cls.__name__}: missing field {field!r}")
+            if kwargs:
+                raise TypeError(f"{cls.__name__}: no field {next(iter(kwargs))!r}")
+            return tuple.__new__(cls, values)
+
+    def _replace(self, **changes: Any) -> Self:
         if not changes:
             return self
         values = [

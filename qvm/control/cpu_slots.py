@@ -28,7 +28,8 @@ SLOT_KEYS = ("node-id", "drawer-id", "book-id", "socket-id", "die-id", "cluster-
 class CpuSlot(Record):
     """One vCPU slot of the VM, present or free."""
 
-    index: int  # position in topology order: slot 0 is the boot vCPU
+    # position in topology order: slot 0 is the boot vCPU (the field shadows tuple.index)
+    index: int  # type: ignore[assignment]
     props: dict[str, int]  # QEMU's dict, as device_add wants it
     type: str  # the device driver for this slot
     vcpus_count: int = 1

@@ -35,7 +35,7 @@ DEFAULT_HOST_ADDR = "127.0.0.1"  # forwards are private to this host unless the 
 
 class CpuSpec(Record):
     model: str | None = None  # None: "host" under KVM, "max" under TCG
-    count: int = 1
+    count: int = 1  # type: ignore[assignment]  # a field may shadow tuple.count
     max: int = 1
     sockets: int | None = None
     dies: int | None = None

@@ -79,7 +79,7 @@ class DeviceRecord(Record):
     # nic
     model: str | None = None
     mac: str | None = None
-    index: int | None = None
+    index: int | None = None  # type: ignore[assignment]  # a field may shadow tuple.index
 
     @classmethod
     def read(cls, f: Fields) -> DeviceRecord:
