@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-_MULTIPLIERS = {"": 1, "b": 1} | {
+_MULTIPLIERS: dict[str, int] = {"": 1, "b": 1} | {
     letter + suffix: 1024**power
     for power, letter in enumerate("kmgt", start=1)
     for suffix in ("", "b", "ib")

@@ -10,15 +10,17 @@ code reads records before anything heavier is imported.
 
 from __future__ import annotations
 
+import builtins
 import math
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from qvm.base.jsonfile import read_json_strict
 from qvm.errors import RecordError
 
 _T = TypeVar("_T")
+_D = TypeVar("_D")
 _MISSING = object()
 _SHOWN = 60  # characters of a bad value quoted in a message
 
@@ -57,15 +59,29 @@ class Fields:
             raise self.fail(key, f"must be {what}, got {_shown(value)}")
         return value
 
+    # Each accessor's type: the checked value's, or the default's when one is given (the
+    # default is returned as is when the key is absent, and mostly None).
+    @overload
+    def str(self, key: str) -> str: ...
+    @overload
+    def str(self, key: str, default: _D) -> str | _D: ...
     def str(self, key: str, default: Any = _MISSING) -> Any:
         return self._typed(key, default, lambda v: isinstance(v, str), "a string")
 
-    def int(self, key: str, default: Any = _MISSING) -> Any:
+    @overload
+    def int(self, key: builtins.str) -> int: ...
+    @overload
+    def int(self, key: builtins.str, default: _D) -> int | _D: ...
+    def int(self, key: builtins.str, default: Any = _MISSING) -> Any:
         return self._typed(
             key, default, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"
         )
 
-    def pid(self, key: str, default: Any = _MISSING) -> Any:
+    @overload
+    def pid(self, key: builtins.str) -> builtins.int: ...
+    @overload
+    def pid(self, key: builtins.str, default: _D) -> builtins.int | _D: ...
+    def pid(self, key: builtins.str, default: Any = _MISSING) -> Any:
         """A process id: a positive integer within the kernel's range."""
         return self._typed(
             key,
@@ -74,7 +90,11 @@ class Fields:
             "a process id",
         )
 
-    def float(self, key: str, default: Any = _MISSING) -> Any:
+    @overload
+    def float(self, key: builtins.str) -> float: ...
+    @overload
+    def float(self, key: builtins.str, default: _D) -> float | _D: ...
+    def float(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self._typed(
             key,
             default,
@@ -83,13 +103,29 @@ class Fields:
         )
         return float(value) if isinstance(value, int) else value
 
-    def bool(self, key: str, default: Any = _MISSING) -> Any:
+    @overload
+    def bool(self, key: builtins.str) -> bool: ...
+    @overload
+    def bool(self, key: builtins.str, default: _D) -> bool | _D: ...
+    def bool(self, key: builtins.str, default: Any = _MISSING) -> Any:
         return self._typed(key, default, lambda v: isinstance(v, bool), "true or false")
 
-    def one_of(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
+    @overload
+    def one_of(self, key: builtins.str, choices: tuple[builtins.str, ...]) -> builtins.str: ...
+    @overload
+    def one_of(
+        self, key: builtins.str, choices: tuple[builtins.str, ...], default: _D
+    ) -> builtins.str | _D: ...
+    def one_of(
+        self, key: builtins.str, choices: tuple[builtins.str, ...], default: Any = _MISSING
+    ) -> Any:
         return self._typed(key, default, lambda v: v in choices, "one of " + ", ".join(choices))
 
-    def str_list(self, key: str, default: Any = _MISSING) -> Any:
+    @overload
+    def str_list(self, key: builtins.str) -> tuple[builtins.str, ...]: ...
+    @overload
+    def str_list(self, key: builtins.str, default: _D) -> tuple[builtins.str, ...] | _D: ...
+    def str_list(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self._typed(
             key,
             default,
@@ -98,7 +134,11 @@ class Fields:
         )
         return tuple(value) if isinstance(value, list) else value
 
-    def object(self, key: str, default: Any = _MISSING) -> Any:
+    @overload
+    def object(self, key: builtins.str) -> Fields: ...
+    @overload
+    def object(self, key: builtins.str, default: _D) -> Fields | _D: ...
+    def object(self, key: builtins.str, default: Any = _MISSING) -> Any:
         """A nested object as ``Fields`` (or the default when absent or null)."""
         value = self._get(key, default)
         if value is default and default is not _MISSING:
@@ -107,7 +147,15 @@ class Fields:
             return None
         return Fields(value, f"{self.source}: {key}", self.hint)
 
-    def records(self, key: str, read: Callable[[Fields], _T], default: Any = _MISSING) -> Any:
+    @overload
+    def records(self, key: builtins.str, read: Callable[[Fields], _T]) -> tuple[_T, ...]: ...
+    @overload
+    def records(
+        self, key: builtins.str, read: Callable[[Fields], _T], default: _D
+    ) -> tuple[_T, ...] | _D: ...
+    def records(
+        self, key: builtins.str, read: Callable[[Fields], _T], default: Any = _MISSING
+    ) -> Any:
         """A list of nested objects, each read by ``read``."""
         value = self._get(key, default)
         if value is default and default is not _MISSING:
@@ -119,7 +167,7 @@ class Fields:
             for index, item in enumerate(value)
         )
 
-    def any(self, key: str, default: Any = _MISSING) -> Any:
+    def any(self, key: builtins.str, default: Any = _MISSING) -> Any:
         """A value qvm passes along without looking into it (e.g. QMP arguments)."""
         return self._get(key, default)
 
