@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from qvm.base.jsonfile import RecordWriteError
 from qvm.base.proc import identity_problem
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import socket
     from collections.abc import Callable
 
-    from qvm.supervisor.wire import Request
+    from qvm.supervisor.wire import Accepted, ErrorReply, Request
 
 SUPERVISOR_ANSWER_TIMEOUT = 3.0
 # A stop or kill carries a deadline this far ahead: a supervisor that has not read it by
@@ -134,7 +134,7 @@ def ask_supervisor(
     return reply
 
 
-def _decode(run: RunDir, request: Request[_Reply], data: bytes) -> Any:
+def _decode(run: RunDir, request: Request[_Reply], data: bytes) -> _Reply | ErrorReply | Accepted:
     from qvm.supervisor.wire import decode_reply  # noqa: PLC0415 -- as in ask_supervisor
 
     if not data.strip():

@@ -46,7 +46,7 @@ def cpu_percent(
 def process_facts(pid: int | None, started_at: float | None) -> tuple[int, float] | None:
     """Host RSS of QEMU, and its CPU% over the last second or more (or since it started)."""
     usage = process_usage(pid) if pid else None
-    if usage is None:
+    if usage is None or pid is None:
         return None
     rss, cpu_seconds = usage
     now = time.monotonic()

@@ -278,7 +278,12 @@ class Supervisor:
         self.pidfd: int | None = None
         if self.qemu.poll() is None:
             self.pidfd = os.pidfd_open(self.qemu.pid)
-            loop.add_reader(self.pidfd, lambda: exited.done() or exited.set_result(None))
+
+            def resolve() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            loop.add_reader(self.pidfd, resolve)
         else:
             exited.set_result(None)  # it died while we probed for QMP
 
