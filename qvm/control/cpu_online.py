@@ -275,7 +275,8 @@ def _match_new(
     apicids = guest_apicids(client) or {}
     by_id: dict[str, int] = {}
     for dev_id in ids:
-        logical = apicids.get(apics[dev_id]) if apics[dev_id] is not None else None
+        apic = apics[dev_id]
+        logical = apicids.get(apic) if apic is not None else None
         if logical in appeared:
             by_id[dev_id] = logical
     rest = sorted(c for c in appeared if c not in by_id.values())

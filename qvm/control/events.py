@@ -72,7 +72,7 @@ def insert_ack(event: dict[str, Any], ids: Iterable[str]) -> tuple[str, bool, st
     ``ids``, else None."""
     info = (event.get("data") or {}).get("info") or {}
     dev_id = info.get("device")
-    if dev_id not in ids or info.get("source") != OST_INSERT:
+    if not isinstance(dev_id, str) or dev_id not in ids or info.get("source") != OST_INSERT:
         return None
     status = info.get("status", 0)
     return dev_id, status == 0, None if status == 0 else ost_status_text(status)

@@ -114,7 +114,7 @@ def nics_from(
 def _query(session: QmpSession, run: RunDir, launch: LaunchRecord) -> NicList:
     peripherals = transaction.peripheral_types(session)
     records = transaction.reconcile_devices(session, run, set(peripherals), (kinds.NIC.name,))
-    macs = {}
+    macs: dict[str, str | None] = {}
     for dev_id, dev_type in peripherals.items():
         if dev_type in NIC_TYPES:
             try:

@@ -67,7 +67,7 @@ def pci_places_from(machine_type: str, pci: Any) -> PciPlaces:
     """``PciPlaces`` from ``query-pci``'s reply. qvm's spare root ports are the bridges
     on pcie.0 named ``hp<N>`` (``-device pcie-root-port,id=hp0,...``, see cmdline)."""
     buses = pci if isinstance(pci, list) else []
-    root = next((b for b in buses if b.get("bus") == 0), {"devices": []})
+    root: dict[str, Any] = next((b for b in buses if b.get("bus") == 0), {"devices": []})
     if machine_type == "q35":
         ports = []
         for device in root.get("devices", []):

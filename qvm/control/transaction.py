@@ -342,10 +342,13 @@ class DeviceKind(Protocol):
     """What differs between the kinds of device when one goes."""
 
     # how messages name the device: "vCPU", "DIMM", "disk", "NIC"
-    noun: str
+    @property
+    def noun(self) -> str: ...
+
     # only DEVICE_DELETED of the device itself ends its unplug (PCI devices and DIMMs);
     # else that of any child does (QEMU 7.2 names only a vCPU's lapic)
-    exact: bool
+    @property
+    def exact(self) -> bool: ...
 
     def refusal(self, run: RunDir, dev_id: str, desc: str) -> str:
         """The line for a ``device_del`` QEMU refused at once."""
