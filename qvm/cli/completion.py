@@ -10,7 +10,8 @@ The shell side (scripts, Click's completion protocol) is ``qvm.cli.parsing.compl
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, TypeVar
 
 from qvm.cli import resolve
 from qvm.layout.kinds import (
@@ -22,6 +23,13 @@ from qvm.layout.kinds import (
     group_kinds,
     kind_named,
 )
+
+if TYPE_CHECKING:
+    from qvm.layout.rundir import RunDir
+    from qvm.store.devices import DeviceRecord
+    from qvm.store.launch import LaunchRecord
+
+_T = TypeVar("_T")
 
 # `-device DRIVER,drive=NODE,...,id=ID`: a disk of the machine file (or the cloud-init seed)
 # compiled on a TAB press only: the Typer CLI imports this module for every help
@@ -59,7 +67,7 @@ def device_kinds(key: str) -> tuple[Kind, ...]:
     return group_kinds(key) or ((named,) if named is not None else ())
 
 
-def _kind_ids(run, kinds: tuple[Kind, ...]) -> list[str]:  # noqa: ANN001 - RunDir, lazily
+def _kind_ids(run: RunDir, kinds: tuple[Kind, ...]) -> list[str]:
     """Each kind's boot devices (``boot_ids``), then those qvm hotplugged (its records)."""
     ids = [ident for kind in kinds for ident in BOOT_IDS[kind.boot_ids](run)]
     recorded = {kind.name for kind in kinds if kind.recorded}
@@ -72,9 +80,12 @@ def snapshot_tags(vms: list[str]) -> list[str]:
     """The tags of the snapshots ``snapshots.json`` records for each of ``vms``, in order."""
     from qvm.store.snapshots import read_snapshots
 
+    def tags_of(vm: str) -> Callable[[], list[str]]:
+        return lambda: [s.tag for s in read_snapshots(resolve.run_dir_of(vm))]
+
     tags: list[str] = []
     for vm in vms:
-        tags += _quietly(lambda vm=vm: [s.tag for s in read_snapshots(resolve.run_dir_of(vm))])
+        tags += _quietly(tags_of(vm))
     return list(dict.fromkeys(tags))
 
 
@@ -102,7 +113,7 @@ def _local_paths(incomplete: str) -> list[str]:
     return found
 
 
-def _cpu_ids(run) -> list[str]:  # noqa: ANN001 - qvm.layout.rundir.RunDir, imported lazily
+def _cpu_ids(run: RunDir) -> list[str]:
     """The vCPUs present now with an id (`cpu del` takes those): only QEMU knows them, so
     they are asked of it (``query-hotpluggable-cpus``, one second at most). A VM that does
     not answer in time gets every id a vCPU slot can have (cpuN)."""
@@ -129,7 +140,7 @@ def _cpu_ids(run) -> list[str]:  # noqa: ANN001 - qvm.layout.rundir.RunDir, impo
         return [f"cpu{index}" for index in range(1, launch.vcpus_max)]
 
 
-def _boot_disk_ids(run) -> list[str]:  # noqa: ANN001
+def _boot_disk_ids(run: RunDir) -> list[str]:
     launch = _launch(run)
     if launch is None:
         return []
@@ -145,16 +156,16 @@ def _boot_disk_ids(run) -> list[str]:  # noqa: ANN001
     return [ident for ident in booted if ident != SEED_DEVICE_ID]  # cloud-init's, not a disk
 
 
-def _boot_nic_ids(run) -> list[str]:  # noqa: ANN001
+def _boot_nic_ids(run: RunDir) -> list[str]:
     launch = _launch(run)
     return list(launch.nics) if launch is not None else []
 
 
-def _no_boot_ids(run) -> list[str]:  # noqa: ANN001
+def _no_boot_ids(run: RunDir) -> list[str]:
     return []
 
 
-def _forwards(run) -> list[str]:  # noqa: ANN001
+def _forwards(run: RunDir) -> list[str]:
     """Each forward as ``port list`` prints it and ``port del`` takes it."""
     from qvm.control.forwards import forward_text
     from qvm.store.forwards import read_forwards
@@ -162,20 +173,20 @@ def _forwards(run) -> list[str]:  # noqa: ANN001
     return [forward_text(forward) for forward in read_forwards(run)]
 
 
-def _launch(run):  # noqa: ANN001, ANN202 - LaunchRecord | None
+def _launch(run: RunDir) -> LaunchRecord | None:
     from qvm.store.launch import read_launch
 
     return read_launch(run.launch_file)
 
 
-def _hotplugged(run):  # noqa: ANN001, ANN202 - tuple[DeviceRecord, ...]
+def _hotplugged(run: RunDir) -> tuple[DeviceRecord, ...]:
     from qvm.store.devices import device_records
 
     return device_records(run)
 
 
 # where each kind's boot devices are found (qvm.layout.kinds.Kind.boot_ids)
-BOOT_IDS: dict[str, Callable[..., list[str]]] = {
+BOOT_IDS: dict[str, Callable[[RunDir], list[str]]] = {
     BOOT_IDS_QEMU: _cpu_ids,
     BOOT_IDS_DRIVES: _boot_disk_ids,
     BOOT_IDS_NICS: _boot_nic_ids,
@@ -183,7 +194,7 @@ BOOT_IDS: dict[str, Callable[..., list[str]]] = {
 }
 
 
-def _quietly(read: Callable[[], list]) -> list:  # type: ignore[type-arg]
+def _quietly(read: Callable[[], Iterable[_T]]) -> list[_T]:
     try:
         return list(read())
     except Exception:  # noqa: BLE001 - a TAB press must never print a traceback

@@ -58,7 +58,7 @@ def _relay(sock: socket.socket, in_fd: int, out_fd: int) -> int:
     stdin_open = True
     input_ended = last_output = drained_at = 0.0
     while True:
-        watched = [sock, in_fd] if stdin_open else [sock]
+        watched: list[socket.socket | int] = [sock, in_fd] if stdin_open else [sock]
         readable, _, _ = select.select(watched, [], [], None if stdin_open else POLL_SECONDS)
         now = time.monotonic()
         if sock in readable:

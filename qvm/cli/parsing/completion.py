@@ -164,7 +164,7 @@ def install(shell: str | None) -> None:
 
 
 # (command words, parameter) -> what completes it; every other `name`/`names` is a VM name
-DEVICE_PARAMS = {
+DEVICE_PARAMS: dict[tuple[tuple[str, ...], str], str] = {
     (("cpu", "del"), "ids"): "cpu",
     (("mem", "del"), "dev_id"): "mem",
     (("mem", "resize"), "dev_id"): "virtio-mem",

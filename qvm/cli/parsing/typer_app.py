@@ -259,7 +259,8 @@ def root_command() -> Callable[..., None]:
 
 
 def module_commands(module: str) -> Commands:
-    return importlib.import_module(f"qvm.cli.commands.{module}").commands
+    commands: Commands = importlib.import_module(f"qvm.cli.commands.{module}").commands
+    return commands
 
 
 def one_liner(text: str | None) -> str | None:
