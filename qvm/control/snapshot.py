@@ -192,7 +192,7 @@ def device_set(
     memory = []
     for device in memory_devices(session.execute("query-memory-devices")):
         kind_name = VIRTIO_MEM.name if device.type == VIRTIO_MEM.name else DIMM.name
-        record = records.get(device.id)
+        recorded = records.get(device.id)
         memory.append(
             (
                 device.addr or 0,
@@ -202,7 +202,7 @@ def device_set(
                     backend=device.backend or "",
                     size=device.backend_size,
                     requested_size=device.requested_size if kind_name == VIRTIO_MEM.name else None,
-                    bus=record.bus if record is not None else None,
+                    bus=recorded.bus if recorded is not None else None,
                 ),
             )
         )

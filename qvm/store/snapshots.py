@@ -122,10 +122,12 @@ class DeviceSet(Record):
     def summary(self) -> str:
         """``3 vCPUs, 1 DIMM`` for people: every kind it holds, in the table's order."""
         parts = [count_text(CPU, len(self.cpu_slots))]
+        parts_of: dict[str, Sequence[MemoryDevice | PluggedDevice]] = {
+            SNAPSHOT_MEMORY: self.memory,
+            SNAPSHOT_PLUGGED: self.plugged,
+        }
         for kind in KINDS:
-            devices = {SNAPSHOT_MEMORY: self.memory, SNAPSHOT_PLUGGED: self.plugged}.get(
-                kind.snapshot, ()
-            )
+            devices = parts_of.get(kind.snapshot, ())
             count = sum(1 for d in devices if d.kind == kind.name)
             if count:
                 parts.append(count_text(kind, count))
