@@ -1,5 +1,6 @@
 """The linters as tests (Firecracker's ``integration_tests/style``): a wrong import, a new
-import circle or a lint error fails `pytest` alone, not only `scripts/test`.
+import circle, a lint or format error or a type error fails `pytest` alone, not only
+`scripts/test`.
 
 The import contracts live in pyproject.toml (``[tool.importlinter]``), the layers of
 ../shared/architecture.md; the tests here also check that the hand-written module lists in
@@ -29,6 +30,18 @@ def run_tool(name: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_ruff() -> None:
     done = run_tool("ruff", "check", "--no-cache", "qvm", "tests", "scripts")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_format() -> None:
+    done = run_tool("ruff", "format", "--check", "--no-cache", "qvm", "tests", "scripts")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_types() -> None:
+    """mypy --strict over qvm/ ([tool.mypy] in pyproject.toml), every record's
+    construction included (``Record`` is a ``dataclass_transform``)."""
+    done = run_tool("mypy")
     assert done.returncode == 0, done.stdout + done.stderr
 
 
