@@ -51,8 +51,15 @@ def plan_seed(machine: Machine, run: RunDir, home: Path | None = None) -> SeedPl
     home = Path.home() if home is None else home
     generated = run.path / GENERATED_KEY
     if spec.user_data is not None:
-        kept = (generated,) if generated.exists() else ()
-        return SeedPlan(spec.user, (), kept, False, spec.user_data, (), ())
+        return SeedPlan(
+            user=spec.user,
+            keys=(),
+            identities=(generated,) if generated.exists() else (),
+            generate_key=False,
+            user_data_file=spec.user_data,
+            packages=(),
+            runcmd=(),
+        )
     if spec.ssh_authorized_keys is None:
         sources: list[str | Path] = list(default_public_keys(home))
         generate = not sources

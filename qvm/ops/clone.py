@@ -84,9 +84,13 @@ class CloneResult(Record):
 
 
 def clone(
-    template_run: RunDir, template: Machine, tag: str, clone_name: str, clone_path: Path,
+    template_run: RunDir,
+    template: Machine,
+    tag: str,
+    clone_name: str,
+    clone_path: Path,
     clone_run: RunDir,
-) -> CloneResult:  # fmt: skip
+) -> CloneResult:
     """Freeze ``template``'s snapshot ``tag`` (once) and write the clone's machine file."""
     check_tag(template_run.name, tag)
     record = find_snapshot(template_run, tag)
@@ -168,9 +172,12 @@ def _frozen_argv(template: Machine, frozen: RunDir, record: SnapshotRecord) -> l
 
 
 def _freeze(
-    template_run: RunDir, template: Machine, record: SnapshotRecord, frozen: RunDir,
+    template_run: RunDir,
+    template: Machine,
+    record: SnapshotRecord,
+    frozen: RunDir,
     argv: list[str],
-) -> float:  # fmt: skip
+) -> float:
     """Copies of the snapshot's images at its state, and its memory image."""
     started = time.monotonic()
     frozen.create()

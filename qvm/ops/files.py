@@ -154,9 +154,12 @@ def _note_frozen_copies(run: RunDir, removed: Removed) -> None:
         users = clones_of(run, tag)
         used = f"used by {', '.join(users)}" if users else "no clone uses it"
         removed.kept.append(
-            (frozen.path, f"the frozen copy of {run.name}@{tag} for clones, {used}; "
-                          f"qvm snapshot rm {run.name} {tag} removes it once no clone uses it")
-        )  # fmt: skip
+            (
+                frozen.path,
+                f"the frozen copy of {run.name}@{tag} for clones, {used}; "
+                f"qvm snapshot rm {run.name} {tag} removes it once no clone uses it",
+            )
+        )
 
 
 def _purge_machine_file(record: NewRecord | None, removed: Removed) -> None:

@@ -463,9 +463,15 @@ def _revert_disks(
     for file in record.files:
         qemu_img_snapshot("-a", record.tag, Path(file))
     return RestoreResult(
-        run.name, record.tag, "disks reverted", 0, round(time.monotonic() - started, 3),
-        "-", None, changed,
-    )  # fmt: skip
+        name=run.name,
+        tag=record.tag,
+        how="disks reverted",
+        replugged=0,
+        seconds=round(time.monotonic() - started, 3),
+        devices="-",
+        guest_clock=None,
+        definition_changed=changed,
+    )
 
 
 def _check_images(run: RunDir, record: SnapshotRecord, files: list[Path]) -> None:
@@ -498,8 +504,11 @@ def _load_in_place(
         if device_set_differences(record.devices, devices):
             return None
         nodes = qmp.block_nodes(session)
-        lacking = [n for n in record.nodes if not any(b.node == n and record.tag in b.snapshots
-                                                      for b in nodes)]  # fmt: skip
+        lacking = [
+            n
+            for n in record.nodes
+            if not any(b.node == n and record.tag in b.snapshots for b in nodes)
+        ]
         if lacking or record.vmstate_node is None:
             raise VmStateError(
                 f"{run.name}: snapshot {record.tag!r} cannot be loaded: the disks "
@@ -508,18 +517,32 @@ def _load_in_place(
         qmp.load_job(session, record.tag, record.vmstate_node, list(record.nodes))
     clock = _fix_clock(run, record)
     return RestoreResult(
-        run.name, record.tag, "loaded in place", 0, round(time.monotonic() - started, 3),
-        devices.summary(), clock, changed, None, _running(run, launch),
-    )  # fmt: skip
+        name=run.name,
+        tag=record.tag,
+        how="loaded in place",
+        replugged=0,
+        seconds=round(time.monotonic() - started, 3),
+        devices=devices.summary(),
+        guest_clock=clock,
+        definition_changed=changed,
+        pid=None,
+        up=_running(run, launch),
+    )
 
 
 def _running(run: RunDir, launch: LaunchRecord) -> UpResult:
     """The QEMU a restore in place left running, as `qvm up` reports one already running."""
     state = read_state(run.state_file)
     return UpResult(
-        run.name, True, state.qemu_pid if state else None, launch.accel, launch.accel_reason,
-        run.serial_log, run.qmp_socket, True,
-    )  # fmt: skip
+        name=run.name,
+        already_running=True,
+        qemu_pid=state.qemu_pid if state else None,
+        accel=launch.accel,
+        accel_reason=launch.accel_reason,
+        serial_log=run.serial_log,
+        qmp_socket=run.qmp_socket,
+        ready=True,
+    )
 
 
 def _shape_for(record: SnapshotRecord, argv: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -565,10 +588,17 @@ def _restart(
         - max(0, machine.cpu.count - 1)
     )
     return RestoreResult(
-        run.name, record.tag, "restarted", max(replugged, 0),
-        round(time.monotonic() - started, 3), record.devices.summary(), clock, changed,
-        up.qemu_pid, up,
-    )  # fmt: skip
+        name=run.name,
+        tag=record.tag,
+        how="restarted",
+        replugged=max(replugged, 0),
+        seconds=round(time.monotonic() - started, 3),
+        devices=record.devices.summary(),
+        guest_clock=clock,
+        definition_changed=changed,
+        pid=up.qemu_pid,
+        up=up,
+    )
 
 
 def _fix_clock(run: RunDir, record: SnapshotRecord) -> str:

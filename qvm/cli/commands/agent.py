@@ -38,8 +38,9 @@ def agent(
         ping = time.monotonic() - started
         info = client.info(timeout=timeout)
     if as_json:
-        emit_json({"name": name, "answering": True, "ping_seconds": round(ping, 3),
-                   **info.to_json()})  # fmt: skip
+        emit_json(
+            {"name": name, "answering": True, "ping_seconds": round(ping, 3), **info.to_json()}
+        )
         return
     enabled = info.enabled()
     say(f"{name}: guest agent {info.version} answering ({ping * 1000:.0f} ms)")

@@ -86,8 +86,10 @@ def exec_(
         raise
     except KeyboardInterrupt:
         where = f" as pid {pid[0]}" if pid else ""
-        abort(f"{name}: interrupted; {command[0]} may still be running in the guest{where}",
-              EXIT_INTERRUPTED)  # fmt: skip
+        abort(
+            f"{name}: interrupted; {command[0]} may still be running in the guest{where}",
+            EXIT_INTERRUPTED,
+        )
     status = outcome.status
     if as_json:
         emit_json(_exec_json(name, outcome))
@@ -183,15 +185,20 @@ def cp(
     if remote_source and owner is not None:
         abort(f"qvm cp {source} {target}: --owner is for copies into the VM", EXIT_USAGE)
     if remote_source and remote_target:
-        abort(f"qvm cp {source} {target}: copying between VMs is not supported (copy through"
-              " a local file)", EXIT_USAGE)  # fmt: skip
+        abort(
+            f"qvm cp {source} {target}: copying between VMs is not supported (copy through"
+            " a local file)",
+            EXIT_USAGE,
+        )
     if remote_source:
         vm, path = remote_source
         run = resolve.run_dir_of(vm)
         outcome = copy_from_guest(run, path, Path(target), _progress_bar(source), recursive)
         if outcome.mode is None:
-            warn(f"qvm: {source}: its mode could not be read in the guest (no stat?); the"
-                 " copy has the default mode")  # fmt: skip
+            warn(
+                f"qvm: {source}: its mode could not be read in the guest (no stat?); the"
+                " copy has the default mode"
+            )
     elif remote_target:
         vm, path = remote_target
         run = resolve.run_dir_of(vm)
@@ -205,16 +212,19 @@ def cp(
         if outcome.mode is None:
             warn(f"qvm: {outcome.target}: its mode could not be set in the guest (no chmod?)")
     else:
-        abort(f"qvm cp {source} {target}: one of them must be NAME:PATH, a file in a VM",
-              EXIT_USAGE)  # fmt: skip
+        abort(
+            f"qvm cp {source} {target}: one of them must be NAME:PATH, a file in a VM", EXIT_USAGE
+        )
     if as_json:
-        emit_json({
-            "source": outcome.source,
-            "target": outcome.target,
-            "bytes": outcome.size,
-            "seconds": round(outcome.seconds, 3),
-            "mode": None if outcome.mode is None else f"{outcome.mode:04o}",
-        })  # fmt: skip
+        emit_json(
+            {
+                "source": outcome.source,
+                "target": outcome.target,
+                "bytes": outcome.size,
+                "seconds": round(outcome.seconds, 3),
+                "mode": None if outcome.mode is None else f"{outcome.mode:04o}",
+            }
+        )
 
 
 def _progress_bar(label: str) -> Any:
