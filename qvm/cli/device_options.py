@@ -6,12 +6,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qvm.cli import resolve
 from qvm.cli.output import abort, emit_json, fail_all, say, warn
 from qvm.cli.parsing.declare import Option
 from qvm.errors import EXIT_PENDING, EXIT_USAGE
+from qvm.layout.rundir import RunDir
+
+if TYPE_CHECKING:
+    from qvm.control.disk import DiskAttach
+    from qvm.control.nic import NicAdd
+    from qvm.control.pci import PciPlaces
+    from qvm.control.transaction import DeviceUnplug, ListedDevice, Removal
+    from qvm.definition.persist import EntryPersistResult, PersistResult
+
+_Listed = TypeVar("_Listed", bound="ListedDevice")
 
 # options the cpu, mem, disk and nic commands share
 AS_JSON = Option(
@@ -38,7 +48,7 @@ def size_argument(name: str, option: str, text: str) -> int:
         abort(f"{name}: {option}: {error}", EXIT_USAGE)
 
 
-def machine_file(run: Any) -> Path:
+def machine_file(run: RunDir) -> Path:
     """The TOML the running VM came from (``--persist`` writes there)."""
     from qvm.store.launch import read_launch
 
@@ -49,7 +59,7 @@ def machine_file(run: Any) -> Path:
     return Path(file)
 
 
-def follow_persist(run: Any, done: Any) -> None:
+def follow_persist(run: RunDir, done: PersistResult | EntryPersistResult) -> None:
     """The running VM's record takes the machine file qvm's own ``--persist`` wrote: the
     file describes the VM as it runs, not a change for its next start."""
     from qvm.store.launch import follow_persist as follow
@@ -57,7 +67,7 @@ def follow_persist(run: Any, done: Any) -> None:
     follow(run.launch_file, done.sha256_before, done.sha256_after)
 
 
-def persisted_json(run: Any, done: Any) -> dict[str, Any]:
+def persisted_json(run: RunDir, done: EntryPersistResult) -> dict[str, Any]:
     """A ``[[disk]]``/``[[nic]]`` written or removed (the run's record follows it), for
     output: the file absolute, as it is wherever the output is read."""
     follow_persist(run, done)
@@ -69,7 +79,7 @@ def persisted_json(run: Any, done: Any) -> dict[str, Any]:
     }
 
 
-def unplug_problems(name: str, unplug: Any, what: str) -> None:
+def unplug_problems(name: str, unplug: DeviceUnplug, what: str) -> None:
     """Exit with one line unless the device and its backend are gone: refused (1),
     pending (3), or removed but its backend could not be deleted (1)."""
     from qvm.control.transaction import pending_text
@@ -82,7 +92,7 @@ def unplug_problems(name: str, unplug: Any, what: str) -> None:
         fail_all([f"{name}: {unplug.id} was removed, but {e}" for e in unplug.cleanup_errors])
 
 
-def say_places_and_guest(name: str, places: Any, guest: list[str] | None, words: str) -> None:
+def say_places_and_guest(name: str, places: PciPlaces, guest: list[str] | None, words: str) -> None:
     """The end of ``disk list``/``nic list``: the free PCI places, and what the guest says
     it has (None: it did not say)."""
     say(f"{name}: {places.summary()}")
@@ -92,7 +102,11 @@ def say_places_and_guest(name: str, places: Any, guest: list[str] | None, words:
 
 
 def say_plugged(
-    name: str, result: Any, verb: str, dev_id: str, persisted: dict[str, Any] | None
+    name: str,
+    result: DiskAttach | NicAdd,
+    verb: str,
+    dev_id: str,
+    persisted: dict[str, Any] | None,
 ) -> None:
     """The end of ``disk attach``/``nic add``: a --force warning, the PCI places left, and
     the entry --persist added to the machine file."""
@@ -107,11 +121,11 @@ def remove_device(
     name: str,
     dev_id: str,
     timeout: float,
-    remove: Callable[..., Any],
-    unpersist: Callable[[Any, Any], dict[str, Any]] | None,
+    remove: Callable[..., Removal[_Listed]],
+    unpersist: Callable[[RunDir, _Listed], dict[str, Any]] | None,
     as_json: bool,
     what: str,
-    removed_text: Callable[[Any], str],
+    removed_text: Callable[[Removal[_Listed]], str],
 ) -> None:
     """``disk detach`` and ``nic del``: ``remove(run, dev_id, timeout=...)`` (a
     ``Removal``) while the guest is waited for; once the device is gone, with --persist,

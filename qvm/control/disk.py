@@ -357,7 +357,7 @@ def _plan(run: RunDir, record: DeviceRecord, path: Path, fmt: str) -> transactio
 
 def detach_disk(
     run: RunDir, dev_id: str, timeout: float = DEFAULT_UNPLUG_TIMEOUT
-) -> transaction.Removal:
+) -> transaction.Removal[DiskInfo]:
     """Unplug a disk qvm attached, wait for the guest, delete its block nodes. The image
     file stays where it is."""
     with transaction.opened(run) as (session, launch):

@@ -288,7 +288,7 @@ def restored_record(saved: PluggedDevice, now: float) -> DeviceRecord:
 
 def remove_nic(
     run: RunDir, dev_id: str, timeout: float = DEFAULT_UNPLUG_TIMEOUT
-) -> transaction.Removal:
+) -> transaction.Removal[NicInfo]:
     """Unplug a NIC qvm added, wait for the guest, then delete its netdev (and forwards)."""
     with transaction.opened(run) as (session, launch):
         nics = _query(session, run, launch).nics

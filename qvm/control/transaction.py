@@ -27,7 +27,7 @@ import contextlib
 import re
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from qvm.base.record import Record
 from qvm.base.text import display_path
@@ -522,12 +522,12 @@ def unplug_one(
     return unplug(session, run, kind, {dev_id: commands}, timeout)[0]
 
 
-class Removal(Record):
+class Removal(Record, Generic[_Listed]):
     """A device qvm unplugged (or asked to): ``key`` names it in JSON ("disk", "nic")."""
 
     name: str
     key: str
-    device: Any  # the listed device, with ``as_json``
+    device: _Listed  # as listed before the unplug
     unplug: DeviceUnplug
 
     def as_json(self) -> dict[str, Any]:
@@ -540,13 +540,14 @@ def remove_hotplugged(
     launch: LaunchRecord,
     kind: Peripheral,
     dev_id: str,
-    listed: Sequence[ListedDevice],
+    listed: Sequence[_Listed],
     timeout: float,
-) -> Removal:
+) -> Removal[_Listed]:
     """Unplug a device qvm hotplugged, one of ``listed`` (its kind's listing), with its
     recorded cleanup."""
     found = find_listed(listed, dev_id)
     check_removable(run, launch, dev_id, found, kind.noun, [device.id for device in listed])
+    assert found is not None  # check_removable refuses a device not listed
     unplugged = unplug_one(session, run, kind, dev_id, timeout)
     return Removal(run.name, kind.noun.lower(), found, unplugged)
 

@@ -28,7 +28,8 @@ from qvm.host.qemu_img import detect_format, ensure_overlay, qemu_img_create
 from qvm.layout.rundir import RunDir
 from qvm.ops.corrupt_state import set_aside_corrupt_state
 from qvm.store.launch import Forward, Image, LaunchRecord, SshFacts, Topology
-from qvm.supervisor.boot import UpResult, start_supervisor
+from qvm.supervisor.boot import UpResult as UpResult  # start_vm's, which the CLI reads
+from qvm.supervisor.boot import start_supervisor
 
 if TYPE_CHECKING:
     from qvm.host.cloudinit import SeedPlan

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qvm.cli import resolve
 from qvm.cli.device_options import AS_JSON, FORCE
 from qvm.cli.output import abort, emit_json, fail_all, ms, say, table, warn
 from qvm.cli.parsing.declare import Argument, Commands, Option
 from qvm.errors import EXIT_FAILURE, EXIT_PENDING, EXIT_USAGE
+from qvm.layout.rundir import RunDir
+
+if TYPE_CHECKING:
+    from qvm.control.cpu import AddResult, RemoveResult
+    from qvm.control.cpu_slots import CpuSlot
 
 commands = Commands(help="List, add and remove vCPUs of a running VM.")
 
@@ -58,7 +63,7 @@ def list_cmd(
     say(cpus.summary())
 
 
-def _guest_column(slot: Any) -> str | None:
+def _guest_column(slot: CpuSlot) -> str | None:
     """``cpu1 online``: the guest's CPU number and state; ``offline``; None: not told."""
     if slot.guest_online is None:
         return None
@@ -272,7 +277,7 @@ def _compile(name: str, pattern: str | None) -> re.Pattern[str] | None:
         abort(f"{name}: --wait-serial: not a regular expression: {error}", EXIT_USAGE)
 
 
-def _say_added(result: Any) -> None:
+def _say_added(result: AddResult) -> None:
     for cpu in result.added:
         line = f"{result.name}: added {cpu.id} ({_props(cpu.props)})"
         seen = []
@@ -306,7 +311,7 @@ def _say_added(result: Any) -> None:
         )
 
 
-def _add_problems(result: Any) -> list[str]:
+def _add_problems(result: AddResult) -> list[str]:
     problems = []
     for cpu in result.added:
         if not result.waited_guest or cpu.online:
@@ -357,7 +362,7 @@ def _add_problems(result: Any) -> list[str]:
     return problems
 
 
-def _say_removed(result: Any) -> None:
+def _say_removed(result: RemoveResult) -> None:
     for unplug in result.unplugs:
         if unplug.outcome == "removed":
             where = _props(unplug.props)
@@ -370,7 +375,7 @@ def _say_removed(result: Any) -> None:
             say(f"{result.name}: removed {unplug.id} ({where}) in {ms(unplug.seconds)}{first}")
 
 
-def _remove_problems(result: Any) -> tuple[list[str], int]:
+def _remove_problems(result: RemoveResult) -> tuple[list[str], int]:
     problems = []
     code = EXIT_FAILURE
     for unplug in result.unplugs:
@@ -382,9 +387,9 @@ def _remove_problems(result: Any) -> tuple[list[str], int]:
     pending = [u for u in result.unplugs if u.outcome == "pending"]
     if pending:
         ids = ", ".join(u.id for u in pending)
-        detail = pending[0].detail
+        why = pending[0].detail
         problems.append(
-            f"{result.name}: unplug of {ids} pending: {detail}. The request stands: the "
+            f"{result.name}: unplug of {ids} pending: {why}. The request stands: the "
             f"vCPU stays in the VM, 'qvm cpu list {result.name}' shows it as unplug-pending, "
             "and its slot becomes free by itself if the guest releases it later "
             f"(hint: check that the guest can offline CPUs; qvm restart {result.name} ends it)"
@@ -394,7 +399,7 @@ def _remove_problems(result: Any) -> tuple[list[str], int]:
     return problems, code
 
 
-def _present_line(name: str, present: int, maximum: int, removed: Any) -> str:
+def _present_line(name: str, present: int, maximum: int, removed: RemoveResult | None) -> str:
     line = f"{name}: {present} of {maximum} vCPUs present"
     pending = len(removed.ids("pending")) if removed is not None else 0
     if pending:
@@ -402,7 +407,7 @@ def _present_line(name: str, present: int, maximum: int, removed: Any) -> str:
     return line
 
 
-def _persist(run: Any, count: int) -> dict[str, Any] | None:
+def _persist(run: RunDir, count: int) -> dict[str, Any] | None:
     from qvm.base.text import display_path
     from qvm.cli.device_options import follow_persist, machine_file
     from qvm.definition.persist import persist_cpu_count

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qvm.cli import device_options, resolve
 from qvm.cli.output import abort, emit_json, human_bytes, ms, say, table
 from qvm.cli.parsing.declare import Argument, Commands, Option
 from qvm.errors import EXIT_USAGE
+from qvm.layout.rundir import RunDir
+
+if TYPE_CHECKING:
+    from qvm.control.disk import DiskAttach, DiskInfo
+    from qvm.control.transaction import Removal
 
 commands = Commands(help="List, attach and detach disks of a running VM.")
 
@@ -98,7 +103,7 @@ def attach(
     device_options.say_plugged(name, result, "attached", disk.id, persisted)
 
 
-def _persist_attach(run: Any, result: Any, with_id: bool) -> dict[str, Any]:
+def _persist_attach(run: RunDir, result: DiskAttach, with_id: bool) -> dict[str, Any]:
     from qvm.control.disk import disk_entry
     from qvm.definition.persist import persist_entry
 
@@ -132,12 +137,12 @@ def detach(
     )
 
 
-def _detached_text(result: Any) -> str:
+def _detached_text(result: Removal[DiskInfo]) -> str:
     kept = f"; the image stays at {result.device.file}" if result.device.file else ""
     return f"detached {result.unplug.id} in {ms(result.unplug.seconds)}{kept}"
 
 
-def _persist_detach(run: Any, disk: Any) -> dict[str, Any]:
+def _persist_detach(run: RunDir, disk: DiskInfo) -> dict[str, Any]:
     from qvm.control.disk import disk_entry_matches
     from qvm.definition.persist import unpersist_entry
 

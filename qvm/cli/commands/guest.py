@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qvm.cli import resolve
 from qvm.cli.output import abort, emit_json, warn
@@ -20,6 +20,9 @@ from qvm.errors import (
     QvmError,
 )
 from qvm.layout.names import shown
+
+if TYPE_CHECKING:
+    from qvm.ops.guest import ExecOutcome, Progress
 
 commands = Commands()
 
@@ -116,7 +119,7 @@ def exec_(
     raise SystemExit(status.status)
 
 
-def _exec_json(name: str, outcome: Any) -> dict[str, Any]:
+def _exec_json(name: str, outcome: ExecOutcome) -> dict[str, Any]:
     status = outcome.status
     record: dict[str, Any] = {
         "name": name,
@@ -227,7 +230,7 @@ def cp(
         )
 
 
-def _progress_bar(label: str) -> Any:
+def _progress_bar(label: str) -> Progress | None:
     """A progress callback drawing a bar on stderr for a large file, on a terminal only."""
     if not sys.stderr.isatty():
         return None

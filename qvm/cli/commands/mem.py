@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qvm.cli import resolve
 from qvm.cli.device_options import AS_JSON, FORCE, UNPLUG_TIMEOUT, size_argument, unplug_problems
@@ -16,6 +16,9 @@ from qvm.cli.output import (
     warn,
 )
 from qvm.cli.parsing.declare import Argument, Commands, Option
+
+if TYPE_CHECKING:
+    from qvm.control.memory import MemoryAdd, MemoryState
 
 commands = Commands(
     help="List, add, remove and resize memory devices (DIMMs, virtio-mem) of a running VM."
@@ -51,7 +54,7 @@ def in_bytes(data: Any) -> Any:
     return data
 
 
-def _say_state(state: Any) -> None:
+def _say_state(state: MemoryState) -> None:
     rows: list[list[Any]] = [["(boot)", "boot", human_bytes(state.boot), None, None, None]]
     for d in state.devices:
         size = human_bytes(d.size)
@@ -160,7 +163,7 @@ def add(
         _not_plugged(name, result.device.id, result.plugged, result.device.requested_size, timeout)
 
 
-def _say_guest_blocks(name: str, result: Any) -> None:
+def _say_guest_blocks(name: str, result: MemoryAdd) -> None:
     guest = result.guest
     if guest is None:
         say(f"{name}: guest view: {result.source} ({result.source_detail})")
@@ -180,8 +183,9 @@ def _say_guest_blocks(name: str, result: Any) -> None:
         say(f"{name}: the guest has {blocks} online after {ms(guest.seconds)} (guest agent)")
 
 
-def _blocks_offline(name: str, result: Any, timeout: float, no_online: bool) -> None:
+def _blocks_offline(name: str, result: MemoryAdd, timeout: float, no_online: bool) -> None:
     guest = result.guest
+    assert guest is not None  # the caller asks only about the blocks the agent listed
     offline = len(guest.blocks) - len(guest.online)
     what = f"{offline} of its {len(guest.blocks)} memory blocks"
     if no_online:
@@ -196,7 +200,9 @@ def _blocks_offline(name: str, result: Any, timeout: float, no_online: bool) -> 
     )
 
 
-def _not_plugged(name: str, dev_id: str, size: Any, wanted: Any, timeout: float) -> None:
+def _not_plugged(
+    name: str, dev_id: str, size: int | None, wanted: int | None, timeout: float
+) -> None:
     abort(
         f"{name}: {dev_id}: the guest has plugged {human_bytes(size)} of the "
         f"{human_bytes(wanted)} asked within {timeout:g} s; the request stands and the guest "

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qvm.cli import device_options, resolve
 from qvm.cli.output import emit_json, ms, say, table
 from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.layout.rundir import RunDir
+
+if TYPE_CHECKING:
+    from qvm.control.nic import NicInfo
+    from qvm.control.transaction import Removal
 
 commands = Commands(help="List, add and remove NICs of a running VM.")
 
@@ -118,12 +123,12 @@ def delete(
     )
 
 
-def _removed_text(result: Any) -> str:
+def _removed_text(result: Removal[NicInfo]) -> str:
     seconds = ms(result.unplug.seconds)
     return f"removed {result.unplug.id} in {seconds}; its netdev and forwards are gone"
 
 
-def _unpersist(run: Any, nic: Any) -> dict[str, Any]:
+def _unpersist(run: RunDir, nic: NicInfo) -> dict[str, Any]:
     from qvm.control.nic import nic_entry_matches
     from qvm.definition.persist import unpersist_entry
 

@@ -23,9 +23,12 @@ from qvm.errors import EXIT_INTERRUPTED, EXIT_OK, DefinitionError, QvmError
 
 if TYPE_CHECKING:
     from qvm.control.guest_agent_facts import GuestFacts
+    from qvm.definition.schema import Machine
     from qvm.layout.rundir import RunDir
+    from qvm.ops.snapshot import RestoreResult
     from qvm.ops.status import VmStatus
     from qvm.ops.stop import StopResult
+    from qvm.ops.up import UpResult
 
 
 JSON_HELP = "Print JSON (the schema named below). An error is a JSON object too."
@@ -123,7 +126,7 @@ def _set_aside_corrupt_state(run: RunDir) -> None:
         )
 
 
-def _say_started(result: Any, run: RunDir, clone: dict[str, Any] | None = None) -> None:
+def _say_started(result: UpResult, run: RunDir, clone: dict[str, Any] | None = None) -> None:
     """A started VM, as `up` and `restart` say it: above all the host ports of its
     forwards, which a start with host port 0 picks anew."""
     verb = "running" if result.ready else "starting"
@@ -149,7 +152,7 @@ def _say_started(result: Any, run: RunDir, clone: dict[str, Any] | None = None) 
         )
 
 
-def _restore(machine: Any, run: RunDir, tag: str) -> tuple[Any, Any]:
+def _restore(machine: Machine, run: RunDir, tag: str) -> tuple[RestoreResult, UpResult | None]:
     """`up --restore TAG`: the restore, and the start it made (None: disks reverted,
     the caller starts the VM cold)."""
     from qvm.cli.progress import run_waiting
@@ -160,7 +163,7 @@ def _restore(machine: Any, run: RunDir, tag: str) -> tuple[Any, Any]:
     return restored, restored.up
 
 
-def _clone_start(run: RunDir, result: Any) -> dict[str, Any] | None:
+def _clone_start(run: RunDir, result: UpResult) -> dict[str, Any] | None:
     """What a clone's first start did (it resumed its template's memory), else None."""
     from qvm.store.snapshots import read_clone
 
