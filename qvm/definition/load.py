@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qvm.base.sizes import format_size
+from qvm.base.urls import DIGESTS, is_url
 from qvm.definition.forwards import FORWARD_HINT, ForwardError, parse_forward
 from qvm.definition.naming import (
     disk_node_name,
@@ -58,6 +59,7 @@ from qvm.definition.schema import (
     SupervisorSpec,
 )
 from qvm.errors import DefinitionError, Problem
+from qvm.layout.cache import cached_image
 from qvm.layout.names import NAME_RULE, is_vm_name
 
 _MIB = 1024**2
@@ -289,8 +291,6 @@ def _read_disk(disk: Table, base_dir: Path) -> DiskSpec:
 
 def _read_base(disk: Table, base_dir: Path) -> tuple[str | None, Path | None, dict[str, str]]:
     """base as (URL or None, the image file, checksums): a URL's file is in the cache."""
-    from qvm.base.urls import DIGESTS, is_url
-    from qvm.layout.cache import cached_image
 
     checksums = {}
     for algorithm, length in DIGESTS.items():
@@ -644,7 +644,8 @@ def _read_toml(path: Path, file: str) -> dict[str, Any]:
         problem = "invalid TOML: arrays or inline tables nested too deeply"
         raise DefinitionError([Problem(file, "", problem)]) from None
     except ValueError as error:
-        import tomllib  # loaded already: only a text parse_toml had to parse raises
+        # loaded already: only a text parse_toml had to parse raises (a cached one never)
+        import tomllib  # noqa: PLC0415 -- a cached definition never loads tomllib
 
         if isinstance(error, tomllib.TOMLDecodeError):
             raise DefinitionError([Problem(file, "", f"invalid TOML: {error}")]) from None

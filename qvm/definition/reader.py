@@ -49,7 +49,7 @@ def render(value: Any) -> str:
     if isinstance(value, dict):
         pairs = (f"{_render_key(key)} = {render(item)}" for key, item in value.items())
         return "{" + ", ".join(pairs) + "}"
-    from datetime import date, datetime, time  # only TOML dates reach here, rarely
+    from datetime import date, datetime, time  # noqa: PLC0415 -- only TOML dates, rarely
 
     if isinstance(value, datetime | date | time):
         return value.isoformat()
@@ -124,7 +124,7 @@ def expand_path(text: str, base_dir: Path) -> Path | None:
 
 
 def did_you_mean(word: str, choices: Collection[str]) -> str | None:
-    import difflib  # only on error paths
+    import difflib  # noqa: PLC0415 -- 6 ms, only on error paths
 
     matches = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
     if not matches:

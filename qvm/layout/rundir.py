@@ -10,6 +10,7 @@ kernel may have handed to another process.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -98,8 +99,6 @@ QVM_FILE_PATTERNS = (r"disk[0-9]+\.qcow2", r"\.[A-Za-z0-9_.-]+\.[0-9]+\.tmp")
 def made_by_qvm(name: str) -> bool:
     """Whether a run-dir entry of this name is one qvm makes (not ``hotplug-*.qcow2``:
     those hold a guest's data, and `rm` keeps them)."""
-    import re
-
     return name in QVM_FILE_NAMES or any(re.fullmatch(p, name) for p in QVM_FILE_PATTERNS)
 
 
