@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -65,3 +69,45 @@ def test_fields_defaults_methods_and_mistakes() -> None:
         class Wrong(Record):
             a: int = 1
             b: int
+
+
+CHECKED = """
+from qvm.base.record import Record
+
+class Point(Record):
+    name: str
+    size: int = 1
+
+Point(1)
+Point()
+Point("a", colour=2)
+Point("a").name = "b"
+name, size = Point("a", 2)
+reveal_type(Point("a")._replace(size=2))
+reveal_type(Point("a").size)
+"""
+
+
+def test_the_type_checker_checks_each_construction(tmp_path: Path) -> None:
+    """Record is a dataclass_transform: mypy checks a construction against the fields (a
+    wrong type, a missing or unknown field), keeps them read-only, and sees a tuple.
+    Without it, the catch-all runtime ``__new__`` would let every construction pass."""
+    uses = tmp_path / "uses.py"
+    uses.write_text(textwrap.dedent(CHECKED))
+    repo = Path(__file__).resolve().parents[3]
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "mypy"), "--no-incremental", str(uses)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [line.split(": ", 1)[1] for line in done.stdout.splitlines() if ": " in line]
+    assert lines == [
+        'error: Argument 1 to "Point" has incompatible type "int"; expected "str"  [arg-type]',
+        'error: Missing positional argument "name" in call to "Point"  [call-arg]',
+        'error: Unexpected keyword argument "colour" for "Point"  [call-arg]',
+        'error: Property "name" defined in "Point" is read-only  [misc]',
+        'note: Revealed type is "uses.Point"',
+        'note: Revealed type is "int"',
+    ], done.stdout
