@@ -190,7 +190,11 @@ def copy_from_guest(
             target = local_target(local, guest_path, run.name)
             done, mode = _get_file(client, guest_path, target, progress, info)
     return CopyOutcome(
-        f"{run.name}:{guest_path}", str(target), done, time.monotonic() - started, mode
+        source=f"{run.name}:{guest_path}",
+        target=str(target),
+        size=done,
+        seconds=time.monotonic() - started,
+        mode=mode,
     )
 
 
@@ -300,7 +304,13 @@ def copy_to_guest(
         for part in parts:
             _remove_quietly(run, part)
         raise
-    return CopyOutcome(str(local), f"{run.name}:{target}", done, time.monotonic() - started, mode)
+    return CopyOutcome(
+        source=str(local),
+        target=f"{run.name}:{target}",
+        size=done,
+        seconds=time.monotonic() - started,
+        mode=mode,
+    )
 
 
 def default_owner(run: RunDir, guest_path: str) -> str | None:

@@ -210,8 +210,10 @@ def cp(
                 run, Path(source), path, _progress_bar(source), owner, recursive
             )
         except KeyboardInterrupt:
-            abort(f"{target}: interrupted; the partial copy was removed, the target is as it"
-                  " was", EXIT_INTERRUPTED)  # fmt: skip
+            abort(
+                f"{target}: interrupted; the partial copy was removed, the target is as it was",
+                EXIT_INTERRUPTED,
+            )
         if outcome.mode is None:
             warn(f"qvm: {outcome.target}: its mode could not be set in the guest (no chmod?)")
     else:
