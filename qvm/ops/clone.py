@@ -128,11 +128,22 @@ def clone(
     write_clone(
         clone_run,
         CloneRecord(
-            template_run.name, tag, str(memory), record.devices, nic_macs(template),
+            template=template_run.name,
+            tag=tag,
+            memory=str(memory),
+            devices=record.devices,
+            template_macs=nic_macs(template),
             guest_time_ns=record.guest_time_ns,
         ),
-    )  # fmt: skip
-    return CloneResult(machine.name, template_run.name, tag, str(machine.path), str(memory), froze)
+    )
+    return CloneResult(
+        name=machine.name,
+        template=template_run.name,
+        tag=tag,
+        machine_file=str(machine.path),
+        memory=str(memory),
+        froze_seconds=froze,
+    )
 
 
 def _share_login_key(
