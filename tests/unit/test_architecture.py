@@ -9,6 +9,7 @@ those contracts still name every module they are meant to cover.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -112,6 +113,46 @@ def test_no_two_test_files_share_a_name() -> None:
     stop the whole run at collection."""
     names = [path.name for path in (REPO / "tests").rglob("test_*.py")]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def unexplained_lazy_imports(lines: list[str]) -> list[int]:
+    """The line numbers of ``# noqa: PLC0415`` that give no reason: neither ``-- why`` on
+    the line, nor a comment just above the group of imports it belongs to."""
+    found = []
+    for index, line in enumerate(lines):
+        if "noqa: PLC0415" not in line or re.search(r"noqa: PLC0415\s+--\s+\S", line):
+            continue
+        above = index - 1
+        while above >= 0 and ("PLC0415" in lines[above] or not lines[above].strip()):
+            above -= 1
+        if above < 0 or not lines[above].lstrip().startswith("#"):
+            found.append(index + 1)
+    return found
+
+
+def test_every_import_inside_a_function_outside_the_cli_says_why() -> None:
+    """ruff's PLC0415 flags them; the noqa must come with the reason (start-up, the
+    supervisor's memory, a circle it would make), not just silence the rule."""
+    bare = [
+        f"{path.relative_to(REPO)}:{number}"
+        for path in (REPO / "qvm").rglob("*.py")
+        if path.relative_to(REPO / "qvm").parts[0] != "cli"
+        for number in unexplained_lazy_imports(path.read_text().splitlines())
+    ]
+    assert bare == []
+
+
+def test_a_lazy_import_without_a_reason_is_found() -> None:
+    lines = [
+        "def f():",
+        "    # the supervisor's RSS: only when a client asks",
+        "    import json  # noqa: PLC0415",
+        "    import socket  # noqa: PLC0415",
+        "    x = 1",
+        "    import ssl  # noqa: PLC0415",
+        "    import os  # noqa: PLC0415 -- start-up: only this path",
+    ]
+    assert unexplained_lazy_imports(lines) == [6]
 
 
 def test_the_unit_tests_mirror_qvms_packages() -> None:
