@@ -24,9 +24,6 @@ if TYPE_CHECKING:
 _Listed = TypeVar("_Listed", bound="ListedDevice")
 
 # options the cpu, mem, disk and nic commands share
-AS_JSON = Option(
-    False, "--json", help="Print JSON (the schema named below). An error is a JSON object too."
-)
 FORCE = Option(
     False,
     "--force",

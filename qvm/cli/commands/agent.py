@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from qvm.cli import resolve
 from qvm.cli.output import emit_json, say
-from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.cli.parsing.declare import MACHINE, Commands, Option
 
 commands = Commands()
 
 
 @commands.command("agent")
 def agent(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     timeout: float = Option(5.0, "--timeout", help="Seconds to wait for each reply."),
     as_json: bool = Option(
         False, "--json", help="Print JSON (the schema named below). An error is JSON too."

@@ -6,9 +6,9 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from qvm.cli import resolve
-from qvm.cli.device_options import AS_JSON, FORCE
+from qvm.cli.device_options import FORCE
 from qvm.cli.output import abort, emit_json, fail_all, ms, say, table, warn
-from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option
 from qvm.errors import EXIT_FAILURE, EXIT_PENDING, EXIT_USAGE
 from qvm.layout.rundir import RunDir
 
@@ -27,10 +27,7 @@ PERSIST = Option(
 
 
 @commands.command("list")
-def list_cmd(
-    name: str = Argument(..., help="Machine name."),
-    as_json: bool = AS_JSON,
-) -> None:
+def list_cmd(name: str = MACHINE, as_json: bool = AS_JSON) -> None:
     """Every vCPU slot: present, free or unplug-pending, with QEMU's topology props, and
     (when the guest agent answers) the guest's CPU number and whether it is online.
 
@@ -73,7 +70,7 @@ def _guest_column(slot: CpuSlot) -> str | None:
 
 @commands.command("add")
 def add(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     count: int = Option(1, "--count", "-n", help="How many vCPUs to add."),
     slot: str | None = Option(
         None,
@@ -149,7 +146,7 @@ def add(
 
 @commands.command("del")
 def delete(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     ids: list[str] | None = Argument(
         None, help="vCPU ids to unplug (see qvm cpu list); default: the newest."
     ),
@@ -203,7 +200,7 @@ def delete(
 
 @commands.command("set")
 def set_cmd(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     target: int = Argument(..., metavar="N", help="How many vCPUs should be present."),
     timeout: float = Option(
         5.0, "--timeout", help="Seconds to wait for the guest (unplug; with --wait-guest, plug)."

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from qvm.cli import resolve
 from qvm.cli.output import abort, emit_json, say, warn
-from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option
 from qvm.errors import EXIT_USAGE
 from qvm.layout.names import shown
 
@@ -21,8 +21,6 @@ commands = Commands()
 # a login name as POSIX has it portable (and Samba's machine accounts' final $): never a
 # path, an option or a host, which a mistaken command line would otherwise make of it
 LOGIN_NAME = r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?"
-
-JSON_HELP = "Print JSON (the schema named below). An error is a JSON object too."
 
 
 @commands.command("new")
@@ -74,7 +72,7 @@ def new(
         metavar="VM@TAG",
         help="A clone of VM's snapshot TAG: its first up resumes from that memory image.",
     ),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Write NAME.toml for a test VM where `qvm up NAME` finds it from any folder; never
     overwrites. The folder: --machines DIR, else the first of $QVM_MACHINES, else
@@ -131,10 +129,7 @@ def new(
 
 
 @commands.command("reset")
-def reset(
-    name: str = Argument(..., help="Machine name."),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
-) -> None:
+def reset(name: str = MACHINE, as_json: bool = AS_JSON) -> None:
     """Throw the VM's disk state away: overlays, cloud-init seed, known_hosts (VM stopped).
 
     JSON: schemas/reset.json
@@ -155,14 +150,14 @@ def reset(
 
 @commands.command("rm")
 def rm(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     purge: bool = Option(
         False,
         "--purge",
         help="Also remove the machine file if qvm new wrote it and it is unchanged, and "
         "images qvm downloaded for it that no other VM uses.",
     ),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Remove the VM's run dir (overlays, seed, logs, state). Never a base image.
 
@@ -186,7 +181,7 @@ def rm(
 
 @commands.command("ssh")
 def ssh(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     command: list[str] | None = Argument(
         None,
         help="Command to run in the guest; every word from its first on is its own, "
@@ -245,7 +240,7 @@ def ssh(
 
 @commands.command("wait")
 def wait(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     for_: str = Option(
         "ssh",
         "--for",
@@ -253,7 +248,7 @@ def wait(
         "answers) or serial:REGEX (the serial log of this run matches).",
     ),
     timeout: float = Option(300.0, "--timeout", help="Seconds before giving up."),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Block until the VM is ready in the sense of --for (exit 4 on timeout).
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from qvm.cli import device_options, resolve
 from qvm.cli.output import abort, emit_json, human_bytes, ms, say, table
-from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option
 from qvm.errors import EXIT_USAGE
 from qvm.layout.rundir import RunDir
 
@@ -19,10 +19,7 @@ commands = Commands(help="List, attach and detach disks of a running VM.")
 
 
 @commands.command("list")
-def list_cmd(
-    name: str = Argument(..., help="Machine name."),
-    as_json: bool = device_options.AS_JSON,
-) -> None:
+def list_cmd(name: str = MACHINE, as_json: bool = AS_JSON) -> None:
     """Every disk (boot, attached by qvm, other), free PCI places, and what the guest sees.
 
     JSON: schemas/disk-list.json
@@ -52,7 +49,7 @@ def list_cmd(
 
 @commands.command("attach")
 def attach(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     file: Path | None = Argument(None, help="Image to attach (used as is, never deleted)."),
     new: str | None = Option(
         None,
@@ -73,7 +70,7 @@ def attach(
         help="After the attach succeeded, add a [[disk]] for it to the machine's TOML "
         "(comments and formatting kept), so it is there at the next boot.",
     ),
-    as_json: bool = device_options.AS_JSON,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Hotplug an image as a virtio-blk-pci disk (blockdev-add + device_add; undone if a
     step fails). An image another VM or process holds is refused, naming it.
@@ -114,7 +111,7 @@ def _persist_attach(run: RunDir, result: DiskAttach, with_id: bool) -> dict[str,
 
 @commands.command("detach")
 def detach(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     dev_id: str = Argument(..., metavar="ID", help="The disk's id (see qvm disk list)."),
     timeout: float = device_options.UNPLUG_TIMEOUT,
     persist: bool = Option(
@@ -122,7 +119,7 @@ def detach(
         "--persist",
         help="After the detach succeeded, remove its [[disk]] from the machine's TOML too.",
     ),
-    as_json: bool = device_options.AS_JSON,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Unplug a disk qvm attached (device_del, wait for DEVICE_DELETED, blockdev-del). The
     image file is kept, also one made by --new. Pending: exit status 3.

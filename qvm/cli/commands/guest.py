@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from qvm.cli import resolve
 from qvm.cli.output import abort, emit_json, warn
-from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.cli.parsing.declare import MACHINE, Argument, Commands, Option
 from qvm.errors import (
     EXIT_CANNOT_RUN,
     EXIT_EXEC_FAILED,
@@ -35,7 +35,7 @@ OWNER = rf"{_NAME}(:({_NAME})?)?"
 
 @commands.command("exec")
 def exec_(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     command: list[str] | None = Argument(
         None,
         help="The program and its arguments (-- before them is optional): every word "

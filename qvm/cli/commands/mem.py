@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from qvm.cli import resolve
-from qvm.cli.device_options import AS_JSON, FORCE, UNPLUG_TIMEOUT, size_argument, unplug_problems
+from qvm.cli.device_options import FORCE, UNPLUG_TIMEOUT, size_argument, unplug_problems
 from qvm.cli.output import (
     abort,
     emit_json,
@@ -15,7 +15,7 @@ from qvm.cli.output import (
     table,
     warn,
 )
-from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option
 
 if TYPE_CHECKING:
     from qvm.control.memory import MemoryAdd, MemoryState
@@ -26,10 +26,7 @@ commands = Commands(
 
 
 @commands.command("list")
-def list_cmd(
-    name: str = Argument(..., help="Machine name."),
-    as_json: bool = AS_JSON,
-) -> None:
+def list_cmd(name: str = MACHINE, as_json: bool = AS_JSON) -> None:
     """Boot memory, every DIMM and virtio-mem device, room left, and what the guest says.
 
     JSON: schemas/mem-list.json
@@ -75,7 +72,7 @@ def _say_state(state: MemoryState) -> None:
 
 @commands.command("add")
 def add(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     size: str = Argument(..., help='Size, e.g. "256M" or "1G" (a multiple of 2M).'),
     virtio_mem: bool = Option(
         False,
@@ -213,7 +210,7 @@ def _not_plugged(
 
 @commands.command("del")
 def delete(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     dev_id: str = Argument(..., metavar="ID", help="The DIMM's id (see qvm mem list)."),
     timeout: float = UNPLUG_TIMEOUT,
     as_json: bool = AS_JSON,
@@ -249,7 +246,7 @@ def delete(
 
 @commands.command("resize")
 def resize(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     dev_id: str = Argument(..., metavar="ID", help="The virtio-mem device's id."),
     size: str = Argument(..., help='What the guest should have of it, e.g. "512M" or 0.'),
     timeout: float = Option(10.0, "--timeout", help="Seconds to wait for the guest to reach SIZE."),

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from qvm.cli import device_options, resolve
 from qvm.cli.output import emit_json, ms, say, table
-from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option
 from qvm.layout.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -17,10 +17,7 @@ commands = Commands(help="List, add and remove NICs of a running VM.")
 
 
 @commands.command("list")
-def list_cmd(
-    name: str = Argument(..., help="Machine name."),
-    as_json: bool = device_options.AS_JSON,
-) -> None:
+def list_cmd(name: str = MACHINE, as_json: bool = AS_JSON) -> None:
     """Every NIC (boot, added by qvm, other) with its MAC and port forwards, free PCI
     places, and the guest's interfaces.
 
@@ -42,7 +39,7 @@ def list_cmd(
 
 @commands.command("add")
 def add(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     forward: list[str] | None = Option(
         None,
         "--forward",
@@ -64,7 +61,7 @@ def add(
         help="After the add succeeded, add a [[nic]] for it (its MAC and forwards as given) "
         "to the machine's TOML, comments and formatting kept.",
     ),
-    as_json: bool = device_options.AS_JSON,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Hotplug a user-mode NIC (netdev_add user + device_add; undone if a step fails). A
     host port already in use is refused before anything changes, naming who holds it.
@@ -100,7 +97,7 @@ def add(
 
 @commands.command("del")
 def delete(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     dev_id: str = Argument(..., metavar="ID", help="The NIC's id (see qvm nic list)."),
     timeout: float = device_options.UNPLUG_TIMEOUT,
     persist: bool = Option(
@@ -108,7 +105,7 @@ def delete(
         "--persist",
         help="After the removal succeeded, remove its [[nic]] (same MAC) from the TOML too.",
     ),
-    as_json: bool = device_options.AS_JSON,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Unplug a NIC qvm added (device_del, wait for DEVICE_DELETED, netdev_del, which ends
     its port forwards). Pending: exit status 3.

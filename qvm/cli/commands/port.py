@@ -4,18 +4,13 @@ from __future__ import annotations
 
 from qvm.cli import resolve
 from qvm.cli.output import emit_json, say, table
-from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option
 
 commands = Commands(help="List, add and remove port forwards of a running VM.")
 
-AS_JSON_HELP = "Print JSON (the schema named below). An error is a JSON object too."
-
 
 @commands.command("list")
-def list_cmd(
-    name: str = Argument(..., help="Machine name."),
-    as_json: bool = Option(False, "--json", help=AS_JSON_HELP),
-) -> None:
+def list_cmd(name: str = MACHINE, as_json: bool = AS_JSON) -> None:
     """The VM's port forwards: from its machine file and added at run time.
 
     JSON: schemas/port-list.json
@@ -32,7 +27,7 @@ def list_cmd(
 
 @commands.command("add")
 def add(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     spec: str = Argument(
         ...,
         metavar="PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT",
@@ -41,7 +36,7 @@ def add(
         "tcp:8080:8080).",
     ),
     nic: str | None = Option(None, "--nic", help="NIC id (default: the first NIC)."),
-    as_json: bool = Option(False, "--json", help=AS_JSON_HELP),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Forward a host port to the running guest (HMP hostfwd_add).
 
@@ -59,7 +54,7 @@ def add(
 
 @commands.command("del")
 def delete(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     spec: str = Argument(
         ...,
         metavar="FORWARD|HOSTPORT",
@@ -67,7 +62,7 @@ def delete(
         "(2222, tcp:2222).",
     ),
     nic: str | None = Option(None, "--nic", help="Only this NIC's forwards."),
-    as_json: bool = Option(False, "--json", help=AS_JSON_HELP),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Remove port forwards from the running guest (HMP hostfwd_remove).
 

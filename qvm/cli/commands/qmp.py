@@ -7,7 +7,7 @@ import sys
 
 from qvm.cli import resolve
 from qvm.cli.output import abort, emit_json
-from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.cli.parsing.declare import MACHINE, Argument, Commands, Option
 from qvm.errors import EXIT_USAGE
 from qvm.layout.rundir import RunDir
 
@@ -16,7 +16,7 @@ commands = Commands()
 
 @commands.command("qmp")
 def qmp(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     command: str | None = Argument(None, help="QMP command, e.g. query-status."),
     arguments: list[str] | None = Argument(
         None,

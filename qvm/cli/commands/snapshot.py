@@ -7,24 +7,22 @@ from typing import TYPE_CHECKING
 
 from qvm.cli import resolve
 from qvm.cli.output import emit_json, human_bytes, say, table
-from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.cli.parsing.declare import AS_JSON, MACHINE, SNAPSHOT_TAG, Argument, Commands, Option
 
 if TYPE_CHECKING:
     from qvm.ops.snapshot import RestoreResult
 
 commands = Commands(help="Save a VM with its memory, list, remove and restore snapshots.")
 
-JSON_HELP = "Print JSON (the schema named below). An error is a JSON object too."
-
 
 @commands.command("save")
 def save(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     tag: str = Argument(..., help="The snapshot's name, e.g. booted."),
     disk_only: bool = Option(
         False, "--disk-only", help="Disks only, no memory (the way on a stopped VM)."
     ),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Save the VM's disks, and on a running VM its memory and device state; the VM
     keeps running. A raw disk, a disk used as is (file =) or a read-only one is refused.
@@ -65,10 +63,7 @@ def save(
 
 
 @commands.command("list")
-def list_cmd(
-    name: str = Argument(..., help="Machine name."),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
-) -> None:
+def list_cmd(name: str = MACHINE, as_json: bool = AS_JSON) -> None:
     """The VM's snapshots (running or stopped), each checked against its images.
 
     JSON: schemas/snapshot-list.json
@@ -100,9 +95,9 @@ def list_cmd(
 
 @commands.command("rm")
 def remove(
-    name: str = Argument(..., help="Machine name."),
-    tag: str = Argument(..., help="The snapshot's name."),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
+    name: str = MACHINE,
+    tag: str = SNAPSHOT_TAG,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Delete a snapshot from the VM's images and forget it, and its frozen copy for
     clones ($STATE/NAME@TAG) when no clone uses it (refused, naming them, otherwise).
@@ -125,9 +120,9 @@ def remove(
 
 @commands.command("restore")
 def restore(
-    name: str = Argument(..., help="Machine name."),
-    tag: str = Argument(..., help="The snapshot's name."),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
+    name: str = MACHINE,
+    tag: str = SNAPSHOT_TAG,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Bring the VM back to a snapshot: loaded in place when it runs with the snapshot's
     device set, else QEMU restarted with that device set (-loadvm).

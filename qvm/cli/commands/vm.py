@@ -18,7 +18,16 @@ from qvm.cli.output import (
     table,
     warn,
 )
-from qvm.cli.parsing.declare import Argument, Commands, Option
+from qvm.cli.parsing.declare import (
+    AS_JSON,
+    MACHINE,
+    MACHINES,
+    SKIP_POWER_BUTTON,
+    STOP_TIMEOUT,
+    Argument,
+    Commands,
+    Option,
+)
 from qvm.errors import EXIT_INTERRUPTED, EXIT_OK, DefinitionError, QvmError
 
 if TYPE_CHECKING:
@@ -31,9 +40,6 @@ if TYPE_CHECKING:
     from qvm.ops.up import UpResult
 
 
-JSON_HELP = "Print JSON (the schema named below). An error is a JSON object too."
-
-
 commands = Commands()
 
 
@@ -44,7 +50,7 @@ def up(
     restore: str | None = Option(
         None, "--restore", metavar="TAG", help="Start from this snapshot (qvm snapshot)."
     ),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Start VMs under their own supervisors and wait until QMP answers.
 
@@ -180,10 +186,10 @@ def _clone_start(run: RunDir, result: UpResult) -> dict[str, Any] | None:
 
 @commands.command("down")
 def down(
-    names: list[str] = Argument(..., help="Machine names."),
-    timeout: float = Option(30.0, "--timeout", help="Seconds to wait for the guest."),
-    force: bool = Option(False, "--force", help="Skip the ACPI power button."),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
+    names: list[str] = MACHINES,
+    timeout: float = STOP_TIMEOUT,
+    force: bool = SKIP_POWER_BUTTON,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Power VMs off: ACPI power button, then QMP quit, then SIGKILL.
 
@@ -218,10 +224,7 @@ def _stop_label(name: str, timeout: float, force: bool) -> str:
 
 
 @commands.command("kill")
-def kill(
-    names: list[str] = Argument(..., help="Machine names."),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
-) -> None:
+def kill(names: list[str] = MACHINES, as_json: bool = AS_JSON) -> None:
     """Kill QEMU at once (SIGKILL). Not a failure for the restart policy.
 
     JSON: schemas/kill.json
@@ -274,10 +277,10 @@ def _error_entry(name: str, error: QvmError) -> dict[str, Any]:
 
 @commands.command("restart")
 def restart(
-    name: str = Argument(..., help="Machine name."),
-    timeout: float = Option(30.0, "--timeout", help="Seconds to wait for the guest."),
-    force: bool = Option(False, "--force", help="Skip the ACPI power button."),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
+    name: str = MACHINE,
+    timeout: float = STOP_TIMEOUT,
+    force: bool = SKIP_POWER_BUTTON,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Stop the VM (if it runs) and start it again from its current definition.
 
@@ -319,10 +322,7 @@ def restart(
 
 
 @commands.command("status")
-def status(
-    name: str = Argument(..., help="Machine name."),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
-) -> None:
+def status(name: str = MACHINE, as_json: bool = AS_JSON) -> None:
     """Show one VM's state, process facts and files.
 
     JSON: schemas/status.json
@@ -481,7 +481,7 @@ def _guest_rows(guest: GuestFacts | None) -> list[tuple[str, str]]:
 
 
 @commands.command("list")
-def list_vms(as_json: bool = Option(False, "--json", help=JSON_HELP)) -> None:
+def list_vms(as_json: bool = AS_JSON) -> None:
     """Every defined machine and every VM with a run dir, one line each.
 
     JSON: schemas/list.json
@@ -519,7 +519,7 @@ def list_vms(as_json: bool = Option(False, "--json", help=JSON_HELP)) -> None:
 
 @commands.command("logs")
 def logs(
-    name: str = Argument(..., help="Machine name."),
+    name: str = MACHINE,
     follow: bool = Option(False, "--follow", "-f", help="Keep printing new output."),
     qemu: bool = Option(False, "--qemu", help="QEMU's own stderr instead of the serial log."),
     lines: int = Option(0, "--lines", "-n", help="Only the last N lines (0: all)."),
@@ -559,7 +559,7 @@ def logs(
 
 
 @commands.command("console")
-def console(name: str = Argument(..., help="Machine name.")) -> None:
+def console(name: str = MACHINE) -> None:
     """Attach to the serial console. Detach with Ctrl-] (the VM keeps running).
 
     Piped input is sent as fast as the guest reads it; at its end, qvm detaches once the
@@ -590,7 +590,7 @@ def console(name: str = Argument(..., help="Machine name.")) -> None:
 @commands.command("cmdline")
 def cmdline(
     name: str = Argument(..., help="Machine name or TOML file."),
-    as_json: bool = Option(False, "--json", help=JSON_HELP),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Print the exact QEMU command line `qvm up` would run. Starts nothing.
 

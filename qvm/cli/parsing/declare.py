@@ -61,6 +61,18 @@ def Option(  # noqa: N802 - reads like the Typer call it stands for
     return Param("option", default, decls, help, metavar)
 
 
+# Parameters several commands declare alike, declared once so that their spelling and help
+# cannot drift apart (here, where every command module reads from anyway: no import more).
+AS_JSON = Option(
+    False, "--json", help="Print JSON (the schema named below). An error is a JSON object too."
+)
+MACHINE = Argument(..., help="Machine name.")
+MACHINES = Argument(..., help="Machine names.")
+SNAPSHOT_TAG = Argument(..., help="The snapshot's name.")
+STOP_TIMEOUT = Option(30.0, "--timeout", help="Seconds to wait for the guest.")  # down, restart
+SKIP_POWER_BUTTON = Option(False, "--force", help="Skip the ACPI power button.")  # down, restart
+
+
 class Commands:
     """The commands one module declares, by the word that runs each."""
 
