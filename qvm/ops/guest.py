@@ -296,10 +296,9 @@ def copy_to_guest(
                 owner = default_owner(run, guest_path)
             helpers = guest_files.can_run_helpers(client)
             target = _guest_target(client, local, guest_path, helpers)
-            if stat.S_ISDIR(info.st_mode):
-                done, mode = _put_tree(client, local, target, owner, helpers, parts, progress)
-            else:
-                done, mode = _put_file(client, local, target, owner, helpers, parts, progress)
+            upload = _Upload(client, owner, helpers, parts, progress)
+            put = _put_tree if stat.S_ISDIR(info.st_mode) else _put_file
+            done, mode = put(upload, local, target)
     except BaseException:
         for part in parts:
             _remove_quietly(run, part)
@@ -338,16 +337,19 @@ def _guest_target(client: AgentClient, local: Path, guest_path: str, helpers: bo
     return guest_path
 
 
-def _put_tree(
-    client: AgentClient,
-    local: Path,
-    target: str,
-    owner: str | None,
-    helpers: bool,
-    parts: list[str],
-    progress: Progress | None,
-) -> tuple[int, int | None]:
-    if not helpers:
+class _Upload(Record):
+    """What every file of one ``copy_to_guest`` is written with."""
+
+    client: AgentClient
+    owner: str | None
+    helpers: bool  # the agent runs programs: part files, chmod, chown, rename
+    parts: list[str]  # the part files being written, for the cleanup
+    progress: Progress | None
+
+
+def _put_tree(upload: _Upload, local: Path, target: str) -> tuple[int, int | None]:
+    client, owner = upload.client, upload.owner
+    if not upload.helpers:
         raise QvmError(
             f"{client.name}: the guest agent runs no programs (guest-exec): qvm cp -r cannot"
             " make folders there"
@@ -367,23 +369,14 @@ def _put_tree(
             path = Path(folder) / name
             if path.is_symlink() or not path.is_file():
                 continue  # links and special files are not copied, as `cp -r` would not
-            written, _ = _put_file(
-                client, path, posixpath.join(guest_folder, name), owner, helpers, parts, progress
-            )
+            written, _ = _put_file(upload, path, posixpath.join(guest_folder, name))
             done += written
     return done, os.stat(local).st_mode & 0o777
 
 
-def _put_file(
-    client: AgentClient,
-    local: Path,
-    target: str,
-    owner: str | None,
-    helpers: bool,
-    parts: list[str],
-    progress: Progress | None,
-) -> tuple[int, int | None]:
+def _put_file(upload: _Upload, local: Path, target: str) -> tuple[int, int | None]:
     """One file to ``target`` by way of a 0600 part file; (bytes, mode set or None)."""
+    client, owner, helpers, progress = upload.client, upload.owner, upload.helpers, upload.progress
     try:
         source = open(local, "rb")  # noqa: SIM115 - closed below, after the guest's side
     except OSError as error:
@@ -394,7 +387,7 @@ def _put_file(
         part = posixpath.join(folder, f".{name}.{os.getpid()}.qvm-part") if helpers else target
         handle = guest_files.open_file(client, part, "w", shown=target)
         if helpers:
-            parts.append(part)
+            upload.parts.append(part)
             guest_files.chmod(client, part, 0o600)  # before any byte is in it
         consequence = "; the partial copy was removed" if helpers else f"; {target} is incomplete"
         with _closing(client, handle), _failing(consequence):
@@ -418,7 +411,7 @@ def _put_file(
             f"{client.name}:{target}: cannot put the copy in place (mv {part} failed in the"
             " guest); the partial copy was removed"
         )
-    parts.remove(part)
+    upload.parts.remove(part)
     return done, mode if kept else None
 
 
