@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,17 @@ QVM_BIN = Path(sys.executable).parent / "qvm"
 def short_tmpdir() -> Path:
     # unix socket paths are limited to 107 bytes: pytest's tmp_path is often too long
     return Path(tempfile.mkdtemp(prefix="qvm-t", dir="/tmp"))
+
+
+@contextlib.contextmanager
+def scratch_qvm(machine: str) -> Iterator[Qvm]:
+    """A ``Qvm`` in a fresh short folder that holds one machine file, ``machine`` (one
+    vCPU), for tests of the CLI that start no VM; the folder is removed afterwards."""
+    root = short_tmpdir()
+    qvm = Qvm(root)
+    qvm.machine(machine, "[cpu]\ncount = 1\n")
+    yield qvm
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def build_test_image() -> Path:
@@ -220,9 +232,30 @@ append = "console=ttyS0 quiet irqaffinity=0"
                 os.kill(pid, signal.SIGKILL)
 
     @contextlib.contextmanager
+    def background(self, *args: str) -> Iterator[subprocess.Popen[str]]:
+        """`qvm ARGS` started and left running (stdout and stderr piped, as text), for a
+        test that acts while it runs; killed at the end if the test left it running."""
+        process = subprocess.Popen(
+            [str(QVM_BIN), *args],
+            env=self.env(),
+            cwd=self.root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    @contextlib.contextmanager
     def state_on_tmpfs(self, size: str, label: str) -> Iterator[Path]:
-        """The state dir on a tmpfs of ``size`` ("2m"; mounting needs root); at the end
-        every VM is killed, then it is unmounted."""
+        """The state dir on a tmpfs of ``size`` ("2m"; the test is skipped unless it runs
+        as root, who can mount one); at the end every VM is killed, then it is unmounted."""
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
         self.state_dir.mkdir(mode=0o700)
         subprocess.run(
             ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", label, str(self.state_dir)],

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import stat
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,6 @@ from pathlib import Path
 import pytest
 from framework.harness import (
     GUEST_DIR,
-    QVM_BIN,
     Qvm,
     build_test_image,
     one_line_error,
@@ -296,23 +294,11 @@ def test_a_vm_killed_mid_copy_leaves_nothing_on_the_host(qvm: Qvm) -> None:
     qvm("exec", "dying", "--", "sh", "-c", "head -c 20971520 /dev/zero > /tmp/big")
     out = qvm.root / "out"
     out.mkdir()
-    copy = subprocess.Popen(
-        [str(QVM_BIN), "cp", "dying:/tmp/big", str(out)],
-        env=qvm.env(),
-        cwd=qvm.root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with qvm.background("cp", "dying:/tmp/big", str(out)) as copy:
         # the copy is under way once its temporary file is there
         wait_until(lambda: any(out.iterdir()), 60, "the copy's temporary file")
         qvm("kill", "dying")
         stdout, stderr = copy.communicate(timeout=60)
-    finally:
-        if copy.poll() is None:
-            copy.kill()
-            copy.wait()
     assert copy.returncode == 1, stdout
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
@@ -327,22 +313,10 @@ def test_ctrl_c_mid_copy_into_the_guest_leaves_the_old_target(vm: Qvm) -> None:
     vm("exec", "vm1", "--", "sh", "-c", "mkdir -p /tmp/cut && echo old > /tmp/cut/big")
     local = vm.root / "big"
     local.write_bytes(os.urandom(24 * MiB))  # ~8 s at the ~3 MB/s the agent writes
-    copy = subprocess.Popen(
-        [str(QVM_BIN), "cp", str(local), "vm1:/tmp/cut/big"],
-        env=vm.env(),
-        cwd=vm.root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with vm.background("cp", str(local), "vm1:/tmp/cut/big") as copy:
         time.sleep(3)  # under way: the agent is the copy's, nothing else can look
         copy.send_signal(signal.SIGINT)
         _, stderr = copy.communicate(timeout=60)
-    finally:
-        if copy.poll() is None:
-            copy.kill()
-            copy.wait()
     assert copy.returncode == 130
     assert stderr == (
         "qvm: vm1:/tmp/cut/big: interrupted; the partial copy was removed, the target is as"

@@ -9,12 +9,11 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from framework.harness import QVM_BIN, Qvm
+from framework.harness import Qvm
 from framework.wait import wait_until
 
 from qvm.layout.runfiles import SPACE_RESERVE_FILE
@@ -33,8 +32,6 @@ def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def tmpfs_state(qvm: Qvm) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
     with qvm.state_on_tmpfs("8m", "qvm-test") as state:
         yield state
 
@@ -77,17 +74,6 @@ def test_the_last_record_of_a_full_state_dir_is_kept_elsewhere(
     assert not kept.exists()
 
 
-def down_in_background(qvm: Qvm) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [str(QVM_BIN), "down", "vm1", "--timeout", "40"],
-        env=qvm.env(),
-        cwd=qvm.root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def runstate(qvm: Qvm) -> str | None:
     """QEMU's run state; None when it could not be asked."""
     done = qvm("qmp", "vm1", "query-status", check=False)
@@ -108,8 +94,7 @@ def abort_at_power_off(qvm: Qvm) -> tuple[str, str]:
     itself in 1 of 3 downs after a vCPU unplug; what `down` printed and its stderr."""
     qvm("qmp", "vm1", "set-action", "shutdown=pause")
     qemu = qvm.status("vm1")["pid"]
-    down = down_in_background(qvm)
-    try:
+    with qvm.background("down", "vm1", "--timeout", "40") as down:
         # or QEMU died by itself at the pause (seen after a vCPU unplug: SIGSEGV)
         wait_until(
             lambda: not alive(qemu) or runstate(qvm) == "shutdown", 60, "the guest to power off"
@@ -117,10 +102,6 @@ def abort_at_power_off(qvm: Qvm) -> tuple[str, str]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(qemu, signal.SIGABRT)
         out, err = down.communicate(timeout=60)
-    finally:
-        if down.poll() is None:
-            down.kill()
-            down.wait()
     assert down.returncode == 0, err
     return out.strip(), err
 
