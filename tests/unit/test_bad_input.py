@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from framework.harness import Qvm, one_line_error, short_tmpdir
+from framework.harness import Qvm, one_line_error, scratch_qvm
 
 from qvm.errors import (
     EXIT_USAGE,
@@ -38,11 +37,8 @@ MAX_LINE = 400
 
 @pytest.fixture
 def cli() -> Iterator[Qvm]:
-    root = short_tmpdir()
-    qvm = Qvm(root)
-    qvm.machine("vm1", "[cpu]\ncount = 1\n")
-    yield qvm
-    shutil.rmtree(root, ignore_errors=True)
+    with scratch_qvm("vm1") as qvm:
+        yield qvm
 
 
 def _short_line(done: subprocess.CompletedProcess[str]) -> str:

@@ -6,11 +6,10 @@ Through the real CLI; nothing here boots a VM."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 
 import pytest
-from framework.harness import Qvm, one_line_error, short_tmpdir
+from framework.harness import Qvm, one_line_error, scratch_qvm
 
 from qvm.control import guest_exec
 from qvm.errors import (
@@ -23,11 +22,8 @@ from qvm.errors import (
 
 @pytest.fixture
 def cli() -> Iterator[Qvm]:
-    root = short_tmpdir()
-    qvm = Qvm(root)
-    qvm.machine("deb", "[cpu]\ncount = 1\n")
-    yield qvm
-    shutil.rmtree(root, ignore_errors=True)
+    with scratch_qvm("deb") as qvm:
+        yield qvm
 
 
 @pytest.mark.parametrize(

@@ -79,28 +79,30 @@ def test_explicit_keys_lines_and_files(tmp_path: Path) -> None:
     assert plan.user == "dev"
 
 
-def test_a_key_file_without_a_key_is_an_error(tmp_path: Path) -> None:
-    (tmp_path / "k.pub").write_text("\n")
-    vm = machine(tmp_path, '[cloud_init]\nssh_authorized_keys = ["k.pub"]\n')
+@pytest.mark.parametrize(
+    ("file", "text", "problem"),
+    [
+        ("k.pub", "\n", "no public key in {path} (hint: check the file)"),
+        # a private key named for a public one: its lines would reach the guest, and every
+        # snapshot and clone of it, through the seed
+        (
+            "id_ed25519",
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEA\n",
+            "{path}: this is a private key; pass {path}.pub",
+        ),
+    ],
+    ids=["no key", "a private key"],
+)
+def test_a_key_file_without_a_public_key_is_refused_at_up(
+    tmp_path: Path, file: str, text: str, problem: str
+) -> None:
+    path = tmp_path / file
+    path.write_text(text)
+    vm = machine(tmp_path, f'[cloud_init]\nssh_authorized_keys = ["{file}"]\n')
     with pytest.raises(DefinitionError) as error:
         plan_seed(vm, RunDir(tmp_path / "run"), home=tmp_path)
     assert str(error.value) == (
-        f"{tmp_path}/vm1.toml: cloud_init.ssh_authorized_keys[0]: no public key in "
-        f"{tmp_path}/k.pub (hint: check the file)"
-    )
-
-
-def test_a_private_key_never_goes_into_the_seed(tmp_path: Path) -> None:
-    """`qvm up` refuses a private key named for a public one: its lines would reach the
-    guest, and every snapshot and clone of it, through the seed."""
-    private = tmp_path / "id_ed25519"
-    private.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEA\n")
-    vm = machine(tmp_path, '[cloud_init]\nssh_authorized_keys = ["id_ed25519"]\n')
-    with pytest.raises(DefinitionError) as error:
-        plan_seed(vm, RunDir(tmp_path / "run"), home=tmp_path)
-    assert str(error.value) == (
-        f"{tmp_path}/vm1.toml: cloud_init.ssh_authorized_keys[0]: {private}: this is a "
-        f"private key; pass {private}.pub"
+        f"{tmp_path}/vm1.toml: cloud_init.ssh_authorized_keys[0]: " + problem.format(path=path)
     )
     assert error.value.exit_code == 2
 

@@ -297,21 +297,24 @@ def test_status_says_where_a_last_record_kept_elsewhere_came_from(tmp_path: Path
 
     run = RunDir(tmp_path / "vm1")
     run.create()
-    ended = ExitRecord(code=0, signal=None, reason="the guest powered off", failed=False, at=1.0)
     kept = "/dev/shm/qvm-0/vm1-0123abcd.state.json"
-    write_state(run.state_file, stopped_record(ended)._replace(kept_in=kept))
+    write_state(run.state_file, stopped_record()._replace(kept_in=kept))
     status = vm_status(run)
     assert status.record_kept_in == kept
     data = _status_json(status)
     assert data["record_kept_in"] == kept
     validate(data, "status.json")
     assert f"  last record kept in {kept} (state.json refused it)" in _status_text(status)
-    write_state(run.state_file, stopped_record(ended))
+    write_state(run.state_file, stopped_record())
     assert vm_status(run).record_kept_in is None
     assert "last record" not in _status_text(vm_status(run))
 
 
-def stopped_record(ended: ExitRecord) -> StateRecord:
+POWERED_OFF = ExitRecord(code=0, signal=None, reason="the guest powered off", failed=False, at=1.0)
+
+
+def stopped_record() -> StateRecord:
+    """The record of vm1, stopped after the guest powered off."""
     record: StateRecord = StateRecord(
         name="vm1",
         machine_file="/m/vm1.toml",
@@ -321,7 +324,7 @@ def stopped_record(ended: ExitRecord) -> StateRecord:
         supervisor_start_time=None,
         state="stopped",
         restarts=0,
-        exit=ended,
+        exit=POWERED_OFF,
         crash_reason=None,
     )
     return record
@@ -332,22 +335,7 @@ def test_a_vm_that_ran_keeps_its_state_and_says_its_definition_is_broken(
 ) -> None:
     run = RunDir(tmp_path / "vm1")
     run.create()
-    ended = ExitRecord(code=0, signal=None, reason="the guest powered off", failed=False, at=1.0)
-    write_state(
-        run.state_file,
-        StateRecord(
-            name="vm1",
-            machine_file="/m/vm1.toml",
-            accel="tcg",
-            accel_reason="no KVM",
-            supervisor_pid=os.getpid(),
-            supervisor_start_time=None,
-            state="stopped",
-            restarts=0,
-            exit=ended,
-            crash_reason=None,
-        ),
-    )
+    write_state(run.state_file, stopped_record())
     status = vm_status(run, broken_definition)
     assert (status.state, status.reason) == ("stopped", "the guest powered off")
     assert status.problems == ("/m/vm1.toml: cpu.count: must be an integer",)
