@@ -170,7 +170,7 @@ def refused_before_start(qvm: Qvm, old: str, new: str) -> tuple[Path, str]:
     path = qvm.guest_machine("vm1")
     path.write_text(path.read_text().replace(old, new))
     result = qvm("up", "vm1", check=False)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a broken definition, as its JSON error says
     assert not qvm.processes()
     assert not (qvm.run_dir("vm1") / "state.json").exists()
     return path, result.stderr
