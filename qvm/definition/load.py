@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from qvm.base.sizes import format_size
-from qvm.base.urls import DIGESTS, is_url
 from qvm.definition.forwards import FORWARD_HINT, ForwardError, parse_forward
 from qvm.definition.naming import (
     disk_node_name,
@@ -291,6 +290,8 @@ def _read_disk(disk: Table, base_dir: Path) -> DiskSpec:
 
 def _read_base(disk: Table, base_dir: Path) -> tuple[str | None, Path | None, dict[str, str]]:
     """base as (URL or None, the image file, checksums): a URL's file is in the cache."""
+    # only machine files with a [[disk]] base read it: not on `list` and `status` of the rest
+    from qvm.base.urls import DIGESTS, is_url  # noqa: PLC0415
 
     checksums = {}
     for algorithm, length in DIGESTS.items():

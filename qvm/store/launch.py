@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from qvm.base.digest import file_sha256
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
 from qvm.store.fields import Fields, read_record
@@ -193,6 +192,9 @@ def definition_changed(launch: LaunchRecord) -> bool | None:
             return None
     if not os.path.lexists(file):
         return True
+    # a running VM's question only: `list` and `status` of stopped VMs never hash
+    from qvm.base.digest import file_sha256  # noqa: PLC0415
+
     now = file_sha256(file)
     return None if now is None else now != launch.definition_sha256
 
