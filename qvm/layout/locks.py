@@ -61,10 +61,6 @@ def _held(take: Callable[[Path], int | None], path: Path) -> bool:
         return True
     os.close(fd)
     return False
-    if fd is None:
-        return True
-    os.close(fd)
-    return False
 
 
 def supervisor_lock_held(run_path: Path, lock_file: Path) -> bool:

@@ -9,7 +9,6 @@ the ports QEMU bound for them (``qvm.host.usernet``), which launch.json cannot k
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.layout.rundir import RunDir
@@ -26,11 +25,6 @@ def read_forwards(run: RunDir) -> tuple[Forward, ...]:
     # only the forwards of launch.json: the rest of it is not this module's business
     launch = read_fields(run.launch_file)
     return launch.records("forwards", Forward.read, ()) if launch is not None else ()
-
-
-def current_forwards(run: RunDir) -> list[dict[str, Any]]:
-    """``read_forwards`` as JSON objects, the shape ``qvm status`` and ``port list`` print."""
-    return [forward.to_json() for forward in read_forwards(run)]
 
 
 def save(run: RunDir, forwards: Iterable[Forward], stamp: QemuRun | None = None) -> None:

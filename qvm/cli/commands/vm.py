@@ -82,7 +82,7 @@ def up(
         resumed = plan is not None and plan.inputs.incoming is not None and not no_wait
         clone = _clone_start(run, result) if resumed else None
         if as_json:
-            from qvm.store.forwards import current_forwards
+            from qvm.store.forwards import read_forwards
 
             entry = {
                 "name": result.name,
@@ -94,7 +94,7 @@ def up(
                 "qmp_socket": str(result.qmp_socket),
                 "qmp_ready": result.ready,
                 # the host ports picked for port 0 too: what this run listens on
-                "forwards": current_forwards(run),
+                "forwards": [forward.to_json() for forward in read_forwards(run)],
             }
             if restored is not None:
                 entry["restore"] = restored.as_json()
@@ -290,7 +290,7 @@ def restart(
     from qvm.cli.progress import run_waiting
     from qvm.ops.stop import stop
     from qvm.ops.up import plan_launch, start_vm
-    from qvm.store.forwards import current_forwards
+    from qvm.store.forwards import read_forwards
     from qvm.supervisor.client import supervisor_alive
 
     machine = resolve.load(name)
@@ -314,7 +314,7 @@ def restart(
                 "accel": started.accel,
                 "accel_reason": started.accel_reason,
                 "qmp_ready": started.ready,
-                "forwards": current_forwards(run),
+                "forwards": [forward.to_json() for forward in read_forwards(run)],
             }
         )
         return

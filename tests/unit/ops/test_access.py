@@ -13,6 +13,7 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from framework.fake_qmp import state_json
@@ -30,7 +31,7 @@ from qvm.ops.access import SshTarget, parse_condition, ssh_argv, ssh_target, wai
 from qvm.ops.files import remove, reset
 from qvm.ops.guest import default_owner
 from qvm.ops.up import _check_fixed_ports
-from qvm.store.forwards import current_forwards
+from qvm.store.forwards import read_forwards
 from qvm.store.launch import Image, LaunchRecord
 
 FWD22 = {
@@ -89,6 +90,10 @@ def _my_name() -> str:
     import psutil
 
     return psutil.Process().name()
+
+
+def current_forwards(run: RunDir) -> list[dict[str, Any]]:
+    return [forward.to_json() for forward in read_forwards(run)]
 
 
 def test_forwards_record_belongs_to_one_qemu_run(tmp_path: Path) -> None:
