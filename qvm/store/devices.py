@@ -83,22 +83,8 @@ class DeviceRecord(Record):
 
     @classmethod
     def read(cls, f: Fields) -> DeviceRecord:
-        return cls(
-            id=f.str("id"),
-            kind=f.one_of("kind", DEVICE_KINDS),
-            cleanup=read_commands(f, "cleanup"),
-            bus=f.str("bus", None),
-            backend=f.str("backend", None),
-            size=f.int("size", None),
-            max_size=f.int("max_size", None),
-            added=f.float("added", None),
-            file=f.str("file", None),
-            format=f.str("format", None),
-            readonly=f.bool("readonly", False),
-            created=f.bool("created", False),
-            model=f.str("model", None),
-            mac=f.str("mac", None),
-            index=f.int("index", None),
+        return f.declared(
+            cls, kind=f.one_of("kind", DEVICE_KINDS), cleanup=read_commands(f, "cleanup")
         )
 
     def to_json(self) -> dict[str, Any]:

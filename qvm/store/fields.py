@@ -14,13 +14,15 @@ import builtins
 import math
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from typing import Any, Self, TypeVar, overload
 
 from qvm.base.jsonfile import read_json_strict
+from qvm.base.record import Record
 from qvm.errors import RecordError
 
 _T = TypeVar("_T")
 _D = TypeVar("_D")
+_R = TypeVar("_R", bound=Record)
 _MISSING = object()
 _SHOWN = 60  # characters of a bad value quoted in a message
 
@@ -170,6 +172,60 @@ class Fields:
     def any(self, key: builtins.str, default: Any = _MISSING) -> Any:
         """A value qvm passes along without looking into it (e.g. QMP arguments)."""
         return self._get(key, default)
+
+    def declared(self, cls: type[_R], **given: Any) -> _R:
+        """The record ``cls``, each field not ``given`` read under its own name as its
+        annotation declares (``int``, ``str | None``, ``tuple[str, ...]``...): a field
+        with a default, or declared ``| None``, may be absent (or null). The ``given``,
+        read by the caller first, name their problems before the others."""
+        values = dict(given)
+        for field, read, default in _declared_plan(cls):
+            if field in given:
+                continue
+            if read is None:
+                raise TypeError(f"{cls.__name__}.{field}: not read by its type: give it")
+            values[field] = read(self, field, default)
+        return cls(**values)
+
+
+# how a field of each declared type is read: with ``declared``, a record's fields and
+# their JSON keys are one list, written once
+_READERS: dict[str, Callable[..., Any]] = {
+    "str": Fields.str,
+    "int": Fields.int,
+    "float": Fields.float,
+    "bool": Fields.bool,
+    "tuple[str, ...]": Fields.str_list,
+}
+_Plan = tuple[tuple[str, Callable[..., Any] | None, Any], ...]
+_PLANS: dict[type, _Plan] = {}
+
+
+def _declared_plan(cls: type[Record]) -> _Plan:
+    """Each field of ``cls``: its name, its reader (None: a type ``_READERS`` does not
+    know) and its default (``_MISSING``: the key must be there)."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        steps = []
+        for field in cls._fields:
+            declared = cls.__annotations__[field]
+            base = declared.removesuffix(" | None")
+            default = None if base != declared else _MISSING
+            steps.append((field, _READERS.get(base), cls._field_defaults.get(field, default)))
+        plan = _PLANS[cls] = tuple(steps)
+    return plan
+
+
+class PlainRecord(Record):
+    """A record whose JSON object is its fields as they are, each read as declared (a
+    subclass reads the fields ``declared`` cannot, e.g. a ``one_of``, in its ``read``)."""
+
+    @classmethod
+    def read(cls, f: Fields) -> Self:
+        return f.declared(cls)
+
+    def to_json(self) -> dict[str, Any]:
+        return self._asdict()
 
 
 def read_record(

@@ -8,18 +8,18 @@ attributes. A record that does not parse is a ``RecordError`` naming the file.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Self
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
-from qvm.store.fields import Fields, read_record
+from qvm.store.fields import Fields, PlainRecord, read_record
 
 RESTART_POLICIES = ("no", "on-failure", "always")
 PROTOCOLS = ("tcp", "udp")
 LAUNCH_HINT = "qvm up writes it anew; qvm down, then qvm up"
 
 
-class Forward(Record):
+class Forward(PlainRecord):
     """One host-to-guest port forward of a NIC, its host port resolved."""
 
     nic: str
@@ -29,45 +29,22 @@ class Forward(Record):
     guest_port: int
 
     @classmethod
-    def read(cls, f: Fields) -> Forward:
-        return cls(
-            nic=f.str("nic"),
-            proto=f.one_of("proto", PROTOCOLS),
-            host_addr=f.str("host_addr"),
-            host_port=f.int("host_port"),
-            guest_port=f.int("guest_port"),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return self._asdict()
+    def read(cls, f: Fields) -> Self:
+        return f.declared(cls, proto=f.one_of("proto", PROTOCOLS))
 
 
-class Image(Record):
+class Image(PlainRecord):
     """A file QEMU opens, and whether it writes it (for other VMs' pre-flight)."""
 
     path: str
     writable: bool
 
-    @classmethod
-    def read(cls, f: Fields) -> Image:
-        return cls(path=f.str("path"), writable=f.bool("writable"))
 
-    def to_json(self) -> dict[str, Any]:
-        return self._asdict()
-
-
-class Topology(Record):
+class Topology(PlainRecord):
     sockets: int
     dies: int
     cores: int
     threads: int
-
-    @classmethod
-    def read(cls, f: Fields) -> Topology:
-        return cls(*(f.int(key) for key in cls._fields))
-
-    def to_json(self) -> dict[str, Any]:
-        return self._asdict()
 
 
 class SshFacts(Record):

@@ -15,7 +15,7 @@ restarting QEMU, and what a refusal says.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Self
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
@@ -28,7 +28,7 @@ from qvm.layout.kinds import (
     snapshot_kinds,
 )
 from qvm.layout.rundir import RunDir
-from qvm.store.fields import Fields, read_record
+from qvm.store.fields import Fields, PlainRecord, read_record
 from qvm.store.launch import Forward
 
 SNAPSHOTS_HINT = "it lists qvm's snapshots; remove it to forget them (the disks keep theirs)"
@@ -37,7 +37,7 @@ PLUGGED_KINDS = snapshot_kinds(SNAPSHOT_PLUGGED)  # "disk", "nic"
 TAG_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 
 
-class MemoryDevice(Record):
+class MemoryDevice(PlainRecord):
     """A DIMM or virtio-mem device present at save time."""
 
     id: str
@@ -48,21 +48,11 @@ class MemoryDevice(Record):
     bus: str | None = None  # the PCIe root port of a virtio-mem device (q35)
 
     @classmethod
-    def read(cls, f: Fields) -> MemoryDevice:
-        return cls(
-            id=f.str("id"),
-            kind=f.one_of("kind", MEMORY_KINDS),
-            backend=f.str("backend"),
-            size=f.int("size"),
-            requested_size=f.int("requested_size", None),
-            bus=f.str("bus", None),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return self._asdict()
+    def read(cls, f: Fields) -> Self:
+        return f.declared(cls, kind=f.one_of("kind", MEMORY_KINDS))
 
 
-class PluggedDevice(Record):
+class PluggedDevice(PlainRecord):
     """A disk or NIC qvm hotplugged, present at save time: what the command line needs
     to recreate it (a kind of PLUGGED_KINDS uses the fields it needs)."""
 
@@ -76,17 +66,8 @@ class PluggedDevice(Record):
     readonly: bool = False
 
     @classmethod
-    def read(cls, f: Fields) -> PluggedDevice:
-        optional_texts = ("file", "format", "model", "mac", "bus")
-        return cls(
-            id=f.str("id"),
-            kind=f.one_of("kind", PLUGGED_KINDS),
-            readonly=f.bool("readonly", False),
-            **{key: f.str(key, None) for key in optional_texts},
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return self._asdict()
+    def read(cls, f: Fields) -> Self:
+        return f.declared(cls, kind=f.one_of("kind", PLUGGED_KINDS))
 
 
 class DeviceSet(Record):

@@ -113,23 +113,12 @@ class StateRecord(Record):
     def from_json(cls, data: Any, source: str, hint: str | None = STATE_HINT) -> StateRecord:
         f = Fields(data, source, hint)
         ended = f.object("exit", None)
-        return cls(
-            name=f.str("name"),
-            machine_file=f.str("machine_file", None),
-            accel=f.str("accel", None),
-            accel_reason=f.str("accel_reason", None),
+        return f.declared(
+            cls,
             supervisor_pid=f.pid("supervisor_pid"),
-            supervisor_start_time=f.int("supervisor_start_time", None),
             state=f.one_of("state", STATES),
-            restarts=f.int("restarts"),
             exit=ExitRecord.read(ended) if ended is not None else None,
-            crash_reason=f.str("crash_reason", None),
             qemu_pid=f.pid("qemu_pid", None),
-            qemu_start_time=f.int("qemu_start_time", None),
-            started_at=f.float("started_at", None),
-            next_restart_at=f.float("next_restart_at", None),
-            orphaned=f.bool("orphaned", False),
-            kept_in=f.str("kept_in", None),
         )
 
     def to_json(self) -> dict[str, Any]:

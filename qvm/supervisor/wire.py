@@ -116,15 +116,7 @@ class StatusReply(Record):
 
     @classmethod
     def read(cls, f: Fields) -> StatusReply:
-        return cls(
-            record=StateRecord.from_json(f.data, f.source, f.hint),
-            runstate=f.str("runstate", None),
-            vcpus_present=f.int("vcpus_present", None),
-            memory_bytes=f.int("memory_bytes", None),
-            rss_bytes=f.int("rss_bytes", None),
-            cpu_percent=f.float("cpu_percent", None),
-            qmp_error=f.str("qmp_error", None),
-        )
+        return f.declared(cls, record=StateRecord.from_json(f.data, f.source, f.hint))
 
     def to_json(self) -> dict[str, Any]:
         facts = {key: value for key, value in self._asdict().items() if value is not None}

@@ -214,7 +214,7 @@ def test_a_corrupt_record_is_one_line_naming_its_file(tmp_path: Path) -> None:
     # the supervisor's event loop must go on: a mark it cannot read completes nothing
     assert complete_pending(run, DEVICE_GONE) == []
     write_json_atomic(run.forwards_file, {"qemu_pid": 100, "qemu_start_time": 5, "forwards": [{}]})
-    with pytest.raises(RecordError, match=r"forwards\[0\]: nic: missing"):
+    with pytest.raises(RecordError, match=r"forwards\[0\]: proto: missing"):
         read_forwards(run)
 
 

@@ -374,7 +374,7 @@ def test_a_status_reply_is_state_json_with_the_live_facts() -> None:
     ("request_", "line", "problem"),
     [
         (wire.StopRequest(), b'{"ended_by": "magic"}\n', "ended_by: must be one of acpi"),
-        (wire.StatusRequest(), b'{"state": "running"}\n', "name: missing"),
+        (wire.StatusRequest(), b'{"state": "running"}\n', "supervisor_pid: missing"),
         (wire.ControlRequest(), b'{"ready": false}\n', "ready: must be true"),
         (wire.ControlRequest(), b"{}\n", "ready: missing"),
         (wire.KillRequest(), b"ok\n", "not valid JSON"),
