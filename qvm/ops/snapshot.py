@@ -462,15 +462,25 @@ def _revert_disks(
     _check_images(run, record, [Path(f) for f in record.files])
     for file in record.files:
         qemu_img_snapshot("-a", record.tag, Path(file))
+    return _restored(run, record, started, changed, "disks reverted", devices="-")
+
+
+def _restored(
+    run: RunDir,
+    record: SnapshotRecord,
+    started: float,
+    changed: bool,
+    how: str,
+    devices: str,
+    guest_clock: str | None = None,
+    replugged: int = 0,
+    up: UpResult | None = None,
+    pid: int | None = None,
+) -> RestoreResult:
+    """The result of each way a restore goes, timed from ``started``."""
+    seconds = round(time.monotonic() - started, 3)
     return RestoreResult(
-        name=run.name,
-        tag=record.tag,
-        how="disks reverted",
-        replugged=0,
-        seconds=round(time.monotonic() - started, 3),
-        devices="-",
-        guest_clock=None,
-        definition_changed=changed,
+        run.name, record.tag, how, replugged, seconds, devices, guest_clock, changed, pid, up
     )
 
 
@@ -516,17 +526,9 @@ def _load_in_place(
             )
         qmp.load_job(session, record.tag, record.vmstate_node, list(record.nodes))
     clock = _fix_clock(run, record)
-    return RestoreResult(
-        name=run.name,
-        tag=record.tag,
-        how="loaded in place",
-        replugged=0,
-        seconds=round(time.monotonic() - started, 3),
-        devices=devices.summary(),
-        guest_clock=clock,
-        definition_changed=changed,
-        pid=None,
-        up=_running(run, launch),
+    up = _running(run, launch)
+    return _restored(
+        run, record, started, changed, "loaded in place", devices.summary(), clock, up=up
     )
 
 
@@ -581,23 +583,16 @@ def _restart(
     up = start_vm(plan, wait=True)
     _record_devices(run, record)
     clock = _fix_clock(run, record)
-    replugged = (
+    replugged = max(
+        0,
         len(record.devices.memory)
         + len(record.devices.plugged)
         + max(0, len(record.devices.cpu_slots) - 1)
-        - max(0, machine.cpu.count - 1)
+        - max(0, machine.cpu.count - 1),
     )
-    return RestoreResult(
-        name=run.name,
-        tag=record.tag,
-        how="restarted",
-        replugged=max(replugged, 0),
-        seconds=round(time.monotonic() - started, 3),
-        devices=record.devices.summary(),
-        guest_clock=clock,
-        definition_changed=changed,
-        pid=up.qemu_pid,
-        up=up,
+    devices = record.devices.summary()
+    return _restored(
+        run, record, started, changed, "restarted", devices, clock, replugged, up, up.qemu_pid
     )
 
 
