@@ -53,6 +53,12 @@ def corrupt_run(tmp_path: Path, content: bytes) -> RunDir:
     return run
 
 
+@pytest.fixture(params=CORRUPT.values(), ids=list(CORRUPT))
+def corrupt(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[RunDir, bytes]:
+    """A run dir of a VM running nothing, whose state.json is one of CORRUPT."""
+    return corrupt_run(tmp_path, request.param), request.param
+
+
 def kept(run: RunDir) -> list[Path]:
     return sorted(run.path.glob("state.json.corrupt-*"))
 
@@ -60,11 +66,10 @@ def kept(run: RunDir) -> list[Path]:
 # --- status -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content", CORRUPT.values(), ids=CORRUPT)
 def test_status_of_a_corrupt_record_of_a_vm_running_nothing_is_stopped(
-    tmp_path: Path, content: bytes
+    corrupt: tuple[RunDir, bytes],
 ) -> None:
-    run = corrupt_run(tmp_path, content)
+    run, content = corrupt
     status = vm_status(run)
     assert isinstance(status, VmStatus)
     assert status.state == "stopped"
@@ -89,11 +94,10 @@ def test_status_of_a_corrupt_record_while_the_lock_is_held_is_unknown(tmp_path: 
 # --- up: moved aside, kept -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content", CORRUPT.values(), ids=CORRUPT)
 def test_a_corrupt_record_of_a_vm_running_nothing_is_moved_aside(
-    tmp_path: Path, content: bytes
+    corrupt: tuple[RunDir, bytes],
 ) -> None:
-    run = corrupt_run(tmp_path, content)
+    run, content = corrupt
     moved = set_aside_corrupt_state(run)
     assert moved is not None and kept(run) == [moved]
     assert moved.name.startswith("state.json.corrupt-2") and moved.name.endswith("Z")
