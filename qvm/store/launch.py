@@ -104,20 +104,9 @@ class LaunchRecord(Record):
         f = Fields(data, source, LAUNCH_HINT)
         topology = f.object("topology", None)
         ssh = f.object("ssh", None)
-        return cls(
-            name=f.str("name"),
-            machine_file=f.str("machine_file", None),
-            argv=f.str_list("argv"),
-            accel=f.str("accel", None),
-            accel_reason=f.str("accel_reason", None),
-            machine_type=f.str("machine_type", None),
-            cpu_model=f.str("cpu_model", None),
-            vcpus_boot=f.int("vcpus_boot", None),
-            vcpus_max=f.int("vcpus_max", None),
+        return f.declared(
+            cls,
             topology=Topology.read(topology) if topology is not None else None,
-            memory_size=f.int("memory_size", None),
-            memory_max=f.int("memory_max", None),
-            memory_slots=f.int("memory_slots", None),
             forwards=f.records("forwards", Forward.read, ()),
             nics=f.str_list("nics", ()),
             images=f.records("images", Image.read, ()),
@@ -125,9 +114,6 @@ class LaunchRecord(Record):
             restart=f.one_of("restart", RESTART_POLICIES, "no"),
             max_restarts=f.int("max_restarts", 5),
             restart_delay=f.float("restart_delay", 1.0),
-            created=f.float("created", None),
-            restart_argv=f.str_list("restart_argv", None),
-            definition_sha256=f.str("definition_sha256", None),
         )
 
     def to_json(self) -> dict[str, Any]:

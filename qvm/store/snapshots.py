@@ -137,21 +137,13 @@ class SnapshotRecord(Record):
     @classmethod
     def read(cls, f: Fields) -> SnapshotRecord:
         shape = f.object("shape", None)
-        return cls(
-            tag=f.str("tag"),
-            created=f.float("created"),
+        return f.declared(
+            cls,
             disk_only=f.bool("disk_only", False),
-            guest_time_ns=f.int("guest_time_ns", None),
-            vm_clock_ns=f.int("vm_clock_ns", None),
-            ram_bytes=f.int("ram_bytes", None),
-            vmstate_bytes=f.int("vmstate_bytes", None),
-            vmstate_node=f.str("vmstate_node", None),
             nodes=f.str_list("nodes"),
             files=f.str_list("files", ()),
             devices=DeviceSet.read(f.object("devices")),
-            definition_sha256=f.str("definition_sha256", None),
             shape=dict(shape.data) if shape is not None else {},
-            save_seconds=f.float("save_seconds", None),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -324,15 +316,10 @@ class CloneRecord(Record):
         macs = f.object("template_macs", None)
         if macs is not None and not all(isinstance(v, str) for v in macs.data.values()):
             raise f.fail("template_macs", "must map NIC ids to MACs")
-        return cls(
-            template=f.str("template"),
-            tag=f.str("tag"),
-            memory=f.str("memory"),
+        return f.declared(
+            cls,
             devices=DeviceSet.read(f.object("devices")),
             template_macs=dict(macs.data) if macs is not None else {},
-            mac_note=f.str("mac_note", None),
-            guest_time_ns=f.int("guest_time_ns", None),
-            clock_note=f.str("clock_note", None),
         )
 
     def to_json(self) -> dict[str, Any]:
