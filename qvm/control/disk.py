@@ -269,16 +269,7 @@ def node_cleanup(dev_id: str) -> tuple[Command, ...]:
 def restored_record(saved: PluggedDevice, now: float) -> DeviceRecord:
     """The record of a disk a snapshot's start put on QEMU's command line, as if qvm had
     hotplugged it (``disk list``, ``disk detach`` know it)."""
-    return DeviceRecord(
-        saved.id,
-        kinds.DISK.name,
-        cleanup=node_cleanup(saved.id),
-        bus=saved.bus,
-        file=saved.file,
-        format=saved.format,
-        readonly=saved.readonly,
-        added=now,
-    )
+    return DeviceRecord(**saved._asdict(), cleanup=node_cleanup(saved.id), added=now)
 
 
 def _new_disk_id(

@@ -272,15 +272,7 @@ def netdev_cleanup(dev_id: str) -> tuple[Command, ...]:
 def restored_record(saved: PluggedDevice, now: float) -> DeviceRecord:
     """The record of a NIC a snapshot's start put on QEMU's command line, as if qvm had
     hotplugged it (``nic list``, ``nic del`` know it)."""
-    return DeviceRecord(
-        saved.id,
-        kinds.NIC.name,
-        cleanup=netdev_cleanup(saved.id),
-        bus=saved.bus,
-        model=saved.model,
-        mac=saved.mac,
-        added=now,
-    )
+    return DeviceRecord(**saved._asdict(), cleanup=netdev_cleanup(saved.id), added=now)
 
 
 # --- remove ------------------------------------------------------------------------------

@@ -169,18 +169,7 @@ def device_set(
         kind = kind_named(record.kind)
         part = kind.snapshot if kind is not None else None
         if part == SNAPSHOT_PLUGGED:
-            plugged.append(
-                PluggedDevice(
-                    id=record.id,
-                    kind=record.kind,
-                    file=record.file,
-                    format=record.format,
-                    model=record.model,
-                    mac=record.mac,
-                    bus=record.bus,
-                    readonly=record.readonly,
-                )
-            )
+            plugged.append(PluggedDevice.kept_of(record))
         elif part == SNAPSHOT_REFUSED and kind is not None:
             raise VmStateError(
                 f"{run.name}: {kind.noun} {record.id} cannot be kept in a snapshot (hint: "

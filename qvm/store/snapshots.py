@@ -15,7 +15,7 @@ restarting QEMU, and what a refusal says.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
@@ -30,6 +30,9 @@ from qvm.layout.kinds import (
 from qvm.layout.rundir import RunDir
 from qvm.store.fields import Fields, PlainRecord, read_record
 from qvm.store.launch import Forward
+
+if TYPE_CHECKING:
+    from qvm.store.devices import DeviceRecord
 
 SNAPSHOTS_HINT = "it lists qvm's snapshots; remove it to forget them (the disks keep theirs)"
 MEMORY_KINDS = snapshot_kinds(SNAPSHOT_MEMORY)  # "dimm", "virtio-mem"
@@ -68,6 +71,12 @@ class PluggedDevice(PlainRecord):
     @classmethod
     def read(cls, f: Fields) -> Self:
         return f.declared(cls, kind=f.one_of("kind", PLUGGED_KINDS))
+
+    @classmethod
+    def kept_of(cls, record: DeviceRecord) -> Self:
+        """What a snapshot keeps of a device qvm recorded: the fields the two share (a
+        ``restored_record`` in its kind's module makes the record again)."""
+        return cls(**{field: getattr(record, field) for field in cls._fields})
 
 
 class DeviceSet(Record):

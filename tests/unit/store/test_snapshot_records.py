@@ -242,3 +242,15 @@ def test_clone_first_start_sets_the_guest_clock_as_a_restore_does(
     snapshots.write_clone(run, with_agent._replace(guest_time_ns=None))
     assert incoming.set_clock(run) == "not set: no guest agent answered at the template's save"
     assert asked == [run.name]  # no agent at the save: none asked now
+
+
+def test_a_kept_device_is_its_record_less_cleanup_and_time_and_back() -> None:
+    from qvm.control.disk import node_cleanup, restored_record
+    from qvm.store.devices import DeviceRecord
+
+    record = DeviceRecord(
+        "disk3", "disk", node_cleanup("disk3"), "rp1", file="/x.qcow2", format="qcow2"
+    )
+    kept = snapshots.PluggedDevice.kept_of(record._replace(added=5.0))
+    assert kept == snapshots.PluggedDevice("disk3", "disk", "/x.qcow2", "qcow2", bus="rp1")
+    assert restored_record(kept, 7.0) == record._replace(added=7.0)
