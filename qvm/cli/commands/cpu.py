@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from qvm.cli import resolve
 from qvm.cli.device_options import FORCE
 from qvm.cli.output import abort, emit_json, fail_all, ms, say, table, warn
-from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option
+from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option, persist_option
 from qvm.errors import EXIT_FAILURE, EXIT_PENDING, EXIT_USAGE
 from qvm.layout.rundir import RunDir
 
@@ -18,12 +18,7 @@ if TYPE_CHECKING:
 
 commands = Commands(help="List, add and remove vCPUs of a running VM.")
 
-PERSIST = Option(
-    False,
-    "--persist",
-    help="After the live change succeeded, write the new vCPU count into the machine's TOML "
-    "([cpu] count), keeping its comments and formatting.",
-)
+PERSIST = persist_option("write the new vCPU count into the machine's TOML ([cpu] count)")
 
 
 @commands.command("list")

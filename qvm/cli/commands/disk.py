@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from qvm.cli import device_options, resolve
 from qvm.cli.output import abort, emit_json, human_bytes, ms, say, table
-from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option
+from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option, persist_option
 from qvm.errors import EXIT_USAGE
 from qvm.layout.rundir import RunDir
 
@@ -64,11 +64,8 @@ def attach(
     readonly: bool = Option(False, "--readonly", help="Attach it read-only."),
     dev_id: str | None = Option(None, "--id", help="Device id (default: diskN)."),
     force: bool = device_options.FORCE,
-    persist: bool = Option(
-        False,
-        "--persist",
-        help="After the attach succeeded, add a [[disk]] for it to the machine's TOML "
-        "(comments and formatting kept), so it is there at the next boot.",
+    persist: bool = persist_option(
+        "add a [[disk]] for it to the machine's TOML, so it is there at the next boot"
     ),
     as_json: bool = AS_JSON,
 ) -> None:
@@ -114,11 +111,7 @@ def detach(
     name: str = MACHINE,
     dev_id: str = Argument(..., metavar="ID", help="The disk's id (see qvm disk list)."),
     timeout: float = device_options.UNPLUG_TIMEOUT,
-    persist: bool = Option(
-        False,
-        "--persist",
-        help="After the detach succeeded, remove its [[disk]] from the machine's TOML too.",
-    ),
+    persist: bool = persist_option("remove its [[disk]] from the machine's TOML"),
     as_json: bool = AS_JSON,
 ) -> None:
     """Unplug a disk qvm attached (device_del, wait for DEVICE_DELETED, blockdev-del). The

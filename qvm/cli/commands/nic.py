@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from qvm.cli import device_options, resolve
 from qvm.cli.output import emit_json, ms, say, table
-from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option
+from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option, persist_option
 from qvm.layout.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -55,11 +55,8 @@ def add(
     ),
     dev_id: str | None = Option(None, "--id", help="Device id (default: netN)."),
     force: bool = device_options.FORCE,
-    persist: bool = Option(
-        False,
-        "--persist",
-        help="After the add succeeded, add a [[nic]] for it (its MAC and forwards as given) "
-        "to the machine's TOML, comments and formatting kept.",
+    persist: bool = persist_option(
+        "add a [[nic]] for it (its MAC and forwards as given) to the machine's TOML"
     ),
     as_json: bool = AS_JSON,
 ) -> None:
@@ -100,11 +97,7 @@ def delete(
     name: str = MACHINE,
     dev_id: str = Argument(..., metavar="ID", help="The NIC's id (see qvm nic list)."),
     timeout: float = device_options.UNPLUG_TIMEOUT,
-    persist: bool = Option(
-        False,
-        "--persist",
-        help="After the removal succeeded, remove its [[nic]] (same MAC) from the TOML too.",
-    ),
+    persist: bool = persist_option("remove its [[nic]] (same MAC) from the TOML"),
     as_json: bool = AS_JSON,
 ) -> None:
     """Unplug a NIC qvm added (device_del, wait for DEVICE_DELETED, netdev_del, which ends

@@ -63,6 +63,16 @@ def Option(  # noqa: N802 - reads like the Typer call it stands for
 
 # Parameters several commands declare alike, declared once so that their spelling and help
 # cannot drift apart (here, where every command module reads from anyway: no import more).
+def persist_option(change: str) -> Any:
+    """The --persist of a hotplug command (cpu, disk, nic), one sentence for all:
+    ``change`` is what it does to the machine's TOML."""
+    return Option(
+        False,
+        "--persist",
+        help=f"After the live change succeeded, {change} (comments and formatting kept).",
+    )
+
+
 AS_JSON = Option(
     False, "--json", help="Print JSON (the schema named below). An error is a JSON object too."
 )
