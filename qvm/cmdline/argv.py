@@ -7,6 +7,7 @@ and ``qvm up`` print and run the same argv. A forward's host port 0 stays 0: QEM
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from qvm.base.record import Record
@@ -17,9 +18,17 @@ from qvm.definition.naming import (
     nic_id,
     overlay_name,
     pci_ports,
+    share_id,
     stable_mac,
 )
-from qvm.definition.schema import SEED_DEVICE_ID, DiskSpec, Machine, NicSpec
+from qvm.definition.schema import (
+    SEED_DEVICE_ID,
+    DiskSpec,
+    Machine,
+    NicSpec,
+    ShareSpec,
+    shared_memory,
+)
 from qvm.definition.topology import cpu_device_id, cpu_driver, slot_props, topology_of
 from qvm.layout.kinds import DIMM, DISK, NIC, VIRTIO_MEM
 from qvm.layout.rundir import RunDir
@@ -81,7 +90,10 @@ def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
     argv += ["-nodefaults", "-no-user-config", "-display", "none"]
 
     # Machine and accelerator
-    argv += ["-machine", f"{machine.type},accel={accel}"]
+    shared = shared_memory(machine)
+    # shared RAM (what vhost-user devices such as virtiofs need) is a memfd backend
+    ram = f",memory-backend={SHARED_RAM}" if shared else ""
+    argv += ["-machine", f"{machine.type},accel={accel}{ram}"]
     if machine.type != "microvm":
         # a guest panic becomes a failed exit that the supervisor and restart policy see
         argv += ["-device", "pvpanic", "-action", "panic=exit-failure"]
@@ -110,6 +122,9 @@ def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
     if machine.memory.max is not None and machine.memory.slots > 0:
         memory += f",slots={machine.memory.slots},maxmem={format_size(machine.memory.max)}"
     argv += ["-m", memory]
+    if shared:
+        size = format_size(machine.memory.size)
+        argv += ["-object", f"memory-backend-memfd,id={SHARED_RAM},size={size},share=on"]
 
     # Boot
     if machine.boot.kernel is not None:
@@ -159,6 +174,10 @@ def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
     if machine.agent.enabled:
         argv += _agent_args(machine, run)
 
+    # Host folders, after the agent: a machine without shares keeps its addresses
+    for index, share in enumerate(machine.shares):
+        argv += _share_args(share_id(index), share, run)
+
     # Hotplug: spare PCIe root ports on q35 (its pcie.0 takes no hotplugged devices), one
     # per hotplugged disk, NIC or virtio-mem device; after the boot devices, so that
     # those keep their addresses. pc's pci.0 takes hotplugged devices as is.
@@ -169,7 +188,7 @@ def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
     if inputs.state_disk:
         argv += _state_disk_args(run)
     for memory_device in inputs.memory_devices:
-        argv += _memory_device_args(memory_device)
+        argv += _memory_device_args(memory_device, shared)
     for plugged in inputs.plugged:
         argv += _plugged_args(plugged)
     if inputs.loadvm is not None:
@@ -255,6 +274,41 @@ def _agent_args(machine: Machine, run: RunDir) -> list[str]:
     ]
 
 
+SHARED_RAM = "qvm.ram"  # the memfd backend of a VM whose RAM is shared
+
+
+def has_shared_memory(argv: Sequence[str]) -> bool:
+    """Whether a QEMU command line (``launch.json``'s) runs with shared RAM: then a DIMM's
+    backend must be shared too, and a live share can be plugged."""
+    return any(arg.startswith(f"memory-backend-memfd,id={SHARED_RAM},") for arg in argv)
+
+
+def share_chardev(share_id: str) -> str:
+    return f"qvm.{share_id}"
+
+
+def _share_args(ident: str, share: ShareSpec, run: RunDir) -> list[str]:
+    """virtiofs: the vhost-user socket virtiofsd listens on (started before QEMU by the
+    supervisor), and the device, whose tag the guest mounts. 9p: QEMU's own server;
+    ``readonly`` is QEMU's to enforce."""
+    if share.via == "9p":
+        readonly = ",readonly=on" if share.readonly else ""
+        return [
+            "-fsdev",
+            f"local,id={share_chardev(ident)},path={escape_opt(str(share.host))},"
+            f"security_model=none{readonly}",
+            "-device",
+            f"virtio-9p-pci,fsdev={share_chardev(ident)},mount_tag={ident},id={ident}",
+        ]
+    socket = escape_opt(str(run.share_socket(ident)))
+    return [
+        "-chardev",
+        f"socket,id={share_chardev(ident)},path={socket}",
+        "-device",
+        f"vhost-user-fs-pci,chardev={share_chardev(ident)},tag={ident},id={ident}",
+    ]
+
+
 def _hotplug_port_args(machine: Machine) -> list[str]:
     args = []
     for index in range(pci_ports(machine.type, machine.hotplug)):
@@ -277,8 +331,10 @@ def _state_disk_args(run: RunDir) -> list[str]:
     ]
 
 
-def _memory_device_args(device: MemoryDevice) -> list[str]:
-    backend = f"memory-backend-ram,id={device.backend},size={device.size}"
+def _memory_device_args(device: MemoryDevice, shared: bool) -> list[str]:
+    # a memory device's RAM is shared like the VM's (qvm.control.memory does the same)
+    kind = "memory-backend-memfd,share=on" if shared else "memory-backend-ram"
+    backend = f"{kind},id={device.backend},size={device.size}"
     if device.kind == DIMM.name:
         front = f"pc-dimm,id={device.id},memdev={device.backend}"
     elif device.kind != VIRTIO_MEM.name:  # a kind of qvm.layout.kinds this does not know

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from qvm.base.record import Record
 from qvm.base.sizes import human_size
 from qvm.base.text import display_path
+from qvm.cmdline.argv import has_shared_memory
 from qvm.control.guard import check_device_add
 from qvm.control.guest import guest_report
 from qvm.control.guest_agent_facts import SOURCE_QEMU, SOURCE_SERIAL, agent_link
@@ -455,12 +456,16 @@ def restored_record(saved: SavedMemory, now: float) -> DeviceRecord:
     )
 
 
-def plug_steps(dev_id: str, backend: str, size: int, device: dict[str, Any]) -> list[Step]:
-    """A memory backend of ``size`` bytes, then the device using it."""
+def plug_steps(
+    dev_id: str, backend: str, size: int, device: dict[str, Any], shared: bool = False
+) -> list[Step]:
+    """A memory backend of ``size`` bytes (shared memory when the VM's RAM is: what its
+    virtiofs shares need), then the device using it."""
+    kind = {"qom-type": "memory-backend-memfd", "share": True} if shared else {}
     return [
         Step(
             "object-add",
-            {"qom-type": "memory-backend-ram", "id": backend, "size": size},
+            {"qom-type": "memory-backend-ram", **kind, "id": backend, "size": size},
             ("object-del", {"id": backend}),
         ),
         Step("device_add", {"id": dev_id, "memdev": backend, **device}),
@@ -478,7 +483,8 @@ def _plan(
             return f"device_add: {desc}", restart_hint(run, launch, "memory.max")
         return None
 
-    steps = plug_steps(record.id, record.backend, size, device)
+    shared = has_shared_memory(launch.argv)
+    steps = plug_steps(record.id, record.backend, size, device, shared)
     return Plug("mem add", steps, record, translate)
 
 

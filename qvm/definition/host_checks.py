@@ -6,6 +6,7 @@ supports, so this stays free of any QEMU probing."""
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Collection
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def check_host(
             if problem is not None:
                 key = f"nic[{nic_index}].forwards[{fwd_index}]"
                 problems.append(Problem(file, key, problem, None, ADDRESS_HINT))
+    problems += _share_problems(machine, file)
     for key, path in _files_needed(machine):
         problem = _file_problem(path)
         if problem is not None:
@@ -71,6 +73,33 @@ def _files_needed(machine: Machine) -> list[tuple[str, Path]]:
             if isinstance(key, Path):
                 needed.append((f"cloud_init.ssh_authorized_keys[{index}]", key))
     return [(key, path) for key, path in needed if path is not None]
+
+
+def _share_problems(machine: Machine, file: str) -> list[Problem]:
+    """Each share's host folder exists and is a folder; virtiofs needs root here."""
+    problems = []
+    for index, share in enumerate(machine.shares):
+        key = f"share[{index}]"
+        got = shown(str(share.host), MAX_PATH_SHOWN)
+        try:
+            problem = None if share.host.is_dir() else "is not a folder"
+            if not share.host.exists():
+                problem = "folder not found"
+        except OSError as error:
+            problem = f"cannot be read: {error.strerror or error}"
+        if problem is not None:
+            problems.append(Problem(file, f"{key}.host", problem, got, "check the path"))
+        if share.via == "virtiofs" and os.geteuid() != 0:
+            problems.append(
+                Problem(
+                    file,
+                    f"{key}.via",
+                    "virtiofs needs root: Debian 12's virtiofsd cannot run as another user",
+                    None,
+                    'run qvm as root, or use via = "9p" with a guest kernel that has 9p',
+                )
+            )
+    return problems
 
 
 # a path is shown longer than other values: its end is what tells files apart

@@ -54,11 +54,13 @@ from qvm.definition.schema import (
     PortForward,
     QemuSpec,
     SerialSpec,
+    ShareSpec,
     SnapshotsSpec,
     SupervisorSpec,
 )
 from qvm.errors import DefinitionError, Problem
 from qvm.layout.cache import cached_image
+from qvm.layout.kinds import SHARE_VIAS
 from qvm.layout.names import NAME_RULE, is_vm_name
 
 _MIB = 1024**2
@@ -210,7 +212,7 @@ def _read_memory(memory: Table, machine_type: str) -> MemorySpec:
         return MemorySpec(size=size)
     if memory.ok("size", "max", "slots"):
         _check_memory_hotplug(memory, size, memory_max, slots)
-    return MemorySpec(size, memory_max, slots)
+    return MemorySpec(size, memory_max, slots, memory.boolean("shared", False))
 
 
 def _check_memory_size(memory: Table, name: str, size: int) -> None:
@@ -378,6 +380,61 @@ def _read_forwards(nic: Table) -> list[tuple[str, str, PortForward]]:
     return forwards
 
 
+def _read_share(share: Table, base_dir: Path, machine_type: str) -> ShareSpec | None:
+    host = share.path("host", base_dir)
+    guest = share.string("guest", None)
+    readonly = share.boolean("readonly", False)
+    via = share.choice("via", SHARE_VIAS, "virtiofs")
+    for name in ("host", "guest"):
+        if name not in share.data:
+            share.report.add(share.key(name), "is required", hint=_SHARE_HINT)
+    if isinstance(share.data.get("host"), str) and "," in share.data["host"]:
+        share.fail("host", "must not contain a comma (virtiofsd's -o options cannot carry one)")
+    if guest is not None:
+        problem = guest_path_problem(guest)
+        if problem is not None:
+            share.fail("guest", problem, _SHARE_HINT)
+    if machine_type == "microvm" and share.data:
+        share.report.add(share.where, "not supported on microvm", hint="use q35 or pc")
+    if host is None or guest is None or not share.ok("host", "guest", "via", "readonly"):
+        return None
+    return ShareSpec(host, guest, readonly, via)
+
+
+_SHARE_HINT = 'a share looks like host = "data", guest = "/mnt/data"'
+_GUEST_PATH_CHARS = re.compile(r"[^\s\x00-\x1f\x7f\\]+")
+
+
+def guest_path_problem(guest: str) -> str | None:
+    """Why ``guest`` cannot be a share's mount point in the guest, or None."""
+    if not guest.startswith("/"):
+        return "must be an absolute path in the guest"
+    parts = guest.strip("/").split("/")
+    if guest.strip("/") == "":
+        return "must not be the guest's root folder"
+    if any(part in ("", ".", "..") for part in parts):
+        return "must be a plain path: no '.', '..' or '//' in it"
+    if len(guest) > 255 or not _GUEST_PATH_CHARS.fullmatch(guest):
+        return "must be at most 255 characters, without spaces, backslashes or control characters"
+    return None
+
+
+def _check_unique_guests(
+    report: Report, tables: list[Table], shares: list[ShareSpec | None]
+) -> None:
+    seen: dict[str, str] = {}
+    for table, share in zip(tables, shares, strict=True):
+        if share is None:
+            continue
+        where = table.key("guest")
+        if share.guest.rstrip("/") in seen:
+            report.add(
+                where, f"already mounted by {seen[share.guest.rstrip('/')]}", shown(share.guest)
+            )
+        else:
+            seen[share.guest.rstrip("/")] = where
+
+
 _KEY_LINE = r"(ssh-|ecdsa-|sk-)[a-z0-9@.-]+\s+\S+"
 
 
@@ -539,6 +596,9 @@ def _read_machine(root: Table, path: Path, name: str | None) -> Machine:
     disks = [_read_disk(table, base_dir) for table in disk_tables]
     nic_tables = root.sections("nic")
     nics_and_forwards = [_read_nic(table) for table in nic_tables]
+    share_tables = root.sections("share")
+    shares = [_read_share(table, base_dir, machine_type) for table in share_tables]
+    _check_unique_guests(root.report, share_tables, shares)
     hotplug = _read_hotplug(root.section("hotplug"), machine_type)
     serial = SerialSpec(
         root.section("serial").boolean("enabled", SerialSpec._field_defaults["enabled"])
@@ -589,6 +649,7 @@ def _read_machine(root: Table, path: Path, name: str | None) -> Machine:
         boot=boot,
         disks=tuple(disks),
         nics=tuple(nics),
+        shares=tuple(share for share in shares if share is not None),
         hotplug=hotplug,
         serial=serial,
         agent=agent,

@@ -13,7 +13,7 @@ from qvm.definition.schema import (
     HotplugSpec,
     NicSpec,
 )
-from qvm.layout.kinds import KINDS
+from qvm.layout.kinds import KINDS, SHARE
 
 # The ids qvm makes, by kind (qvm.layout.kinds): <prefix><N>. One kind's id may not take
 # another kind's form: cpu<N> is vCPU slot N's id whether or not that slot is plugged now
@@ -56,6 +56,11 @@ def disk_node_name(index: int, disk: DiskSpec) -> str:
 
 def nic_id(index: int, nic: NicSpec) -> str:
     return nic.id or f"net{index}"
+
+
+def share_id(index: int) -> str:
+    """The device id, and the guest's mount tag, of the ``index``-th [[share]]."""
+    return f"{SHARE.id_prefix}{index}"
 
 
 def stable_mac(machine_name: str, index: int) -> str:

@@ -47,6 +47,9 @@ class MemorySpec(Record):
     size: int = 512 * 1024**2  # bytes
     max: int | None = None  # bytes; None: no memory hotplug
     slots: int = 0
+    # the RAM as shared memory (memfd, share=on), DIMMs too: what virtiofs needs; a VM
+    # with a virtiofs [[share]] gets it whatever this says (``shared_memory``)
+    shared: bool = False
 
 
 class BootSpec(Record):
@@ -97,6 +100,15 @@ class NicSpec(Record):
     id: str | None = None
 
 
+class ShareSpec(Record):
+    """A host folder the guest mounts (``[[share]]``)."""
+
+    host: Path  # absolute (relative paths are the definition's folder's)
+    guest: str  # absolute path in the guest
+    readonly: bool = False
+    via: str = "virtiofs"  # one of qvm.layout.kinds.SHARE_VIAS
+
+
 class HotplugSpec(Record):
     # spare pcie-root-ports (ids hp0..) for hotplugged PCI devices, q35 only; None: the
     # file does not say (see ``pci_ports``)
@@ -140,6 +152,7 @@ class Machine(Record):
     boot: BootSpec = BootSpec()
     disks: tuple[DiskSpec, ...] = ()
     nics: tuple[NicSpec, ...] = ()
+    shares: tuple[ShareSpec, ...] = ()
     hotplug: HotplugSpec = HotplugSpec()
     serial: SerialSpec = SerialSpec()
     agent: AgentSpec = AgentSpec()
@@ -178,6 +191,9 @@ KEYS: dict[str, dict[str, str]] = {
         "max": "RAM the VM may grow to by hotplug, >= size, needs slots >= 1;"
         " default: no memory hotplug",
         "slots": "memory hotplug slots, 0..256, needs max; default 0",
+        "shared": "true or false; default false (true: the RAM, DIMMs included, is shared"
+        " memory, memfd with share=on, as `qvm share add` needs; a virtiofs [[share]]"
+        " makes it so anyway)",
     },
     "boot": {
         "kernel": "path of a kernel to boot directly; default: boot from the disks",
@@ -206,6 +222,15 @@ KEYS: dict[str, dict[str, str]] = {
         " PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT, HOSTADDR default 127.0.0.1,"
         " HOSTPORT 0 picks a free port at start",
         "id": "device id, unique among disks and NICs, matching ID_PATTERN; default: generated",
+    },
+    "share": {
+        "host": "path of a host folder (relative: to the machine file's folder); it must"
+        " exist and be a folder",
+        "guest": "absolute path the guest mounts it at, unique among the shares",
+        "readonly": "true or false; default false (true: enforced on the host, the guest"
+        " cannot write)",
+        "via": '"virtiofs" (virtiofsd, needs root) or "9p" (QEMU\'s -virtfs; the guest'
+        ' kernel needs 9p); default "virtiofs"',
     },
     "hotplug": {
         "pci_slots": "spare PCIe root ports for hotplugged disks, NICs and virtio-mem devices"
@@ -247,3 +272,8 @@ KEYS: dict[str, dict[str, str]] = {
 }
 
 TOP_LEVEL_KEYS = (*KEYS[""], *(table for table in KEYS if table))
+
+
+def shared_memory(machine: Machine) -> bool:
+    """Whether the RAM is shared memory: virtiofs needs it, ``memory.shared`` asks for it."""
+    return machine.memory.shared or any(share.via == "virtiofs" for share in machine.shares)

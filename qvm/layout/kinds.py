@@ -38,6 +38,7 @@ BOOT_IDS_QEMU = "qemu"  # asked of QEMU (vCPUs: no record keeps them)
 BOOT_IDS_DRIVES = "drives"  # the -device options with a drive= in launch.json's argv
 BOOT_IDS_NICS = "nics"  # launch.json's NIC ids
 BOOT_IDS_NONE = "none"  # only hotplugged ones (qvm's records)
+BOOT_IDS_SHARES = "shares"  # shares.json: a share is named by its guest path
 
 
 class Kind(Record):
@@ -108,7 +109,22 @@ NIC = Kind(
     boot_ids=BOOT_IDS_NICS,
 )
 
-KINDS: tuple[Kind, ...] = (CPU, DIMM, VIRTIO_MEM, DISK, NIC)
+# how a share reaches the guest: virtiofsd (vhost-user-fs-pci), or QEMU's own 9p server
+SHARE_VIAS = ("virtiofs", "9p")
+# a host folder (vhost-user-fs-pci, QEMU 7.2 cannot migrate it; 9p is never hotplugged)
+SHARE = Kind(
+    name="share",
+    noun="share",
+    family="share",
+    group="share",
+    id_prefix="fs",
+    recorded=False,  # shares.json, by the supervisor that owns their virtiofsd
+    snapshot=SNAPSHOT_REFUSED,
+    counted=("share", "shares"),
+    boot_ids=BOOT_IDS_SHARES,
+)
+
+KINDS: tuple[Kind, ...] = (CPU, DIMM, VIRTIO_MEM, DISK, NIC, SHARE)
 BY_NAME = {kind.name: kind for kind in KINDS}
 
 

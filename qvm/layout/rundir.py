@@ -39,6 +39,7 @@ from qvm.layout.runfiles import (
     QMP_SOCKET,
     SEED_IMAGE,
     SERIAL_LOG,
+    SHARES_FILE,
     SNAPSHOTS_FILE,
     SPACE_RESERVE_FILE,
     STATE_DISK,
@@ -81,6 +82,7 @@ QVM_FILE_NAMES = frozenset(
         KNOWN_HOSTS,
         FORWARDS_FILE,
         NEW_RECORD,
+        SHARES_FILE,
         "id_ed25519",  # the key pair qvm makes (qvm.host.cloudinit.GENERATED_KEY)
         "id_ed25519.pub",
         SNAPSHOTS_FILE,
@@ -93,7 +95,12 @@ QVM_FILE_NAMES = frozenset(
     }
 )
 # disk overlays; temporary files of atomic writes (".NAME.PID.tmp")
-QVM_FILE_PATTERNS = (r"disk[0-9]+\.qcow2", r"\.[A-Za-z0-9_.-]+\.[0-9]+\.tmp")
+# virtiofsd's sockets (qvm.layout.runfiles.share_socket_name)
+QVM_FILE_PATTERNS = (
+    r"disk[0-9]+\.qcow2",
+    r"\.[A-Za-z0-9_.-]+\.[0-9]+\.tmp",
+    r"share-[A-Za-z0-9_-]+\.sock",
+)
 
 
 def made_by_qvm(name: str) -> bool:
@@ -193,6 +200,14 @@ class RunDir(Record):
     @property
     def devices_file(self) -> Path:
         return self.path / DEVICES_FILE
+
+    # The shares of this QEMU run (boot and live), each with its virtiofsd's pid.
+    @property
+    def shares_file(self) -> Path:
+        return self.path / SHARES_FILE
+
+    def share_socket(self, share_id: str) -> Path:
+        return self.path / runfiles.share_socket_name(share_id)
 
     # An empty image made by `qvm disk attach --new` for the device ``dev_id``. Not
     # disk*.qcow2: those are [[disk]] base overlays, which `up` reuses and `reset` deletes.

@@ -45,6 +45,12 @@ CLONE_FILE = "clone.json"
 KNOWN_HOSTS = "known_hosts"
 FORWARDS_FILE = "forwards.json"
 NEW_RECORD = "new.json"
+SHARES_FILE = "shares.json"  # the shares of this QEMU run and their virtiofsd processes
+
+
+def share_socket_name(share_id: str) -> str:
+    """virtiofsd's vhost-user socket for share ``share_id`` (QEMU connects to it)."""
+    return f"share-{share_id}.sock"
 
 
 class RunFiles:

@@ -16,7 +16,7 @@ from qvm.base.digest import file_sha256
 from qvm.base.record import Record
 from qvm.cmdline.argv import LaunchInputs, StartFrom, build_argv, cpu_model, default_cpu_model
 from qvm.definition.host_checks import check_host
-from qvm.definition.naming import nic_id, overlay_name
+from qvm.definition.naming import nic_id, overlay_name, share_id
 from qvm.definition.schema import Machine
 from qvm.definition.topology import topology_of
 from qvm.errors import DefinitionError, HostError, Problem
@@ -28,6 +28,7 @@ from qvm.host.qemu_img import detect_format, ensure_overlay, qemu_img_create
 from qvm.layout.rundir import RunDir
 from qvm.ops.corrupt_state import set_aside_corrupt_state
 from qvm.store.launch import Forward, Image, LaunchRecord, SshFacts, Topology
+from qvm.store.shares import ShareRecord
 from qvm.supervisor.boot import UpResult as UpResult  # start_vm's, which the CLI reads
 from qvm.supervisor.boot import start_supervisor
 
@@ -75,6 +76,24 @@ class LaunchPlan(Record):
                 images.append(Image(str(disk.file), writable=not disk.readonly))
         return tuple(images)
 
+    def shares(self) -> tuple[ShareRecord, ...]:
+        """The machine file's shares, as the supervisor starts them before QEMU."""
+        records = []
+        for index, share in enumerate(self.machine.shares):
+            ident = share_id(index)
+            socket = self.run_dir.share_socket(ident) if share.via == "virtiofs" else None
+            records.append(
+                ShareRecord(
+                    id=ident,
+                    host=str(share.host),
+                    guest=share.guest,
+                    readonly=share.readonly,
+                    via=share.via,
+                    socket=str(socket) if socket is not None else None,
+                )
+            )
+        return tuple(records)
+
     def launch_record(self) -> LaunchRecord:
         """What the supervisor and later commands need to know about this run."""
         machine = self.machine
@@ -113,6 +132,7 @@ class LaunchPlan(Record):
             created=time.time(),
             restart_argv=self.cold_argv(),
             definition_sha256=file_sha256(machine.path),
+            shares=self.shares(),
         )
 
     def cold_argv(self) -> tuple[str, ...] | None:

@@ -13,6 +13,7 @@ from typing import Any, Self
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
 from qvm.store.fields import Fields, PlainRecord, read_record
+from qvm.store.shares import ShareRecord
 
 RESTART_POLICIES = ("no", "on-failure", "always")
 PROTOCOLS = ("tcp", "udp")
@@ -98,6 +99,8 @@ class LaunchRecord(Record):
     # since): "changed since started" compares contents, not file times; None: a record
     # from an older qvm
     definition_sha256: str | None = None
+    # the machine file's [[share]]s: the supervisor starts their virtiofsd before QEMU
+    shares: tuple[ShareRecord, ...] = ()
 
     @classmethod
     def from_json(cls, data: Any, source: str) -> LaunchRecord:
@@ -114,6 +117,7 @@ class LaunchRecord(Record):
             restart=f.one_of("restart", RESTART_POLICIES, "no"),
             max_restarts=f.int("max_restarts", 5),
             restart_delay=f.float("restart_delay", 1.0),
+            shares=f.records("shares", ShareRecord.read, ()),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -125,6 +129,7 @@ class LaunchRecord(Record):
         data["forwards"] = [forward.to_json() for forward in self.forwards]
         data["images"] = [image.to_json() for image in self.images]
         data["ssh"] = self.ssh.to_json() if self.ssh else None
+        data["shares"] = [share.to_json() for share in self.shares]
         return data
 
 

@@ -78,6 +78,7 @@ from qvm.supervisor.wire import (
 if TYPE_CHECKING:
     from qvm.layout.rundir import RunDir
     from qvm.supervisor.agent_proxy import AgentProxy
+    from qvm.supervisor.shares import ShareKeeper
 
 QMP_CONNECT_TIMEOUT = 60.0
 
@@ -123,6 +124,7 @@ class Supervisor:
         self.agent_proxy: AgentProxy | None = None  # while QEMU runs, with [agent] enabled
         self.consecutive_restarts = 0
         self.restart_next = False
+        self._shares: ShareKeeper | None = None
 
     # --- files -------------------------------------------------------------------------
 
@@ -311,6 +313,8 @@ class Supervisor:
             task.cancel()
         await self._detach_agent()
         await self._disconnect_qmp()
+        if self._shares is not None or self.launch.shares:
+            await asyncio.to_thread(self.share_keeper().stop_all)
         self._record_exit(returncode, reached_qmp=bool(ready), first=first)
         if first and not ready:
             self.notify("failed")
@@ -350,6 +354,11 @@ class Supervisor:
         self.qmp_ready = True
         self.qmp_connected.set()
         await self._attach_agent()
+        if self.launch.shares and self.agent_proxy is not None:
+            # the guest mounts them once its agent answers, which takes its boot
+            self.mount_task = asyncio.create_task(
+                asyncio.to_thread(self.share_keeper().mount_boot_shares, self.qemu_alive)
+            )
         try:
             status = await asyncio.wait_for(client.execute("query-status"), QMP_CALL_TIMEOUT)
             self.runstate = runstate(status)
@@ -383,6 +392,34 @@ class Supervisor:
             usernet = None
         record = forwards_recorder(self.run.path, self.launch, self.qemu.pid)
         record(usernet if isinstance(usernet, str) else None)
+
+    # --- shares (qvm.supervisor.shares) ---------------------------------------------------
+
+    def share_keeper(self) -> ShareKeeper:
+        if self._shares is None:
+            # only the supervisors of VMs with shares import it (RSS)
+            from qvm.supervisor.shares import ShareKeeper  # noqa: PLC0415
+
+            self._shares = ShareKeeper(self.run)
+        return self._shares
+
+    async def _start_boot_shares(self) -> None:
+        """Before a restarted QEMU: the boot shares' daemons again (the last ones ended
+        with the last QEMU). One that cannot start is logged; QEMU then fails to connect
+        to it and says so, and the restart policy sees a failed start."""
+        if not self.launch.shares:
+            return
+        from qvm.supervisor.shares import ShareStartError, start_boot_shares  # noqa: PLC0415
+
+        try:
+            await asyncio.to_thread(start_boot_shares, self.run.path, self.launch)
+        except ShareStartError as error:
+            log_line(f"qvm supervisor: {error}")
+
+    async def local_command(self, name: str, arguments: dict[str, Any]) -> Any:
+        """A relay command the supervisor runs itself (``qvm share add``/``del``'s daemon).
+        ValueError refuses it."""
+        return await asyncio.to_thread(self.share_keeper().command, name, arguments)
 
     async def _attach_agent(self) -> None:
         if agent_configured(self.launch):
@@ -551,6 +588,7 @@ class Supervisor:
             return False
         self.state = self.state._replace(restarts=self.state.restarts + 1, next_restart_at=None)
         self._restart_cold()
+        await self._start_boot_shares()
         self.spawn_qemu()
         return True
 

@@ -33,11 +33,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from qvm.supervisor.wire import (
+    LOCAL_COMMANDS,
     MAX_LINE,
     ControlReady,
     ErrorReply,
@@ -69,6 +70,10 @@ class QmpHolder(Protocol):
     qmp: QMPClient | None
 
     async def qmp_connection(self, timeout: float) -> QMPClient | None: ...
+
+    async def local_command(self, name: str, arguments: dict[str, Any]) -> Any:
+        """One of ``LOCAL_COMMANDS``, run by the supervisor itself; ValueError refuses it."""
+        ...
 
 
 class LineWriter(Protocol):
@@ -153,6 +158,9 @@ class _Relay:
             self.send(RelayExpired(request.id))
             return
         timeout = request.timeout or DEFAULT_COMMAND_TIMEOUT
+        if request.execute in LOCAL_COMMANDS:
+            await self._local(request, timeout)
+            return
         try:
             result = await asyncio.wait_for(
                 client.execute(request.execute, request.arguments), timeout
@@ -164,6 +172,18 @@ class _Relay:
             self.send(RelayRefused(request.id, error.class_, error.desc))
         except Exception:  # noqa: BLE001 - the connection ended: QEMU exited or crashed
             self.send(RelayGone(request.id))
+        else:
+            self.send(RelayReturn(request.id, result))
+
+    async def _local(self, request: RelayExecute, timeout: float) -> None:
+        try:
+            result = await asyncio.wait_for(
+                self.holder.local_command(request.execute, request.arguments or {}), timeout
+            )
+        except TimeoutError:
+            self.send(RelayTimedOut(request.id))
+        except ValueError as error:
+            self.send(RelayRefused(request.id, "qvm", str(error)))
         else:
             self.send(RelayReturn(request.id, result))
 

@@ -203,12 +203,12 @@ def record_spawned(run_path: str, launch: LaunchRecord, qemu: subprocess.Popen[b
         log_line(f"qvm supervisor: {error}")
 
 
-def record_spawn_failure(run_path: str, launch: LaunchRecord, error: OSError) -> None:
+def record_spawn_failure(run_path: str, launch: LaunchRecord, reason: str) -> None:
     """QEMU could not even be spawned: the state record says why, for `qvm up` to tell."""
     ended = ExitRecord(
         code=None,
         signal=None,
-        reason=f"could not start {launch.argv[0]}: {error.strerror or error}",
+        reason=reason,
         failed=True,
         at=time.time(),
     )
@@ -271,10 +271,21 @@ def start(
     QEMU ~40 ms sooner than starting a new Python would. The exec gives the supervisor a
     fresh, small process image (its RSS is a target) and keeps QEMU as its child.
     """
+    if launch.shares:
+        # their virtiofsd must listen before QEMU connects to it
+        from qvm.supervisor.shares import ShareStartError, start_boot_shares  # noqa: PLC0415
+
+        try:
+            start_boot_shares(run_path, launch)
+        except ShareStartError as error:
+            record_spawn_failure(run_path, launch, str(error))
+            notify(ready_fd, "failed")
+            os._exit(1)
     try:
         qemu = spawn_qemu(launch.argv, run_path)
     except OSError as error:
-        record_spawn_failure(run_path, launch, error)
+        reason = f"could not start {launch.argv[0]}: {error.strerror or error}"
+        record_spawn_failure(run_path, launch, reason)
         notify(ready_fd, "failed")
         os._exit(1)
     record_spawned(run_path, launch, qemu)

@@ -269,6 +269,14 @@ def decode_reply(
 RELAY_REQUEST_SOURCE = "control request"
 
 
+# qvm's own commands on the relay, run by the supervisor instead of QEMU: the virtiofsd of
+# a live share is the supervisor's child, started and stopped in order with the QMP steps of
+# its hotplug (qvm.control.transaction's steps and undos; qvm.supervisor.shares)
+SHARE_START = "qvm-share-start"
+SHARE_STOP = "qvm-share-stop"
+LOCAL_COMMANDS = (SHARE_START, SHARE_STOP)
+
+
 class RelayExecute(Record):
     """Run one QMP command; not sent to QEMU if read after ``deadline`` (time.time())."""
 

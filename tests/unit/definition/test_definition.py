@@ -91,7 +91,7 @@ CASES: list[tuple[str, str, str]] = [
         "unknown-table-no-match",
         "[networking]\nx = 1",
         "networking: unknown table (hint: valid keys: name, description, machine, cpu, memory,"
-        " boot, disk, nic, hotplug, serial, agent, snapshots, supervisor, qemu, cloud_init)",
+        " boot, disk, nic, share, hotplug, serial, agent, snapshots, supervisor, qemu, cloud_init)",
     ),
     ("unknown-table-close", "[cpus]\ncount = 2", "cpus: unknown table (hint: did you mean 'cpu'?)"),
     (

@@ -1,0 +1,52 @@
+"""The guest's side of a share: the command lines its agent runs to mount one, unmount
+one, and say which processes hold one (``guest-exec``, ``/bin/sh`` with the paths as
+arguments, never spliced into the script). Pure, like the rest of ``cmdline``: the
+supervisor (boot shares) and ``qvm.control.share`` (live ones) run them.
+
+The scripts need only a POSIX shell, ``mkdir``, ``mount``, ``umount``, ``grep`` and
+``readlink``: busybox's and a distribution's alike.
+"""
+
+from __future__ import annotations
+
+# mount $2 (the tag) at $1 with type $3 and options $4, unless something is mounted there
+_MOUNT = (
+    'mkdir -p -- "$1" && { grep -qs " $1 " /proc/mounts || mount -t "$3" -o "$4" -- "$2" "$1"; }'
+)
+# unmount $1 if mounted (a share already gone is fine)
+_UNMOUNT = 'grep -qs " $1 " /proc/mounts || exit 0; umount -- "$1"'
+# "PID COMMAND" of each process whose working folder or an open file is under $1
+_HOLDERS = (
+    'for p in /proc/[0-9]*; do for f in "$p"/cwd "$p"/root "$p"/fd/*; do '
+    'case $(readlink "$f" 2>/dev/null) in "$1"|"$1"/*) '
+    'echo "${p#/proc/} $(cat "$p"/comm 2>/dev/null)"; break ;; esac; done; done'
+)
+NINE_P_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000"
+
+
+def _type_and_options(via: str, readonly: bool, extra: str = "") -> tuple[str, str]:
+    """A read-only share is mounted read-only in the guest too, so that a write fails at
+    once and plainly (the host refuses it anyway)."""
+    fstype, options = ("9p", NINE_P_OPTIONS) if via == "9p" else ("virtiofs", "defaults")
+    return fstype, options + extra + (",ro" if readonly else "")
+
+
+def mount_argv(tag: str, guest: str, via: str, readonly: bool) -> list[str]:
+    """Mount share ``tag`` at ``guest`` (``via``: "virtiofs" or "9p")."""
+    fstype, options = _type_and_options(via, readonly)
+    return ["/bin/sh", "-c", _MOUNT, "qvm-share", guest, tag, fstype, options]
+
+
+def unmount_argv(guest: str) -> list[str]:
+    return ["/bin/sh", "-c", _UNMOUNT, "qvm-share", guest]
+
+
+def holders_argv(guest: str) -> list[str]:
+    return ["/bin/sh", "-c", _HOLDERS, "qvm-share", guest]
+
+
+def fstab_entry(tag: str, guest: str, via: str, readonly: bool) -> list[str]:
+    """cloud-init's ``mounts`` item for a share: the same mount at every boot (``nofail``:
+    a boot without the share still comes up)."""
+    fstype, options = _type_and_options(via, readonly, ",nofail")
+    return [tag, guest, fstype, options, "0", "0"]
