@@ -19,6 +19,7 @@ from qvm.layout.kinds import (
     BOOT_IDS_NICS,
     BOOT_IDS_NONE,
     BOOT_IDS_QEMU,
+    BOOT_IDS_SHARES,
     Kind,
     group_kinds,
     kind_named,
@@ -165,6 +166,14 @@ def _no_boot_ids(run: RunDir) -> list[str]:
     return []
 
 
+def _share_paths(run: RunDir) -> list[str]:
+    """The guest paths of the shares qvm added (``share del`` takes one): boot shares
+    are not removed at run time."""
+    from qvm.store.shares import read_shares
+
+    return [share.guest for share in read_shares(run.shares_file) if share.origin == "qvm"]
+
+
 def _forwards(run: RunDir) -> list[str]:
     """Each forward as ``port list`` prints it and ``port del`` takes it."""
     from qvm.control.forwards import forward_text
@@ -191,6 +200,7 @@ BOOT_IDS: dict[str, Callable[[RunDir], list[str]]] = {
     BOOT_IDS_DRIVES: _boot_disk_ids,
     BOOT_IDS_NICS: _boot_nic_ids,
     BOOT_IDS_NONE: _no_boot_ids,
+    BOOT_IDS_SHARES: _share_paths,
 }
 
 

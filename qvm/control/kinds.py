@@ -16,8 +16,8 @@ from typing import Any
 
 from qvm.base.record import Record
 from qvm.cmdline.argv import StartFrom
-from qvm.control import cpu, disk, memory, nic
-from qvm.layout.kinds import CPU, DIMM, DISK, NIC, VIRTIO_MEM, Kind
+from qvm.control import cpu, disk, memory, nic, share
+from qvm.layout.kinds import CPU, DIMM, DISK, NIC, SHARE, VIRTIO_MEM, Kind
 from qvm.store.devices import DeviceRecord
 from qvm.store.snapshots import DeviceSet, MemoryDevice, PluggedDevice
 
@@ -48,6 +48,8 @@ BEHAVIOURS: dict[str, KindBehaviour] = {
         DISK, disk.list_disks, disk.attach_disk, disk.detach_disk, disk.restored_record
     ),
     NIC.name: KindBehaviour(NIC, nic.list_nics, nic.add_nic, nic.remove_nic, nic.restored_record),
+    # never in a snapshot (QEMU 7.2 cannot save vhost-user-fs), so never restored
+    SHARE.name: KindBehaviour(SHARE, share.list_shares, share.add_share, share.remove_share),
 }
 
 

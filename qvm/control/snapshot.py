@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from qvm.base.record import Record
+from qvm.base.text import display_path
 from qvm.cmdline.argv import STATE_NODE
 from qvm.control.agent import AgentError, open_agent
 from qvm.control.guest_agent_facts import parse_interfaces
 from qvm.control.guest_exec import run_to_end
 from qvm.control.qmp_session import QmpSession
-from qvm.control.transaction import peripheral_ids, reconcile_devices
+from qvm.control.transaction import peripheral_types, reconcile_devices
 from qvm.definition.topology import Topology, slot_index
 from qvm.errors import ControlError, QmpTimeoutError, VmStateError
 from qvm.layout.kinds import (
@@ -45,6 +46,7 @@ from qvm.layout.kinds import (
 )
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import LaunchRecord
+from qvm.store.shares import read_shares
 from qvm.store.snapshots import DeviceSet, MemoryDevice, PluggedDevice
 from qvm.supervisor.qmp_replies import (
     BlockNodeInfo,
@@ -163,7 +165,9 @@ def device_set(
         slots = tuple(range(len(present)))
     else:
         slots = tuple(sorted(slot_index(slot.props, topology) for slot in present))
-    records = reconcile_devices(session, run, peripheral_ids(session))
+    peripherals = peripheral_types(session)
+    refuse_shares(run, launch, peripherals)
+    records = reconcile_devices(session, run, set(peripherals))
     plugged = []
     for record in records.values():
         kind = kind_named(record.kind)
@@ -200,6 +204,33 @@ def device_set(
         memory=tuple(device for _, device in sorted(memory)),
         plugged=tuple(plugged),
         forwards=launch.forwards,
+    )
+
+
+# what QEMU 7.2 cannot migrate, so cannot save: "State blocked by non-migratable device
+# '...vhost-user-fs'" (measured); a mounted 9p share blocks migration too (reported)
+SHARE_DEVICE_TYPES = ("vhost-user-fs-pci", "virtio-9p-pci")
+
+
+def refuse_shares(run: RunDir, launch: LaunchRecord, peripherals: dict[str, str]) -> None:
+    """A save is refused while the VM has a share, naming it and the way out: QEMU would
+    refuse it anyway, and a snapshot without the share would restore a guest whose
+    mount lost its device."""
+    found = sorted(dev_id for dev_id, kind in peripherals.items() if kind in SHARE_DEVICE_TYPES)
+    if not found:
+        return
+    shares = {share.id: share for share in read_shares(run.shares_file)}
+    share = shares.get(found[0])
+    named = f"{found[0]} ({share.host} at {share.guest})" if share else found[0]
+    if share is not None and share.origin == "qvm":
+        way_out = f"qvm share del {run.name} {share.guest}, then save"
+    else:
+        file = f" of {display_path(launch.machine_file)}" if launch.machine_file else ""
+        way_out = f"remove the [[share]]{file} and qvm restart {run.name}, then save"
+    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+    raise VmStateError(
+        f"{run.name}: share {named}{more} cannot be kept in a snapshot: QEMU 7.2 cannot save "
+        f"a VM with a shared folder (hint: {way_out})"
     )
 
 

@@ -61,6 +61,7 @@ from qvm.supervisor.spawn import (
 )
 from qvm.supervisor.wire import (
     EXPIRED,
+    LOCAL_COMMANDS,
     MAX_LINE,
     Accepted,
     ControlRequest,
@@ -505,6 +506,9 @@ class Supervisor:
         for dev_id, cleanup in complete_pending(self.run_dir(), data):
             for command, arguments in cleanup:
                 try:
+                    if command in LOCAL_COMMANDS:  # a share's daemon: ours, not QEMU's
+                        await self.local_command(command, arguments)
+                        continue
                     await asyncio.wait_for(self.qmp.execute(command, arguments), QMP_CALL_TIMEOUT)
                 except Exception as exc:  # noqa: BLE001 - say it in the log, keep watching
                     log_line(

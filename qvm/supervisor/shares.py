@@ -28,9 +28,9 @@ from qvm.host.virtiofsd import VirtiofsdError, start_virtiofsd, stop_daemon
 from qvm.layout.runfiles import AGENT_LOCK, AGENT_SOCKET, SHARES_FILE, RunFiles
 from qvm.store.fields import Fields
 from qvm.store.launch import LaunchRecord
-from qvm.store.shares import ShareRecord, read_shares, write_shares
+from qvm.store.shares import MOUNT_STATES, ShareRecord, read_shares, write_shares
 from qvm.supervisor.agent_wire import AgentClient, take_agent_lock
-from qvm.supervisor.wire import SHARE_START, SHARE_STOP
+from qvm.supervisor.wire import SHARE_MOUNTED, SHARE_START, SHARE_STOP
 
 AGENT_POLL = 1.0  # seconds between tries of an agent that does not answer yet
 AGENT_TRY = 3.0  # how long one try waits for the agent's answer
@@ -116,6 +116,11 @@ class ShareKeeper:
             stop_daemons(found)
             self._save(tuple(s for s in self.shares() if s.id != share_id))
             return {"stopped": bool(found)}
+        if name == SHARE_MOUNTED:
+            f = _fields(arguments)
+            mount = f.one_of("mount", MOUNT_STATES)
+            self._update(share_id, mount=mount, mount_error=f.str("mount_error", None))
+            return {}
         raise ValueError(f"not a command of the supervisor's: {name}")
 
     # --- the guest's mounts ---------------------------------------------------------------

@@ -274,7 +274,8 @@ RELAY_REQUEST_SOURCE = "control request"
 # its hotplug (qvm.control.transaction's steps and undos; qvm.supervisor.shares)
 SHARE_START = "qvm-share-start"
 SHARE_STOP = "qvm-share-stop"
-LOCAL_COMMANDS = (SHARE_START, SHARE_STOP)
+SHARE_MOUNTED = "qvm-share-mounted"  # the guest's mount of a share, as its agent said
+LOCAL_COMMANDS = (SHARE_START, SHARE_STOP, SHARE_MOUNTED)
 
 
 class RelayExecute(Record):

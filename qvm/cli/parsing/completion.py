@@ -170,6 +170,7 @@ DEVICE_PARAMS: dict[tuple[tuple[str, ...], str], str] = {
     (("mem", "resize"), "dev_id"): "virtio-mem",
     (("disk", "detach"), "dev_id"): "disk",
     (("nic", "del"), "dev_id"): "nic",
+    (("share", "del"), "guest"): "share",
     (("port", "del"), "spec"): "port",
 }
 # (command words, parameter) -> the tags of the snapshots of the VMs named on the line

@@ -25,7 +25,7 @@ TOP_LEVEL = {
     **dict.fromkeys(("exec", "cp"), "guest"),
 }
 # Command groups (`qvm cpu add`): each is the module of the same name.
-GROUPS = ("cpu", "mem", "disk", "nic", "port", "snapshot")
+GROUPS = ("cpu", "mem", "disk", "nic", "share", "port", "snapshot")
 
 
 class Param(Record):

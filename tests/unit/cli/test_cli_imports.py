@@ -30,6 +30,8 @@ VALUES = {
     "spec": "tcp:0:22",
     "source": f"{VM}:/etc/hostname",
     "tag": "booted",
+    "host": "/tmp",
+    "guest": "/mnt/data",
 }
 
 

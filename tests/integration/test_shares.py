@@ -1,0 +1,160 @@
+"""Shared host folders with the real QEMU, the real virtiofsd and the test guest (its
+virtiofs.ko): one VM with a read-write and a read-only [[share]] serves every check,
+each read back from the guest through its agent and from the host's own files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from framework.harness import GUEST_DIR, Qvm, one_line_error, short_tmpdir
+from framework.wait import wait_until
+
+pytestmark = pytest.mark.integration
+
+SECRET = "host-secret-outside-the-share"
+
+
+@pytest.fixture(scope="module")
+def vm() -> Iterator[Qvm]:
+    """vm1 with /mnt/data (read-write, holding a symlink that points out of it) and
+    /mnt/ro (read-only), both mounted by the guest; killed after the module."""
+    if not (GUEST_DIR / "vmlinuz").exists():
+        pytest.fail(f"no test guest in {GUEST_DIR} (run scripts/build-test-guest)")
+    harness = Qvm(short_tmpdir())
+    for folder in ("data", "ro", "live"):
+        (harness.root / folder).mkdir()
+    (harness.root / "secret.txt").write_text(SECRET)
+    (harness.root / "data" / "escape").symlink_to(harness.root / "secret.txt")
+    (harness.root / "data" / "from-host.txt").write_text("written by the host\n")
+    (harness.root / "ro" / "keep.txt").write_text("read-only\n")
+    try:
+        harness.guest_machine(
+            "vm1",
+            extra=(
+                f'[[share]]\nhost = "{harness.root}/data"\nguest = "/mnt/data"\n'
+                f'[[share]]\nhost = "{harness.root}/ro"\nguest = "/mnt/ro"\nreadonly = true\n'
+            ),
+        )
+        harness("up", "vm1")
+        harness("wait", "vm1", "--for", "agent", "--timeout", "120")
+        wait_until(lambda: all_mounted(harness), 30, "the guest to mount the boot shares")
+        yield harness
+    finally:
+        survivors = harness.cleanup()
+        shutil.rmtree(harness.root, ignore_errors=True)
+    assert not survivors, f"processes survived the module's cleanup: {survivors}"
+
+
+def shares(qvm: Qvm) -> list[dict[str, object]]:
+    return qvm.json("share", "list", "vm1", "--json")["shares"]  # type: ignore[no-any-return]
+
+
+def all_mounted(qvm: Qvm) -> bool:
+    return all(share["mount"] == "mounted" for share in shares(qvm))
+
+
+def guest(qvm: Qvm, script: str, check: bool = True) -> str:
+    done = qvm("exec", "vm1", "--", "sh", "-c", script, check=check)
+    return done.stdout + done.stderr
+
+
+def guest_mounts(qvm: Qvm) -> str:
+    return guest(qvm, "cat /proc/mounts")
+
+
+def test_boot_shares_are_mounted_by_the_guest_and_carry_files_both_ways(vm: Qvm) -> None:
+    listed = {share["guest"]: share for share in shares(vm)}
+    assert set(listed) == {"/mnt/data", "/mnt/ro"}
+    assert listed["/mnt/ro"]["readonly"] is True
+    mounts = guest_mounts(vm)
+    assert "fs0 /mnt/data virtiofs rw" in mounts
+    assert "fs1 /mnt/ro virtiofs ro" in mounts
+    assert guest(vm, "cat /mnt/data/from-host.txt") == "written by the host\n"
+    guest(vm, "echo written by the guest > /mnt/data/from-guest.txt")
+    assert (vm.root / "data" / "from-guest.txt").read_text() == "written by the guest\n"
+
+
+def test_a_readonly_share_refuses_writes_on_the_host_side(vm: Qvm) -> None:
+    assert "Read-only file system" in guest(vm, "echo x > /mnt/ro/new.txt", check=False)
+    # the guest's own read-only mount is not what stops it: remounted read-write in the
+    # guest, the write still fails, refused by the host's kernel under virtiofsd
+    guest(vm, "mount -o remount,rw /mnt/ro")
+    assert "fs1 /mnt/ro virtiofs rw" in guest_mounts(vm)
+    said = guest(vm, "echo x > /mnt/ro/new.txt; echo y >> /mnt/ro/keep.txt", check=False)
+    assert said.count("Read-only file system") == 2, said
+    assert sorted(p.name for p in (vm.root / "ro").iterdir()) == ["keep.txt"]
+    assert (vm.root / "ro" / "keep.txt").read_text() == "read-only\n"
+
+
+def test_the_guest_cannot_reach_outside_the_folder(vm: Qvm) -> None:
+    # the symlink's target is a host path: the guest resolves it in its own tree
+    said = guest(vm, "readlink /mnt/data/escape; cat /mnt/data/escape", check=False)
+    assert str(vm.root / "secret.txt") in said
+    assert SECRET not in said
+    said = guest(vm, "ls -a /mnt/data/..; cat /mnt/data/../../secret.txt", check=False)
+    assert SECRET not in said
+
+
+def test_share_add_and_del_on_the_running_vm(vm: Qvm) -> None:
+    (vm.root / "live" / "big.txt").write_text("live share\n")
+    added = vm.json("share", "add", "vm1", str(vm.root / "live"), "/mnt/live", "--json")
+    share = added["share"]
+    assert (share["origin"], share["mount"], share["guest"]) == ("qvm", "mounted", "/mnt/live")
+    daemon = int(share["daemon_pid"])
+    assert Path(f"/proc/{daemon}").exists()
+    assert guest(vm, "cat /mnt/live/big.txt") == "live share\n"
+    guest(vm, "echo back > /mnt/live/back.txt")
+    assert (vm.root / "live" / "back.txt").read_text() == "back\n"
+    again = vm("share", "add", "vm1", str(vm.root / "live"), "/mnt/live", check=False)
+    assert again.returncode == 1 and "already a share" in one_line_error(again)
+
+    # busy: a process with its working folder in the share holds the mount
+    guest(vm, "cd /mnt/live && exec sleep 60 </dev/null >/dev/null 2>&1 &")
+    busy = vm("share", "del", "vm1", "/mnt/live", check=False)
+    message = one_line_error(busy)
+    assert busy.returncode == 1 and "in use in the guest" in message and "sleep" in message
+    assert "/mnt/live" in guest_mounts(vm)
+    guest(vm, "kill $(pidof sleep)")
+
+    removed = vm.json("share", "del", "vm1", "/mnt/live", "--json")
+    assert removed["outcome"] == "removed"
+    assert "/mnt/live" not in guest_mounts(vm)
+    wait_until(lambda: not Path(f"/proc/{daemon}").exists(), 5, "virtiofsd to end")
+    assert [s["guest"] for s in shares(vm)] == ["/mnt/data", "/mnt/ro"]
+    boot = vm("share", "del", "vm1", "/mnt/data", check=False)
+    assert boot.returncode == 1 and "is a boot share" in one_line_error(boot)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["/nonexistent-qvm", "/mnt/x"], "HOST: folder not found"),
+        (["{root}/secret.txt", "/mnt/x"], "HOST: is not a folder"),
+        (["{root}/live", "mnt/x"], "GUEST must be an absolute path"),
+        (["{root}/live", "/mnt/x", "--via", "9p"], "QEMU has no 9p hotplug"),
+    ],
+)
+def test_share_add_refuses_bad_input_with_exit_2(
+    vm: Qvm, args: list[str], expected: str
+) -> None:
+    done = vm("share", "add", "vm1", *(a.format(root=vm.root) for a in args), check=False)
+    assert done.returncode == 2
+    assert expected in one_line_error(done)
+
+
+def test_snapshot_save_is_refused_naming_the_share_and_the_way_out(vm: Qvm) -> None:
+    started = time.monotonic()
+    done = vm("snapshot", "save", "vm1", "t1", "--json", check=False)
+    assert done.returncode == 1
+    error = json.loads(done.stdout)["error"]
+    assert "share fs0 (" in error and "/mnt/data" in error
+    assert "remove the [[share]]" in error and "qvm restart vm1" in error
+    assert time.monotonic() - started < 10
+    assert vm.status("vm1")["state"] == "running"
+    assert guest(vm, "cat /mnt/data/from-host.txt") == "written by the host\n"
