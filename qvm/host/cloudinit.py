@@ -38,6 +38,8 @@ class SeedPlan(Record):
     user_data_file: Path | None  # the user's own user-data, used as is
     packages: tuple[str, ...]
     runcmd: tuple[str | tuple[str, ...], ...]
+    # fstab lines for the shares (cloud-init's ``mounts``), made by qvm.cmdline.share_mount
+    mounts: tuple[tuple[str, ...], ...] = ()
 
 
 def default_public_keys(home: Path) -> list[Path]:
@@ -146,6 +148,9 @@ def user_data_text(plan: SeedPlan, public_keys: tuple[str, ...] | None = None) -
         document["packages"] = list(plan.packages)
     if plan.runcmd:
         document["runcmd"] = [c if isinstance(c, str) else list(c) for c in plan.runcmd]
+    if plan.mounts:
+        # the guest mounts the shares at every boot by itself, agent or not
+        document["mounts"] = [list(m) for m in plan.mounts]
     return "#cloud-config\n" + _yaml(document, 0)
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from qvm.base.digest import file_sha256
 from qvm.base.record import Record
 from qvm.cmdline.argv import LaunchInputs, StartFrom, build_argv, cpu_model, default_cpu_model
+from qvm.cmdline.share_mount import fstab_entry
 from qvm.definition.host_checks import check_host
 from qvm.definition.naming import nic_id, overlay_name, share_id
 from qvm.definition.schema import Machine
@@ -147,6 +148,14 @@ class LaunchPlan(Record):
         return tuple(build_argv(self.machine, cold))
 
 
+def share_mounts(machine: Machine) -> tuple[tuple[str, ...], ...]:
+    """cloud-init's ``mounts`` for the machine's shares (its fstab lines)."""
+    return tuple(
+        tuple(fstab_entry(share_id(index), share.guest, share.via, share.readonly))
+        for index, share in enumerate(machine.shares)
+    )
+
+
 def plan_launch(machine: Machine, run_dir: RunDir, start: StartFrom | None = None) -> LaunchPlan:
     """``start``: a snapshot's device set and where QEMU starts from (qvm.ops.snapshot)."""
     caps = qemu_capabilities(machine.qemu.binary)
@@ -163,6 +172,8 @@ def plan_launch(machine: Machine, run_dir: RunDir, start: StartFrom | None = Non
         from qvm.host.cloudinit import plan_seed  # noqa: PLC0415 -- see the comment above
 
         seed = plan_seed(machine, run_dir)
+        if machine.shares:
+            seed = seed._replace(mounts=share_mounts(machine))
     inputs = LaunchInputs(
         accel=accel.accel,
         run_dir=run_dir,

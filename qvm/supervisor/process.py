@@ -399,7 +399,7 @@ class Supervisor:
     def share_keeper(self) -> ShareKeeper:
         if self._shares is None:
             # only the supervisors of VMs with shares import it (RSS)
-            from qvm.supervisor.shares import ShareKeeper  # noqa: PLC0415
+            from qvm.supervisor.shares import ShareKeeper  # noqa: PLC0415 -- see above
 
             self._shares = ShareKeeper(self.run)
         return self._shares
@@ -410,11 +410,12 @@ class Supervisor:
         to it and says so, and the restart policy sees a failed start."""
         if not self.launch.shares:
             return
-        from qvm.supervisor.shares import ShareStartError, start_boot_shares  # noqa: PLC0415
+        # as share_keeper: only the supervisors of VMs with shares import it
+        from qvm.supervisor import shares  # noqa: PLC0415 -- see the comment above
 
         try:
-            await asyncio.to_thread(start_boot_shares, self.run.path, self.launch)
-        except ShareStartError as error:
+            await asyncio.to_thread(shares.start_boot_shares, self.run.path, self.launch)
+        except shares.ShareStartError as error:
             log_line(f"qvm supervisor: {error}")
 
     async def local_command(self, name: str, arguments: dict[str, Any]) -> Any:

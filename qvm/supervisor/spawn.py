@@ -272,12 +272,12 @@ def start(
     fresh, small process image (its RSS is a target) and keeps QEMU as its child.
     """
     if launch.shares:
-        # their virtiofsd must listen before QEMU connects to it
-        from qvm.supervisor.shares import ShareStartError, start_boot_shares  # noqa: PLC0415
+        # their virtiofsd must listen before QEMU connects to it; only VMs with shares
+        from qvm.supervisor import shares  # noqa: PLC0415 -- see the comment above
 
         try:
-            start_boot_shares(run_path, launch)
-        except ShareStartError as error:
+            shares.start_boot_shares(run_path, launch)
+        except shares.ShareStartError as error:
             record_spawn_failure(run_path, launch, str(error))
             notify(ready_fd, "failed")
             os._exit(1)

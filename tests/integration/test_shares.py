@@ -140,9 +140,7 @@ def test_share_add_and_del_on_the_running_vm(vm: Qvm) -> None:
         (["{root}/live", "/mnt/x", "--via", "9p"], "QEMU has no 9p hotplug"),
     ],
 )
-def test_share_add_refuses_bad_input_with_exit_2(
-    vm: Qvm, args: list[str], expected: str
-) -> None:
+def test_share_add_refuses_bad_input_with_exit_2(vm: Qvm, args: list[str], expected: str) -> None:
     done = vm("share", "add", "vm1", *(a.format(root=vm.root) for a in args), check=False)
     assert done.returncode == 2
     assert expected in one_line_error(done)

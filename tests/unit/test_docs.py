@@ -353,7 +353,8 @@ def test_the_run_dir_table_names_every_file_qvm_makes() -> None:
     start = text.index("| file | what |")
     rows = [row for row in text[start:].splitlines()[2:] if row.startswith("|")]
     named = {name for row in rows for name in re.findall(r"`([^`]+)`", row.split("|")[1])}
-    patterns = {"diskN.qcow2", "hotplug-ID.qcow2"}  # disk[0-9]+.qcow2, hotplug-*.qcow2
+    # disk[0-9]+.qcow2, hotplug-*.qcow2, share-[A-Za-z0-9_-]+.sock
+    patterns = {"diskN.qcow2", "hotplug-ID.qcow2", "share-ID.sock"}
     assert named - patterns == set(QVM_FILE_NAMES)
 
 

@@ -1067,6 +1067,7 @@ def test_keys_cover_every_table_and_documented_key() -> None:
         "boot",
         "disk",
         "nic",
+        "share",
         "hotplug",
         "serial",
         "agent",

@@ -312,3 +312,25 @@ def test_seed_is_attached_read_only_after_the_disks(tmp_path: Path) -> None:
     assert argv.index("virtio-blk-pci,drive=disk0,id=disk0") < seed
     no_seed = machine(tmp_path, '[[disk]]\nbase = "b.qcow2"\n', name="vm2")
     assert "cidata" not in " ".join(build_argv(no_seed, LaunchInputs("tcg", run)))
+
+
+def test_the_seed_mounts_the_shares_at_every_boot(tmp_path: Path) -> None:
+    import yaml  # the parser cloud-init itself uses
+
+    from qvm.ops.up import share_mounts
+
+    (tmp_path / "data").mkdir()
+    vm = machine(
+        tmp_path,
+        f'[cloud_init]\nssh_authorized_keys = ["{KEY}"]\n'
+        '[[share]]\nhost = "data"\nguest = "/srv/data"\n'
+        '[[share]]\nhost = "data"\nguest = "/mnt/ro"\nreadonly = true\nvia = "9p"\n',
+    )
+    plan = plan_seed(vm, RunDir(tmp_path / "run"), home=tmp_path)._replace(
+        mounts=share_mounts(vm)
+    )
+    data = yaml.safe_load(user_data_text(plan))
+    assert data["mounts"] == [
+        ["fs0", "/srv/data", "virtiofs", "defaults,nofail", "0", "0"],
+        ["fs1", "/mnt/ro", "9p", "trans=virtio,version=9p2000.L,msize=512000,nofail,ro", "0", "0"],
+    ]

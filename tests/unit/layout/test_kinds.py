@@ -115,11 +115,21 @@ def test_devices_json_holds_every_recorded_kind(tmp_path: Path) -> None:
 # --- snapshots ---------------------------------------------------------------------------
 
 
-def _session(records: dict[str, DeviceRecord], memory: list[dict[str, Any]]) -> FakeQmp:
+# the QEMU type of a device of each kind that QEMU cannot save
+REFUSED_TYPES = {kinds.SHARE.name: "vhost-user-fs-pci"}
+
+
+def _session(
+    records: dict[str, DeviceRecord],
+    memory: list[dict[str, Any]],
+    others: dict[str, str] | None = None,
+) -> FakeQmp:
+    listed = [{"name": i, "type": "child<some-device>"} for i in records]
+    listed += [{"name": i, "type": f"child<{t}>"} for i, t in (others or {}).items()]
     return FakeQmp(
         replies={
             "query-hotpluggable-cpus": [{"qom-path": "/machine/unattached/device[0]"}],
-            "qom-list": [{"name": i, "type": "child<some-device>"} for i in records],
+            "qom-list": listed,
             "query-memory-devices": memory,
         }
     )
@@ -137,7 +147,8 @@ def test_a_snapshot_keeps_every_kind_or_refuses_it(kind: Kind, tmp_path: Path) -
     if kind.snapshot == kinds.SNAPSHOT_MEMORY:
         data = {"id": dev_id, "memdev": f"/objects/mem-{dev_id}", "size": 256 * 1024**2}
         memory.append({"type": kind.name, "data": data})
-    session = _session(records, memory)
+    refused = {dev_id: REFUSED_TYPES[kind.name]} if kind.snapshot == kinds.SNAPSHOT_REFUSED else {}
+    session = _session(records, memory, refused)
     launch = launch_record()
     if kind.snapshot == kinds.SNAPSHOT_REFUSED:
         with pytest.raises(VmStateError, match=dev_id):
