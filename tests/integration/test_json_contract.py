@@ -106,6 +106,17 @@ def test_status_list_and_the_read_only_commands(vm: Qvm) -> None:
     checked(vm, "agent.json", "agent", NAME)
 
 
+def test_share_add_is_refused_on_a_vm_without_shared_memory(vm: Qvm) -> None:
+    listed = checked(vm, "share-list.json", "share", "list", NAME)
+    assert listed == {"name": NAME, "shares": [], "shared_memory": False}
+    done = vm("share", "add", NAME, str(vm.root), "/mnt/x", "--json", check=False)
+    assert done.returncode == 1
+    error = json.loads(done.stdout)
+    validate(error, "error.json")
+    assert "booted without shared memory" in error["error"]
+    assert "memory.shared = true" in error["error"]
+
+
 def test_hotplug_commands(vm: Qvm) -> None:
     # devices first: under TCG, a device_add after a vCPU unplug is refused (QEMU 7.2)
     added = checked(vm, "mem-add.json", "mem", "add", NAME, "128M")

@@ -10,9 +10,11 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from framework.harness import GUEST_DIR, Qvm, one_line_error, short_tmpdir
+from framework.jsonschema_lite import validate
 from framework.wait import wait_until
 
 pytestmark = pytest.mark.integration
@@ -34,12 +36,28 @@ def vm() -> Iterator[Qvm]:
     (harness.root / "data" / "from-host.txt").write_text("written by the host\n")
     (harness.root / "ro" / "keep.txt").write_text("read-only\n")
     try:
-        harness.guest_machine(
+        harness.machine(
             "vm1",
-            extra=(
-                f'[[share]]\nhost = "{harness.root}/data"\nguest = "/mnt/data"\n'
-                f'[[share]]\nhost = "{harness.root}/ro"\nguest = "/mnt/ro"\nreadonly = true\n'
-            ),
+            f"""
+[memory]
+size = "256M"
+max = "512M"
+slots = 1
+
+[boot]
+kernel = "{{guest}}/vmlinuz"
+initrd = "{{guest}}/initrd.img"
+append = "console=ttyS0 quiet irqaffinity=0"
+
+[[share]]
+host = "{harness.root}/data"
+guest = "/mnt/data"
+
+[[share]]
+host = "{harness.root}/ro"
+guest = "/mnt/ro"
+readonly = true
+""",
         )
         harness("up", "vm1")
         harness("wait", "vm1", "--for", "agent", "--timeout", "120")
@@ -51,8 +69,15 @@ def vm() -> Iterator[Qvm]:
     assert not survivors, f"processes survived the module's cleanup: {survivors}"
 
 
-def shares(qvm: Qvm) -> list[dict[str, object]]:
-    return qvm.json("share", "list", "vm1", "--json")["shares"]  # type: ignore[no-any-return]
+def checked(qvm: Qvm, schema: str, *args: str) -> Any:
+    """``qvm ARGS --json``: exit 0, and its output matches ``schema``."""
+    data = qvm.json(*args, "--json")
+    validate(data, schema)
+    return data
+
+
+def shares(qvm: Qvm) -> list[dict[str, Any]]:
+    return checked(qvm, "share-list.json", "share", "list", "vm1")["shares"]  # type: ignore[no-any-return]
 
 
 def all_mounted(qvm: Qvm) -> bool:
@@ -103,7 +128,7 @@ def test_the_guest_cannot_reach_outside_the_folder(vm: Qvm) -> None:
 
 def test_share_add_and_del_on_the_running_vm(vm: Qvm) -> None:
     (vm.root / "live" / "big.txt").write_text("live share\n")
-    added = vm.json("share", "add", "vm1", str(vm.root / "live"), "/mnt/live", "--json")
+    added = checked(vm, "share-add.json", "share", "add", "vm1", str(vm.root / "live"), "/mnt/live")
     share = added["share"]
     assert (share["origin"], share["mount"], share["guest"]) == ("qvm", "mounted", "/mnt/live")
     daemon = int(share["daemon_pid"])
@@ -122,7 +147,7 @@ def test_share_add_and_del_on_the_running_vm(vm: Qvm) -> None:
     assert "/mnt/live" in guest_mounts(vm)
     guest(vm, "kill $(pidof sleep)")
 
-    removed = vm.json("share", "del", "vm1", "/mnt/live", "--json")
+    removed = checked(vm, "share-del.json", "share", "del", "vm1", "/mnt/live")
     assert removed["outcome"] == "removed"
     assert "/mnt/live" not in guest_mounts(vm)
     wait_until(lambda: not Path(f"/proc/{daemon}").exists(), 5, "virtiofsd to end")
@@ -155,4 +180,17 @@ def test_snapshot_save_is_refused_naming_the_share_and_the_way_out(vm: Qvm) -> N
     assert "remove the [[share]]" in error and "qvm restart vm1" in error
     assert time.monotonic() - started < 10
     assert vm.status("vm1")["state"] == "running"
+    assert guest(vm, "cat /mnt/data/from-host.txt") == "written by the host\n"
+
+
+def test_a_dimm_added_to_a_vm_with_shared_memory_is_shared_too(vm: Qvm) -> None:
+    before = int(vm.serial("vm1").guest().latest_state["mem_kb"])  # type: ignore[index]
+    added = vm.json("mem", "add", "vm1", "128M", "--json")
+    backend = added["device"]["backend"]
+    path = f"/objects/{backend}"
+    kind = vm.json("qmp", "vm1", "qom-get", f"path={path}", "property=type")
+    shared = vm.json("qmp", "vm1", "qom-get", f"path={path}", "property=share")
+    assert (kind, shared) == ("memory-backend-memfd", True)
+    # the guest onlines it, and virtiofs goes on working
+    vm.serial("vm1").wait_for(rf"QVM-STATE .*mem_kb=(?!{before}\b)\d+", 30)
     assert guest(vm, "cat /mnt/data/from-host.txt") == "written by the host\n"

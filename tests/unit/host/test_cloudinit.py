@@ -326,9 +326,7 @@ def test_the_seed_mounts_the_shares_at_every_boot(tmp_path: Path) -> None:
         '[[share]]\nhost = "data"\nguest = "/srv/data"\n'
         '[[share]]\nhost = "data"\nguest = "/mnt/ro"\nreadonly = true\nvia = "9p"\n',
     )
-    plan = plan_seed(vm, RunDir(tmp_path / "run"), home=tmp_path)._replace(
-        mounts=share_mounts(vm)
-    )
+    plan = plan_seed(vm, RunDir(tmp_path / "run"), home=tmp_path)._replace(mounts=share_mounts(vm))
     data = yaml.safe_load(user_data_text(plan))
     assert data["mounts"] == [
         ["fs0", "/srv/data", "virtiofs", "defaults,nofail", "0", "0"],
