@@ -144,6 +144,7 @@ def add_share(run: RunDir, host: Path, guest: str, readonly: bool, via: str) -> 
     launch = transaction.launch_of(run)
     host = Path(os.path.abspath(host))
     check_add(run, launch, host, guest, via)
+    guest = guest.rstrip("/")
     started = time.monotonic()
     with transaction.opened(run, launch) as (session, launch):
         shares = read_shares(run.shares_file)

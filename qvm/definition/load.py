@@ -398,7 +398,7 @@ def _read_share(share: Table, base_dir: Path, machine_type: str) -> ShareSpec | 
         share.report.add(share.where, "not supported on microvm", hint="use q35 or pc")
     if host is None or guest is None or not share.ok("host", "guest", "via", "readonly"):
         return None
-    return ShareSpec(host, guest, readonly, via)
+    return ShareSpec(host, guest.rstrip("/"), readonly, via)
 
 
 _SHARE_HINT = 'a share looks like host = "data", guest = "/mnt/data"'
@@ -422,17 +422,15 @@ def guest_path_problem(guest: str) -> str | None:
 def _check_unique_guests(
     report: Report, tables: list[Table], shares: list[ShareSpec | None]
 ) -> None:
-    seen: dict[str, str] = {}
+    seen: dict[str, str] = {}  # guest path (without a trailing "/") -> its key
     for table, share in zip(tables, shares, strict=True):
         if share is None:
             continue
         where = table.key("guest")
-        if share.guest.rstrip("/") in seen:
-            report.add(
-                where, f"already mounted by {seen[share.guest.rstrip('/')]}", shown(share.guest)
-            )
+        if share.guest in seen:
+            report.add(where, f"already mounted by {seen[share.guest]}", shown(table.data["guest"]))
         else:
-            seen[share.guest.rstrip("/")] = where
+            seen[share.guest] = where
 
 
 _KEY_LINE = r"(ssh-|ecdsa-|sk-)[a-z0-9@.-]+\s+\S+"
