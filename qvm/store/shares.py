@@ -10,19 +10,18 @@ No pathlib here: the supervisor imports this module (``qvm.layout.runfiles``).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Self
 
 from qvm.base.jsonfile import write_json_atomic
-from qvm.base.record import Record
 from qvm.layout.kinds import SHARE_VIAS
-from qvm.store.fields import Fields, read_record
+from qvm.store.fields import Fields, PlainRecord, read_record
 
 ORIGINS = ("boot", "qvm")
 MOUNT_STATES = ("waiting", "mounted", "failed", "unmounted")
 _HINT = "the VM's supervisor writes it anew at each QEMU start (qvm restart)"
 
 
-class ShareRecord(Record):
+class ShareRecord(PlainRecord):
     """One share of a QEMU run. ``id`` is its device id and the guest's mount tag."""
 
     id: str
@@ -38,23 +37,14 @@ class ShareRecord(Record):
     mount_error: str | None = None  # why the guest could not mount it
 
     @classmethod
-    def read(cls, f: Fields) -> ShareRecord:
-        return cls(
-            id=f.str("id"),
-            host=f.str("host"),
-            guest=f.str("guest"),
-            readonly=f.bool("readonly"),
+    def read(cls, f: Fields) -> Self:
+        return f.declared(
+            cls,
             via=f.one_of("via", SHARE_VIAS),
             origin=f.one_of("origin", ORIGINS, "boot"),
-            socket=f.str("socket", None),
             pid=f.pid("pid", None),
-            start_time=f.int("start_time", None),
             mount=f.one_of("mount", MOUNT_STATES, "waiting"),
-            mount_error=f.str("mount_error", None),
         )
-
-    def to_json(self) -> dict[str, Any]:
-        return self._asdict()
 
 
 def read_shares(path: str | os.PathLike[str]) -> tuple[ShareRecord, ...]:
