@@ -71,18 +71,8 @@ class ShareList(Record):
 
 
 def _info(share: ShareRecord, pending: set[str]) -> ShareInfo:
-    return ShareInfo(
-        id=share.id,
-        host=share.host,
-        guest=share.guest,
-        readonly=share.readonly,
-        via=share.via,
-        origin=share.origin,
-        mount=share.mount,
-        mount_error=share.mount_error,
-        daemon_pid=share.pid,
-        pending=share.id in pending,
-    )
+    same = {name: getattr(share, name) for name in ShareInfo._fields if name in share._fields}
+    return ShareInfo(**same, daemon_pid=share.pid, pending=share.id in pending)
 
 
 def _listing(run: RunDir, launch: LaunchRecord) -> ShareList:

@@ -36,6 +36,19 @@ def short_tmpdir() -> Path:
 
 
 @contextlib.contextmanager
+def owned_qvm() -> Iterator[Qvm]:
+    """A ``Qvm`` in a fresh short folder whose VMs live as long as the block (a module's
+    fixture): then each is killed, the folder removed, and no process of it may survive."""
+    harness = Qvm(short_tmpdir())
+    try:
+        yield harness
+    finally:
+        survivors = harness.cleanup()
+        shutil.rmtree(harness.root, ignore_errors=True)
+    assert not survivors, f"processes survived the cleanup: {survivors}"
+
+
+@contextlib.contextmanager
 def scratch_qvm(machine: str) -> Iterator[Qvm]:
     """A ``Qvm`` in a fresh short folder that holds one machine file, ``machine`` (one
     vCPU), for tests of the CLI that start no VM; the folder is removed afterwards."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import stat
 import time
@@ -23,7 +22,7 @@ from framework.harness import (
     Qvm,
     build_test_image,
     one_line_error,
-    short_tmpdir,
+    owned_qvm,
 )
 from framework.jsonschema_lite import validate
 from framework.wait import wait_until
@@ -38,16 +37,11 @@ def vm() -> Iterator[Qvm]:
     """A running test guest named vm1 whose agent answers; killed after the module."""
     if not (GUEST_DIR / "vmlinuz").exists():
         pytest.fail(f"no test guest in {GUEST_DIR} (run scripts/build-test-guest)")
-    harness = Qvm(short_tmpdir())
-    try:
+    with owned_qvm() as harness:
         harness.guest_machine("vm1")
         harness("up", "vm1")
         harness("wait", "vm1", "--for", "agent", "--timeout", "120")
         yield harness
-    finally:
-        survivors = harness.cleanup()
-        shutil.rmtree(harness.root, ignore_errors=True)
-    assert not survivors, f"processes survived the module's cleanup: {survivors}"
 
 
 def guest_sha256(qvm: Qvm, path: str) -> str:

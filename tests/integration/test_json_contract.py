@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from framework.harness import GUEST_DIR, QVM_BIN, Qvm, short_tmpdir
+from framework.harness import GUEST_DIR, QVM_BIN, Qvm, owned_qvm
 from framework.jsonschema_lite import validate
 
 pytestmark = pytest.mark.integration
@@ -28,10 +28,10 @@ def vm() -> Iterator[Qvm]:
     """One running test guest for the whole module; stopped and checked gone at the end."""
     if not (GUEST_DIR / "vmlinuz").exists():
         pytest.fail(f"no test guest in {GUEST_DIR} (run scripts/build-test-guest)")
-    qvm = Qvm(short_tmpdir())
-    qvm.machine(
-        NAME,
-        """
+    with owned_qvm() as qvm:
+        qvm.machine(
+            NAME,
+            """
 [cpu]
 count = 1
 max = 2
@@ -49,15 +49,8 @@ append = "console=ttyS0 quiet irqaffinity=0"
 [[nic]]
 forwards = ["tcp:0:7777"]
 """,
-    )
-    try:
+        )
         yield qvm
-    finally:
-        survivors = qvm.cleanup()
-        import shutil
-
-        shutil.rmtree(qvm.root, ignore_errors=True)
-        assert not survivors, f"processes survived: {survivors}"
 
 
 def checked(qvm: Qvm, schema: str, *args: str) -> Any:

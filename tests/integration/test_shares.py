@@ -6,14 +6,13 @@ each read back from the guest through its agent and from the host's own files.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from framework.harness import GUEST_DIR, Qvm, one_line_error, short_tmpdir
+from framework.harness import GUEST_DIR, Qvm, one_line_error, owned_qvm
 from framework.jsonschema_lite import validate
 from framework.wait import wait_until
 
@@ -28,17 +27,21 @@ def vm() -> Iterator[Qvm]:
     /mnt/ro (read-only), both mounted by the guest; killed after the module."""
     if not (GUEST_DIR / "vmlinuz").exists():
         pytest.fail(f"no test guest in {GUEST_DIR} (run scripts/build-test-guest)")
-    harness = Qvm(short_tmpdir())
+    with owned_qvm() as harness:
+        _boot(harness)
+        yield harness
+
+
+def _boot(harness: Qvm) -> None:
     for folder in ("data", "ro", "live"):
         (harness.root / folder).mkdir()
     (harness.root / "secret.txt").write_text(SECRET)
     (harness.root / "data" / "escape").symlink_to(harness.root / "secret.txt")
     (harness.root / "data" / "from-host.txt").write_text("written by the host\n")
     (harness.root / "ro" / "keep.txt").write_text("read-only\n")
-    try:
-        harness.machine(
-            "vm1",
-            f"""
+    harness.machine(
+        "vm1",
+        f"""
 [memory]
 size = "256M"
 max = "512M"
@@ -58,15 +61,10 @@ host = "{harness.root}/ro"
 guest = "/mnt/ro"
 readonly = true
 """,
-        )
-        harness("up", "vm1")
-        harness("wait", "vm1", "--for", "agent", "--timeout", "120")
-        wait_until(lambda: all_mounted(harness), 30, "the guest to mount the boot shares")
-        yield harness
-    finally:
-        survivors = harness.cleanup()
-        shutil.rmtree(harness.root, ignore_errors=True)
-    assert not survivors, f"processes survived the module's cleanup: {survivors}"
+    )
+    harness("up", "vm1")
+    harness("wait", "vm1", "--for", "agent", "--timeout", "120")
+    wait_until(lambda: all_mounted(harness), 30, "the guest to mount the boot shares")
 
 
 def checked(qvm: Qvm, schema: str, *args: str) -> Any:
