@@ -356,9 +356,10 @@ class Supervisor:
         self.qmp_connected.set()
         await self._attach_agent()
         if self.launch.shares and self.agent_proxy is not None:
-            # the guest mounts them once its agent answers, which takes its boot
+            # the guest mounts them once its agent answers, which takes its boot; the
+            # thread asks the future, never QEMU's pid: only this loop may reap QEMU
             self.mount_task = asyncio.create_task(
-                asyncio.to_thread(self.share_keeper().mount_boot_shares, self.qemu_alive)
+                asyncio.to_thread(self.share_keeper().mount_boot_shares, exited.done)
             )
         try:
             status = await asyncio.wait_for(client.execute("query-status"), QMP_CALL_TIMEOUT)

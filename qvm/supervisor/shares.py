@@ -20,6 +20,7 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from qvm.cmdline.share_mount import mount_argv
@@ -87,7 +88,9 @@ class ShareKeeper:
         write_shares(self.path, shares)
 
     def _update(self, share_id: str, **changes: Any) -> None:
-        self._save(tuple(s._replace(**changes) if s.id == share_id else s for s in self.shares()))
+        shares = self.shares()
+        if any(s.id == share_id for s in shares):  # not after stop_all: no record then
+            self._save(tuple(s._replace(**changes) if s.id == share_id else s for s in shares))
 
     def stop_all(self) -> None:
         """QEMU has ended: so do the daemons; the record goes with them."""
@@ -125,15 +128,15 @@ class ShareKeeper:
 
     # --- the guest's mounts ---------------------------------------------------------------
 
-    def mount_boot_shares(self, qemu_alive: Any) -> None:
+    def mount_boot_shares(self, qemu_exited: Callable[[], bool]) -> None:
         """Once the guest agent answers, mount each boot share at its guest path and
         record how that went. Blocking: the supervisor runs it in a thread, until done or
-        ``qemu_alive()`` turns false."""
+        ``qemu_exited()``."""
         waiting = [s for s in self.shares() if s.mount == "waiting"]
         if not waiting:
             return
         deadline = time.monotonic() + AGENT_PATIENCE
-        while qemu_alive() and time.monotonic() < deadline:
+        while not qemu_exited() and time.monotonic() < deadline:
             try:
                 with self._agent() as client:
                     if client is None:
