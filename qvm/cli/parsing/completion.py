@@ -25,7 +25,6 @@ import click.shell_completion
 from click.shell_completion import split_arg_string
 from typer import _completion_classes, _completion_shared
 
-from qvm.cli import completion as candidates
 from qvm.cli import resolve
 from qvm.errors import EXIT_USAGE, QvmError
 
@@ -185,11 +184,15 @@ COPY_PARAMS = {(("cp",), "source"), (("cp",), "target")}
 
 
 def completer(words: tuple[str, ...], parameter: str) -> Callable[..., list[str]] | None:
-    """The Typer ``autocompletion`` of a command's parameter, or None."""
+    """The Typer ``autocompletion`` of a command's parameter, or None. Its candidates
+    (``qvm.cli.completion``, with the device-kind table) load on a TAB press only: every
+    help and every mistake builds the Typer CLI, and so asks for the completers."""
     kind = DEVICE_PARAMS.get((words, parameter))
     if kind is not None:
 
         def complete_device(ctx: click.Context, incomplete: str) -> list[str]:
+            from qvm.cli import completion as candidates
+
             _configure(ctx)
             vm = ctx.params.get("name")
             return _matching(candidates.device_ids(kind, vm), incomplete)
@@ -198,6 +201,8 @@ def completer(words: tuple[str, ...], parameter: str) -> Callable[..., list[str]
     if (words, parameter) in SNAPSHOT_PARAMS:
 
         def complete_tag(ctx: click.Context, incomplete: str) -> list[str]:
+            from qvm.cli import completion as candidates
+
             _configure(ctx)
             named = ctx.params.get("names") or [ctx.params.get("name")]
             if not any(named):
@@ -208,6 +213,8 @@ def completer(words: tuple[str, ...], parameter: str) -> Callable[..., list[str]
     if (words, parameter) in COPY_PARAMS:
 
         def complete_copy_end(ctx: click.Context, incomplete: str) -> list[str]:
+            from qvm.cli import completion as candidates
+
             _configure(ctx)
             return _matching(candidates.copy_ends(incomplete), incomplete)
 
@@ -215,6 +222,8 @@ def completer(words: tuple[str, ...], parameter: str) -> Callable[..., list[str]
     if parameter in ("name", "names") and words not in NEW_NAMES:
 
         def complete_vm(ctx: click.Context, incomplete: str) -> list[str]:
+            from qvm.cli import completion as candidates
+
             _configure(ctx)
             return _matching(candidates.vm_names(), incomplete)
 
