@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from qvm.cli import resolve
 from qvm.cli.output import abort, emit_json, fail_all, say, warn
-from qvm.cli.parsing.declare import Option
 from qvm.errors import EXIT_PENDING, EXIT_USAGE
 from qvm.layout.rundir import RunDir
 
@@ -22,17 +21,6 @@ if TYPE_CHECKING:
     from qvm.definition.persist import EntryPersistResult, PersistResult
 
 _Listed = TypeVar("_Listed", bound="ListedDevice")
-
-# options the cpu, mem, disk and nic commands share
-FORCE = Option(
-    False,
-    "--force",
-    help="Go on even after a vCPU unplug in this QEMU run under TCG, where QEMU 7.2 crashes "
-    "on any device_add.",
-)
-UNPLUG_TIMEOUT = Option(
-    10.0, "--timeout", help="Seconds to wait for the guest to release the device."
-)
 
 
 def size_argument(name: str, option: str, text: str) -> int:

@@ -6,9 +6,16 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from qvm.cli import resolve
-from qvm.cli.device_options import FORCE
 from qvm.cli.output import abort, emit_json, fail_all, ms, say, table, warn
-from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option, persist_option
+from qvm.cli.parsing.declare import (
+    AS_JSON,
+    FORCE,
+    MACHINE,
+    Argument,
+    Commands,
+    Option,
+    persist_option,
+)
 from qvm.errors import EXIT_FAILURE, EXIT_PENDING, EXIT_USAGE
 from qvm.layout.rundir import RunDir
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from qvm.cli import device_options, resolve
 from qvm.cli.output import abort, emit_json, human_bytes, ms, say, table
+from qvm.cli.parsing import declare
 from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option, persist_option
 from qvm.errors import EXIT_USAGE
 from qvm.layout.rundir import RunDir
@@ -63,7 +64,7 @@ def attach(
     ),
     readonly: bool = Option(False, "--readonly", help="Attach it read-only."),
     dev_id: str | None = Option(None, "--id", help="Device id (default: diskN)."),
-    force: bool = device_options.FORCE,
+    force: bool = declare.FORCE,
     persist: bool = persist_option(
         "add a [[disk]] for it to the machine's TOML, so it is there at the next boot"
     ),
@@ -110,7 +111,7 @@ def _persist_attach(run: RunDir, result: DiskAttach, with_id: bool) -> dict[str,
 def detach(
     name: str = MACHINE,
     dev_id: str = Argument(..., metavar="ID", help="The disk's id (see qvm disk list)."),
-    timeout: float = device_options.UNPLUG_TIMEOUT,
+    timeout: float = declare.UNPLUG_TIMEOUT,
     persist: bool = persist_option("remove its [[disk]] from the machine's TOML"),
     as_json: bool = AS_JSON,
 ) -> None:

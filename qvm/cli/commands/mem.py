@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from qvm.cli import resolve
-from qvm.cli.device_options import FORCE, UNPLUG_TIMEOUT, size_argument, unplug_problems
+from qvm.cli.device_options import size_argument, unplug_problems
 from qvm.cli.output import (
     abort,
     emit_json,
@@ -15,6 +15,7 @@ from qvm.cli.output import (
     table,
     warn,
 )
+from qvm.cli.parsing import declare
 from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ def add(
         help="Seconds to wait for the guest: to plug SIZE (virtio-mem), to have the DIMM's "
         "blocks online (DIMM, when the guest agent answers).",
     ),
-    force: bool = FORCE,
+    force: bool = declare.FORCE,
     no_online: bool = Option(
         False,
         "--no-online",
@@ -212,7 +213,7 @@ def _not_plugged(
 def delete(
     name: str = MACHINE,
     dev_id: str = Argument(..., metavar="ID", help="The DIMM's id (see qvm mem list)."),
-    timeout: float = UNPLUG_TIMEOUT,
+    timeout: float = declare.UNPLUG_TIMEOUT,
     as_json: bool = AS_JSON,
 ) -> None:
     """Unplug a DIMM (device_del), wait for DEVICE_DELETED, then delete its backend.

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from qvm.cli import device_options, resolve
 from qvm.cli.output import emit_json, ms, say, table
+from qvm.cli.parsing import declare
 from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option, persist_option
 from qvm.layout.rundir import RunDir
 
@@ -54,7 +55,7 @@ def add(
         None, "--mac", help="MAC address (default: stable, from the VM's name and NIC index)."
     ),
     dev_id: str | None = Option(None, "--id", help="Device id (default: netN)."),
-    force: bool = device_options.FORCE,
+    force: bool = declare.FORCE,
     persist: bool = persist_option(
         "add a [[nic]] for it (its MAC and forwards as given) to the machine's TOML"
     ),
@@ -96,7 +97,7 @@ def add(
 def delete(
     name: str = MACHINE,
     dev_id: str = Argument(..., metavar="ID", help="The NIC's id (see qvm nic list)."),
-    timeout: float = device_options.UNPLUG_TIMEOUT,
+    timeout: float = declare.UNPLUG_TIMEOUT,
     persist: bool = persist_option("remove its [[nic]] (same MAC) from the TOML"),
     as_json: bool = AS_JSON,
 ) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from qvm.cli import device_options, resolve
 from qvm.cli.output import emit_json, ms, say, table, warn
+from qvm.cli.parsing import declare
 from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def add(
 def delete(
     name: str = MACHINE,
     guest: str = Argument(..., metavar="GUEST", help="The share's guest path (qvm share list)."),
-    timeout: float = device_options.UNPLUG_TIMEOUT,
+    timeout: float = declare.UNPLUG_TIMEOUT,
     as_json: bool = AS_JSON,
 ) -> None:
     """Unmount a share qvm added in the guest (refused while busy, naming who holds it),

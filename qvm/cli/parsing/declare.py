@@ -81,6 +81,16 @@ MACHINES = Argument(..., help="Machine names.")
 SNAPSHOT_TAG = Argument(..., help="The snapshot's name.")
 STOP_TIMEOUT = Option(30.0, "--timeout", help="Seconds to wait for the guest.")  # down, restart
 SKIP_POWER_BUTTON = Option(False, "--force", help="Skip the ACPI power button.")  # down, restart
+# cpu, mem, disk and nic (here, not in qvm.cli.device_options: `qvm cpu list` needs no more)
+FORCE = Option(
+    False,
+    "--force",
+    help="Go on even after a vCPU unplug in this QEMU run under TCG, where QEMU 7.2 crashes "
+    "on any device_add.",
+)
+UNPLUG_TIMEOUT = Option(
+    10.0, "--timeout", help="Seconds to wait for the guest to release the device."
+)
 
 
 class Commands:
