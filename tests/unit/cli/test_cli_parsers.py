@@ -4,12 +4,16 @@ differently depending on which of the two parsed it."""
 
 from __future__ import annotations
 
+import inspect
+import re
 import subprocess
 import sys
 from typing import Any
 
 import pytest
 import typer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from qvm.cli import resolve
@@ -215,6 +219,23 @@ def test_help_lists_each_commands_first_sentence_whole() -> None:
             [sys.executable, "-m", "qvm.cli", "--help"], capture_output=True, text=True, check=True
         ).stdout
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=" \n\t.!?`Aaz:,Z0", max_size=40))
+def test_one_liner_ends_where_a_sentence_does(text: str) -> None:
+    """The first sentence ends at ". ", "! " or "? " before a capital or a backquote, as
+    the regular expression this scan replaced (its compiling cost every help) said."""
+    paragraph = " ".join(inspect.cleandoc(text).split("\n\n", 1)[0].split())
+    expected = re.split(r"(?<=[.!?]) (?=[A-Z`])", paragraph, maxsplit=1)[0] if text else None
+    assert typer_app.one_liner(text) == expected
+
+
+def test_one_liner_examples() -> None:
+    assert typer_app.one_liner("Stop it. Then go.\n\nMore.") == "Stop it."
+    assert typer_app.one_liner("Is it e.g. ok? `qvm up` says.") == "Is it e.g. ok?"
+    assert typer_app.one_liner("  Ends here!  ") == "Ends here!"
+    assert typer_app.one_liner("") is None
 
 
 def test_the_fast_path_takes_a_command_line_after_double_dash() -> None:
