@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn, TextIO
@@ -27,6 +26,8 @@ def json_mode(argv: Sequence[str] | None = None) -> bool:
 
 
 def emit_json(data: Any) -> None:
+    import json  # compiles six regular expressions: `qvm --help` would pay for them
+
     _Emitted.json = True
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 

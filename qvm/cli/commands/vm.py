@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -611,6 +610,8 @@ def cmdline(
 
 def _pairs(argv: list[str]) -> list[str]:
     """Group '-option value' pairs on one line each; still one valid shell command."""
+    import shlex  # compiles a regular expression: every command of this module would pay
+
     quoted = [shlex.quote(a) for a in argv]
     lines: list[str] = [quoted[0]]
     i = 1
