@@ -18,6 +18,16 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar, Self, dataclass_transform
 
 _NO_DEFAULT = object()
+# The getter of field N, one for every record class: a property holds no reference to its
+# class, so each class reads its fields through the same objects (fewer allocations at
+# start-up, less memory in the long-running supervisor).
+_FIELD_GETTERS: list[property] = []
+
+
+def _more_field_getters(count: int) -> None:
+    while len(_FIELD_GETTERS) < count:
+        at = len(_FIELD_GETTERS)
+        _FIELD_GETTERS.append(property(itemgetter(at), doc=f"Alias for field {at}"))
 
 
 class _RecordMeta(type):
@@ -25,6 +35,8 @@ class _RecordMeta(type):
         if namespace.get("__module__") == __name__ and name == "Record":
             return super().__new__(mcs, name, bases, namespace)
         fields = tuple(namespace.get("__annotations__", {}))
+        if len(fields) > len(_FIELD_GETTERS):
+            _more_field_getters(len(fields))
         defaults = {}
         for index, field in enumerate(fields):
             default = namespace.pop(field, _NO_DEFAULT)
@@ -32,7 +44,7 @@ class _RecordMeta(type):
                 defaults[field] = default
             elif defaults:
                 raise TypeError(f"{name}.{field}: a field without a default follows one with")
-            namespace[field] = property(itemgetter(index), doc=f"Alias for field {index}")
+            namespace[field] = _FIELD_GETTERS[index]
         namespace["__slots__"] = ()
         namespace["_fields"] = fields
         namespace["_field_defaults"] = defaults
