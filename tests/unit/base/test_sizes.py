@@ -1,8 +1,12 @@
 from __future__ import annotations
 
-import pytest
+import re
 
-from qvm.base.sizes import SizeError, format_size, parse_size
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qvm.base.sizes import SizeError, _number_and_unit, format_size, parse_size
 
 KIB, MIB, GIB, TIB = 1024, 1024**2, 1024**3, 1024**4
 
@@ -99,3 +103,24 @@ def test_format_size_round_trips(size: int) -> None:
 def test_format_size_rejects_negative() -> None:
     with pytest.raises(ValueError, match="negative"):
         format_size(-1)
+
+
+# what parse_size read sizes with before it scanned them by hand (compiling this cost
+# every command that loads a machine file)
+_SIZE_PATTERN = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>[a-zA-Z]*)")
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet="0123456789.kKmMgGiIbBtTxZ \t\x1c\xa0\u2003-+٣é", max_size=12))
+def test_a_size_splits_as_the_regular_expression_did(text: str) -> None:
+    match = _SIZE_PATTERN.fullmatch(text)
+    expected = None if match is None else (match["number"], match["unit"])
+    assert _number_and_unit(text) == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=12))
+def test_any_text_splits_as_the_regular_expression_did(text: str) -> None:
+    match = _SIZE_PATTERN.fullmatch(text)
+    expected = None if match is None else (match["number"], match["unit"])
+    assert _number_and_unit(text) == expected

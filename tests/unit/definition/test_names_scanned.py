@@ -1,0 +1,36 @@
+"""Names that `qvm status`, `list` and `up` check on every load, scanned by hand rather than
+with regular expressions (compiling each cost those commands ~0.2 ms): held here to what
+the expressions they replaced said, on any text."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qvm.definition.naming import _KIND_OF_PREFIX, generated_id_kind
+from qvm.definition.reader import _render_key
+
+_GENERATED_ID = "(" + "|".join(map(re.escape, _KIND_OF_PREFIX)) + ")[0-9]+"
+_BARE_KEY = r"[A-Za-z0-9_-]+"
+
+# the prefixes themselves, digits (ASCII and not), and what is near them
+ID_TEXT = st.lists(
+    st.sampled_from([*_KIND_OF_PREFIX, "0", "7", "٣", "x", "-", "_", " ", "c", "d"]), max_size=5
+).map("".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(ID_TEXT, st.text(max_size=8)))
+def test_generated_id_kind_reads_as_the_pattern_did(dev_id: str) -> None:
+    match = re.fullmatch(_GENERATED_ID, dev_id)
+    assert generated_id_kind(dev_id) == (None if match is None else _KIND_OF_PREFIX[match[1]])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(st.text(alphabet='aZ09_-. é"', max_size=6), st.text(max_size=6)))
+def test_a_key_renders_as_the_pattern_said(key: str) -> None:
+    bare = re.fullmatch(_BARE_KEY, key) is not None
+    assert _render_key(key) == (key if bare else json.dumps(key, ensure_ascii=False))
