@@ -23,16 +23,19 @@ Errors are ``qvm.errors``' agent classes, each one line naming the VM.
 from __future__ import annotations
 
 import json
-import random
+import os
 import socket
 import time
 from collections.abc import Sequence
-from typing import Any
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.record import Record
 from qvm.errors import AgentCommandError, AgentError, AgentNotAnswering
 from qvm.layout.locks import try_lock
 from qvm.layout.runfiles import AGENT_PORT_NAME
+
+if TYPE_CHECKING:
+    from typing import Any
 
 SENTINEL = b"\xff"
 DEFAULT_TIMEOUT = 10.0  # seconds per command
@@ -217,7 +220,9 @@ class AgentClient:
     def begin_sync(self, timeout: float = SYNC_TIMEOUT) -> None:
         """Send the resync request; its reply is awaited by ``finish_sync``, or by the next
         command, which may then travel in the same round trip."""
-        sync_id = random.randrange(1, 2**31)
+        # 1 to 2**31 - 1, from os.urandom: the random module (with hashlib's sha512 and
+        # bisect) would be ~0.1 MiB of the supervisor, which holds this channel
+        sync_id = int.from_bytes(os.urandom(4), "little") % (2**31 - 1) + 1
         self._buffer.clear()
         self._synced = False
         message = {"execute": "guest-sync-delimited", "arguments": {"id": sync_id}}
