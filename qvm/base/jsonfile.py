@@ -10,9 +10,12 @@ import contextlib
 import errno
 import json
 import os
-from typing import Any
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.errors import HostError
+
+if TYPE_CHECKING:
+    from typing import Any
 
 # qvm's records are a few KiB; a bigger file is not one of them
 MAX_RECORD_BYTES = 4 * 1024**2

@@ -15,7 +15,20 @@ nothing of qvm, has its one value class written out by hand.
 from __future__ import annotations
 
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, ClassVar, Self, dataclass_transform
+
+from qvm.base.checking import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, Self, dataclass_transform
+
+    _Tuple = tuple[Any, ...]
+else:
+    _Tuple = tuple
+
+    def dataclass_transform(**_: object) -> object:
+        """typing's marks the class for type checkers, which read the source instead."""
+        return lambda cls: cls
+
 
 _NO_DEFAULT = object()
 # The getter of field N, one for every record class: a property holds no reference to its
@@ -56,7 +69,7 @@ class _RecordMeta(type):
 # whose constructor takes the annotated fields in order, with their defaults, and whose
 # fields are read-only; it checks every construction against that synthesized `__init__`.
 @dataclass_transform(frozen_default=True)
-class Record(tuple[Any, ...], metaclass=_RecordMeta):
+class Record(_Tuple, metaclass=_RecordMeta):
     """Subclass with annotated fields, as with ``typing.NamedTuple``."""
 
     __slots__ = ()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn, TextIO
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.errors import EXIT_FAILURE, QvmError
+
+if TYPE_CHECKING:
+    from typing import Any, NoReturn, TextIO
 
 
 class _Emitted:

@@ -11,17 +11,19 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.cli.output import human_bytes
 
 if TYPE_CHECKING:
     import threading
+    from typing import Any, TypeVar
+
+    Result = TypeVar("Result")
 
 SPINNER = "|/-\\"
 SPINNER_DELAY = 1.0  # seconds
 FRAME_SECONDS = 0.1
-Result = TypeVar("Result")
 
 
 class _Screen:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.cli.parsing.declare import Option
 from qvm.errors import QvmError, UsageError
 from qvm.layout.names import check_vm_name, is_vm_name, shown

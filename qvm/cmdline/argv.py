@@ -8,8 +8,8 @@ and ``qvm up`` print and run the same argv. A forward's host port 0 stays 0: QEM
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.record import Record
 from qvm.base.sizes import format_size
 from qvm.definition.naming import (

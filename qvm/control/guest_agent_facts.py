@@ -25,8 +25,8 @@ from __future__ import annotations
 import base64
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.record import Record
 from qvm.control.agent import AgentClient, open_agent
 from qvm.errors import (
@@ -36,6 +36,11 @@ from qvm.errors import (
     NotRunningError,
 )
 from qvm.layout.rundir import RunDir
+
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    _State = TypeVar("_State", bound=Record)
 
 # agent states, as `status` says them
 ANSWERING = "answering"
@@ -115,9 +120,6 @@ def unsupported(error: AgentCommandError) -> bool:
     """The agent does not offer the command (unknown, or disabled by its blocklist)."""
     desc = error.agent_desc.lower()
     return error.agent_class == "CommandNotFound" or "disabled" in desc or "not found" in desc
-
-
-_State = TypeVar("_State", bound=Record)
 
 
 def _online_states(

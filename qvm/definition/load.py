@@ -14,8 +14,8 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.sizes import format_size
 from qvm.definition.forwards import FORWARD_HINT, ForwardError, parse_forward
 from qvm.definition.naming import (
@@ -62,6 +62,9 @@ from qvm.errors import DefinitionError, Problem
 from qvm.layout.cache import cached_image
 from qvm.layout.kinds import SHARE_VIAS
 from qvm.layout.names import NAME_RULE, is_vm_name
+
+if TYPE_CHECKING:
+    from typing import Any
 
 _MIB = 1024**2
 _MAC = r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}"

@@ -17,10 +17,13 @@ import contextlib
 import json
 import os
 import zlib
-from typing import Any
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.jsonfile import RecordWriteError, read_json, write_text_atomic
 from qvm.layout.cache import qvm_cache_home
+
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_ENTRIES = 200
 

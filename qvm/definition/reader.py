@@ -11,11 +11,16 @@ import os
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.sizes import SizeError, parse_size
 from qvm.definition.schema import ID_PATTERN, KEYS
 from qvm.errors import Problem
+
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    _T = TypeVar("_T")
 
 ID_RULE = "a letter then up to 31 letters, digits, '_' or '-'"
 SIZE_HINT = 'sizes look like "512M" or "2G"; K, M, G and T are powers of 1024'
@@ -31,8 +36,6 @@ MAX_KEY = 120
 MAX_TEXT = 300
 # Past this a float cannot hold the number; float(10**400) raises OverflowError.
 _FLOAT_LIMIT = 2**1023
-
-_T = TypeVar("_T")
 
 
 # --- rendering values for messages ------------------------------------------------

@@ -9,8 +9,7 @@ functions only name slots and build the boot-time ``-device`` lines.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.record import Record
 
 if TYPE_CHECKING:  # the vCPU commands import this module, and need no TOML parsing

@@ -11,7 +11,8 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+
+from qvm.base.checking import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pathlib import Path

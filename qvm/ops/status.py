@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.record import Record
 from qvm.errors import QvmError, RecordError
 from qvm.layout.names import is_vm_name

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.digest import file_sha256
 from qvm.base.record import Record
 from qvm.cmdline.argv import LaunchInputs, StartFrom, build_argv, cpu_model, default_cpu_model

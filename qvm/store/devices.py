@@ -10,8 +10,8 @@ parse is a ``RecordError`` naming the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
 from qvm.layout.kinds import recorded_kinds
@@ -19,8 +19,11 @@ from qvm.layout.rundir import RunDir
 from qvm.store.fields import Fields, read_record
 from qvm.store.state import QemuRun, current_qemu_run
 
+if TYPE_CHECKING:
+    from typing import Any
+
 # One QMP command: (name, arguments)
-Command = tuple[str, dict[str, Any]]
+Command = tuple[str, dict[str, "Any"]]  # "Any": typing is only imported for type checks
 DEVICE_KINDS = recorded_kinds()  # qvm.layout.kinds: the kinds qvm records
 _HINT = "qvm restart rewrites it"
 

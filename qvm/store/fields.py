@@ -14,15 +14,30 @@ import builtins
 import math
 import os
 from collections.abc import Callable
-from typing import Any, Self, TypeVar, overload
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.jsonfile import read_json_strict
 from qvm.base.record import Record
 from qvm.errors import RecordError
 
-_T = TypeVar("_T")
-_D = TypeVar("_D")
-_R = TypeVar("_R", bound=Record)
+if TYPE_CHECKING:
+    from typing import Any, Self, TypeVar
+
+    _T = TypeVar("_T")
+    _D = TypeVar("_D")
+    _R = TypeVar("_R", bound=Record)
+
+if not TYPE_CHECKING:  # typing's then (the linters know its stubs by it), this one now
+
+    def overload(stub: object) -> object:
+        """typing's, but for its registry, which nothing reads: the definition after the
+        stubs takes the name as it does with typing's."""
+        return stub
+
+else:
+    from typing import overload
+
+
 _MISSING = object()
 _SHOWN = 60  # characters of a bad value quoted in a message
 
@@ -197,7 +212,7 @@ _READERS: dict[str, Callable[..., Any]] = {
     "bool": Fields.bool,
     "tuple[str, ...]": Fields.str_list,
 }
-_Plan = tuple[tuple[str, Callable[..., Any] | None, Any], ...]
+_Plan = tuple[tuple[str, "Callable[..., Any] | None", "Any"], ...]  # no typing at run time
 _PLANS: dict[type, _Plan] = {}
 
 

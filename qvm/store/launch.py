@@ -8,12 +8,15 @@ attributes. A record that does not parse is a ``RecordError`` naming the file.
 from __future__ import annotations
 
 import os
-from typing import Any, Self
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
 from qvm.store.fields import Fields, PlainRecord, read_record
 from qvm.store.shares import ShareRecord
+
+if TYPE_CHECKING:
+    from typing import Any, Self
 
 RESTART_POLICIES = ("no", "on-failure", "always")
 PROTOCOLS = ("tcp", "udp")

@@ -13,12 +13,15 @@ import contextlib
 import os
 import stat
 import time
-from typing import Any
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.jsonfile import RecordWriteError, write_json_atomic
 from qvm.base.record import Record
 from qvm.errors import RecordError
 from qvm.store.fields import Fields, read_record
+
+if TYPE_CHECKING:
+    from typing import Any
 
 # the states a supervisor writes; the first five mean "a supervisor should be alive"
 STATES = ("starting", "running", "paused", "stopping", "restarting", "stopped", "crashed")

@@ -12,8 +12,8 @@ import os
 import select
 import time
 from pathlib import Path
-from typing import NoReturn
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.record import Record
 from qvm.errors import HostError, LaunchError, QvmError, VmStateError
 from qvm.layout.rundir import RunDir
@@ -27,6 +27,9 @@ from qvm.supervisor.client import (
     take_run_locks,
 )
 from qvm.supervisor.spawn import start
+
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 DEFAULT_READY_TIMEOUT = 60.0
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, TypeVar
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.jsonfile import RecordWriteError
 from qvm.base.proc import identity_problem
 from qvm.errors import VmStateError
@@ -31,8 +31,11 @@ from qvm.store.state import (
 if TYPE_CHECKING:
     import socket
     from collections.abc import Callable
+    from typing import TypeVar
 
     from qvm.supervisor.wire import Accepted, ErrorReply, Request
+
+    _Reply = TypeVar("_Reply")
 
 SUPERVISOR_ANSWER_TIMEOUT = 3.0
 # A stop or kill carries a deadline this far ahead: a supervisor that has not read it by
@@ -41,7 +44,6 @@ ACCEPT_TIMEOUT = 5.0
 # The client waits this much longer than the deadline it sent, so that an "accepted"
 # written just before the deadline still arrives.
 ACCEPT_MARGIN = 1.0
-_Reply = TypeVar("_Reply")
 
 
 class SupervisorUnresponsive(VmStateError):

@@ -13,8 +13,8 @@ import contextlib
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.jsonfile import RecordWriteError
 from qvm.base.proc import find_program, process_start_time
 from qvm.layout.runfiles import EVENTS_SOCKET, QEMU_LOG, STATE_FILE

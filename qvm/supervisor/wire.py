@@ -28,8 +28,8 @@ before asyncio exists.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.record import Record
 from qvm.errors import RecordError
 from qvm.store.fields import Fields
@@ -37,6 +37,9 @@ from qvm.store.state import StateRecord
 
 if TYPE_CHECKING:
     import socket
+    from typing import Any, Protocol, TypeVar
+
+    _Reply = TypeVar("_Reply", covariant=True)
 
 REQUEST_SOURCE = "supervisor request"
 REPLY_HINT = "is the supervisor from another qvm version? qvm kill ends it"
@@ -46,8 +49,6 @@ MAX_LINE = 64 * 1024**2
 ENDINGS = ("acpi", "agent", "quit", "kill")
 # the start of the error a supervisor gives a request it read after the request's deadline
 EXPIRED = "request expired"  # how a stop ended QEMU, gentlest first
-
-_Reply = TypeVar("_Reply", covariant=True)
 
 
 class LineReader:
@@ -168,10 +169,12 @@ class ControlReady(Record):
 # --- requests ------------------------------------------------------------------------
 
 
-class Request(Protocol[_Reply]):
-    def to_json(self) -> dict[str, Any]: ...
+if TYPE_CHECKING:  # what the client asks for; checked by the type checker only
 
-    def read_reply(self, f: Fields) -> _Reply: ...
+    class Request(Protocol[_Reply]):
+        def to_json(self) -> dict[str, Any]: ...
+
+        def read_reply(self, f: Fields) -> _Reply: ...
 
 
 class StatusRequest(Record):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.cli import resolve
 from qvm.cli.output import (
     abort,
@@ -30,6 +30,8 @@ from qvm.cli.parsing.declare import (
 from qvm.errors import EXIT_INTERRUPTED, EXIT_OK, DefinitionError, QvmError
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from qvm.control.guest_agent_facts import GuestFacts
     from qvm.definition.schema import Machine
     from qvm.layout.rundir import RunDir

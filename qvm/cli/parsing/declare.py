@@ -10,9 +10,12 @@ itself, so that `qvm status vm1` does not pay 30-80 ms for importing Typer and C
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.record import Record
+
+if TYPE_CHECKING:
+    from typing import Any
 
 # Top-level command words and the module (qvm/cli/<module>.py) that declares each.
 TOP_LEVEL = {

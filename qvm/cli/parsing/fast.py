@@ -18,11 +18,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.record import Record
 from qvm.cli import resolve
 from qvm.cli.parsing.declare import GROUPS, TOP_LEVEL, fixed_arguments, parameters
+
+if TYPE_CHECKING:
+    from typing import Any
 
 # annotation text -> (convert one value, repeatable); other annotations are not parsed here
 CONVERTERS: dict[str, tuple[Callable[[str], Any], bool]] = {

@@ -9,6 +9,8 @@ fails fast without starting anything: what matters here is what it imported on t
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,3 +109,38 @@ def test_up_without_forwards_imports_no_socket(tmp_path: Path) -> None:
     assert "qvm.ops.up" in modules
     assert "qvm.host.ports" in modules
     assert "socket" not in modules
+
+
+# typing costs each command ~9 M instructions (~2 ms, docs/speed.md): the modules on these
+# commands' way name its things under ``qvm.base.TYPE_CHECKING`` only
+@pytest.mark.parametrize(
+    "argv",
+    [["status", "vm1"], ["status", "vm1", "--json"], ["list"], ["list", "--json"], ["up", "vm1"]],
+    ids=" ".join,
+)
+def test_status_list_and_up_import_no_typing(argv: list[str], tmp_path: Path) -> None:
+    """The machine file's parse is cached first (tomllib imports typing; a second read of
+    the same text does without it). Its kernel is missing, so `up` stops at the host
+    checks, after it has imported its whole path."""
+    (tmp_path / "machines").mkdir()
+    (tmp_path / "machines" / "vm1.toml").write_text('[boot]\nkernel = "/no/such/kernel"\n')
+    cache = {"QVM_CACHE_DIR": str(tmp_path / "cache")}
+    imported_modules(["list"], tmp_path, cache)
+    modules = imported_modules(argv, tmp_path, cache)
+    assert {"qvm.definition.load", "qvm.definition.reader"} <= modules
+    assert "qvm.ops.up" in modules or argv[0] != "up"
+    assert "typing" not in modules
+
+
+def test_a_running_vms_status_imports_no_typing() -> None:
+    """What `qvm status` imports besides for a running VM: the supervisor's answer, the
+    forwards, the guest agent's facts."""
+    code = (
+        "import sys, qvm.cli.commands.vm, qvm.ops.status, qvm.supervisor.wire, "
+        "qvm.store.forwards, qvm.control.guest_agent_facts\n"
+        "print('typing' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout == "False\n", done.stderr
