@@ -147,8 +147,22 @@ def list_machine_files(search_dirs: Sequence[Path]) -> list[Path]:
     entry being left out without a word. A folder that cannot be read lists nothing."""
     found: dict[str, Path] = {}
     for directory in search_dirs:
-        for path in sorted(directory.glob("*.toml")):
+        for path in sorted(_toml_entries(directory)):
             # Editors leave dotted lock and backup files next to the real ones.
             if not path.name.startswith("."):
                 found.setdefault(path.stem, path)
     return [found[stem] for stem in sorted(found)]
+
+
+def _toml_entries(directory: Path) -> list[Path]:
+    """What ``directory.glob("*.toml")`` gives (nothing for a folder that is missing or
+    cannot be read), without the regular expression glob compiles for its pattern on
+    every `qvm list`."""
+    if not directory.is_dir():
+        return []
+    try:
+        with os.scandir(directory) as entries:
+            names = [entry.name for entry in entries]
+    except PermissionError:
+        return []
+    return [directory / name for name in names if name.endswith(".toml")]
