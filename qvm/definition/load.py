@@ -544,10 +544,12 @@ def _check_unique_ids(
     for key, device_id in ids:
         if device_id is None:
             continue
-        owner = generated_id_kind(device_id)
         if device_id in seen:
             report.add(key, f"already used by {seen[device_id]}", shown(device_id))
-        elif key in kinds and owner is not None and owner != kinds[key]:
+            continue
+        # only an id set in the file may take a generated form (the kinds' table loads then)
+        owner = generated_id_kind(device_id) if key in kinds else None
+        if owner is not None and owner != kinds[key]:
             report.add(
                 key,
                 f"has the form of a {owner} id, which qvm keeps for {owner} devices",

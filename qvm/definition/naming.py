@@ -4,6 +4,8 @@ The command line, the control layer and ``--persist`` all name things through he
 
 from __future__ import annotations
 
+import functools
+
 from qvm.definition.schema import (
     DEFAULT_PCI_SLOTS_Q35,
     HOTPLUG_PORT_PREFIX,
@@ -11,24 +13,29 @@ from qvm.definition.schema import (
     HotplugSpec,
     NicSpec,
 )
-from qvm.layout.kinds import KINDS, SHARE
 
 # The ids qvm makes, by kind (qvm.layout.kinds): <prefix><N>. One kind's id may not take
 # another kind's form: cpu<N> is vCPU slot N's id whether or not that slot is plugged now
 # (a DIMM called cpu1 would make `qvm cpu add` fail later), and a NIC called dimm0 would
 # read as memory in every list. So ids stay unique across all kinds, now and for what qvm
 # adds next.
-_KIND_OF_PREFIX = {kind.id_prefix: kind.family for kind in KINDS} | {
-    HOTPLUG_PORT_PREFIX: "PCIe root port"
-}
 _DIGITS = frozenset("0123456789")
+
+
+@functools.cache
+def kind_of_prefix() -> dict[str, str]:
+    """Each generated id's prefix, and the kind of device whose ids it begins."""
+    # only for ids set in a file: `qvm status` and `list` of machines without any skip it
+    from qvm.layout.kinds import KINDS  # noqa: PLC0415 -- see the comment above
+
+    return {kind.id_prefix: kind.family for kind in KINDS} | {HOTPLUG_PORT_PREFIX: "PCIe root port"}
 
 
 def generated_id_kind(dev_id: str) -> str | None:
     """The kind of device ("vCPU", "memory", "disk", "NIC", "PCIe root port") whose
-    generated ids look like ``dev_id``, or None. (No regular expression: `qvm status`
-    and `qvm up` ask this of every id, and compiling one would cost them ~0.2 ms.)"""
-    for prefix, family in _KIND_OF_PREFIX.items():
+    generated ids look like ``dev_id``, or None. (No regular expression: compiling one
+    would cost every load of a machine file with an id set ~0.2 ms.)"""
+    for prefix, family in kind_of_prefix().items():
         number = dev_id[len(prefix) :]
         if dev_id.startswith(prefix) and number and _DIGITS.issuperset(number):
             return family
@@ -62,6 +69,8 @@ def nic_id(index: int, nic: NicSpec) -> str:
 
 def share_id(index: int) -> str:
     """The device id, and the guest's mount tag, of the ``index``-th [[share]]."""
+    from qvm.layout.kinds import SHARE  # noqa: PLC0415 -- as in kind_of_prefix
+
     return f"{SHARE.id_prefix}{index}"
 
 

@@ -13,15 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qvm.definition.discovery import _toml_entries
-from qvm.definition.naming import _KIND_OF_PREFIX, generated_id_kind
+from qvm.definition.naming import generated_id_kind, kind_of_prefix
 from qvm.definition.reader import _render_key
 
-_GENERATED_ID = "(" + "|".join(map(re.escape, _KIND_OF_PREFIX)) + ")[0-9]+"
+_GENERATED_ID = "(" + "|".join(map(re.escape, kind_of_prefix())) + ")[0-9]+"
 _BARE_KEY = r"[A-Za-z0-9_-]+"
 
 # the prefixes themselves, digits (ASCII and not), and what is near them
 ID_TEXT = st.lists(
-    st.sampled_from([*_KIND_OF_PREFIX, "0", "7", "٣", "x", "-", "_", " ", "c", "d"]), max_size=5
+    st.sampled_from([*kind_of_prefix(), "0", "7", "٣", "x", "-", "_", " ", "c", "d"]), max_size=5
 ).map("".join)
 
 
@@ -29,7 +29,7 @@ ID_TEXT = st.lists(
 @given(st.one_of(ID_TEXT, st.text(max_size=8)))
 def test_generated_id_kind_reads_as_the_pattern_did(dev_id: str) -> None:
     match = re.fullmatch(_GENERATED_ID, dev_id)
-    assert generated_id_kind(dev_id) == (None if match is None else _KIND_OF_PREFIX[match[1]])
+    assert generated_id_kind(dev_id) == (None if match is None else kind_of_prefix()[match[1]])
 
 
 @settings(max_examples=1000, deadline=None)
