@@ -32,9 +32,10 @@ from qvm.errors import HotplugError
 from qvm.host.holders import describe_holders, locked_by_someone, users_of
 from qvm.layout import kinds
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import Command, DeviceRecord, qemu_run
+from qvm.store.devices import Command, DeviceRecord
 from qvm.store.launch import LaunchRecord
 from qvm.store.pending import pending_ids
+from qvm.store.stamped import qemu_run
 from qvm.supervisor.qmp_replies import block_devices, named_block_nodes
 
 if TYPE_CHECKING:

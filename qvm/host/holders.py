@@ -21,7 +21,6 @@ from pathlib import Path
 from qvm.errors import RecordError
 from qvm.layout.locks import supervisor_lock_held
 from qvm.layout.rundir import RunDir, list_run_dirs
-from qvm.store.devices import device_records
 from qvm.store.launch import Image, LaunchRecord, read_launch
 from qvm.store.state import read_state
 
@@ -57,6 +56,9 @@ def users_of(path: Path, state_root: Path, exclude: str) -> list[tuple[str, bool
         except RecordError:  # QEMU's own image locks, probed next, still catch a conflict
             launch = None
         images = list(image_records(launch)) if launch is not None else []
+        # only while another VM runs: `qvm up` of a lone VM does without the module
+        from qvm.store.devices import device_records  # noqa: PLC0415 -- see the comment above
+
         try:  # attached since it started (qvm disk attach)
             attached = device_records(run)
         except RecordError:

@@ -9,15 +9,13 @@ parse is a ``RecordError`` naming the file.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from qvm.base.checking import TYPE_CHECKING
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
 from qvm.layout.kinds import recorded_kinds
 from qvm.layout.rundir import RunDir
-from qvm.store.fields import Fields, read_record
-from qvm.store.state import QemuRun, current_qemu_run
+from qvm.store.fields import Fields
+from qvm.store.stamped import qemu_run, read_fields, same_run
 
 if TYPE_CHECKING:
     from typing import Any
@@ -26,24 +24,6 @@ if TYPE_CHECKING:
 Command = tuple[str, dict[str, "Any"]]  # "Any": typing is only imported for type checks
 DEVICE_KINDS = recorded_kinds()  # qvm.layout.kinds: the kinds qvm records
 _HINT = "qvm restart rewrites it"
-
-
-def qemu_run(run: RunDir) -> QemuRun:
-    """Which QEMU run a run dir's records are about now (``state.json``'s; corrupt:
-    RecordError)."""
-    return current_qemu_run(run.state_file)
-
-
-def same_run(record: Fields, current: QemuRun) -> bool:
-    """True if ``record`` (devices.json, forwards.json, ...) is stamped with the
-    ``current`` QEMU run; a stamp of the wrong type is a RecordError naming the file."""
-    return QemuRun.stamp_of(record).is_current(current)
-
-
-def read_fields(path: Path, hint: str | None = None) -> Fields | None:
-    """The JSON object in a run-dir record, to read field by field; None when there is
-    none. Not JSON, or not an object: RecordError naming the file."""
-    return read_record(path, lambda data, source: Fields(data, source, hint), hint)
 
 
 def read_commands(f: Fields, key: str) -> tuple[Command, ...]:

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import qemu_run, read_fields, same_run
 from qvm.store.launch import Forward
+from qvm.store.stamped import qemu_run, read_fields, same_run
 from qvm.store.state import QemuRun
 
 

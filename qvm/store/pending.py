@@ -21,8 +21,9 @@ from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
 from qvm.errors import RecordError
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import Command, commands_json, qemu_run, read_commands, read_fields
+from qvm.store.devices import Command, commands_json, read_commands
 from qvm.store.fields import Fields
+from qvm.store.stamped import qemu_run, read_fields
 from qvm.store.state import QemuRun
 
 PERIPHERAL = "/machine/peripheral/"

@@ -18,8 +18,8 @@ from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
 from qvm.errors import RecordError
 from qvm.layout.rundir import RunDir
-from qvm.store.devices import qemu_run, read_fields
 from qvm.store.fields import Fields
+from qvm.store.stamped import qemu_run, read_fields
 from qvm.store.state import QemuRun
 
 # QEMU 7.2 reports a vCPU's removal only for its LAPIC child (see qemu-facts.md)
