@@ -39,7 +39,6 @@ from qvm.supervisor.agent_wire import (
     AgentClient,
     AgentCommand,
     AgentInfo,
-    agent_in_argv,
     take_agent_lock,
 )
 from qvm.supervisor.client import supervisor_alive
@@ -71,7 +70,7 @@ def agent_configured(run: RunDir) -> bool:
     launch = read_launch(run.launch_file)
     if launch is None or not supervisor_alive(run):
         raise NotRunningError(run.name)
-    return agent_in_argv(launch.argv)
+    return launch.has_agent
 
 
 def not_configured(name: str) -> AgentNotConfigured:

@@ -12,6 +12,7 @@ import os
 from qvm.base.checking import TYPE_CHECKING
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
+from qvm.layout.runfiles import AGENT_PORT_NAME
 from qvm.store.fields import Fields, PlainRecord, read_record
 from qvm.store.shares import ShareRecord
 
@@ -104,6 +105,11 @@ class LaunchRecord(Record):
     definition_sha256: str | None = None
     # the machine file's [[share]]s: the supervisor starts their virtiofsd before QEMU
     shares: tuple[ShareRecord, ...] = ()
+
+    @property
+    def has_agent(self) -> bool:
+        """Whether this run's QEMU has the guest agent's channel (``[agent] enabled``)."""
+        return any(f"name={AGENT_PORT_NAME}" in arg for arg in self.argv)
 
     @classmethod
     def from_json(cls, data: Any, source: str) -> LaunchRecord:

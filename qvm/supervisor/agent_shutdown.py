@@ -14,16 +14,11 @@ import socket
 
 from qvm.errors import AgentCommandError, AgentError, AgentNotAnswering
 from qvm.layout.runfiles import AGENT_LOCK, AGENT_SOCKET, RunFiles
-from qvm.store.launch import LaunchRecord
-from qvm.supervisor.agent_wire import AgentClient, agent_in_argv, take_agent_lock
+from qvm.supervisor.agent_wire import AgentClient, take_agent_lock
 
 SYNC_TIMEOUT = 3.0  # for the agent to answer guest-sync-delimited
 LOCK_TIMEOUT = 3.0  # another qvm command may be talking to the agent
 ERROR_WAIT = 0.5  # guest-shutdown answers only when it fails: listen this long for that
-
-
-def agent_configured(launch: LaunchRecord) -> bool:
-    return agent_in_argv(launch.argv)
 
 
 def agent_shutdown(run: RunFiles) -> str | None:

@@ -32,7 +32,6 @@ from qvm.base.checking import TYPE_CHECKING
 from qvm.base.record import Record
 from qvm.errors import AgentCommandError, AgentError, AgentNotAnswering
 from qvm.layout.locks import try_lock
-from qvm.layout.runfiles import AGENT_PORT_NAME
 
 if TYPE_CHECKING:
     from typing import Any
@@ -43,11 +42,6 @@ SYNC_TIMEOUT = 5.0  # seconds for the agent to answer guest-sync-delimited
 CONNECT_TIMEOUT = 5.0
 MAX_LINE = 64 * 1024**2  # a guest-exec-status or guest-file-read reply carries base64 data
 RECV_SIZE = 1024**2
-
-
-def agent_in_argv(argv: Sequence[str]) -> bool:
-    """Whether a QEMU command line has the agent's channel (``[agent] enabled``)."""
-    return any(f"name={AGENT_PORT_NAME}" in arg for arg in argv)
 
 
 def take_agent_lock(path: str, timeout: float) -> int | None:

@@ -43,7 +43,6 @@ from qvm.store.state import (
     keep_elsewhere,
     write_state,
 )
-from qvm.supervisor.agent_shutdown import agent_configured, agent_shutdown
 from qvm.supervisor.exits import ExitFacts, classify_exit
 from qvm.supervisor.facts import (
     QMP_CALL_TIMEOUT,
@@ -425,7 +424,7 @@ class Supervisor:
         return await asyncio.to_thread(self.share_keeper().command, name, arguments)
 
     async def _attach_agent(self) -> None:
-        if agent_configured(self.launch):
+        if self.launch.has_agent:
             # only the supervisors of VMs with an agent hold its proxy (RSS)
             from qvm.supervisor.agent_proxy import AgentProxy  # noqa: PLC0415
 
@@ -691,8 +690,11 @@ class Supervisor:
     async def _agent_power_off(self) -> bool:
         """The guest ignored the power button: ask its agent (``guest-shutdown``), if the
         VM has one. True once QEMU has exited."""
-        if not self.qemu_alive() or not agent_configured(self.launch):
+        if not self.qemu_alive() or not self.launch.has_agent:
             return False
+        # the agent's client stays out of the supervisor's memory (~0.1 MiB) until a stop
+        from qvm.supervisor.agent_shutdown import agent_shutdown  # noqa: PLC0415 -- see above
+
         self.agent_shutdown_sent = True
         try:
             problem = await asyncio.to_thread(agent_shutdown, self.run)
