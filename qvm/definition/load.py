@@ -60,7 +60,6 @@ from qvm.definition.schema import (
 )
 from qvm.errors import DefinitionError, Problem
 from qvm.layout.cache import cached_image
-from qvm.layout.kinds import SHARE_VIAS
 from qvm.layout.names import NAME_RULE, is_vm_name
 
 if TYPE_CHECKING:
@@ -387,6 +386,9 @@ def _read_share(share: Table, base_dir: Path, machine_type: str) -> ShareSpec | 
     host = share.path("host", base_dir)
     guest = share.string("guest", None)
     readonly = share.boolean("readonly", False)
+    # a [[share]] only: `qvm status` and `list` of machines without one skip the kinds' table
+    from qvm.layout.kinds import SHARE_VIAS  # noqa: PLC0415 -- see the comment above
+
     via = share.choice("via", SHARE_VIAS, "virtiofs")
     for name in ("host", "guest"):
         if name not in share.data:

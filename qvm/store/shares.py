@@ -10,11 +10,13 @@ No pathlib here: the supervisor imports this module (``qvm.layout.runfiles``).
 from __future__ import annotations
 
 import os
-from typing import Self
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.jsonfile import write_json_atomic
-from qvm.layout.kinds import SHARE_VIAS
 from qvm.store.fields import Fields, PlainRecord, read_record
+
+if TYPE_CHECKING:
+    from typing import Self
 
 ORIGINS = ("boot", "qvm")
 MOUNT_STATES = ("waiting", "mounted", "failed", "unmounted")
@@ -38,6 +40,10 @@ class ShareRecord(PlainRecord):
 
     @classmethod
     def read(cls, f: Fields) -> Self:
+        # launch.json's reader imports this module: `qvm status` of a VM without shares
+        # reads none, and needs no device-kind table
+        from qvm.layout.kinds import SHARE_VIAS  # noqa: PLC0415 -- see the comment above
+
         return f.declared(
             cls,
             via=f.one_of("via", SHARE_VIAS),
