@@ -32,6 +32,7 @@ from qvm.errors import (
     NotRunningError,
 )
 from qvm.layout.rundir import RunDir
+from qvm.store.guest import not_configured_text
 from qvm.store.launch import read_launch
 from qvm.supervisor.agent_wire import (
     CONNECT_TIMEOUT,
@@ -74,10 +75,7 @@ def agent_configured(run: RunDir) -> bool:
 
 
 def not_configured(name: str) -> AgentNotConfigured:
-    return AgentNotConfigured(
-        f"{name}: guest agent not configured (hint: set [agent] enabled = true in its machine"
-        f" file, then qvm restart {name})"
-    )
+    return AgentNotConfigured(not_configured_text(name))
 
 
 @contextlib.contextmanager

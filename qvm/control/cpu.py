@@ -47,6 +47,7 @@ from qvm.control.cpu_online import (
     wait_online,
     wait_serial,
 )
+from qvm.control.cpu_record import with_matches
 from qvm.control.cpu_slots import (
     CpuList,
     CpuSlot,
@@ -114,13 +115,7 @@ def _with_guest_view(session: QmpSession, cpus: CpuList, link: AgentLink) -> Cpu
         matches = match_vcpus(apic_ids(session, present), view.apicids, view.vcpus)
     except AgentError as error:
         return cpus._replace(guest_source=SOURCE_QEMU, guest_detail=str(error))
-    slots = []
-    for slot in cpus.slots:
-        match = matches.get(slot.label) if slot.present else None
-        if match is not None:
-            slot = slot._replace(guest_cpu=match.logical_id, guest_online=match.online)
-        slots.append(slot)
-    return cpus._replace(slots=slots, guest_source=SOURCE_AGENT)
+    return with_matches(cpus, matches)
 
 
 # --- add -------------------------------------------------------------------------------

@@ -36,17 +36,21 @@ from qvm.errors import (
     NotRunningError,
 )
 from qvm.layout.rundir import RunDir
+from qvm.store.guest import (
+    ANSWERING,
+    NOT_ANSWERING,
+    NOT_CONFIGURED,
+    NOT_RUNNING,
+    GuestFacts,
+    OsInfo,
+    parse_interfaces,
+)
 
 if TYPE_CHECKING:
     from typing import Any, TypeVar
 
     _State = TypeVar("_State", bound=Record)
 
-# agent states, as `status` says them
-ANSWERING = "answering"
-NOT_ANSWERING = "not answering"
-NOT_CONFIGURED = "not configured"
-NOT_RUNNING = "not running"
 # where a fact about the guest came from
 SOURCE_AGENT = "agent"
 SOURCE_SERIAL = "serial console"
@@ -335,100 +339,6 @@ def set_memory_blocks(client: AgentClient, indexes: Iterable[int]) -> dict[int, 
 
 
 # --- facts for `status` ------------------------------------------------------------------
-
-
-class Address(Record):
-    address: str
-    prefix: int | None
-    family: str  # "ipv4" or "ipv6"
-
-
-class Interface(Record):
-    name: str
-    mac: str | None
-    addresses: tuple[Address, ...]
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "mac": self.mac,
-            "addresses": [a._asdict() for a in self.addresses],
-        }
-
-
-def parse_interfaces(data: Any) -> list[Interface]:
-    """``guest-network-get-interfaces`` -> interfaces with their addresses."""
-    found = []
-    for item in data if isinstance(data, list) else []:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            continue
-        addresses = []
-        for entry in item.get("ip-addresses") or []:
-            if isinstance(entry, dict) and isinstance(entry.get("ip-address"), str):
-                prefix = entry.get("prefix")
-                addresses.append(
-                    Address(
-                        entry["ip-address"],
-                        prefix if isinstance(prefix, int) else None,
-                        str(entry.get("ip-address-type", "")),
-                    )
-                )
-        mac = item.get("hardware-address")
-        found.append(
-            Interface(item["name"], mac if isinstance(mac, str) else None, tuple(addresses))
-        )
-    return found
-
-
-class OsInfo(Record):
-    name: str | None
-    pretty_name: str | None
-    version_id: str | None
-    id: str | None
-    kernel_release: str | None
-    kernel_version: str | None
-    machine: str | None
-
-    @classmethod
-    def from_reply(cls, data: Any) -> OsInfo:
-        data = data if isinstance(data, dict) else {}
-
-        def text(key: str) -> str | None:
-            value = data.get(key)
-            return value if isinstance(value, str) else None
-
-        return cls(
-            text("name"),
-            text("pretty-name"),
-            text("version-id"),
-            text("id"),
-            text("kernel-release"),
-            text("kernel-version"),
-            text("machine"),
-        )
-
-    def summary(self) -> str:
-        name = self.pretty_name or self.name or self.id or "unknown OS"
-        return f"{name}, kernel {self.kernel_release}" if self.kernel_release else name
-
-
-class GuestFacts(Record):
-    """What `status` tells about the guest from its agent."""
-
-    agent: str  # ANSWERING, NOT_ANSWERING, NOT_CONFIGURED or NOT_RUNNING
-    detail: str | None = None  # why it is not answering, or what failed
-    os: OsInfo | None = None
-    hostname: str | None = None
-    interfaces: tuple[Interface, ...] = ()
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "state": self.agent,
-            "detail": self.detail,
-            "os": self.os._asdict() if self.os else None,
-            "hostname": self.hostname,
-            "interfaces": [i.as_json() for i in self.interfaces],
-        }
 
 
 STATUS_FACTS = (

@@ -30,7 +30,6 @@ from qvm.base.record import Record
 from qvm.base.text import display_path
 from qvm.cmdline.argv import STATE_NODE
 from qvm.control.agent import AgentError, open_agent
-from qvm.control.guest_agent_facts import parse_interfaces
 from qvm.control.guest_exec import run_to_end
 from qvm.control.qmp_session import QmpSession
 from qvm.control.transaction import peripheral_types, reconcile_devices
@@ -45,6 +44,7 @@ from qvm.layout.kinds import (
     kind_named,
 )
 from qvm.layout.rundir import RunDir
+from qvm.store.guest import parse_interfaces
 from qvm.store.launch import LaunchRecord
 from qvm.store.shares import read_shares
 from qvm.store.snapshots import DeviceSet, MemoryDevice, PluggedDevice

@@ -48,6 +48,7 @@ from qvm.layout.runfiles import (
     SUPERVISOR_LOG,
     SUPERVISOR_SOCKET,
     USER_DATA,
+    VIEW_FILE,
 )
 
 # sun_path is 108 bytes including the terminating NUL
@@ -69,6 +70,7 @@ QVM_FILE_NAMES = frozenset(
         "qemu.log.1",
         SUPERVISOR_LOG,
         STATE_FILE,
+        VIEW_FILE,
         LAUNCH_FILE,
         SUPERVISOR_LOCK,
         SPACE_RESERVE_FILE,
@@ -166,6 +168,10 @@ class RunDir(Record):
     @property
     def state_file(self) -> Path:
         return self.path / STATE_FILE
+
+    @property
+    def view_file(self) -> Path:
+        return self.path / VIEW_FILE
 
     @property
     def launch_file(self) -> Path:

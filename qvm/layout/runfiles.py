@@ -27,6 +27,8 @@ QEMU_SOCKETS = (QMP_SOCKET, EVENTS_SOCKET, CONSOLE_SOCKET, AGENT_CHARDEV_SOCKET)
 AGENT_LOCK = "agent.lock"
 QEMU_LOG = "qemu.log"
 STATE_FILE = "state.json"
+# what queries show of a running VM, kept by its supervisor (qvm.store.view)
+VIEW_FILE = "view.json"
 LAUNCH_FILE = "launch.json"
 SPACE_RESERVE_FILE = "space.reserve"
 SERIAL_LOG = "serial.log"

@@ -1,6 +1,9 @@
-"""`qvm status` and `qvm list`: facts about one VM's current or last run. A live
-supervisor answers; otherwise the records it left behind speak, completed from the
-definition for a VM that is not running. Never raises for a VM in a bad state: the
+"""`qvm status` and `qvm list`: facts about one VM's current or last run, from the
+records its supervisor keeps (``state.json``, and ``view.json`` while QEMU runs: vCPUs,
+memory, the guest agent's facts with their age) and ``/proc``, without asking the
+supervisor or the agent: a query never waits for a stuck one, it says so in its row
+(``supervisor_state``). ``live`` asks the supervisor (and the agent) instead. A VM that
+is not running is completed from its definition. Never raises for a VM in a bad state: the
 problems ride along in the record (``VmStatus.problems``), and the state says what is
 known: ``invalid`` (the definition does not load, and nothing ran) or ``unknown`` (its
 records do not parse). The CLI only renders a ``VmStatus``, as text or JSON.
@@ -12,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from qvm.base.checking import TYPE_CHECKING
+from qvm.base.proc import process_state, process_usage
 from qvm.base.record import Record
 from qvm.errors import QvmError, RecordError
 from qvm.layout.names import is_vm_name
@@ -26,11 +30,15 @@ from qvm.supervisor.client import (
 )
 
 if TYPE_CHECKING:
-    from qvm.control.guest_agent_facts import GuestFacts
     from qvm.definition.schema import Machine
+    from qvm.store.guest import GuestFacts
+    from qvm.store.view import ViewRecord
 
 # the states with a QEMU to show: its pid, uptime, sockets
 ACTIVE_STATES = ("running", "paused")
+# supervisor_state: "ok", or why its record may be old
+SUPERVISOR_STUCK = "stuck"  # its process is stopped (SIGSTOP, a debugger): state T
+SUPERVISOR_STALE = "stale"  # it runs, but has not rewritten its record for a while
 
 
 class Vcpus(Record):
@@ -71,8 +79,12 @@ class VmStatus(Record):
     # where the supervisor's last record was kept when state.json could not take it
     # (EIO, EROFS, ENOSPC: ``qvm.store.state.keep_elsewhere``); None: state.json
     record_kept_in: str | None = None
-    # the guest agent's word (``with_guest_facts``); None: not asked, or not running
+    # the guest agent's word (the supervisor's record, or ``with_guest_facts``); None:
+    # not asked, or not running
     guest: GuestFacts | None = None
+    guest_age: float | None = None  # seconds since the agent said it; None: just asked
+    facts_age: float | None = None  # seconds since the supervisor wrote view.json
+    supervisor_state: str | None = None  # "ok", SUPERVISOR_STUCK or _STALE; None: none runs
 
     @property
     def error(self) -> str | None:
@@ -93,13 +105,14 @@ Load = Callable[[], "Machine"]
 # --- status --------------------------------------------------------------------------
 
 
-def vm_status(run: RunDir, definition: Load | None = None) -> VmStatus:
+def vm_status(run: RunDir, definition: Load | None = None, live: bool = False) -> VmStatus:
     """Facts about one VM's current or last run; ``definition`` loads its machine file
     (raising QvmError), asked only for what the records of a VM that is not running
-    cannot say. Never raises for a VM in a bad state."""
+    cannot say; ``live``: ask a running VM's supervisor rather than read its record.
+    Never raises for a VM in a bad state."""
     status: VmStatus = VmStatus(run.name, "stopped", run)
     try:
-        status = _from_records(status, run)
+        status = _from_records(status, run, live)
     except RecordError as error:
         status = _unreadable(status, run, error)
     if definition is not None and (status.vcpus is None or status.machine_file is None):
@@ -120,7 +133,7 @@ def _unreadable(status: VmStatus, run: RunDir, error: RecordError) -> VmStatus:
     return status.but(state="unknown", problems=(str(error),))
 
 
-def _from_records(status: VmStatus, run: RunDir) -> VmStatus:
+def _from_records(status: VmStatus, run: RunDir, live: bool) -> VmStatus:
     launch_problem: tuple[str, ...] = ()
     try:
         launch = read_launch(run.launch_file)
@@ -150,7 +163,9 @@ def _from_records(status: VmStatus, run: RunDir) -> VmStatus:
             pid=state.qemu_pid if state.live else None,
             reason=state.ended_reason or state.crash_reason,
         )
-    return _asked(status, run, state, launch)
+    if live:
+        return _asked(status, run, state, launch)
+    return _recorded(status, run, state, launch)
 
 
 def _asked(
@@ -203,6 +218,104 @@ def _asked(
         cpu_percent=live.cpu_percent,
         problems=(live.qmp_error,) if live.qmp_error else status.problems,
     )
+
+
+def _recorded(
+    status: VmStatus, run: RunDir, state: StateRecord, launch: LaunchRecord | None
+) -> VmStatus:
+    """A live supervisor's records and /proc: what it last saw, with how old that is."""
+    from qvm.store.view import STALE_AFTER, current_view  # noqa: PLC0415 -- a running VM's only
+
+    supervisor_stopped = process_state(state.supervisor_pid) in ("T", "t")
+    problems = list(status.problems)
+    try:
+        view = current_view(run.view_file, state, wait=not supervisor_stopped)
+        if view is not None and state.state == "starting":
+            # waited for: the supervisor wrote "running" before its first view
+            state = read_state(run.state_file) or state
+    except RecordError as error:
+        view, problems = None, [*problems, str(error)]
+    now = time.time()
+    age = view.age(now) if view is not None else None
+    supervisor = "ok"
+    if supervisor_stopped:
+        supervisor = SUPERVISOR_STUCK
+        problems.append(
+            f"{run.name}: its supervisor (pid {state.supervisor_pid}) is stopped, e.g. by"
+            f" SIGSTOP: what is shown is {_as_of(age)} (hint: kill -CONT {state.supervisor_pid})"
+        )
+    elif age is not None and age > STALE_AFTER:
+        supervisor = SUPERVISOR_STALE
+        problems.append(
+            f"{run.name}: its supervisor (pid {state.supervisor_pid}) has not rewritten"
+            f" {run.view_file} for {age:.0f} s: it may be stuck (hint: qvm status"
+            f" {run.name} --live asks it)"
+        )
+    status = status.but(
+        state=state.state,
+        pid=state.qemu_pid,
+        restarts=state.restarts,
+        last_exit=state.exit,
+        reason=state.ended_reason if state.state in ("stopped", "crashed") else None,
+        uptime=(round(now - state.started_at, 1) if state.started_at and state.qemu_pid else None),
+        forwards=_forwards(run, state),
+        definition_changed=definition_changed(launch) if launch is not None else None,
+        facts_age=round(age, 1) if age is not None else None,
+        supervisor_state=supervisor,
+    )
+    if status.pid and process_state(status.pid) in ("T", "t"):
+        problems.append(
+            f"{run.name}: QEMU (pid {status.pid}) is stopped, e.g. by SIGSTOP: it answers"
+            f" nothing until 'kill -CONT {status.pid}' resumes it"
+        )
+    elif view is not None and view.qmp_error:
+        problems.append(view.qmp_error)
+    if view is None:
+        return status.but(problems=tuple(problems))
+    status = _with_view(status, view, launch, now)
+    return status.but(problems=tuple(problems))
+
+
+def _with_view(
+    status: VmStatus, view: ViewRecord, launch: LaunchRecord | None, now: float
+) -> VmStatus:
+    present = view.vcpus_present
+    vcpus = memory = None
+    if present is not None:
+        vcpus = Vcpus(
+            present,
+            launch.vcpus_max if launch is not None else None,
+            launch.vcpus_boot if launch is not None else None,
+        )
+    if view.memory_bytes is not None:
+        memory = Memory(view.memory_bytes, launch.memory_max if launch is not None else None)
+    from qvm.store.guest import NOT_ANSWERING  # noqa: PLC0415 -- a running VM's only
+    from qvm.store.view import GuestView, cpu_percent  # noqa: PLC0415 -- a running VM's only
+
+    usage = process_usage(view.qemu_pid) if status.pid else None
+    guest = view.guest
+    if guest is None and status.state in ACTIVE_STATES:
+        guest = GuestView(view.written_at, NOT_ANSWERING, "not asked yet: QEMU has just started")
+    return status.but(
+        vcpus=vcpus,
+        memory=memory,
+        rss_bytes=usage[0] if usage is not None else None,
+        cpu_percent=cpu_percent(view.cpu_samples, now, usage[1]) if usage is not None else None,
+        guest=guest.facts() if guest is not None else None,
+        guest_age=round(max(now - guest.at, 0.0), 1) if guest is not None else None,
+    )
+
+
+def _as_of(age: float | None) -> str:
+    return f"as of {age:.0f} s ago" if age is not None else "what its records say"
+
+
+def _forwards(run: RunDir, state: StateRecord) -> tuple[Forward, ...]:
+    if state.qemu_pid is None:
+        return ()
+    from qvm.store.forwards import read_forwards  # noqa: PLC0415 -- a running VM's only
+
+    return read_forwards(run)
 
 
 def _from_definition(status: VmStatus, definition: Load) -> VmStatus:

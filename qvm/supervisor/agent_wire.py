@@ -22,16 +22,18 @@ Errors are ``qvm.errors``' agent classes, each one line naming the VM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from qvm.base.checking import TYPE_CHECKING
 from qvm.base.record import Record
 from qvm.errors import AgentCommandError, AgentError, AgentNotAnswering
 from qvm.layout.locks import try_lock
+from qvm.layout.runfiles import AGENT_LOCK, AGENT_SOCKET, RunFiles
 
 if TYPE_CHECKING:
     from typing import Any
@@ -42,6 +44,28 @@ SYNC_TIMEOUT = 5.0  # seconds for the agent to answer guest-sync-delimited
 CONNECT_TIMEOUT = 5.0
 MAX_LINE = 64 * 1024**2  # a guest-exec-status or guest-file-read reply carries base64 data
 RECV_SIZE = 1024**2
+
+
+@contextlib.contextmanager
+def held_agent(run: RunFiles, lock_timeout: float, timeout: float) -> Iterator[AgentClient | None]:
+    """The supervisor's own client of ``agent.sock`` under ``agent.lock``, not yet
+    synchronised; None when another client held the lock for ``lock_timeout`` s (without
+    a lock file, it goes on without the lock: QEMU is what matters). OSError: no channel."""
+    try:
+        lock = take_agent_lock(run.file(AGENT_LOCK), lock_timeout)
+    except OSError:
+        lock = -1
+    if lock is None:
+        yield None
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(timeout)
+            sock.connect(run.file(AGENT_SOCKET))
+            yield AgentClient(sock, os.path.basename(run.path))
+    finally:
+        if lock >= 0:
+            os.close(lock)
 
 
 def take_agent_lock(path: str, timeout: float) -> int | None:

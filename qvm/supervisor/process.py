@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from qvm.layout.rundir import RunDir
     from qvm.supervisor.agent_proxy import AgentProxy
     from qvm.supervisor.shares import ShareKeeper
+    from qvm.supervisor.view import ViewKeeper
 
 QMP_CONNECT_TIMEOUT = 60.0
 
@@ -122,6 +123,7 @@ class Supervisor:
         self.qmp: Any = None
         self.qmp_ready = False
         self.agent_proxy: AgentProxy | None = None  # while QEMU runs, with [agent] enabled
+        self.view: ViewKeeper | None = None  # view.json, while QMP answers
         self.consecutive_restarts = 0
         self.restart_next = False
         self._shares: ShareKeeper | None = None
@@ -311,6 +313,7 @@ class Supervisor:
         _, pending = await asyncio.wait({watcher}, timeout=QMP_CALL_TIMEOUT)
         for task in pending:
             task.cancel()
+        await self._close_view()
         await self._detach_agent()
         await self._disconnect_qmp()
         if self._shares is not None or self.launch.shares:
@@ -371,6 +374,7 @@ class Supervisor:
         self._end_after_internal_error()
         self.save_state(state=self._live_state())
         self.notify_ready()
+        self._open_view(client)
         try:
             async for event in client.events:
                 await self._on_event(dict(event))
@@ -436,6 +440,30 @@ class Supervisor:
             await self.agent_proxy.detach()
             self.agent_proxy = None
 
+    def _open_view(self, client: QMPClient) -> None:
+        from qvm.supervisor.view import ViewKeeper  # noqa: PLC0415 -- after `up` is told "ready"
+
+        assert self.qemu is not None
+        self.view = ViewKeeper(
+            self.run,
+            self.state.name,
+            client,
+            self.qemu.pid,
+            self.state.qemu_start_time,
+            agent=self.agent_proxy is not None,
+        )
+        self.view.start()
+
+    async def _close_view(self) -> None:
+        if self.view is not None:
+            await self.view.close()
+
+    async def refresh_view(self, changed: bool) -> None:
+        """Ask QEMU for the query record now when a relayed command ``changed`` what it
+        holds, or an event did and the record has not caught up yet."""
+        if self.view is not None and (changed or self.view.dirty):
+            await self.view.refresh()
+
     async def _disconnect_qmp(self) -> None:
         if self.qmp is not None:
             # QEMU is gone, and so is the connection: nothing to report
@@ -454,6 +482,8 @@ class Supervisor:
     async def _on_event(self, event: dict[str, Any]) -> None:
         name = event.get("event")
         data = event.get("data") or {}
+        if self.view is not None:
+            self.view.on_event(name)
         if name == "SHUTDOWN":
             self.shutdown_event = data
         elif name == "POWERDOWN":
@@ -560,6 +590,9 @@ class Supervisor:
             crash_reason=ended.reason if failed else None,
         )
         self.run.remove_qemu_sockets()
+        if self.view is not None:
+            self.view.remove()
+            self.view = None
 
     def _restart_verdict(
         self, failed: bool, ran_seconds: float, start_failed: bool

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
+from qvm.supervisor.view import changes_view
 from qvm.supervisor.wire import (
     LOCAL_COMMANDS,
     MAX_LINE,
@@ -74,6 +75,8 @@ class QmpHolder(Protocol):
     async def local_command(self, name: str, arguments: dict[str, Any]) -> Any:
         """One of ``LOCAL_COMMANDS``, run by the supervisor itself; ValueError refuses it."""
         ...
+
+    async def refresh_view(self, changed: bool) -> None: ...
 
 
 class LineWriter(Protocol):
@@ -173,6 +176,11 @@ class _Relay:
         except Exception:  # noqa: BLE001 - the connection ended: QEMU exited or crashed
             self.send(RelayGone(request.id))
         else:
+            # before the reply, so that the client's next query reads the change: its
+            # own, or one an event announced (a vCPU's DEVICE_DELETED, which `cpu del`
+            # waits for and then confirms with a query)
+            with contextlib.suppress(Exception):
+                await self.holder.refresh_view(changes_view(request.execute))
             self.send(RelayReturn(request.id, result))
 
     async def _local(self, request: RelayExecute, timeout: float) -> None:

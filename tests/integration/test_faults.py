@@ -254,6 +254,37 @@ def test_sigstopped_supervisor_down_and_kill_end_qemu_themselves(
     assert tree_digest(qvm) == before
 
 
+def test_a_sigstopped_supervisor_costs_list_only_its_own_row(
+    qvm: Qvm, continue_stopped: list[int]
+) -> None:
+    """Issue 21: queries read the supervisors' records, so a stopped one is shown as
+    stuck, with the age of what it last recorded, and waited for by nobody."""
+    for name in ("vm1", "vm2"):
+        qvm.guest_machine(name, **MACHINE)
+        qvm("up", name)
+    supervisor = qvm.status("vm1")["supervisor_pid"]
+    continue_stopped.append(supervisor)
+    os.kill(supervisor, signal.SIGSTOP)
+    wait_until(lambda: Path(f"/proc/{supervisor}/stat").read_text().split()[2] == "T", 5, "T")
+    for args in (("list", "--json"), ("status", "vm1", "--json"), ("cpu", "list", "vm1")):
+        started = time.monotonic()
+        done = qvm(*args)
+        assert time.monotonic() - started < 1.0, (args, time.monotonic() - started)
+    rows = {row["name"]: row for row in json.loads(qvm("list", "--json").stdout)}
+    assert rows["vm1"]["supervisor_state"] == "stuck", rows["vm1"]
+    assert f"kill -CONT {supervisor}" in rows["vm1"]["error"]
+    assert rows["vm1"]["state"] == "running" and rows["vm1"]["vcpus"]["present"] == 1
+    assert (rows["vm2"]["supervisor_state"], rows["vm2"]["error"]) == ("ok", None), rows["vm2"]
+    assert "supervisor stuck" in qvm("list").stdout
+    assert "its supervisor is stopped" in done.stderr  # cpu list's, the table still printed
+    assert "1 of 4 vCPUs present" in done.stdout
+    os.kill(supervisor, signal.SIGCONT)
+    # woken, it rewrites its record at once (its heartbeat is overdue)
+    wait_until(lambda: qvm.status("vm1")["supervisor_state"] == "ok", 3, "a fresh record")
+    status = qvm.status("vm1")
+    assert status["error"] is None and status["facts_age"] < 3.0, status
+
+
 def test_a_request_read_after_its_deadline_is_not_carried_out(qvm: Qvm) -> None:
     qvm.guest_machine("vm1", **MACHINE)
     qvm("up", "vm1")

@@ -6,10 +6,11 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from qvm.cli import resolve
-from qvm.cli.output import abort, emit_json, fail_all, ms, say, table, warn
+from qvm.cli.output import abort, emit_json, fail_all, human_seconds, ms, say, table, warn
 from qvm.cli.parsing.declare import (
     AS_JSON,
     FORCE,
+    LIVE,
     MACHINE,
     Argument,
     Commands,
@@ -29,17 +30,41 @@ PERSIST = persist_option("write the new vCPU count into the machine's TOML ([cpu
 
 
 @commands.command("list")
-def list_cmd(name: str = MACHINE, as_json: bool = AS_JSON) -> None:
+def list_cmd(name: str = MACHINE, as_json: bool = AS_JSON, live: bool = LIVE) -> None:
     """Every vCPU slot: present, free or unplug-pending, with QEMU's topology props, and
-    (when the guest agent answers) the guest's CPU number and whether it is online.
+    (when the guest agent answers) the guest's CPU number and whether it is online: as
+    the VM's supervisor last recorded them, or with --live as QEMU and the agent say now.
 
     JSON: schemas/cpu-list.json
     """
-    from qvm.control.cpu import list_cpus
+    run = resolve.run_dir_of(name)
+    age = guest_age = None
+    if live:
+        from qvm.control.cpu import list_cpus
 
-    cpus = list_cpus(resolve.run_dir_of(name))
+        cpus = list_cpus(run)
+    else:
+        from qvm.control.cpu_record import recorded_cpus
+
+        recorded = recorded_cpus(run)
+        cpus, age, guest_age = recorded.cpus, recorded.age, recorded.guest_age
+        if recorded.stuck:
+            warn(
+                f"qvm: {name}: its supervisor is stopped (SIGSTOP?): this is as of"
+                f" {human_seconds(age)} ago (hint: qvm status {name})"
+            )
     if as_json:
-        emit_json([{**s.as_json(), "guest_source": cpus.guest_source} for s in cpus.slots])
+        emit_json(
+            [
+                {
+                    **s.as_json(),
+                    "guest_source": cpus.guest_source,
+                    "age": age,
+                    "guest_age": guest_age,
+                }
+                for s in cpus.slots
+            ]
+        )
         return
     rows = [
         [
@@ -56,7 +81,8 @@ def list_cmd(name: str = MACHINE, as_json: bool = AS_JSON) -> None:
     ]
     say(table(["SLOT", "ID", "STATE", "GUEST", "PROPS", "CPU", "THREAD", "QOM PATH"], rows))
     if cpus.guest_source == "agent":
-        say(f"{cpus.name}: GUEST is the guest's own word (guest agent: guest-get-vcpus)")
+        when = f", {human_seconds(guest_age)} ago" if guest_age is not None else ""
+        say(f"{cpus.name}: GUEST is the guest's own word (guest agent: guest-get-vcpus{when})")
     else:
         say(f"{cpus.name}: GUEST unknown: {cpus.guest_detail} (source: QEMU only)")
     say(cpus.summary())

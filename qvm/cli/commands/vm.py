@@ -19,6 +19,7 @@ from qvm.cli.output import (
 )
 from qvm.cli.parsing.declare import (
     AS_JSON,
+    LIVE,
     MACHINE,
     MACHINES,
     SKIP_POWER_BUTTON,
@@ -32,13 +33,13 @@ from qvm.errors import EXIT_INTERRUPTED, EXIT_OK, DefinitionError, QvmError
 if TYPE_CHECKING:
     from typing import Any
 
-    from qvm.control.guest_agent_facts import GuestFacts
     from qvm.definition.schema import Machine
     from qvm.layout.rundir import RunDir
     from qvm.ops.snapshot import RestoreResult
     from qvm.ops.status import VmStatus
     from qvm.ops.stop import StopResult
     from qvm.ops.up import UpResult
+    from qvm.store.guest import GuestFacts
 
 
 commands = Commands()
@@ -323,15 +324,18 @@ def restart(
 
 
 @commands.command("status")
-def status(name: str = MACHINE, as_json: bool = AS_JSON) -> None:
-    """Show one VM's state, process facts and files.
+def status(name: str = MACHINE, as_json: bool = AS_JSON, live: bool = LIVE) -> None:
+    """Show one VM's state, process facts and files, as its supervisor last recorded
+    them (with their age), or with --live as the supervisor and the guest agent say now.
 
     JSON: schemas/status.json
     """
     from qvm.ops.status import vm_status, with_guest_facts
 
     run = resolve.run_dir_of(name)
-    facts = with_guest_facts(vm_status(run, lambda: resolve.load(name)))
+    facts = vm_status(run, lambda: resolve.load(name), live=live)
+    if live:
+        facts = with_guest_facts(facts)
     if facts.state == "invalid" and not run.path.exists():
         # nothing ran and the definition cannot be read: say why, as `up` would
         resolve.load(name)
@@ -381,6 +385,8 @@ def _status_json(facts: VmStatus, with_agent: bool = False) -> dict[str, Any]:
         "error": facts.error,
         "problems": list(facts.problems),
         "record_kept_in": facts.record_kept_in,
+        "facts_age": facts.facts_age,
+        "supervisor_state": facts.supervisor_state,
     }
     if with_agent:
         guest = facts.guest
@@ -388,6 +394,7 @@ def _status_json(facts: VmStatus, with_agent: bool = False) -> dict[str, Any]:
         data["agent"] = {
             "state": guest.agent if guest is not None else "not running",
             "detail": guest.detail if guest is not None else None,
+            "age": facts.guest_age,
         }
         data["guest"] = (
             {
@@ -452,20 +459,29 @@ def _status_text(facts: VmStatus) -> str:
     row("definition", facts.machine_file and f"{facts.machine_file}{changed}")
     if facts.record_kept_in is not None:
         row("last record", f"kept in {facts.record_kept_in} (state.json refused it)")
-    for label, value in _guest_rows(facts.guest):
+    if facts.supervisor_state not in (None, "ok"):
+        row("supervisor", f"{facts.supervisor_state} ({_as_of(facts.facts_age)})")
+    for label, value in _guest_rows(facts.guest, facts.guest_age):
         row(label, value)
     for problem in facts.problems:
         row("problem", problem)
     return "\n".join(lines)
 
 
-def _guest_rows(guest: GuestFacts | None) -> list[tuple[str, str]]:
-    """The guest agent's state and what it says (``qvm.ops.status.with_guest_facts``)."""
+def _as_of(age: float | None) -> str:
+    return "no record yet" if age is None else f"as of {human_seconds(age)} ago"
+
+
+def _guest_rows(guest: GuestFacts | None, age: float | None) -> list[tuple[str, str]]:
+    """The guest agent's state and what it says (the supervisor's record, ``age``
+    seconds old, or ``qvm.ops.status.with_guest_facts``: None)."""
     if guest is None or guest.agent == "not running":
         return []
     state = guest.agent
     if state == "not answering" and guest.detail:
         state += f" ({guest.detail})"
+    if age is not None and guest.agent != "not configured":
+        state += f", {_as_of(age)}"
     rows = [("agent", state)]
     os_info = guest.os
     if os_info is not None:
@@ -512,10 +528,16 @@ def list_vms(as_json: bool = AS_JSON) -> None:
                 f"{vcpus.present}/{vcpus.max}" if vcpus is not None else None,
                 human_bytes(memory.bytes) if memory is not None and memory.bytes else None,
                 human_seconds(facts.uptime) if facts.uptime is not None else None,
-                facts.error or facts.reason if facts.state != "running" else None,
+                _list_note(facts),
             ]
         )
     say(table(["NAME", "STATE", "PID", "ACCEL", "VCPUS", "MEMORY", "UPTIME", "NOTE"], rows))
+
+
+def _list_note(facts: VmStatus) -> str | None:
+    if facts.supervisor_state not in (None, "ok"):
+        return f"supervisor {facts.supervisor_state} ({_as_of(facts.facts_age)})"
+    return facts.error or facts.reason if facts.state != "running" else None
 
 
 @commands.command("logs")

@@ -94,6 +94,13 @@ FORCE = Option(
 UNPLUG_TIMEOUT = Option(
     10.0, "--timeout", help="Seconds to wait for the guest to release the device."
 )
+# status, cpu list: the round trip their records spare (qvm.store.view)
+LIVE = Option(
+    False,
+    "--live",
+    help="Ask the VM's supervisor and guest agent now, and wait for their answers, instead "
+    "of reading what the supervisor last recorded.",
+)
 
 
 class Commands:

@@ -18,11 +18,9 @@ from qvm.control import cpu_online, memory_blocks
 from qvm.control.cpu_online import agent_offline, agent_wait_online
 from qvm.control.guest_agent_facts import (
     GuestVcpu,
-    OsInfo,
     apicids_from_cpuinfo,
     blocks_of,
     match_vcpus,
-    parse_interfaces,
     parse_memory_blocks,
     parse_vcpus,
 )
@@ -30,6 +28,7 @@ from qvm.control.memory_blocks import BlockSize, agent_online_blocks, check_bloc
 from qvm.errors import AgentCommandError, HotplugError
 from qvm.layout.rundir import RunDir
 from qvm.layout.runfiles import RunFiles
+from qvm.store.guest import OsInfo, parse_interfaces
 from qvm.store.state import ending
 from qvm.supervisor import agent_shutdown as shutdown
 from qvm.supervisor.facts import cpu_percent

@@ -15,11 +15,13 @@ from qvm.base.digest import file_sha256
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import write_launch
 from qvm.store.state import StateRecord
+from qvm.store.view import ViewRecord, write_view
 from qvm.supervisor import wire
 
 
 def running_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[RunDir, Path]:
-    """A run dir of vm1, started from ``vm1.toml``, whose supervisor answers "running"."""
+    """A run dir of vm1, started from ``vm1.toml``, whose supervisor answers "running"
+    (and has recorded so in view.json)."""
     from qvm.ops import status
 
     path = tmp_path / "vm1.toml"
@@ -39,6 +41,8 @@ def running_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[RunDir,
         started_at=time.time(),
     )  # fmt: skip
     run.state_file.write_text(json.dumps(record.to_json()))
+    cpu = {"qom-path": "/machine/unattached/device[0]", "cpu-index": 0, "thread-id": 1}
+    write_view(run.view_file, ViewRecord("vm1", 4242, 7, time.time(), cpus_fast=(cpu,)))
 
     def answer(*args: Any, **kwargs: Any) -> wire.StatusReply:
         return wire.StatusReply(record, vcpus_present=1)
