@@ -6,9 +6,11 @@ record (``qvm.store.view``) and `status --live` asks the agent for them
 
 from __future__ import annotations
 
-from typing import Any
-
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.record import Record
+
+if TYPE_CHECKING:
+    from typing import Any
 
 # agent states, as `status` says them
 ANSWERING = "answering"

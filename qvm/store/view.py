@@ -19,13 +19,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.jsonfile import write_text_atomic
 from qvm.base.record import Record
 from qvm.store.fields import Fields, read_record
 from qvm.store.guest import AGENT_STATES, GuestFacts, OsInfo, parse_interfaces
 from qvm.store.state import QemuRun, StateRecord
+
+if TYPE_CHECKING:
+    from typing import Any
 
 HEARTBEAT = 5.0  # seconds between two rewrites of an unchanged record
 STALE_AFTER = 3 * HEARTBEAT  # a record this old is not being kept

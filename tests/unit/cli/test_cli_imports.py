@@ -133,11 +133,11 @@ def test_status_list_and_up_import_no_typing(argv: list[str], tmp_path: Path) ->
 
 
 def test_a_running_vms_status_imports_no_typing() -> None:
-    """What `qvm status` imports besides for a running VM: the supervisor's answer, the
-    forwards, the guest agent's facts."""
+    """What `qvm status` imports besides for a running VM: its records (the supervisor's
+    view, the forwards), and with --live the supervisor's answer and the agent's facts."""
     code = (
         "import sys, qvm.cli.commands.vm, qvm.ops.status, qvm.supervisor.wire, "
-        "qvm.store.forwards, qvm.control.guest_agent_facts\n"
+        "qvm.store.forwards, qvm.store.view, qvm.control.guest_agent_facts\n"
         "print('typing' in sys.modules)\n"
     )
     done = subprocess.run(
