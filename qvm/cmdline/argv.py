@@ -31,6 +31,7 @@ from qvm.definition.schema import (
 )
 from qvm.definition.topology import cpu_device_id, cpu_driver, slot_props, topology_of
 from qvm.layout.kinds import DIMM, DISK, NIC, VIRTIO_MEM
+from qvm.layout.netfiles import NetFiles
 from qvm.layout.rundir import RunDir
 from qvm.layout.runfiles import AGENT_PORT_NAME
 
@@ -167,7 +168,7 @@ def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
 
     # Network
     for index, nic in enumerate(machine.nics):
-        argv += _nic_args(machine, index, nic)
+        argv += _nic_args(machine, index, nic, run)
 
     # Guest agent channel, after the boot disks and NICs so that it takes none of their
     # PCI addresses
@@ -243,16 +244,41 @@ def _seed_args(machine: Machine, run: RunDir) -> list[str]:
     ]
 
 
-def _nic_args(machine: Machine, index: int, nic: NicSpec) -> list[str]:
+def _nic_args(machine: Machine, index: int, nic: NicSpec, run: RunDir) -> list[str]:
     ident = nic_id(index, nic)
+    model = "virtio-net-device" if machine.type == "microvm" else nic.model
+    mac = nic.mac or stable_mac(machine.name, index)
+    if nic.network is not None:
+        switch = NetFiles(run.path.parent, nic.network).switch_dir
+        device = f"{model},netdev={ident},mac={mac},id={ident}"
+        return ["-netdev", f"hubport,id={ident},hubid={index}", "-device", device] + uplink_args(
+            ident, index, switch
+        )
     netdev = f"user,id={ident}"
     # host port 0 stays 0: QEMU binds a port the kernel picks, read back from `info usernet`
     # (qvm.host.usernet), so two VMs started at once never race for one port
     for fwd in nic.forwards:
         netdev += f",hostfwd={fwd.protocol}:{fwd.host_addr}:{fwd.host_port}-:{fwd.guest_port}"
-    model = "virtio-net-device" if machine.type == "microvm" else nic.model
-    mac = nic.mac or stable_mac(machine.name, index)
     return ["-netdev", netdev, "-device", f"{model},netdev={ident},mac={mac},id={ident}"]
+
+
+def uplink_ids(nic: str) -> tuple[str, str]:
+    """The netdevs that join a network NIC to its switch: (the vde plug, the hub port
+    it sits on). Dotted: no id of the user's has a dot (ID_PATTERN), so none clashes."""
+    return f"qvm.{nic}.vde", f"qvm.{nic}.up"
+
+
+def uplink_args(nic: str, hub: int, switch_dir: str) -> list[str]:
+    """The NIC sits on QEMU hub ``hub``, and so does its uplink, a vde plug on the
+    switch: a switch that died is rejoined by replacing the uplink alone
+    (``netdev_del``, ``netdev_add``), while the NIC, and the guest's view of it, stay."""
+    vde, port = uplink_ids(nic)
+    return [
+        "-netdev",
+        f"vde,id={vde},sock={escape_opt(switch_dir)}",
+        "-netdev",
+        f"hubport,id={port},hubid={hub},netdev={vde}",
+    ]
 
 
 AGENT_CHARDEV = "qga0"

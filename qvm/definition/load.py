@@ -25,6 +25,7 @@ from qvm.definition.naming import (
     nic_id,
     pci_ports,
 )
+from qvm.definition.networks import read_network_keys
 from qvm.definition.parsed import parse_toml
 from qvm.definition.reader import Report, Table, expand_path, find_nul, is_int, shown
 from qvm.definition.schema import (
@@ -341,12 +342,15 @@ def _read_nic(nic: Table) -> tuple[NicSpec, list[tuple[str, str, PortForward]]]:
     model = nic.choice("model", NIC_MODELS, "virtio-net-pci")
     mac = _read_mac(nic)
     forwards = _read_forwards(nic)
+    network, address = read_network_keys(nic, bool(forwards))
     spec = NicSpec(
         mode=mode,
         model=model,
         mac=mac,
         forwards=tuple(forward for _, _, forward in forwards),
         id=nic.identifier("id"),
+        network=network,
+        address=address,
     )
     return spec, forwards
 

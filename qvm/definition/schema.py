@@ -98,6 +98,10 @@ class NicSpec(Record):
     mac: str | None = None  # None: stable, derived from the machine name and the NIC's index
     forwards: tuple[PortForward, ...] = ()
     id: str | None = None
+    # a private L2 network shared with every VM that names it (qvm.layout.netfiles);
+    # None: user-mode networking
+    network: str | None = None
+    address: str | None = None  # on the network; None: stable, given by qvm
 
 
 class ShareSpec(Record):
@@ -222,6 +226,11 @@ KEYS: dict[str, dict[str, str]] = {
         " PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT, HOSTADDR default 127.0.0.1,"
         " HOSTPORT 0 picks a free port at start",
         "id": "device id, unique among disks and NICs, matching ID_PATTERN; default: generated",
+        "network": "name of a private network (1 to 32 lowercase letters, digits or '-',"
+        " starting with a letter) shared with every VM whose NIC names it; excludes"
+        " forwards; default: user-mode networking",
+        "address": 'the NIC\'s IPv4 address on its network, like "10.64.1.9"; needs network;'
+        " default: a stable address qvm gives it",
     },
     "share": {
         "host": "path of a host folder (relative: to the machine file's folder); it must"

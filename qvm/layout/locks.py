@@ -24,7 +24,7 @@ def try_lock(path: str | os.PathLike[str]) -> int | None:
     return _flock_or_close(fd)
 
 
-def try_lock_dir(path: Path) -> int | None:
+def try_lock_dir(path: str | os.PathLike[str]) -> int | None:
     """The same, on a folder: the lock lives on the folder's inode, so no file inside it
     can be deleted to release it. Raises OSError if the folder cannot be opened."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -48,12 +48,14 @@ def is_locked(path: Path) -> bool:
     return path.exists() and _held(try_lock, path)
 
 
-def is_dir_locked(path: Path) -> bool:
+def is_dir_locked(path: str | os.PathLike[str]) -> bool:
     """True while a live process holds the lock on folder ``path``."""
     return _held(try_lock_dir, path)
 
 
-def _held(take: Callable[[Path], int | None], path: Path) -> bool:
+def _held(
+    take: Callable[[str | os.PathLike[str]], int | None], path: str | os.PathLike[str]
+) -> bool:
     try:
         fd = take(path)
     except OSError:

@@ -32,6 +32,8 @@ from qvm.layout.runfiles import (
     KNOWN_HOSTS,
     LAUNCH_FILE,
     META_DATA,
+    NETWORK_STATE_FILE,
+    NETWORKS_FILE,
     NEW_RECORD,
     PENDING_FILE,
     QEMU_LOG,
@@ -85,6 +87,8 @@ QVM_FILE_NAMES = frozenset(
         FORWARDS_FILE,
         NEW_RECORD,
         SHARES_FILE,
+        NETWORKS_FILE,
+        NETWORK_STATE_FILE,
         "id_ed25519",  # the key pair qvm makes (qvm.host.cloudinit.GENERATED_KEY)
         "id_ed25519.pub",
         SNAPSHOTS_FILE,
@@ -261,6 +265,16 @@ class RunDir(Record):
     @property
     def forwards_file(self) -> Path:
         return self.path / FORWARDS_FILE
+
+    # the NICs on private networks (qvm.store.netlinks), and how the supervisor keeps
+    # them joined and the guest set up
+    @property
+    def networks_file(self) -> Path:
+        return self.path / NETWORKS_FILE
+
+    @property
+    def network_state_file(self) -> Path:
+        return self.path / NETWORK_STATE_FILE
 
     def overlays(self) -> list[Path]:
         """The copy-on-write overlays qvm made for ``[[disk]] base`` images."""

@@ -47,6 +47,8 @@ CLONE_FILE = "clone.json"
 KNOWN_HOSTS = "known_hosts"
 FORWARDS_FILE = "forwards.json"
 NEW_RECORD = "new.json"
+NETWORKS_FILE = "networks.json"  # the NICs on private networks, with their addresses
+NETWORK_STATE_FILE = "network-state.json"  # the supervisor's: links and the guest's setup
 SHARES_FILE = "shares.json"  # the shares of this QEMU run and their virtiofsd processes
 
 

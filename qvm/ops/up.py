@@ -258,7 +258,14 @@ def start_vm(plan: LaunchPlan, wait: bool, progress: FetchProgress | None = None
     `qvm up` and `qvm restart` do. ``wait``: until QMP answers, not only QEMU spawned."""
     set_aside_corrupt_state(plan.run_dir)  # `qvm up` did, and said so; others start too
     prepare_run_dir(plan, progress)
-    result = start_supervisor(plan.run_dir, plan.launch_record(), wait=wait)
+    if any(nic.network for nic in plan.machine.nics):
+        from qvm.ops.net import join_networks  # noqa: PLC0415 -- only VMs on networks
+
+        with join_networks(plan.machine, plan.run_dir):
+            result = start_supervisor(plan.run_dir, plan.launch_record(), wait=wait)
+    else:
+        plan.run_dir.networks_file.unlink(missing_ok=True)
+        result = start_supervisor(plan.run_dir, plan.launch_record(), wait=wait)
     if plan.inputs.incoming is not None and wait and not result.already_running:
         from qvm.ops.incoming import (  # noqa: PLC0415 -- as above
             adopt_own_macs,

@@ -28,6 +28,7 @@ from qvm.errors import RecordError
 from qvm.layout.runfiles import (
     EVENTS_SOCKET,
     LAUNCH_FILE,
+    NETWORKS_FILE,
     QEMU_LOG,
     SPACE_RESERVE_FILE,
     STATE_FILE,
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
     from qvm.supervisor.agent_proxy import AgentProxy
     from qvm.supervisor.shares import ShareKeeper
     from qvm.supervisor.view import ViewKeeper
+    from qvm.supervisor.network import NetworkMember
 
 QMP_CONNECT_TIMEOUT = 60.0
 
@@ -127,6 +129,12 @@ class Supervisor:
         self.consecutive_restarts = 0
         self.restart_next = False
         self._shares: ShareKeeper | None = None
+        self.network: NetworkMember | None = None  # with NICs on private networks
+        self.network_task: asyncio.Task[None] | None = None
+        if os.path.exists(os.path.join(run.path, NETWORKS_FILE)):
+            from qvm.supervisor.network import NetworkMember  # noqa: PLC0415 -- members only
+
+            self.network = NetworkMember(run, launch.name)
 
     # --- files -------------------------------------------------------------------------
 
@@ -271,6 +279,8 @@ class Supervisor:
             self.run.remove(SUPERVISOR_SOCKET)
             self.run.remove(SPACE_RESERVE_FILE)
             self.close_notify()
+            if self.network is not None:
+                self.network.leave()
 
     def _watch_exit(self) -> None:
         """``self.exited`` resolves once the current QEMU has exited: a pidfd is readable
@@ -314,6 +324,11 @@ class Supervisor:
         for task in pending:
             task.cancel()
         await self._close_view()
+        if self.network_task is not None:
+            self.network_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.network_task
+            self.network_task = None
         await self._detach_agent()
         await self._disconnect_qmp()
         if self._shares is not None or self.launch.shares:
@@ -375,6 +390,10 @@ class Supervisor:
         self.save_state(state=self._live_state())
         self.notify_ready()
         self._open_view(client)
+        if self.network is not None and self.qemu is not None:
+            current = QemuRun(self.qemu.pid, self.state.qemu_start_time)
+            follow = self.network.follow(self._qmp_call, current, agent_configured(self.launch))
+            self.network_task = asyncio.create_task(follow)
         try:
             async for event in client.events:
                 await self._on_event(dict(event))
@@ -627,6 +646,8 @@ class Supervisor:
         self.state = self.state._replace(restarts=self.state.restarts + 1, next_restart_at=None)
         self._restart_cold()
         await self._start_boot_shares()
+        if self.network is not None:
+            self.network.before_spawn()
         self.spawn_qemu()
         return True
 

@@ -1,0 +1,248 @@
+"""A private network's records: ``network.json`` (its subnet and every member NIC's
+address, stable across starts) and ``switch.json`` (the ``vde_switch`` qvm started), both
+in the network's folder (``qvm.layout.netfiles``), read and written under its lock.
+
+``allocate`` is pure (with ``qvm.definition.subnets``): the property tests drive it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from qvm.base.jsonfile import write_json_atomic
+from qvm.base.record import Record
+from qvm.definition.subnets import ip_text, parse_ip, parse_subnet
+from qvm.errors import HostError
+from qvm.layout.netfiles import NetFiles
+from qvm.store.fields import Fields, read_record
+
+LOCK_TIMEOUT = 30.0  # a join holds the lock while its VM's QEMU starts
+_HINT = "qvm net rm NAME rewrites it (no member may run)"
+
+
+class Member(Record):
+    """One NIC on the network: whose, and its address (kept across starts)."""
+
+    vm: str
+    nic: str
+    mac: str
+    address: str
+    pinned: bool = False  # [[nic]] address: the user chose it
+    # the address it had before another VM's pinned address took it
+    displaced_from: str | None = None
+    displaced_by: str | None = None
+
+    @classmethod
+    def read(cls, f: Fields) -> Member:
+        return cls(
+            vm=f.str("vm"),
+            nic=f.str("nic"),
+            mac=f.str("mac"),
+            address=f.str("address"),
+            pinned=f.bool("pinned", False),
+            displaced_from=f.str("displaced_from", None),
+            displaced_by=f.str("displaced_by", None),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self._asdict().items() if v is not None}
+
+
+class NetworkRecord(Record):
+    name: str
+    subnet: str
+    subnet_from: str  # "derived", or the network definition file that says it
+    members: tuple[Member, ...] = ()
+
+    @classmethod
+    def read(cls, f: Fields) -> NetworkRecord:
+        record = cls(
+            name=f.str("name"),
+            subnet=f.str("subnet"),
+            subnet_from=f.str("subnet_from"),
+            members=f.records("members", Member.read, ()),
+        )
+        try:
+            parse_subnet(record.subnet)
+        except ValueError as error:
+            raise f.fail("subnet", str(error)) from None
+        return record
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "subnet": self.subnet,
+            "subnet_from": self.subnet_from,
+            "members": [m.to_json() for m in self.members],
+        }
+
+    def member(self, vm: str, nic: str) -> Member | None:
+        return next((m for m in self.members if (m.vm, m.nic) == (vm, nic)), None)
+
+    def hosts_lines(self) -> list[tuple[str, str]]:
+        """(address, name) for /etc/hosts: each VM by its first NIC on the network."""
+        seen: dict[str, str] = {}
+        for member in self.members:
+            seen.setdefault(member.vm, member.address)
+        return [(address, vm) for vm, address in seen.items()]
+
+
+class AddressTaken(HostError):
+    """A pinned address another member holds while it runs."""
+
+
+class SubnetFull(HostError):
+    """No address is left in the subnet."""
+
+
+class Allocation(Record):
+    record: NetworkRecord
+    member: Member
+    note: str | None = None  # what changed that the user should hear about
+
+
+def allocate(
+    record: NetworkRecord,
+    vm: str,
+    nic: str,
+    mac: str,
+    pinned: str | None,
+    running: frozenset[str],
+) -> Allocation:
+    """Give ``vm``'s NIC ``nic`` its address: the one it had (kept across starts), the
+    pinned one (``[[nic]] address``), else the lowest free host address. A pinned address
+    another member holds is refused while that member's VM runs (``running``), and taken
+    from it otherwise (it gets a new one when it next joins, and hears why). Pure."""
+    subnet = parse_subnet(record.subnet)
+    own = record.member(vm, nic)
+    others = [m for m in record.members if (m.vm, m.nic) != (vm, nic)]
+    note = None
+    if pinned is not None:
+        value = parse_ip(pinned)
+        if value not in subnet.hosts():
+            raise HostError(
+                f"address {pinned} is not a host address of network {record.name}'s"
+                f" subnet {subnet}",
+                hint=f"pick one in {subnet}, or leave address out",
+            )
+        holder = next((m for m in others if m.address == pinned), None)
+        if holder is not None and holder.vm in running:
+            raise AddressTaken(
+                f"address {pinned} on network {record.name} is {holder.vm}'s ({holder.nic}),"
+                " which runs",
+                hint=f"pick another address, or stop {holder.vm} first",
+            )
+        if holder is not None:
+            displaced = holder._replace(displaced_from=pinned, displaced_by=vm)
+            others = [displaced if m is holder else m for m in others]
+        member = Member(vm, nic, mac, pinned, pinned=True)
+    elif own is not None and not own.displaced_by and not own.pinned:
+        member = own._replace(mac=mac)
+    else:
+        held = {parse_ip(m.address) for m in others if not m.displaced_by}
+        free = next((a for a in subnet.hosts() if a not in held), None)
+        if free is None:
+            raise SubnetFull(
+                f"network {record.name}'s subnet {subnet} is full: its"
+                f" {len(subnet.hosts())} addresses are all members'",
+                hint="give the network a larger subnet in its definition, or remove"
+                " members (qvm net rm, once none runs)",
+            )
+        member = Member(vm, nic, mac, ip_text(free))
+        if own is not None and own.displaced_by:
+            note = (
+                f"{own.displaced_from} was taken by {own.displaced_by}'s pinned address;"
+                f" {vm} now has {member.address}"
+            )
+    members = sorted((*others, member), key=lambda m: (parse_ip(m.address), m.vm, m.nic))
+    return Allocation(record._replace(members=tuple(members)), member, note)
+
+
+def release(record: NetworkRecord, vm: str) -> NetworkRecord:
+    """The record without ``vm``'s members (the VM was removed)."""
+    return record._replace(members=tuple(m for m in record.members if m.vm != vm))
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+class SwitchRecord(Record):
+    """The ``vde_switch`` qvm started for the network: its identity, and its history."""
+
+    pid: int
+    start_time: int | None
+    started_at: float
+    restarts: int = 0  # started again after it died while members ran
+    died_at: float | None = None  # when a member last found it dead
+
+    @classmethod
+    def read(cls, f: Fields) -> SwitchRecord:
+        return cls(
+            pid=f.pid("pid"),
+            start_time=f.int("start_time", None),
+            started_at=f.float("started_at"),
+            restarts=f.int("restarts", 0),
+            died_at=f.float("died_at", None),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self._asdict())
+
+
+def read_network(net: NetFiles) -> NetworkRecord | None:
+    return read_record(
+        net.network_file, lambda data, source: NetworkRecord.read(Fields(data, source, _HINT))
+    )
+
+
+def write_network(net: NetFiles, record: NetworkRecord) -> None:
+    write_json_atomic(net.network_file, record.to_json())
+
+
+def read_switch(net: NetFiles) -> SwitchRecord | None:
+    return read_record(
+        net.switch_file, lambda data, source: SwitchRecord.read(Fields(data, source, _HINT))
+    )
+
+
+def write_switch(net: NetFiles, record: SwitchRecord) -> None:
+    write_json_atomic(net.switch_file, record.to_json())
+
+
+def make_network_dir(net: NetFiles) -> None:
+    """The network's folder, 0700 (and ``_networks`` above it, and the state root)."""
+    networks = os.path.dirname(net.path)
+    for path in (os.path.dirname(networks), networks, net.path):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(path, 0o700)  # mkdir's mode goes through the umask
+
+
+@contextlib.contextmanager
+def network_lock(net: NetFiles, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the network's lock: one join, leave or switch restart at a time."""
+    make_network_dir(net)
+    fd = os.open(net.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise HostError(
+                        f"network {net.name}: its lock {net.lock} was held for {timeout:g} s",
+                        hint="another qvm command is starting or stopping a member; try again",
+                    ) from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
