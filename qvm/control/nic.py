@@ -17,6 +17,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from qvm.base.record import Record
+from qvm.cmdline.argv import uplink_ids
 from qvm.control import transaction
 from qvm.control.forwards import forward_text, hostfwd_rule, read_back_ports, resolve_forward
 from qvm.control.guard import check_device_add
@@ -184,6 +185,7 @@ class NicAdd(Record):
     places: PciPlaces  # after the add
     forwards_asked: tuple[str, ...] = ()  # as given (host port 0 stays 0, for --persist)
     forced_after_unplug: bool = False
+    hub: int | None = None  # a network NIC's QEMU hub (qvm.cmdline.argv.uplink_args)
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "nic": self.nic.as_json(), "pci": self.places.as_json()}
@@ -196,8 +198,10 @@ def add_nic(
     mac: str | None = None,
     dev_id: str | None = None,
     force: bool = False,
+    switch_dir: str | None = None,
 ) -> NicAdd:
-    """Add a user-mode NIC with these port forwards (``PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT``)."""
+    """Add a user-mode NIC with these port forwards (``PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT``),
+    or, with ``switch_dir``, a NIC on that network's switch (``qvm.ops.net`` joins it)."""
     launch = transaction.launch_of(run)
     name = run.name
     if model not in NIC_MODELS:
@@ -236,11 +240,24 @@ def add_nic(
         netdev: dict[str, Any] = {"type": "user", "id": dev_id}
         if resolved:
             netdev["hostfwd"] = [{"str": hostfwd_rule(f)} for f in resolved]
+        if switch_dir is not None:  # the NIC on hub ``index``, and its uplink
+            netdev = {"type": "hubport", "id": dev_id, "hubid": index}
         device = {"driver": model, "id": dev_id, "netdev": dev_id, "mac": mac}
-        steps = [
-            transaction.Step("netdev_add", netdev, ("netdev_del", {"id": dev_id})),
-            transaction.Step("device_add", device | ({"bus": bus} if bus else {})),
-        ]
+        steps = [transaction.Step("netdev_add", netdev, ("netdev_del", {"id": dev_id}))]
+        cleanup = netdev_cleanup(dev_id)
+        if switch_dir is not None:
+            vde, port = uplink_ids(dev_id)
+            uplink = {"type": "hubport", "id": port, "hubid": index, "netdev": vde}
+            steps += [
+                transaction.Step(
+                    "netdev_add",
+                    {"type": "vde", "id": vde, "sock": switch_dir},
+                    ("netdev_del", {"id": vde}),
+                ),
+                transaction.Step("netdev_add", uplink, ("netdev_del", {"id": port})),
+            ]
+            cleanup = (("netdev_del", {"id": port}), ("netdev_del", {"id": vde}), *cleanup)
+        steps.append(transaction.Step("device_add", device | ({"bus": bus} if bus else {})))
 
         def translate(desc: str) -> tuple[str, str | None] | None:
             if "Could not set up host forwarding rule" in desc:
@@ -250,7 +267,7 @@ def add_nic(
         record = DeviceRecord(
             dev_id,
             kinds.NIC.name,
-            cleanup=netdev_cleanup(dev_id),
+            cleanup=cleanup,
             bus=bus,
             model=model,
             mac=mac,
@@ -261,7 +278,8 @@ def add_nic(
         record_forwards(run, bound)
         after = _query(session, run, launch)
         nic = after.find(dev_id) or NicInfo(dev_id, "qvm", model, mac, bound, bus)
-        return NicAdd(name, nic, after.places, tuple(forwards or ()), forced)
+        hub = index if switch_dir is not None else None
+        return NicAdd(name, nic, after.places, tuple(forwards or ()), forced, hub)
 
 
 def netdev_cleanup(dev_id: str) -> tuple[Command, ...]:

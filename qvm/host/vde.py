@@ -55,7 +55,13 @@ def ensure_switch(net: NetFiles, restart: bool = False) -> tuple[SwitchRecord, b
     binary = find_program(VDE_SWITCH)
     if binary is None:
         raise HostError(f"network {net.name}: no {VDE_SWITCH} on PATH", hint=PACKAGE_HINT)
-    _remove_leftovers(net)
+    try:
+        _remove_leftovers(net)
+    except OSError as error:
+        raise HostError(
+            f"network {net.name}: cannot clear the dead switch's files:"
+            f" {error.filename}: {error.strerror or error}"
+        ) from None
     argv = [
         binary,
         "-d",
@@ -73,13 +79,15 @@ def ensure_switch(net: NetFiles, restart: bool = False) -> tuple[SwitchRecord, b
         why = " ".join(done.stderr.split())[:300] or f"exit status {done.returncode}"
         raise HostError(f"network {net.name}: {VDE_SWITCH} did not start: {why}")
     pid = _wait_started(net)
-    restarts = (record.restarts if record is not None else 0) + (1 if restart else 0)
+    # the count and the last death are of this switch's life: since a member's start
+    # found none running
+    old = record if restart and record is not None else None
     started = SwitchRecord(
         pid=pid,
         start_time=process_start_time(pid),
         started_at=time.time(),
-        restarts=restarts,
-        died_at=record.died_at if record is not None else None,
+        restarts=old.restarts + 1 if old else 0,
+        died_at=old.died_at if old else None,
     )
     write_switch(net, started)
     return started, True

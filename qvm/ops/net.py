@@ -15,16 +15,15 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qvm.base.record import Record
 from qvm.definition.naming import nic_id, stable_mac
 from qvm.definition.networks import load_network
 from qvm.definition.schema import Machine
 from qvm.definition.subnets import derived_subnet, parse_subnet
-from qvm.errors import HostError, QvmError, UsageError
+from qvm.errors import HostError, NotRunningError, QvmError, UsageError
 from qvm.host.vde import ensure_switch, stop_switch, switch_problem
-from qvm.layout.locks import is_dir_locked
 from qvm.layout.netfiles import NetFiles, check_network_name, network_names
 from qvm.layout.rundir import RunDir
 from qvm.store.netlinks import (
@@ -38,6 +37,7 @@ from qvm.store.networks import (
     NetworkRecord,
     SwitchRecord,
     allocate,
+    member_running,
     network_lock,
     read_network,
     read_switch,
@@ -45,9 +45,8 @@ from qvm.store.networks import (
 )
 from qvm.store.state import current_qemu_run
 
-
-def member_running(state_root: Path, vm: str) -> bool:
-    return is_dir_locked(state_root / vm)
+if TYPE_CHECKING:
+    from qvm.control.nic import NicAdd
 
 
 def running_members(state_root: Path, record: NetworkRecord, but: str) -> frozenset[str]:
@@ -57,11 +56,12 @@ def running_members(state_root: Path, record: NetworkRecord, but: str) -> frozen
 
 
 def _network_record(
-    net: NetFiles, machine: Machine, state_root: Path, running: frozenset[str] | None = None
+    net: NetFiles, machine_dir: Path, vm: str, running: frozenset[str] | None = None
 ) -> NetworkRecord:
     """The network's record, made on first use; a subnet its definition changed is
     taken while no member runs (all addresses are given anew), refused otherwise."""
-    spec = load_network(machine.path.parent, net.name)
+    state_root = Path(os.path.dirname(os.path.dirname(net.path)))
+    spec = load_network(machine_dir, net.name)
     record = read_network(net)
     if record is None:
         if spec.subnet is not None:
@@ -75,7 +75,7 @@ def _network_record(
     if spec.subnet is None or spec.subnet == record.subnet:
         return record
     if running is None:
-        running = running_members(state_root, record, machine.name)
+        running = running_members(state_root, record, vm)
     if running:
         raise HostError(
             f"network {net.name}: {spec.file} says subnet {spec.subnet}, but"
@@ -117,7 +117,7 @@ def join_networks(machine: Machine, run: RunDir) -> Iterator[Joined]:
         for net in nets:
             record = read_network(net)
             running = running_members(state_root, record, machine.name) if record else frozenset()
-            record = _network_record(net, machine, state_root, running)
+            record = _network_record(net, machine.path.parent, machine.name, running)
             prefix = parse_subnet(record.subnet).prefix
             for index, dev_id, mac, pinned in plan_nics(machine):
                 if machine.nics[index].network != net.name:
@@ -150,6 +150,55 @@ def join_networks(machine: Machine, run: RunDir) -> Iterator[Joined]:
                     with contextlib.suppress(QvmError):
                         stop_switch(net)
             raise
+
+
+# --- nic add --network ------------------------------------------------------------------
+
+
+class NetworkNicAdd(Record):
+    added: NicAdd
+    member: NetNic
+
+
+def add_network_nic(
+    run: RunDir,
+    network: str,
+    model: str = "virtio-net-pci",
+    mac: str | None = None,
+    dev_id: str | None = None,
+    force: bool = False,
+) -> NetworkNicAdd:
+    """Hotplug a NIC on ``network`` into a running VM: the switch started if need be, the
+    NIC plugged with its uplink, then its stable address given and told to the VM's
+    supervisor (``networks.json``), which sets the guest up."""
+    from qvm.control.nic import add_nic  # noqa: PLC0415 -- the CLI's nic add only
+    from qvm.store.launch import read_launch  # noqa: PLC0415 -- as above
+
+    check_network_name(network)
+    launch = read_launch(run.launch_file)
+    if launch is None:
+        raise NotRunningError(run.name)
+    vm = launch.name or run.name
+    state_root = run.path.parent
+    net = NetFiles(state_root, network)
+    with network_lock(net):
+        record = read_network(net)
+        running = running_members(state_root, record, vm) if record else frozenset()
+        machine_dir = Path(launch.machine_file).parent if launch.machine_file else run.path
+        record = _network_record(net, machine_dir, vm, running)
+        allocate(record, vm, "", "", None, running)  # a full subnet: refused before the plug
+        ensure_switch(net)
+        added = add_nic(run, [], model, mac, dev_id, force, switch_dir=net.switch_dir)
+        assert added.hub is not None and added.nic.mac is not None
+        allocation = allocate(record, vm, added.nic.id, added.nic.mac, None, running)
+        write_network(net, allocation.record)
+        prefix = parse_subnet(allocation.record.subnet).prefix
+        member = NetNic(
+            added.nic.id, network, added.nic.mac, allocation.member.address, prefix, added.hub
+        )
+        nics = tuple(n for n in read_netnics(run.networks_file) if n.nic != member.nic)
+        write_netnics(run.networks_file, (*nics, member))
+    return NetworkNicAdd(added, member)
 
 
 # --- net list, net rm --------------------------------------------------------------------
@@ -275,22 +324,44 @@ def remove_network(state_root: Path, name: str) -> NetworkInfo:
     return info
 
 
-def vm_networks(run: RunDir) -> list[dict[str, Any]]:
-    """A VM's NICs on networks, for ``status``: network, address, the link's state."""
+class NicNetwork(Record):
+    """A NIC on a network, as ``status`` shows it."""
+
+    nic: str
+    network: str
+    mac: str
+    address: str  # with its prefix length: 10.70.211.2/24
+    switch: str  # running, dead, stopped
+    link: str | None = None  # the supervisor's word while the VM runs
+    link_error: str | None = None
+    guest_configured: bool | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self._asdict())
+
+
+def vm_networks(run: RunDir) -> tuple[NicNetwork, ...]:
+    """A VM's NICs on networks (``networks.json``), with the supervisor's word on each
+    while it runs (``network-state.json``) and whether the network's switch runs."""
     nics = read_netnics(run.networks_file)
+    if not nics:
+        return ()
     state = read_network_state(run.network_state_file, current_qemu_run(run.state_file))
     rows = []
     for nic in nics:
+        net = NetFiles(run.path.parent, nic.network)
+        switch, _ = _switch_state(net, read_switch(net), state is not None)
         link = state.link(nic.nic) if state else None
         rows.append(
-            {
-                "nic": nic.nic,
-                "network": nic.network,
-                "mac": nic.mac,
-                "address": f"{nic.address}/{nic.prefix}",
-                "link": link.state if link else None,
-                "link_error": link.error if link else None,
-                "guest_configured": state.guest_configured if state else None,
-            }
+            NicNetwork(
+                nic.nic,
+                nic.network,
+                nic.mac,
+                f"{nic.address}/{nic.prefix}",
+                switch,
+                link.state if link else None,
+                link.error if link else None,
+                state.guest_configured if state else None,
+            )
         )
-    return rows
+    return tuple(rows)

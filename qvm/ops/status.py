@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from qvm.definition.schema import Machine
     from qvm.store.guest import GuestFacts
     from qvm.store.view import ViewRecord
+    from qvm.ops.net import NicNetwork
 
 # the states with a QEMU to show: its pid, uptime, sockets
 ACTIVE_STATES = ("running", "paused")
@@ -75,6 +76,7 @@ class VmStatus(Record):
     # (``qvm.store.launch.definition_changed``); None: not running, or nothing can tell
     definition_changed: bool | None = None
     forwards: tuple[Forward, ...] = ()
+    networks: tuple[NicNetwork, ...] = ()  # its NICs on private networks (qvm.ops.net)
     problems: tuple[str, ...] = ()  # each one line, naming its file or VM
     # where the supervisor's last record was kept when state.json could not take it
     # (EIO, EROFS, ENOSPC: ``qvm.store.state.keep_elsewhere``); None: state.json
@@ -213,6 +215,7 @@ def _asked(
         vcpus=vcpus,
         memory=memory,
         forwards=read_forwards(run),
+        networks=_networks(run),
         definition_changed=definition_changed(launch) if launch is not None else None,
         rss_bytes=live.rss_bytes,
         cpu_percent=live.cpu_percent,
@@ -259,6 +262,7 @@ def _recorded(
         reason=state.ended_reason if state.state in ("stopped", "crashed") else None,
         uptime=(round(now - state.started_at, 1) if state.started_at and state.qemu_pid else None),
         forwards=_forwards(run, state),
+        networks=_networks(run),
         definition_changed=definition_changed(launch) if launch is not None else None,
         facts_age=round(age, 1) if age is not None else None,
         supervisor_state=supervisor,
@@ -316,6 +320,17 @@ def _forwards(run: RunDir, state: StateRecord) -> tuple[Forward, ...]:
     from qvm.store.forwards import read_forwards  # noqa: PLC0415 -- a running VM's only
 
     return read_forwards(run)
+
+
+def _networks(run: RunDir) -> tuple[NicNetwork, ...]:
+    if not run.networks_file.exists():
+        return ()
+    from qvm.ops.net import vm_networks  # noqa: PLC0415 -- VMs on private networks only
+
+    try:
+        return vm_networks(run)
+    except QvmError:  # status never fails: a broken record shows no networks
+        return ()
 
 
 def _from_definition(status: VmStatus, definition: Load) -> VmStatus:

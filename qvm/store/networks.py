@@ -17,9 +17,12 @@ from typing import Any
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
 from qvm.definition.subnets import ip_text, parse_ip, parse_subnet
-from qvm.errors import HostError
+from qvm.errors import HostError, QvmError
+from qvm.layout.locks import is_dir_locked
 from qvm.layout.netfiles import NetFiles
+from qvm.layout.runfiles import STATE_FILE
 from qvm.store.fields import Fields, read_record
+from qvm.store.state import read_state
 
 LOCK_TIMEOUT = 30.0  # a join holds the lock while its VM's QEMU starts
 _HINT = "qvm net rm NAME rewrites it (no member may run)"
@@ -192,6 +195,27 @@ class SwitchRecord(Record):
 
     def to_json(self) -> dict[str, Any]:
         return dict(self._asdict())
+
+
+def member_running(state_root: str | os.PathLike[str], vm: str) -> bool:
+    """A member is running while its supervisor is alive (it holds its run dir's lock)
+    and has not recorded its QEMU's end: a supervisor on its way out, leaving its
+    networks, does not count."""
+    run = os.path.join(os.fspath(state_root), vm)
+    if not is_dir_locked(run):
+        return False
+    try:
+        state = read_state(os.path.join(run, STATE_FILE))
+    except QvmError:
+        return True  # a supervisor is alive: assume the worse for the switch
+    return state is None or state.state not in ("stopped", "crashed")
+
+
+def others_running(net: NetFiles, state_root: str | os.PathLike[str], vm: str) -> list[str]:
+    """The network's members, but ``vm``, that run (under the network's lock)."""
+    record = read_network(net)
+    members = {m.vm for m in record.members} if record is not None else set()
+    return sorted(m for m in members - {vm} if member_running(state_root, m))
 
 
 def read_network(net: NetFiles) -> NetworkRecord | None:

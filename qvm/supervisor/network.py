@@ -28,7 +28,6 @@ from typing import Any
 
 from qvm.errors import AgentError, QvmError, RecordError
 from qvm.host.vde import ensure_switch, stop_switch, switch_problem
-from qvm.layout.locks import is_dir_locked
 from qvm.layout.netfiles import NetFiles
 from qvm.layout.runfiles import (
     AGENT_LOCK,
@@ -45,7 +44,14 @@ from qvm.store.netlinks import (
     read_netnics,
     write_network_state,
 )
-from qvm.store.networks import network_lock, read_network, read_switch, write_switch
+from qvm.store.networks import (
+    SwitchRecord,
+    network_lock,
+    others_running,
+    read_network,
+    read_switch,
+    write_switch,
+)
 from qvm.store.state import QemuRun
 from qvm.supervisor.agent_wire import AgentClient, take_agent_lock
 from qvm.supervisor.spawn import log_line
@@ -56,17 +62,6 @@ EXEC_TIMEOUT = 20.0  # for the setup script in the guest
 QmpCall = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
 
 
-def member_running(state_root: str, vm: str) -> bool:
-    """A supervisor of ``vm`` is alive (it holds its run dir's lock)."""
-    return is_dir_locked(os.path.join(state_root, vm))
-
-
-def others_running(net: NetFiles, state_root: str, vm: str) -> list[str]:
-    record = read_network(net)
-    members = {m.vm for m in record.members} if record is not None else set()
-    return sorted(m for m in members - {vm} if member_running(state_root, m))
-
-
 class NetworkMember:
     def __init__(self, run: RunFiles, vm: str) -> None:
         self.run = run
@@ -75,6 +70,8 @@ class NetworkMember:
         self.applied: str | None = None  # the script the guest last ran without error
         self.next_agent_try = 0.0
         self.state: NetworkState | None = None
+        # by network: the switch (pid, start time) this VM's NICs are plugged into
+        self.joined: dict[str, tuple[int, int | None]] = {}
 
     def nics(self) -> tuple[NetNic, ...]:
         try:
@@ -112,6 +109,8 @@ class NetworkMember:
     async def follow(self, qmp: QmpCall, current: QemuRun, agent: bool) -> None:
         """Keep the links up and the guest set up until cancelled (QEMU ended)."""
         nics = self.nics()
+        self.joined = {}  # a new QEMU joined the switches that run now
+        self.applied = None
         self.state = NetworkState(
             current, tuple(LinkState(n.nic, n.network, "joined") for n in nics)
         )
@@ -132,10 +131,17 @@ class NetworkMember:
         for nic in nics:  # a NIC added at run time
             links.setdefault(nic.nic, LinkState(nic.nic, nic.network, "joined"))
         changed = len(links) != len(self.state.links)
-        for net in {NetFiles(self.state_root, n.network) for n in nics}:
-            if switch_problem(net, read_switch(net)) is None:
-                continue
-            for link in await self._rejoin(net, [n for n in nics if n.network == net.name], qmp):
+        for name in sorted({n.network for n in nics}):
+            net = NetFiles(self.state_root, name)
+            switch = read_switch(net)
+            now = (switch.pid, switch.start_time) if switch else None
+            if switch_problem(net, switch) is not None:
+                now = None
+            if now is not None and self.joined.setdefault(name, now) == now:
+                continue  # the switch this VM's NICs are plugged into runs
+            # dead, or started again by another member: plug into the one that runs
+            on_it = [n for n in nics if n.network == name]
+            for link in await self._rejoin(net, on_it, qmp, restart=now is None):
                 links[link.nic] = link
             changed = True
         if changed:
@@ -144,12 +150,14 @@ class NetworkMember:
         if agent and nics and time.monotonic() >= self.next_agent_try:
             await self._set_up_guest(nics)
 
-    async def _rejoin(self, net: NetFiles, nics: list[NetNic], qmp: QmpCall) -> list[LinkState]:
+    async def _rejoin(
+        self, net: NetFiles, nics: list[NetNic], qmp: QmpCall, restart: bool
+    ) -> list[LinkState]:
         assert self.state is not None
-        log_line(f"qvm supervisor: network {net.name}: the switch is gone; rejoining")
+        log_line(f"qvm supervisor: network {net.name}: its switch changed; rejoining")
         try:
-            await asyncio.to_thread(self._restart_switch, net)
-        except QvmError as error:
+            switch = await asyncio.to_thread(self._restart_switch, net, restart)
+        except Exception as error:  # noqa: BLE001 - whatever it is, the links say it
             return [self._link(n, "down", str(error)) for n in nics]
         links = []
         for nic in nics:
@@ -166,15 +174,18 @@ class NetworkMember:
                 links.append(self._link(nic, "down", f"rejoining: {error}"))
                 continue
             links.append(self._link(nic, "rejoined"))
+        if all(link.state == "rejoined" for link in links):
+            self.joined[net.name] = (switch.pid, switch.start_time)
         return links
 
-    def _restart_switch(self, net: NetFiles) -> None:
+    def _restart_switch(self, net: NetFiles, restart: bool) -> SwitchRecord:
+        """The switch that runs now, started again if it is dead (and not already)."""
         with network_lock(net):
             record = read_switch(net)
             dead = record is not None and switch_problem(net, record) is not None
             if record is not None and dead and (record.died_at or 0) < record.started_at:
                 write_switch(net, record._replace(died_at=time.time()))
-            ensure_switch(net, restart=True)
+            return ensure_switch(net, restart=restart or dead)[0]
 
     def _link(self, nic: NetNic, state: str, error: str | None = None) -> LinkState:
         assert self.state is not None

@@ -84,6 +84,7 @@ if TYPE_CHECKING:
     from qvm.supervisor.network import NetworkMember
 
 QMP_CONNECT_TIMEOUT = 60.0
+NETWORK_LOOK = 1.0  # seconds between looks for networks.json on a VM without one
 
 POWER_BUTTON_REPEAT = 5.0  # seconds between presses during `qvm down`
 # after the power button: the guest agent's guest-shutdown, and this long for the guest
@@ -129,12 +130,10 @@ class Supervisor:
         self.consecutive_restarts = 0
         self.restart_next = False
         self._shares: ShareKeeper | None = None
-        self.network: NetworkMember | None = None  # with NICs on private networks
+        # with NICs on private networks (from the start, or since a `nic add --network`)
+        self.network: NetworkMember | None = None
         self.network_task: asyncio.Task[None] | None = None
-        if os.path.exists(os.path.join(run.path, NETWORKS_FILE)):
-            from qvm.supervisor.network import NetworkMember  # noqa: PLC0415 -- members only
-
-            self.network = NetworkMember(run, launch.name)
+        self._become_member()
 
     # --- files -------------------------------------------------------------------------
 
@@ -390,16 +389,32 @@ class Supervisor:
         self.save_state(state=self._live_state())
         self.notify_ready()
         self._open_view(client)
-        if self.network is not None and self.qemu is not None:
+        if self.qemu is not None:
             current = QemuRun(self.qemu.pid, self.state.qemu_start_time)
-            follow = self.network.follow(self._qmp_call, current, agent_configured(self.launch))
-            self.network_task = asyncio.create_task(follow)
+            self.network_task = asyncio.create_task(self._follow_networks(current))
         try:
             async for event in client.events:
                 await self._on_event(dict(event))
         except Exception:  # noqa: BLE001 - the connection ends when QEMU does
             pass
         return True
+
+    def _become_member(self) -> bool:
+        """Whether the VM has NICs on networks (``networks.json``); the network module is
+        imported only then."""
+        if self.network is None and os.path.exists(os.path.join(self.run.path, NETWORKS_FILE)):
+            from qvm.supervisor.network import NetworkMember  # noqa: PLC0415 -- see above
+
+            self.network = NetworkMember(self.run, self.launch.name)
+        return self.network is not None
+
+    async def _follow_networks(self, current: QemuRun) -> None:
+        """Keep the VM's NICs on their networks while this QEMU runs; a VM with none
+        looks once a second for one a `nic add --network` brings."""
+        while not self._become_member():
+            await asyncio.sleep(NETWORK_LOOK)
+        assert self.network is not None
+        await self.network.follow(self._qmp_call, current, agent_configured(self.launch))
 
     async def _read_back_ports(self) -> None:
         """A restarted QEMU bound new host ports for the forwards with port 0: record

@@ -55,6 +55,13 @@ def add(
         None, "--mac", help="MAC address (default: stable, from the VM's name and NIC index)."
     ),
     dev_id: str | None = Option(None, "--id", help="Device id (default: netN)."),
+    network: str | None = Option(
+        None,
+        "--network",
+        metavar="NETWORK",
+        help="Put the NIC on this private network (started if need be) instead of "
+        "user-mode networking; the guest gets its address and every member's name.",
+    ),
     force: bool = declare.FORCE,
     persist: bool = persist_option(
         "add a [[nic]] for it (its MAC and forwards as given) to the machine's TOML"
@@ -70,9 +77,23 @@ def add(
     from qvm.control.nic import add_nic
 
     run = resolve.run_dir_of(name)
-    result = run_waiting(
-        f"{name}: adding the NIC", add_nic, run, list(forward or []), model, mac, dev_id, force
-    )
+    address = None
+    if network is not None:
+        from qvm.errors import UsageError
+        from qvm.ops.net import add_network_nic
+
+        if forward:
+            raise UsageError(
+                f"{name}: nic add: --forward needs user-mode networking, not --network"
+            )
+        joined = run_waiting(
+            f"{name}: adding the NIC", add_network_nic, run, network, model, mac, dev_id, force
+        )
+        result, address = joined.added, f"{joined.member.address}/{joined.member.prefix}"
+    else:
+        result = run_waiting(
+            f"{name}: adding the NIC", add_nic, run, list(forward or []), model, mac, dev_id, force
+        )
     persisted = None
     if persist:
         from qvm.control.nic import nic_entry
@@ -80,13 +101,19 @@ def add(
 
         path = device_options.machine_file(run)
         entry = nic_entry(result.nic, result.forwards_asked, with_id=True)  # net1 stays net1
+        if network is not None:
+            entry["network"] = network
         persisted = device_options.persisted_json(run, persist_entry(path, "nic", entry))
     if as_json:
-        emit_json({**result.as_json(), "persisted": persisted})
+        joined_json = {"network": network, "address": address} if network else None
+        emit_json({**result.as_json(), "persisted": persisted, "network": joined_json})
         return
     nic = result.nic
     where = f" on {nic.bus}" if nic.bus else ""
     say(f"{name}: added {nic.id} ({nic.model}, mac {nic.mac}){where}")
+    if network is not None:
+        say(f"{name}: {nic.id} is on network {network}, address {address} (the guest is set up")
+        say("  through its agent: qvm status shows when)")
     for text in nic.forwards_text():
         proto, addr, port, guest = text.split(":")
         say(f"{name}: {proto} {addr}:{port} -> guest port {guest}")

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from qvm.definition.schema import Machine
     from qvm.layout.rundir import RunDir
+    from qvm.ops.net import NicNetwork
     from qvm.ops.snapshot import RestoreResult
     from qvm.ops.status import VmStatus
     from qvm.ops.stop import StopResult
@@ -382,6 +383,7 @@ def _status_json(facts: VmStatus, with_agent: bool = False) -> dict[str, Any]:
         "machine_file": facts.machine_file,
         "definition_changed": facts.definition_changed,
         "forwards": [forward.to_json() for forward in facts.forwards],
+        "networks": [nic.as_json() for nic in facts.networks],
         "error": facts.error,
         "problems": list(facts.problems),
         "record_kept_in": facts.record_kept_in,
@@ -406,6 +408,17 @@ def _status_json(facts: VmStatus, with_agent: bool = False) -> dict[str, Any]:
             else None
         )
     return data
+
+
+def _network_text(nic: NicNetwork) -> str:
+    text = f"{nic.network} {nic.address} ({nic.nic}, mac {nic.mac})"
+    if nic.switch != "running":
+        text += f", its switch is {nic.switch.upper()}"
+    if nic.link == "down":
+        return f"{text}, link DOWN: {nic.link_error}"
+    if nic.link == "rejoined":
+        text += ", rejoined the restarted switch"
+    return text + ("" if nic.guest_configured else ", guest not set up yet")
 
 
 def _status_text(facts: VmStatus) -> str:
@@ -453,6 +466,8 @@ def _status_text(facts: VmStatus) -> str:
             f"{forward.proto}:{forward.host_addr}:{forward.host_port}"
             f" -> guest port {forward.guest_port} ({forward.nic})",
         )
+    for nic in facts.networks:
+        row("network", _network_text(nic))
     if facts.last_exit is not None and facts.state not in ("stopped", "crashed"):
         row("last exit", facts.last_exit.reason)
     changed = " (changed since it started)" if facts.definition_changed else ""

@@ -28,7 +28,7 @@ TOP_LEVEL = {
     **dict.fromkeys(("exec", "cp"), "guest"),
 }
 # Command groups (`qvm cpu add`): each is the module of the same name.
-GROUPS = ("cpu", "mem", "disk", "nic", "share", "port", "snapshot")
+GROUPS = ("cpu", "mem", "disk", "nic", "share", "port", "snapshot", "net")
 
 
 class Param(Record):

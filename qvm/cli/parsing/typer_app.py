@@ -118,7 +118,7 @@ app = typer.Typer(
 )
 
 # the order `qvm --help` lists them in: the VM's life first, then hotplug, then the rest
-HELP_ORDER = ("vm", "cpu", "mem", "disk", "nic", "qmp", "dev", "port")
+HELP_ORDER = ("vm", "cpu", "mem", "disk", "nic", "net", "qmp", "dev", "port")
 
 
 def typer_command(

@@ -204,3 +204,21 @@ def test_spare_root_ports_on_q35_after_the_boot_devices_and_none_on_pc() -> None
         other = schema.Machine(name="vm1", path=Path("/m/vm1.toml"), type=machine_type)
         argv = build_argv(other, LaunchInputs(accel="tcg", run_dir=RUN))
         assert not any("pcie-root-port" in a for a in argv)
+
+
+def test_a_network_nic_sits_on_a_hub_with_its_uplink_to_the_switch() -> None:
+    machine = schema.Machine(
+        name="vm1",
+        path=Path("/m/vm1.toml"),
+        nics=(schema.NicSpec(), schema.NicSpec(network="lab", id="lan")),
+    )
+    argv = build_argv(machine, LaunchInputs(accel="tcg", run_dir=RUN))
+    start = argv.index("hubport,id=lan,hubid=1") - 1
+    assert argv[start : start + 8] == [
+        "-netdev", "hubport,id=lan,hubid=1",
+        "-device", f"virtio-net-pci,netdev=lan,mac={stable_mac('vm1', 1)},id=lan",
+        # the switch's socket folder, under the state root beside the run dirs
+        "-netdev", "vde,id=qvm.lan.vde,sock=/run/q/_networks/lab/switch",
+        "-netdev", "hubport,id=qvm.lan.up,hubid=1,netdev=qvm.lan.vde",
+    ]  # fmt: skip
+    assert "user,id=net0" in argv  # the other NIC stays user-mode
