@@ -34,6 +34,7 @@ VALUES = {
     "tag": "booted",
     "host": "/tmp",
     "guest": "/mnt/data",
+    "network": "lab",
 }
 
 
