@@ -14,14 +14,14 @@ from typing import Any
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
-from qvm.store.fields import Fields, read_record
+from qvm.store.fields import Fields, PlainRecord, read_record
 from qvm.store.state import QemuRun
 
 _HINT = "qvm restart rewrites it"
 LINK_STATES = ("joined", "rejoined", "down")
 
 
-class NetNic(Record):
+class NetNic(PlainRecord):
     """One NIC on a network: the facts the supervisor needs to rejoin and set it up."""
 
     nic: str
@@ -30,20 +30,6 @@ class NetNic(Record):
     address: str
     prefix: int
     hub: int  # the QEMU hub its uplink sits on (qvm.cmdline.argv.uplink_args)
-
-    @classmethod
-    def read(cls, f: Fields) -> NetNic:
-        return cls(
-            nic=f.str("nic"),
-            network=f.str("network"),
-            mac=f.str("mac"),
-            address=f.str("address"),
-            prefix=f.int("prefix"),
-            hub=f.int("hub"),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self._asdict())
 
 
 def read_netnics(path: str | os.PathLike[str]) -> tuple[NetNic, ...]:
@@ -55,7 +41,7 @@ def write_netnics(path: str | os.PathLike[str], nics: tuple[NetNic, ...]) -> Non
     write_json_atomic(path, {"nics": [n.to_json() for n in nics]})
 
 
-class LinkState(Record):
+class LinkState(PlainRecord):
     nic: str
     network: str
     state: str  # one of LINK_STATES
@@ -64,16 +50,7 @@ class LinkState(Record):
 
     @classmethod
     def read(cls, f: Fields) -> LinkState:
-        return cls(
-            nic=f.str("nic"),
-            network=f.str("network"),
-            state=f.one_of("state", LINK_STATES),
-            rejoins=f.int("rejoins", 0),
-            error=f.str("error", None),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self._asdict())
+        return f.declared(cls, state=f.one_of("state", LINK_STATES))
 
 
 class NetworkState(Record):

@@ -21,14 +21,14 @@ from qvm.errors import HostError, QvmError
 from qvm.layout.locks import is_dir_locked
 from qvm.layout.netfiles import NetFiles
 from qvm.layout.runfiles import STATE_FILE
-from qvm.store.fields import Fields, read_record
+from qvm.store.fields import Fields, PlainRecord, read_record
 from qvm.store.state import read_state
 
 LOCK_TIMEOUT = 30.0  # a join holds the lock while its VM's QEMU starts
 _HINT = "qvm net rm NAME rewrites it (no member may run)"
 
 
-class Member(Record):
+class Member(PlainRecord):
     """One NIC on the network: whose, and its address (kept across starts)."""
 
     vm: str
@@ -39,18 +39,6 @@ class Member(Record):
     # the address it had before another VM's pinned address took it
     displaced_from: str | None = None
     displaced_by: str | None = None
-
-    @classmethod
-    def read(cls, f: Fields) -> Member:
-        return cls(
-            vm=f.str("vm"),
-            nic=f.str("nic"),
-            mac=f.str("mac"),
-            address=f.str("address"),
-            pinned=f.bool("pinned", False),
-            displaced_from=f.str("displaced_from", None),
-            displaced_by=f.str("displaced_by", None),
-        )
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self._asdict().items() if v is not None}
@@ -64,12 +52,7 @@ class NetworkRecord(Record):
 
     @classmethod
     def read(cls, f: Fields) -> NetworkRecord:
-        record = cls(
-            name=f.str("name"),
-            subnet=f.str("subnet"),
-            subnet_from=f.str("subnet_from"),
-            members=f.records("members", Member.read, ()),
-        )
+        record = f.declared(cls, members=f.records("members", Member.read, ()))
         try:
             parse_subnet(record.subnet)
         except ValueError as error:
@@ -174,7 +157,7 @@ def release(record: NetworkRecord, vm: str) -> NetworkRecord:
 # --- files ---------------------------------------------------------------------------------
 
 
-class SwitchRecord(Record):
+class SwitchRecord(PlainRecord):
     """The ``vde_switch`` qvm started for the network: its identity, and its history."""
 
     pid: int
@@ -185,16 +168,7 @@ class SwitchRecord(Record):
 
     @classmethod
     def read(cls, f: Fields) -> SwitchRecord:
-        return cls(
-            pid=f.pid("pid"),
-            start_time=f.int("start_time", None),
-            started_at=f.float("started_at"),
-            restarts=f.int("restarts", 0),
-            died_at=f.float("died_at", None),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self._asdict())
+        return f.declared(cls, pid=f.pid("pid"))
 
 
 def member_running(state_root: str | os.PathLike[str], vm: str) -> bool:

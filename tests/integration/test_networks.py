@@ -14,13 +14,12 @@ can), and a NIC added to ``lab`` at run time.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from framework.harness import GUEST_DIR, Qvm, short_tmpdir
+from framework.harness import GUEST_DIR, Qvm, owned_qvm
 from framework.jsonschema_lite import validate
 from framework.wait import wait_until
 
@@ -47,8 +46,7 @@ def node(qvm: Qvm, name: str, network: str, extra: str = "") -> None:
 def cluster() -> Iterator[Qvm]:
     if not (GUEST_DIR / "vmlinuz").exists():
         pytest.fail(f"no test guest in {GUEST_DIR} (run scripts/build-test-guest)")
-    qvm = Qvm(short_tmpdir())
-    try:
+    with owned_qvm() as qvm:
         node(qvm, "node1", "lab")
         node(qvm, "node2", "lab")
         node(qvm, "node3", "other", f'address = "{OTHER_ADDRESS}"')
@@ -60,10 +58,6 @@ def cluster() -> Iterator[Qvm]:
         for name in ("node1", "node2", "node3"):
             wait_until(lambda n=name: guest_ready(qvm, n), 60, f"{name}'s network set up")
         yield qvm
-    finally:
-        survivors = qvm.cleanup()
-        shutil.rmtree(qvm.root, ignore_errors=True)
-    assert not survivors, f"processes survived the module's cleanup: {survivors}"
 
 
 def guest_ready(qvm: Qvm, name: str) -> bool:
