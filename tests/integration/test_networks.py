@@ -208,7 +208,11 @@ def test_a_nic_added_live_joins_lab(cluster: Qvm) -> None:
 
 def test_the_last_member_to_stop_stops_the_switch(cluster: Qvm) -> None:
     cluster("down", "node3", "--force")
-    assert networks(cluster)["other"]["switch"]["state"] == "stopped"
+    wait_until(
+        lambda: networks(cluster)["other"]["switch"]["state"] == "stopped",
+        10,
+        "other's switch to stop with its last member",
+    )
     assert networks(cluster)["lab"]["switch"]["state"] == "running"  # node1, node2 run on
     assert cluster("net", "rm", "lab", check=False).returncode == 1
     cluster("kill", "node1")
