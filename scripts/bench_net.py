@@ -41,13 +41,13 @@ def machine_toml() -> str:
 [memory]
 size = "256M"
 
+[[nic]]
+network = "bench"
+
 [boot]
 kernel = "{GUEST}/vmlinuz"
 initrd = "{GUEST}/initrd.img"
 append = "console=ttyS0 quiet"
-
-[[nic]]
-network = "bench"
 """
 
 
