@@ -91,13 +91,16 @@ class Agent:
 def transfer(sender: Agent, receiver: Agent, address: str) -> float:
     """MiB/s of one transfer, by the sender's dd."""
     count = MIB * 16  # blocks of 64 KiB
-    listening = receiver.start(f"nc -l -p {PORT} | head -c {MIB * 1024**2} >/dev/null")
-    time.sleep(0.5)
-    said = sender.run(f"dd if=/dev/zero bs=65536 count={count} | nc {address} {PORT}")
-    receiver.wait(listening)
+    listening = receiver.start(f"nc -l -p {PORT} | head -c {MIB * 1024**2} >/dev/null 2>&1")
+    time.sleep(1.5)  # the listener is up (a refused connect would end dd before its report)
+    said = sender.run(
+        f"dd if=/dev/zero bs=65536 count={count} 2>/tmp/dd.err | nc {address} {PORT};"
+        " echo nc=$?; cat /tmp/dd.err"
+    )
+    heard = receiver.wait(listening)
     match = SECONDS.search(said)
     if match is None:
-        raise SystemExit(f"no dd timing in the sender's output: {said!r}")
+        raise SystemExit(f"no dd timing: the sender said {said!r}, the receiver {heard!r}")
     return MIB / float(match.group(1))
 
 
