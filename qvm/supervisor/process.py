@@ -79,9 +79,9 @@ from qvm.supervisor.wire import (
 if TYPE_CHECKING:
     from qvm.layout.rundir import RunDir
     from qvm.supervisor.agent_proxy import AgentProxy
+    from qvm.supervisor.network import NetworkMember
     from qvm.supervisor.shares import ShareKeeper
     from qvm.supervisor.view import ViewKeeper
-    from qvm.supervisor.network import NetworkMember
 
 QMP_CONNECT_TIMEOUT = 60.0
 NETWORK_LOOK = 1.0  # seconds between looks for networks.json on a VM without one
@@ -414,7 +414,7 @@ class Supervisor:
         while not self._become_member():
             await asyncio.sleep(NETWORK_LOOK)
         assert self.network is not None
-        await self.network.follow(self._qmp_call, current, agent_configured(self.launch))
+        await self.network.follow(self._qmp_call, current, self.launch.has_agent)
 
     async def _read_back_ports(self) -> None:
         """A restarted QEMU bound new host ports for the forwards with port 0: record
