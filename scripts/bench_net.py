@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_share import qvm  # the same run of the CLI, failing with its message
+
 from qvm.supervisor.agent_wire import AgentClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,13 +51,6 @@ kernel = "{GUEST}/vmlinuz"
 initrd = "{GUEST}/initrd.img"
 append = "console=ttyS0 quiet"
 """
-
-
-def qvm(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([QVM, *args], env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"qvm {' '.join(args)} failed ({done.returncode}): {done.stderr}")
-    return done.stdout
 
 
 class Agent:
