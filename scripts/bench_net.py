@@ -6,7 +6,7 @@ qvm's side: two test guests on network `bench` (`qvm up`), set up by qvm. The ra
 the argv qvm ran for each (launch.json) with the NIC's netdev replaced by a plain
 `-netdev vde` on a `vde_switch` started by hand, the addresses set through the agent's
 socket. Each run pipes $QVM_BENCH_NET_MIB MiB (default 64) of zeros from one guest to
-the other with busybox `nc`; the figure is the sender's own `dd` timing, in the guest.
+the other with busybox `nc`, timed in the sending guest (busybox `time`).
 Runs alternate (raw, qvm); $QVM_BENCH_NET_RUNS (default 3). Medians.
 """
 
@@ -35,7 +35,7 @@ GUEST = Path(os.environ.get("QVM_TEST_GUEST", REPO / "build" / "test-guest"))
 RUNS = int(os.environ.get("QVM_BENCH_NET_RUNS", "3"))
 MIB = int(os.environ.get("QVM_BENCH_NET_MIB", "64"))
 PORT = 5001
-SECONDS = re.compile(r"copied, ([0-9.]+) seconds")
+REAL = re.compile(r"real\s+(\d+)m\s*([0-9.]+)s")
 
 
 def machine_toml() -> str:
@@ -84,19 +84,21 @@ class Agent:
 
 
 def transfer(sender: Agent, receiver: Agent, address: str) -> float:
-    """MiB/s of one transfer, by the sender's dd."""
+    """MiB/s of one transfer, timed in the sending guest (busybox time). The receiver's
+    nc hands the connection to a sink script (-e): with a pipe instead, nc would quit
+    at once, its stdin (the agent's /dev/null) at its end."""
     count = MIB * 16  # blocks of 64 KiB
-    listening = receiver.start(f"nc -l -p {PORT} | head -c {MIB * 1024**2} >/dev/null 2>&1")
-    time.sleep(1.5)  # the listener is up (a refused connect would end dd before its report)
+    receiver.run(f"printf '#!/bin/sh\\nhead -c {MIB * 1024**2} >/dev/null\\n' >/tmp/sink")
+    listening = receiver.start(f"chmod +x /tmp/sink && nc -l -p {PORT} -e /tmp/sink")
+    time.sleep(1.5)  # the listener is up (a refused connect would end it at once)
     said = sender.run(
-        f"dd if=/dev/zero bs=65536 count={count} 2>/tmp/dd.err | nc {address} {PORT};"
-        " echo nc=$?; cat /tmp/dd.err"
+        f"time sh -c 'dd if=/dev/zero bs=65536 count={count} 2>/dev/null | nc {address} {PORT}'"
     )
     heard = receiver.wait(listening)
-    match = SECONDS.search(said)
+    match = REAL.search(said)
     if match is None:
-        raise SystemExit(f"no dd timing: the sender said {said!r}, the receiver {heard!r}")
-    return MIB / float(match.group(1))
+        raise SystemExit(f"no timing: the sender said {said!r}, the receiver {heard!r}")
+    return MIB / (int(match.group(1)) * 60 + float(match.group(2)))
 
 
 def raw_argv(argv: list[str], run: str, raw: str, switch: str) -> list[str]:
