@@ -31,9 +31,9 @@ from qvm.supervisor.client import (
 
 if TYPE_CHECKING:
     from qvm.definition.schema import Machine
+    from qvm.ops.net import NicNetwork
     from qvm.store.guest import GuestFacts
     from qvm.store.view import ViewRecord
-    from qvm.ops.net import NicNetwork
 
 # the states with a QEMU to show: its pid, uptime, sockets
 ACTIVE_STATES = ("running", "paused")
