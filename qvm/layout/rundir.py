@@ -13,6 +13,7 @@ import os
 import re
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qvm.base.record import Record
 from qvm.errors import HostError, UnsafeStateError
@@ -29,6 +30,7 @@ from qvm.layout.runfiles import (
     DEVICES_FILE,
     EVENTS_SOCKET,
     FORWARDS_FILE,
+    FREEZE_LOCK,
     KNOWN_HOSTS,
     LAUNCH_FILE,
     META_DATA,
@@ -52,6 +54,9 @@ from qvm.layout.runfiles import (
     USER_DATA,
     VIEW_FILE,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 # sun_path is 108 bytes including the terminating NUL
 MAX_SOCKET_PATH = 107
@@ -98,6 +103,7 @@ QVM_FILE_NAMES = frozenset(
         # state as a migration stream, and the same while it is being written
         "memory.bin",
         "memory.bin.part",
+        FREEZE_LOCK,
     }
 )
 # disk overlays; temporary files of atomic writes (".NAME.PID.tmp")
@@ -261,6 +267,11 @@ class RunDir(Record):
     def known_hosts(self) -> Path:
         return self.path / KNOWN_HOSTS
 
+    @property
+    def freeze_lock(self) -> Path:
+        """A frozen copy's: held while its memory image is written (``qvm.ops.clone``)."""
+        return self.path / FREEZE_LOCK
+
     # port forwards added or removed at run time, for the QEMU run (pid, start time) named
     @property
     def forwards_file(self) -> Path:
@@ -306,11 +317,35 @@ class RunDir(Record):
 
 
 def default_state_dir() -> Path:
-    """``$QVM_STATE_DIR``, else ``$XDG_STATE_HOME/qvm`` (run dirs are state, not cache)."""
+    """``$QVM_STATE_DIR``, else in a Slurm job a folder of that job's (``job_state_dir``),
+    else ``$XDG_STATE_HOME/qvm`` (run dirs are state, not cache)."""
     if os.environ.get("QVM_STATE_DIR"):
         return Path(os.environ["QVM_STATE_DIR"])
+    job = job_state_dir(os.environ)
+    return job if job is not None else user_state_dir()
+
+
+def user_state_dir() -> Path:
+    """``$XDG_STATE_HOME/qvm``: the user's own state root, outside any job."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local/state")
     return Path(base) / "qvm"
+
+
+def job_state_dir(environ: Mapping[str, str]) -> Path | None:
+    """In a Slurm job (``SLURM_JOB_ID``), ``/tmp/qvm-UID/job.ID`` (``job.ID.TASK`` for an
+    array task): two jobs or tasks never share a VM, while the steps of one job do. On
+    the node's own disk, as a job's scratch files go, and short whatever the home
+    folder: below it, a VM name of 40 characters (and every `qvm run` throwaway's) has
+    room before its sockets reach sun_path's 107 bytes. None outside a job, or with an
+    id that is not a number."""
+    job = environ.get("SLURM_JOB_ID", "")
+    if not (job.isdigit() and job.isascii()):
+        return None
+    root = Path(f"/tmp/qvm-{os.getuid()}")
+    task = environ.get("SLURM_ARRAY_TASK_ID", "")
+    if task.isdigit() and task.isascii():
+        return root / f"job.{job}.{task}"
+    return root / f"job.{job}"
 
 
 def run_dir_for(state_root: Path, name: str) -> RunDir:
