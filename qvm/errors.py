@@ -45,6 +45,9 @@ way:
     EXIT_CANNOT_RUN      126  the program was found but could not be run
     EXIT_NOT_FOUND       127  no such program in the guest
 
+`qvm run` exits the same way, and with EXIT_TERMINATED (143) or EXIT_INTERRUPTED (130)
+when SIGTERM or SIGINT cancelled it (its VM destroyed all the same).
+
 `qvm ssh` and `qvm qmp --shell` become ssh and qmp-shell: theirs is the status.
 """
 
@@ -60,6 +63,7 @@ EXIT_EXEC_TIMEOUT = 124
 EXIT_EXEC_FAILED = 125
 EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
+EXIT_TERMINATED = 143  # `qvm run`: SIGTERM cancelled it (128 + SIGTERM, as shells report it)
 
 
 class QvmError(Exception):

@@ -8,9 +8,10 @@ look at. Deleting ``supervisor.lock`` therefore cannot make a live supervisor lo
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from qvm.base.checking import TYPE_CHECKING
 
@@ -29,6 +30,17 @@ def try_lock_dir(path: str | os.PathLike[str]) -> int | None:
     can be deleted to release it. Raises OSError if the folder cannot be opened."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
     return _flock_or_close(fd)
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive flock on file ``path``, waiting for whoever holds it first."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _flock_or_close(fd: int) -> int | None:

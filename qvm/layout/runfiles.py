@@ -50,6 +50,9 @@ NEW_RECORD = "new.json"
 NETWORKS_FILE = "networks.json"  # the NICs on private networks, with their addresses
 NETWORK_STATE_FILE = "network-state.json"  # the supervisor's: links and the guest's setup
 SHARES_FILE = "shares.json"  # the shares of this QEMU run and their virtiofsd processes
+# a frozen copy's (qvm.ops.clone): held while one qvm freezes it, so that clones made at
+# once (`qvm run --from` in parallel) freeze it once
+FREEZE_LOCK = "freeze.lock"
 
 
 def share_socket_name(share_id: str) -> str:

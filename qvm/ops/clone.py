@@ -43,6 +43,7 @@ from qvm.definition.schema import Machine
 from qvm.errors import ControlError, QvmError, VmStateError
 from qvm.host.accel import choose_accel, probe_kvm
 from qvm.host.qemu_img_snapshots import image_snapshots, qemu_img_snapshot
+from qvm.layout.locks import waiting_lock
 from qvm.layout.rundir import RunDir
 from qvm.ops.frozen import frozen_dir
 from qvm.ops.incoming import MIGRATE_TIMEOUT, nic_macs
@@ -120,8 +121,10 @@ def clone(
         )
     froze = None
     memory = frozen.path / MEMORY_IMAGE
-    if not memory.exists():
-        froze = _freeze(template_run, template, record, frozen, argv)
+    frozen.create()
+    with waiting_lock(frozen.freeze_lock):  # another clone may be freezing it right now
+        if not memory.exists():
+            froze = _freeze(template_run, template, record, frozen, argv)
     doc = clone_document(template, frozen, clone_name, tag)
     _share_login_key(template_run, template, frozen, doc)
     machine = write_new(doc, clone_path, clone_run)

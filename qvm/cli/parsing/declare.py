@@ -26,6 +26,7 @@ TOP_LEVEL = {
     "qmp": "qmp",
     "agent": "agent",
     **dict.fromkeys(("exec", "cp"), "guest"),
+    "run": "run",
 }
 # Command groups (`qvm cpu add`): each is the module of the same name.
 GROUPS = ("cpu", "mem", "disk", "nic", "share", "port", "snapshot", "net")

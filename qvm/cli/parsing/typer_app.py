@@ -31,6 +31,7 @@ from qvm.errors import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_PENDING,
+    EXIT_TERMINATED,
     EXIT_TIMEOUT,
     EXIT_USAGE,
 )
@@ -92,17 +93,18 @@ EXIT_STATUS = (
     (EXIT_USAGE, "a usage error: the command line, a machine file, a VM name"),
     (EXIT_PENDING, "an unplug stands: the guest has not completed it (yet)"),
     (EXIT_TIMEOUT, "qvm wait: not ready in time"),
-    (EXIT_EXEC_TIMEOUT, "qvm exec: the program outlived --timeout (it runs on)"),
-    (EXIT_EXEC_FAILED, "qvm exec: qvm failed (no such VM, not running, no agent)"),
-    (EXIT_CANNOT_RUN, "qvm exec: the program could not be run"),
-    (EXIT_NOT_FOUND, "qvm exec: no such program in the guest"),
+    (EXIT_EXEC_TIMEOUT, "qvm exec/run: the program outlived --timeout"),
+    (EXIT_EXEC_FAILED, "qvm exec/run: qvm failed (no such VM, not running, no agent)"),
+    (EXIT_CANNOT_RUN, "qvm exec/run: the program could not be run"),
+    (EXIT_NOT_FOUND, "qvm exec/run: no such program in the guest"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+    (EXIT_TERMINATED, "qvm run: cancelled by SIGTERM (its VM destroyed)"),
 )
 # "\b": Click prints the paragraph as it is, not rewrapped
 EXIT_STATUS_HELP = "\b\nExit status:\n{}\n{}".format(
     "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_STATUS),
     "A command about several VMs exits with the highest of their statuses; qvm exec\n"
-    "otherwise with the program's (128 + N for signal N), qvm ssh with ssh's.",
+    "and qvm run otherwise with the program's (128 + N for signal N), qvm ssh with ssh's.",
 )
 
 app = typer.Typer(
