@@ -45,7 +45,11 @@ way:
     EXIT_CANNOT_RUN      126  the program was found but could not be run
     EXIT_NOT_FOUND       127  no such program in the guest
 
-`qvm run` exits the same way, and with EXIT_TERMINATED (143) or EXIT_INTERRUPTED (130)
+`qvm up --foreground` exits with how its VM ended: 0 for a guest power-off or a stop asked
+for, EXIT_VM_CRASHED (10), EXIT_VM_PANICKED (11), EXIT_VM_KILLED (12), 1 when QEMU failed
+to start.
+
+`qvm run` exits the same way as `qvm exec`, and with EXIT_TERMINATED (143) or EXIT_INTERRUPTED (130)
 when SIGTERM or SIGINT cancelled it (its VM destroyed all the same).
 
 `qvm ssh` and `qvm qmp --shell` become ssh and qmp-shell: theirs is the status.
@@ -63,6 +67,9 @@ EXIT_EXEC_TIMEOUT = 124
 EXIT_EXEC_FAILED = 125
 EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
+EXIT_VM_CRASHED = 10  # `qvm up --foreground`: QEMU crashed (a signal, an error, KVM's)
+EXIT_VM_PANICKED = 11  # `qvm up --foreground`: the guest kernel panicked
+EXIT_VM_KILLED = 12  # `qvm up --foreground`: SIGKILL ended QEMU (qvm kill, or a stop's last step)
 EXIT_TERMINATED = 143  # `qvm run`: SIGTERM cancelled it (128 + SIGTERM, as shells report it)
 
 

@@ -20,7 +20,7 @@ from qvm.definition.host_checks import check_host
 from qvm.definition.naming import nic_id, overlay_name, share_id
 from qvm.definition.schema import Machine
 from qvm.definition.topology import topology_of
-from qvm.errors import DefinitionError, HostError, Problem
+from qvm.errors import DefinitionError, HostError, Problem, VmStateError
 from qvm.host.accel import AccelChoice, choose_accel, probe_kvm
 from qvm.host.holders import image_conflicts
 from qvm.host.ports import port_holder, port_in_use
@@ -31,9 +31,11 @@ from qvm.ops.corrupt_state import set_aside_corrupt_state
 from qvm.store.launch import Forward, Image, LaunchRecord, SshFacts, Topology
 from qvm.store.shares import ShareRecord
 from qvm.supervisor.boot import UpResult as UpResult  # start_vm's, which the CLI reads
-from qvm.supervisor.boot import start_supervisor
+from qvm.supervisor.boot import run_foreground, start_supervisor
 
 if TYPE_CHECKING:
+    from typing import NoReturn
+
     from qvm.host.cloudinit import SeedPlan
 
 # the state disk holds no guest data: the RAM state of a snapshot lies beyond its end
@@ -277,6 +279,24 @@ def start_vm(plan: LaunchPlan, wait: bool, progress: FetchProgress | None = None
         adopt_own_macs(plan.run_dir, plan.machine)
         set_clock(plan.run_dir)
     return result
+
+
+def run_in_foreground(
+    plan: LaunchPlan, stop_budget: float, progress: FetchProgress | None = None
+) -> NoReturn:
+    """`qvm up --foreground`: prepare as ``start_vm`` does, then supervise the VM in this
+    process until it ends (``qvm.supervisor.boot.run_foreground``); never returns. A
+    clone's first start is refused: resuming its memory image takes commands after QEMU
+    answers, from a process other than its supervisor."""
+    if plan.inputs.incoming is not None:
+        name = plan.machine.name
+        raise VmStateError(
+            f"{name}: a clone's first start resumes its template's memory, which "
+            f"--foreground cannot (hint: qvm up {name}, qvm down {name}, then again)"
+        )
+    set_aside_corrupt_state(plan.run_dir)
+    prepare_run_dir(plan, progress)
+    run_foreground(plan.run_dir, plan.launch_record(), stop_budget)
 
 
 def prepare_run_dir(plan: LaunchPlan, progress: FetchProgress | None = None) -> None:

@@ -12,6 +12,7 @@ import types
 from qvm.errors import RecordError
 from qvm.layout.runfiles import LAUNCH_FILE
 from qvm.store.launch import read_launch
+from qvm.supervisor.foreground import FOREGROUND_ENV
 from qvm.supervisor.spawn import AdoptedQemu
 
 
@@ -23,6 +24,9 @@ def main(argv: list[str]) -> int:
     if argv[2].startswith("exited="):
         qemu.returncode = int(argv[2].removeprefix("exited="))
     ready_fd = int(os.environ["QVM_READY_FD"]) if "QVM_READY_FD" in os.environ else None
+    # `qvm up --foreground`: this process is the one that ran it (qvm.supervisor.foreground)
+    foreground = os.environ.pop(FOREGROUND_ENV, None)
+    stop_budget = float(foreground) if foreground else None
     # the inherited lock fd stays open for our whole life: it is what says we are alive
     path = os.path.join(run_path, LAUNCH_FILE)
     try:
@@ -37,7 +41,7 @@ def main(argv: list[str]) -> int:
     load_asyncio_without_tls()
     from qvm.supervisor.process import run_supervisor  # noqa: PLC0415 -- after that
 
-    return run_supervisor(run_path, launch, ready_fd, qemu, answered)
+    return run_supervisor(run_path, launch, ready_fd, qemu, answered, stop_budget)
 
 
 def load_asyncio_without_tls() -> None:

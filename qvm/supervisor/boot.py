@@ -59,32 +59,11 @@ def start_supervisor(
 ) -> UpResult:
     """Start a supervisor for a prepared launch, unless one is alive already."""
     name = launch.name
-    run.create()
-    state = clean_stale(run)
-    if state is not None and state.orphaned:
-        raise VmStateError(
-            f"{name}: {state.crash_reason} (hint: qvm kill {name}, then qvm up {name})"
-        )
-    try:
-        locks = take_run_locks(run)
-    except OSError as error:
-        raise HostError(
-            f"{name}: cannot lock run dir {run.path}: {error.strerror or error}"
-        ) from error
+    locks = _take_run(run, name)
     if locks is None:
         return _already_running(run, name, wait, timeout)
     try:
-        try:
-            run.remove_qemu_sockets()
-            run.supervisor_socket.unlink(missing_ok=True)
-            rotate_log(run.serial_log)
-            rotate_log(run.qemu_log)
-            run.pending_file.unlink(missing_ok=True)
-        except OSError as error:
-            raise HostError(
-                f"{name}: cannot prepare run dir {run.path}: {error.strerror or error}"
-            ) from error
-        write_launch(run.launch_file, launch)  # RecordWriteError: one line
+        _prepare_files(run, launch)
         ready_read, ready_write = os.pipe()
         supervisor_pid = os.fork()
         if supervisor_pid == 0:
@@ -115,6 +94,58 @@ def start_supervisor(
         qmp_socket=run.qmp_socket,
         ready=wait,
     )
+
+
+def run_foreground(run: RunDir, launch: LaunchRecord, stop_budget: float) -> NoReturn:
+    """`qvm up --foreground`: become the VM's supervisor in this very process (no fork,
+    no setsid; ``qvm.supervisor.foreground``), and exit, when the VM has ended, with how
+    it ended. A VM that runs already is refused: its supervisor is another process."""
+    name = launch.name
+    locks = _take_run(run, name)
+    if locks is None:
+        raise VmStateError(
+            f"{name}: already running under another supervisor "
+            f"(hint: qvm down {name}, then qvm up --foreground {name})"
+        )
+    try:
+        _prepare_files(run, launch)
+        os.chdir(run.path)
+    except BaseException:
+        release_run_locks(locks)
+        raise
+    # absolute: the supervisor's command line is how clients recognise it
+    start(os.path.abspath(run.path), launch, None, locks, stop_budget)
+
+
+def _take_run(run: RunDir, name: str) -> tuple[int, int] | None:
+    """The run dir's locks, for a new supervisor; None while one is alive."""
+    run.create()
+    state = clean_stale(run)
+    if state is not None and state.orphaned:
+        raise VmStateError(
+            f"{name}: {state.crash_reason} (hint: qvm kill {name}, then qvm up {name})"
+        )
+    try:
+        return take_run_locks(run)
+    except OSError as error:
+        raise HostError(
+            f"{name}: cannot lock run dir {run.path}: {error.strerror or error}"
+        ) from error
+
+
+def _prepare_files(run: RunDir, launch: LaunchRecord) -> None:
+    """A fresh start's run dir: no sockets of the last run, its logs kept as NAME.1."""
+    try:
+        run.remove_qemu_sockets()
+        run.supervisor_socket.unlink(missing_ok=True)
+        rotate_log(run.serial_log)
+        rotate_log(run.qemu_log)
+        run.pending_file.unlink(missing_ok=True)
+    except OSError as error:
+        raise HostError(
+            f"{launch.name}: cannot prepare run dir {run.path}: {error.strerror or error}"
+        ) from error
+    write_launch(run.launch_file, launch)  # RecordWriteError: one line
 
 
 def _become_supervisor(

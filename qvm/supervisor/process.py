@@ -51,6 +51,12 @@ from qvm.supervisor.facts import (
     process_facts,
     qemu_log_tail,
 )
+from qvm.supervisor.foreground import (
+    STOP_SIGNALS,
+    announce_end,
+    release_stop_signals,
+    sd_notify,
+)
 from qvm.supervisor.qmp_replies import memory_summary, runstate
 from qvm.supervisor.spawn import (
     AdoptedQemu,
@@ -90,6 +96,7 @@ POWER_BUTTON_REPEAT = 5.0  # seconds between presses during `qvm down`
 # after the power button: the guest agent's guest-shutdown, and this long for the guest
 # to power off (the exchange itself takes up to 3 s + 3 s, qvm.supervisor.agent_shutdown)
 AGENT_SHUTDOWN_WAIT = 10.0
+AGENT_EXCHANGE = 6.0
 QUIT_WAIT = 5.0
 # after QEMU exited, how long its last events may take to be read (``_take_last_events``)
 LAST_EVENTS_WAIT = 0.5
@@ -106,10 +113,19 @@ SPACE_RESERVE_BYTES = 64 * 1024
 
 
 class Supervisor:
-    def __init__(self, run: RunFiles, launch: LaunchRecord, ready_fd: int | None) -> None:
+    def __init__(
+        self,
+        run: RunFiles,
+        launch: LaunchRecord,
+        ready_fd: int | None,
+        stop_budget: float | None = None,
+    ) -> None:
         self.run = run
         self.launch = launch
         self.ready_fd = ready_fd
+        # `qvm up --foreground`: all the seconds a SIGTERM's stop may take, every step
+        # of it, before the service manager's own SIGKILL comes (qvm.supervisor.foreground)
+        self.stop_budget = stop_budget
         self.state: StateRecord = initial_state(launch)
         self.qemu: subprocess.Popen[bytes] | AdoptedQemu | None = None
         self.run_started = 0.0
@@ -253,8 +269,9 @@ class Supervisor:
 
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, self._on_stop_signal)
+        release_stop_signals()  # held since QEMU was spawned, in the foreground
         self.qmp_connected = asyncio.Event()
         # before any request can come in: `stop` and `kill` wait on it
         self._watch_exit()
@@ -680,7 +697,12 @@ class Supervisor:
     # --- stopping ----------------------------------------------------------------------
 
     def _on_stop_signal(self) -> None:
-        asyncio.get_running_loop().create_task(self.stop(timeout=30.0, force=False))
+        if self.stop_budget is None:
+            asyncio.get_running_loop().create_task(self.stop(timeout=30.0, force=False))
+            return
+        sd_notify("STOPPING=1")
+        stop = self.stop(timeout=self.stop_budget, force=False, budget=self.stop_budget)
+        asyncio.get_running_loop().create_task(stop)
 
     def _signal_qemu(self, signum: int) -> None:
         if self.qemu_alive():
@@ -714,29 +736,38 @@ class Supervisor:
                 await asyncio.wait_for(self.qmp_connected.wait(), timeout)
         return self.qmp
 
-    async def stop(self, timeout: float, force: bool) -> EndReply:
+    async def stop(self, timeout: float, force: bool, budget: float | None = None) -> EndReply:
         """ACPI power button, then the guest agent's guest-shutdown (when the VM has an
-        agent channel), then QMP quit, then SIGKILL; say which one ended QEMU."""
+        agent channel), then QMP quit, then SIGKILL; say which one ended QEMU. With a
+        ``budget``, all of it within that many seconds: the button gets 60 % of it, the
+        agent up to 80 %, quit up to 95 %."""
         self._cancel_restart()
         if not self.qemu_alive():
             self.intent = "stop"
             return EndReply(None, "QEMU was not running")
         self.intent = "stop"
         self.save_state(state="stopping")
+        started = time.monotonic()
+
+        def until(share: float, seconds: float) -> float:
+            if budget is None:
+                return seconds
+            return max(min(seconds, started + share * budget - time.monotonic()), 0.0)
+
         if not force:
             try:
-                if await self._power_down(timeout):
+                if await self._power_down(until(0.6, timeout)):
                     return EndReply("acpi")
             except Exception:  # noqa: BLE001 - escalate to quit
                 pass
-            if await self._agent_power_off():
+            if await self._agent_power_off(until(0.8, AGENT_EXCHANGE + AGENT_SHUTDOWN_WAIT)):
                 return EndReply("agent")
         try:
             await self._qmp_call("quit")
-            if await self._wait_exit(QUIT_WAIT):
+            if await self._wait_exit(until(0.95, QUIT_WAIT)):
                 return EndReply("quit")
         except Exception:  # noqa: BLE001 - a closed connection during quit is success
-            if await self._wait_exit(QUIT_WAIT):
+            if await self._wait_exit(until(0.95, QUIT_WAIT)):
                 return EndReply("quit")
         self._signal_qemu(signal.SIGKILL)
         await self._wait_exit(KILL_WAIT)
@@ -756,24 +787,26 @@ class Supervisor:
             if time.monotonic() >= deadline:
                 return False
 
-    async def _agent_power_off(self) -> bool:
+    async def _agent_power_off(self, wait: float) -> bool:
         """The guest ignored the power button: ask its agent (``guest-shutdown``), if the
-        VM has one. True once QEMU has exited."""
-        if not self.qemu_alive() or not self.launch.has_agent:
+        VM has one, and wait up to ``wait`` seconds, the exchange included. True once
+        QEMU has exited."""
+        if not self.qemu_alive() or not self.launch.has_agent or wait <= 0:
             return False
         # the agent's client stays out of the supervisor's memory (~0.1 MiB) until a stop
         from qvm.supervisor.agent_shutdown import agent_shutdown  # noqa: PLC0415 -- see above
 
         self.agent_shutdown_sent = True
+        started = time.monotonic()
         try:
-            problem = await asyncio.to_thread(agent_shutdown, self.run)
+            problem = await asyncio.wait_for(asyncio.to_thread(agent_shutdown, self.run), wait)
         except Exception as exc:  # noqa: BLE001 - a stop must go on to quit, whatever happened
             problem = f"{type(exc).__name__}: {exc}"
         if problem is not None:
             self.agent_shutdown_sent = False
             log_line(f"qvm supervisor: down: no guest-shutdown: {problem}; QMP quit next")
             return False
-        if await self._wait_exit(AGENT_SHUTDOWN_WAIT):
+        if await self._wait_exit(max(wait - (time.monotonic() - started), 0.0)):
             return True
         self.agent_shutdown_sent = False
         return False
@@ -874,15 +907,20 @@ def run_supervisor(
     ready_fd: int | None,
     qemu: AdoptedQemu,
     qmp_answered: bool,
+    stop_budget: float | None = None,
 ) -> int:
-    """Supervise a QEMU that ``qvm.supervisor.spawn`` has just spawned, to the end."""
-    supervisor = Supervisor(RunFiles(run_path), launch, ready_fd)
+    """Supervise a QEMU that ``qvm.supervisor.spawn`` has just spawned, to the end. In the
+    foreground (a ``stop_budget``), the exit status says how the VM ended."""
+    supervisor = Supervisor(RunFiles(run_path), launch, ready_fd, stop_budget)
     supervisor.adopt_qemu(qemu)
     if qmp_answered:
         supervisor.notify_ready()
     loop = asyncio.new_event_loop()
     try:
-        return loop.run_until_complete(supervisor.main())
+        code = loop.run_until_complete(supervisor.main())
+        if stop_budget is None:
+            return code
+        return announce_end(launch.name, supervisor.state.exit)
     finally:
         # Unlike asyncio.run, give what is left (a client's request, a QMP connection's
         # teardown) a bounded time: with QEMU gone, nothing may keep the supervisor alive.

@@ -19,6 +19,12 @@ from qvm.base.jsonfile import RecordWriteError
 from qvm.base.proc import find_program, process_start_time
 from qvm.layout.runfiles import EVENTS_SOCKET, QEMU_LOG, STATE_FILE
 from qvm.store.state import ExitRecord, QemuRun, StateRecord, write_state
+from qvm.supervisor.foreground import (
+    FOREGROUND_ENV,
+    announce_ready,
+    hold_stop_signals,
+    say,
+)
 
 if TYPE_CHECKING:
     import socket
@@ -170,6 +176,9 @@ def spawn_qemu(argv: tuple[str, ...], run_path: str) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             cwd=run_path,
             preexec_fn=preexec,  # noqa: PLW1509 - only where setpriv is missing
+            # its own process group: a Ctrl-C at the terminal of `qvm up --foreground`
+            # is the supervisor's to turn into a stop, not QEMU's to die of
+            process_group=0,
         )
 
 
@@ -262,7 +271,11 @@ class AdoptedQemu:
 
 
 def start(
-    run_path: str, launch: LaunchRecord, ready_fd: int, lock_fds: tuple[int, ...]
+    run_path: str,
+    launch: LaunchRecord,
+    ready_fd: int | None,
+    lock_fds: tuple[int, ...],
+    stop_budget: float | None = None,
 ) -> NoReturn:
     """The first moments of a supervisor, in the process ``qvm up`` forked: spawn QEMU,
     say "spawned", then "ready" once QMP answers, then exec into the supervisor proper.
@@ -270,6 +283,10 @@ def start(
     Forking the CLI, which has everything QEMU's start needs in memory already, spawns
     QEMU ~40 ms sooner than starting a new Python would. The exec gives the supervisor a
     fresh, small process image (its RSS is a target) and keeps QEMU as its child.
+
+    In the foreground (a ``stop_budget``: `qvm up --foreground`) this is the process that
+    ran it, unforked, and "ready" goes to its stdout and the service manager
+    (``qvm.supervisor.foreground``) instead of a pipe.
     """
     if launch.shares:
         # their virtiofsd must listen before QEMU connects to it; only VMs with shares
@@ -287,7 +304,11 @@ def start(
         reason = f"could not start {launch.argv[0]}: {error.strerror or error}"
         record_spawn_failure(run_path, launch, reason)
         notify(ready_fd, "failed")
+        if stop_budget is not None:
+            say(f"qvm: {launch.name}: could not start {launch.argv[0]}: {error}", fd=2)
         os._exit(1)
+    if stop_budget is not None:
+        hold_stop_signals()
     record_spawned(run_path, launch, qemu)
     notify(ready_fd, f"spawned {qemu.pid}")
     read_back: Callable[[Callable[[str], str | None]], None] | None = None
@@ -308,11 +329,16 @@ def start(
     env = dict(os.environ)
     for fd in lock_fds:  # held open for the supervisor's life: "alive"
         os.set_inheritable(fd, True)
-    if answered:
+    if stop_budget is not None:
+        env[FOREGROUND_ENV] = repr(stop_budget)
+        if answered:
+            announce_ready(launch.name, qemu.pid)
+    elif answered:
         # `qvm up` is done waiting: it must not also wait for the supervisor's imports
         notify(ready_fd, f"ready {qemu.pid}")
-        os.close(ready_fd)
-    else:
+        if ready_fd is not None:
+            os.close(ready_fd)
+    elif ready_fd is not None:
         # QEMU died (or never answered): the supervisor records why, then says "failed"
         env["QVM_READY_FD"] = str(ready_fd)
         os.set_inheritable(ready_fd, True)

@@ -28,10 +28,10 @@ from qvm.cli.parsing.declare import (
     Commands,
     Option,
 )
-from qvm.errors import EXIT_INTERRUPTED, EXIT_OK, DefinitionError, QvmError
+from qvm.errors import EXIT_INTERRUPTED, EXIT_OK, DefinitionError, QvmError, UsageError
 
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, NoReturn
 
     from qvm.definition.schema import Machine
     from qvm.layout.rundir import RunDir
@@ -53,14 +53,44 @@ def up(
     restore: str | None = Option(
         None, "--restore", metavar="TAG", help="Start from this snapshot (qvm snapshot)."
     ),
+    foreground: bool = Option(
+        False,
+        "--foreground",
+        help="Supervise the VM in this process until it ends (one VM); see below.",
+    ),
+    stop_timeout: float = Option(
+        20.0,
+        "--stop-timeout",
+        help="--foreground: seconds SIGTERM's stop may take in all (power button, agent, "
+        "quit, kill).",
+    ),
     as_json: bool = AS_JSON,
 ) -> None:
     """Start VMs under their own supervisors and wait until QMP answers.
+
+    With --foreground, qvm itself becomes the VM's supervisor (no fork, no new session:
+    for systemd, Slurm, Nomad, a container): QEMU stays its child and quits if it dies.
+    Once QMP answers it says so on stdout (and READY=1 on $NOTIFY_SOCKET, systemd's
+    protocol). SIGTERM or SIGINT stop the VM within --stop-timeout (power button, guest
+    agent, QMP quit, SIGKILL), never followed by a restart; SIGCONT does nothing. Every
+    other command (status, exec, cpu add, down, ...) works on it as on any VM. It exits
+    with how the VM ended: 0 the guest powered off, or a stop someone asked for; 10 QEMU
+    crashed; 11 the guest panicked; 12 SIGKILL ended QEMU (qvm kill, or a stop's last
+    step); 1 QEMU failed to start.
 
     JSON: schemas/up.json
     """
     from qvm.cli.progress import DownloadBar, run_waiting
     from qvm.ops.up import plan_launch, start_vm
+
+    if foreground:
+        _up_foreground(
+            names,
+            restore,
+            no_wait,
+            as_json,
+            resolve.timeout_seconds(stop_timeout, "--stop-timeout"),
+        )
 
     results: list[dict[str, Any]] = []
     code = EXIT_OK  # a group command exits with the highest status of its VMs
@@ -120,6 +150,27 @@ def up(
         emit_json(results)
     if code:
         raise SystemExit(code)
+
+
+def _up_foreground(
+    names: list[str], restore: str | None, no_wait: bool, as_json: bool, stop_timeout: float
+) -> NoReturn:
+    """`qvm up --foreground NAME`: never returns (qvm.ops.up.run_in_foreground)."""
+    from qvm.ops.up import plan_launch, run_in_foreground
+
+    others = [
+        option
+        for option, given in (("--restore", restore), ("--no-wait", no_wait), ("--json", as_json))
+        if given
+    ]
+    if len(names) != 1 or others:
+        what = "one VM" if len(names) != 1 else f"no {others[0]}"
+        raise UsageError(f"qvm up --foreground: {what} (hint: qvm up --foreground NAME)")
+    machine = resolve.load(names[0])
+    run = resolve.run_dir(machine.name)
+    _set_aside_corrupt_state(run)
+    sys.stdout.flush()
+    run_in_foreground(plan_launch(machine, run), stop_timeout)
 
 
 def _set_aside_corrupt_state(run: RunDir) -> None:

@@ -34,6 +34,9 @@ from qvm.errors import (
     EXIT_TERMINATED,
     EXIT_TIMEOUT,
     EXIT_USAGE,
+    EXIT_VM_CRASHED,
+    EXIT_VM_KILLED,
+    EXIT_VM_PANICKED,
 )
 
 # The words users bring from other tools (virsh, limactl, docker, multipass), and the
@@ -93,6 +96,9 @@ EXIT_STATUS = (
     (EXIT_USAGE, "a usage error: the command line, a machine file, a VM name"),
     (EXIT_PENDING, "an unplug stands: the guest has not completed it (yet)"),
     (EXIT_TIMEOUT, "qvm wait: not ready in time"),
+    (EXIT_VM_CRASHED, "qvm up --foreground: QEMU crashed"),
+    (EXIT_VM_PANICKED, "qvm up --foreground: the guest panicked"),
+    (EXIT_VM_KILLED, "qvm up --foreground: QEMU was killed (SIGKILL)"),
     (EXIT_EXEC_TIMEOUT, "qvm exec/run: the program outlived --timeout"),
     (EXIT_EXEC_FAILED, "qvm exec/run: qvm failed (no such VM, not running, no agent)"),
     (EXIT_CANNOT_RUN, "qvm exec/run: the program could not be run"),
