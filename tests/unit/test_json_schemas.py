@@ -163,6 +163,19 @@ def test_cmdline_new_reset_rm(cli: Qvm, tmp_path: Path) -> None:
     assert new["file"] in removed["removed"]
 
 
+def test_systemd_and_a_run_that_never_made_its_vm(cli: Qvm, tmp_path: Path) -> None:
+    unit = run_json(cli, "systemd", "vm1")
+    validate(unit, "systemd.json")
+    assert unit["exec_start"][-4:-2] == ["--foreground", str(cli.machines_dir / "vm1.toml")]
+    result = tmp_path / "r.json"
+    done = cli("run", "nope", "--json", "--result", str(result), "--", "true", check=False)
+    assert done.returncode == 125, done.stderr
+    validate(json.loads(done.stdout), "error.json")
+    recorded = json.loads(result.read_text())
+    validate(recorded, "run.json")
+    assert (recorded["state"], recorded["status"], recorded["name"]) == ("failed", 125, "")
+
+
 def test_errors_are_json_objects_with_a_nonzero_exit(cli: Qvm) -> None:
     missing = run_json(cli, "status", "nope", code=1)
     validate(missing, "error.json")

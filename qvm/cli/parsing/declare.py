@@ -27,6 +27,7 @@ TOP_LEVEL = {
     "agent": "agent",
     **dict.fromkeys(("exec", "cp"), "guest"),
     "run": "run",
+    "systemd": "systemd",
 }
 # Command groups (`qvm cpu add`): each is the module of the same name.
 GROUPS = ("cpu", "mem", "disk", "nic", "share", "port", "snapshot", "net")
