@@ -48,22 +48,11 @@ class RunResult(Record):
         for key, value in phases.data.items():
             if key not in PHASES or not (value is None or isinstance(value, int | float)):
                 raise phases.fail(key, "must be a phase's seconds or null")
-        return cls(
-            name=f.str("name"),
-            definition=f.str("definition"),
-            source=f.str("from", None),
+        return f.declared(
+            cls,
             state=f.one_of("state", RUN_STATES),
-            exit_code=f.int("exit_code", None),
-            signal=f.int("signal", None),
-            status=f.int("status"),
-            stdout=f.str("stdout"),
-            stderr=f.str("stderr"),
             phases=dict(phases.data),
-            started_at=f.float("started_at"),
-            ended_at=f.float("ended_at"),
-            error=f.str("error", None),
-            command=f.str_list("command", ()),
-            kept=f.bool("kept", False),
+            source=f.str("from", None),
         )
 
 
