@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,23 +53,30 @@ def wait_qmp_answer(path: Path, deadline: float) -> None:
     raise TimeoutError(f"QMP did not answer on {path}")
 
 
-def raw_argv(run_dir: Path) -> list[str]:
+def raw_argv(run_dir: Path, machine: Path = MACHINE) -> list[str]:
     sys.path.insert(0, str(REPO))
     from qvm.definition.load import load_machine
     from qvm.layout.rundir import RunDir
     from qvm.ops.up import plan_launch
 
-    plan = plan_launch(load_machine(MACHINE), RunDir(run_dir))
+    plan = plan_launch(load_machine(machine), RunDir(run_dir))
     return plan.argv
 
 
-def raw_start(argv: list[str], run_dir: Path) -> float:
+def raw_start(
+    argv: list[str], run_dir: Path, ready: Callable[[Path, float], None] | None = None
+) -> float:
+    """Seconds from spawning QEMU by hand to ``ready(run_dir, deadline)`` returning (QMP
+    answering by default); QEMU is killed then."""
     for leftover in run_dir.glob("*.sock"):
         leftover.unlink()
     started = time.monotonic()
     qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_qmp_answer(run_dir / "qmp.sock", started + 30)
+        if ready is None:
+            wait_qmp_answer(run_dir / "qmp.sock", started + 30)
+        else:
+            ready(run_dir, started + 120)
         return time.monotonic() - started
     finally:
         qemu.send_signal(signal.SIGKILL)

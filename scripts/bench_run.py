@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -22,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench import raw_argv, raw_start  # scripts/bench.py, beside this file
 
 REPO = Path(__file__).resolve().parent.parent
 QVM = str(Path(sys.executable).parent / "qvm")
@@ -41,42 +42,20 @@ append = "console=ttyS0 quiet irqaffinity=0"
 PHASES = ("boot", "restore", "agent_ready", "command", "teardown")
 
 
-def raw_argv(machine: Path, run_dir: Path) -> list[str]:
-    sys.path.insert(0, str(REPO))
-    from qvm.definition.load import load_machine
-    from qvm.layout.rundir import RunDir
-    from qvm.ops.up import plan_launch
-
-    return plan_launch(load_machine(machine), RunDir(run_dir)).argv
-
-
-def agent_answers(path: Path) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(0.5)
-            sock.connect(str(path))
-            sock.sendall(b'{"execute": "guest-ping"}\n')
-            return b'"return"' in sock.recv(4096)
-    except OSError:
-        return False
-
-
-def raw_boot(argv: list[str], run_dir: Path) -> float:
-    """Seconds from spawning QEMU to its guest agent answering."""
-    for leftover in run_dir.glob("*.sock"):
-        leftover.unlink()
-    started = time.monotonic()
-    qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = started + 120
-        while not agent_answers(run_dir / "qga.sock"):
-            if time.monotonic() > deadline or qemu.poll() is not None:
-                raise TimeoutError("the raw guest's agent never answered")
-            time.sleep(0.02)
-        return time.monotonic() - started
-    finally:
-        qemu.send_signal(signal.SIGKILL)
-        qemu.wait()
+def wait_agent(run_dir: Path, deadline: float) -> None:
+    """Until the guest agent answers `guest-ping` on QEMU's end of its channel."""
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(0.5)
+                sock.connect(str(run_dir / "qga.sock"))
+                sock.sendall(b'{"execute": "guest-ping"}\n')
+                if b'"return"' in sock.recv(4096):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise TimeoutError("the raw guest's agent never answered")
 
 
 def timed_run(env: dict[str, str], *args: str) -> tuple[float, dict[str, Any]]:
@@ -106,7 +85,7 @@ def main() -> int:
     (root / "m" / "bench.toml").write_text(MACHINE)
     raw_dir = root / "raw"
     raw_dir.mkdir(mode=0o700)
-    argv = raw_argv(root / "m" / "bench.toml", raw_dir)
+    argv = raw_argv(raw_dir, root / "m" / "bench.toml")
     raw: list[float] = []
     cold: list[float] = []
     restored: list[float] = []
@@ -120,7 +99,7 @@ def main() -> int:
         subprocess.run([QVM, "kill", "bench"], env=env, check=True, capture_output=True)
         timed_run(env, "--from", "bench@ready")  # freezes the snapshot for clones, once
         for _ in range(RUNS):
-            raw.append(raw_boot(argv, raw_dir))
+            raw.append(raw_start(argv, raw_dir, wait_agent))
             for kind, samples, args in (("cold", cold, ()), ("from", restored,
                                         ("--from", "bench@ready"))):  # fmt: skip
                 took, record = timed_run(env, *args)

@@ -6,14 +6,13 @@ resume from it (``--from``); one run boots cold."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from framework.harness import GUEST_DIR, Qvm, short_tmpdir
+from framework.harness import GUEST_DIR, Qvm, owned_qvm
 from framework.jsonschema_lite import validate
 from framework.wait import wait_until
 
@@ -25,18 +24,13 @@ def vm() -> Iterator[Qvm]:
     """A definition vm1 with a snapshot `ready` (its agent answering), the VM killed."""
     if not (GUEST_DIR / "vmlinuz").exists():
         pytest.fail(f"no test guest in {GUEST_DIR} (run scripts/build-test-guest)")
-    harness = Qvm(short_tmpdir())
-    try:
+    with owned_qvm() as harness:
         harness.guest_machine("vm1", max=1)
         harness("up", "vm1")
         harness("wait", "vm1", "--for", "agent", "--timeout", "120")
         harness("snapshot", "save", "vm1", "ready")
         harness("kill", "vm1")
         yield harness
-    finally:
-        survivors = harness.cleanup()
-        shutil.rmtree(harness.root, ignore_errors=True)
-    assert not survivors, f"processes survived the module's cleanup: {survivors}"
 
 
 def throwaways(qvm: Qvm) -> list[str]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from qvm.cli import resolve
 from qvm.cli.output import abort, emit_json, warn
-from qvm.cli.parsing.declare import MACHINE, Argument, Commands, Option
+from qvm.cli.parsing.declare import MACHINE, PROGRAM, Argument, Commands, Option
 from qvm.errors import (
     EXIT_CANNOT_RUN,
     EXIT_EXEC_FAILED,
@@ -36,13 +36,7 @@ OWNER = rf"{_NAME}(:({_NAME})?)?"
 @commands.command("exec")
 def exec_(
     name: str = MACHINE,
-    command: list[str] | None = Argument(
-        None,
-        help="The program and its arguments (-- before them is optional): every word "
-        "from the program on is its own, options too; run as they are, without a shell "
-        "(write sh -c '...' for one).",
-        command_line=True,
-    ),
+    command: list[str] | None = PROGRAM,
     timeout: float = Option(
         0.0, "--timeout", help="Seconds before giving up (exit 124); 0, the default: no limit."
     ),

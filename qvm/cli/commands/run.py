@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from qvm.cli import resolve
 from qvm.cli.output import emit_json, warn
-from qvm.cli.parsing.declare import MACHINE, Argument, Commands, Option
+from qvm.cli.parsing.declare import MACHINE, PROGRAM, Commands, Option
 from qvm.errors import EXIT_EXEC_FAILED, EXIT_USAGE, QvmError, UsageError
 
 if TYPE_CHECKING:
@@ -25,12 +25,7 @@ commands = Commands()
 @commands.command("run")
 def run(
     name: str = MACHINE,
-    command: list[str] | None = Argument(
-        None,
-        help="The program and its arguments (-- before them is optional), run as they are, "
-        "without a shell, as `qvm exec` runs them.",
-        command_line=True,
-    ),
+    command: list[str] | None = PROGRAM,
     source: str | None = Option(
         None,
         "--from",

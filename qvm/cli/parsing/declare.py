@@ -84,6 +84,14 @@ AS_JSON = Option(
 MACHINE = Argument(..., help="Machine name.")
 MACHINES = Argument(..., help="Machine names.")
 SNAPSHOT_TAG = Argument(..., help="The snapshot's name.")
+# exec and run: a program run in the guest through its agent
+PROGRAM = Argument(
+    None,
+    help="The program and its arguments (-- before them is optional): every word from the "
+    "program on is its own, options too; run as they are, without a shell (write sh -c "
+    "'...' for one).",
+    command_line=True,
+)
 STOP_TIMEOUT = Option(30.0, "--timeout", help="Seconds to wait for the guest.")  # down, restart
 SKIP_POWER_BUTTON = Option(False, "--force", help="Skip the ACPI power button.")  # down, restart
 # cpu, mem, disk and nic (here, not in qvm.cli.device_options: `qvm cpu list` needs no more)
