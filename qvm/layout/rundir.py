@@ -13,8 +13,8 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.base.record import Record
 from qvm.errors import HostError, UnsafeStateError
 from qvm.layout import runfiles

@@ -6,8 +6,8 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.cli import resolve
 from qvm.cli.output import emit_json, warn
 from qvm.cli.parsing.declare import MACHINE, PROGRAM, Commands, Option
