@@ -48,6 +48,15 @@ def vm_names() -> list[str]:
     return sorted(names)
 
 
+def target_words() -> list[str]:
+    """What a command about several VMs takes (``qvm.cli.targets``): the VM names, then
+    ``@GROUP`` for each group a machine file names."""
+    from qvm.definition.groups import group_names
+
+    groups = _quietly(lambda: group_names(resolve.search_dirs()))
+    return vm_names() + [f"@{group}" for group in groups]
+
+
 def device_ids(key: str, vm: str | None) -> list[str]:
     """The ids ``qvm KIND del`` (``disk detach``, ``port del``) takes for ``vm``: ``key`` is
     a command group (``mem``: every kind of it), one kind's name (``virtio-mem``, for

@@ -35,11 +35,20 @@ class _Screen:
 _screen = _Screen()
 
 
+def _drawing() -> bool:
+    """stderr is a terminal, and this is the main thread: a VM's work in a thread of
+    ``qvm.ops.fanout`` draws nothing, the command's one spinner turns for all of them."""
+    if not sys.stderr.isatty():
+        return False
+    threading = sys.modules.get("threading")  # not imported: there is one thread
+    return threading is None or threading.current_thread() is threading.main_thread()
+
+
 class DownloadBar:
     """A callback for the core's fetch progress: ``bar(url, done, total)``."""
 
     def __init__(self) -> None:
-        self.enabled = sys.stderr.isatty()
+        self.enabled = _drawing()
         self.started: dict[str, float] = {}
 
     def __call__(self, url: str, done: int, total: int | None) -> None:
@@ -71,7 +80,7 @@ class Spinner:
 
     def __init__(self, label: str) -> None:
         self.label = label
-        self.enabled = sys.stderr.isatty()
+        self.enabled = _drawing()
         self.frame = 0
         self.start = time.monotonic()
 

@@ -595,6 +595,9 @@ def _read_machine(root: Table, path: Path, name: str | None) -> Machine:
     base_dir = path.parent
     machine_name = _read_name(root, path, name)
     root.string("description", None, allow_empty=True)
+    group = root.string("group", None)
+    if group is not None and not is_vm_name(group):
+        root.fail("group", f"must be {NAME_RULE}")
     section = root.section("machine")
     machine_type = section.choice("type", MACHINE_TYPES, Machine._field_defaults["type"])
     accel = section.choice("accel", ACCELS, Machine._field_defaults["accel"])
@@ -666,6 +669,7 @@ def _read_machine(root: Table, path: Path, name: str | None) -> Machine:
         qemu=qemu,
         cloud_init=cloud_init,
         snapshots=snapshots,
+        group=group,
     )
 
 

@@ -164,6 +164,7 @@ class Machine(Record):
     qemu: QemuSpec = QemuSpec()
     cloud_init: CloudInitSpec | None = None
     snapshots: SnapshotsSpec = SnapshotsSpec()
+    group: str | None = None  # `qvm up @GROUP` (qvm.definition.groups)
 
 
 # Every key a machine file may hold, by table ("" is the top level; "disk" and "nic"
@@ -173,6 +174,8 @@ KEYS: dict[str, dict[str, str]] = {
     "": {
         "name": "string matching NAME_PATTERN; default: the file's name without .toml",
         "description": "string; free text for people, ignored by qvm",
+        "group": "string matching NAME_PATTERN; commands given @GROUP act on every machine"
+        " of the group (`qvm up @web`); default: none",
     },
     "machine": {
         "type": '"q35", "pc" or "microvm"; default "q35"',

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import select
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,12 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
 DEFAULT_READY_TIMEOUT = 60.0
+# `qvm up` of several VMs starts them from threads (``qvm.ops.fanout``). A fork while
+# another thread holds its VM's locks, or the write end of its readiness pipe, would give
+# copies of them to this VM's supervisor until it execs, seconds later (it waits for QMP
+# first): that VM would look alive, or its `up` would wait for an end of file that does
+# not come. So one thread at a time takes its locks, forks and lets them go.
+_FORK = threading.Lock()
 
 
 # --- up ------------------------------------------------------------------------------
@@ -59,18 +66,20 @@ def start_supervisor(
 ) -> UpResult:
     """Start a supervisor for a prepared launch, unless one is alive already."""
     name = launch.name
-    locks = _take_run(run, name)
+    with _FORK:
+        locks = _take_run(run, name)
+        if locks is not None:
+            try:
+                _prepare_files(run, launch)
+                ready_read, ready_write = os.pipe()
+                supervisor_pid = os.fork()
+                if supervisor_pid == 0:
+                    _become_supervisor(run, launch, ready_read, ready_write, locks)
+                os.close(ready_write)
+            finally:
+                release_run_locks(locks)  # the supervisor holds its own copies now
     if locks is None:
         return _already_running(run, name, wait, timeout)
-    try:
-        _prepare_files(run, launch)
-        ready_read, ready_write = os.pipe()
-        supervisor_pid = os.fork()
-        if supervisor_pid == 0:
-            _become_supervisor(run, launch, ready_read, ready_write, locks)
-        os.close(ready_write)
-    finally:
-        release_run_locks(locks)  # the supervisor holds its own copies now
     try:
         lines, eof = _read_readiness(
             ready_read, want="ready" if wait else "spawned", timeout=timeout

@@ -69,12 +69,17 @@ def test_up_refuses_each_file_before_qemu_starts(corpus_qvm: Qvm) -> None:
     done = corpus_qvm("up", *paths, check=False)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
-    # one block of lines per file, in order: each file's lines name it
+    # one block of lines per file, as each is refused (they are checked at once), each
+    # file's lines naming it; then the count of the failed
     lines = done.stderr.strip().splitlines()
+    assert lines.pop().startswith(f"qvm: {len(paths)} of {len(paths)} failed: ")
     starts = [i for i, line in enumerate(lines) if line.startswith("qvm: ")]
     assert len(starts) == len(paths), done.stderr[:2000]
-    for path, start, end in zip(paths, starts, [*starts[1:], len(lines)], strict=True):
-        _problem_lines("\n".join(lines[start:end]), Path(path))
+    blocks = {}
+    for start, end in zip(starts, [*starts[1:], len(lines)], strict=True):
+        path = next(p for p in paths if lines[start].startswith(f"qvm: {p}: "))
+        blocks[path] = _problem_lines("\n".join(lines[start:end]), Path(path))
+    assert sorted(blocks) == sorted(paths)
     # nothing ran: no run dir says running, no process holds the state dir
     state = corpus_qvm.state_dir
     for record in state.glob("*/state.json") if state.exists() else []:

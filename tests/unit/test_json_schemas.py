@@ -198,8 +198,8 @@ def test_errors_are_json_objects_with_a_nonzero_exit(cli: Qvm) -> None:
     assert broken[0]["exit_code"] == 2
     bad_timeout = run_json(cli, "down", "vm1", "--timeout", "nan", code=2)
     validate(bad_timeout, "error.json")
-    usage = run_json(cli, "status", "vm1", "--bogus", code=2)
-    assert usage == {"error": "No such option: --bogus", "exit_code": 2}
+    usage = run_json(cli, "status", "vm1", "--xyzzy", code=2)
+    assert usage == {"error": "No such option: --xyzzy", "exit_code": 2}
     # a definition error names every problem, and the first one's file and key
     invalid = run_json(cli, "cmdline", "broken", code=2)
     validate(invalid, "error.json")

@@ -7,35 +7,48 @@ from typing import TYPE_CHECKING
 
 from qvm.cli import resolve
 from qvm.cli.output import emit_json, human_bytes, say, table
-from qvm.cli.parsing.declare import AS_JSON, MACHINE, SNAPSHOT_TAG, Argument, Commands, Option
+from qvm.cli.parsing.declare import (
+    ALL_RUNNING,
+    AS_JSON,
+    JOBS,
+    MACHINE,
+    SNAPSHOT_TAG,
+    TARGETS,
+    Argument,
+    Commands,
+    Option,
+)
 
 if TYPE_CHECKING:
-    from qvm.ops.snapshot import RestoreResult
+    from collections.abc import Callable
+
+    from qvm.ops.snapshot import RestoreResult, SaveResult
 
 commands = Commands(help="Save a VM with its memory, list, remove and restore snapshots.")
 
 
 @commands.command("save")
 def save(
-    name: str = MACHINE,
+    names: list[str] | None = TARGETS,
     tag: str = Argument(..., help="The snapshot's name, e.g. booted."),
     disk_only: bool = Option(
         False, "--disk-only", help="Disks only, no memory (the way on a stopped VM)."
     ),
     as_json: bool = AS_JSON,
+    every: bool = ALL_RUNNING,
+    jobs: int | None = JOBS,
 ) -> None:
-    """Save the VM's disks, and on a running VM its memory and device state; the VM
+    """Save the VMs' disks, and on a running VM its memory and device state; the VM
     keeps running. A raw disk, a disk used as is (file =) or a read-only one is refused.
+    Several VMs (`qvm snapshot save vm1 vm2 TAG`, @GROUP, --all) are saved at once.
 
     JSON: schemas/snapshot-save.json
     """
     import time
 
-    from qvm.ops.snapshot import save as save_snapshot
-    from qvm.supervisor.client import supervisor_alive
+    from qvm.cli.several import Several
 
-    run = resolve.run_dir_of(name)
-    machine = None if supervisor_alive(run) else resolve.load(name)
+    several = Several(names, every, jobs, single_object=True)
     shown = [0.0]
 
     def progress(done: int, total: int) -> None:
@@ -43,23 +56,40 @@ def save(
             shown[0] = time.monotonic()
             sys.stderr.write(f"\r\033[Ksaving {tag}: {done * 100 // total}%")
 
-    result = save_snapshot(run, tag, disk_only=disk_only, machine=machine, progress=progress)
-    if shown[0]:
-        sys.stderr.write("\r\033[K")
-    if as_json:
-        emit_json(result.as_json())
-        return
-    record = result.record
-    what = "disks only" if record.disk_only else f"memory {human_bytes(record.vmstate_bytes)}"
-    say(f"{run.name}: saved snapshot {tag} ({what}) in {record.save_seconds or 0:.2f} s")
-    say(f"  devices     {record.devices.summary()}")
-    if record.ram_bytes:
-        say(f"  ram         {human_bytes(record.ram_bytes)}")
-    say(f"  images      {' '.join(record.files)}")
-    if result.state_disk_added:
-        say("  state disk  added to the running VM (the VM has no writable qcow2 disk)")
-    if not record.disk_only and record.guest_time_ns is None:
-        say("  guest clock not recorded (no guest agent answered)")
+    one = progress if len(several.specs) == 1 else None  # else the spinner says it
+
+    def save_one(name: str) -> SaveResult:
+        return _save(name, tag, disk_only, one)
+
+    for spec, result in several.run(save_one, f"saving {tag}"):
+        if shown[0]:
+            sys.stderr.write("\r\033[K")
+        if as_json:
+            several.record(spec, result.as_json())
+            continue
+        record = result.record
+        what = "disks only" if record.disk_only else f"memory {human_bytes(record.vmstate_bytes)}"
+        say(f"{result.name}: saved snapshot {tag} ({what}) in {record.save_seconds or 0:.2f} s")
+        say(f"  devices     {record.devices.summary()}")
+        if record.ram_bytes:
+            say(f"  ram         {human_bytes(record.ram_bytes)}")
+        say(f"  images      {' '.join(record.files)}")
+        if result.state_disk_added:
+            say("  state disk  added to the running VM (the VM has no writable qcow2 disk)")
+        if not record.disk_only and record.guest_time_ns is None:
+            say("  guest clock not recorded (no guest agent answered)")
+    several.finish(as_json)
+
+
+def _save(
+    name: str, tag: str, disk_only: bool, progress: Callable[[int, int], None] | None
+) -> SaveResult:
+    from qvm.ops.snapshot import save as save_snapshot
+    from qvm.supervisor.client import supervisor_alive
+
+    run = resolve.run_dir_of(name)
+    machine = None if supervisor_alive(run) else resolve.load(name)
+    return save_snapshot(run, tag, disk_only=disk_only, machine=machine, progress=progress)
 
 
 @commands.command("list")

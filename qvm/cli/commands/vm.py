@@ -6,11 +6,11 @@ import sys
 from collections.abc import Callable
 
 from qvm.base.checking import TYPE_CHECKING
+from qvm.base.record import Record
 from qvm.cli import resolve
 from qvm.cli.output import (
     abort,
     emit_json,
-    error_fields,
     human_bytes,
     human_seconds,
     say,
@@ -18,21 +18,25 @@ from qvm.cli.output import (
     warn,
 )
 from qvm.cli.parsing.declare import (
+    ALL_RUNNING,
     AS_JSON,
+    JOBS,
     LIVE,
     MACHINE,
-    MACHINES,
     SKIP_POWER_BUTTON,
     STOP_TIMEOUT,
+    TARGETS,
     Argument,
     Commands,
     Option,
 )
-from qvm.errors import EXIT_INTERRUPTED, EXIT_OK, DefinitionError, QvmError, UsageError
+from qvm.errors import EXIT_INTERRUPTED, DefinitionError, UsageError
 
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any, NoReturn
 
+    from qvm.cli.several import Several
     from qvm.definition.schema import Machine
     from qvm.layout.rundir import RunDir
     from qvm.ops.net import NicNetwork
@@ -48,7 +52,11 @@ commands = Commands()
 
 @commands.command("up")
 def up(
-    names: list[str] = Argument(..., help="Machine names or TOML files."),
+    names: list[str] | None = Argument(
+        None,
+        help="Machine names or TOML files, and @GROUP for the machines whose file says "
+        'group = "GROUP".',
+    ),
     no_wait: bool = Option(False, "--no-wait", help="Return once QEMU is spawned."),
     restore: str | None = Option(
         None, "--restore", metavar="TAG", help="Start from this snapshot (qvm snapshot)."
@@ -65,6 +73,8 @@ def up(
         "quit, kill).",
     ),
     as_json: bool = AS_JSON,
+    every: bool = Option(False, "--all", help="Every machine file (then no names)."),
+    jobs: int | None = JOBS,
 ) -> None:
     """Start VMs under their own supervisors and wait until QMP answers.
 
@@ -80,40 +90,30 @@ def up(
 
     JSON: schemas/up.json
     """
-    from qvm.cli.progress import DownloadBar, run_waiting
-    from qvm.ops.up import plan_launch, start_vm
+    from qvm.cli.several import Several
 
     if foreground:
+        if every or jobs is not None:
+            raise UsageError(
+                "qvm up --foreground: one VM, by name (hint: qvm up --foreground NAME)"
+            )
         _up_foreground(
-            names,
+            names or [],
             restore,
             no_wait,
             as_json,
             resolve.timeout_seconds(stop_timeout, "--stop-timeout"),
         )
 
-    results: list[dict[str, Any]] = []
-    code = EXIT_OK  # a group command exits with the highest status of its VMs
-    for name in names:
-        restored = plan = None
-        try:
-            machine = resolve.load(name)
-            run = resolve.run_dir(machine.name)
-            _set_aside_corrupt_state(run)
-            if restore is not None:
-                restored, result = _restore(machine, run, restore)
-            if restored is None or result is None:  # a cold start (after disks reverted)
-                plan = plan_launch(machine, run)
-                result = run_waiting(
-                    _start_label(machine.name), start_vm, plan, not no_wait, DownloadBar()
-                )
-        except QvmError as error:
-            code = max(code, error.exit_code)
-            warn(f"qvm: {error}")
-            results.append(_error_entry(name, error))
-            continue
-        resumed = plan is not None and plan.inputs.incoming is not None and not no_wait
-        clone = _clone_start(run, result) if resumed else None
+    several = Several(names, every, jobs, defined=True)
+
+    def start_one(name: str) -> _Started:
+        return _start(name, restore, not no_wait)
+
+    for spec, started in several.run(start_one, "starting"):
+        run, result, restored = started.run, started.result, started.restored
+        if started.kept is not None:
+            _warn_set_aside(run, started.kept)
         if as_json:
             from qvm.store.forwards import read_forwards
 
@@ -131,9 +131,9 @@ def up(
             }
             if restored is not None:
                 entry["restore"] = restored.as_json()
-            if clone is not None:
-                entry["clone"] = clone
-            results.append(entry)
+            if started.clone is not None:
+                entry["clone"] = started.clone
+            several.record(spec, entry)
             continue
         if restored is not None:
             from qvm.cli.commands.snapshot import say_restored
@@ -145,11 +145,39 @@ def up(
             say(f"{result.name}: already running (pid {result.qemu_pid})")
             _warn_if_changed(run)
             continue
-        _say_started(result, run, clone)
-    if as_json:
-        emit_json(results)
-    if code:
-        raise SystemExit(code)
+        _say_started(result, run, started.clone)
+    several.finish(as_json)
+
+
+class _Started(Record):
+    """One VM's `up`: what the CLI says of it."""
+
+    run: RunDir
+    result: UpResult
+    restored: RestoreResult | None
+    clone: dict[str, Any] | None
+    kept: Path | None  # where a corrupt state.json was moved aside
+
+
+def _start(name: str, restore: str | None, wait: bool) -> _Started:
+    """`up` of one VM (in a thread of its own when there are several): prints nothing."""
+    from qvm.cli.progress import DownloadBar, run_waiting
+    from qvm.ops.corrupt_state import set_aside_corrupt_state
+    from qvm.ops.up import plan_launch, start_vm
+
+    restored = plan = result = None
+    machine = resolve.load(name)
+    run = resolve.run_dir(machine.name)
+    kept = set_aside_corrupt_state(run)
+    if restore is not None:
+        restored, result = _restore(machine, run, restore)
+    if restored is None or result is None:  # a cold start (after disks reverted)
+        plan = plan_launch(machine, run)
+        label = _start_label(machine.name)
+        result = run_waiting(label, start_vm, plan, wait, DownloadBar())
+    resumed = plan is not None and plan.inputs.incoming is not None and wait
+    clone = _clone_start(run, result) if resumed else None
+    return _Started(run, result, restored, clone, kept)
 
 
 def _up_foreground(
@@ -180,10 +208,14 @@ def _set_aside_corrupt_state(run: RunDir) -> None:
 
     kept = set_aside_corrupt_state(run)
     if kept is not None:
-        warn(
-            f"qvm: {run.name}: {run.state_file.name} did not parse and nothing of "
-            f"{run.name} runs: moved aside to {kept}"
-        )
+        _warn_set_aside(run, kept)
+
+
+def _warn_set_aside(run: RunDir, kept: Path) -> None:
+    warn(
+        f"qvm: {run.name}: {run.state_file.name} did not parse and nothing of "
+        f"{run.name} runs: moved aside to {kept}"
+    )
 
 
 def _say_started(result: UpResult, run: RunDir, clone: dict[str, Any] | None = None) -> None:
@@ -240,10 +272,12 @@ def _clone_start(run: RunDir, result: UpResult) -> dict[str, Any] | None:
 
 @commands.command("down")
 def down(
-    names: list[str] = MACHINES,
+    names: list[str] | None = TARGETS,
     timeout: float = STOP_TIMEOUT,
     force: bool = SKIP_POWER_BUTTON,
     as_json: bool = AS_JSON,
+    every: bool = ALL_RUNNING,
+    jobs: int | None = JOBS,
 ) -> None:
     """Power VMs off: ACPI power button, then QMP quit, then SIGKILL.
 
@@ -251,14 +285,17 @@ def down(
     """
     timeout = resolve.timeout_seconds(timeout)
     from qvm.cli.progress import run_waiting
+    from qvm.cli.several import Several
     from qvm.ops.stop import stop
+
+    several = Several(names, every, jobs)
 
     def stop_one(run: RunDir) -> StopResult:
         accepted: list[bool] = []
         label = _stop_label(run.name, timeout, force)
         try:
             return run_waiting(label, stop, run, timeout, force, lambda: accepted.append(True))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # only ever in the main thread: one VM
             if not accepted:
                 raise
             abort(
@@ -268,7 +305,7 @@ def down(
                 EXIT_INTERRUPTED,
             )
 
-    _stop_each(names, "stopped", stop_one, as_json)
+    _stop_each(several, "stopped", stop_one, as_json)
 
 
 def _stop_label(name: str, timeout: float, force: bool) -> str:
@@ -278,73 +315,108 @@ def _stop_label(name: str, timeout: float, force: bool) -> str:
 
 
 @commands.command("kill")
-def kill(names: list[str] = MACHINES, as_json: bool = AS_JSON) -> None:
+def kill(
+    names: list[str] | None = TARGETS,
+    as_json: bool = AS_JSON,
+    every: bool = ALL_RUNNING,
+    jobs: int | None = JOBS,
+) -> None:
     """Kill QEMU at once (SIGKILL). Not a failure for the restart policy.
 
     JSON: schemas/kill.json
     """
     from qvm.cli.progress import run_waiting
+    from qvm.cli.several import Several
     from qvm.ops.stop import kill as kill_vm
 
     def kill_one(run: RunDir) -> StopResult:
         return run_waiting(f"{run.name}: waiting for QEMU to end", kill_vm, run)
 
-    _stop_each(names, "killed", kill_one, as_json)
+    _stop_each(Several(names, every, jobs), "killed", kill_one, as_json)
 
 
 def _stop_each(
-    names: list[str], verb: str, action: Callable[[RunDir], StopResult], as_json: bool
+    several: Several, verb: str, action: Callable[[RunDir], StopResult], as_json: bool
 ) -> None:
-    """Stop every VM named, reporting each; one failure does not spare the others."""
-    code = EXIT_OK  # a group command exits with the highest status of its VMs
-    results = []
-    for name in names:
-        try:
-            result = action(resolve.run_dir_of(name))
-        except QvmError as error:
-            code = max(code, error.exit_code)
-            warn(f"qvm: {error}")
-            results.append(_error_entry(name, error))
-            continue
-        results.append(
-            {"name": result.name, "ended_by": result.ended_by, "message": result.message}
+    """Stop every VM named, each line as its VM is done; one failure spares the others."""
+
+    def stop_named(name: str) -> StopResult:
+        return action(resolve.run_dir_of(name))
+
+    for spec, result in several.run(stop_named, "stopping" if verb == "stopped" else "killing"):
+        several.record(
+            spec, {"name": result.name, "ended_by": result.ended_by, "message": result.message}
         )
         if not as_json:
             say(f"{result.name}: {verb}: {result.message}")
-    if as_json:
-        emit_json(results)
-    if code:
-        raise SystemExit(code)
+    several.finish(as_json)
 
 
 def _start_label(name: str) -> str:
     return f"{name}: starting QEMU, waiting for QMP to answer"
 
 
-def _error_entry(name: str, error: QvmError) -> dict[str, Any]:
-    """One VM of several that failed, in the list the command prints with --json."""
-    from qvm.layout.names import is_vm_name
-
-    vm = name if is_vm_name(name) else None  # else a machine file's path
-    return {"name": name, **error_fields(error, error.exit_code, vm)}
-
-
 @commands.command("restart")
 def restart(
-    name: str = MACHINE,
+    names: list[str] | None = TARGETS,
     timeout: float = STOP_TIMEOUT,
     force: bool = SKIP_POWER_BUTTON,
     as_json: bool = AS_JSON,
+    every: bool = ALL_RUNNING,
+    jobs: int | None = JOBS,
 ) -> None:
-    """Stop the VM (if it runs) and start it again from its current definition.
+    """Stop each VM (if it runs) and start it again from its current definition.
 
     JSON: schemas/restart.json
     """
     timeout = resolve.timeout_seconds(timeout)
+    from qvm.cli.several import Several
+    from qvm.store.forwards import read_forwards
+
+    several = Several(names, every, jobs, single_object=True)
+
+    def restart_one(name: str) -> _Restarted:
+        return _restart(name, timeout, force)
+
+    for spec, done in several.run(restart_one, "restarting"):
+        started, stopped, run = done.started, done.stopped, done.run
+        if done.kept is not None:
+            _warn_set_aside(run, done.kept)
+        if as_json:
+            several.record(
+                spec,
+                {
+                    "name": started.name,
+                    "stopped": None
+                    if stopped is None
+                    else {"ended_by": stopped.ended_by, "message": stopped.message},
+                    "pid": started.qemu_pid,
+                    "accel": started.accel,
+                    "accel_reason": started.accel_reason,
+                    "qmp_ready": started.ready,
+                    "forwards": [forward.to_json() for forward in read_forwards(run)],
+                },
+            )
+            continue
+        if stopped is not None:
+            say(f"{started.name}: stopped: {stopped.message}")
+        _say_started(started, run)
+    several.finish(as_json)
+
+
+class _Restarted(Record):
+    run: RunDir
+    stopped: StopResult | None  # None: it was not running
+    started: UpResult
+    kept: Path | None  # where a corrupt state.json was moved aside
+
+
+def _restart(name: str, timeout: float, force: bool) -> _Restarted:
+    """`restart` of one VM (in a thread of its own when there are several)."""
     from qvm.cli.progress import run_waiting
+    from qvm.ops.corrupt_state import set_aside_corrupt_state
     from qvm.ops.stop import stop
     from qvm.ops.up import plan_launch, start_vm
-    from qvm.store.forwards import read_forwards
     from qvm.supervisor.client import supervisor_alive
 
     machine = resolve.load(name)
@@ -353,35 +425,48 @@ def restart(
     stopped = None
     if supervisor_alive(run):
         label = _stop_label(machine.name, timeout, force)
-        result = run_waiting(label, stop, run, timeout, force)
-        stopped = {"ended_by": result.ended_by, "message": result.message}
-        if not as_json:
-            say(f"{machine.name}: stopped: {result.message}")
-    _set_aside_corrupt_state(run)
+        stopped = run_waiting(label, stop, run, timeout, force)
+    kept = set_aside_corrupt_state(run)
     started = run_waiting(_start_label(machine.name), start_vm, plan, True)
-    if as_json:
-        emit_json(
-            {
-                "name": started.name,
-                "stopped": stopped,
-                "pid": started.qemu_pid,
-                "accel": started.accel,
-                "accel_reason": started.accel_reason,
-                "qmp_ready": started.ready,
-                "forwards": [forward.to_json() for forward in read_forwards(run)],
-            }
-        )
-        return
-    _say_started(started, run)
+    return _Restarted(run, stopped, started, kept)
 
 
 @commands.command("status")
-def status(name: str = MACHINE, as_json: bool = AS_JSON, live: bool = LIVE) -> None:
-    """Show one VM's state, process facts and files, as its supervisor last recorded
-    them (with their age), or with --live as the supervisor and the guest agent say now.
+def status(
+    names: list[str] | None = TARGETS,
+    as_json: bool = AS_JSON,
+    live: bool = LIVE,
+    every: bool = ALL_RUNNING,
+    jobs: int | None = JOBS,
+) -> None:
+    """Show VMs' state, process facts and files, as each supervisor last recorded them
+    (with their age), or with --live as the supervisor and the guest agent say now.
 
     JSON: schemas/status.json
     """
+    if names and len(names) == 1 and not every and jobs is None and names[0][:1] != "@":
+        # one VM, the common case: nothing of the group machinery is imported
+        facts = _status_of(names[0], live)
+        if as_json:
+            emit_json(_status_json(facts, with_agent=True))
+            return
+        _say_status(facts)
+        return
+    from qvm.cli.several import Several
+
+    several = Several(names, every, jobs, single_object=True)
+    def status_of(name: str) -> VmStatus:
+        return _status_of(name, live)
+
+    for spec, facts in several.run(status_of, "asking"):
+        if as_json:
+            several.record(spec, _status_json(facts, with_agent=True))
+        else:
+            _say_status(facts)
+    several.finish(as_json)
+
+
+def _status_of(name: str, live: bool) -> VmStatus:
     from qvm.ops.status import vm_status, with_guest_facts
 
     run = resolve.run_dir_of(name)
@@ -391,12 +476,13 @@ def status(name: str = MACHINE, as_json: bool = AS_JSON, live: bool = LIVE) -> N
     if facts.state == "invalid" and not run.path.exists():
         # nothing ran and the definition cannot be read: say why, as `up` would
         resolve.load(name)
-    if as_json:
-        emit_json(_status_json(facts, with_agent=True))
-        return
+    return facts
+
+
+def _say_status(facts: VmStatus) -> None:
     say(_status_text(facts))
-    if facts.pid:
-        _warn_if_changed(run)
+    if facts.pid and facts.run is not None:
+        _warn_if_changed(facts.run)
 
 
 def _warn_if_changed(run: RunDir) -> None:

@@ -162,7 +162,8 @@ def install(shell: str | None) -> None:
     print("It takes effect in new shells (or source the file in this one).")
 
 
-# (command words, parameter) -> what completes it; every other `name`/`names` is a VM name
+# (command words, parameter) -> what completes it; every other `name` is a VM name, and
+# `names` VM names and @GROUP
 DEVICE_PARAMS: dict[tuple[tuple[str, ...], str], str] = {
     (("cpu", "del"), "ids"): "cpu",
     (("mem", "del"), "dev_id"): "mem",
@@ -219,7 +220,14 @@ def completer(words: tuple[str, ...], parameter: str) -> Callable[..., list[str]
             return _matching(candidates.copy_ends(incomplete), incomplete)
 
         return complete_copy_end
-    if parameter in ("name", "names") and words not in NEW_NAMES:
+    if parameter == "names":  # a command about several VMs: @GROUP too (`--all` is an option)
+
+        def complete_targets(ctx: click.Context, incomplete: str) -> list[str]:
+            _configure(ctx)
+            return _matching(candidates.target_words(), incomplete)
+
+        return complete_targets
+    if parameter == "name" and words not in NEW_NAMES:
 
         def complete_vm(ctx: click.Context, incomplete: str) -> list[str]:
             from qvm.cli import completion as candidates

@@ -83,6 +83,13 @@ AS_JSON = Option(
 )
 MACHINE = Argument(..., help="Machine name.")
 MACHINES = Argument(..., help="Machine names.")
+# the commands about several VMs (qvm.cli.several)
+TARGETS = Argument(
+    None,
+    help='Machine names, and @GROUP for the machines whose file says group = "GROUP".',
+)
+ALL_RUNNING = Option(False, "--all", help="Every running VM (then no names).")
+JOBS = Option(None, "--jobs", metavar="N", help="At most N VMs at a time (default: all, up to 16).")
 SNAPSHOT_TAG = Argument(..., help="The snapshot's name.")
 # exec and run: a program run in the guest through its agent
 PROGRAM = Argument(

@@ -145,11 +145,18 @@ def parse(function: Callable[..., Any], args: list[str]) -> dict[str, Any] | Non
         else:
             values[name] = value
 
+    argument_names = [name for name, _, param in declared if param.kind == "argument"]
     for name, annotation, param in declared:
         if param.kind != "argument" or not positional:
             continue
         convert, takes_the_rest = CONVERTERS[annotation]
-        taken, positional = (positional, []) if takes_the_rest else (positional[:1], positional[1:])
+        # `qvm snapshot save VM1 VM2 TAG`: as Click has it, the arguments after a
+        # repeated one take the last words
+        after = len(argument_names) - argument_names.index(name) - 1
+        count = max(len(positional) - after, 0) if takes_the_rest else 1
+        if not count:
+            continue
+        taken, positional = positional[:count], positional[count:]
         converted = [_convert(convert, text) for text in taken]
         if INVALID in converted:
             return None

@@ -94,7 +94,7 @@ def test_plain_commands_import_no_framework(argv: list[str], tmp_path: Path) -> 
     assert heavy(modules) == set()
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["status"], ["cpu", "add", VM, "-n2"]])
+@pytest.mark.parametrize("argv", [["--help"], ["logs"], ["cpu", "add", VM, "-n2"]])
 def test_help_and_mistakes_go_through_typer(argv: list[str], tmp_path: Path) -> None:
     assert plain_call(argv) is None
     assert "typer" in imported_modules(argv, tmp_path)

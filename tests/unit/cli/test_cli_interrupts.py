@@ -26,7 +26,7 @@ def test_ctrl_c_on_down_says_the_stop_goes_on_in_the_background(
     monkeypatch.setattr(resolve, "run_dir_of", lambda name: RunDir(tmp_path / name))
     monkeypatch.setattr(stop_module, "stop", accepted_then_interrupted)
     with pytest.raises(SystemExit) as done:
-        down(["vm1"], 30.0, False, False)
+        down(["vm1"], 30.0, False, False, False, None)
     assert done.value.code == 130
     assert capsys.readouterr().err == (
         "qvm: vm1: interrupted; the supervisor goes on stopping it in the background "
@@ -38,4 +38,4 @@ def test_ctrl_c_on_down_says_the_stop_goes_on_in_the_background(
 
     monkeypatch.setattr(stop_module, "stop", interrupted_before)
     with pytest.raises(KeyboardInterrupt):  # nothing asked: plain "interrupted" (qvm.cli.app)
-        down(["vm1"], 30.0, False, False)
+        down(["vm1"], 30.0, False, False, False, None)

@@ -113,11 +113,11 @@ def test_both_parsers_call_the_same(words: list[str], function: Any) -> None:
         [],
         ["-h"],
         ["--help"],
-        ["status"],  # a required argument is missing
-        ["status", "vm1", "vm2"],  # one too many
-        ["status", "vm1", "-h"],
-        ["status", "vm1", "--bogus"],
-        ["status", "--", "vm1"],
+        ["logs"],  # a required argument is missing
+        ["logs", "vm1", "vm2"],  # one too many
+        ["logs", "vm1", "-h"],
+        ["logs", "vm1", "--bogus"],
+        ["logs", "--", "vm1"],
         ["cpu"],
         ["cpu", "bogus", "vm1"],
         ["cpu", "add", "vm1", "-n3"],  # Click reads this; the fast path leaves it to Click
@@ -244,7 +244,7 @@ def test_the_fast_path_takes_a_command_line_after_double_dash() -> None:
     assert call.values["command"] == ["sh", "-c", "exit 7", "--"]
     assert call.values["timeout"] == 5.0
     # where no command line follows, "--" is still Typer's to read
-    assert plain_call(["status", "--", "vm1"]) is None
+    assert plain_call(["logs", "--", "vm1"]) is None
 
 
 def test_both_parsers_read_exec_alike() -> None:

@@ -126,6 +126,18 @@ def test_bash_completes_vm_names_from_files_and_run_dirs(vms: Path) -> None:
     assert bash_complete("qvm new ", vms) == []
 
 
+def test_commands_about_several_vms_complete_groups_and_all(vms: Path) -> None:
+    (vms / "machines" / "beta.toml").write_text('group = "web"\n[cpu]\ncount = 1\n')
+    (vms / "machines" / "zeta.toml").write_text('group = "db"\n')
+    assert bash_complete("qvm up ", vms) == ["alpha", "beta", "gamma", "zeta", "@db", "@web"]
+    assert bash_complete("qvm down @", vms) == ["@db", "@web"]
+    assert bash_complete("qvm snapshot save @w", vms) == ["@web"]
+    assert bash_complete("qvm status --a", vms) == ["--all"]
+    assert "--jobs" in bash_complete("qvm kill --", vms)
+    # a command about one VM takes no group
+    assert bash_complete("qvm logs @", vms) == []
+
+
 def test_global_machines_option_is_followed(vms: Path) -> None:
     other = vms / "other"
     other.mkdir()

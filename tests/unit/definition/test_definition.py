@@ -90,8 +90,9 @@ CASES: list[tuple[str, str, str]] = [
     (
         "unknown-table-no-match",
         "[networking]\nx = 1",
-        "networking: unknown table (hint: valid keys: name, description, machine, cpu, memory,"
-        " boot, disk, nic, share, hotplug, serial, agent, snapshots, supervisor, qemu, cloud_init)",
+        "networking: unknown table (hint: valid keys: name, description, group, machine,"
+        " cpu, memory, boot, disk, nic, share, hotplug, serial, agent, snapshots, supervisor,"
+        " qemu, cloud_init)",
     ),
     ("unknown-table-close", "[cpus]\ncount = 2", "cpus: unknown table (hint: did you mean 'cpu'?)"),
     (
@@ -113,6 +114,13 @@ CASES: list[tuple[str, str, str]] = [
     ),
     ("name-type", "name = 5", "name: must be a string, got 5"),
     ("description-type", "description = 1", "description: must be a string, got 1"),
+    (
+        "group-pattern",
+        'group = "Web servers"',
+        "group: must be 1 to 63 lowercase letters, digits, '_' or '-', starting with a letter"
+        ' or digit, got "Web servers"',
+    ),
+    ("group-type", 'group = ["web"]', 'group: must be a string, got ["web"]'),
     # [machine]
     (
         "machine-type",
