@@ -107,11 +107,12 @@ class Several:
         if as_json:
             listed = [self.entries[spec] for spec in self.specs if spec in self.entries]
             emit_json(listed[0] if self.single_object and listed else listed)
-        if self.failed and len(self.specs) > 1:
-            named = ", ".join(self.failed[:SHOWN_FAILED])
-            if len(self.failed) > SHOWN_FAILED:
-                named += f" and {len(self.failed) - SHOWN_FAILED} more"
-            warn(f"qvm: {len(self.failed)} of {len(self.specs)} failed: {named}")
+        failed = [spec for spec in self.specs if spec in self.failed]  # in the order named
+        if failed and len(self.specs) > 1:
+            named = ", ".join(failed[:SHOWN_FAILED])
+            if len(failed) > SHOWN_FAILED:
+                named += f" and {len(failed) - SHOWN_FAILED} more"
+            warn(f"qvm: {len(failed)} of {len(self.specs)} failed: {named}")
         if not self.specs:
             warn(f"qvm: --all: {'no machine file found' if self.defined else 'no VM runs'}")
         if self.code:
