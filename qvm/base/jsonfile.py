@@ -1,7 +1,7 @@
 """JSON files that are read while they are rewritten: atomic writes, forgiving reads.
 
-Only ``os`` and ``json``: the supervisor's entry point writes the first state record with
-it before anything heavier is imported.
+Only ``os``, ``json`` and the built-in ``_thread``: the supervisor's entry point writes the
+first state record with it before anything heavier is imported.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+from _thread import get_ident  # built in: no import cost, unlike threading
 
 from qvm.base.checking import TYPE_CHECKING
 from qvm.errors import HostError
@@ -47,7 +48,8 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, durable: bool = T
     a crash may lose: no fsync."""
     path = os.fspath(path)
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    # the thread too: `qvm up` of several VMs writes from threads (qvm.ops.fanout)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{get_ident()}.tmp")
     try:
         # a leftover of an earlier process with our pid, or a link planted under this
         # name: never written through (O_EXCL | O_NOFOLLOW after removing it)

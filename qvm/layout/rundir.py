@@ -106,11 +106,11 @@ QVM_FILE_NAMES = frozenset(
         FREEZE_LOCK,
     }
 )
-# disk overlays; temporary files of atomic writes (".NAME.PID.tmp")
+# disk overlays; temporary files of atomic writes (".NAME.PID.tmp", ".NAME.PID-THREAD.tmp");
 # virtiofsd's sockets (qvm.layout.runfiles.share_socket_name)
 QVM_FILE_PATTERNS = (
     r"disk[0-9]+\.qcow2",
-    r"\.[A-Za-z0-9_.-]+\.[0-9]+\.tmp",
+    r"\.[A-Za-z0-9_.-]+\.[0-9]+(-[0-9]+)?\.tmp",
     r"share-[A-Za-z0-9_-]+\.sock",
 )
 

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def test_a_failed_write_is_one_line_and_leaves_the_old_file_and_no_tmp(
 def test_a_planted_link_under_the_tmp_name_is_not_written_through(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("the user's\n")
-    (tmp_path / f".state.json.{os.getpid()}.tmp").symlink_to(victim)
+    (tmp_path / f".state.json.{os.getpid()}-{threading.get_ident()}.tmp").symlink_to(victim)
     write_json_atomic(tmp_path / "state.json", {"a": 1})
     assert victim.read_text() == "the user's\n"
 
@@ -152,6 +153,7 @@ def test_a_vcpus_lapic_path_names_the_vcpu_whoever_unplugged_it(tmp_path: Path) 
         ("serial.log.1", True),
         ("disk0.qcow2", True),
         (".state.json.1234.tmp", True),
+        (".state.json.1234-140234.tmp", True),
         ("space.reserve", True),
         ("hotplug-disk1.qcow2", False),
         ("notes.txt", False),
