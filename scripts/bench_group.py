@@ -48,17 +48,20 @@ def qvm(env: dict[str, str], *args: str) -> float:
     return time.monotonic() - started
 
 
-def wait_ready(serial_logs: list[Path], timeout: float = 300) -> None:
-    """Every guest printed QVM-GUEST-READY, then a moment to go idle."""
+def wait_ready(serial_logs: list[Path], timeout: float = 180) -> None:
+    """Every guest printed QVM-GUEST-READY, then a moment to go idle. A guest that never
+    does (rarely, one of 16 under a host this busy) is said, and the round goes on."""
     deadline = time.monotonic() + timeout
     waiting = list(serial_logs)
-    while waiting:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not ready: {waiting}")
+    while waiting and time.monotonic() < deadline:
         waiting = [
             log for log in waiting if not (log.exists() and b"QVM-GUEST-READY" in log.read_bytes())
         ]
         time.sleep(0.2)
+    for log in waiting:
+        kept = Path(tempfile.mkdtemp(prefix="qvm-bench-not-ready-", dir="/tmp")) / log.name
+        shutil.copy(log, kept)
+        print(f"not ready after {timeout:g} s: {log} (kept as {kept})", file=sys.stderr)
     time.sleep(2.0)
 
 

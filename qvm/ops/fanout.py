@@ -20,8 +20,8 @@ from qvm.base.record import Record
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
-# `down` of 16 VMs: 16 at once took 0.6 s, 4 at once 1.4 s (docs/speed.md); more than
-# this many at once only adds forks and sockets, not speed, on any host qvm runs on
+# `down --all` of 16 booted VMs: 16 at once took 1.23 s, 4 at once 1.46 s (docs/speed.md);
+# more at once than this only adds forks and sockets, not speed, on a host this size
 MAX_JOBS = 16
 TICK_SECONDS = 0.1
 
