@@ -27,7 +27,7 @@ from qvm.supervisor.client import (
     release_run_locks,
     take_run_locks,
 )
-from qvm.supervisor.spawn import start
+from qvm.supervisor.spawn import CHILD_IMPORTS, start
 
 if TYPE_CHECKING:
     from typing import NoReturn
@@ -66,6 +66,8 @@ def start_supervisor(
 ) -> UpResult:
     """Start a supervisor for a prepared launch, unless one is alive already."""
     name = launch.name
+    if threading.active_count() > 1:
+        _import_child_modules()
     with _FORK:
         locks = _take_run(run, name)
         if locks is not None:
@@ -103,6 +105,15 @@ def start_supervisor(
         qmp_socket=run.qmp_socket,
         ready=wait,
     )
+
+
+def _import_child_modules() -> None:
+    """What the forked child imports before its exec, imported whole here first: a module
+    another thread is importing at the fork would stay locked in the child for ever."""
+    import importlib  # noqa: PLC0415 -- only when several VMs start from threads
+
+    for name in CHILD_IMPORTS:
+        importlib.import_module(name)
 
 
 def run_foreground(run: RunDir, launch: LaunchRecord, stop_budget: float) -> NoReturn:

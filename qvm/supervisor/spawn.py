@@ -42,6 +42,26 @@ PR_SET_PDEATHSIG = 1
 LOG_MARKER = "=== qvm: QEMU start at"
 
 
+# Every module a function here imports, in the forked child, before its exec. A `qvm up`
+# of several VMs forks from threads (qvm.ops.fanout), and a module another thread was in
+# the middle of importing at the fork stays locked in the child for ever: the parent
+# imports these whole first (qvm.supervisor.boot). tests/unit/supervisor checks the list.
+CHILD_IMPORTS = (
+    "ctypes",
+    "functools",
+    "json",
+    "pathlib",
+    "signal",
+    "socket",
+    "subprocess",
+    "qvm.host.usernet",
+    "qvm.layout.rundir",
+    "qvm.store.forwards",
+    "qvm.supervisor.shares",
+    "qvm.supervisor.wire",
+)
+
+
 def with_parent_death_signal(
     argv: tuple[str, ...],
 ) -> tuple[list[str], Callable[[], None] | None]:
