@@ -26,20 +26,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench_scale import GUEST as FLEET_MACHINE
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 QVM = str(VENV_BIN / "qvm")
-GUEST = REPO / "build" / "test-guest"
-MACHINE = """group = "bench"
-[cpu]
-count = 1
-[memory]
-size = "128M"
-[boot]
-kernel = "{guest}/vmlinuz"
-initrd = "{guest}/initrd.img"
-append = "console=ttyS0 quiet irqaffinity=0"
-"""
+GUEST_DIR = REPO / "build" / "test-guest"
+# the fleet's machine of bench_scale.py, in one group (this folder is on sys.path)
+MACHINE = 'group = "bench"\n' + FLEET_MACHINE
 
 
 def qvm(env: dict[str, str], *args: str) -> float:
@@ -171,7 +165,7 @@ def main() -> int:
     env = dict(os.environ, QVM_STATE_DIR=str(state), QVM_MACHINES=str(root / "machines"))
     (root / "machines").mkdir()
     for index in range(count):
-        (root / "machines" / f"g{index}.toml").write_text(MACHINE.format(guest=GUEST))
+        (root / "machines" / f"g{index}.toml").write_text(MACHINE.format(guest=GUEST_DIR))
     figures: list[tuple[str, float]] = []
     try:
         figures.append(("raw QEMU, serial loop of QMP quit", raw_round(root, count, "quit")))

@@ -455,6 +455,7 @@ def status(
     from qvm.cli.several import Several
 
     several = Several(names, every, jobs, single_object=True)
+
     def status_of(name: str) -> VmStatus:
         return _status_of(name, live)
 

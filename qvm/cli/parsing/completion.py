@@ -223,6 +223,8 @@ def completer(words: tuple[str, ...], parameter: str) -> Callable[..., list[str]
     if parameter == "names":  # a command about several VMs: @GROUP too (`--all` is an option)
 
         def complete_targets(ctx: click.Context, incomplete: str) -> list[str]:
+            from qvm.cli import completion as candidates
+
             _configure(ctx)
             return _matching(candidates.target_words(), incomplete)
 
