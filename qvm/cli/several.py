@@ -13,13 +13,15 @@ how many VMs a group holds today.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, cast
-
+from qvm.base.checking import TYPE_CHECKING
 from qvm.cli.output import emit_json, error_fields, warn
 from qvm.errors import EXIT_OK, QvmError, UsageError
 
-Result = TypeVar("Result")
+if TYPE_CHECKING:  # every `up` comes here: no typing at run time (qvm.base.checking)
+    from collections.abc import Callable, Iterator
+    from typing import Any, TypeVar
+
+    Result = TypeVar("Result")
 SHOWN_WAITING = 3  # VMs the spinner names while it waits for them
 SHOWN_FAILED = 10  # VMs the last line names as failed (each had its own line already)
 
@@ -86,7 +88,7 @@ class Several:
             left.pop(finished.item, None)
             raised = finished.error
             if raised is None:
-                yield finished.item, cast("Result", finished.result)  # set when none raised
+                yield finished.item, finished.result  # type: ignore[misc]  # none raised: set
             elif isinstance(raised, QvmError):
                 self.fail(finished.item, raised)
             else:

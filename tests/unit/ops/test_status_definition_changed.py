@@ -77,10 +77,10 @@ def test_the_human_status_marks_a_changed_definition(
     monkeypatch.setattr(resolve, "run_dir_of", lambda name: run)
     monkeypatch.setattr(resolve, "run_dir", lambda name: run)
     monkeypatch.setattr("qvm.ops.status.with_guest_facts", lambda facts: facts)
-    vm.status(["vm1"], False, False, None)
+    vm.status(["vm1"], as_json=False, live=False, every=False, jobs=None)
     assert f"  definition  {path}\n" in capsys.readouterr().out
     path.write_text("[cpu]\ncount = 2\n")
-    vm.status(["vm1"], False, False, None)
+    vm.status(["vm1"], as_json=False, live=False, every=False, jobs=None)
     said = capsys.readouterr()
     assert f"  definition  {path} (changed since it started)\n" in said.out
     assert "changed since vm1 was started (hint: qvm restart vm1" in said.err
