@@ -30,7 +30,7 @@ TOP_LEVEL = {
     "systemd": "systemd",
 }
 # Command groups (`qvm cpu add`): each is the module of the same name.
-GROUPS = ("cpu", "mem", "disk", "nic", "share", "port", "snapshot", "net")
+GROUPS = ("cpu", "mem", "disk", "nic", "share", "port", "snapshot", "net", "slurm")
 
 
 class Param(Record):

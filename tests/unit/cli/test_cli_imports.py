@@ -35,6 +35,7 @@ VALUES = {
     "host": "/tmp",
     "guest": "/mnt/data",
     "network": "lab",
+    "job": "1",
 }
 
 

@@ -1,0 +1,109 @@
+"""8 one-shot runs from one snapshot: serial on the host against a Slurm job array on
+the one-node cluster of scripts/slurm-cluster (brought up if it is not, and taken down
+again then).
+
+Serial: `qvm run g1 --from g1@ready -- true`, eight times one after the other. Array:
+`qvm slurm submit g1 --from g1@ready --array 8 -- true`, timed from the submission to
+the moment `qvm slurm status` shows every task ended (polled every 0.2 s); Slurm runs as
+many tasks at once as the node has CPUs for (one each). Prints a Markdown table for
+docs/speed.md. Run it with scripts/bench (QVM_BENCH_SLURM=0 leaves it out).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+QVM = str(Path(sys.executable).parent / "qvm")
+CLUSTER = str(REPO / "scripts" / "slurm-cluster")
+GUEST = REPO / "build" / "test-guest"
+RUNS = 8
+MACHINE = f"""
+[cpu]
+count = 1
+[memory]
+size = "256M"
+[boot]
+kernel = "{GUEST}/vmlinuz"
+initrd = "{GUEST}/initrd.img"
+append = "console=ttyS0 quiet"
+"""
+
+
+def main() -> None:
+    root = Path(tempfile.mkdtemp(prefix="qvm-b", dir="/tmp"))
+    root.chmod(0o755)
+    (root / "machines").mkdir()
+    (root / "machines" / "g1.toml").write_text(MACHINE)
+    env = {k: v for k, v in os.environ.items() if k != "QVM_STATE_DIR"}
+    env.update(QVM_MACHINES=str(root / "machines"), XDG_STATE_HOME=str(root / "xdg"))
+    was_up = subprocess.run([CLUSTER, "status"], check=False).returncode == 0
+    try:
+        subprocess.run([CLUSTER, "up"], check=True)
+        qvm(env, root, "up", "g1")
+        qvm(env, root, "wait", "g1", "--for", "agent", "--timeout", "120")
+        qvm(env, root, "snapshot", "save", "g1", "ready")
+        qvm(env, root, "down", "g1")
+        qvm(env, root, "run", "g1", "--from", "g1@ready", "--", "true")  # freezes the snapshot
+        serial, each = serial_runs(env, root)
+        array, tasks = slurm_array(env, root)
+    finally:
+        subprocess.run([QVM, "kill", "g1"], env=env, cwd=root, capture_output=True, check=False)
+        if not was_up:
+            subprocess.run([CLUSTER, "down"], check=False)
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"| {RUNS} one-shot `qvm run --from` (`true`) | wall time | per run |")
+    print("|---|---|---|")
+    print(f"| serial on the host | {serial:.1f} s | {each:.2f} s (median) |")
+    print(
+        f"| Slurm array on this node ({os.cpu_count()} CPUs) | {array:.1f} s | "
+        f"{tasks:.2f} s (median, the task's own run) |"
+    )
+
+
+def qvm(env: dict[str, str], root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [QVM, *args], env=env, cwd=root, check=True, capture_output=True, text=True
+    )
+
+
+def serial_runs(env: dict[str, str], root: Path) -> tuple[float, float]:
+    started = time.monotonic()
+    each = []
+    for _ in range(RUNS):
+        one = time.monotonic()
+        qvm(env, root, "run", "g1", "--from", "g1@ready", "--", "true")
+        each.append(time.monotonic() - one)
+    return time.monotonic() - started, statistics.median(each)
+
+
+def slurm_array(env: dict[str, str], root: Path) -> tuple[float, float]:
+    started = time.monotonic()
+    done = qvm(
+        env, root, "slurm", "submit", "g1", "--from", "g1@ready", "--array", str(RUNS), "--", "true"
+    )
+    job = done.stdout.split()[-1]
+    while True:
+        report = json.loads(qvm(env, root, "slurm", "status", job, "--json").stdout)
+        if all(t["state"] in ("exited", "failed", "timeout", "cancelled") for t in report["tasks"]):
+            break
+        if time.monotonic() - started > 600:
+            raise SystemExit(f"bench_slurm: job {job} not done after 600 s")
+        time.sleep(0.2)
+    wall = time.monotonic() - started
+    bad = [t for t in report["tasks"] if t["state"] != "exited" or t["exit_code"] != 0]
+    if bad:
+        raise SystemExit(f"bench_slurm: tasks failed: {bad}")
+    return wall, statistics.median(t["seconds"] for t in report["tasks"])
+
+
+if __name__ == "__main__":
+    main()
