@@ -21,28 +21,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_cpu import machine_toml  # the test guest's machine file, as the vCPU bench has it
+
 REPO = Path(__file__).resolve().parent.parent
 QVM = str(Path(sys.executable).parent / "qvm")
 CLUSTER = str(REPO / "scripts" / "slurm-cluster")
-GUEST = REPO / "build" / "test-guest"
 RUNS = 8
-MACHINE = f"""
-[cpu]
-count = 1
-[memory]
-size = "256M"
-[boot]
-kernel = "{GUEST}/vmlinuz"
-initrd = "{GUEST}/initrd.img"
-append = "console=ttyS0 quiet"
-"""
 
 
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="qvm-b", dir="/tmp"))
     root.chmod(0o755)
     (root / "machines").mkdir()
-    (root / "machines" / "g1.toml").write_text(MACHINE)
+    (root / "machines" / "g1.toml").write_text(machine_toml(max_cpus=1, agent=True))
     env = {k: v for k, v in os.environ.items() if k != "QVM_STATE_DIR"}
     env.update(QVM_MACHINES=str(root / "machines"), XDG_STATE_HOME=str(root / "xdg"))
     was_up = subprocess.run([CLUSTER, "status"], check=False).returncode == 0

@@ -8,8 +8,10 @@ supervisor from that state dir survived, and keeps the logs of a failed test.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from framework.harness import GUEST_DIR, REPO, Qvm, short_tmpdir
@@ -30,6 +32,15 @@ def qvm(request: pytest.FixtureRequest) -> Iterator[Qvm]:
         shutil.copytree(root, keep, ignore=shutil.ignore_patterns("*.sock", "*.qcow2"))
     shutil.rmtree(root, ignore_errors=True)
     assert not survivors, f"processes survived the test's cleanup: {survivors}"
+
+
+@pytest.fixture
+def fake_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder first on PATH for fake host tools (``framework.fake_tools.fake_tool``)."""
+    folder = tmp_path / "fakebin"
+    folder.mkdir()
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    return folder
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

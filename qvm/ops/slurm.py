@@ -79,6 +79,19 @@ class Submitted(Record):
     resources: Resources
 
 
+# what a task's report takes from its result file, when there is one
+FROM_RESULT = (
+    "state",
+    "exit_code",
+    "status",
+    "started_at",
+    "ended_at",
+    "error",
+    "stdout",
+    "stderr",
+)
+
+
 class TaskReport(Record):
     """One task, as Slurm and its result file tell it."""
 
@@ -403,19 +416,11 @@ def task_report(
         error=problem,
     )
     if result is not None:
-        state, error = result.state, result.error
+        ran = {field: getattr(result, field) for field in FROM_RESULT}
         if slurm_state == "TIMEOUT":
-            state, error = "timeout", f"Slurm's time limit (--time) ended it: {error}"
-        return report._replace(
-            state=state,
-            exit_code=result.exit_code,
-            status=result.status,
-            started_at=result.started_at,
-            ended_at=result.ended_at,
-            error=error,
-            stdout=result.stdout,
-            stderr=result.stderr,
-        )
+            ran["state"] = "timeout"
+            ran["error"] = f"Slurm's time limit (--time) ended it: {result.error}"
+        return report._replace(**ran)
     if slurm_state is None:
         why = "Slurm no longer knows the job" if not slurm_knows else "Slurm does not list it"
         return report._replace(error=problem or f"no result file, and {why}")

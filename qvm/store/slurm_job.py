@@ -27,10 +27,9 @@ class SlurmJobRecord(Record):
     submitted_at: float  # Unix time
 
     def to_json(self) -> dict[str, Any]:
-        data = self._asdict()
-        data["from"] = data.pop("source")
-        data["command"] = list(self.command)
-        return data
+        # "from", as in `qvm run`'s record and on the command line
+        fields = {key: value for key, value in self._asdict().items() if key != "source"}
+        return {**fields, "from": self.source, "command": list(self.command)}
 
     @classmethod
     def read(cls, f: Fields) -> SlurmJobRecord:

@@ -30,6 +30,22 @@ GUEST_DIR = Path(os.environ.get("QVM_TEST_GUEST", REPO / "build" / "test-guest")
 QVM_BIN = Path(sys.executable).parent / "qvm"
 
 
+def processes_with(marker: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process whose command line holds ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if marker in cmd and stat.rsplit(")", 1)[1].split()[0] != "Z":
+            found.append((int(entry.name), cmd))
+    return found
+
+
 def short_tmpdir() -> Path:
     # unix socket paths are limited to 107 bytes: pytest's tmp_path is often too long
     return Path(tempfile.mkdtemp(prefix="qvm-t", dir="/tmp"))
@@ -220,19 +236,7 @@ append = "console=ttyS0 quiet irqaffinity=0"
 
     def processes(self) -> list[tuple[int, str]]:
         """Every live process (QEMU, supervisor) that belongs to this state dir."""
-        marker = str(self.state_dir)
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if marker in cmd and stat.rsplit(")", 1)[1].split()[0] != "Z":
-                found.append((int(entry.name), cmd))
-        return found
+        return processes_with(str(self.state_dir))
 
     def kill_all(self) -> None:
         """``qvm kill`` every VM of the state dir, then SIGKILL any process of it left."""

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ from typing import Any
 
 import pytest
 from framework.guest import Serial
-from framework.harness import GUEST_DIR, QVM_BIN, REPO, Qvm, short_tmpdir
+from framework.harness import GUEST_DIR, QVM_BIN, REPO, Qvm, processes_with, short_tmpdir
 from framework.wait import wait_until
 
 pytestmark = pytest.mark.integration
@@ -55,8 +57,12 @@ def slurm() -> Iterator[None]:
 
 
 class JobQvm(Qvm):
-    """The harness with no QVM_STATE_DIR: the CLI here and the jobs use
-    $XDG_STATE_HOME/qvm, the jobs a folder of their own in it."""
+    """The harness with no QVM_STATE_DIR: the CLI here uses $XDG_STATE_HOME/qvm, the
+    jobs' tasks a folder each on the node's disk, /tmp/qvm-UID/job.ID[.TASK], with ID the
+    task's own job id (ids only grow: the jobs of this module have ids from ``first_job``
+    on)."""
+
+    first_job: int | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -68,13 +74,38 @@ class JobQvm(Qvm):
         env["XDG_STATE_HOME"] = str(self.root / "xdg")
         return env
 
-    def job_dirs(self) -> list[Path]:
-        return sorted(self.state_dir.glob("job.*")) if self.state_dir.exists() else []
+    def submitted(self, job: int) -> int:
+        if self.first_job is None:
+            self.first_job = job
+        return job
 
-    def left_in_job_dirs(self, *running: str) -> list[str]:
-        """What the jobs left in their state dirs (but those of ``running``): nothing,
-        after a clean end."""
-        return [str(p) for d in self.job_dirs() if d.name not in running for p in d.iterdir()]
+    def job_dirs(self) -> list[Path]:
+        return [d for d in JOB_DIRS.glob("job.*") if self._ours(d.name.split(".")[1])]
+
+    def left_in_job_dirs(self, *jobs: int) -> list[str]:
+        """What the jobs (``jobs``, or all) left in their folders: nothing, after a clean
+        end, whichever way it ended."""
+        return [
+            str(p)
+            for d in self.job_dirs()
+            if not jobs or int(d.name.split(".")[1]) in jobs
+            for p in d.iterdir()
+        ]
+
+    def job_processes(self, *jobs: int) -> list[tuple[int, str]]:
+        """Live processes (QEMU, supervisors) of the jobs' VMs: of ``jobs``, or of all."""
+        found = []
+        for pid, cmd in processes_with(f"{JOB_DIRS}/job."):
+            job = cmd.split(f"{JOB_DIRS}/job.", 1)[1].split(".")[0].split("/")[0]
+            if self._ours(job) and (not jobs or int(job) in jobs):
+                found.append((pid, cmd))
+        return found
+
+    def _ours(self, job: str) -> bool:
+        return job.isdigit() and self.first_job is not None and int(job) >= self.first_job
+
+
+JOB_DIRS = Path(f"/tmp/qvm-{os.getuid()}")
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +120,14 @@ def cluster_qvm(slurm: None) -> Iterator[JobQvm]:
     with contextlib.suppress(subprocess.SubprocessError):
         subprocess.run(["scancel", "--name=qvm-g1"], timeout=30, check=False)
     survivors = qvm.cleanup()
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not qvm.job_processes(), 40, "the jobs' VMs to end")  # KillWait
+    survivors += qvm.job_processes()
+    for pid, _ in survivors:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for folder in qvm.job_dirs():
+        shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
     assert not survivors, f"processes survived the tests' cleanup: {survivors}"
 
@@ -106,7 +145,7 @@ def template(cluster_qvm: JobQvm) -> str:
 
 def submit(qvm: JobQvm, *args: str) -> int:
     done = qvm("slurm", "submit", *args)
-    return int(done.stdout.split()[-1])
+    return qvm.submitted(int(done.stdout.split()[-1]))
 
 
 def job_status(qvm: JobQvm, job: int, command: str = "status") -> dict[str, Any]:
@@ -141,7 +180,7 @@ def time_limited(cluster_qvm: JobQvm, template: str) -> tuple[int, float]:
 
 def test_an_array_of_runs_from_one_snapshot(
     cluster_qvm: JobQvm, template: str, time_limited: tuple[int, float]
-) -> None:
+) -> None:  # time_limited: submitted first, so that it runs meanwhile
     qvm = cluster_qvm
     # in the guest: the task's variables as the guest sees them; task 2 fails on purpose
     script = (
@@ -170,8 +209,8 @@ def test_an_array_of_runs_from_one_snapshot(
     assert sorted(p.name for p in results.glob("task-*.json")) == [
         f"task-{i}.json" for i in range(4)
     ]
-    # the time-limited job may still run: its task's dir is job.ID.0, ID its array's
-    assert qvm.left_in_job_dirs(f"job.{time_limited[0]}.0") == []
+    # the tasks' own job ids: the array's and the next ones (the tests submit one by one)
+    assert qvm.left_in_job_dirs(*range(job, job + 4)) == []
 
 
 def test_scancel_cancels_every_task_and_leaves_nothing(cluster_qvm: JobQvm, template: str) -> None:
@@ -196,11 +235,9 @@ def test_scancel_cancels_every_task_and_leaves_nothing(cluster_qvm: JobQvm, temp
         assert task["error"] == "cancelled by SIGTERM"
     never = [t for t in report["tasks"] if not Path(t["result"]).exists()]
     assert all(t["error"] == "cancelled before it started" for t in never)
-    wait_until(lambda: not _vm_processes(qvm, job), 10, "no QEMU of the job")
-
-
-def _vm_processes(qvm: JobQvm, job: int) -> list[tuple[int, str]]:
-    return [(pid, cmd) for pid, cmd in qvm.processes() if f"/job.{job}" in cmd]
+    task_ids = range(job, job + 3)  # the tasks' own job ids: the array's and the next ones
+    wait_until(lambda: not qvm.job_processes(*task_ids), 10, "no QEMU of the job")
+    assert qvm.left_in_job_dirs(*task_ids) == []
 
 
 def test_a_foreground_vm_cancelled_powers_off(cluster_qvm: JobQvm) -> None:
@@ -223,14 +260,14 @@ def test_a_foreground_vm_cancelled_powers_off(cluster_qvm: JobQvm) -> None:
         timeout=30,
         check=True,
     )
-    job = int(done.stdout.strip().split(";")[0])
-    state = qvm.state_dir / f"job.{job}"  # not an array: no task id in its name
+    job = qvm.submitted(int(done.stdout.strip().split(";")[0]))
+    state = JOB_DIRS / f"job.{job}"  # not an array: no task id in its name
     serial = Serial(state / "g1" / "serial.log")
     serial.wait_ready(90)
     subprocess.run(["scancel", str(job)], check=True, timeout=30)
     # the guest's own word: it got the power button and went down in order
     wait_until(lambda: serial.guest().powered_off, 30, "the guest's power-off")
-    wait_until(lambda: not _vm_processes(qvm, job), 15, "no QEMU of the job")
+    wait_until(lambda: not qvm.job_processes(job), 15, "no QEMU of the job")
     status = json.loads(
         subprocess.run(
             [str(QVM_BIN), "status", "g1", "--json"],
@@ -254,5 +291,5 @@ def test_a_task_past_its_time_limit(cluster_qvm: JobQvm, time_limited: tuple[int
     assert task["error"] == "Slurm's time limit (--time) ended it: cancelled by SIGTERM"
     # the run got Slurm's SIGTERM, powered its VM off and said so in its result
     assert json.loads(Path(task["result"]).read_text())["state"] == "cancelled"
-    wait_until(lambda: not _vm_processes(qvm, job), 10, "no QEMU of the job")
-    assert qvm.left_in_job_dirs() == []
+    wait_until(lambda: not qvm.job_processes(job), 10, "no QEMU of the job")
+    assert qvm.left_in_job_dirs(job) == []

@@ -6,14 +6,13 @@ tests/integration/test_slurm.py runs the real Slurm."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from framework.fake_tools import fake_tool
 from framework.harness import Qvm, one_line_error, short_tmpdir
 from framework.jsonschema_lite import validate
 
@@ -21,21 +20,13 @@ DATA = Path(__file__).resolve().parents[2] / "data" / "slurm"
 
 
 @pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch) -> Iterator[Qvm]:
+def cli(fake_tools: Path) -> Iterator[Qvm]:
+    """The CLI, with the fake tools first on its PATH (it runs with this process's)."""
     root = short_tmpdir()
     qvm = Qvm(root)
     qvm.guest_machine("vm1", count=2, memory="256M")
-    tools = root / "fakebin"
-    tools.mkdir()
-    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
     yield qvm
     shutil.rmtree(root, ignore_errors=True)
-
-
-def fake(qvm: Qvm, name: str, body: str) -> None:
-    path = qvm.root / "fakebin" / name
-    path.write_text(f"#!/bin/sh\n{body}\n")
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
 def run_json(qvm: Qvm, *args: str, code: int = 0, json_last: bool = True) -> Any:
@@ -62,22 +53,22 @@ def test_dry_run_prints_the_script_with_the_definition_s_resources(cli: Qvm) -> 
     assert planned["job_id"] is None and planned["mem_per_task_bytes"] == 512 * 1024**2
 
 
-def test_submit_prints_the_job_id_last(cli: Qvm) -> None:
-    fake(cli, "sbatch", "cat > /dev/null; echo 31")
-    fake(cli, "scontrol", "exit 0")
+def test_submit_prints_the_job_id_last(cli: Qvm, fake_tools: Path) -> None:
+    fake_tool(fake_tools, "sbatch", "cat > /dev/null; echo 31")
+    fake_tool(fake_tools, "scontrol", "exit 0")
     done = cli("slurm", "submit", "vm1", "--array", "2", "--", "true")
     assert done.stdout.split()[-1] == "31"
     assert (cli.root / "qvm-results" / "31" / "job.json").is_file()
-    fake(cli, "sbatch", "cat > /dev/null; echo 32")
+    fake_tool(fake_tools, "sbatch", "cat > /dev/null; echo 32")
     submitted = run_json(cli, "slurm", "submit", "vm1", "--json", "--", "true", json_last=False)
     validate(submitted, "slurm-submit.json")
     assert submitted["job_id"] == 32 and submitted["results"] == str(cli.root / "qvm-results/32")
 
 
-def test_status_and_results_merge_slurm_and_the_files(cli: Qvm) -> None:
+def test_status_and_results_merge_slurm_and_the_files(cli: Qvm, fake_tools: Path) -> None:
     folder = cli.root / "r"
     folder.mkdir()
-    fake(cli, "scontrol", f"cat {DATA / 'ended.txt'}")
+    fake_tool(fake_tools, "scontrol", f"cat {DATA / 'ended.txt'}")
     result = {
         "name": "vm1-run-abc123",
         "definition": "vm1",
@@ -111,7 +102,7 @@ def test_status_and_results_merge_slurm_and_the_files(cli: Qvm) -> None:
     assert shown.returncode == 1 and "  | task 1\n" in shown.stdout
 
 
-def test_bad_input_is_one_line(cli: Qvm) -> None:
+def test_bad_input_is_one_line(cli: Qvm, fake_tools: Path) -> None:
     one_line_error(
         cli("slurm", "submit", "vm1", check=False),
         "qvm: qvm slurm submit vm1 -- PROGRAM [ARG...]: no program given",
@@ -127,7 +118,9 @@ def test_bad_input_is_one_line(cli: Qvm) -> None:
         "qvm: vm1: --from vm1@x: no snapshot 'x' (hint: qvm snapshot save vm1 x, or see qvm"
         " snapshot list vm1)"
     )
-    fake(cli, "scontrol", "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1")
+    fake_tool(
+        fake_tools, "scontrol", "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1"
+    )
     line = one_line_error(cli("slurm", "status", "5", check=False))
     assert line.startswith("qvm: job 5: Slurm does not know it and ")
     assert cli("slurm", "status", "x", check=False).returncode == 2

@@ -4,11 +4,10 @@ the calls to sbatch/scontrol against fake tools that answer as Slurm does."""
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 
 import pytest
+from framework.fake_tools import calls, fake_tool
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -134,32 +133,15 @@ def test_times() -> None:
 # --- the tools, faked on PATH ------------------------------------------------------------
 
 
-@pytest.fixture
-def tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A folder first on PATH where a test writes fake sbatch/scontrol scripts; each
-    logs its arguments and stdin to calls.log."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
-    return folder
-
-
-def fake(folder: Path, name: str, body: str) -> None:
-    path = folder / name
-    log = folder / "calls.log"
-    path.write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\ncat >> {log}\n{body}\n')
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-
-
-def test_sbatch_submits_the_script_on_stdin_held(tools: Path) -> None:
-    fake(tools, "sbatch", 'echo "42;cluster"')
+def test_sbatch_submits_the_script_on_stdin_held(fake_tools: Path) -> None:
+    fake_tool(fake_tools, "sbatch", 'echo "42;cluster"', log_stdin=True)
     assert sbatch("#!/bin/bash\necho hi\n", hold=True) == 42
-    assert (tools / "calls.log").read_text() == "sbatch --parsable --hold\n#!/bin/bash\necho hi\n"
+    assert calls(fake_tools) == ["sbatch --parsable --hold", "#!/bin/bash", "echo hi"]
 
 
-def test_sbatch_s_refusal_is_one_line(tools: Path) -> None:
-    fake(
-        tools,
+def test_sbatch_s_refusal_is_one_line(fake_tools: Path) -> None:
+    fake_tool(
+        fake_tools,
         "sbatch",
         "echo 'sbatch: error: invalid partition specified: nope' >&2\n"
         "echo 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2"
@@ -171,20 +153,22 @@ def test_sbatch_s_refusal_is_one_line(tools: Path) -> None:
     assert str(caught.value).startswith("sbatch: sbatch: error: invalid partition")
 
 
-def test_sbatch_without_a_job_id(tools: Path) -> None:
-    fake(tools, "sbatch", "echo 'Submitted batch job'")
+def test_sbatch_without_a_job_id(fake_tools: Path) -> None:
+    fake_tool(fake_tools, "sbatch", "echo 'Submitted batch job'")
     with pytest.raises(HostError, match="no job id"):
         sbatch("#!/bin/bash\n", hold=False)
 
 
-def test_a_job_slurm_forgot_is_none(tools: Path) -> None:
-    fake(tools, "scontrol", "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1")
+def test_a_job_slurm_forgot_is_none(fake_tools: Path) -> None:
+    fake_tool(
+        fake_tools, "scontrol", "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1"
+    )
     assert show_job(7) is None
 
 
-def test_scontrol_down_is_a_host_error(tools: Path) -> None:
-    fake(
-        tools,
+def test_scontrol_down_is_a_host_error(fake_tools: Path) -> None:
+    fake_tool(
+        fake_tools,
         "scontrol",
         "echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2"
         "; exit 1",
@@ -195,7 +179,9 @@ def test_scontrol_down_is_a_host_error(tools: Path) -> None:
         release(7)
 
 
-def test_no_slurm_installed_names_the_package(tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", str(tools))
+def test_no_slurm_installed_names_the_package(
+    fake_tools: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(fake_tools))
     with pytest.raises(HostError, match="apt-get install slurm-client"):
         show_job(7)

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from framework.fake_tools import calls, fake_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +30,7 @@ from qvm.ops.slurm import (
     submit,
     task_report,
 )
+from qvm.store.fields import Fields
 from qvm.store.run_result import RunResult, write_run_result
 from qvm.store.slurm_job import read_slurm_job
 
@@ -223,51 +225,35 @@ def test_an_unknown_snapshot_is_refused_before_submitting(tmp_path: Path) -> Non
 # --- submitting, against fake Slurm tools ---------------------------------------------------
 
 
-@pytest.fixture
-def tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "fakebin"
-    folder.mkdir()
-    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
-    return folder
-
-
-def fake(folder: Path, name: str, body: str) -> None:
-    path = folder / name
-    path.write_text(f'#!/bin/sh\necho "{name} $*" >> {folder}/calls.log\n{body}\n')
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-
-
-def calls(folder: Path) -> list[str]:
-    return (folder / "calls.log").read_text().splitlines()
-
-
-def test_submit_holds_writes_job_json_then_releases(tmp_path: Path, tools: Path) -> None:
-    fake(tools, "sbatch", "cat > /dev/null; echo 77")
-    fake(tools, "scontrol", "")
+def test_submit_holds_writes_job_json_then_releases(tmp_path: Path, fake_tools: Path) -> None:
+    fake_tool(fake_tools, "sbatch", "cat > /dev/null; echo 77")
+    fake_tool(fake_tools, "scontrol", "")
     done = submit(spec(tmp_path))
     assert done.job_id == 77 and done.results == str(tmp_path / "results" / "77")
-    assert calls(tools) == ["sbatch --parsable --hold", "scontrol release 77"]
+    assert calls(fake_tools) == ["sbatch --parsable --hold", "scontrol release 77"]
     record = read_slurm_job(done.results)
     assert record is not None and record.job_id == 77 and record.tasks == 4
     assert record.command == ("echo", "hi") and record.mem_mib == 512
 
 
-def test_a_failed_release_cancels_the_held_job(tmp_path: Path, tools: Path) -> None:
-    fake(tools, "sbatch", "cat > /dev/null; echo 78")
-    fake(tools, "scontrol", "echo 'slurm_release error: Access/permission denied' >&2; exit 1")
-    fake(tools, "scancel", "")
+def test_a_failed_release_cancels_the_held_job(tmp_path: Path, fake_tools: Path) -> None:
+    fake_tool(fake_tools, "sbatch", "cat > /dev/null; echo 78")
+    fake_tool(
+        fake_tools, "scontrol", "echo 'slurm_release error: Access/permission denied' >&2; exit 1"
+    )
+    fake_tool(fake_tools, "scancel", "")
     with pytest.raises(HostError, match="scontrol release: slurm_release error"):
         submit(spec(tmp_path))
-    assert calls(tools)[-1] == "scancel 78"  # no held job left that nobody knows of
+    assert calls(fake_tools)[-1] == "scancel 78"  # no held job left that nobody knows of
 
 
-def test_another_job_s_results_are_never_overwritten(tmp_path: Path, tools: Path) -> None:
+def test_another_job_s_results_are_never_overwritten(tmp_path: Path, fake_tools: Path) -> None:
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "task-0.json").write_text("{}")
     with pytest.raises(UsageError, match="holds another job's results"):
         submit(spec(tmp_path, results=str(folder), per_job=False))
-    assert not (tools / "calls.log").exists()  # nothing submitted
+    assert calls(fake_tools) == []  # nothing submitted
     assert (folder / "task-0.json").read_text() == "{}"
 
 
@@ -293,21 +279,23 @@ def slurm_task(state: str, node: str | None = "n1", exit_code: int | None = 0) -
 def result(
     state: str, status: int, exit_code: int | None = None, error: str | None = None
 ) -> RunResult:
-    return RunResult(
-        name="vm1-run-abcdef",
-        definition="vm1",
-        source=None,
-        state=state,
-        exit_code=exit_code,
-        signal=None,
-        status=status,
-        stdout="out\n",
-        stderr="",
-        phases={"boot": 1.0},
-        started_at=100.5,
-        ended_at=102.5,
-        error=error,
-    )
+    """A run's record as `qvm run --result` writes it, read back as `results` reads it."""
+    data = {
+        "name": "vm1-run-abcdef",
+        "definition": "vm1",
+        "from": None,
+        "state": state,
+        "exit_code": exit_code,
+        "signal": None,
+        "status": status,
+        "stdout": "out\n",
+        "stderr": "",
+        "phases": {"boot": 1.0},
+        "started_at": 100.5,
+        "ended_at": 102.5,
+        "error": error,
+    }
+    return RunResult.read(Fields(data, "task-0.json"))
 
 
 FOLDER = Path("/r")
