@@ -45,6 +45,7 @@ def main() -> None:
         qvm(env, root, "down", "g1")
         qvm(env, root, "run", "g1", "--from", "g1@ready", "--", "true")  # freezes the snapshot
         serial, each = serial_runs(env, root)
+        qemu_mib, task_mib = peak_rss(env, root)
         array, tasks = slurm_array(env, root)
     finally:
         subprocess.run([QVM, "kill", "g1"], env=env, cwd=root, capture_output=True, check=False)
@@ -53,10 +54,14 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     print(f"| {RUNS} one-shot `qvm run --from` (`true`) | wall time | per run |")
     print("|---|---|---|")
-    print(f"| serial on the host | {serial:.1f} s | {each:.2f} s (median) |")
+    print(f"| serial on the host | {serial:.1f} s | {each:.2f} s (median, the run's own) |")
     print(
         f"| Slurm array on this node ({os.cpu_count()} CPUs) | {array:.1f} s | "
         f"{tasks:.2f} s (median, the task's own run) |"
+    )
+    print(
+        f"\nPeak RSS of one `qvm run --from` (256 MiB guest, `sleep 3`): QEMU {qemu_mib:.0f} MiB;"
+        f" QEMU, supervisor and `qvm run` together {task_mib:.0f} MiB"
     )
 
 
@@ -67,13 +72,47 @@ def qvm(env: dict[str, str], root: Path, *args: str) -> subprocess.CompletedProc
 
 
 def serial_runs(env: dict[str, str], root: Path) -> tuple[float, float]:
+    """The wall time of all, and the median of each run's own seconds (its record's
+    start to end, as a task's are counted)."""
     started = time.monotonic()
     each = []
     for _ in range(RUNS):
-        one = time.monotonic()
-        qvm(env, root, "run", "g1", "--from", "g1@ready", "--", "true")
-        each.append(time.monotonic() - one)
+        done = qvm(env, root, "run", "g1", "--from", "g1@ready", "--json", "--", "true")
+        record = json.loads(done.stdout)
+        each.append(record["ended_at"] - record["started_at"])
     return time.monotonic() - started, statistics.median(each)
+
+
+def peak_rss(env: dict[str, str], root: Path) -> tuple[float, float]:
+    """The highest RSS of QEMU alone, and of QEMU, the supervisor and `qvm run` together,
+    sampled every 20 ms through one run (what a task's --mem must hold)."""
+    run = subprocess.Popen(
+        [QVM, "run", "g1", "--from", "g1@ready", "--", "sleep", "3"],
+        env=env,
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+    )
+    qemu_peak = total_peak = 0
+    while run.poll() is None:
+        qemu = total = 0
+        for entry in Path("/proc").iterdir():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+                if entry.name != str(run.pid) and str(root).encode() not in cmd:
+                    continue
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            rss = next(
+                (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")),
+                0,
+            )
+            total += rss
+            if cmd.startswith(b"qemu-system"):
+                qemu += rss
+        qemu_peak, total_peak = max(qemu_peak, qemu), max(total_peak, total)
+        time.sleep(0.02)
+    return qemu_peak / 1024, total_peak / 1024
 
 
 def slurm_array(env: dict[str, str], root: Path) -> tuple[float, float]:

@@ -33,10 +33,12 @@ from qvm.store.slurm_job import JOB_FILE, SlurmJobRecord, read_slurm_job, write_
 from qvm.store.snapshots import find_snapshot
 
 MIB = 1024**2
-# What a task needs beyond the guest's RAM, measured with the test guest under TCG
-# (docs/cluster.md): QEMU's own RSS besides the guest's pages (the TCG translation cache
-# grows with the guest's code, ~60 MiB), the supervisor and `qvm run` (two Pythons, ~30
-# MiB each), with room to spare: a job over its --mem is killed where Slurm enforces it.
+# What a task needs beyond the guest's RAM (docs/cluster.md): QEMU's own memory besides
+# the guest's pages (its TCG translation cache grows with the guest's code), the
+# supervisor and `qvm run` (two Pythons, ~40 MiB together). Measured by
+# scripts/bench_slurm.py: 231 MiB for all three with a 256 MiB test guest, which touches
+# only part of its RAM; a guest that touches all of it needs RAM + QEMU's own + 40 MiB,
+# and a task over its --mem is killed where Slurm enforces it.
 QEMU_OVERHEAD_MIB = 256
 DEFAULT_RESULTS = "qvm-results"  # in the current folder; a subfolder per job id
 RESULT_NAME = "task-{}.json"
@@ -195,11 +197,12 @@ def batch_script(spec: BatchSpec) -> str:
 
 
 def _grouped(words: list[str]) -> list[str]:
-    """The command's words, an option and its value on one line, the command on the last."""
+    """The command's words on lines: one before each option (with its value) and before
+    the command's ``--``."""
     lines: list[str] = []
     current: list[str] = []
     for word in words:
-        if word.startswith("--") and current and current[-1] != "--from":
+        if word.startswith("--") and current:
             lines.append(" ".join(current))
             current = []
         current.append(word)
