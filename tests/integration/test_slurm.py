@@ -32,8 +32,9 @@ from framework.wait import wait_until
 pytestmark = pytest.mark.integration
 
 CLUSTER = REPO / "scripts" / "slurm-cluster"
-# what scripts/slurm-cluster says when the packages cannot be installed here
-CANNOT_INSTALL = ("apt-get could not install", "missing Debian packages")
+# what scripts/slurm-cluster says when it cannot install Slurm here (or, not root, cannot
+# run it)
+CANNOT_INSTALL = ("apt-get could not install", "missing Debian packages", "needs root")
 ENDED = ("exited", "timeout", "cancelled", "failed")
 
 
