@@ -2,11 +2,12 @@
 the one-node cluster of scripts/slurm-cluster (brought up if it is not, and taken down
 again then).
 
-Serial: `qvm run g1 --from g1@ready -- true`, eight times one after the other. Array:
-`qvm slurm submit g1 --from g1@ready --array 8 -- true`, timed from the submission to
+Serial: `qvm run g1 --from g1@ready -- CMD`, eight times one after the other. Array:
+`qvm slurm submit g1 --from g1@ready --array 8 -- CMD`, timed from the submission to
 the moment `qvm slurm status` shows every task ended (polled every 0.2 s); Slurm runs as
-many tasks at once as the node has CPUs for (one each). Prints a Markdown table for
-docs/speed.md. Run it with scripts/bench (QVM_BENCH_SLURM=0 leaves it out).
+many tasks at once as the node has CPUs for (one each). CMD is `true`, then `sleep 2`.
+Prints a Markdown table for docs/speed.md, and one run's peak RSS. Run it with
+scripts/bench (QVM_BENCH_SLURM=0 leaves it out).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 QVM = str(Path(sys.executable).parent / "qvm")
 CLUSTER = str(REPO / "scripts" / "slurm-cluster")
 RUNS = 8
+# a command that returns at once, and one that takes two seconds in the guest
+COMMANDS = (["true"], ["sleep", "2"])
 
 
 def main() -> None:
@@ -44,21 +47,22 @@ def main() -> None:
         qvm(env, root, "snapshot", "save", "g1", "ready")
         qvm(env, root, "down", "g1")
         qvm(env, root, "run", "g1", "--from", "g1@ready", "--", "true")  # freezes the snapshot
-        serial, each = serial_runs(env, root)
+        rows = []
+        for command in COMMANDS:
+            rows.append((command, serial_runs(env, root, command), slurm_array(env, root, command)))
         qemu_mib, task_mib = peak_rss(env, root)
-        array, tasks = slurm_array(env, root)
     finally:
         subprocess.run([QVM, "kill", "g1"], env=env, cwd=root, capture_output=True, check=False)
         if not was_up:
             subprocess.run([CLUSTER, "down"], check=False)
         shutil.rmtree(root, ignore_errors=True)
-    print(f"| {RUNS} one-shot `qvm run --from` (`true`) | wall time | per run |")
+    print(f"| {RUNS} one-shot `qvm run --from` | serial on the host | Slurm array on this node |")
     print("|---|---|---|")
-    print(f"| serial on the host | {serial:.1f} s | {each:.2f} s (median, the run's own) |")
-    print(
-        f"| Slurm array on this node ({os.cpu_count()} CPUs) | {array:.1f} s | "
-        f"{tasks:.2f} s (median, the task's own run) |"
-    )
+    for command, (serial, each), (array, tasks) in rows:
+        print(
+            f"| `{' '.join(command)}` | {serial:.1f} s ({each:.2f} s a run) "
+            f"| {array:.1f} s ({tasks:.2f} s a task) |"
+        )
     print(
         f"\nPeak RSS of one `qvm run --from` (256 MiB guest, `sleep 3`): QEMU {qemu_mib:.0f} MiB;"
         f" QEMU, supervisor and `qvm run` together {task_mib:.0f} MiB"
@@ -71,13 +75,13 @@ def qvm(env: dict[str, str], root: Path, *args: str) -> subprocess.CompletedProc
     )
 
 
-def serial_runs(env: dict[str, str], root: Path) -> tuple[float, float]:
+def serial_runs(env: dict[str, str], root: Path, command: list[str]) -> tuple[float, float]:
     """The wall time of all, and the median of each run's own seconds (its record's
     start to end, as a task's are counted)."""
     started = time.monotonic()
     each = []
     for _ in range(RUNS):
-        done = qvm(env, root, "run", "g1", "--from", "g1@ready", "--json", "--", "true")
+        done = qvm(env, root, "run", "g1", "--from", "g1@ready", "--json", "--", *command)
         record = json.loads(done.stdout)
         each.append(record["ended_at"] - record["started_at"])
     return time.monotonic() - started, statistics.median(each)
@@ -115,11 +119,12 @@ def peak_rss(env: dict[str, str], root: Path) -> tuple[float, float]:
     return qemu_peak / 1024, total_peak / 1024
 
 
-def slurm_array(env: dict[str, str], root: Path) -> tuple[float, float]:
+def slurm_array(env: dict[str, str], root: Path, command: list[str]) -> tuple[float, float]:
+    """The wall time from the submission to every task ended, and the median of the
+    tasks' own seconds."""
     started = time.monotonic()
-    done = qvm(
-        env, root, "slurm", "submit", "g1", "--from", "g1@ready", "--array", str(RUNS), "--", "true"
-    )
+    array = ("--array", str(RUNS))
+    done = qvm(env, root, "slurm", "submit", "g1", "--from", "g1@ready", *array, "--", *command)
     job = done.stdout.split()[-1]
     while True:
         report = json.loads(qvm(env, root, "slurm", "status", job, "--json").stdout)
