@@ -33,16 +33,7 @@ class SlurmJobRecord(Record):
 
     @classmethod
     def read(cls, f: Fields) -> SlurmJobRecord:
-        return cls(
-            job_id=f.int("job_id"),
-            name=f.str("name"),
-            source=f.str("from", None),
-            tasks=f.int("tasks"),
-            command=f.str_list("command"),
-            cpus=f.int("cpus"),
-            mem_mib=f.int("mem_mib"),
-            submitted_at=f.float("submitted_at"),
-        )
+        return f.declared(cls, source=f.str("from", None))
 
 
 def write_slurm_job(folder: str | os.PathLike[str], record: SlurmJobRecord) -> None:
