@@ -36,7 +36,7 @@ MIB = 1024**2
 # What a task needs beyond the guest's RAM (docs/cluster.md): QEMU's own memory besides
 # the guest's pages (its TCG translation cache grows with the guest's code), the
 # supervisor and `qvm run` (two Pythons, ~40 MiB together). Measured by
-# scripts/bench_slurm.py: 231 MiB for all three with a 256 MiB test guest, which touches
+# scripts/bench_slurm.py: 233 MiB for all three with a 256 MiB test guest, which touches
 # only part of its RAM; a guest that touches all of it needs RAM + QEMU's own + 40 MiB,
 # and a task over its --mem is killed where Slurm enforces it.
 QEMU_OVERHEAD_MIB = 256
