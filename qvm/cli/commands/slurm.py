@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from qvm.cli import resolve
 from qvm.cli.output import emit_json, say, table, warn
-from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option
+from qvm.cli.parsing.declare import AS_JSON, MACHINE, PROGRAM, Argument, Commands, Option
 from qvm.errors import EXIT_FAILURE, UsageError
 
 if TYPE_CHECKING:
@@ -29,12 +29,7 @@ RESULTS = Option(
 @commands.command("submit")
 def submit(
     name: str = MACHINE,
-    command: list[str] | None = Argument(
-        None,
-        help="The program and its arguments, run in each task's VM as `qvm run` runs them "
-        "(-- before them is optional).",
-        command_line=True,
-    ),
+    command: list[str] | None = PROGRAM,
     source: str | None = Option(
         None, "--from", metavar="VM@TAG", help="Each task resumes a clone of this snapshot."
     ),

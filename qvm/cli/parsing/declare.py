@@ -91,7 +91,7 @@ TARGETS = Argument(
 ALL_RUNNING = Option(False, "--all", help="Every running VM (then no names).")
 JOBS = Option(None, "--jobs", metavar="N", help="At most N VMs at a time (default: all, up to 16).")
 SNAPSHOT_TAG = Argument(..., help="The snapshot's name.")
-# exec and run: a program run in the guest through its agent
+# exec, run and slurm submit: a program run in the guest through its agent
 PROGRAM = Argument(
     None,
     help="The program and its arguments (-- before them is optional): every word from the "
