@@ -17,6 +17,7 @@ done, so that no half-started VM is left behind.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import signal
 import time
@@ -35,7 +36,7 @@ from qvm.errors import (
     QvmError,
     WaitTimeout,
 )
-from qvm.layout.rundir import RunDir
+from qvm.layout.rundir import RunDir, job_state_dir
 from qvm.ops.access import wait_ready
 from qvm.ops.guest import ExecOutcome, run_command
 from qvm.ops.stop import kill
@@ -201,6 +202,7 @@ def run_throwaway(
             cancellation.tearing_down = True
             with clock.phase("teardown"):
                 problem = _destroy(run)
+                drop_empty_job_dir(state_root, os.environ)
             if problem and error is None:
                 error = problem
     ran = outcome.status if outcome is not None else None
@@ -289,6 +291,15 @@ def _start(run: RunDir, spec: RunSpec) -> None:
 def _clone_machine_file(run: RunDir) -> Path:
     """With --from, the clone's machine file lies in its own run dir: it goes with it."""
     return run.path / f"{run.name}.toml"
+
+
+def drop_empty_job_dir(state_root: Path, environ: Mapping[str, str]) -> None:
+    """A Slurm task's state root is its own folder on the node (``job_state_dir``): once
+    its throwaway is gone, nothing of the task is left behind, not even that folder."""
+    if "QVM_STATE_DIR" in environ or state_root != job_state_dir(environ):
+        return
+    with contextlib.suppress(OSError):  # not empty: another VM of the job's, kept there
+        state_root.rmdir()
 
 
 def _destroy(run: RunDir) -> str | None:

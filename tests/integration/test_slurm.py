@@ -84,14 +84,9 @@ class JobQvm(Qvm):
         return [d for d in JOB_DIRS.glob("job.*") if self._ours(d.name.split(".")[1])]
 
     def left_in_job_dirs(self, *jobs: int) -> list[str]:
-        """What the jobs (``jobs``, or all) left in their folders: nothing, after a clean
-        end, whichever way it ended."""
-        return [
-            str(p)
-            for d in self.job_dirs()
-            if not jobs or int(d.name.split(".")[1]) in jobs
-            for p in d.iterdir()
-        ]
+        """What the `qvm run` tasks of the jobs (``jobs``, or all) left on the node: nothing,
+        not even their folders, whichever way they ended."""
+        return [str(d) for d in self.job_dirs() if not jobs or int(d.name.split(".")[1]) in jobs]
 
     def job_processes(self, *jobs: int) -> list[tuple[int, str]]:
         """Live processes (QEMU, supervisors) of the jobs' VMs: of ``jobs``, or of all."""

@@ -3,6 +3,7 @@ and the record of a run that ended before its VM was made."""
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from hypothesis import strategies as st
 from qvm.definition.schema import DiskSpec, Machine, NicSpec, PortForward, SupervisorSpec
 from qvm.errors import NotRunningError
 from qvm.layout.names import NAME_PATTERN, is_vm_name
+from qvm.layout.rundir import job_state_dir
 from qvm.ops.run import (
     Cancellation,
     RunCancelled,
+    drop_empty_job_dir,
     not_run,
     throwaway_machine,
     throwaway_name,
@@ -89,3 +92,26 @@ def test_a_run_that_never_made_its_vm_has_a_record_too() -> None:
     assert (cancelled.state, cancelled.status) == ("cancelled", 143)
     assert cancelled.error == "cancelled by SIGTERM"
     assert cancelled.to_json()["from"] == "vm1@t"
+
+
+def test_a_slurm_tasks_empty_state_folder_goes_with_its_throwaway(tmp_path: Path) -> None:
+    job = {"SLURM_JOB_ID": "987654321", "SLURM_ARRAY_TASK_ID": str(os.getpid())}
+    folder = job_state_dir(job)
+    assert folder is not None
+    folder.mkdir(parents=True)
+    try:
+        drop_empty_job_dir(folder, {**job, "QVM_STATE_DIR": str(folder)})  # the user's own
+        assert folder.is_dir()
+        drop_empty_job_dir(tmp_path, job)  # not the task's folder
+        assert tmp_path.is_dir()
+        (folder / "other-vm").mkdir()  # something else of the job's is kept, and its folder
+        drop_empty_job_dir(folder, job)
+        assert folder.is_dir()
+        (folder / "other-vm").rmdir()
+        drop_empty_job_dir(folder, job)
+        assert not folder.exists()
+    finally:
+        if folder.exists():
+            for child in folder.iterdir():
+                child.rmdir()
+            folder.rmdir()
