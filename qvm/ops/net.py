@@ -259,9 +259,9 @@ def network_info(state_root: Path, name: str) -> NetworkInfo:
     if record is None:
         raise UsageError(f"no network {name!r}", hint="qvm net list shows the networks")
     switch = read_switch(net)
-    members = []
-    for member in record.members:
-        members.append(_member_info(state_root, member))
+    # join order depends on which supervisor won the lock; readers want a stable order
+    ordered = sorted(record.members, key=lambda m: (m.vm, m.nic))
+    members = [_member_info(state_root, member) for member in ordered]
     state, problem = _switch_state(net, switch, any(m.running for m in members))
     return NetworkInfo(
         name,

@@ -74,3 +74,10 @@ def test_an_address_a_running_member_holds(tmp_path: Path, monkeypatch: pytest.M
     assert moved.notes == (
         f"network lab: {taken} was taken by b's pinned address; a now has {moved.nics[0].address}",
     )
+
+
+def test_members_are_listed_by_name_whoever_joined_first(tmp_path: Path) -> None:
+    join(tmp_path, machine(tmp_path, "b"))
+    join(tmp_path, machine(tmp_path, "a"))
+    info = net.network_info(tmp_path / "state", "lab")
+    assert [m.vm for m in info.members] == ["a", "b"]
