@@ -31,25 +31,8 @@ from qvm.errors import ControlError, NotRunningError, QmpTimeoutError, RecordErr
 from qvm.layout.locks import try_lock
 from qvm.layout.rundir import RunDir
 from qvm.store.state import read_state
+from qvm.supervisor import wire
 from qvm.supervisor.client import connect_supervisor, supervisor_alive
-from qvm.supervisor.wire import (
-    MAX_LINE,
-    ControlRequest,
-    ErrorReply,
-    RelayEvent,
-    RelayExecute,
-    RelayExpired,
-    RelayGone,
-    RelayListen,
-    RelayRefused,
-    RelayReply,
-    RelayReturn,
-    RelayTimedOut,
-    RelayUnlisten,
-    decode_relay_message,
-    decode_reply,
-    encode,
-)
 
 DEFAULT_TIMEOUT = 10.0  # seconds per QMP command
 CONNECT_TIMEOUT = 5.0
@@ -168,7 +151,7 @@ class ControlSession:
             self._sock = connect_supervisor(self.run, deadline)
         except OSError as exc:
             raise NotRunningError(self.name) from exc
-        request = ControlRequest()
+        request = wire.ControlRequest()
         self._send(request)
         try:
             line = self._read_line(deadline)
@@ -179,7 +162,7 @@ class ControlSession:
                 f"{self.name}: the supervisor did not open a control session within "
                 f"{CONNECT_TIMEOUT:g} s (hint: qvm status {self.name})"
             )
-        if isinstance(decode_reply(request, line, self._source), ErrorReply):
+        if isinstance(wire.decode_reply(request, line, self._source), wire.ErrorReply):
             raise NotRunningError(self.name)  # the supervisor has no QEMU to talk to
 
     def close(self) -> None:
@@ -192,24 +175,27 @@ class ControlSession:
 
     # --- the line protocol (qvm.supervisor.relay is the other end) -----------------------
 
-    def _send(self, message: ControlRequest | RelayExecute | RelayListen | RelayUnlisten) -> None:
+    def _send(
+        self,
+        message: wire.ControlRequest | wire.RelayExecute | wire.RelayListen | wire.RelayUnlisten,
+    ) -> None:
         assert self._sock is not None, "session is not open"
-        line = encode(message.to_json())
-        if len(line) > MAX_LINE:
+        line = wire.encode(message.to_json())
+        if len(line) > wire.MAX_LINE:
             raise ControlError(
                 f"{self.name}: a QMP request of {len(line)} bytes: QEMU takes at most "
-                f"{MAX_LINE} bytes in one message"
+                f"{wire.MAX_LINE} bytes in one message"
             )
         # if the supervisor went away, reading the reply says so
         with contextlib.suppress(OSError):
             self._sock.sendall(line)
 
-    def _read_message(self, deadline: float) -> RelayReply | RelayEvent | None:
+    def _read_message(self, deadline: float) -> wire.RelayReply | wire.RelayEvent | None:
         """The next message, None when the deadline passed; EOFError when the supervisor
         closed the session (QEMU and its supervisor ended); RecordError if it is not one
         of the relay's."""
         line = self._read_line(deadline)
-        return None if line is None else decode_relay_message(line, self._source)
+        return None if line is None else wire.decode_relay_message(line, self._source)
 
     def _read_line(self, deadline: float) -> bytes | None:
         assert self._sock is not None, "session is not open"
@@ -237,7 +223,9 @@ class ControlSession:
         self._next_id += 1
         return self._next_id
 
-    def _request(self, request: RelayExecute | RelayListen, wait: float) -> RelayReply | None:
+    def _request(
+        self, request: wire.RelayExecute | wire.RelayListen, wait: float
+    ) -> wire.RelayReply | None:
         """Send one request; its reply, or None if none came within ``wait`` seconds.
         Events that arrive meanwhile are kept for their listeners."""
         self._send(request)
@@ -246,13 +234,13 @@ class ControlSession:
             reply = self._read_message(deadline)
             if reply is None:
                 return None
-            if isinstance(reply, RelayEvent):
+            if isinstance(reply, wire.RelayEvent):
                 self._keep_event(reply)
             elif reply.id == request.id:
                 return reply
             # else: the late reply to a command we stopped waiting for
 
-    def _keep_event(self, message: RelayEvent) -> None:
+    def _keep_event(self, message: wire.RelayEvent) -> None:
         queue = self._events.get(message.listener)
         if queue is not None:
             queue.append(message.event)
@@ -265,24 +253,24 @@ class ControlSession:
         """Run one QMP command and return its ``return`` value."""
         limit = self.timeout if timeout is None else timeout
         # past the deadline the supervisor does not send it: we have stopped waiting
-        request = RelayExecute(self._new_id(), command, arguments, limit, time.time() + limit)
+        request = wire.RelayExecute(self._new_id(), command, arguments, limit, time.time() + limit)
         try:
             # a little longer than the supervisor's own limit, whose answer is clearer
             reply = self._request(request, limit + 1.0)
         except EOFError as exc:
             raise self._gone(command) from exc
-        if reply is None or isinstance(reply, (RelayTimedOut, RelayExpired)):
+        if reply is None or isinstance(reply, (wire.RelayTimedOut, wire.RelayExpired)):
             raise QmpTimeoutError(
                 f"{self.name}: QEMU did not answer {command} within {limit:g} s "
                 f"(hint: qvm status {self.name})"
             )
-        if isinstance(reply, RelayRefused):
+        if isinstance(reply, wire.RelayRefused):
             raise ControlError(
                 f"{self.name}: {command}: {reply.desc}",
                 qemu_class=reply.error_class,
                 qemu_desc=reply.desc,
             )
-        if isinstance(reply, RelayGone):
+        if isinstance(reply, wire.RelayGone):
             raise self._gone(command)
         return reply.value
 
@@ -298,12 +286,12 @@ class ControlSession:
     def listen(self, names: Iterable[str] | None = None) -> Iterator[EventStream]:
         """Collect events from now (before sending the command they answer) until the
         ``with`` block ends: ``with session.listen(NAMES) as events: ...``."""
-        request = RelayListen(self._new_id(), tuple(names) if names is not None else None)
+        request = wire.RelayListen(self._new_id(), tuple(names) if names is not None else None)
         try:
             reply = self._request(request, self.timeout)
         except EOFError as exc:
             raise self._gone("listen") from exc
-        if not isinstance(reply, RelayReturn):
+        if not isinstance(reply, wire.RelayReturn):
             raise QmpTimeoutError(f"{self.name}: the supervisor did not start listening")
         listener_id = request.id
         self._events[listener_id] = collections.deque()
@@ -323,14 +311,14 @@ class ControlSession:
                 return None  # QEMU ended: no more events; the caller's next command says so
             if message is None:
                 return None
-            if isinstance(message, RelayEvent):
+            if isinstance(message, wire.RelayEvent):
                 self._keep_event(message)
         return queue.popleft()
 
     def _unlisten(self, listener_id: int) -> None:
         self._events.pop(listener_id, None)
         if self._sock is not None:
-            self._send(RelayUnlisten(self._new_id(), listener_id))
+            self._send(wire.RelayUnlisten(self._new_id(), listener_id))
 
 
 def describe_exit(run: RunDir, wait: float = EXIT_RECORD_WAIT) -> str:

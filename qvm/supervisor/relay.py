@@ -37,26 +37,8 @@ from typing import Any, Protocol
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
+from qvm.supervisor import wire
 from qvm.supervisor.view import changes_view
-from qvm.supervisor.wire import (
-    LOCAL_COMMANDS,
-    MAX_LINE,
-    ControlReady,
-    ErrorReply,
-    RelayEvent,
-    RelayExecute,
-    RelayExpired,
-    RelayGone,
-    RelayListen,
-    RelayRefused,
-    RelayReply,
-    RelayRequest,
-    RelayReturn,
-    RelayTimedOut,
-    RelayUnlisten,
-    decode_relay_request,
-    encode,
-)
 
 # how long a control client waits for the supervisor's own QMP connection (QEMU starting
 # or restarting) before it is told the VM is not running
@@ -73,7 +55,7 @@ class QmpHolder(Protocol):
     async def qmp_connection(self, timeout: float) -> QMPClient | None: ...
 
     async def local_command(self, name: str, arguments: dict[str, Any]) -> Any:
-        """One of ``LOCAL_COMMANDS``, run by the supervisor itself; ValueError refuses it."""
+        """One of ``wire.LOCAL_COMMANDS``, run by the supervisor itself; ValueError refuses it."""
         ...
 
     async def refresh_view(self, changed: bool) -> None: ...
@@ -100,20 +82,20 @@ async def serve_control(holder: QmpHolder, reader: LineSource, writer: LineWrite
     relay = _Relay(holder, writer)
     try:
         if not await relay.wait_connection():
-            relay.send(ErrorReply("QEMU is not running"))
+            relay.send(wire.ErrorReply("QEMU is not running"))
             return
-        relay.send(ControlReady())
+        relay.send(wire.ControlReady())
         while True:
             try:
                 line = await reader.readline()
-            except ValueError:  # longer than MAX_LINE: the client checks, so not one of ours
-                relay.send(ErrorReply(f"a request longer than {MAX_LINE} bytes"))
+            except ValueError:  # longer than wire.MAX_LINE: the client checks, so not one of ours
+                relay.send(wire.ErrorReply(f"a request longer than {wire.MAX_LINE} bytes"))
                 return
             except OSError:  # the client went away while a reply was being written
                 return
             if not line:
                 return
-            relay.handle(decode_relay_request(line))
+            relay.handle(wire.decode_relay_request(line))
     finally:
         relay.close()
         with contextlib.suppress(Exception):
@@ -133,35 +115,37 @@ class _Relay:
         self.client = await self.holder.qmp_connection(CONNECTION_WAIT)
         return self.client is not None
 
-    def send(self, message: RelayReply | RelayEvent | ErrorReply | ControlReady) -> None:
+    def send(
+        self, message: wire.RelayReply | wire.RelayEvent | wire.ErrorReply | wire.ControlReady
+    ) -> None:
         with contextlib.suppress(Exception):  # the client went away: nothing to tell
-            self.writer.write(encode(message.to_json()))
+            self.writer.write(wire.encode(message.to_json()))
 
-    def handle(self, request: RelayRequest) -> None:
-        if isinstance(request, RelayExecute):
+    def handle(self, request: wire.RelayRequest) -> None:
+        if isinstance(request, wire.RelayExecute):
             task = asyncio.create_task(self._execute(request))
             self.commands.add(task)
             task.add_done_callback(self.commands.discard)
-        elif isinstance(request, RelayListen):
+        elif isinstance(request, wire.RelayListen):
             self._listen(request)
-        elif isinstance(request, RelayUnlisten):
+        elif isinstance(request, wire.RelayUnlisten):
             self._unlisten(request.listener)
-            self.send(RelayReturn(request.id, {}))
+            self.send(wire.RelayReturn(request.id, {}))
         else:
-            self.send(RelayRefused(request.id, "qvm", request.problem))
+            self.send(wire.RelayRefused(request.id, "qvm", request.problem))
 
-    async def _execute(self, request: RelayExecute) -> None:
+    async def _execute(self, request: wire.RelayExecute) -> None:
         client = self.holder.qmp
         if client is None or client is not self.client:
-            self.send(RelayGone(request.id))  # QEMU ended (or was restarted)
+            self.send(wire.RelayGone(request.id))  # QEMU ended (or was restarted)
             return
         if request.deadline is not None and time.time() > request.deadline:
             # the supervisor was stopped or stuck while this waited: its user has been
             # told it timed out, so it must not reach QEMU now
-            self.send(RelayExpired(request.id))
+            self.send(wire.RelayExpired(request.id))
             return
         timeout = request.timeout or DEFAULT_COMMAND_TIMEOUT
-        if request.execute in LOCAL_COMMANDS:
+        if request.execute in wire.LOCAL_COMMANDS:
             await self._local(request, timeout)
             return
         try:
@@ -169,44 +153,44 @@ class _Relay:
                 client.execute(request.execute, request.arguments), timeout
             )
         except TimeoutError:
-            self.send(RelayTimedOut(request.id))
+            self.send(wire.RelayTimedOut(request.id))
         except ExecuteError as exc:
             error = exc.error.error
-            self.send(RelayRefused(request.id, error.class_, error.desc))
+            self.send(wire.RelayRefused(request.id, error.class_, error.desc))
         except Exception:  # noqa: BLE001 - the connection ended: QEMU exited or crashed
-            self.send(RelayGone(request.id))
+            self.send(wire.RelayGone(request.id))
         else:
             # before the reply, so that the client's next query reads the change: its
             # own, or one an event announced (a vCPU's DEVICE_DELETED, which `cpu del`
             # waits for and then confirms with a query)
             with contextlib.suppress(Exception):
                 await self.holder.refresh_view(changes_view(request.execute))
-            self.send(RelayReturn(request.id, result))
+            self.send(wire.RelayReturn(request.id, result))
 
-    async def _local(self, request: RelayExecute, timeout: float) -> None:
+    async def _local(self, request: wire.RelayExecute, timeout: float) -> None:
         try:
             result = await asyncio.wait_for(
                 self.holder.local_command(request.execute, request.arguments or {}), timeout
             )
         except TimeoutError:
-            self.send(RelayTimedOut(request.id))
+            self.send(wire.RelayTimedOut(request.id))
         except ValueError as error:
-            self.send(RelayRefused(request.id, "qvm", str(error)))
+            self.send(wire.RelayRefused(request.id, "qvm", str(error)))
         else:
-            self.send(RelayReturn(request.id, result))
+            self.send(wire.RelayReturn(request.id, result))
 
-    def _listen(self, request: RelayListen) -> None:
+    def _listen(self, request: wire.RelayListen) -> None:
         assert self.client is not None  # wait_connection came first
         listener = EventListener(request.names)
         self.client.register_listener(listener)
         task = asyncio.create_task(self._forward(request.id, listener))
         self.listeners[request.id] = (listener, task)
-        self.send(RelayReturn(request.id, {}))
+        self.send(wire.RelayReturn(request.id, {}))
 
     async def _forward(self, listener_id: int, listener: EventListener) -> None:
         while True:
             event = await listener.get()
-            self.send(RelayEvent(listener_id, dict(event)))
+            self.send(wire.RelayEvent(listener_id, dict(event)))
 
     def _unlisten(self, listener_id: int) -> None:
         entry = self.listeners.pop(listener_id, None)
