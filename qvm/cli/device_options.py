@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from qvm.cli import resolve
-from qvm.cli.output import abort, emit_json, fail_all, say, warn
+from qvm.cli.output import abort, emit_json, fail_all, say, table, warn
 from qvm.errors import EXIT_PENDING, EXIT_USAGE
 from qvm.layout.rundir import RunDir
 
 if TYPE_CHECKING:
     from qvm.control.disk import DiskAttach
     from qvm.control.nic import NicAdd
-    from qvm.control.pci import PciPlaces
+    from qvm.control.pci import PciListing
     from qvm.control.transaction import DeviceUnplug, ListedDevice, Removal
     from qvm.definition.persist import EntryPersistResult, PersistResult
 
@@ -77,12 +77,23 @@ def unplug_problems(name: str, unplug: DeviceUnplug, what: str) -> None:
         fail_all([f"{name}: {unplug.id} was removed, but {e}" for e in unplug.cleanup_errors])
 
 
-def say_places_and_guest(name: str, places: PciPlaces, guest: list[str] | None, words: str) -> None:
-    """The end of ``disk list``/``nic list``: the free PCI places, and what the guest says
-    it has (None: it did not say)."""
-    say(f"{name}: {places.summary()}")
-    if guest is not None:
-        seen = ", ".join(guest) or "none"
+def show_listing(
+    name: str,
+    listing: PciListing[_Listed],
+    as_json: bool,
+    headers: list[str],
+    row: Callable[[_Listed], list[Any]],
+    words: str,
+) -> None:
+    """``disk list`` and ``nic list``: the listing as JSON, or a table of its devices (a
+    ``row`` each), the free PCI places and what the guest says it has (its ``words``)."""
+    if as_json:
+        emit_json(listing.as_json())
+        return
+    say(table(headers, [row(device) for device in listing.devices]))
+    say(f"{name}: {listing.places.summary()}")
+    if listing.guest is not None:
+        seen = ", ".join(listing.guest) or "none"
         say(f"{name}: the guest reports {words}: {seen} (its own QVM-STATE line)")
 
 

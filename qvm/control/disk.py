@@ -26,7 +26,7 @@ from qvm.base.record import Record
 from qvm.control import transaction
 from qvm.control.guard import check_device_add
 from qvm.control.guest import guest_report
-from qvm.control.pci import PciPlaces, choose_pci_bus, pci_places
+from qvm.control.pci import PciListing, PciPlaces, choose_pci_bus, pci_places
 from qvm.control.qmp_session import QmpSession
 from qvm.errors import HotplugError
 from qvm.host.holders import describe_holders, locked_by_someone, users_of
@@ -61,22 +61,9 @@ class DiskInfo(Record, transaction.ListedDevice):
     pending: bool = False
 
 
-class DiskList(Record):
-    name: str
-    disks: list[DiskInfo]
-    places: PciPlaces
-    guest_blk: list[str] | None = None  # what the guest says it has (/sys/block)
-
-    def find(self, dev_id: str) -> DiskInfo | None:
-        return transaction.find_listed(self.disks, dev_id)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "disks": [d.as_json() for d in self.disks],
-            "pci": self.places.as_json(),
-            "guest_blk": self.guest_blk,
-        }
+# `disk list`: the guest's names for what it has are those in its /sys/block
+DiskList = PciListing[DiskInfo]
+LISTING_KEYS = ("disks", "guest_blk")  # their names in JSON (schemas/disk-list.json)
 
 
 def disks_from(
@@ -111,7 +98,7 @@ def disks_from(
                 pending=dev_id in pending,
             )
         )
-    return DiskList(name, disks, places, transaction.guest_names(guest, "blk"))
+    return PciListing(name, LISTING_KEYS, disks, places, transaction.guest_names(guest, "blk"))
 
 
 def _query(session: QmpSession, run: RunDir, launch: LaunchRecord) -> DiskList:
@@ -148,7 +135,7 @@ def check_image(run: RunDir, path: Path, readonly: bool, disks: DiskList) -> Non
         )
     if not path.is_file() and not path.is_block_device():
         raise HotplugError(f"{name}: disk attach: {path}: not a file (hint: check the path)")
-    mine = [d.id for d in disks.disks if d.file and os.path.realpath(d.file) == real]
+    mine = [d.id for d in disks.devices if d.file and os.path.realpath(d.file) == real]
     if mine:
         raise HotplugError(
             f"{name}: disk attach: {path} is already attached to {name} as {mine[0]} "
@@ -220,7 +207,7 @@ def attach_disk(
         disks = _query(session, run, launch)
         named = named_block_nodes(session.execute("query-named-block-nodes", {"flat": True}))
         nodes = {n.node for n in named if n.node}
-        taken = transaction.taken_ids(session, run, (d.id for d in disks.disks)) | nodes
+        taken = transaction.taken_ids(session, run, (d.id for d in disks.devices)) | nodes
         created = None
         if new_size is not None:
             dev_id = _new_disk_id(run, dev_id, taken, nodes, new=True)
@@ -353,7 +340,7 @@ def detach_disk(
     """Unplug a disk qvm attached, wait for the guest, delete its block nodes. The image
     file stays where it is."""
     with transaction.opened(run) as (session, launch):
-        disks = _query(session, run, launch).disks
+        disks = _query(session, run, launch).devices
         return transaction.remove_hotplugged(session, run, launch, DISK, dev_id, disks, timeout)
 
 

@@ -22,7 +22,7 @@ from qvm.control import transaction
 from qvm.control.forwards import forward_text, hostfwd_rule, read_back_ports, resolve_forward
 from qvm.control.guard import check_device_add
 from qvm.control.guest import guest_report
-from qvm.control.pci import PciPlaces, choose_pci_bus, pci_places
+from qvm.control.pci import PciListing, PciPlaces, choose_pci_bus, pci_places
 from qvm.control.qmp_session import QmpSession
 from qvm.definition.forwards import ForwardError, parse_forward
 from qvm.definition.naming import stable_mac
@@ -62,22 +62,9 @@ class NicInfo(Record, transaction.ListedDevice):
         return {**transaction.listed_json(self), "forwards": [f.to_json() for f in self.forwards]}
 
 
-class NicList(Record):
-    name: str
-    nics: list[NicInfo]
-    places: PciPlaces
-    guest_net: list[str] | None = None  # the guest's interfaces, from its serial console
-
-    def find(self, dev_id: str) -> NicInfo | None:
-        return transaction.find_listed(self.nics, dev_id)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "nics": [n.as_json() for n in self.nics],
-            "pci": self.places.as_json(),
-            "guest_net": self.guest_net,
-        }
+# `nic list`: the guest's names for what it has are its interfaces, from its serial console
+NicList = PciListing[NicInfo]
+LISTING_KEYS = ("nics", "guest_net")  # their names in JSON (schemas/nic-list.json)
 
 
 def nics_from(
@@ -109,7 +96,7 @@ def nics_from(
                 pending=dev_id in pending,
             )
         )
-    return NicList(name, nics, places, transaction.guest_names(guest, "net"))
+    return PciListing(name, LISTING_KEYS, nics, places, transaction.guest_names(guest, "net"))
 
 
 def _query(session: QmpSession, run: RunDir, launch: LaunchRecord) -> NicList:
@@ -214,9 +201,9 @@ def add_nic(
         forced = check_device_add(run, launch, "nic add", force)
         nics = _query(session, run, launch)
         bus = choose_pci_bus(nics.places, run, launch, "nic add")
-        taken = transaction.taken_ids(session, run, (n.id for n in nics.nics))
+        taken = transaction.taken_ids(session, run, (n.id for n in nics.devices))
         taken |= {r.id for r in device_records(run)}
-        macs = {n.mac for n in nics.nics if n.mac}
+        macs = {n.mac for n in nics.devices if n.mac}
         boot_count = sum(1 for a in launch.argv if a == "-netdev")
         machine = launch.name or name
 
@@ -301,7 +288,7 @@ def remove_nic(
 ) -> transaction.Removal[NicInfo]:
     """Unplug a NIC qvm added, wait for the guest, then delete its netdev (and forwards)."""
     with transaction.opened(run) as (session, launch):
-        nics = _query(session, run, launch).nics
+        nics = _query(session, run, launch).devices
         removal = transaction.remove_hotplugged(session, run, launch, NIC, dev_id, nics, timeout)
         if removal.unplug.outcome == "removed":
             forget_forwards(run, dev_id)

@@ -5,11 +5,11 @@ whose ``pcie.0`` takes no hotplug; the bus ``pci.0`` itself on pc.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from qvm.base.record import Record
 from qvm.control.qmp_session import QmpSession
-from qvm.control.transaction import restart_hint
+from qvm.control.transaction import ListedDevice, find_listed, restart_hint
 from qvm.errors import HotplugError
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import LaunchRecord
@@ -57,6 +57,34 @@ class PciPlaces(Record):
             "ports": [{"id": p, "device": d} for p, d in self.ports],
             "free": self.free,
             "bus_slots_used": self.bus_slots_used if self.machine_type == "pc" else None,
+        }
+
+
+_Listed = TypeVar("_Listed", bound=ListedDevice)
+
+
+class PciListing(Record, Generic[_Listed]):
+    """A kind's PCI devices on a running VM, as ``disk list`` and ``nic list`` show them:
+    the devices, the places left for more, and the guest's own names for what it has
+    (None: it did not say). ``keys`` name the devices and the guest's names in JSON
+    (``("disks", "guest_blk")``)."""
+
+    name: str
+    keys: tuple[str, str]
+    devices: list[_Listed]
+    places: PciPlaces
+    guest: list[str] | None = None
+
+    def find(self, dev_id: str) -> _Listed | None:
+        return find_listed(self.devices, dev_id)
+
+    def as_json(self) -> dict[str, Any]:
+        devices, guest = self.keys
+        return {
+            "name": self.name,
+            devices: [device.as_json() for device in self.devices],
+            "pci": self.places.as_json(),
+            guest: self.guest,
         }
 
 

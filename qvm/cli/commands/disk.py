@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qvm.cli import device_options, resolve
-from qvm.cli.output import abort, emit_json, human_bytes, ms, say, table
+from qvm.cli.output import abort, emit_json, human_bytes, ms, say
 from qvm.cli.parsing import declare
 from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option, persist_option
 from qvm.errors import EXIT_USAGE
@@ -27,25 +27,19 @@ def list_cmd(name: str = MACHINE, as_json: bool = AS_JSON) -> None:
     """
     from qvm.control.disk import list_disks
 
-    disks = list_disks(resolve.run_dir_of(name))
-    if as_json:
-        emit_json(disks.as_json())
-        return
-    rows = [
-        [
-            d.id,
-            d.origin,
-            d.file,
-            d.format,
-            human_bytes(d.size),
-            "ro" if d.readonly else "rw",
-            d.bus,
-            d.state,
-        ]
-        for d in disks.disks
-    ]
-    say(table(["ID", "ORIGIN", "FILE", "FORMAT", "SIZE", "MODE", "BUS", "STATE"], rows))
-    device_options.say_places_and_guest(name, disks.places, disks.guest_blk, "block devices")
+    device_options.show_listing(
+        name,
+        list_disks(resolve.run_dir_of(name)),
+        as_json,
+        ["ID", "ORIGIN", "FILE", "FORMAT", "SIZE", "MODE", "BUS", "STATE"],
+        _disk_row,
+        "block devices",
+    )
+
+
+def _disk_row(d: DiskInfo) -> list[Any]:
+    mode = "ro" if d.readonly else "rw"
+    return [d.id, d.origin, d.file, d.format, human_bytes(d.size), mode, d.bus, d.state]
 
 
 @commands.command("attach")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from qvm.cli import device_options, resolve
-from qvm.cli.output import emit_json, ms, say, table
+from qvm.cli.output import emit_json, ms, say
 from qvm.cli.parsing import declare
 from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option, persist_option
 from qvm.layout.rundir import RunDir
@@ -26,16 +26,18 @@ def list_cmd(name: str = MACHINE, as_json: bool = AS_JSON) -> None:
     """
     from qvm.control.nic import list_nics
 
-    nics = list_nics(resolve.run_dir_of(name))
-    if as_json:
-        emit_json(nics.as_json())
-        return
-    rows = [
-        [n.id, n.origin, n.model, n.mac, " ".join(n.forwards_text()) or None, n.bus, n.state]
-        for n in nics.nics
-    ]
-    say(table(["ID", "ORIGIN", "MODEL", "MAC", "FORWARDS", "BUS", "STATE"], rows))
-    device_options.say_places_and_guest(name, nics.places, nics.guest_net, "interfaces")
+    device_options.show_listing(
+        name,
+        list_nics(resolve.run_dir_of(name)),
+        as_json,
+        ["ID", "ORIGIN", "MODEL", "MAC", "FORWARDS", "BUS", "STATE"],
+        _nic_row,
+        "interfaces",
+    )
+
+
+def _nic_row(n: NicInfo) -> list[Any]:
+    return [n.id, n.origin, n.model, n.mac, " ".join(n.forwards_text()) or None, n.bus, n.state]
 
 
 @commands.command("add")

@@ -74,14 +74,14 @@ def test_disks_boot_attached_and_other() -> None:
     }  # fmt: skip
     listed = disks_from("vm1", block, records, {"disk1"}, boot_device_ids(ARGV), PLACES,
                         {"blk": "vda,vdb"})  # fmt: skip
-    assert [(d.id, d.origin, d.state) for d in listed.disks] == [
+    assert [(d.id, d.origin, d.state) for d in listed.devices] == [
         ("disk0", "boot", "present"),
         ("disk1", "qvm", "unplug-pending"),
         ("x", "other", "present"),
     ]
-    attached = listed.disks[1]
+    attached = listed.devices[1]
     assert (attached.created, attached.bus, attached.size) == (True, "hp0", 67108864)
-    assert listed.guest_blk == ["vda", "vdb"]
+    assert listed.as_json()["guest_blk"] == listed.guest == ["vda", "vdb"]
     assert listed.as_json()["pci"]["free"] == 0
 
 
@@ -95,14 +95,14 @@ def test_nics_with_their_forwards() -> None:
     records = {"net1": DeviceRecord("net1", "nic", bus="hp1")}
     listed = nics_from("vm1", peripherals, macs, records, set(), boot_device_ids(ARGV),
                        forwards, PLACES, {"net": "eth0,eth1,lo"})  # fmt: skip
-    net0, net1 = listed.nics
+    net0, net1 = listed.devices
     assert (net0.origin, net0.forwards_text()) == ("boot", ["tcp:127.0.0.1:2222:22"])
     assert (net1.origin, net1.forwards_text(), net1.bus) == (
         "qvm",
         ["tcp:127.0.0.1:40123:80"],
         "hp1",
     )
-    assert listed.guest_net == ["eth0", "eth1", "lo"]
+    assert listed.as_json()["guest_net"] == listed.guest == ["eth0", "eth1", "lo"]
     assert listed.as_json()["nics"][1]["mac"] == "52:54:00:11:22:33"
     assert listed.as_json()["nics"][1]["forwards"] == [
         {"nic": "net1", "proto": "tcp", "host_addr": "127.0.0.1", "host_port": 40123,
