@@ -77,6 +77,12 @@ def say(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 
 
+def say_kept(name: str, kept: Sequence[tuple[object, str]]) -> None:
+    """The files a removal left in place (``qvm.ops.files.remove``), each with why."""
+    for file, why in kept:
+        say(f"{name}: kept {file} ({why})")
+
+
 def warn(text: str) -> None:
     sys.stderr.write(text + "\n")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qvm.cli import resolve
-from qvm.cli.output import abort, emit_json, say, warn
+from qvm.cli.output import abort, emit_json, say, say_kept, warn
 from qvm.cli.parsing.declare import AS_JSON, MACHINE, Argument, Commands, Option
 from qvm.errors import EXIT_USAGE
 from qvm.layout.names import shown
@@ -175,8 +175,7 @@ def rm(
         say(f"{name}: nothing to remove")
     for path in removed.files:
         say(f"{name}: removed {path}")
-    for path, why in removed.kept:
-        say(f"{name}: kept {path} ({why})")
+    say_kept(name, removed.kept)
 
 
 @commands.command("ssh")

@@ -6,7 +6,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from qvm.cli import resolve
-from qvm.cli.output import emit_json, human_bytes, say, table
+from qvm.cli.output import emit_json, human_bytes, say, say_kept, table
 from qvm.cli.parsing.declare import (
     ALL_RUNNING,
     AS_JSON,
@@ -144,8 +144,7 @@ def remove(
         say(f"{result.name}: removed snapshot {tag}")
     if result.frozen is not None:
         say(f"{result.name}: removed its frozen copy for clones, {result.frozen}")
-    for file, why in result.kept:
-        say(f"{result.name}: kept {file} ({why})")
+    say_kept(result.name, result.kept)
 
 
 @commands.command("restore")
