@@ -165,6 +165,16 @@ class Fields:
         return Fields(value, f"{self.source}: {key}", self.hint)
 
     @overload
+    def mapping(self, key: builtins.str) -> dict[builtins.str, Any]: ...
+    @overload
+    def mapping(self, key: builtins.str, default: _D) -> dict[builtins.str, Any] | _D: ...
+    def mapping(self, key: builtins.str, default: Any = _MISSING) -> Any:
+        """A nested object kept as it is, a dict of its own (or the default when absent
+        or null): QMP's arguments, what a snapshot's load depends on."""
+        found = self.object(key) if default is _MISSING else self.object(key, None)
+        return default if found is None else dict(found.data)
+
+    @overload
     def records(self, key: builtins.str, read: Callable[[Fields], _T]) -> tuple[_T, ...]: ...
     @overload
     def records(

@@ -145,14 +145,13 @@ class SnapshotRecord(Record):
 
     @classmethod
     def read(cls, f: Fields) -> SnapshotRecord:
-        shape = f.object("shape", None)
         return f.declared(
             cls,
             disk_only=f.bool("disk_only", False),
             nodes=f.str_list("nodes"),
             files=f.str_list("files", ()),
             devices=DeviceSet.read(f.object("devices")),
-            shape=dict(shape.data) if shape is not None else {},
+            shape=f.mapping("shape", {}),
         )
 
     def to_json(self) -> dict[str, Any]:

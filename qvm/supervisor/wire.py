@@ -335,12 +335,12 @@ def decode_relay_request(line: bytes) -> RelayRequest:
     try:
         request_id: int = f.int("id")
         if "execute" in f.data:
-            arguments = f.object("arguments", None)
+            arguments = f.mapping("arguments", None)
             timeout = f.float("timeout", None)
             return RelayExecute(
                 id=request_id,
                 execute=f.str("execute"),
-                arguments=dict(arguments.data) if arguments is not None else None,
+                arguments=arguments,
                 timeout=timeout if timeout else None,  # 0 (or none): the default
                 deadline=f.float("deadline", None),
             )

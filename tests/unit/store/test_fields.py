@@ -48,3 +48,18 @@ def test_a_bad_field_is_a_record_error_naming_it(data: object, problem: str) -> 
 def test_a_field_of_a_type_without_a_reader_must_be_given() -> None:
     with pytest.raises(TypeError, match=r"_Sample\.extra"):
         Fields({"name": "a", "count": 2}, "sample.json").declared(_Sample)
+
+
+def test_a_mapping_is_a_dict_of_its_own_or_the_default() -> None:
+    data = {"shape": {"machine": "q35"}, "none": None, "bad": [1]}
+    f = Fields(data, "sample.json")
+    shape = f.mapping("shape")
+    assert shape == {"machine": "q35"}
+    shape["machine"] = "pc"  # a copy: the record read never changes what was read
+    assert data["shape"] == {"machine": "q35"}
+    assert f.mapping("none", {}) == {}
+    assert f.mapping("absent", None) is None
+    with pytest.raises(RecordError, match=r"^sample\.json: absent: missing"):
+        f.mapping("absent")
+    with pytest.raises(RecordError, match=r"^sample\.json: bad: "):
+        f.mapping("bad", None)
