@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from qvm.definition.persist import EntryPersistResult, PersistResult
 
 _Listed = TypeVar("_Listed", bound="ListedDevice")
+_Result = TypeVar("_Result")
 
 
 def size_argument(name: str, option: str, text: str) -> int:
@@ -113,6 +114,19 @@ def say_plugged(
         say(f"{name}: added a [[{persisted['table']}]] for {dev_id} to {persisted['file']}")
 
 
+def unplug_waiting(
+    name: str, dev_id: str, timeout: float, remove: Callable[..., _Result]
+) -> tuple[RunDir, _Result]:
+    """``remove(run, dev_id, timeout=...)``, an unplug of the device ``dev_id`` of the VM
+    ``name``, while the guest is waited for: the VM's run dir, and what ``remove`` gave."""
+    from qvm.cli.progress import run_waiting
+
+    timeout = resolve.timeout_seconds(timeout)
+    run = resolve.run_dir_of(name)
+    label = f"{name}: waiting for the guest to release {dev_id}"
+    return run, run_waiting(label, remove, run, dev_id, timeout=timeout)
+
+
 def remove_device(
     name: str,
     dev_id: str,
@@ -127,13 +141,7 @@ def remove_device(
     ``Removal``) while the guest is waited for; once the device is gone, with --persist,
     ``unpersist(run, device)`` takes its entry out of the machine file. Then the result
     (``removed_text`` says what went) and the exit ``unplug_problems`` decides."""
-    from qvm.cli.progress import run_waiting
-
-    timeout = resolve.timeout_seconds(timeout)
-    run = resolve.run_dir_of(name)
-    result = run_waiting(
-        f"{name}: waiting for the guest to release {dev_id}", remove, run, dev_id, timeout=timeout
-    )
+    run, result = unplug_waiting(name, dev_id, timeout, remove)
     unplug = result.unplug
     persisted = None
     if unpersist is not None and unplug.outcome == "removed":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from qvm.cli import resolve
-from qvm.cli.device_options import size_argument, unplug_problems
+from qvm.cli.device_options import size_argument, unplug_problems, unplug_waiting
 from qvm.cli.output import (
     abort,
     emit_json,
@@ -223,17 +223,9 @@ def delete(
 
     JSON: schemas/mem-del.json
     """
-    timeout = resolve.timeout_seconds(timeout)
-    from qvm.cli.progress import run_waiting
     from qvm.control.memory import remove_memory
 
-    result = run_waiting(
-        f"{name}: waiting for the guest to release {dev_id}",
-        remove_memory,
-        resolve.run_dir_of(name),
-        dev_id,
-        timeout=timeout,
-    )
+    _, result = unplug_waiting(name, dev_id, timeout, remove_memory)
     unplug = result.unplug
     if as_json:
         emit_json(in_bytes(result.as_json()))
