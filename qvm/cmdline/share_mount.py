@@ -1,7 +1,8 @@
 """The guest's side of a share: the command lines its agent runs to mount one, unmount
 one, and say which processes hold one (``guest-exec``, ``/bin/sh`` with the paths as
 arguments, never spliced into the script). Pure, like the rest of ``cmdline``: the
-supervisor (boot shares) and ``qvm.control.share`` (live ones) run them.
+supervisor (boot shares) and ``qvm.control.share`` (live ones) run them, and a cloud
+image's seed at every boot.
 
 The scripts need only a POSIX shell, ``mkdir``, ``mount``, ``umount``, ``grep`` and
 ``readlink``: busybox's and a distribution's alike.
@@ -45,8 +46,11 @@ def holders_argv(guest: str) -> list[str]:
     return ["/bin/sh", "-c", _HOLDERS, "qvm-share", guest]
 
 
-def fstab_entry(tag: str, guest: str, via: str, readonly: bool) -> list[str]:
-    """cloud-init's ``mounts`` item for a share: the same mount at every boot (``nofail``:
-    a boot without the share still comes up)."""
-    fstype, options = _type_and_options(via, readonly, ",nofail")
-    return [tag, guest, fstype, options, "0", "0"]
+def boot_mount_argv(tag: str, guest: str, via: str, readonly: bool) -> list[str]:
+    """A cloud image's seed mounts share ``tag`` with this at every boot (cloud-init's
+    ``bootcmd``): cloud-init's own ``mounts`` drops a line whose device is a tag (22.4
+    keeps only block devices and ``host:path``). Mounted already, by the agent racing it,
+    is success."""
+    fstype, options = _type_and_options(via, readonly)
+    script = _MOUNT + ' || grep -qs " $1 " /proc/mounts'
+    return ["/bin/sh", "-c", script, "qvm-share", guest, tag, fstype, options]

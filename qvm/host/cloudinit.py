@@ -1,13 +1,28 @@
-"""cloud-init NoCloud seeds: which SSH keys go in, the user-data and meta-data texts, the
-``cidata`` ISO image, and the per-VM key pair qvm makes when the user has none.
+"""cloud-init NoCloud seeds: which SSH keys go in, the user-data, meta-data,
+network-config and vendor-data texts, the ``cidata`` ISO image, and the per-VM key pair
+qvm makes when the user has none.
 
 ``plan_seed`` decides everything from the definition and this host (the user's
-``~/.ssh/id_*.pub``) without writing anything; ``write_seed`` makes the files in the run
-dir. The texts are pure functions of the plan, so tests read them back exactly.
+``~/.ssh/id_*.pub``) without writing anything; ``qvm.ops.up`` adds the NICs' addresses
+and the network members once the VM has joined its networks; ``write_seed`` makes the
+files in the run dir. The texts are pure functions of the plan, so tests read them back
+exactly.
+
+What cloud-init does with each, and when (cloud-init 22.4, Debian 12's, read and booted):
+
+- ``user-data`` (the user, keys, packages, runcmd) and ``network-config`` (version 2: each
+  network NIC matched by its MAC with its static address, the user-mode NICs on DHCP) are
+  applied once per instance: the instance-id in ``meta-data`` is the VM's name and a hash
+  of both, so a changed ``[cloud_init]`` or a changed address is applied at the next
+  boot, and a clone (another name) is an instance of its own.
+- ``vendor-data`` holds what must be current at every boot but must not make a new
+  instance: a ``bootcmd`` (run at every boot, the data read from the seed anew) that
+  writes the network members into ``/etc/hosts`` between the marker lines the agent's
+  script uses (``qvm.store.guestnet``), and mounts the shares. A user-data that has its
+  own ``bootcmd`` wins over it (cloud-init merges vendor-data under user-data).
 
 The ISO is written with pycdlib (ISO 9660 with Rock Ridge and Joliet, volume id
-``cidata``, files ``user-data`` and ``meta-data``), which cloud-init's NoCloud datasource
-finds by its label on any block device.
+``cidata``), which cloud-init's NoCloud datasource finds by its label on any block device.
 """
 
 from __future__ import annotations
@@ -16,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +41,20 @@ from qvm.definition.sshkeys import NO_PUBLIC_KEY, key_file_problem, key_line_pro
 from qvm.errors import DefinitionError, HostError, Problem
 from qvm.host.tools import run_tool
 from qvm.layout.rundir import RunDir
+from qvm.store.guestnet import hosts_script
 
 SEED_LABEL = "cidata"
 GENERATED_KEY = "id_ed25519"  # in the run dir, when qvm makes the VM's key pair
+# what Linux takes as an interface name (IFNAMSIZ - 1 bytes), kept to plain characters
+_IFNAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,14}")
+
+
+class SeedInterface(Record):
+    """A NIC as network-config says it: found by its MAC (whatever the guest names it)."""
+
+    id: str  # the NIC's id in qvm (net0...): network-config's name for its entry
+    mac: str
+    address: str | None  # static, with its prefix (10.70.211.2/24); None: DHCP (user-mode)
 
 
 class SeedPlan(Record):
@@ -38,8 +65,11 @@ class SeedPlan(Record):
     user_data_file: Path | None  # the user's own user-data, used as is
     packages: tuple[str, ...]
     runcmd: tuple[str | tuple[str, ...], ...]
-    # fstab lines for the shares (cloud-init's ``mounts``), made by qvm.cmdline.share_mount
+    # the shares' mount commands at every boot (qvm.cmdline.share_mount.boot_mount_argv)
     mounts: tuple[tuple[str, ...], ...] = ()
+    # with a NIC on a network: every NIC (network-config), and the members (address, name)
+    interfaces: tuple[SeedInterface, ...] = ()
+    hosts: tuple[tuple[str, str], ...] = ()
 
 
 def default_public_keys(home: Path) -> list[Path]:
@@ -119,14 +149,17 @@ def _read_public_keys(machine: Machine, index: int, path: Path, default: bool) -
 # --- the texts ---------------------------------------------------------------------------
 
 
-def instance_id(machine_name: str, user_data: str) -> str:
-    """From the VM's name, and changing with the user-data: cloud-init applies its per-
-    instance settings (user, keys, packages, runcmd) again when the config changed."""
-    return f"{machine_name}-{hashlib.sha256(user_data.encode()).hexdigest()[:8]}"
+def instance_id(machine_name: str, user_data: str, network_config: str = "") -> str:
+    """From the VM's name, and changing with the user-data and the network-config:
+    cloud-init applies its per-instance settings (user, keys, packages, runcmd, the
+    network) again when they changed, and only then."""
+    digest = hashlib.sha256((user_data + network_config).encode()).hexdigest()[:8]
+    return f"{machine_name}-{digest}"
 
 
-def meta_data_text(machine_name: str, user_data: str) -> str:
-    return f"instance-id: {instance_id(machine_name, user_data)}\nlocal-hostname: {machine_name}\n"
+def meta_data_text(machine_name: str, user_data: str, network_config: str = "") -> str:
+    ident = instance_id(machine_name, user_data, network_config)
+    return f"instance-id: {ident}\nlocal-hostname: {machine_name}\n"
 
 
 def user_data_text(plan: SeedPlan, public_keys: tuple[str, ...] | None = None) -> str:
@@ -140,18 +173,54 @@ def user_data_text(plan: SeedPlan, public_keys: tuple[str, ...] | None = None) -
         "lock_passwd": True,
         "ssh_authorized_keys": list(keys),
     }
-    # manage_etc_hosts: the VM's name resolves in the guest (sudo looks it up). No
+    # manage_etc_hosts: the VM's name resolves in the guest (sudo looks it up); on a
+    # network only its 127.0.1.1 line ("localhost"), since true rewrites the whole file
+    # at every boot after the vendor-data's bootcmd wrote the members in. No
     # ssh_pwauth: setting it makes cloud-init restart sshd late in the boot, dropping
     # logins that just worked (the user has no password anyway: lock_passwd)
-    document: dict[str, Any] = {"users": [user], "manage_etc_hosts": True}
+    hosts_mode: str | bool = "localhost" if plan.hosts else True
+    document: dict[str, Any] = {"users": [user], "manage_etc_hosts": hosts_mode}
     if plan.packages:
         document["packages"] = list(plan.packages)
     if plan.runcmd:
         document["runcmd"] = [c if isinstance(c, str) else list(c) for c in plan.runcmd]
-    if plan.mounts:
-        # the guest mounts the shares at every boot by itself, agent or not
-        document["mounts"] = [list(m) for m in plan.mounts]
     return "#cloud-config\n" + _yaml(document, 0)
+
+
+def network_config_text(interfaces: tuple[SeedInterface, ...]) -> str:
+    """network-config version 2, as JSON (which cloud-init reads as the YAML it is), or
+    "" without NICs on networks: cloud-init's own default (DHCP on the first NIC) then.
+
+    Each NIC is matched by its MAC and named by its qvm id (``set-name``): cloud-init
+    waits for a NIC it is to rename (its first stage may run before udev has loaded
+    virtio_net), and the guest's names are those ``qvm status`` shows. An id that cannot
+    be an interface name is matched only (then cloud-init looks the name up by MAC)."""
+    if not any(i.address is not None for i in interfaces):
+        return ""
+    ethernets: dict[str, Any] = {}
+    for interface in interfaces:
+        entry: dict[str, Any] = {"match": {"macaddress": interface.mac.lower()}}
+        if _IFNAME.fullmatch(interface.id):
+            entry["set-name"] = interface.id
+        if interface.address is None:
+            entry["dhcp4"] = True
+        else:
+            entry["dhcp4"] = False
+            entry["addresses"] = [interface.address]
+        ethernets[interface.id] = entry
+    return json.dumps({"version": 2, "ethernets": ethernets}, indent=2) + "\n"
+
+
+def vendor_data_text(plan: SeedPlan) -> str:
+    """The #cloud-config of every boot (see the module's docstring), or "" if there is
+    nothing to do: the members into /etc/hosts, then the shares mounted."""
+    commands: list[list[str]] = []
+    if plan.hosts:
+        commands.append(["/bin/sh", "-c", hosts_script(plan.hosts)])
+    commands += [list(m) for m in plan.mounts]
+    if not commands:
+        return ""
+    return "#cloud-config\n" + _yaml({"bootcmd": commands}, 0)
 
 
 def _yaml(value: Any, indent: int) -> str:
@@ -197,8 +266,8 @@ def _scalar(value: Any) -> str:
 def write_seed(machine: Machine, plan: SeedPlan, run: RunDir) -> bool:
     """Make the key pair (if planned and missing) and the seed; True if the seed changed.
 
-    A changed seed means cloud-init will act again (new instance-id), with new SSH host
-    keys: the VM's known_hosts file is removed with it.
+    A new instance-id means cloud-init will act again, with new SSH host keys: the VM's
+    known_hosts file is removed with it (not when only the vendor-data changed).
     """
     keys = plan.keys
     if plan.generate_key:
@@ -210,22 +279,35 @@ def write_seed(machine: Machine, plan: SeedPlan, run: RunDir) -> bool:
             raise HostError(f"cannot read {plan.user_data_file}: {exc.strerror}") from exc
     else:
         user_data = user_data_text(plan, keys)
-    meta_data = meta_data_text(machine.name, user_data)
-    texts = {run.user_data: user_data, run.meta_data: meta_data}
+    network_config = network_config_text(plan.interfaces)
+    meta_data = meta_data_text(machine.name, user_data, network_config)
+    # (the name in the seed, the copy in the run dir for people, the text: "" is no file)
+    texts = (
+        ("user-data", run.user_data, user_data),
+        ("meta-data", run.meta_data, meta_data),
+        ("network-config", run.network_config, network_config),
+        ("vendor-data", run.vendor_data, vendor_data_text(plan)),
+    )
     unchanged = run.seed_image.exists() and all(
-        path.exists() and path.read_text() == text for path, text in texts.items()
+        path.read_text() == text if path.exists() else not text for _, path, text in texts
     )
     if unchanged:
         return False
+    new_instance = not run.meta_data.exists() or run.meta_data.read_text() != meta_data
+    files = {name: text.encode() for name, _, text in texts if text}
     tmp = run.seed_image.with_name(f".{run.seed_image.name}.{os.getpid()}.tmp")
     try:
-        build_iso(tmp, {"user-data": user_data.encode(), "meta-data": meta_data.encode()})
+        build_iso(tmp, files)
         os.replace(tmp, run.seed_image)
     finally:
         tmp.unlink(missing_ok=True)
-    for path, text in texts.items():
-        path.write_text(text)
-    run.known_hosts.unlink(missing_ok=True)
+    for _, path, text in texts:
+        if text:
+            path.write_text(text)
+        else:
+            path.unlink(missing_ok=True)
+    if new_instance:
+        run.known_hosts.unlink(missing_ok=True)
     return True
 
 

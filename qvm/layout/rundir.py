@@ -34,6 +34,7 @@ from qvm.layout.runfiles import (
     KNOWN_HOSTS,
     LAUNCH_FILE,
     META_DATA,
+    NETWORK_CONFIG,
     NETWORK_STATE_FILE,
     NETWORKS_FILE,
     NEW_RECORD,
@@ -52,6 +53,7 @@ from qvm.layout.runfiles import (
     SUPERVISOR_LOG,
     SUPERVISOR_SOCKET,
     USER_DATA,
+    VENDOR_DATA,
     VIEW_FILE,
 )
 
@@ -88,6 +90,8 @@ QVM_FILE_NAMES = frozenset(
         SEED_IMAGE,
         USER_DATA,
         META_DATA,
+        NETWORK_CONFIG,
+        VENDOR_DATA,
         KNOWN_HOSTS,
         FORWARDS_FILE,
         NEW_RECORD,
@@ -246,6 +250,14 @@ class RunDir(Record):
     @property
     def meta_data(self) -> Path:
         return self.path / META_DATA
+
+    @property
+    def network_config(self) -> Path:
+        return self.path / NETWORK_CONFIG
+
+    @property
+    def vendor_data(self) -> Path:
+        return self.path / VENDOR_DATA
 
     # The snapshots qvm took (qvm.store.snapshots), and the small qcow2 that holds their
     # RAM state when the VM has no writable qcow2 disk of its own (block node qvm-state).

@@ -3,9 +3,10 @@
 What each removes, exactly (docs/images.md repeats it):
 
 - ``reset``: the overlays (``disk*.qcow2``), the cloud-init seed (``seed.iso``,
-  ``user-data``, ``meta-data``), ``known_hosts`` (the guest makes new host keys) and the
-  run-time forwards record. The next ``up`` starts from the base images and cloud-init
-  runs again. Logs, ``state.json`` and a key pair qvm made stay.
+  ``user-data``, ``meta-data``, ``network-config``, ``vendor-data``), ``known_hosts``
+  (the guest makes new host keys) and the run-time forwards record. The next ``up``
+  starts from the base images and cloud-init runs again. Logs, ``state.json`` and a key
+  pair qvm made stay.
 - ``rm``: every file qvm made in the run dir (all of the above, logs, state, the key pair
   qvm made; the names are in ``qvm.layout.rundir``), then the folder, except the images
   ``qvm disk attach --new`` made there (``hotplug-*.qcow2``): they hold what the guest
@@ -101,6 +102,8 @@ def reset(run: RunDir) -> Removed:
             run.seed_image,
             run.user_data,
             run.meta_data,
+            run.network_config,
+            run.vendor_data,
             run.known_hosts,
             run.forwards_file,
         ]

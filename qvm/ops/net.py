@@ -152,6 +152,17 @@ def join_networks(machine: Machine, run: RunDir) -> Iterator[Joined]:
             raise
 
 
+def member_hosts(state_root: Path, networks: list[str]) -> list[tuple[str, str]]:
+    """(address, name) of every member of ``networks``, each VM once (by its first
+    network in name order), sorted by name: the guest's /etc/hosts lines."""
+    hosts: dict[str, str] = {}
+    for name in networks:
+        record = read_network(NetFiles(state_root, name))
+        for address, vm in record.hosts_lines() if record else []:
+            hosts.setdefault(vm, address)
+    return [(address, vm) for vm, address in sorted(hosts.items())]
+
+
 # --- nic add --network ------------------------------------------------------------------
 
 

@@ -15,9 +15,9 @@ from qvm.base.checking import TYPE_CHECKING
 from qvm.base.digest import file_sha256
 from qvm.base.record import Record
 from qvm.cmdline.argv import LaunchInputs, StartFrom, build_argv, cpu_model, default_cpu_model
-from qvm.cmdline.share_mount import fstab_entry
+from qvm.cmdline.share_mount import boot_mount_argv
 from qvm.definition.host_checks import check_host
-from qvm.definition.naming import nic_id, overlay_name, share_id
+from qvm.definition.naming import nic_id, overlay_name, share_id, stable_mac
 from qvm.definition.schema import Machine
 from qvm.definition.topology import topology_of
 from qvm.errors import DefinitionError, HostError, Problem, VmStateError
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
     from qvm.host.cloudinit import SeedPlan
+    from qvm.ops.net import Joined
 
 # the state disk holds no guest data: the RAM state of a snapshot lies beyond its end
 STATE_DISK_SIZE = 1024**2
@@ -151,11 +152,30 @@ class LaunchPlan(Record):
 
 
 def share_mounts(machine: Machine) -> tuple[tuple[str, ...], ...]:
-    """cloud-init's ``mounts`` for the machine's shares (its fstab lines)."""
+    """The commands a cloud image's seed mounts the machine's shares with at every boot."""
     return tuple(
-        tuple(fstab_entry(share_id(index), share.guest, share.via, share.readonly))
+        tuple(boot_mount_argv(share_id(index), share.guest, share.via, share.readonly))
         for index, share in enumerate(machine.shares)
     )
+
+
+def seed_with_networks(seed: SeedPlan, machine: Machine, run: RunDir, joined: Joined) -> SeedPlan:
+    """The seed of a VM that has joined its networks: every NIC by its MAC, those on
+    networks with their addresses (network-config), and the members' names and
+    addresses as the network records say them now (for /etc/hosts)."""
+    from qvm.host.cloudinit import SeedInterface  # noqa: PLC0415 -- only with [cloud_init]
+    from qvm.ops.net import member_hosts  # noqa: PLC0415 -- only VMs on networks
+
+    on_networks = {nic.nic: nic for nic in joined.nics}
+    interfaces = []
+    for index, nic in enumerate(machine.nics):
+        ident = nic_id(index, nic)
+        member = on_networks.get(ident)
+        mac = member.mac if member else nic.mac or stable_mac(machine.name, index)
+        address = f"{member.address}/{member.prefix}" if member else None
+        interfaces.append(SeedInterface(ident, mac, address))
+    hosts = member_hosts(run.path.parent, sorted({nic.network for nic in joined.nics}))
+    return seed._replace(interfaces=tuple(interfaces), hosts=tuple(hosts))
 
 
 def plan_launch(machine: Machine, run_dir: RunDir, start: StartFrom | None = None) -> LaunchPlan:
@@ -259,12 +279,18 @@ def start_vm(plan: LaunchPlan, wait: bool, progress: FetchProgress | None = None
     """Prepare the run dir and start the VM's supervisor (unless one runs): what both
     `qvm up` and `qvm restart` do. ``wait``: until QMP answers, not only QEMU spawned."""
     set_aside_corrupt_state(plan.run_dir)  # `qvm up` did, and said so; others start too
-    prepare_run_dir(plan, progress)
-    if any(nic.network for nic in plan.machine.nics):
+    on_networks = any(nic.network for nic in plan.machine.nics)
+    # the seed of a VM on networks holds its addresses: written once it has joined them
+    prepare_run_dir(plan, progress, with_seed=not on_networks)
+    if on_networks:
         from qvm.ops.net import join_networks  # noqa: PLC0415 -- only VMs on networks
 
-        with join_networks(plan.machine, plan.run_dir):
+        with join_networks(plan.machine, plan.run_dir) as joined:
+            if plan.seed is not None:
+                seed = seed_with_networks(plan.seed, plan.machine, plan.run_dir, joined)
+                _write_seed(plan.machine, seed, plan.run_dir)
             result = start_supervisor(plan.run_dir, plan.launch_record(), wait=wait)
+        result = result._replace(notes=joined.notes)
     else:
         plan.run_dir.networks_file.unlink(missing_ok=True)
         result = start_supervisor(plan.run_dir, plan.launch_record(), wait=wait)
@@ -299,10 +325,12 @@ def run_in_foreground(
     run_foreground(plan.run_dir, plan.launch_record(), stop_budget)
 
 
-def prepare_run_dir(plan: LaunchPlan, progress: FetchProgress | None = None) -> None:
+def prepare_run_dir(
+    plan: LaunchPlan, progress: FetchProgress | None = None, with_seed: bool = True
+) -> None:
     """Create the run dir, download base images given by URL (reporting through
-    ``progress``), create the disks' overlays (never touching a base image) and the
-    cloud-init seed."""
+    ``progress``), create the disks' overlays (never touching a base image) and, unless
+    told otherwise, the cloud-init seed."""
     plan.run_dir.create()
     for index, disk in enumerate(plan.machine.disks):
         if disk.url is not None and disk.base is not None:
@@ -313,10 +341,14 @@ def prepare_run_dir(plan: LaunchPlan, progress: FetchProgress | None = None) -> 
             ensure_overlay(Path(disk.base), base_format, overlay, disk.size)
     if plan.inputs.state_disk and not plan.run_dir.state_disk.exists():
         qemu_img_create(plan.run_dir.state_disk, STATE_DISK_SIZE)
-    if plan.seed is not None:
-        from qvm.host.cloudinit import write_seed  # noqa: PLC0415 -- only with [cloud_init]
+    if plan.seed is not None and with_seed:
+        _write_seed(plan.machine, plan.seed, plan.run_dir)
 
-        write_seed(plan.machine, plan.seed, plan.run_dir)
+
+def _write_seed(machine: Machine, seed: SeedPlan, run: RunDir) -> None:
+    from qvm.host.cloudinit import write_seed  # noqa: PLC0415 -- only with [cloud_init]
+
+    write_seed(machine, seed, run)
 
 
 def _fetch(plan: LaunchPlan, index: int, progress: FetchProgress | None) -> None:

@@ -3,7 +3,8 @@
 and ``/etc/hosts`` gets one line per member VM between qvm's own marker lines (the rest of
 the file is kept). Run again, it changes nothing that is right already: an address is
 flushed and set only when the NIC does not have it. Busybox's ``sh``, ``ip``, ``sed`` and
-Debian's alike.
+Debian's alike. ``hosts_script`` is the ``/etc/hosts`` part alone, which a cloud image's
+seed runs at every boot (``qvm.host.cloudinit``): both write the same marked lines.
 
 Pure: the script is a function of the NICs and the hosts lines.
 """
@@ -43,12 +44,20 @@ def setup_script(nics: Iterable[NetNic], hosts: Iterable[tuple[str, str]]) -> st
             "fi",
             'ip link set "$dev" up',
         ]
+    return "\n".join(lines + hosts_commands(hosts)) + "\n"
+
+
+def hosts_script(hosts: Iterable[tuple[str, str]]) -> str:
+    """Only the ``/etc/hosts`` part: what a cloud image's seed runs at every boot."""
+    return "\n".join(hosts_commands(hosts)) + "\n"
+
+
+def hosts_commands(hosts: Iterable[tuple[str, str]]) -> list[str]:
     entries = "".join(f"{_safe(address)} {_safe(name)}\\n" for address, name in hosts)
-    lines += [
+    return [
         "touch /etc/hosts",
         f"sed '/^{BEGIN}$/,/^{END}$/d' /etc/hosts >/etc/hosts.qvm",
         f"printf '%s\\n{entries}%s\\n' '{BEGIN}' '{END}' >>/etc/hosts.qvm",
         "cat /etc/hosts.qvm >/etc/hosts",  # in place: /etc/hosts may be a bind mount
         "rm -f /etc/hosts.qvm",
     ]
-    return "\n".join(lines) + "\n"

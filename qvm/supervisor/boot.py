@@ -53,6 +53,7 @@ class UpResult(Record):
     serial_log: Path
     qmp_socket: Path
     ready: bool
+    notes: tuple[str, ...] = ()  # what the start changed that the user should hear (qvm.ops)
 
 
 def rotate_log(path: Path) -> None:

@@ -128,6 +128,7 @@ def up(
                 "qmp_ready": result.ready,
                 # the host ports picked for port 0 too: what this run listens on
                 "forwards": [forward.to_json() for forward in read_forwards(run)],
+                "notes": list(result.notes),
             }
             if restored is not None:
                 entry["restore"] = restored.as_json()
@@ -242,6 +243,8 @@ def _say_started(result: UpResult, run: RunDir, clone: dict[str, Any] | None = N
             f"  forward     {forward.proto}:{forward.host_addr}:{port}"
             f" -> guest port {forward.guest_port} ({forward.nic})"
         )
+    for note in result.notes:  # e.g. an address a pinned one took: said once, here
+        say(f"  note        {note}")
 
 
 def _restore(machine: Machine, run: RunDir, tag: str) -> tuple[RestoreResult, UpResult | None]:
@@ -395,6 +398,7 @@ def restart(
                     "accel_reason": started.accel_reason,
                     "qmp_ready": started.ready,
                     "forwards": [forward.to_json() for forward in read_forwards(run)],
+                    "notes": list(started.notes),
                 },
             )
             continue

@@ -315,8 +315,11 @@ def test_seed_is_attached_read_only_after_the_disks(tmp_path: Path) -> None:
 
 
 def test_the_seed_mounts_the_shares_at_every_boot(tmp_path: Path) -> None:
+    """Through vendor-data's bootcmd: cloud-init 22.4's ``mounts`` drops a line whose
+    device is a virtiofs tag ("Ignoring nonexistent named mount fs0")."""
     import yaml  # the parser cloud-init itself uses
 
+    from qvm.host.cloudinit import vendor_data_text
     from qvm.ops.up import share_mounts
 
     (tmp_path / "data").mkdir()
@@ -327,8 +330,20 @@ def test_the_seed_mounts_the_shares_at_every_boot(tmp_path: Path) -> None:
         '[[share]]\nhost = "data"\nguest = "/mnt/ro"\nreadonly = true\nvia = "9p"\n',
     )
     plan = plan_seed(vm, RunDir(tmp_path / "run"), home=tmp_path)._replace(mounts=share_mounts(vm))
-    data = yaml.safe_load(user_data_text(plan))
-    assert data["mounts"] == [
-        ["fs0", "/srv/data", "virtiofs", "defaults,nofail", "0", "0"],
-        ["fs1", "/mnt/ro", "9p", "trans=virtio,version=9p2000.L,msize=512000,nofail,ro", "0", "0"],
+    assert "mounts" not in yaml.safe_load(user_data_text(plan))
+    bootcmd = yaml.safe_load(vendor_data_text(plan))["bootcmd"]
+    assert [command[4:] for command in bootcmd] == [
+        ["/srv/data", "fs0", "virtiofs", "defaults"],
+        ["/mnt/ro", "fs1", "9p", "trans=virtio,version=9p2000.L,msize=512000,ro"],
     ]
+    # what the guest runs: mkdir, then mount unless mounted (a fake mount records it)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mount").write_text(f'#!/bin/sh\necho "$@" >>{tmp_path}/mounted\n')
+    (bin_dir / "mount").chmod(0o755)
+    target = tmp_path / "guest" / "srv data"
+    command = [*bootcmd[0][:4], str(target), *bootcmd[0][5:]]
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    subprocess.run(command, check=True, env=env)
+    assert target.is_dir()
+    assert (tmp_path / "mounted").read_text() == f"-t virtiofs -o defaults -- fs0 {target}\n"
