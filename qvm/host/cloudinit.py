@@ -50,7 +50,7 @@ _IFNAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,14}")
 
 
 class SeedInterface(Record):
-    """A NIC as network-config says it: found by its MAC (whatever the guest names it)."""
+    """A NIC as network-config says it: found by its MAC, named by its qvm id."""
 
     id: str  # the NIC's id in qvm (net0...): network-config's name for its entry
     mac: str

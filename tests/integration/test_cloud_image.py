@@ -1,6 +1,8 @@
 """The test-VM workflow on a real Debian 12 userspace (scripts/build-test-image):
 qvm new -> up -> wait --for ssh -> ssh, port forwards at run time, overlay safety,
-reset, rm --purge. Boots under TCG take about a minute each; one VM at a time.
+reset, rm --purge; and a Debian VM on a private network with a test guest, given its
+address, the members' names and a share by cloud-init from the seed. Boots under TCG
+take about a minute each; one Debian VM at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 from framework.guest import READY
 from framework.harness import REPO, Qvm, build_test_image
+from framework.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -135,6 +138,107 @@ def test_new_up_ssh_forwards_overlay_reset_rm(
     assert f"deb: removed {toml}" in removed.stdout
     assert not toml.exists() and not run.exists()
     assert base.exists() and sha256(base) == base_sum
+
+
+# `ping -c 1 NAME` for the Debian image, which has no ping (debootstrap's minbase): one
+# ICMP echo to the address the guest's resolver gives the name (/etc/hosts), as root
+PING = """
+import socket, struct, sys
+name = sys.argv[1]
+address = socket.gethostbyname(name)
+def checksum(data):
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    total = (total >> 16) + (total & 0xFFFF)
+    return ~(total + (total >> 16)) & 0xFFFF
+body = struct.pack("!BBHHH", 8, 0, 0, 0x7176, 1) + b"qvm!"
+echo = struct.pack("!BBHHH", 8, 0, checksum(body), 0x7176, 1) + b"qvm!"
+with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+    sock.settimeout(5)
+    sock.sendto(echo, (address, 0))
+    while True:
+        packet, (source, _) = sock.recvfrom(1500)
+        start = (packet[0] & 15) * 4
+        kind, _, _, ident, _ = struct.unpack("!BBHHH", packet[start : start + 8])
+        if source == address and kind == 0 and ident == 0x7176:
+            print(f"reply from {name} ({address})")
+            break
+"""
+
+
+@pytest.mark.timeout(900)
+def test_a_cloud_image_on_a_network_is_set_up_by_cloud_init(
+    qvm: Qvm, test_image: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One Debian boot: its address from the seed's network-config (the file cloud-init
+    wrote says it), the test guest's name in its /etc/hosts from the seed's bootcmd, and
+    the share mounted by it; pings by name both ways; the agent's path on Debian too."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "from-host.txt").write_text("written by the host\n")
+    qvm.guest_machine("tg", max=1, memory="128M", extra='\n[[nic]]\nnetwork = "lab"\n')
+    new_vm(qvm, "deb", "--memory", "512M")
+    toml = qvm.machines_dir / "deb.toml"
+    toml.write_text(
+        toml.read_text()
+        + f'\n[[nic]]\nnetwork = "lab"\n\n[[share]]\nhost = "{data}"\nguest = "/mnt/data"\n'
+    )
+    # the test guest first: deb's seed then names it (a later member reaches deb's
+    # /etc/hosts through the agent only)
+    qvm("up", "tg")
+    qvm("up", "deb")
+    tg_address = qvm.status("tg")["networks"][0]["address"]
+    deb_nic = qvm.status("deb")["networks"][0]
+    deb_address = deb_nic["address"]
+    assert deb_nic["nic"] == "net1"
+    seed = json.loads((qvm.run_dir("deb") / "network-config").read_text())
+    assert seed["ethernets"]["net1"]["addresses"] == [deb_address]
+
+    qvm("wait", "deb", "--for", "ssh", "--timeout", BOOT_TIMEOUT, timeout=600)
+
+    def in_deb(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return qvm("exec", "deb", "--timeout", "60", "--", *argv, check=check, timeout=90)
+
+    # cloud-init (every module, the bootcmd too) ran without an error
+    assert in_deb("cloud-init", "status", "--wait").stdout.split()[-2:] == ["status:", "done"]
+    # the address is the one cloud-init rendered from network-config (ifupdown's file),
+    # on the NIC it named net1, the user-mode NIC on DHCP as before
+    rendered = in_deb("cat", "/etc/network/interfaces.d/50-cloud-init").stdout
+    assert "iface net0 inet dhcp" in rendered
+    assert f"iface net1 inet static\n    address {deb_address}\n" in rendered
+    assert f" {deb_address} " in in_deb("ip", "-4", "-o", "addr", "show", "dev", "net1").stdout
+    # the share, mounted by the seed's bootcmd (or the agent, whichever came first)
+    assert in_deb("cat", "/mnt/data/from-host.txt").stdout == "written by the host\n"
+
+    # by name, both ways (the test guest's /etc/hosts got deb from its agent)
+    wait_until(
+        lambda: all(n["guest_configured"] for n in qvm.status("tg")["networks"]),
+        60,
+        "tg's network set up",
+    )
+    pinged = in_deb("python3", "-c", PING, "tg", check=False)
+    assert pinged.returncode == 0, pinged.stderr
+    assert pinged.stdout == f"reply from tg ({tg_address.split('/')[0]})\n"
+    ping = ["ping", "-c", "1", "-W", "5", "deb"]
+    assert qvm("exec", "tg", "--", *ping, check=False).returncode == 0
+    # the agent's path works on Debian too (it found the address already there)
+    wait_until(
+        lambda: all(n["guest_configured"] for n in qvm.status("deb")["networks"]),
+        60,
+        "deb's network set up by its agent",
+    )
+
+    # without the agent's help: the members' lines and the share come back from the
+    # seed's bootcmd alone, as at every boot
+    in_deb("umount", "/mnt/data")
+    in_deb("sed", "-i", "/^# qvm networks: begin/,/^# qvm networks: end/d", "/etc/hosts")
+    assert "tg" not in in_deb("cat", "/etc/hosts").stdout
+    in_deb("cloud-init", "single", "--name", "bootcmd", "--frequency", "always")
+    hosts = in_deb("cat", "/etc/hosts").stdout
+    assert f"{tg_address.split('/')[0]} tg\n" in hosts
+    assert f"{deb_address.split('/')[0]} deb\n" in hosts
+    assert in_deb("cat", "/mnt/data/from-host.txt").stdout == "written by the host\n"
+    qvm("down", "deb", "tg", "--force")
 
 
 def test_wait_timeout_names_what_it_waited_for(qvm: Qvm) -> None:
