@@ -8,6 +8,7 @@ execs the supervisor proper. The parent reads the readiness pipe ("spawned", "re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
@@ -185,6 +186,7 @@ def _become_supervisor(
         os.dup2(log, 2)
         os.close(null)
         os.close(log)
+        _close_inherited(keep={ready_write, *locks})
         # absolute: the supervisor's command line is how clients recognise it
         start(os.path.abspath(run.path), launch, ready_write, locks)
     except BaseException:  # noqa: BLE001 - whatever happens, never run the CLI twice
@@ -192,6 +194,19 @@ def _become_supervisor(
 
         traceback.print_exc()  # into supervisor.log; `qvm up` sees the pipe close
     os._exit(1)
+
+
+def _close_inherited(keep: set[int]) -> None:
+    """Close what the caller of `qvm up` let us inherit (``flock LOCK qvm up`` holds its
+    lock through a descriptor; a CI runner waits for its pipes' end): the supervisor lives
+    as long as the VM and would hold them all that time. Our own descriptors are
+    close-on-exec and go at the supervisor's exec anyway."""
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):  # the listing's own descriptor, gone
+                if os.get_inheritable(fd):
+                    os.close(fd)
 
 
 def _reap(pid: int, timeout: float) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -65,9 +66,30 @@ def test_up_status_down_by_acpi(qvm: Qvm) -> None:
     assert not qvm.processes()
 
 
-def test_up_on_a_running_vm_says_so(qvm: Qvm) -> None:
+def test_up_on_a_running_vm_says_so_and_holds_none_of_the_callers_files(qvm: Qvm) -> None:
     qvm.guest_machine("vm1")
-    first = qvm("up", "vm1", "--json")
+    # a descriptor the caller passed down (`flock LOCK qvm up`, a CI runner's pipe) must
+    # not be held by the supervisor for the VM's whole life
+    read_end, write_end = os.pipe()
+    try:
+        first = subprocess.run(
+            [str(QVM_BIN), "up", "vm1", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=qvm.env(),
+            cwd=qvm.root,
+            pass_fds=(write_end,),
+            check=True,
+        )
+        qvm.started.add("vm1")
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        assert os.read(read_end, 1) == b""  # EOF: nobody holds the write end any more
+    finally:
+        os.close(read_end)
+        with contextlib.suppress(OSError):
+            os.close(write_end)
     pid = json.loads(first.stdout)[0]["pid"]
     again = qvm("up", "vm1")
     assert again.stdout.strip() == f"vm1: already running (pid {pid})"
