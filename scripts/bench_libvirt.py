@@ -143,7 +143,9 @@ class Libvirt:
         self.switch: dict[str, object] = (
             {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if as_root else {}
         )
-        for folder in ("run", "config", "cache", "home", "xml", "serial"):
+        # short names: libvirt's agent socket lands 60 characters below the config dir,
+        # and a unix socket's path has 107 at most
+        for folder in ("run", "c", "k", "home", "xml", "serial"):
             (root / folder).mkdir(parents=True, mode=0o700)
         for path in (root, *root.iterdir()):
             os.chown(path, user.pw_uid, user.pw_gid)
@@ -151,22 +153,25 @@ class Libvirt:
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": str(root / "home"),
             "XDG_RUNTIME_DIR": str(root / "run"),
-            "XDG_CONFIG_HOME": str(root / "config"),
-            "XDG_CACHE_HOME": str(root / "cache"),
+            "XDG_CONFIG_HOME": str(root / "c"),
+            "XDG_CACHE_HOME": str(root / "k"),
         }
         self.names: list[str] = []
 
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        done = subprocess.run(
             ["virsh", "-c", URI, *args],
             env=self.env,
             cwd=self.root / "home",
-            check=check,
+            check=False,
             capture_output=True,
             text=True,
             stdin=subprocess.DEVNULL,
             **self.switch,  # type: ignore[arg-type]
         )
+        if check and done.returncode != 0:
+            raise RuntimeError(f"virsh {' '.join(args)}: {done.stderr.strip()}")
+        return done
 
     def timed(self, *args: str) -> float:
         return timed_command(self.virsh, *args)
@@ -420,10 +425,10 @@ def main() -> int:
     version = subprocess.run(["virsh", "--version"], capture_output=True, text=True, check=True)
     figures: Figures = {}
     daemons: dict[str, str] = {}
-    root = Path(tempfile.mkdtemp(prefix="qvm-bench-libvirt-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="qlv-", dir="/tmp"))
     os.chmod(root, 0o711)  # the session's user (nobody, under root) goes through it
-    libvirt = Libvirt(root / "libvirt")
-    fleet = Fleet(root / "qvm", REPO)
+    libvirt = Libvirt(root / "l")
+    fleet = Fleet(root / "q", REPO)
     try:
         for count in counts:
             measure_libvirt(libvirt, count, figures)
