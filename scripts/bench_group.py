@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench_scale import APPEND
 from bench_scale import GUEST as FLEET_MACHINE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,7 +166,9 @@ def main() -> int:
     env = dict(os.environ, QVM_STATE_DIR=str(state), QVM_MACHINES=str(root / "machines"))
     (root / "machines").mkdir()
     for index in range(count):
-        (root / "machines" / f"g{index}.toml").write_text(MACHINE.format(guest=GUEST_DIR))
+        (root / "machines" / f"g{index}.toml").write_text(
+            MACHINE.format(guest=GUEST_DIR, append=APPEND)
+        )
     figures: list[tuple[str, float]] = []
     try:
         figures.append(("raw QEMU, serial loop of QMP quit", raw_round(root, count, "quit")))

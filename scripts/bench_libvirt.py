@@ -42,6 +42,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from bench_scale import (
+    APPEND,
     READY_TIMEOUT,
     REPO,
     RUNS,
@@ -50,11 +51,10 @@ from bench_scale import (
     exited,
     floor_once,
     in_turn,
-    printed_ready,
     pss_kib,
     timed_command,
     wait_exited,
-    wait_until,
+    wait_serial,
 )
 
 PACKAGES = ("libvirt-clients", "libvirt-daemon", "libvirt-daemon-driver-qemu")
@@ -91,7 +91,7 @@ def domain_xml(name: str, guest: Path, serial_log: Path, memory_mib: int = 128) 
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{escape(str(guest / "vmlinuz"))}</kernel>
     <initrd>{escape(str(guest / "initrd.img"))}</initrd>
-    <cmdline>console=ttyS0 quiet irqaffinity=0</cmdline>
+    <cmdline>{escape(APPEND)}</cmdline>
   </os>
   <features><acpi/></features>
   <cpu mode='maximum'/>
@@ -191,7 +191,7 @@ class Libvirt:
         for name in self.names:
             self.serial_log(name).unlink(missing_ok=True)
             self.virsh("start", name)
-        wait_until(self.names, lambda name: printed_ready(self.serial_log(name)), "serial")
+        wait_serial(self.names, self.serial_log)
         time.sleep(3)  # past the guests' boot, as bench_scale's fleet
 
     def pidfiles(self, folder: str = "") -> dict[str, int]:

@@ -12,6 +12,8 @@ import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
@@ -33,7 +35,8 @@ def test_the_domain_is_the_test_guest_of_the_qvm_fleet() -> None:
     assert domain.findtext("os/kernel") == str(guest / "vmlinuz")
     assert domain.findtext("os/initrd") == str(guest / "initrd.img")
     # the fleet's machine file boots the same kernel line
-    assert f'append = "{domain.findtext("os/cmdline")}"' in bench_scale.GUEST
+    assert domain.findtext("os/cmdline") == bench_scale.APPEND
+    assert 'append = "{append}"' in bench_scale.GUEST
     assert domain.find("features/acpi") is not None  # the power button `virsh shutdown` presses
     assert domain.findtext("on_poweroff") == "destroy"
     source = domain.find("devices/serial[@type='file']/source")
@@ -96,6 +99,23 @@ def test_the_growth_table_says_why_a_count_is_missing() -> None:
     text = bench_scale.table(rows, {"python": 7.0}, [note])
     assert "| 32 | - | 90.0 ms |" in text
     assert text.splitlines()[-1] == note
+
+
+PANIC = """[    0.052000]  secondary_startup_64_no_verify+0xe4/0xeb
+[    0.052000] ---[ end Kernel panic - not syncing: IO-APIC + timer doesn't work!  Boot with \
+apic=debug and send a report.  Then try booting with the 'noapic' option. ]---
+"""
+
+
+def test_a_guest_that_panicked_at_boot_ends_the_wait_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "s00").write_text("...\nQVM-GUEST-READY\n")
+    (tmp_path / "s01").write_text(PANIC)
+    assert bench_scale.panic_of(tmp_path / "s00") is None
+    panic = bench_scale.panic_of(tmp_path / "s01")
+    assert panic is not None and panic.startswith("IO-APIC + timer doesn't work!")
+    with pytest.raises(bench_scale.GuestPanicked, match=r"1 of 2 guests.*s01: IO-APIC"):
+        bench_scale.wait_serial(["s00", "s01"], lambda name: tmp_path / name)
+    assert bench_scale.wait_serial(["s00"], lambda name: tmp_path / name) < 1
 
 
 def test_a_process_has_ended_once_it_is_a_zombie() -> None:
