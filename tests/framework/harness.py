@@ -229,7 +229,7 @@ size = "{memory}"
 [boot]
 kernel = "{{guest}}/vmlinuz"
 initrd = "{{guest}}/initrd.img"
-append = "console=ttyS0 quiet irqaffinity=0"
+append = "console=ttyS0 quiet irqaffinity=0 no_timer_check"
 {extra}
 """,
         )
