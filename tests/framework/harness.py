@@ -77,16 +77,27 @@ def scratch_qvm(machine: str) -> Iterator[Qvm]:
 
 def build_test_image() -> Path:
     """The Debian test image's folder: scripts/build-test-image builds it, or takes it
-    from its cache (it prints the folder)."""
+    from its cache."""
+    return _built("build-test-image", timeout=1200)
+
+
+def build_test_guest(*options: str) -> Path:
+    """A flavour of the test guest (``--9p``: Debian's generic kernel with 9p), built by
+    scripts/build-test-guest or taken from its cache."""
+    return _built("build-test-guest", *options, timeout=900)
+
+
+def _built(script: str, *options: str, timeout: float) -> Path:
+    """The folder a build script of scripts/ prints once it has built (or found) it."""
     built = subprocess.run(
-        [str(REPO / "scripts" / "build-test-image")],
+        [str(REPO / "scripts" / script), *options],
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=timeout,
         check=False,
     )
     if built.returncode != 0:
-        pytest.fail(f"scripts/build-test-image failed:\n{built.stderr[-3000:]}")
+        pytest.fail(f"scripts/{script} {' '.join(options)} failed:\n{built.stderr[-3000:]}")
     return Path(built.stdout.strip())
 
 
@@ -211,6 +222,7 @@ class Qvm:
         memory: str = "256M",
         machine_type: str = "q35",
         extra: str = "",
+        guest_dir: Path = GUEST_DIR,
     ) -> Path:
         return self.machine(
             name,
@@ -227,8 +239,8 @@ max = {max}
 size = "{memory}"
 
 [boot]
-kernel = "{{guest}}/vmlinuz"
-initrd = "{{guest}}/initrd.img"
+kernel = "{guest_dir}/vmlinuz"
+initrd = "{guest_dir}/initrd.img"
 append = "console=ttyS0 quiet irqaffinity=0 no_timer_check"
 {extra}
 """,

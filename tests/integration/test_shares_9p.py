@@ -1,0 +1,144 @@
+"""Shared host folders through QEMU's own 9p server (``via = "9p"``), booted for real:
+the test guest's cloud kernel has no 9p, so this module boots its --9p flavour (Debian's
+generic kernel of the same version and its 9p modules; scripts/build-test-guest builds
+it on first use, then takes it from its cache). One VM with a read-write and a read-only
+9p share serves every check, each read back from the guest through its agent and from
+the host's own files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from framework.harness import Qvm, build_test_guest, owned_qvm
+from framework.jsonschema_lite import validate
+from framework.wait import wait_until
+
+pytestmark = pytest.mark.integration
+
+SECRET = "host-secret-outside-the-share"
+
+
+@pytest.fixture(scope="module")
+def vm() -> Iterator[Qvm]:
+    """vm9 with /mnt/data (9p, read-write, holding links that point out of it) and
+    /mnt/ro (9p, read-only), both mounted by the guest; killed after the module."""
+    guest_dir = build_test_guest("--9p")
+    with owned_qvm() as harness:
+        root = harness.root
+        for folder in ("data", "ro", "outside"):
+            (root / folder).mkdir()
+        (root / "secret.txt").write_text(SECRET)
+        (root / "outside" / "secret.txt").write_text(SECRET)
+        (root / "data" / "escape").symlink_to(root / "secret.txt")
+        (root / "data" / "escape-relative").symlink_to("../secret.txt")
+        (root / "data" / "escape-folder").symlink_to(root / "outside")
+        (root / "data" / "from-host.txt").write_text("written by the host\n")
+        (root / "ro" / "keep.txt").write_text("read-only\n")
+        shares = "".join(
+            f'[[share]]\nhost = "{root}/{folder}"\nguest = "/mnt/{folder}"\nvia = "9p"\n'
+            f"readonly = {str(folder == 'ro').lower()}\n"
+            for folder in ("data", "ro")
+        )
+        harness.guest_machine("vm9", max=1, extra=shares, guest_dir=guest_dir)
+        harness("up", "vm9")
+        harness("wait", "vm9", "--for", "agent", "--timeout", "120")
+        wait_until(lambda: all_mounted(harness), 30, "the guest to mount the 9p shares")
+        yield harness
+
+
+def shares(qvm: Qvm) -> list[dict[str, Any]]:
+    listed = qvm.json("share", "list", "vm9")
+    validate(listed, "share-list.json")
+    return listed["shares"]  # type: ignore[no-any-return]
+
+
+def all_mounted(qvm: Qvm) -> bool:
+    return all(share["mount"] == "mounted" for share in shares(qvm))
+
+
+def guest(qvm: Qvm, script: str, check: bool = True) -> str:
+    done = qvm("exec", "vm9", "--", "sh", "-c", script, check=check)
+    return done.stdout + done.stderr
+
+
+def guest_mount(qvm: Qvm, path: str) -> list[str]:
+    """The guest's own /proc/mounts line of ``path``, split."""
+    for line in guest(qvm, "cat /proc/mounts").splitlines():
+        if line.split()[1] == path:
+            return line.split()
+    raise AssertionError(f"{path} is not mounted in the guest")
+
+
+def test_the_guest_mounts_the_9p_shares_and_files_go_both_ways(vm: Qvm) -> None:
+    listed = {share["guest"]: share for share in shares(vm)}
+    assert {path: (s["via"], s["readonly"], s["daemon_pid"]) for path, s in listed.items()} == {
+        "/mnt/data": ("9p", False, None),  # QEMU serves it: no daemon
+        "/mnt/ro": ("9p", True, None),
+    }
+    tag, _, fstype, options, *_ = guest_mount(vm, "/mnt/data")
+    assert (tag, fstype) == ("fs0", "9p")
+    assert {"rw", "trans=virtio", "msize=512000"} <= set(options.split(","))
+    assert guest(vm, "cat /mnt/data/from-host.txt") == "written by the host\n"
+    guest(vm, "echo written by the guest > /mnt/data/from-guest.txt")
+    assert (vm.root / "data" / "from-guest.txt").read_text() == "written by the guest\n"
+    # a change on the host is seen at once (no cache in the guest)
+    (vm.root / "data" / "from-host.txt").write_text("changed by the host\n")
+    assert guest(vm, "cat /mnt/data/from-host.txt") == "changed by the host\n"
+
+
+def test_a_readonly_9p_share_refuses_writes_in_qemu(vm: Qvm) -> None:
+    tag, _, fstype, options, *_ = guest_mount(vm, "/mnt/ro")
+    assert (tag, fstype, options.split(",")[0]) == ("fs1", "9p", "ro")
+    assert "Read-only file system" in guest(vm, "echo x > /mnt/ro/new.txt", check=False)
+    # the guest's own read-only mount is not what stops it: remounted read-write in the
+    # guest, the writes still fail, refused by QEMU (-fsdev readonly=on)
+    guest(vm, "mount -o remount,rw /mnt/ro")
+    assert guest_mount(vm, "/mnt/ro")[3].split(",")[0] == "rw"
+    said = guest(
+        vm, "echo x > /mnt/ro/new.txt; echo y >> /mnt/ro/keep.txt; rm /mnt/ro/keep.txt", check=False
+    )
+    assert said.count("Read-only file system") == 3, said
+    assert sorted(p.name for p in (vm.root / "ro").iterdir()) == ["keep.txt"]
+    assert (vm.root / "ro" / "keep.txt").read_text() == "read-only\n"
+
+
+def test_the_guest_cannot_reach_outside_the_9p_folder(vm: Qvm) -> None:
+    # the host's symlinks are read as links, whose targets the guest resolves in its own
+    # tree: QEMU never follows them on the host
+    said = guest(vm, "readlink /mnt/data/escape; readlink /mnt/data/escape-relative")
+    assert said.split() == [str(vm.root / "secret.txt"), "../secret.txt"]
+    said = guest(
+        vm,
+        "cat /mnt/data/escape; cat /mnt/data/escape-relative; ls /mnt/data/escape-folder/;"
+        " cat /mnt/data/escape-folder/secret.txt",
+        check=False,
+    )
+    assert SECRET not in said and "No such file or directory" in said
+    # nor does a write through them reach the host's file
+    guest(
+        vm,
+        "echo overwritten > /mnt/data/escape; echo overwritten > /mnt/data/escape-relative",
+        check=False,
+    )
+    assert (vm.root / "secret.txt").read_text() == SECRET
+    # `..` from the share's top, or from a folder in it, stays in the guest's tree
+    guest(vm, "mkdir -p /mnt/data/sub")
+    said = guest(
+        vm,
+        "ls -a /mnt/data/..; cat /mnt/data/../secret.txt /mnt/data/sub/../../secret.txt",
+        check=False,
+    )
+    assert SECRET not in said and "outside" not in said
+
+
+def test_snapshot_save_is_refused_and_qemu_says_the_9p_mount_blocks_it(vm: Qvm) -> None:
+    done = vm("snapshot", "save", "vm9", "t1", check=False)
+    assert done.returncode == 1 and "share fs0 (" in done.stderr, done.stderr
+    # QEMU's own word: a 9p export mounted in the guest blocks migration (and savevm)
+    reasons = vm.json("qmp", "vm9", "query-migrate").get("blocked-reasons", [])
+    assert any("VirtFS export path" in reason and "'fs0'" in reason for reason in reasons), reasons
+    assert vm.status("vm9")["state"] == "running"
+    assert "from-host.txt" in guest(vm, "ls /mnt/data").split()
