@@ -38,6 +38,23 @@ def mount_argv(tag: str, guest: str, via: str, readonly: bool) -> list[str]:
     return ["/bin/sh", "-c", _MOUNT, "qvm-share", guest, tag, fstype, options]
 
 
+# what mount says when the guest kernel does not know the file system type (ENODEV)
+_UNKNOWN_TYPE = "No such device"
+_NO_KERNEL_SUPPORT = {
+    "9p": "(hint: the guest kernel has no 9p, as Debian's cloud kernels: boot one that has, "
+    'or use via = "virtiofs")',
+    "virtiofs": '(hint: the guest kernel has no virtiofs: boot one that has, or use via = "9p")',
+}
+
+
+def mount_failure(via: str, said: str) -> str:
+    """What a failed mount of a share said, with its likely cause when the guest kernel
+    does not know the share's file system."""
+    if _UNKNOWN_TYPE not in said:
+        return said
+    return f"{said} {_NO_KERNEL_SUPPORT[via]}"
+
+
 def unmount_argv(guest: str) -> list[str]:
     return ["/bin/sh", "-c", _UNMOUNT, "qvm-share", guest]
 

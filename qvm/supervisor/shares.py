@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from qvm.cmdline.share_mount import mount_argv
+from qvm.cmdline.share_mount import mount_argv, mount_failure
 from qvm.errors import AgentError
 from qvm.host.virtiofsd import VirtiofsdError, start_virtiofsd, stop_daemon
 from qvm.layout.runfiles import AGENT_LOCK, AGENT_SOCKET, SHARES_FILE, RunFiles
@@ -170,7 +170,7 @@ class ShareKeeper:
         if problem is None:
             self._update(share.id, mount="mounted", mount_error=None)
         else:
-            self._update(share.id, mount="failed", mount_error=problem)
+            self._update(share.id, mount="failed", mount_error=mount_failure(share.via, problem))
 
 
 def guest_run(client: AgentClient, argv: list[str], timeout: float) -> str | None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from framework.harness import Qvm, build_test_guest, owned_qvm
+from framework.harness import GUEST_DIR, Qvm, build_test_guest, owned_qvm
 from framework.jsonschema_lite import validate
 from framework.wait import wait_until
 
@@ -142,3 +142,24 @@ def test_snapshot_save_is_refused_and_qemu_says_the_9p_mount_blocks_it(vm: Qvm) 
     assert any("VirtFS export path" in reason and "'fs0'" in reason for reason in reasons), reasons
     assert vm.status("vm9")["state"] == "running"
     assert "from-host.txt" in guest(vm, "ls /mnt/data").split()
+
+
+def test_a_guest_kernel_without_9p_fails_the_mount_and_share_list_says_why(qvm: Qvm) -> None:
+    # the default test guest: Debian's cloud kernel, which has no 9p
+    (qvm.root / "data").mkdir()
+    share = f'[[share]]\nhost = "{qvm.root}/data"\nguest = "/mnt/data"\nvia = "9p"\n'
+    qvm.guest_machine("cloud9", max=1, extra=share, guest_dir=GUEST_DIR)
+    qvm("up", "cloud9")
+    qvm("wait", "cloud9", "--for", "agent", "--timeout", "120")
+    failed = wait_until(
+        lambda: [
+            s for s in qvm.json("share", "list", "cloud9")["shares"] if s["mount"] == "failed"
+        ],
+        30,
+        "the guest's mount of the 9p share to fail",
+    )
+    said = failed[0]["mount_error"]
+    assert "mounting fs0 on /mnt/data failed: No such device" in said  # the guest's word
+    assert "the guest kernel has no 9p" in said and 'via = "virtiofs"' in said
+    listed = qvm("share", "list", "cloud9").stdout
+    assert "failed: exit status" in listed and "has no 9p" in listed

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qvm.cmdline.argv import LaunchInputs, build_argv, has_shared_memory
-from qvm.cmdline.share_mount import holders_argv, mount_argv, unmount_argv
+from qvm.cmdline.share_mount import holders_argv, mount_argv, mount_failure, unmount_argv
 from qvm.definition.schema import Machine, MemorySpec, ShareSpec
 from qvm.layout.rundir import RunDir
 
@@ -55,3 +55,15 @@ def test_the_guest_commands_take_paths_as_arguments_never_as_script_text() -> No
         assert odd not in argv[2]
         assert odd in argv[4:]
     assert mount_argv("fs0", "/m", "virtiofs", True)[-2:] == ["virtiofs", "defaults,ro"]
+
+
+def test_a_mount_the_guest_kernel_cannot_do_says_why_and_the_way_out() -> None:
+    # busybox's words on the cloud kernel (no 9p), as the supervisor records them
+    said = "exit status 255: mount: mounting fs0 on /mnt/data failed: No such device"
+    assert mount_failure("9p", said) == (
+        f"{said} (hint: the guest kernel has no 9p, as Debian's cloud kernels: boot one that "
+        'has, or use via = "virtiofs")'
+    )
+    assert 'use via = "9p"' in mount_failure("virtiofs", said)
+    other = "exit status 255: mount: mounting fs0 on /mnt/data failed: No such file or directory"
+    assert mount_failure("9p", other) == other
