@@ -316,13 +316,14 @@ def share_chardev(share_id: str) -> str:
 def _share_args(ident: str, share: ShareSpec, run: RunDir) -> list[str]:
     """virtiofs: the vhost-user socket virtiofsd listens on (started before QEMU by the
     supervisor), and the device, whose tag the guest mounts. 9p: QEMU's own server;
-    ``readonly`` is QEMU's to enforce."""
+    ``readonly`` is QEMU's to enforce; ``multidevs=remap`` keeps inode numbers unique when
+    the folder holds mount points (else two files can share one in the guest)."""
     if share.via == "9p":
         readonly = ",readonly=on" if share.readonly else ""
         return [
             "-fsdev",
             f"local,id={share_chardev(ident)},path={escape_opt(str(share.host))},"
-            f"security_model=none{readonly}",
+            f"security_model=none,multidevs=remap{readonly}",
             "-device",
             f"virtio-9p-pci,fsdev={share_chardev(ident)},mount_tag={ident},id={ident}",
         ]

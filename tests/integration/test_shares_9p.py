@@ -8,7 +8,11 @@ the host's own files.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,10 +47,30 @@ def vm() -> Iterator[Qvm]:
             for folder in ("data", "ro")
         )
         harness.guest_machine("vm9", max=1, extra=shares, guest_dir=guest_dir)
-        harness("up", "vm9")
-        harness("wait", "vm9", "--for", "agent", "--timeout", "120")
-        wait_until(lambda: all_mounted(harness), 30, "the guest to mount the 9p shares")
-        yield harness
+        with mounted_inside(root / "data"):
+            harness("up", "vm9")
+            harness("wait", "vm9", "--for", "agent", "--timeout", "120")
+            wait_until(lambda: all_mounted(harness), 30, "the guest to mount the 9p shares")
+            yield harness
+
+
+@contextlib.contextmanager
+def mounted_inside(folder: Path) -> Iterator[None]:
+    """As root, two fresh tmpfs at FOLDER/t1 and FOLDER/t2, each holding a file x (the
+    same inode number on both); lazily unmounted at the end (QEMU may still hold them)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    mounts = [folder / "t1", folder / "t2"]
+    try:
+        for mount in mounts:
+            mount.mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "qvm-test", mount], check=True)
+            (mount / "x").write_text(mount.name)
+        yield
+    finally:
+        for mount in mounts:
+            subprocess.run(["umount", "-l", mount], check=False, capture_output=True)
 
 
 def shares(qvm: Qvm) -> list[dict[str, Any]]:
@@ -87,6 +111,18 @@ def test_the_guest_mounts_the_9p_shares_and_files_go_both_ways(vm: Qvm) -> None:
     # a change on the host is seen at once (no cache in the guest)
     (vm.root / "data" / "from-host.txt").write_text("changed by the host\n")
     assert guest(vm, "cat /mnt/data/from-host.txt") == "changed by the host\n"
+
+
+def test_files_of_two_host_file_systems_keep_apart_in_the_guest(vm: Qvm) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs in the share needs root")
+    host = {(vm.root / "data" / t / "x").stat().st_ino for t in ("t1", "t2")}
+    assert len(host) == 1  # the same inode number on the host, on two devices
+    said = guest(vm, "stat -c %i /mnt/data/t1/x /mnt/data/t2/x; cat /mnt/data/t1/x /mnt/data/t2/x")
+    first, second, text = said.split("\n", 2)
+    assert first != second and text == "t1t2", said  # multidevs=remap
+    log = (vm.run_dir("vm9") / "qemu.log").read_text()
+    assert "Multiple devices detected" not in log
 
 
 def test_a_readonly_9p_share_refuses_writes_in_qemu(vm: Qvm) -> None:

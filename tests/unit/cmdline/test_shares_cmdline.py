@@ -36,7 +36,7 @@ def test_a_virtiofs_share_makes_the_ram_shared_and_connects_to_its_daemon() -> N
 
 def test_a_9p_share_is_qemus_own_and_readonly_there() -> None:
     argv = argv_of(vm(ShareSpec(Path("/h/a,b"), "/mnt/x", readonly=True, via="9p")))
-    assert "local,id=qvm.fs0,path=/h/a,,b,security_model=none,readonly=on" in argv
+    assert "local,id=qvm.fs0,path=/h/a,,b,security_model=none,multidevs=remap,readonly=on" in argv
     assert "virtio-9p-pci,fsdev=qvm.fs0,mount_tag=fs0,id=fs0" in argv
     assert not has_shared_memory(argv)  # 9p needs no shared RAM
 
