@@ -57,7 +57,8 @@ def vm() -> Iterator[Qvm]:
 @contextlib.contextmanager
 def mounted_inside(folder: Path) -> Iterator[None]:
     """As root, two fresh tmpfs at FOLDER/t1 and FOLDER/t2, each holding a file x (the
-    same inode number on both); lazily unmounted at the end (QEMU may still hold them)."""
+    same inode number on both); lazily unmounted at the end (QEMU may still hold them).
+    Where they cannot be mounted, nothing is."""
     if os.geteuid() != 0:
         yield
         return
@@ -65,8 +66,9 @@ def mounted_inside(folder: Path) -> Iterator[None]:
     try:
         for mount in mounts:
             mount.mkdir()
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "qvm-test", mount], check=True)
-            (mount / "x").write_text(mount.name)
+            argv = ["mount", "-t", "tmpfs", "-o", "size=1m", "qvm-test", str(mount)]
+            if subprocess.run(argv, check=False, capture_output=True).returncode == 0:
+                (mount / "x").write_text(mount.name)
         yield
     finally:
         for mount in mounts:
@@ -114,8 +116,8 @@ def test_the_guest_mounts_the_9p_shares_and_files_go_both_ways(vm: Qvm) -> None:
 
 
 def test_files_of_two_host_file_systems_keep_apart_in_the_guest(vm: Qvm) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs in the share needs root")
+    if not all((vm.root / "data" / t / "x").exists() for t in ("t1", "t2")):
+        pytest.skip("two tmpfs could not be mounted in the share (that needs root)")
     host = {(vm.root / "data" / t / "x").stat().st_ino for t in ("t1", "t2")}
     assert len(host) == 1  # the same inode number on the host, on two devices
     said = guest(vm, "stat -c %i /mnt/data/t1/x /mnt/data/t2/x; cat /mnt/data/t1/x /mnt/data/t2/x")
