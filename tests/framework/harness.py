@@ -141,6 +141,7 @@ class Qvm:
 
     root: Path
     started: set[str] = field(default_factory=set)
+    user: int | None = None  # as root: run qvm as this uid and gid (setpriv), HOME in root
 
     @property
     def state_dir(self) -> Path:
@@ -155,7 +156,17 @@ class Qvm:
         env["QVM_STATE_DIR"] = str(self.state_dir)
         env["QVM_MACHINES"] = str(self.machines_dir)
         env["XDG_CONFIG_HOME"] = str(self.root / "config")
+        if self.user is not None:
+            env["HOME"] = str(self.root / "home")
+            env["XDG_CACHE_HOME"] = str(self.root / "cache")
         return env
+
+    def as_user(self) -> list[str]:
+        """The command prefix that runs a command as ``user`` (nothing without one)."""
+        if self.user is None:
+            return []
+        ids = [f"--reuid={self.user}", f"--regid={self.user}", "--clear-groups"]
+        return ["setpriv", *ids]
 
     def __call__(
         self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
@@ -180,7 +191,7 @@ class Qvm:
         if args and args[0] in ("up", "restart"):
             self.started.update(a for a in args[1:] if not a.startswith("-"))
         return subprocess.run(
-            [str(QVM_BIN), *args],
+            [*self.as_user(), str(QVM_BIN), *args],
             capture_output=True,
             timeout=timeout,
             env=self.env(),

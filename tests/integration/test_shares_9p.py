@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from framework.harness import GUEST_DIR, Qvm, build_test_guest, owned_qvm
+from framework.harness import GUEST_DIR, QVM_BIN, Qvm, build_test_guest, owned_qvm
 from framework.jsonschema_lite import validate
 from framework.wait import wait_until
 
@@ -85,8 +85,8 @@ def all_mounted(qvm: Qvm) -> bool:
     return all(share["mount"] == "mounted" for share in shares(qvm))
 
 
-def guest(qvm: Qvm, script: str, check: bool = True) -> str:
-    done = qvm("exec", "vm9", "--", "sh", "-c", script, check=check)
+def guest(qvm: Qvm, script: str, check: bool = True, name: str = "vm9") -> str:
+    done = qvm("exec", name, "--", "sh", "-c", script, check=check)
     return done.stdout + done.stderr
 
 
@@ -201,3 +201,40 @@ def test_a_guest_kernel_without_9p_fails_the_mount_and_share_list_says_why(qvm: 
     assert "the guest kernel has no 9p" in said and 'via = "virtiofs"' in said
     listed = qvm("share", "list", "cloud9").stdout
     assert "failed: exit status" in listed and "has no 9p" in listed
+
+
+NOBODY = 65534
+
+
+def test_run_as_a_user_the_guest_has_that_users_rights_in_the_folder() -> None:
+    """What 9p is for: qvm run by a user other than root (security_model=none)."""
+    if os.geteuid() != 0:
+        pytest.skip("becoming another user needs root")
+    guest_dir = build_test_guest("--9p")
+    with owned_qvm() as harness:
+        harness.user = NOBODY
+        (harness.root / "data").mkdir()
+        share = f'[[share]]\nhost = "{harness.root}/data"\nguest = "/mnt/data"\nvia = "9p"\n'
+        harness.guest_machine("vmu", max=1, extra=share, guest_dir=guest_dir)
+        subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", harness.root], check=True)
+        reach = [*harness.as_user(), "test", "-x", str(QVM_BIN), "-a", "-r", f"{guest_dir}/vmlinuz"]
+        if subprocess.run(reach, check=False).returncode != 0:
+            pytest.skip(f"uid {NOBODY} cannot reach qvm or the 9p test guest in this checkout")
+        harness("up", "vmu")
+        harness("wait", "vmu", "--for", "agent", "--timeout", "120")
+        wait_until(
+            lambda: harness.json("share", "list", "vmu")["shares"][0]["mount"] == "mounted",
+            30,
+            "the guest to mount the 9p share",
+        )
+        said = guest(
+            harness,
+            "id -u; echo hi > /mnt/data/f; chown 0:0 /mnt/data/f; chmod 4755 /mnt/data/f",
+            check=False,
+            name="vmu",
+        )
+        assert said.startswith("0\n")  # the guest's root...
+        assert "Operation not permitted" in said  # ...cannot give a host file to root
+        made = (harness.root / "data" / "f").stat()
+        assert (made.st_uid, made.st_gid) == (NOBODY, NOBODY)
+        assert made.st_mode & 0o4000  # setuid, but to nobody: no more than the user has
