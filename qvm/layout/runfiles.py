@@ -18,6 +18,9 @@ CONSOLE_SOCKET = "console.sock"
 AGENT_CHARDEV_SOCKET = "qga.sock"  # QEMU's end of the guest agent's channel
 # the virtio-serial port of that channel in the guest: the name qemu-ga looks for
 AGENT_PORT_NAME = "org.qemu.guest_agent.0"
+# its QEMU device id: QEMU's VSERPORT_CHANGE events name it when the guest's agent opens
+# or closes the port (qvm.supervisor.network)
+AGENT_PORT_ID = "qvm.agent"
 # the supervisor's, lending its lasting connection to qga.sock to one client at a time:
 # it lives and goes with QEMU's sockets
 AGENT_SOCKET = "agent.sock"

@@ -9,10 +9,16 @@ NIC the guest sees never changes. A NIC that cannot rejoin is ``down`` with the 
 ``network-state.json``, which ``status`` and ``net list`` show.
 
 The guest is set up through its agent, once it answers and again whenever the network's
-members change (``qvm.store.guestnet``). When the supervisor ends, it leaves: under the
-lock, the last member to leave stops the switch. ``qvm up`` takes the same lock from
-before the switch is started until the new supervisor holds its run dir's lock, so a
-leaving member never stops a switch a starting one is about to use.
+members change (``qvm.store.guestnet``). What it was given lives in its memory: after a
+reset (QEMU's ``RESET``: a reboot inside the guest, or ``system_reset``) it is gone, and
+when the agent's port closes or opens (``VSERPORT_CHANGE``: a reboot QEMU does not see,
+such as kexec, or a new agent) it is not known, so the guest counts as not set up and is
+set up again once its agent answers (``guest_changed``).
+
+When the supervisor ends, it leaves: under the lock, the last member to leave stops the
+switch. ``qvm up`` takes the same lock from before the switch is started until the new
+supervisor holds its run dir's lock, so a leaving member never stops a switch a starting
+one is about to use.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from qvm.host.vde import ensure_switch, stop_switch, switch_problem
 from qvm.layout.netfiles import NetFiles
 from qvm.layout.runfiles import (
     AGENT_LOCK,
+    AGENT_PORT_ID,
     AGENT_SOCKET,
     NETWORK_STATE_FILE,
     NETWORKS_FILE,
@@ -68,6 +75,8 @@ class NetworkMember:
         self.vm = vm
         self.state_root = os.path.dirname(run.path.rstrip("/"))
         self.applied: str | None = None  # the script the guest last ran without error
+        # counts the guest's resets: a setup that was under way across one does not count
+        self.guest_epoch = 0
         self.next_agent_try = 0.0
         self.state: NetworkState | None = None
         # by network: the switch (pid, start time) this VM's NICs are plugged into
@@ -193,6 +202,25 @@ class NetworkMember:
         rejoins = (old.rejoins if old else 0) + (1 if state == "rejoined" else 0)
         return LinkState(nic.nic, nic.network, state, rejoins, error)
 
+    def guest_changed(self, event: str | None, data: dict[str, Any]) -> bool:
+        """A QMP event that may have taken the guest's setup away (see the module's
+        docstring): then it counts as not set up, and is set up again as soon as its agent
+        answers. Whether it was one."""
+        if event == "RESET":
+            why = "the guest was reset; waiting for its agent to set it up again"
+        elif event == "VSERPORT_CHANGE" and data.get("id") == AGENT_PORT_ID:
+            state = "opened" if data.get("open") else "closed"
+            why = f"the guest agent {state} its port; setting the guest up again"
+        else:
+            return False
+        self.guest_epoch += 1
+        self.applied = None
+        self.next_agent_try = 0.0
+        if self.state is not None:
+            self.state = self.state._replace(guest_configured=False, guest_error=why)
+            self._save()
+        return True
+
     def _save(self) -> None:
         assert self.state is not None
         try:
@@ -210,7 +238,10 @@ class NetworkMember:
         script = setup_script(nics, [(a, n) for n, a in sorted(hosts.items())])
         if script == self.applied:
             return
+        epoch = self.guest_epoch
         error = await asyncio.to_thread(self._run_in_guest, script)
+        if epoch != self.guest_epoch:
+            return  # the guest was reset meanwhile: what it ran is gone; next look, again
         if error is None:
             self.applied = script
             self.state = self.state._replace(

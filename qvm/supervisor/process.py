@@ -556,6 +556,8 @@ class Supervisor:
         elif name == "DEVICE_DELETED":
             self._note_vcpu_unplug(data)
             await self._finish_pending_unplug(data)
+        if self.network is not None and self.network_task is not None:
+            self.network.guest_changed(name, data)  # a reboot takes the guest's addresses
 
     def _note_vcpu_unplug(self, data: dict[str, Any]) -> None:
         """A vCPU left, whoever asked (events reach every monitor): the TCG guard must
