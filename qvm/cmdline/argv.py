@@ -33,7 +33,7 @@ from qvm.definition.topology import cpu_device_id, cpu_driver, slot_props, topol
 from qvm.layout.kinds import DIMM, DISK, NIC, VIRTIO_MEM
 from qvm.layout.netfiles import NetFiles
 from qvm.layout.rundir import RunDir
-from qvm.layout.runfiles import AGENT_PORT_NAME
+from qvm.layout.runfiles import AGENT_PORT_ID, AGENT_PORT_NAME
 
 if TYPE_CHECKING:  # only read here; the store's module is not on every command's path
     from qvm.store.snapshots import MemoryDevice, PluggedDevice
@@ -195,7 +195,10 @@ def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
     if inputs.loadvm is not None:
         argv += ["-loadvm", inputs.loadvm]
     if inputs.incoming is not None:
-        argv += ["-incoming", inputs.incoming]
+        # no announcement after the stream is read: it would carry the MACs of the VM the
+        # stream came from (a clone's template), whose frames a shared switch would then
+        # send here (qvm.ops.netguest)
+        argv += ["-incoming", inputs.incoming, "-global", "migration.announce-rounds=0"]
 
     # Escape hatch, last so that it can override
     argv += list(machine.qemu.extra_args)
@@ -296,7 +299,7 @@ def _agent_args(machine: Machine, run: RunDir) -> list[str]:
         "-chardev",
         f"socket,id={AGENT_CHARDEV},path={path},server=on,wait=off",
         "-device",
-        f"virtserialport,chardev={AGENT_CHARDEV},name={AGENT_PORT_NAME},id=qvm.agent",
+        f"virtserialport,chardev={AGENT_CHARDEV},name={AGENT_PORT_NAME},id={AGENT_PORT_ID}",
     ]
 
 

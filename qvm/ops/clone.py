@@ -167,9 +167,11 @@ def _share_login_key(
 
 
 def _frozen_machine(template: Machine) -> Machine:
-    """The template, as the helper QEMU runs it: no host ports, no restarts."""
+    """The template, as the helper QEMU runs it: no host ports, on no network (the
+    helper never runs its guest, and a stopped network has no switch to join; a NIC's
+    device is the same either way), no restarts."""
     return template._replace(
-        nics=tuple(nic._replace(forwards=()) for nic in template.nics),
+        nics=tuple(nic._replace(forwards=(), network=None, address=None) for nic in template.nics),
         supervisor=template.supervisor._replace(restart="no"),
     )
 
@@ -256,7 +258,10 @@ def _drop_snapshots(path: Path) -> None:
 
 def clone_document(template: Machine, frozen: RunDir, clone_name: str, tag: str) -> dict[str, Any]:
     """The clone's machine file: the template's, its disks ``base =`` the frozen copies,
-    its paths absolute, no MACs (each from the clone's name), host ports picked at start."""
+    its paths absolute, host ports picked at start, its NICs on the template's networks
+    without MACs or addresses: a MAC the template's file fixes is not taken over either
+    (each MAC comes from the clone's name, each address is given at its first start), as
+    two VMs with one MAC or address on a switch would take each other's frames."""
     data = tomllib.loads(Path(template.path).read_text())
     data.pop("name", None)
     data.pop("description", None)
@@ -285,6 +290,8 @@ def clone_document(template: Machine, frozen: RunDir, clone_name: str, tag: str)
         entry = {"mode": nic.mode, "model": nic.model}
         if nic.id is not None:
             entry["id"] = nic.id
+        if nic.network is not None:  # on the template's network, with its own address
+            entry["network"] = nic.network
         if nic.forwards:
             entry["forwards"] = [
                 f"{f.protocol}:{f.host_addr}:0:{f.guest_port}" for f in nic.forwards

@@ -19,6 +19,7 @@ from qvm.definition.naming import nic_id, stable_mac
 from qvm.definition.schema import Machine
 from qvm.errors import ControlError
 from qvm.layout.rundir import RunDir
+from qvm.ops.netguest import set_links
 from qvm.store.snapshots import read_clone, write_clone
 from qvm.supervisor.qmp_replies import runstate
 
@@ -36,9 +37,12 @@ def clone_start(run: RunDir) -> StartFrom | None:
     return device_set_start(record.devices)._replace(incoming=incoming)
 
 
-def resume_incoming(run: RunDir, timeout: float = MIGRATE_TIMEOUT) -> None:
+def resume_incoming(
+    run: RunDir, cut_links: tuple[str, ...] = (), timeout: float = MIGRATE_TIMEOUT
+) -> None:
     """Wait until QEMU has read the memory image, then run the guest: the stream carries
-    the helper's paused state, so QEMU does not start it by itself."""
+    the helper's paused state, so QEMU does not start it by itself. The NICs ``cut_links``
+    names are cut first (``qvm.ops.netguest``): the stream set their links as they were."""
     deadline = time.monotonic() + timeout
     with ControlSession(run) as session:
         while True:
@@ -46,6 +50,7 @@ def resume_incoming(run: RunDir, timeout: float = MIGRATE_TIMEOUT) -> None:
             if status == "running":
                 return
             if status in ("paused", "postmigrate", "prelaunch"):
+                set_links(session, cut_links, False)
                 session.execute("cont")
                 return
             if status != "inmigrate":
@@ -82,6 +87,15 @@ def adopt_own_macs(run: RunDir, machine: Machine) -> str | None:
         note = "not set: the clone record names no template MACs (made by an older qvm)"
     write_clone(run, record._replace(mac_note=note))
     return note
+
+
+def note_macs(run: RunDir, problem: str) -> None:
+    """Add ``problem`` (a clone's links left cut, ``qvm.ops.netguest``) to what
+    ``clone.json`` says of its MACs."""
+    record = read_clone(run)
+    if record is not None:
+        said = f"{record.mac_note}; {problem}" if record.mac_note else problem
+        write_clone(run, record._replace(mac_note=said))
 
 
 def set_clock(run: RunDir) -> str | None:

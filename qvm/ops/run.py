@@ -124,12 +124,16 @@ def throwaway_name(definition: str) -> str:
 def throwaway_machine(machine: Machine, name: str) -> Machine:
     """The definition as a throwaway runs it: its own name; its disks overlays in its run
     dir (so runs at once share no writable image, and the user's images are only read);
-    every host port picked by QEMU; no restarts (a crash ends the run)."""
+    every host port picked by QEMU; on a network, its own MAC and address (the source
+    may run beside it); no restarts (a crash ends the run)."""
     return machine._replace(
         name=name,
         disks=tuple(_overlay_of(disk) for disk in machine.disks),
         nics=tuple(
-            nic._replace(forwards=tuple(fwd._replace(host_port=0) for fwd in nic.forwards))
+            nic._replace(
+                forwards=tuple(fwd._replace(host_port=0) for fwd in nic.forwards),
+                **({"mac": None, "address": None} if nic.network is not None else {}),
+            )
             for nic in machine.nics
         ),
         supervisor=machine.supervisor._replace(restart="no"),
@@ -178,6 +182,8 @@ def run_throwaway(
             _start(run, spec)
         with clock.phase("agent_ready"):
             wait_ready(run, "agent", None, _remaining(deadline, AGENT_WAIT))
+            if run.networks_file.exists():
+                _wait_networks(run, _remaining(deadline, AGENT_WAIT))
         with clock.phase("command"):
             outcome = run_command(
                 run, spec.command, spec.env, None, _remaining(deadline, None) or None
@@ -288,6 +294,27 @@ def _start(run: RunDir, spec: RunSpec) -> None:
     start_vm(plan_launch(machine, run), wait=True)
 
 
+def _wait_networks(run: RunDir, timeout: float) -> None:
+    """On a network, the command runs once the guest has its address and the members'
+    names (a clone's has its source's until then)."""
+    from qvm.ops.netguest import SETUP_WAIT, wait_guest_set_up  # noqa: PLC0415 -- networks only
+
+    problem = wait_guest_set_up(run, min(timeout, SETUP_WAIT))
+    if problem is not None:
+        raise WaitTimeout(f"{run.name}: its network setup: {problem}")
+
+
+def _leave_networks(run: RunDir) -> list[str]:
+    """Each run is a new VM: its addresses go back, or the subnet fills up run by run."""
+    from qvm.ops.netguest import give_back_addresses  # noqa: PLC0415 -- only on networks
+
+    try:
+        give_back_addresses(run)
+    except (QvmError, OSError) as error:
+        return [f"giving back its network addresses: {error}"]
+    return []
+
+
 def _clone_machine_file(run: RunDir) -> Path:
     """With --from, the clone's machine file lies in its own run dir: it goes with it."""
     return run.path / f"{run.name}.toml"
@@ -315,6 +342,8 @@ def _destroy(run: RunDir) -> str | None:
             pass  # it never started, or its QEMU ended by itself
         except QvmError as error:
             problems.append(f"kill: {error}")
+        if run.networks_file.exists():
+            problems.extend(_leave_networks(run))
         try:
             # not `rm --purge`, which also deletes downloaded base images no VM uses
             _clone_machine_file(run).unlink(missing_ok=True)

@@ -297,13 +297,21 @@ def start_vm(plan: LaunchPlan, wait: bool, progress: FetchProgress | None = None
     if plan.inputs.incoming is not None and wait and not result.already_running:
         from qvm.ops.incoming import (  # noqa: PLC0415 -- as above
             adopt_own_macs,
+            note_macs,
             resume_incoming,
             set_clock,
         )
+        from qvm.ops.netguest import network_nics, release_links  # noqa: PLC0415 -- as above
 
-        resume_incoming(plan.run_dir)
+        # on a network, the clone has the template's MAC and address until the guest is
+        # set up: its links stay cut until then (qvm.ops.netguest)
+        cut = network_nics(plan.run_dir) if plan.launch_record().has_agent else ()
+        resume_incoming(plan.run_dir, cut)
         adopt_own_macs(plan.run_dir, plan.machine)
         set_clock(plan.run_dir)
+        problem = release_links(plan.run_dir, cut)
+        if problem is not None:
+            note_macs(plan.run_dir, problem)
     return result
 
 

@@ -57,6 +57,22 @@ def test_the_throwaway_writes_only_its_own_overlays_and_binds_no_fixed_port() ->
     assert made.supervisor.restart == "no"
 
 
+def test_a_throwaway_on_a_network_has_its_own_mac_and_address() -> None:
+    """Its source may run beside it on the switch: a fixed MAC or a pinned address of the
+    definition is not taken over (a user-mode NIC keeps its MAC: nobody else sees it)."""
+    machine = Machine(
+        name="vm1",
+        path=Path("/m/vm1.toml"),
+        nics=(
+            NicSpec(mac="52:54:00:00:00:01", network="lab", address="10.1.2.3"),
+            NicSpec(mac="52:54:00:00:00:02"),
+        ),
+    )
+    on_lab, user = throwaway_machine(machine, "vm1-run-abc123").nics
+    assert (on_lab.network, on_lab.mac, on_lab.address) == ("lab", None, None)
+    assert user.mac == "52:54:00:00:00:02"
+
+
 def test_a_signal_outside_a_shield_cancels_at_once() -> None:
     cancellation = Cancellation()
     with pytest.raises(RunCancelled) as raised:
