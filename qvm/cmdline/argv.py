@@ -65,6 +65,9 @@ class LaunchInputs(Record):
     state_disk: bool = False
     loadvm: str | None = None  # start from this internal snapshot (-loadvm)
     incoming: str | None = None  # start from this migration stream (-incoming)
+    # network NICs on their hubs with no uplink: joined to no switch (the helper QEMU that
+    # freezes a snapshot for clones never runs its guest, and a stopped network has none)
+    no_uplinks: bool = False
 
 
 def default_cpu_model(accel: str) -> str:
@@ -168,7 +171,7 @@ def build_argv(machine: Machine, inputs: LaunchInputs) -> list[str]:
 
     # Network
     for index, nic in enumerate(machine.nics):
-        argv += _nic_args(machine, index, nic, run)
+        argv += _nic_args(machine, index, nic, run, inputs.no_uplinks)
 
     # Guest agent channel, after the boot disks and NICs so that it takes none of their
     # PCI addresses
@@ -247,16 +250,17 @@ def _seed_args(machine: Machine, run: RunDir) -> list[str]:
     ]
 
 
-def _nic_args(machine: Machine, index: int, nic: NicSpec, run: RunDir) -> list[str]:
+def _nic_args(
+    machine: Machine, index: int, nic: NicSpec, run: RunDir, no_uplink: bool
+) -> list[str]:
     ident = nic_id(index, nic)
     model = "virtio-net-device" if machine.type == "microvm" else nic.model
     mac = nic.mac or stable_mac(machine.name, index)
     if nic.network is not None:
         switch = NetFiles(run.path.parent, nic.network).switch_dir
         device = f"{model},netdev={ident},mac={mac},id={ident}"
-        return ["-netdev", f"hubport,id={ident},hubid={index}", "-device", device] + uplink_args(
-            ident, index, switch
-        )
+        nic_on_hub = ["-netdev", f"hubport,id={ident},hubid={index}", "-device", device]
+        return nic_on_hub if no_uplink else nic_on_hub + uplink_args(ident, index, switch)
     netdev = f"user,id={ident}"
     # host port 0 stays 0: QEMU binds a port the kernel picks, read back from `info usernet`
     # (qvm.host.usernet), so two VMs started at once never race for one port

@@ -167,11 +167,10 @@ def _share_login_key(
 
 
 def _frozen_machine(template: Machine) -> Machine:
-    """The template, as the helper QEMU runs it: no host ports, on no network (the
-    helper never runs its guest, and a stopped network has no switch to join; a NIC's
-    device is the same either way), no restarts."""
+    """The template, as the helper QEMU runs it: no host ports, no restarts (and its
+    network NICs joined to no switch: ``LaunchInputs.no_uplinks``)."""
     return template._replace(
-        nics=tuple(nic._replace(forwards=(), network=None, address=None) for nic in template.nics),
+        nics=tuple(nic._replace(forwards=()) for nic in template.nics),
         supervisor=template.supervisor._replace(restart="no"),
     )
 
@@ -183,6 +182,9 @@ def _frozen_argv(template: Machine, frozen: RunDir, record: SnapshotRecord) -> l
         run_dir=frozen,
         disk_formats=tuple("qcow2" for _ in template.disks),
         state_disk=record.vmstate_node == "qvm-state",
+        # not user-mode instead: its slirp state would be in the memory image, which the
+        # clone's hub could not load
+        no_uplinks=True,
     )._replace(**start_from(record)._asdict())
     return [*build_argv(_frozen_machine(template), inputs), "-S"]
 

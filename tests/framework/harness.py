@@ -51,6 +51,12 @@ def short_tmpdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="qvm-t", dir="/tmp"))
 
 
+def need_test_guest() -> None:
+    """Fail, saying how to build it, when the test guest is missing."""
+    if not (GUEST_DIR / "vmlinuz").exists():
+        pytest.fail(f"no test guest in {GUEST_DIR} (run scripts/build-test-guest)")
+
+
 @contextlib.contextmanager
 def owned_qvm() -> Iterator[Qvm]:
     """A ``Qvm`` in a fresh short folder whose VMs live as long as the block (a module's

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from framework.harness import GUEST_DIR, Qvm, owned_qvm
+from framework.harness import Qvm, need_test_guest, owned_qvm
 from framework.jsonschema_lite import validate
 from framework.wait import wait_until
 
@@ -21,8 +21,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Qvm]:
-    if not (GUEST_DIR / "vmlinuz").exists():
-        pytest.fail(f"no test guest in {GUEST_DIR} (run scripts/build-test-guest)")
+    need_test_guest()
     with owned_qvm() as qvm:
         for name in ("src", "peer"):
             qvm.guest_machine(name, max=1, memory="128M", extra='\n[[nic]]\nnetwork = "lab"\n')
