@@ -12,7 +12,8 @@ The guest is set up through its agent, once it answers and again whenever the ne
 members change (``qvm.store.guestnet``). What it was given lives in its memory: after a
 reset (QEMU's ``RESET``: a reboot inside the guest, or ``system_reset``) it is gone, and
 when the agent's port closes or opens (``VSERPORT_CHANGE``: a reboot QEMU does not see,
-such as kexec, or a new agent) it is not known, so the guest counts as not set up and is
+such as kexec, a new agent, or a snapshot loaded in place, after which QEMU 7.2 reports
+the port closed and opened again) it is not known, so the guest counts as not set up and is
 set up again once its agent answers (``guest_changed``).
 
 When the supervisor ends, it leaves: under the lock, the last member to leave stops the

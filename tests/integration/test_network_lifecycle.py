@@ -96,6 +96,13 @@ def test_a_clone_and_a_run_from_a_snapshot_get_their_own_mac_and_address(lab: Qv
     assert f"{clone['address']} c1" in hosts_of(lab, "src")
     assert wait_until(lambda: ping(lab, "c1", "src"), 20, "c1 to ping src by name")
     assert ping(lab, "src", "c1") and ping(lab, "peer", "c1")
+
+    # the source restored in place: its memory is the save's, from before c1 joined
+    restored = lab("snapshot", "restore", "src", "ready").stdout
+    assert "loaded in place" in restored, restored
+    wait_until(lambda: f"{clone['address']} c1" in hosts_of(lab, "src"), 30, "c1 in src's hosts")
+    wait_until(lambda: configured(lab, "src"), 30, "src's status to say set up")
+    assert ping(lab, "src", "c1")
     lab("kill", "c1")
 
     # a throwaway from the same snapshot: a clone too, with a name of its own
