@@ -126,6 +126,11 @@ def remove(run: RunDir, purge: bool) -> Removed:
             _purge_downloads(run, launch, removed)
         if not exists:
             return removed
+        if run.networks_file.exists():
+            # a removed VM's addresses go back, or its subnet fills up with the dead
+            from qvm.ops.net import give_back_addresses  # noqa: PLC0415 -- networks only
+
+            give_back_addresses(run)
         disks = set(run.new_disk_images())
         why_disk = "made by qvm disk attach --new: the guest's data; delete it yourself when done"
         for entry in sorted(os.scandir(run.path), key=lambda e: e.name):

@@ -41,6 +41,7 @@ from qvm.store.networks import (
     network_lock,
     read_network,
     read_switch,
+    release,
     write_network,
 )
 from qvm.store.state import current_qemu_run
@@ -376,3 +377,17 @@ def vm_networks(run: RunDir) -> tuple[NicNetwork, ...]:
             )
         )
     return tuple(rows)
+
+
+def give_back_addresses(run: RunDir) -> None:
+    """A stopped VM that will never run again (a throwaway destroyed, a VM removed)
+    leaves the records of the networks its ``networks.json`` names: its addresses are
+    free for others, and ``net list`` forgets it."""
+    if not run.networks_file.exists():
+        return
+    for name in sorted({nic.network for nic in read_netnics(run.networks_file)}):
+        net = NetFiles(run.path.parent, name)
+        with network_lock(net):
+            record = read_network(net)
+            if record is not None:
+                write_network(net, release(record, run.name))

@@ -17,10 +17,8 @@ import time
 from qvm.control.qmp_session import QmpSession
 from qvm.control.session import ControlSession
 from qvm.errors import QvmError
-from qvm.layout.netfiles import NetFiles
 from qvm.layout.rundir import RunDir
 from qvm.store.netlinks import read_netnics, read_network_state
-from qvm.store.networks import network_lock, read_network, release, write_network
 from qvm.store.state import current_qemu_run
 
 SETUP_WAIT = 60.0  # seconds for the supervisor to set a guest up once its agent answers
@@ -78,17 +76,3 @@ def release_links(run: RunDir, nics: tuple[str, ...], timeout: float = SETUP_WAI
     with ControlSession(run) as session:
         set_links(session, nics, True)
     return None
-
-
-def give_back_addresses(run: RunDir) -> None:
-    """A stopped VM that will never run again (a throwaway, destroyed) leaves the records
-    of the networks its ``networks.json`` names: its addresses are free for others, and
-    ``net list`` forgets it."""
-    if not run.networks_file.exists():
-        return
-    for name in sorted({nic.network for nic in read_netnics(run.networks_file)}):
-        net = NetFiles(run.path.parent, name)
-        with network_lock(net):
-            record = read_network(net)
-            if record is not None:
-                write_network(net, release(record, run.name))

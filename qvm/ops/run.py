@@ -306,7 +306,7 @@ def _wait_networks(run: RunDir, timeout: float) -> None:
 
 def _leave_networks(run: RunDir) -> list[str]:
     """Each run is a new VM: its addresses go back, or the subnet fills up run by run."""
-    from qvm.ops.netguest import give_back_addresses  # noqa: PLC0415 -- only on networks
+    from qvm.ops.net import give_back_addresses  # noqa: PLC0415 -- only on networks
 
     try:
         give_back_addresses(run)

@@ -13,6 +13,7 @@ from qvm.definition.schema import Machine
 from qvm.errors import HostError
 from qvm.layout.rundir import RunDir
 from qvm.ops import net
+from qvm.ops.files import remove
 from qvm.store.networks import SwitchRecord
 
 
@@ -81,3 +82,14 @@ def test_members_are_listed_by_name_whoever_joined_first(tmp_path: Path) -> None
     join(tmp_path, machine(tmp_path, "a"))
     info = net.network_info(tmp_path / "state", "lab")
     assert [m.vm for m in info.members] == ["a", "b"]
+
+
+def test_a_removed_member_gives_its_address_back(tmp_path: Path) -> None:
+    join(tmp_path, machine(tmp_path, "a"))
+    join(tmp_path, machine(tmp_path, "b"))
+    (tmp_path / "state").chmod(0o700)
+    for run in ("a", "b"):
+        (tmp_path / "state" / run).chmod(0o700)
+    remove(RunDir(tmp_path / "state" / "a"), purge=False)
+    info = net.network_info(tmp_path / "state", "lab")
+    assert [m.vm for m in info.members] == ["b"]
