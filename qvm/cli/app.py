@@ -5,7 +5,6 @@ declarations (``qvm.cli.parsing.typer_app``)."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import sys
@@ -62,8 +61,10 @@ def run() -> None:
     except BrokenPipeError:
         code = EXIT_FAILURE  # a reader that went away (`qvm list | head -1`), as Click has it
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - no contextlib on a query's way (0.4 ms)
             stream.flush()
+        except OSError:
+            pass
     os._exit(code)
 
 

@@ -4,17 +4,24 @@ built from it, and the state dir is checked once before any run dir in it is rea
 
 from __future__ import annotations
 
-import math
 import os
-from pathlib import Path
 
 from qvm.base.checking import TYPE_CHECKING
 from qvm.cli.parsing.declare import Option
 from qvm.errors import QvmError, UsageError
 from qvm.layout.names import check_vm_name, is_vm_name, shown
-from qvm.layout.rundir import RunDir, check_private_dir, default_state_dir, run_dir_for
+from qvm.layout.rundir import (
+    RunDir,
+    check_private_dir,
+    default_state_location,
+    path_text,
+    run_dir_for,
+)
+from qvm.layout.runfiles import LAUNCH_FILE, NEW_RECORD
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from qvm.definition.schema import Machine
 
 
@@ -27,7 +34,7 @@ class Settings:
     def __init__(self, machines_dir: Path | None = None, state_root: Path | None = None) -> None:
         self.machines_dir = machines_dir
         self.state_root = state_root
-        self.checked_root: Path | None = None  # the state root once it passed its check
+        self.checked_root: str | None = None  # the state root once it passed its check
         self.vms: dict[str, None] = {}  # every VM whose run dir was looked up, in order
 
 
@@ -56,18 +63,38 @@ def state_root() -> Path:
     """The state root, refused (UnsafeStateError, HostError: one line) if it is a file, a
     link, someone else's or open to others; a missing one is fine, `up` makes it. Every
     command reaches its run dirs through here, so none reads /dev/null/NAME/state.json."""
+    from pathlib import Path
+
+    return Path(state_location())
+
+
+def state_location() -> str:
+    """``state_root()`` as a string: the queries' (``qvm.layout.rundir`` says why)."""
     if settings.checked_root is not None:
         return settings.checked_root
-    root = settings.state_root if settings.state_root is not None else default_state_dir()
+    root = (
+        path_text(settings.state_root)
+        if settings.state_root is not None
+        else default_state_location()
+    )
     check_private_dir(root, "state dir")
     settings.checked_root = root
     return root
 
 
 def search_dirs() -> list[Path]:
+    from pathlib import Path
+
     from qvm.definition.discovery import machine_search_dirs
 
     return machine_search_dirs(settings.machines_dir, os.environ, Path.cwd())
+
+
+def search_locations() -> list[str]:
+    """``search_dirs()`` as strings: `qvm list`'s (``qvm.layout.rundir`` says why)."""
+    from qvm.definition.discovery import machine_search_locations
+
+    return machine_search_locations(settings.machines_dir, os.environ, os.getcwd())
 
 
 def load(name_or_path: str) -> Machine:
@@ -102,9 +129,9 @@ def no_such_vm(name: str) -> NoSuchVm:
     dirs = search_dirs()
     known = {path.stem for path in list_machine_files(dirs)}
     try:
-        root = state_root()
+        root = state_location()
     except QvmError:  # an unsafe state dir: its own error comes when a command reads it
-        root = settings.state_root or default_state_dir()
+        root = path_text(settings.state_root or default_state_location())
     else:
         known |= {run.name for run in list_run_dirs(root)}
     close = get_close_matches(name, sorted(known), n=1)
@@ -119,9 +146,11 @@ def no_such_vm(name: str) -> NoSuchVm:
     return error
 
 
-def _from_home(path: Path) -> str:
-    """``path`` absolute, or from ``~`` when it is under the home folder."""
-    path = Path(os.path.abspath(path))
+def _from_home(where: str | os.PathLike[str]) -> str:
+    """``where`` absolute, or from ``~`` when it is under the home folder."""
+    from pathlib import Path
+
+    path = Path(os.path.abspath(where))
     home = Path.home()
     return (
         f"~/{path.relative_to(home)}" if path.is_relative_to(home) and path != home else str(path)
@@ -130,6 +159,8 @@ def _from_home(path: Path) -> str:
 
 def new_machines_dir() -> Path:
     """Where `qvm new` writes, so that `qvm up NAME` finds it from any folder."""
+    from pathlib import Path
+
     from qvm.definition.discovery import new_machines_dir as where
 
     return where(settings.machines_dir, os.environ, Path.cwd())
@@ -145,6 +176,8 @@ def recorded_definition(name: str, not_found: QvmError) -> Path:
         raise not_found from None
     if file is None:
         raise not_found
+    from pathlib import Path
+
     path = Path(file)
     if not path.is_file():
         raise QvmError(
@@ -159,12 +192,12 @@ def recorded_file(run: RunDir) -> str | None:
     """The absolute path of the machine file the run dir records, if it records one."""
     from qvm.store.launch import read_launch
 
-    launch = read_launch(run.launch_file)
+    launch = read_launch(run.file(LAUNCH_FILE))
     if launch is not None and launch.machine_file:
         return launch.machine_file
     from qvm.store.new import read_new
 
-    made = read_new(run.new_record)
+    made = read_new(run.file(NEW_RECORD))
     return made.machine_file if made is not None else None
 
 
@@ -175,7 +208,7 @@ def definition_changed(run: RunDir) -> str | None:
     from qvm.store.launch import read_launch
 
     try:
-        launch = read_launch(run.launch_file)
+        launch = read_launch(run.file(LAUNCH_FILE))
     except QvmError:
         return None
     if launch is None or not launch.machine_file or not changed(launch):
@@ -199,7 +232,7 @@ def is_path(name_or_path: str) -> bool:
 def run_dir(name: str) -> RunDir:
     """The run dir of the VM ``name``: VmNameError (one line) unless ``name`` is a VM
     name, so ``..``, ``.``, ``''`` or a 300-character name never become a path."""
-    run = run_dir_for(state_root(), name)
+    run = run_dir_for(state_location(), name)
     settings.vms[name] = None
     return run
 
@@ -220,7 +253,7 @@ def run_dir_of(name_or_path: str) -> RunDir:
         return run_dir(load(name_or_path).name)
     check_vm_name(name_or_path)
     candidate = run_dir(name_or_path)
-    if candidate.path.exists():
+    if os.path.exists(candidate.location):
         return candidate
     try:
         return run_dir(load(name_or_path).name)
@@ -238,7 +271,7 @@ MAX_TIMEOUT = 30 * 86400
 def timeout_seconds(value: float, option: str = "--timeout") -> float:
     """``value`` if it is a usable number of seconds; else one line and exit 2. NaN
     compares false with everything, so a deadline of NaN would never come."""
-    if math.isfinite(value) and 0 <= value <= MAX_TIMEOUT:
+    if value == value and 0 <= value <= MAX_TIMEOUT:  # NaN is the one value that is not itself
         return value
     raise UsageError(
         f"{option}: must be a number of seconds from 0 to {MAX_TIMEOUT}, got {value:g}"

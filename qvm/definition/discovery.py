@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 
+from qvm.base.checking import TYPE_CHECKING
 from qvm.errors import QvmError, VmNameError
 from qvm.layout.names import NAME_RULE, is_vm_name, shown
+from qvm.layout.rundir import path_text
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
+
+# `qvm list` lists the machine files with strings (machine_search_locations,
+# machine_file_locations) and imports pathlib only for a machine it loads: with the
+# urllib.parse and ipaddress it imports, pathlib is ~3 ms of a query (qvm.layout.rundir).
 
 
 def find_machine(name_or_path: str, search_dirs: Sequence[Path]) -> Path:
@@ -24,6 +32,8 @@ def find_machine(name_or_path: str, search_dirs: Sequence[Path]) -> Path:
     looked up as NAME.toml in each of ``search_dirs`` in turn. Raises QvmError if there
     is no such file.
     """
+    from pathlib import Path  # noqa: PLC0415 -- see the note above
+
     if name_or_path.endswith(".toml") or "/" in name_or_path:
         try:
             path = Path(name_or_path).expanduser()
@@ -84,6 +94,8 @@ def _is_file(path: Path) -> bool:
 
 def _for_display(path: Path) -> str:
     """``path`` as short as it can be said: relative to the current folder, or to ~."""
+    from pathlib import Path  # noqa: PLC0415 -- see the note above
+
     bases = [(Path.cwd(), Path()), (Path.home(), Path("~"))]
     holding = [(base, shown) for base, shown in bases if path.is_relative_to(base)]
     if not path.is_absolute() or not holding:
@@ -101,14 +113,23 @@ def machine_search_dirs(explicit: Path | None, env: Mapping[str, str], cwd: Path
     Relative folders are taken from ``cwd`` and ~ from $HOME in ``env``; nothing is read
     from the process or the disk.
     """
-    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
-    dirs = [] if explicit is None else [_absolute(str(explicit), home, cwd)]
+    from pathlib import Path  # noqa: PLC0415 -- see the note above
+
+    return [Path(where) for where in machine_search_locations(explicit, env, str(cwd))]
+
+
+def machine_search_locations(
+    explicit: str | os.PathLike[str] | None, env: Mapping[str, str], cwd: str
+) -> list[str]:
+    """``machine_search_dirs``, as strings (``str(Path(...))`` of each)."""
+    home = _home(env)
+    dirs = [] if explicit is None else [_absolute(os.fspath(explicit), home, cwd)]
     dirs += [
         _absolute(entry, home, cwd)
         for entry in env.get("QVM_MACHINES", "").split(os.pathsep)
         if entry
     ]
-    dirs.append(cwd / "machines")
+    dirs.append(path_text(os.path.join(cwd, "machines")))
     dirs.append(_config_machines_dir(env, home))
     return list(dict.fromkeys(dirs))
 
@@ -117,26 +138,33 @@ def new_machines_dir(explicit: Path | None, env: Mapping[str, str], cwd: Path) -
     """Where ``qvm new`` writes: ``--machines DIR``, else the first folder of
     $QVM_MACHINES, else $XDG_CONFIG_HOME/qvm/machines; never ./machines, which lookup
     finds only from the folder above it."""
-    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    from pathlib import Path  # noqa: PLC0415 -- see the note above
+
+    home = _home(env)
     if explicit is not None:
-        return _absolute(str(explicit), home, cwd)
+        return Path(_absolute(str(explicit), home, str(cwd)))
     first = next((entry for entry in env.get("QVM_MACHINES", "").split(os.pathsep) if entry), None)
     if first is not None:
-        return _absolute(first, home, cwd)
-    return _config_machines_dir(env, home)
+        return Path(_absolute(first, home, str(cwd)))
+    return Path(_config_machines_dir(env, home))
 
 
-def _config_machines_dir(env: Mapping[str, str], home: Path) -> Path:
+def _home(env: Mapping[str, str]) -> str:
+    # Path.home(): the password database's when $HOME is not set
+    return env["HOME"] if env.get("HOME") else os.path.expanduser("~")
+
+
+def _config_machines_dir(env: Mapping[str, str], home: str) -> str:
     xdg = env.get("XDG_CONFIG_HOME", "")
     # The XDG spec says to ignore a relative XDG_CONFIG_HOME.
-    config = Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".config"
-    return config / "qvm" / "machines"
+    config = xdg if xdg.startswith("/") else os.path.join(home, ".config")
+    return path_text(os.path.join(config, "qvm", "machines"))
 
 
-def _absolute(text: str, home: Path, cwd: Path) -> Path:
+def _absolute(text: str, home: str, cwd: str) -> str:
     if text == "~" or text.startswith("~/"):
-        return home / text[2:]
-    return cwd / text
+        return path_text(os.path.join(home, text[2:]))
+    return path_text(os.path.join(cwd, text))
 
 
 def list_machine_files(search_dirs: Sequence[Path]) -> list[Path]:
@@ -145,24 +173,37 @@ def list_machine_files(search_dirs: Sequence[Path]) -> list[Path]:
     Every ``*.toml`` entry counts, readable or not (a folder, a broken link, a file it
     may not read): it is listed, and reading it says what is wrong, rather than the
     entry being left out without a word. A folder that cannot be read lists nothing."""
-    found: dict[str, Path] = {}
+    from pathlib import Path  # noqa: PLC0415 -- see the note above
+
+    return [Path(file) for file in machine_file_locations(search_dirs)]
+
+
+def machine_file_locations(search_dirs: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """``list_machine_files``, as strings."""
+    found: dict[str, str] = {}
     for directory in search_dirs:
-        for path in sorted(_toml_entries(directory)):
+        folder = path_text(directory)
+        for name in sorted(_toml_names(folder)):
             # Editors leave dotted lock and backup files next to the real ones.
-            if not path.name.startswith("."):
-                found.setdefault(path.stem, path)
+            if not name.startswith("."):
+                found.setdefault(name[: -len(".toml")], os.path.join(folder, name))
     return [found[stem] for stem in sorted(found)]
 
 
-def _toml_entries(directory: Path) -> list[Path]:
-    """What ``directory.glob("*.toml")`` gives (nothing for a folder that is missing or
-    cannot be read), without the regular expression glob compiles for its pattern on
-    every `qvm list`."""
-    if not directory.is_dir():
+def machine_stem(location: str) -> str:
+    """A machine file's name without ``.toml``: ``Path(location).stem``."""
+    return os.path.basename(location)[: -len(".toml")]
+
+
+def _toml_names(directory: str) -> list[str]:
+    """The names ``Path(directory).glob("*.toml")`` gives (nothing for a folder that is
+    missing or cannot be read), without the regular expression glob compiles for its
+    pattern on every `qvm list`."""
+    if not os.path.isdir(directory):
         return []
     try:
         with os.scandir(directory) as entries:
             names = [entry.name for entry in entries]
     except PermissionError:
         return []
-    return [directory / name for name in names if name.endswith(".toml")]
+    return [name for name in names if name.endswith(".toml")]

@@ -1,21 +1,23 @@
 """One folder per VM, and every file in it as a ``Path`` (their names are in
-``qvm.layout.runfiles``).
+``qvm.layout.runfiles``), or as a string (``RunDir.file``).
 
 The folder outlives the VM: its logs and ``state.json`` say how the last run ended.
 Sockets exist only while QEMU runs. ``supervisor.lock`` is held (flock) for exactly as
 long as a supervisor lives, so "is a supervisor alive?" never depends on a pid that the
 kernel may have handed to another process.
+
+A ``RunDir`` is its folder's path as a string; its ``Path``s are made when asked for. The
+queries (`status`, `list`, `cpu list`) name their files with ``RunDir.file`` and the
+state root as a string, and so never import pathlib: with the urllib.parse and ipaddress
+it imports, ~3 ms of each (measured; ``tests/unit/cli/test_cli_imports.py`` keeps it so).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import stat
-from pathlib import Path
 
 from qvm.base.checking import TYPE_CHECKING
-from qvm.base.record import Record
 from qvm.errors import HostError, UnsafeStateError
 from qvm.layout import runfiles
 from qvm.layout.names import check_vm_name, is_vm_name
@@ -59,6 +61,7 @@ from qvm.layout.runfiles import (
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from pathlib import Path
 
 # sun_path is 108 bytes including the terminating NUL
 MAX_SOCKET_PATH = 107
@@ -122,15 +125,55 @@ QVM_FILE_PATTERNS = (
 def made_by_qvm(name: str) -> bool:
     """Whether a run-dir entry of this name is one qvm makes (not ``hotplug-*.qcow2``:
     those hold a guest's data, and `rm` keeps them)."""
-    return name in QVM_FILE_NAMES or any(re.fullmatch(p, name) for p in QVM_FILE_PATTERNS)
+    if name in QVM_FILE_NAMES:
+        return True
+    import re  # noqa: PLC0415 -- `qvm rm`'s: no query compiles a pattern
+
+    return any(re.fullmatch(p, name) for p in QVM_FILE_PATTERNS)
 
 
-class RunDir(Record):
-    path: Path
+def path_text(path: str | os.PathLike[str]) -> str:
+    """``str(Path(path))`` without pathlib: the same text, "." for an empty one, no
+    repeated "/" (but a leading "//", which POSIX leaves to the system), no "." part."""
+    text = os.fspath(path)
+    lead = ""
+    if text.startswith("/"):
+        lead = "//" if text[:2] == "//" and text[:3] != "///" else "/"
+    body = "/".join(part for part in text.split("/") if part and part != ".")
+    return lead + body or "."
+
+
+class RunDir:
+    """A VM's run dir: its folder (``location``, as ``str(Path(...))`` would say it) and
+    the files in it."""
+
+    __slots__ = ("location",)
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.location = path_text(path)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and other.location == self.location
+
+    def __hash__(self) -> int:
+        return hash(self.location)
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.location!r})"
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return os.path.basename(self.location)
+
+    @property
+    def path(self) -> Path:
+        from pathlib import Path  # noqa: PLC0415 -- not for the queries (module docstring)
+
+        return Path(self.location)
+
+    def file(self, name: str) -> str:
+        """The run-dir file ``name`` (one of ``qvm.layout.runfiles``'), as a string."""
+        return os.path.join(self.location, name)
 
     # QMP monitor for the user's own clients (qmp-shell, scripts); qvm never holds it.
     @property
@@ -331,16 +374,30 @@ class RunDir(Record):
 def default_state_dir() -> Path:
     """``$QVM_STATE_DIR``, else in a Slurm job a folder of that job's (``job_state_dir``),
     else ``$XDG_STATE_HOME/qvm`` (run dirs are state, not cache)."""
+    from pathlib import Path  # noqa: PLC0415 -- the queries take default_state_location
+
+    return Path(default_state_location())
+
+
+def default_state_location() -> str:
+    """``default_state_dir()`` as a string."""
     if os.environ.get("QVM_STATE_DIR"):
-        return Path(os.environ["QVM_STATE_DIR"])
+        return path_text(os.environ["QVM_STATE_DIR"])
     job = job_state_dir(os.environ)
-    return job if job is not None else user_state_dir()
+    return path_text(job) if job is not None else _user_state_location()
 
 
 def user_state_dir() -> Path:
     """``$XDG_STATE_HOME/qvm``: the user's own state root, outside any job."""
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local/state")
-    return Path(base) / "qvm"
+    from pathlib import Path  # noqa: PLC0415 -- the queries take default_state_location
+
+    return Path(_user_state_location())
+
+
+def _user_state_location() -> str:
+    # Path.home(): $HOME, else the user's entry in the password database
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local/state")
+    return path_text(os.path.join(base, "qvm"))
 
 
 def job_state_dir(environ: Mapping[str, str]) -> Path | None:
@@ -353,6 +410,8 @@ def job_state_dir(environ: Mapping[str, str]) -> Path | None:
     job = environ.get("SLURM_JOB_ID", "")
     if not (job.isdigit() and job.isascii()):
         return None
+    from pathlib import Path  # noqa: PLC0415 -- in a Slurm job only
+
     root = Path(f"/tmp/qvm-{os.getuid()}")
     task = environ.get("SLURM_ARRAY_TASK_ID", "")
     if task.isdigit() and task.isascii():
@@ -360,21 +419,26 @@ def job_state_dir(environ: Mapping[str, str]) -> Path | None:
     return root / f"job.{job}"
 
 
-def run_dir_for(state_root: Path, name: str) -> RunDir:
+def run_dir_for(state_root: str | os.PathLike[str], name: str) -> RunDir:
     """The run dir of VM ``name``: the name is checked before it becomes a path."""
-    return RunDir(state_root / check_vm_name(name))
+    return RunDir(os.path.join(state_root, check_vm_name(name)))
 
 
-def list_run_dirs(state_root: Path) -> list[RunDir]:
+def list_run_dirs(state_root: str | os.PathLike[str]) -> list[RunDir]:
     """Every run dir under the state root: real folders with a VM's name, no links."""
+    root = path_text(state_root)
     try:
-        entries = sorted(state_root.iterdir())
+        names = sorted(os.listdir(root))
     except OSError:
         return []
-    return [RunDir(p) for p in entries if is_vm_name(p.name) and _is_real_dir(p)]
+    return [
+        RunDir(os.path.join(root, name))
+        for name in names
+        if is_vm_name(name) and _is_real_dir(os.path.join(root, name))
+    ]
 
 
-def _is_real_dir(path: Path) -> bool:
+def _is_real_dir(path: str) -> bool:
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
@@ -410,7 +474,7 @@ def _cannot_create(path: Path, what: str, error: OSError) -> HostError:
     )
 
 
-def check_private_dir(path: Path, what: str) -> bool:
+def check_private_dir(path: str | os.PathLike[str], what: str) -> bool:
     """Whether ``path`` exists; raise UnsafeStateError if it is not a private folder of
     this user's (as ssh refuses a loose ``~/.ssh``): a link, a file, another user's, or
     writable by group or others."""

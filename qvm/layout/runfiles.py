@@ -9,7 +9,6 @@ all of qvm's own modules in it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 QMP_SOCKET = "qmp.sock"
@@ -77,8 +76,10 @@ class RunFiles:
         return os.path.join(self.path, name)
 
     def remove(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        try:  # noqa: SIM105 - no contextlib on a query's way (0.4 ms)
             os.unlink(self.file(name))
+        except FileNotFoundError:
+            pass
 
     def remove_qemu_sockets(self) -> None:
         """QEMU leaves its listening sockets behind when it is killed (and the

@@ -11,8 +11,8 @@ records do not parse). The CLI only renders a ``VmStatus``, as text or JSON.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterable
 
 from qvm.base.checking import TYPE_CHECKING
 from qvm.base.proc import process_state, process_usage
@@ -20,6 +20,7 @@ from qvm.base.record import Record
 from qvm.errors import QvmError, RecordError
 from qvm.layout.names import is_vm_name
 from qvm.layout.rundir import RunDir
+from qvm.layout.runfiles import LAUNCH_FILE, NETWORKS_FILE, STATE_FILE, VIEW_FILE
 from qvm.store.launch import Forward, LaunchRecord, definition_changed, read_launch
 from qvm.store.state import ExitRecord, StateRecord, read_state
 from qvm.supervisor.client import (
@@ -30,6 +31,8 @@ from qvm.supervisor.client import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
     from qvm.definition.schema import Machine
     from qvm.ops.net import NicNetwork
     from qvm.store.guest import GuestFacts
@@ -101,7 +104,8 @@ class VmStatus(Record):
         return self.but(problems=(*self.problems, problem))
 
 
-Load = Callable[[], "Machine"]
+if TYPE_CHECKING:
+    Load = Callable[[], Machine]
 
 
 # --- status --------------------------------------------------------------------------
@@ -130,7 +134,7 @@ def _unreadable(status: VmStatus, run: RunDir, error: RecordError) -> VmStatus:
         unusable,
     )
 
-    if error.file == str(run.state_file) and still_running(run) is None:
+    if error.file == run.file(STATE_FILE) and still_running(run) is None:
         return status.with_problem(str(unusable(run, error)))
     return status.but(state="unknown", problems=(str(error),))
 
@@ -138,10 +142,10 @@ def _unreadable(status: VmStatus, run: RunDir, error: RecordError) -> VmStatus:
 def _from_records(status: VmStatus, run: RunDir, live: bool) -> VmStatus:
     launch_problem: tuple[str, ...] = ()
     try:
-        launch = read_launch(run.launch_file)
+        launch = read_launch(run.file(LAUNCH_FILE))
     except RecordError as error:  # the state record can still tell the most
         launch, launch_problem = None, (str(error),)
-    state = read_state(run.state_file)
+    state = read_state(run.file(STATE_FILE))
     if state is None:
         return status.but(problems=launch_problem)
     alive = supervisor_alive(run)
@@ -179,7 +183,7 @@ def _asked(
     try:
         live = ask_supervisor(run, StatusRequest(), timeout=SUPERVISOR_ANSWER_TIMEOUT)
     except QvmError as exc:
-        state = read_state(run.state_file) or state
+        state = read_state(run.file(STATE_FILE)) or state
         if state.state in ("stopped", "crashed"):
             # a supervisor on its way out after QEMU ended: its record is complete
             return status.but(
@@ -232,10 +236,10 @@ def _recorded(
     supervisor_stopped = process_state(state.supervisor_pid) in ("T", "t")
     problems = list(status.problems)
     try:
-        view = current_view(run.view_file, state, wait=not supervisor_stopped)
+        view = current_view(run.file(VIEW_FILE), state, wait=not supervisor_stopped)
         if view is not None and state.state == "starting":
             # waited for: the supervisor wrote "running" before its first view
-            state = read_state(run.state_file) or state
+            state = read_state(run.file(STATE_FILE)) or state
     except RecordError as error:
         view, problems = None, [*problems, str(error)]
     now = time.time()
@@ -251,7 +255,7 @@ def _recorded(
         supervisor = SUPERVISOR_STALE
         problems.append(
             f"{run.name}: its supervisor (pid {state.supervisor_pid}) has not rewritten"
-            f" {run.view_file} for {age:.0f} s: it may be stuck (hint: qvm status"
+            f" {run.file(VIEW_FILE)} for {age:.0f} s: it may be stuck (hint: qvm status"
             f" {run.name} --live asks it)"
         )
     status = status.but(
@@ -323,7 +327,7 @@ def _forwards(run: RunDir, state: StateRecord) -> tuple[Forward, ...]:
 
 
 def _networks(run: RunDir) -> tuple[NicNetwork, ...]:
-    if not run.networks_file.exists():
+    if not os.path.exists(run.file(NETWORKS_FILE)):
         return ()
     from qvm.ops.net import vm_networks  # noqa: PLC0415 -- VMs on private networks only
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.layout.rundir import RunDir
+from qvm.layout.runfiles import FORWARDS_FILE, LAUNCH_FILE
 from qvm.store.launch import Forward
 from qvm.store.stamped import qemu_run, read_fields, same_run
 from qvm.store.state import QemuRun
@@ -19,11 +20,11 @@ from qvm.store.state import QemuRun
 
 def read_forwards(run: RunDir) -> tuple[Forward, ...]:
     """The forwards of the VM's current (or last) QEMU run."""
-    record = read_fields(run.forwards_file, "qvm restart rewrites it")
+    record = read_fields(run.file(FORWARDS_FILE), "qvm restart rewrites it")
     if record is not None and same_run(record, qemu_run(run)):
         return record.records("forwards", Forward.read, ())
     # only the forwards of launch.json: the rest of it is not this module's business
-    launch = read_fields(run.launch_file)
+    launch = read_fields(run.file(LAUNCH_FILE))
     return launch.records("forwards", Forward.read, ()) if launch is not None else ()
 
 

@@ -7,6 +7,7 @@ previous run's. A module of its own so that what reads one of them loads no othe
 from __future__ import annotations
 
 from qvm.base.checking import TYPE_CHECKING
+from qvm.layout.runfiles import STATE_FILE
 from qvm.store.fields import Fields, read_record
 from qvm.store.state import QemuRun, current_qemu_run
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 def qemu_run(run: RunDir) -> QemuRun:
     """Which QEMU run a run dir's records are about now (``state.json``'s; corrupt:
     RecordError)."""
-    return current_qemu_run(run.state_file)
+    return current_qemu_run(run.file(STATE_FILE))
 
 
 def same_run(record: Fields, current: QemuRun) -> bool:
@@ -28,7 +29,7 @@ def same_run(record: Fields, current: QemuRun) -> bool:
     return QemuRun.stamp_of(record).is_current(current)
 
 
-def read_fields(path: Path, hint: str | None = None) -> Fields | None:
+def read_fields(path: str | Path, hint: str | None = None) -> Fields | None:
     """The JSON object in a run-dir record, to read field by field; None when there is
     none. Not JSON, or not an object: RecordError naming the file."""
     return read_record(path, lambda data, source: Fields(data, source, hint), hint)

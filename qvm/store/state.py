@@ -9,7 +9,6 @@ only (with ``qvm.store.fields``): the supervisor's spawn code writes the first r
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 import time
@@ -228,8 +227,10 @@ def keep_elsewhere(run_path: str | os.PathLike[str], record: StateRecord) -> str
     none does."""
     name = _fallback_name(run_path)
     for folder in fallback_folders():
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - no contextlib on a query's way (0.4 ms)
             os.makedirs(folder, mode=0o700, exist_ok=True)
+        except OSError:
+            pass
         if not _ours(folder):
             continue
         path = os.path.join(folder, name)
@@ -263,8 +264,10 @@ def kept_record(run_path: str | os.PathLike[str], state: StateRecord) -> StateRe
 
 def forget_kept(path: str) -> None:
     """state.json has the record now: the kept copy must not speak for it later."""
-    with contextlib.suppress(OSError):
+    try:  # noqa: SIM105 - no contextlib on a query's way (0.4 ms)
         os.unlink(path)
+    except OSError:
+        pass
 
 
 def set_aside(path: str) -> str:

@@ -16,7 +16,6 @@ query.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -178,6 +177,8 @@ def current_view(path: str | os.PathLike[str], state: StateRecord, wait: bool) -
 def write_view(path: str | os.PathLike[str], record: ViewRecord) -> None:
     """Not fsynced: a record a crash loses is rewritten within a heartbeat, and state.json
     (which is) says whether anything runs."""
+    import json  # noqa: PLC0415 -- the supervisor's: a query only reads (qvm.base.jsonfile)
+
     write_text_atomic(path, json.dumps(record.to_json(), separators=(",", ":")), durable=False)
 
 

@@ -19,6 +19,7 @@ from qvm.base.proc import identity_problem
 from qvm.errors import VmStateError
 from qvm.layout.locks import supervisor_lock_held, try_lock, try_lock_dir
 from qvm.layout.rundir import RunDir
+from qvm.layout.runfiles import SUPERVISOR_LOCK
 from qvm.store.state import (
     ExitRecord,
     StateRecord,
@@ -59,7 +60,7 @@ class SupervisorUnresponsive(VmStateError):
 
 
 def supervisor_alive(run: RunDir) -> bool:
-    return supervisor_lock_held(run.path, run.lock_file)
+    return supervisor_lock_held(run.location, run.file(SUPERVISOR_LOCK))
 
 
 def take_run_locks(run: RunDir) -> tuple[int, int] | None:

@@ -51,6 +51,7 @@ CHILD_IMPORTS = (
     "functools",
     "json",
     "pathlib",
+    "re",  # qvm.layout.rundir's, for `qvm rm` only
     "signal",
     "socket",
     "subprocess",

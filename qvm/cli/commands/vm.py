@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -31,6 +32,7 @@ from qvm.cli.parsing.declare import (
     Option,
 )
 from qvm.errors import EXIT_INTERRUPTED, DefinitionError, UsageError
+from qvm.layout.runfiles import CONSOLE_SOCKET, QEMU_LOG, QMP_SOCKET, SERIAL_LOG
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -478,7 +480,7 @@ def _status_of(name: str, live: bool) -> VmStatus:
     facts = vm_status(run, lambda: resolve.load(name), live=live)
     if live:
         facts = with_guest_facts(facts)
-    if facts.state == "invalid" and not run.path.exists():
+    if facts.state == "invalid" and not os.path.exists(run.location):
         # nothing ran and the definition cannot be read: say why, as `up` would
         resolve.load(name)
     return facts
@@ -517,11 +519,11 @@ def _status_json(facts: VmStatus, with_agent: bool = False) -> dict[str, Any]:
         "cpu_percent": facts.cpu_percent,
         "restarts": facts.restarts,
         "last_exit": facts.last_exit.to_json() if facts.last_exit is not None else None,
-        "qmp_socket": str(run.qmp_socket),
-        "serial_log": str(run.serial_log),
-        "qemu_log": str(run.qemu_log),
-        "console_socket": str(run.console_socket),
-        "run_dir": str(run.path),
+        "qmp_socket": run.file(QMP_SOCKET),
+        "serial_log": run.file(SERIAL_LOG),
+        "qemu_log": run.file(QEMU_LOG),
+        "console_socket": run.file(CONSOLE_SOCKET),
+        "run_dir": run.location,
         "machine_file": facts.machine_file,
         "definition_changed": facts.definition_changed,
         "forwards": [forward.to_json() for forward in facts.forwards],
@@ -598,10 +600,10 @@ def _status_text(facts: VmStatus) -> str:
     if facts.rss_bytes is not None:
         row("host", f"rss {human_bytes(facts.rss_bytes)}, cpu {facts.cpu_percent}%")
     if facts.pid and facts.run is not None:
-        row("qmp", facts.run.qmp_socket)
-        row("console", facts.run.console_socket)
+        row("qmp", facts.run.file(QMP_SOCKET))
+        row("console", facts.run.file(CONSOLE_SOCKET))
     if facts.run is not None:
-        row("serial log", facts.run.serial_log)
+        row("serial log", facts.run.file(SERIAL_LOG))
     for forward in facts.forwards:
         row(
             "forward",
@@ -660,14 +662,14 @@ def list_vms(as_json: bool = AS_JSON) -> None:
 
     JSON: schemas/list.json
     """
-    from qvm.definition.discovery import list_machine_files
+    from qvm.definition.discovery import machine_file_locations, machine_stem
     from qvm.layout.rundir import list_run_dirs
     from qvm.ops.status import list_status
 
     definitions: dict[str, str | None] = {}
-    for path in list_machine_files(resolve.search_dirs()):
-        definitions.setdefault(path.stem, str(path))
-    for run in list_run_dirs(resolve.state_root()):
+    for file in machine_file_locations(resolve.search_locations()):
+        definitions.setdefault(machine_stem(file), file)
+    for run in list_run_dirs(resolve.state_location()):
         definitions.setdefault(run.name, None)
     listed = list_status(definitions.items(), resolve.run_dir, resolve.load)
     if as_json:

@@ -12,6 +12,7 @@ import importlib
 import inspect
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -144,6 +145,10 @@ def typer_command(
     def command(**kwargs: Any) -> None:
         target(**kwargs)
 
+    # resolved here: qvm.cli.resolve names Path for type checkers only (a query does
+    # without pathlib), and Typer evaluates the annotations in the function's module
+    command.__annotations__ = _type_hints(function)
+
     command.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[
             p.replace(default=_typer_param(p.default, completer(words, p.name)))
@@ -153,6 +158,10 @@ def typer_command(
         ]
     )
     return command
+
+
+def _type_hints(function: Callable[..., Any]) -> dict[str, Any]:
+    return typing.get_type_hints(function, localns={"Path": Path})
 
 
 def _typer_param(param: Param, complete: Callable[..., list[str]] | None = None) -> Any:
@@ -256,7 +265,7 @@ def root_command() -> Callable[..., None]:
 
     root.__doc__ = resolve.global_options.__doc__
     root.__annotations__ = {
-        **typing.get_type_hints(resolve.global_options),
+        **_type_hints(resolve.global_options),
         **{p.name: p.annotation for p in extra},
     }
     root.__signature__ = signature.replace(  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qvm.definition.discovery import _toml_entries
+from qvm.definition.discovery import _toml_names
 from qvm.definition.naming import generated_id_kind, kind_of_prefix
 from qvm.definition.reader import _render_key
 
@@ -37,6 +37,10 @@ def test_generated_id_kind_reads_as_the_pattern_did(dev_id: str) -> None:
 def test_a_key_renders_as_the_pattern_said(key: str) -> None:
     bare = re.fullmatch(_BARE_KEY, key) is not None
     assert _render_key(key) == (key if bare else json.dumps(key, ensure_ascii=False))
+
+
+def _toml_entries(folder: Path) -> list[Path]:
+    return [folder / name for name in _toml_names(str(folder))]
 
 
 @settings(max_examples=50, deadline=None)
