@@ -22,6 +22,7 @@ from qvm.control.guest_agent_facts import (
 )
 from qvm.errors import NotRunningError, RecordError
 from qvm.layout.rundir import RunDir
+from qvm.layout.runfiles import LAUNCH_FILE, STATE_FILE, VIEW_FILE
 from qvm.store.guest import ANSWERING
 from qvm.store.launch import read_launch
 from qvm.store.pending import pending_ids
@@ -40,17 +41,17 @@ class RecordedCpus(Record):
 def recorded_cpus(run: RunDir) -> RecordedCpus:
     """The slots of a running VM, from its supervisor's record. Not running:
     NotRunningError; no record (yet) or a corrupt one: RecordError."""
-    state = read_state(run.state_file)
+    state = read_state(run.file(STATE_FILE))
     if state is None or state.qemu_pid is None or not supervisor_alive(run):
         raise NotRunningError(run.name)
     stuck = process_state(state.supervisor_pid) in ("T", "t")
-    view = current_view(run.view_file, state, wait=not stuck)
+    view = current_view(run.file(VIEW_FILE), state, wait=not stuck)
     if view is None or view.hotpluggable_cpus is None or view.cpus_fast is None:
         problem = view.qmp_error if view is not None and view.qmp_error else None
         raise RecordError(
-            str(run.view_file), "", problem or "no record of QEMU's vCPUs yet", VIEW_HINT
+            run.file(VIEW_FILE), "", problem or "no record of QEMU's vCPUs yet", VIEW_HINT
         )
-    launch = read_launch(run.launch_file)
+    launch = read_launch(run.file(LAUNCH_FILE))
     slots = merge_slots(
         list(view.hotpluggable_cpus),
         list(view.cpus_fast),

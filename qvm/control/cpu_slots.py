@@ -9,16 +9,19 @@ boot-time ``-device`` vCPUs get). Pure: no QMP, no files.
 
 from __future__ import annotations
 
+from qvm.base.checking import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
+
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from qvm.base.record import Record
-from qvm.control.transaction import PERIPHERAL_ANON, restart_hint
 from qvm.definition.topology import Topology, cpu_device_id, slot_index
 from qvm.errors import HotplugError, UsageError
 from qvm.layout.rundir import RunDir
 from qvm.store.launch import LaunchRecord
-from qvm.store.pending import PERIPHERAL, device_state
+from qvm.store.pending import PERIPHERAL, PERIPHERAL_ANON, device_state
 from qvm.supervisor.qmp_replies import cpus_fast as parse_cpus_fast
 from qvm.supervisor.qmp_replies import hotpluggable_cpus
 
@@ -235,6 +238,9 @@ def choose_free_slots(
     if len(free) >= count:
         return free[:count]
     where = f"{cpus.present} of {cpus.max} present (maxcpus={cpus.max})"
+    # not at the top: `cpu list` reads the slots without the transaction's modules (~9 ms)
+    from qvm.control.transaction import restart_hint  # noqa: PLC0415
+
     hint = restart_hint(run, launch, "cpu.max")
     if not free:
         boot, cpu_max = launch.vcpus_boot, launch.vcpus_max

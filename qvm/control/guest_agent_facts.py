@@ -22,13 +22,11 @@ Nothing here prints.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from qvm.base.checking import TYPE_CHECKING
 from qvm.base.record import Record
-from qvm.control.agent import AgentClient, open_agent
 from qvm.errors import (
     AgentCommandError,
     AgentError,
@@ -48,6 +46,8 @@ from qvm.store.guest import (
 
 if TYPE_CHECKING:
     from typing import Any, TypeVar
+
+    from qvm.control.agent import AgentClient
 
     _State = TypeVar("_State", bound=Record)
 
@@ -99,6 +99,9 @@ def agent_link(
     that says why there is none. Never raises for an agent that does not answer.
     ``first``: commands sent right behind the resync, in its round trip; their results
     are ``link.first``."""
+    # not at the top: `cpu list` matches recorded answers without the agent's client
+    from qvm.control.agent import open_agent  # noqa: PLC0415
+
     with contextlib.ExitStack() as stack:
         link: AgentLink
         try:
@@ -204,6 +207,8 @@ def _read_and_close(client: AgentClient, handle: Any, limit: int = MAX_FILE) -> 
     )
     if isinstance(read, AgentError):
         raise read
+    import base64  # noqa: PLC0415 -- with re and struct: a file read's, not `cpu list`'s
+
     return base64.b64decode(read.get("buf-b64") or "") if isinstance(read, dict) else b""
 
 

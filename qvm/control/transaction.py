@@ -57,7 +57,6 @@ from qvm.store.pending import (
     unmark_pending,
 )
 
-PERIPHERAL_ANON = "/machine/peripheral-anon/"
 _T = TypeVar("_T")
 
 

@@ -13,20 +13,26 @@ vCPU is only ever reported through its ``lapic`` child (QEMU 7.2).
 
 from __future__ import annotations
 
+from qvm.base.checking import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
+
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from qvm.base.jsonfile import write_json_atomic
 from qvm.base.record import Record
 from qvm.errors import RecordError
 from qvm.layout.rundir import RunDir
+from qvm.layout.runfiles import PENDING_FILE
 from qvm.store.devices import Command, commands_json, read_commands
 from qvm.store.fields import Fields
 from qvm.store.stamped import qemu_run, read_fields
 from qvm.store.state import QemuRun
 
 PERIPHERAL = "/machine/peripheral/"
+PERIPHERAL_ANON = "/machine/peripheral-anon/"  # a device added without an id
 _HINT = "qvm restart ends every pending unplug"
 
 
@@ -71,7 +77,7 @@ def own_path(dev_id: str) -> str:
 
 
 def _all_marks(run: RunDir) -> dict[str, PendingMark]:
-    f = read_fields(run.pending_file, _HINT)
+    f = read_fields(run.file(PENDING_FILE), _HINT)
     if f is None:
         return {}
     return {dev_id: PendingMark.read(f.object(dev_id)) for dev_id in f.data}

@@ -9,7 +9,11 @@ imports it.
 
 from __future__ import annotations
 
-from typing import Any
+from qvm.base.checking import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
+
 
 from qvm.base.record import Record
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import re
-from typing import TYPE_CHECKING, Any
-
+from qvm.base.checking import TYPE_CHECKING
 from qvm.cli import resolve
 from qvm.cli.output import abort, emit_json, fail_all, human_seconds, ms, say, table, warn
 from qvm.cli.parsing.declare import (
@@ -21,6 +19,9 @@ from qvm.errors import EXIT_FAILURE, EXIT_PENDING, EXIT_USAGE
 from qvm.layout.rundir import RunDir
 
 if TYPE_CHECKING:
+    import re
+    from typing import Any
+
     from qvm.control.cpu import AddResult, RemoveResult
     from qvm.control.cpu_slots import CpuSlot
 
@@ -296,6 +297,8 @@ def set_cmd(
 def _compile(name: str, pattern: str | None) -> re.Pattern[str] | None:
     if pattern is None:
         return None
+    import re  # `cpu list` compiles nothing
+
     try:
         return re.compile(pattern)
     except re.error as error:
