@@ -9,9 +9,11 @@ fails fast without starting anything: what matters here is what it imported on t
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -146,3 +148,130 @@ def test_a_running_vms_status_imports_no_typing() -> None:
         [sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=60
     )
     assert done.stdout == "False\n", done.stderr
+
+
+# What the queries of a running VM leave out (docs/speed.md, "Query path start-up"): each
+# of these is milliseconds of `status`, `list` and `cpu list` (pathlib with urllib.parse
+# and ipaddress ~3 ms; json, re and enum ~5 ms; typing ~2 ms), and none is needed to read
+# a VM's records. `python -m` itself (runpy) imports contextlib and importlib, so those
+# are checked by the import of the modules alone, below.
+QUERY_FREE = ("pathlib", "urllib", "ipaddress", "json", "re", "enum", "typing", "socket")
+QUERIES = [
+    ["status", "vm1"],
+    ["list"],
+    ["cpu", "list", "vm1"],
+]
+
+
+def _left_out(modules: set[str]) -> set[str]:
+    return {m for m in modules if m.split(".")[0] in QUERY_FREE}
+
+
+@pytest.fixture
+def running_vm(tmp_path: Path) -> Iterator[Path]:
+    """A run dir whose records say VM vm1 runs, kept alive by a process that holds its
+    lock as a supervisor does (and stands in for QEMU in /proc): no QEMU is started."""
+    from qvm.layout.rundir import RunDir
+    from qvm.store.state import StateRecord, write_state
+    from qvm.store.view import ViewRecord, write_view
+
+    (tmp_path / "machines").mkdir()
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    run = RunDir(state_dir / "vm1")
+    run.path.mkdir(mode=0o700)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n",
+            str(run.path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        pid, now = holder.pid, time.time()
+        write_state(
+            run.state_file,
+            StateRecord(
+                "vm1",
+                "/nowhere/vm1.toml",
+                "tcg",
+                "test",
+                pid,
+                None,
+                "running",
+                0,
+                None,
+                None,
+                pid,
+                7,
+                now,
+            ),
+        )
+        slot = {"socket-id": 0, "core-id": 0, "thread-id": 0}
+        write_view(
+            run.view_file,
+            ViewRecord(
+                "vm1",
+                pid,
+                7,
+                now,
+                "running",
+                now,
+                None,
+                128 * 1024**2,
+                (
+                    {
+                        "type": "qemu64-x86_64-cpu",
+                        "vcpus-count": 1,
+                        "props": slot,
+                        "qom-path": "/machine/unattached/device[0]",
+                    },
+                ),
+                (
+                    {
+                        "cpu-index": 0,
+                        "qom-path": "/machine/unattached/device[0]",
+                        "thread-id": pid,
+                        "props": slot,
+                        "target": "x86_64",
+                    },
+                ),
+            ),
+        )
+        yield tmp_path
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("argv", QUERIES, ids=" ".join)
+def test_a_running_vms_queries_leave_out_what_they_do_not_need(
+    argv: list[str], running_vm: Path
+) -> None:
+    modules = imported_modules(argv, running_vm)
+    assert "qvm.store.view" in modules  # the running VM's record was read
+    assert _left_out(modules) == set()
+
+
+def test_the_query_modules_import_no_contextlib_or_importlib() -> None:
+    code = (
+        "import sys, qvm.cli.app, qvm.cli.parsing.fast, qvm.cli.commands.vm, qvm.ops.status, "
+        "qvm.store.view, qvm.store.forwards, qvm.base.digest, qvm.base.sizes\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('contextlib', 'importlib', 'pathlib', 'urllib', 'ipaddress', 'json', 're')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[3])},
+    )
+    assert done.stdout == "[]\n", done.stderr
