@@ -265,7 +265,7 @@ def _recorded(
         last_exit=state.exit,
         reason=state.ended_reason if state.state in ("stopped", "crashed") else None,
         uptime=(round(now - state.started_at, 1) if state.started_at and state.qemu_pid else None),
-        forwards=_forwards(run, state),
+        forwards=_forwards(run, state, launch),
         networks=_networks(run),
         definition_changed=definition_changed(launch) if launch is not None else None,
         facts_age=round(age, 1) if age is not None else None,
@@ -318,12 +318,12 @@ def _as_of(age: float | None) -> str:
     return f"as of {age:.0f} s ago" if age is not None else "what its records say"
 
 
-def _forwards(run: RunDir, state: StateRecord) -> tuple[Forward, ...]:
+def _forwards(run: RunDir, state: StateRecord, launch: LaunchRecord | None) -> tuple[Forward, ...]:
     if state.qemu_pid is None:
         return ()
     from qvm.store.forwards import read_forwards  # noqa: PLC0415 -- a running VM's only
 
-    return read_forwards(run)
+    return read_forwards(run, state, launch)
 
 
 def _networks(run: RunDir) -> tuple[NicNetwork, ...]:

@@ -13,19 +13,26 @@ from collections.abc import Iterable
 from qvm.base.jsonfile import write_json_atomic
 from qvm.layout.rundir import RunDir
 from qvm.layout.runfiles import FORWARDS_FILE, LAUNCH_FILE
-from qvm.store.launch import Forward
+from qvm.store.launch import Forward, LaunchRecord
 from qvm.store.stamped import qemu_run, read_fields, same_run
-from qvm.store.state import QemuRun
+from qvm.store.state import QemuRun, StateRecord
 
 
-def read_forwards(run: RunDir) -> tuple[Forward, ...]:
-    """The forwards of the VM's current (or last) QEMU run."""
+def read_forwards(
+    run: RunDir, state: StateRecord | None = None, launch: LaunchRecord | None = None
+) -> tuple[Forward, ...]:
+    """The forwards of the VM's current (or last) QEMU run; ``state`` and ``launch``:
+    its records as the caller has just read them (`list` reads each file once a VM)."""
     record = read_fields(run.file(FORWARDS_FILE), "qvm restart rewrites it")
-    if record is not None and same_run(record, qemu_run(run)):
+    if record is not None and same_run(
+        record, qemu_run(run) if state is None else QemuRun.of_state(state)
+    ):
         return record.records("forwards", Forward.read, ())
+    if launch is not None:
+        return launch.forwards
     # only the forwards of launch.json: the rest of it is not this module's business
-    launch = read_fields(run.file(LAUNCH_FILE))
-    return launch.records("forwards", Forward.read, ()) if launch is not None else ()
+    launched = read_fields(run.file(LAUNCH_FILE))
+    return launched.records("forwards", Forward.read, ()) if launched is not None else ()
 
 
 def save(run: RunDir, forwards: Iterable[Forward], stamp: QemuRun | None = None) -> None:

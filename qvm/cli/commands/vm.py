@@ -488,8 +488,8 @@ def _status_of(name: str, live: bool) -> VmStatus:
 
 def _say_status(facts: VmStatus) -> None:
     say(_status_text(facts))
-    if facts.pid and facts.run is not None:
-        _warn_if_changed(facts.run)
+    if facts.pid and facts.run is not None and facts.definition_changed:
+        _warn_if_changed(facts.run)  # its words: changed, or gone
 
 
 def _warn_if_changed(run: RunDir) -> None:
