@@ -19,6 +19,12 @@ except ImportError:  # Python 3.12+
         from hashlib import sha256  # type: ignore[assignment,unused-ignore]
 
 
+def sha256_digest(data: bytes) -> bytes:
+    """``hashlib.sha256(data).digest()``."""
+    digest: bytes = sha256(data).digest()
+    return digest
+
+
 def file_sha256(path: str | os.PathLike[str] | None) -> str | None:
     """The file's sha256 in hex; None for no path or a file that cannot be read."""
     if not path:

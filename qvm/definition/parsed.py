@@ -14,7 +14,6 @@ The entries written longest ago go beyond ``MAX_ENTRIES`` (files deleted, test r
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import zlib
 
@@ -65,6 +64,8 @@ def _read(entry: str) -> tuple[str, dict[str, Any]] | None:
 
 
 def _write(entry: str, text: str, data: dict[str, Any]) -> None:
+    import json  # noqa: PLC0415 -- a cache miss's, with tomllib: a hit reads without it
+
     try:
         # JSON holds everything TOML parses to but dates and times, which fail here
         encoded = json.dumps({"text": text, "toml": data})

@@ -5,7 +5,6 @@ value rendered short; unknown keys get a did-you-mean.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -44,7 +43,7 @@ _FLOAT_LIMIT = 2**1023
 def render(value: Any) -> str:
     """Write a TOML value the way TOML would, so "got ..." shows what the user wrote."""
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return _quoted(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -111,7 +110,16 @@ def _render_float(value: float) -> str:
 
 
 def _render_key(key: str) -> str:
-    return key if key and _BARE_KEY_CHARS.issuperset(key) else json.dumps(key, ensure_ascii=False)
+    return key if key and _BARE_KEY_CHARS.issuperset(key) else _quoted(key)
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a TOML basic string (JSON's quoting)."""
+    # messages only: json compiles regular expressions at import, which a machine that
+    # loads without a problem never pays for
+    import json  # noqa: PLC0415
+
+    return json.dumps(text, ensure_ascii=False)
 
 
 _TILDE_HINT = "write ~/... for your own home folder, or an absolute path"

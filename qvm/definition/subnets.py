@@ -5,8 +5,7 @@ network without a definition gets, and the text forms. Pure and stdlib only.
 
 from __future__ import annotations
 
-import hashlib
-
+from qvm.base.digest import sha256_digest
 from qvm.base.record import Record
 
 # Derived subnets lie in 10.64.0.0/10 (16384 /24s): clear of 10.0.x.x, which user-mode
@@ -78,7 +77,9 @@ def parse_subnet(text: str) -> Subnet:
 def derived_subnet(name: str, taken: frozenset[int] = frozenset()) -> Subnet:
     """The stable /24 of a network without a definition: from a hash of its name, the
     next one along when another network has it (``taken``: their network addresses)."""
-    digest = hashlib.sha256(name.encode()).digest()
+    # not hashlib: every machine file's load imports this module, and hashlib loads
+    # OpenSSL (qvm.base.digest)
+    digest = sha256_digest(name.encode())
     start = int.from_bytes(digest[:4], "big") % DERIVED_COUNT
     for step in range(DERIVED_COUNT):
         network = DERIVED_FIRST + (((start + step) % DERIVED_COUNT) << 8)
