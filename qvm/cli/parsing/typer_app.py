@@ -329,6 +329,11 @@ def add_module(
         typer.Typer(cls=QvmGroup, help=commands.help, no_args_is_help=True) if grouped else target
     )
     named = None if words is None else words[1:2] if grouped else words[:1]
+    if grouped and words == []:
+        # `qvm --help` lists the group by its own help: its commands are listed by
+        # `qvm GROUP --help`, and each stand-in would cost Typer its build for nothing
+        target.add_typer(parent, name=module, short_help=one_liner(commands.help))
+        return
     for name, function in commands.functions.items():
         if named is None or named == [name]:
             path = (module, name) if grouped else (name,)
