@@ -558,6 +558,17 @@ class Supervisor:
             await self._finish_pending_unplug(data)
         if self.network is not None and self.network_task is not None:
             self.network.guest_changed(name, data)  # a reboot takes the guest's addresses
+        if name == "RESET" and self._shares is not None and self.agent_proxy is not None:
+            self._mount_shares_again()
+
+    def _mount_shares_again(self) -> None:
+        """A reset guest has lost its mounts. A mount thread still waiting for the agent
+        mounts them in the new boot already; otherwise a new one does."""
+        if self.mount_task is not None and not self.mount_task.done():
+            return
+        keeper = self.share_keeper()
+        exited = self.exited
+        self.mount_task = asyncio.create_task(asyncio.to_thread(keeper.mount_again, exited.done))
 
     def _note_vcpu_unplug(self, data: dict[str, Any]) -> None:
         """A vCPU left, whoever asked (events reach every monitor): the TCG guard must

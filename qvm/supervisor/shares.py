@@ -128,6 +128,14 @@ class ShareKeeper:
 
     # --- the guest's mounts ---------------------------------------------------------------
 
+    def mount_again(self, qemu_exited: Callable[[], bool]) -> None:
+        """The guest was reset (a reboot inside it): its mounts went with its memory, so
+        every share it had mounted, or failed to, waits for the new boot's agent."""
+        for share in self.shares():
+            if share.mount in ("mounted", "failed"):
+                self._update(share.id, mount="waiting", mount_error=None)
+        self.mount_boot_shares(qemu_exited)
+
     def mount_boot_shares(self, qemu_exited: Callable[[], bool]) -> None:
         """Once the guest agent answers, mount each boot share at its guest path and
         record how that went. Blocking: the supervisor runs it in a thread, until done or

@@ -137,7 +137,7 @@ size = "256M"
 [boot]
 kernel = "{{guest}}/vmlinuz"
 initrd = "{{guest}}/initrd.img"
-append = "console=ttyS0 quiet irqaffinity=0"
+append = "console=ttyS0 quiet irqaffinity=0 no_timer_check"
 """,
     )
 

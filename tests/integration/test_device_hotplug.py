@@ -45,7 +45,7 @@ max = {cpus}
 [boot]
 kernel = "{{guest}}/vmlinuz"
 initrd = "{{guest}}/initrd.img"
-append = "console=ttyS0 quiet"
+append = "console=ttyS0 quiet no_timer_check"
 {extra}""",
     )
 

@@ -44,7 +44,7 @@ slots = 2
 [boot]
 kernel = "{guest}/vmlinuz"
 initrd = "{guest}/initrd.img"
-append = "console=ttyS0 quiet irqaffinity=0"
+append = "console=ttyS0 quiet irqaffinity=0 no_timer_check"
 
 [[nic]]
 forwards = ["tcp:0:7777"]

@@ -50,7 +50,7 @@ slots = 1
 [boot]
 kernel = "{{guest}}/vmlinuz"
 initrd = "{{guest}}/initrd.img"
-append = "console=ttyS0 quiet irqaffinity=0"
+append = "console=ttyS0 quiet irqaffinity=0 no_timer_check"
 
 [[share]]
 host = "{harness.root}/data"
@@ -191,4 +191,19 @@ def test_a_dimm_added_to_a_vm_with_shared_memory_is_shared_too(vm: Qvm) -> None:
     assert (kind, shared) == ("memory-backend-memfd", True)
     # the guest onlines it, and virtiofs goes on working
     vm.serial("vm1").wait_for(rf"QVM-STATE .*mem_kb=(?!{before}\b)\d+", 30)
+    assert guest(vm, "cat /mnt/data/from-host.txt") == "written by the host\n"
+
+
+def test_a_guest_rebooted_from_inside_mounts_its_shares_again(vm: Qvm) -> None:
+    """Last in this module: the guest's mounts go with a reboot; its supervisor has the
+    new boot's agent mount every share again."""
+    before = guest(vm, "cat /proc/sys/kernel/random/boot_id").strip()
+    # in the background: the agent's guest-exec must return before the guest goes
+    guest(vm, "(sleep 1; reboot -f) >/dev/null 2>&1 </dev/null &")
+    wait_until(lambda: not all_mounted(vm), 30, "share list to say the mounts are gone")
+    wait_until(lambda: all_mounted(vm), 90, "the rebooted guest to mount its shares again")
+    assert guest(vm, "cat /proc/sys/kernel/random/boot_id").strip() != before
+    mounts = guest_mounts(vm)
+    assert "fs0 /mnt/data virtiofs rw" in mounts
+    assert "fs1 /mnt/ro virtiofs ro" in mounts
     assert guest(vm, "cat /mnt/data/from-host.txt") == "written by the host\n"
