@@ -33,6 +33,7 @@ from qvm.store.netlinks import (
     write_netnics,
 )
 from qvm.store.networks import (
+    MacTaken,
     Member,
     NetworkRecord,
     SwitchRecord,
@@ -101,6 +102,13 @@ def plan_nics(machine: Machine) -> list[tuple[int, str, str, str | None]]:
     ]
 
 
+def _key_of(error: QvmError, pinned: str | None) -> str:
+    """The NIC's key a refused join is about."""
+    if isinstance(error, MacTaken):
+        return "mac"
+    return "address" if pinned else "network"
+
+
 @contextlib.contextmanager
 def join_networks(machine: Machine, run: RunDir) -> Iterator[Joined]:
     """Join the VM's networks (see the module's docstring); the locks are held until the
@@ -129,7 +137,7 @@ def join_networks(machine: Machine, run: RunDir) -> Iterator[Joined]:
                     raise type(error)(
                         error.problem,
                         file=str(machine.path),
-                        key=f"nic[{index}].{'address' if pinned else 'network'}",
+                        key=f"nic[{index}].{_key_of(error, pinned)}",
                         hint=error.hint,
                     ) from None
                 record = allocation.record

@@ -82,6 +82,11 @@ class AddressTaken(HostError):
     """A pinned address another member holds while it runs."""
 
 
+class MacTaken(HostError):
+    """A MAC another running member's NIC has: one switch would deliver their frames to
+    either."""
+
+
 class SubnetFull(HostError):
     """No address is left in the subnet."""
 
@@ -107,6 +112,12 @@ def allocate(
     subnet = parse_subnet(record.subnet)
     own = record.member(vm, nic)
     others = [m for m in record.members if (m.vm, m.nic) != (vm, nic)]
+    twin = next((m for m in others if m.mac.lower() == mac.lower() and m.vm in running), None)
+    if twin is not None:
+        raise MacTaken(
+            f"MAC {mac} on network {record.name} is {twin.vm}'s ({twin.nic}), which runs",
+            hint="give this NIC another mac, or leave mac out (qvm derives one from the name)",
+        )
     note = None
     if pinned is not None:
         value = parse_ip(pinned)

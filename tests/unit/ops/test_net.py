@@ -93,3 +93,15 @@ def test_a_removed_member_gives_its_address_back(tmp_path: Path) -> None:
     remove(RunDir(tmp_path / "state" / "a"), purge=False)
     info = net.network_info(tmp_path / "state", "lab")
     assert [m.vm for m in info.members] == ["b"]
+
+
+def test_a_mac_a_running_member_has_names_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    join(tmp_path, machine(tmp_path, "a", 'mac = "52:54:00:12:34:56"'))
+    b = machine(tmp_path, "b", 'mac = "52:54:00:12:34:56"')
+    monkeypatch.setattr(net, "member_running", lambda root, vm: vm == "a")
+    with pytest.raises(HostError) as caught:
+        join(tmp_path, b)
+    assert (caught.value.file, caught.value.key) == (str(b.path), "nic[0].mac")
+    assert "is a's (net0), which runs" in str(caught.value)

@@ -15,6 +15,7 @@ from qvm.store.guestnet import BEGIN, END, setup_script
 from qvm.store.netlinks import NetNic, read_netnics, write_netnics
 from qvm.store.networks import (
     AddressTaken,
+    MacTaken,
     NetworkRecord,
     SubnetFull,
     allocate,
@@ -47,22 +48,22 @@ def test_a_full_subnet_is_refused_saying_so() -> None:
     for vm in ("a", "b"):
         record = allocate(record, vm, "net0", "m", None, frozenset()).record
     with pytest.raises(SubnetFull, match=r"10.64.1.0/30 is full: its 2 addresses"):
-        allocate(record, "c", "net0", "m", None, frozenset())
-    assert allocate(record, "a", "net0", "m", None, frozenset()).member.address == "10.64.1.1"
+        allocate(record, "c", "net0", "m-c", None, frozenset())
+    assert allocate(record, "a", "net0", "m-a", None, frozenset()).member.address == "10.64.1.1"
 
 
 def test_a_pinned_address_another_member_holds() -> None:
-    record = allocate(EMPTY, "a", "net0", "m", None, frozenset()).record  # a: .1
+    record = allocate(EMPTY, "a", "net0", "m-a", None, frozenset()).record  # a: .1
     with pytest.raises(AddressTaken, match="is a's .net0., which runs"):
-        allocate(record, "b", "net0", "m", "10.64.1.1", frozenset({"a"}))
-    taken = allocate(record, "b", "net0", "m", "10.64.1.1", frozenset())  # a is stopped
+        allocate(record, "b", "net0", "m-b", "10.64.1.1", frozenset({"a"}))
+    taken = allocate(record, "b", "net0", "m-b", "10.64.1.1", frozenset())  # a is stopped
     assert taken.member.address == "10.64.1.1" and taken.member.pinned
-    again = allocate(taken.record, "a", "net0", "m", None, frozenset({"b"}))
+    again = allocate(taken.record, "a", "net0", "m-a", None, frozenset({"b"}))
     assert again.member.address == "10.64.1.2"
     assert again.note == "10.64.1.1 was taken by b's pinned address; a now has 10.64.1.2"
     assert [m.address for m in again.record.members] == ["10.64.1.1", "10.64.1.2"]
     with pytest.raises(HostError, match="not a host address"):
-        allocate(record, "c", "net0", "m", "10.64.1.255", frozenset())
+        allocate(record, "c", "net0", "m-c", "10.64.1.255", frozenset())
 
 
 def test_the_records_read_back_and_a_bad_one_names_its_key(tmp_path: Path) -> None:
@@ -90,3 +91,13 @@ def test_the_setup_script_finds_each_nic_by_mac_and_keeps_the_users_hosts_lines(
     assert "10.64.1.1 a\\n10.64.1.2 b\\n" in script
     with pytest.raises(ValueError, match="not a safe word"):
         setup_script([nic], [("10.64.1.1", "a; rm -rf /")])
+
+
+def test_a_mac_a_running_member_has_is_refused() -> None:
+    record = allocate(EMPTY, "a", "net0", "52:54:00:aa:bb:cc", None, frozenset()).record
+    with pytest.raises(
+        MacTaken, match="MAC 52:54:00:AA:BB:CC on network .* is a's .net0., which runs"
+    ):
+        allocate(record, "b", "net0", "52:54:00:AA:BB:CC", None, frozenset({"a"}))
+    # a stopped: no frames to mix up; its own next start is refused instead
+    assert allocate(record, "b", "net0", "52:54:00:aa:bb:cc", None, frozenset()).member
