@@ -29,7 +29,9 @@ NO_POWER_BUTTON = "qvm.nopowerbutton"
 def guest_with(qvm: Qvm, name: str, switches: str = "", extra: str = "", memory: str = "") -> None:
     path = qvm.guest_machine(name, count=1, max=3, extra=extra)
     text = path.read_text()
-    text = text.replace('irqaffinity=0"', f'irqaffinity=0 {switches}"')
+    appended = re.sub(r'(?m)^(append = ".*)"$', rf'\1 {switches}"', text, count=1)
+    assert switches == "" or appended != text, "no append line for the switches"
+    text = appended
     if memory:
         text = text.replace('size = "256M"', f'size = "256M"\n{memory}')
     path.write_text(text)
